@@ -1,0 +1,188 @@
+//! Compiles every `kernels/*.cu`:
+//! - with nvcc, to PTX (compute_80, loads on sm_80 and newer) and to cubins for
+//!   each target in `LORA_KERNELS_CUDA_ARCHS` (default `80,90`), embedded from
+//!   OUT_DIR into `$OUT_DIR/kernel_images.rs`;
+//! - with the `host` feature, also with the host C++ compiler against
+//!   `kernels/host` (the host runtime, DESIGN.md section 6).
+//!
+//! Environment: `NVCC`, `CUDA_HOME` (nvcc found in `$NVCC`, `$CUDA_HOME/bin`,
+//! then `PATH`); `LORA_KERNELS_REQUIRE_NVCC=1` makes a missing nvcc an error;
+//! `LORA_KERNELS_PTXAS_VERBOSE=1` prints ptxas's register/spill report as
+//! cargo warnings.
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "PATH",
+        "LORA_KERNELS_REQUIRE_NVCC",
+        "LORA_KERNELS_PTXAS_VERBOSE",
+        "LORA_KERNELS_CUDA_ARCHS",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let kernel_dir = Path::new("kernels");
+    let mut sources = list_files(kernel_dir, "cu");
+    sources.sort();
+    for dir in [kernel_dir, &kernel_dir.join("include"), &kernel_dir.join("host")] {
+        println!("cargo:rerun-if-changed={}", dir.display());
+        for file in list_files(dir, "") {
+            println!("cargo:rerun-if-changed={}", file.display());
+        }
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+
+    let images = match find_nvcc() {
+        Some(nvcc) => Some(compile_device(&nvcc, &sources, &out_dir)),
+        None => {
+            if env::var("LORA_KERNELS_REQUIRE_NVCC").as_deref() == Ok("1") {
+                panic!(
+                    "LORA_KERNELS_REQUIRE_NVCC=1 but nvcc was not found in $NVCC, $CUDA_HOME/bin or PATH \
+                     (install it with scripts/install-cuda-toolchain)"
+                );
+            }
+            println!(
+                "cargo:warning=nvcc not found ($NVCC, $CUDA_HOME/bin, PATH): building without CUDA kernels; \
+                 GPU entry points will return Error::KernelsNotBuilt. Run scripts/install-cuda-toolchain."
+            );
+            None
+        }
+    };
+    write_image_table(&out_dir, &sources, images.as_deref());
+
+    if env::var_os("CARGO_FEATURE_HOST").is_some() {
+        compile_host(&sources);
+    }
+}
+
+fn list_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && (ext.is_empty() || p.extension().is_some_and(|e| e == ext)))
+        .collect()
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = env::var_os("NVCC") {
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
+    if let Some(home) = env::var_os("CUDA_HOME") {
+        let p = Path::new(&home).join("bin").join("nvcc");
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|d| d.join("nvcc"))
+        .find(|p| p.is_file())
+}
+
+fn cuda_archs() -> Vec<String> {
+    env::var("LORA_KERNELS_CUDA_ARCHS")
+        .unwrap_or_else(|_| "80,90".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// One kernel file's compiled forms: (stem, ptx path, [(sm, cubin path)]).
+type Image = (String, PathBuf, Vec<(u32, PathBuf)>);
+
+fn compile_device(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image> {
+    let verbose = env::var("LORA_KERNELS_PTXAS_VERBOSE").as_deref() == Ok("1");
+    let archs = cuda_archs();
+    let mut images = Vec::new();
+    for src in sources {
+        let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+        let ptx = out_dir.join(format!("{stem}.ptx"));
+        run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], &ptx, false);
+        let mut cubins = Vec::new();
+        for arch in &archs {
+            // "90a" enables Hopper-only instructions; it is still compute capability 9.0.
+            let sm: u32 = arch.trim_end_matches('a').parse().unwrap_or_else(|_| {
+                panic!("LORA_KERNELS_CUDA_ARCHS: `{arch}` is not a number like 80, 90 or 90a")
+            });
+            let cubin = out_dir.join(format!("{stem}.sm_{arch}.cubin"));
+            run_nvcc(nvcc, src, &["-cubin", &format!("-arch=sm_{arch}")], &cubin, verbose);
+            cubins.push((sm, cubin));
+        }
+        images.push((stem, ptx, cubins));
+    }
+    images
+}
+
+fn run_nvcc(nvcc: &Path, src: &Path, mode: &[&str], out: &Path, verbose: bool) {
+    let mut cmd = Command::new(nvcc);
+    cmd.args(mode)
+        .args(["-std=c++17", "-O3", "-lineinfo", "-Ikernels/include"])
+        .arg(src)
+        .arg("-o")
+        .arg(out);
+    if verbose {
+        cmd.arg("-Xptxas=-v");
+    }
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        panic!("nvcc failed on {}:\n{stderr}", src.display());
+    }
+    if verbose {
+        for line in stderr.lines().filter(|l| l.contains("Compiling") || l.contains("Used") || l.contains("spill")) {
+            println!("cargo:warning=ptxas {}: {}", src.display(), line.trim());
+        }
+    }
+}
+
+fn write_image_table(out_dir: &Path, sources: &[PathBuf], images: Option<&[Image]>) {
+    let mut rs = String::from("// Generated by build.rs: the compiled kernel files.\n");
+    let _ = writeln!(rs, "pub const KERNELS_BUILT: bool = {};", images.is_some());
+    rs.push_str("pub static KERNEL_IMAGES: &[KernelImage] = &[\n");
+    for (stem, ptx, cubins) in images.unwrap_or_default() {
+        let _ = writeln!(
+            rs,
+            "    KernelImage {{ file: {stem:?}, ptx: include_str!({:?}), cubins: &[",
+            ptx.display().to_string()
+        );
+        for (sm, path) in cubins {
+            let _ = writeln!(rs, "        ({sm}, include_bytes!({:?})),", path.display().to_string());
+        }
+        rs.push_str("    ] },\n");
+    }
+    rs.push_str("];\n");
+    let names: Vec<String> = sources
+        .iter()
+        .map(|s| format!("{:?}", s.file_stem().unwrap().to_string_lossy()))
+        .collect();
+    let _ = writeln!(rs, "pub static KERNEL_FILES: &[&str] = &[{}];", names.join(", "));
+    fs::write(out_dir.join("kernel_images.rs"), rs).unwrap();
+}
+
+fn compile_host(sources: &[PathBuf]) {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .define("LK_HOST", "1")
+        .include("kernels/include")
+        .opt_level(2)
+        .warnings(true)
+        .extra_warnings(true)
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .flag_if_supported("-Wno-unused-parameter")
+        // The .cu sources are plain C++ to the host compiler.
+        .flag("-x")
+        .flag("c++")
+        .file("kernels/host/lk_host_runtime.cpp")
+        .files(sources);
+    build.compile("lora_kernels_host");
+}

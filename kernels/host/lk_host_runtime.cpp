@@ -1,0 +1,310 @@
+// Host runtime implementation: a deterministic fiber scheduler for the threads
+// of one block, warp-collective rendezvous, shared-memory poisoning and the
+// cp.async queue. See lk_host_runtime.h for the model.
+#include "lk_host_runtime.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+uint3 threadIdx;
+uint3 blockIdx;
+dim3 blockDim;
+dim3 gridDim;
+
+namespace lk_host {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 4096;
+constexpr unsigned kMaxThreads = 1024;
+constexpr unsigned kMaxDynamicSmem = 228 * 1024;
+
+enum class State { Runnable, AtBarrier, AtWarp, Done };
+
+struct PendingCopy {
+    void* dst;
+    const void* src;
+    unsigned bytes, src_bytes;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    char* stack = nullptr;  // mmap'd, guard page at the low end
+    State state = State::Done;
+    // Warp-collective arrival: what this lane brought and where it wants results.
+    const char* warp_tag = nullptr;
+    unsigned warp_mask = 0;
+    const void* warp_in = nullptr;
+    void* warp_out = nullptr;
+    std::vector<PendingCopy> copies;  // issued, not yet committed
+    std::vector<std::vector<PendingCopy>> groups;  // committed, oldest first
+};
+
+struct Runtime {
+    std::vector<Fiber> fibers;
+    std::vector<std::pair<void*, size_t>> shared_regions;
+    std::vector<unsigned char> dynamic_smem;
+    ucontext_t scheduler;
+    unsigned current = 0;
+    unsigned nthreads = 0;
+    int schedule = 0;
+    bool failed = false;
+    std::string error;
+    const std::function<void()>* kernel = nullptr;
+};
+
+Runtime rt;
+std::string last_error;
+
+void poison(void* p, size_t n) { std::memset(p, 0xFF, n); }
+
+Fiber& self() { return rt.fibers[rt.current]; }
+
+void yield_to_scheduler() { swapcontext(&self().ctx, &rt.scheduler); }
+
+void flush_copies(Fiber& f, size_t keep_groups) {
+    while (f.groups.size() > keep_groups) {
+        for (const PendingCopy& c : f.groups.front()) {
+            std::memcpy(c.dst, c.src, c.src_bytes);
+            std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+        }
+        f.groups.erase(f.groups.begin());
+    }
+}
+
+void fiber_main() {
+    (*rt.kernel)();
+    Fiber& f = self();
+    // A thread's outstanding cp.async copies still land after it exits.
+    async_commit();
+    flush_copies(f, 0);
+    f.state = State::Done;
+    yield_to_scheduler();
+}
+
+bool ensure_fibers(unsigned n) {
+    while (rt.fibers.size() < n) {
+        rt.fibers.emplace_back();
+        void* mem = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mem == MAP_FAILED) return false;
+        mprotect(mem, kGuardBytes, PROT_NONE);
+        rt.fibers.back().stack = static_cast<char*>(mem);
+    }
+    return true;
+}
+
+void set_thread_coords(unsigned t) {
+    threadIdx.x = t % blockDim.x;
+    threadIdx.y = (t / blockDim.x) % blockDim.y;
+    threadIdx.z = t / (blockDim.x * blockDim.y);
+}
+
+// Runs one block to completion. Returns false (rt.error set) on failure.
+bool run_block() {
+    for (auto& region : rt.shared_regions) poison(region.first, region.second);
+    poison(rt.dynamic_smem.data(), rt.dynamic_smem.size());
+    for (unsigned t = 0; t < rt.nthreads; ++t) {
+        Fiber& f = rt.fibers[t];
+        f.state = State::Runnable;
+        f.copies.clear();
+        f.groups.clear();
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack + kGuardBytes;
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    for (;;) {
+        bool ran = true;
+        while (ran && !rt.failed) {
+            ran = false;
+            for (unsigned i = 0; i < rt.nthreads && !rt.failed; ++i) {
+                unsigned t = rt.schedule == 0 ? i : rt.nthreads - 1 - i;
+                if (rt.fibers[t].state != State::Runnable) continue;
+                rt.current = t;
+                set_thread_coords(t);
+                swapcontext(&rt.scheduler, &rt.fibers[t].ctx);
+                ran = true;
+            }
+        }
+        if (rt.failed) return false;
+        unsigned at_barrier = 0, at_warp = 0, done = 0;
+        for (unsigned t = 0; t < rt.nthreads; ++t) {
+            State s = rt.fibers[t].state;
+            at_barrier += s == State::AtBarrier;
+            at_warp += s == State::AtWarp;
+            done += s == State::Done;
+        }
+        if (done == rt.nthreads) return true;
+        if (at_warp != 0) {
+            unsigned t = 0;
+            while (rt.fibers[t].state != State::AtWarp) ++t;
+            char buf[256];
+            std::snprintf(buf, sizeof buf,
+                          "deadlock: thread %u waits in warp collective '%s' (mask 0x%08x) that not all "
+                          "lanes of its mask reach (%u threads at __syncthreads, %u exited)",
+                          t, rt.fibers[t].warp_tag, rt.fibers[t].warp_mask, at_barrier, done);
+            rt.error = buf;
+            return false;
+        }
+        // Every live thread waits at __syncthreads: release the barrier.
+        for (unsigned t = 0; t < rt.nthreads; ++t)
+            if (rt.fibers[t].state == State::AtBarrier) rt.fibers[t].state = State::Runnable;
+    }
+}
+
+}  // namespace
+
+void fail(const char* fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    char where[96];
+    std::snprintf(where, sizeof where, " (block %u,%u,%u thread %u,%u,%u)", blockIdx.x, blockIdx.y, blockIdx.z,
+                  threadIdx.x, threadIdx.y, threadIdx.z);
+    rt.error = std::string(buf) + where;
+    rt.failed = true;
+    // Abandon this fiber: the scheduler stops the block and never resumes it.
+    Fiber& f = self();
+    f.state = State::Done;
+    yield_to_scheduler();
+    __builtin_unreachable();
+}
+
+unsigned lane_id() { return rt.current % 32; }
+
+SharedRegion::SharedRegion(void* ptr, size_t bytes) {
+    rt.shared_regions.emplace_back(ptr, bytes);
+    poison(ptr, bytes);
+}
+
+void* dynamic_shared() { return rt.dynamic_smem.data(); }
+
+void warp_collective(unsigned mask, const char* tag, const void* in, void* out, WarpOp op) {
+    unsigned lane = lane_id();
+    unsigned warp_base = rt.current - lane;
+    if (!(mask >> lane & 1u)) fail("warp collective '%s': calling lane %u is not in mask 0x%08x", tag, lane, mask);
+    for (unsigned l = 0; l < 32; ++l)
+        if ((mask >> l & 1u) && warp_base + l >= rt.nthreads)
+            fail("warp collective '%s': mask 0x%08x names lane %u, which does not exist in this block", tag, mask, l);
+    Fiber& f = self();
+    f.warp_tag = tag;
+    f.warp_mask = mask;
+    f.warp_in = in;
+    f.warp_out = out;
+    f.state = State::AtWarp;
+    // Have all lanes of the mask arrived?
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1u)) continue;
+        Fiber& other = rt.fibers[warp_base + l];
+        if (other.state == State::Done)
+            fail("warp collective '%s': lane %u of mask 0x%08x has exited", tag, l, mask);
+        if (other.state != State::AtWarp) {
+            yield_to_scheduler();  // the last lane to arrive performs the op and wakes us
+            return;
+        }
+    }
+    const void* ins[32] = {};
+    void* outs[32] = {};
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1u)) continue;
+        Fiber& other = rt.fibers[warp_base + l];
+        if (other.warp_mask != mask || std::strcmp(other.warp_tag, tag) != 0)
+            fail("divergent warp collectives: lane %u is in '%s' (mask 0x%08x), lane %u in '%s' (mask 0x%08x)", lane,
+                 tag, mask, l, other.warp_tag, other.warp_mask);
+        ins[l] = other.warp_in;
+        outs[l] = other.warp_out;
+    }
+    op(ins, outs, mask);
+    for (unsigned l = 0; l < 32; ++l)
+        if (mask >> l & 1u) rt.fibers[warp_base + l].state = State::Runnable;
+}
+
+void vote_op(const void* const ins[32], void* const outs[32], unsigned) {
+    unsigned ballot = 0;
+    for (int l = 0; l < 32; ++l)
+        if (ins[l] && *static_cast<const int*>(ins[l])) ballot |= 1u << l;
+    for (int l = 0; l < 32; ++l)
+        if (outs[l]) *static_cast<unsigned*>(outs[l]) = ballot;
+}
+
+void async_copy(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
+    if (src_bytes > bytes) fail("cp.async: src_bytes %u > copy size %u", src_bytes, bytes);
+    self().copies.push_back({dst, src, bytes, src_bytes});
+}
+
+void async_commit() {
+    Fiber& f = self();
+    f.groups.push_back(std::move(f.copies));
+    f.copies.clear();
+}
+
+void async_wait(int keep_groups) { flush_copies(self(), keep_groups < 0 ? 0 : (size_t)keep_groups); }
+
+int launch(const LkHostLaunch& cfg, const std::function<void()>& kernel) {
+    rt.failed = false;
+    rt.error.clear();
+    unsigned nthreads = cfg.block[0] * cfg.block[1] * cfg.block[2];
+    char buf[256];
+    if (nthreads == 0 || nthreads > kMaxThreads || cfg.grid[0] == 0 || cfg.grid[1] == 0 || cfg.grid[2] == 0 ||
+        cfg.dynamic_smem_bytes > kMaxDynamicSmem) {
+        std::snprintf(buf, sizeof buf, "invalid launch: grid (%u,%u,%u), block (%u,%u,%u), %u bytes dynamic smem",
+                      cfg.grid[0], cfg.grid[1], cfg.grid[2], cfg.block[0], cfg.block[1], cfg.block[2],
+                      cfg.dynamic_smem_bytes);
+        last_error = buf;
+        return 1;
+    }
+    if (!ensure_fibers(nthreads)) {
+        last_error = "host runtime: cannot allocate fiber stacks";
+        return 1;
+    }
+    rt.nthreads = nthreads;
+    rt.kernel = &kernel;
+    rt.dynamic_smem.assign(cfg.dynamic_smem_bytes, 0xFF);
+    blockDim = {cfg.block[0], cfg.block[1], cfg.block[2]};
+    gridDim = {cfg.grid[0], cfg.grid[1], cfg.grid[2]};
+    for (unsigned z = 0; z < cfg.grid[2]; ++z)
+        for (unsigned y = 0; y < cfg.grid[1]; ++y)
+            for (unsigned x = 0; x < cfg.grid[0]; ++x) {
+                blockIdx = {x, y, z};
+                if (!run_block()) {
+                    last_error = rt.error;
+                    return 2;
+                }
+            }
+    return 0;
+}
+
+}  // namespace lk_host
+
+extern "C" void lk_host_set_schedule(int order) { lk_host::rt.schedule = order; }
+extern "C" const char* lk_host_last_error(void) { return lk_host::last_error.c_str(); }
+
+void __syncthreads() {
+    lk_host::Fiber& f = lk_host::self();
+    f.state = lk_host::State::AtBarrier;
+    lk_host::yield_to_scheduler();
+}
+
+void __syncwarp(unsigned mask) {
+    int dummy = 0;
+    unsigned out;
+    lk_host::warp_collective(mask, "syncwarp", &dummy, &out, &lk_host::vote_op);
+}
+
+void __trap() { lk_host::fail("__trap() called"); }
+
+unsigned __ballot_sync(unsigned mask, int predicate) {
+    int in = predicate != 0;
+    unsigned out;
+    lk_host::warp_collective(mask, "vote", &in, &out, &lk_host::vote_op);
+    return out;
+}

@@ -1,0 +1,36 @@
+// The one include every kernel starts with. It hides the difference between a
+// device build (nvcc) and a host build (g++ against kernels/host, DESIGN.md
+// section 6): kernels are written once, with these macros.
+#pragma once
+
+#ifdef LK_HOST
+#include "../host/lk_host_runtime.h"
+#define LK_CONCAT_(a, b) a##b
+#define LK_CONCAT(a, b) LK_CONCAT_(a, b)
+// Shared memory (16-byte aligned, for vector loads and cp.async): a static
+// array registered with the runtime, which poisons it at every block start.
+#define LK_SHARED(type, name, dims)                                                     \
+    alignas(16) static type name dims;                                                              \
+    static ::lk_host::SharedRegion LK_CONCAT(lk_shared_region_, name)(&name, sizeof(name))
+#define LK_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::lk_host::dynamic_shared())
+// A kernel entry point: `extern "C" int lk_host_<name>(launch, params)` that Rust
+// calls through src/launch.rs.
+#define LK_KERNEL(name, Params, body)                                                          \
+    extern "C" int lk_host_##name(const LkHostLaunch* launch, const Params* params) {          \
+        const Params p = *params;                                                              \
+        return ::lk_host::launch(*launch, [&p] { body(p); });                                  \
+    }
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#define LK_SHARED(type, name, dims) __shared__ __align__(16) type name dims
+#define LK_DYNAMIC_SHARED(type, name)                       \
+    extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+    type* name = reinterpret_cast<type*>(name##_bytes)
+#define LK_KERNEL(name, Params, body) \
+    extern "C" __global__ void name(const Params p) { body(p); }
+#endif
+
+#include "lk_params.h"
+#include "lk_types.cuh"
