@@ -183,6 +183,7 @@ fn compile_host(sources: &[PathBuf]) {
         .flag("-x")
         .flag("c++")
         .file("kernels/host/lk_host_runtime.cpp")
+        .file("kernels/host/lk_params_layout.cpp")
         .files(sources);
     build.compile("lora_kernels_host");
 }

@@ -11,7 +11,7 @@ namespace {
 // reuse the same buffer). Variant 1 drops the barrier between store and load;
 // variant 2 drops the barrier that protects the buffer before its reuse.
 __device__ void selftest_smem_neighbors(const SelftestParams& p) {
-    const float* in = reinterpret_cast<const float*>(p.in);
+    const float* in = reinterpret_cast<const float*>(p.input);
     float* out = reinterpret_cast<float*>(p.out);
     LK_SHARED(float, buf, [64]);
     const int t = threadIdx.x;
@@ -29,8 +29,8 @@ __device__ void selftest_smem_neighbors(const SelftestParams& p) {
 // classic misreading of the A fragment order.
 template <class T>
 __device__ void selftest_mma(const SelftestParams& p) {
-    const unsigned short* A = reinterpret_cast<const unsigned short*>(p.in);
-    const unsigned short* Bt = reinterpret_cast<const unsigned short*>(p.in2);
+    const unsigned short* A = reinterpret_cast<const unsigned short*>(p.input);
+    const unsigned short* Bt = reinterpret_cast<const unsigned short*>(p.input2);
     float* D = reinterpret_cast<float*>(p.out);
     const int lane = threadIdx.x, group = lane / 4, quad = lane % 4;
     auto pack = [](unsigned short lo, unsigned short hi) { return (uint32_t)lo | ((uint32_t)hi << 16); };
@@ -58,8 +58,8 @@ __device__ void selftest_mma(const SelftestParams& p) {
 // the rows of the wrong 8x8 matrices (lane / 8 and lane % 8 mixed up).
 template <class T>
 __device__ void selftest_ldmatrix(const SelftestParams& p) {
-    const unsigned short* A = reinterpret_cast<const unsigned short*>(p.in);
-    const unsigned short* Bt = reinterpret_cast<const unsigned short*>(p.in2);
+    const unsigned short* A = reinterpret_cast<const unsigned short*>(p.input);
+    const unsigned short* Bt = reinterpret_cast<const unsigned short*>(p.input2);
     float* D = reinterpret_cast<float*>(p.out);
     LK_SHARED(unsigned short, as, [16][16]);
     LK_SHARED(unsigned short, bs, [8][16]);
@@ -86,7 +86,7 @@ __device__ void selftest_ldmatrix(const SelftestParams& p) {
 // Warp collectives: out[w] = sum of in over warp w (xor butterfly), and
 // out[nwarps + w] = number of positive inputs in warp w (ballot).
 __device__ void selftest_warp_reduce(const SelftestParams& p) {
-    const float* in = reinterpret_cast<const float*>(p.in);
+    const float* in = reinterpret_cast<const float*>(p.input);
     float* out = reinterpret_cast<float*>(p.out);
     const int t = threadIdx.x, lane = t % 32, warp = t / 32, nwarps = blockDim.x / 32;
     float v = in[t];
@@ -102,7 +102,7 @@ __device__ void selftest_warp_reduce(const SelftestParams& p) {
 // cp.async staging: each thread copies 16 bytes (4 floats) into shared memory,
 // the last thread's copy zero-fills past p.n. Variant 5 forgets the wait.
 __device__ void selftest_cp_async(const SelftestParams& p) {
-    const float* in = reinterpret_cast<const float*>(p.in);
+    const float* in = reinterpret_cast<const float*>(p.input);
     float* out = reinterpret_cast<float*>(p.out);
     LK_SHARED(float, buf, [128]);
     const int t = threadIdx.x;  // 32 threads x 4 floats

@@ -17,7 +17,7 @@ typedef struct FusedForwardParams {
 
 /* Runtime self-test kernels (kernels/runtime_selftest.cu). */
 typedef struct SelftestParams {
-    uint64_t in, in2, out;
+    uint64_t input, input2, out;
     int32_t n;
     int32_t variant; /* which planted bug to run; 0 = correct */
 } SelftestParams;

@@ -1,0 +1,42 @@
+// The layout of every struct in lk_params.h as this compiler sees it, for
+// tests/params_layout.rs to compare with the Rust mirrors in src/params.rs.
+#include <cstddef>
+#include <cstring>
+
+#include "../include/lk_params.h"
+
+namespace {
+struct FieldLayout {
+    const char* type;
+    const char* field;  // "" = the whole struct
+    size_t offset, size;
+};
+#define LK_STRUCT(S) {#S, "", 0, sizeof(S)}
+#define LK_FIELD(S, f) {#S, #f, offsetof(S, f), sizeof(((S*)nullptr)->f)}
+const FieldLayout kLayouts[] = {
+    LK_STRUCT(FusedForwardParams), LK_FIELD(FusedForwardParams, x), LK_FIELD(FusedForwardParams, w),
+    LK_FIELD(FusedForwardParams, a), LK_FIELD(FusedForwardParams, b), LK_FIELD(FusedForwardParams, y),
+    LK_FIELD(FusedForwardParams, m), LK_FIELD(FusedForwardParams, n), LK_FIELD(FusedForwardParams, k),
+    LK_FIELD(FusedForwardParams, r), LK_FIELD(FusedForwardParams, scale), LK_FIELD(FusedForwardParams, beta),
+    LK_STRUCT(SelftestParams), LK_FIELD(SelftestParams, input), LK_FIELD(SelftestParams, input2),
+    LK_FIELD(SelftestParams, out), LK_FIELD(SelftestParams, n), LK_FIELD(SelftestParams, variant),
+};
+}  // namespace
+
+// Returns 1 and fills offset/size if `type`.`field` exists ("" = the struct), else 0.
+extern "C" int lk_params_layout(const char* type, const char* field, size_t* offset, size_t* size) {
+    for (const FieldLayout& l : kLayouts) {
+        if (std::strcmp(l.type, type) == 0 && std::strcmp(l.field, field) == 0) {
+            *offset = l.offset;
+            *size = l.size;
+            return 1;
+        }
+    }
+    return 0;
+}
+// Number of fields (not structs) the table lists for `type`.
+extern "C" size_t lk_params_field_count(const char* type) {
+    size_t n = 0;
+    for (const FieldLayout& l : kLayouts) n += std::strcmp(l.type, type) == 0 && l.field[0] != '\0';
+    return n;
+}

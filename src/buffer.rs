@@ -1,0 +1,141 @@
+//! Operand views the ops take: either device memory (cudarc slices and views)
+//! or host memory for the host runtime. Ops check that every operand lives on
+//! the backend of the device they run on.
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+use crate::error::{Backend, Error, Result};
+
+/// A read-only operand.
+pub enum BufRef<'a, T> {
+    Cuda(CudaView<'a, T>),
+    Host(&'a [T]),
+}
+
+/// A written operand.
+pub enum BufMut<'a, T> {
+    Cuda(CudaViewMut<'a, T>),
+    Host(&'a mut [T]),
+}
+
+impl<T> BufRef<'_, T> {
+    pub fn len(&self) -> usize {
+        match self {
+            BufRef::Cuda(v) => v.len(),
+            BufRef::Host(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn backend(&self) -> Backend {
+        match self {
+            BufRef::Cuda(_) => Backend::Cuda,
+            BufRef::Host(_) => Backend::Host,
+        }
+    }
+}
+
+impl<T> BufMut<'_, T> {
+    pub fn len(&self) -> usize {
+        match self {
+            BufMut::Cuda(v) => v.len(),
+            BufMut::Host(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn backend(&self) -> Backend {
+        match self {
+            BufMut::Cuda(_) => Backend::Cuda,
+            BufMut::Host(_) => Backend::Host,
+        }
+    }
+}
+
+pub(crate) fn check_backend(operand: &'static str, expected: Backend, actual: Backend) -> Result<()> {
+    if expected != actual {
+        return Err(Error::BackendMismatch {
+            operand,
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+impl<'a, T> From<&'a CudaSlice<T>> for BufRef<'a, T> {
+    fn from(s: &'a CudaSlice<T>) -> Self {
+        BufRef::Cuda(s.as_view())
+    }
+}
+impl<'a, T> From<CudaView<'a, T>> for BufRef<'a, T> {
+    fn from(v: CudaView<'a, T>) -> Self {
+        BufRef::Cuda(v)
+    }
+}
+impl<'a, T> From<&'a [T]> for BufRef<'a, T> {
+    fn from(s: &'a [T]) -> Self {
+        BufRef::Host(s)
+    }
+}
+impl<'a, T> From<&'a Vec<T>> for BufRef<'a, T> {
+    fn from(s: &'a Vec<T>) -> Self {
+        BufRef::Host(s)
+    }
+}
+impl<'a, T> From<&'a Buffer<T>> for BufRef<'a, T> {
+    fn from(b: &'a Buffer<T>) -> Self {
+        match b {
+            Buffer::Cuda(s) => BufRef::Cuda(s.as_view()),
+            Buffer::Host(v) => BufRef::Host(v),
+        }
+    }
+}
+impl<'a, T> From<&'a mut CudaSlice<T>> for BufMut<'a, T> {
+    fn from(s: &'a mut CudaSlice<T>) -> Self {
+        BufMut::Cuda(s.as_view_mut())
+    }
+}
+impl<'a, T> From<CudaViewMut<'a, T>> for BufMut<'a, T> {
+    fn from(v: CudaViewMut<'a, T>) -> Self {
+        BufMut::Cuda(v)
+    }
+}
+impl<'a, T> From<&'a mut [T]> for BufMut<'a, T> {
+    fn from(s: &'a mut [T]) -> Self {
+        BufMut::Host(s)
+    }
+}
+impl<'a, T> From<&'a mut Vec<T>> for BufMut<'a, T> {
+    fn from(s: &'a mut Vec<T>) -> Self {
+        BufMut::Host(s)
+    }
+}
+impl<'a, T> From<&'a mut Buffer<T>> for BufMut<'a, T> {
+    fn from(b: &'a mut Buffer<T>) -> Self {
+        match b {
+            Buffer::Cuda(s) => BufMut::Cuda(s.as_view_mut()),
+            Buffer::Host(v) => BufMut::Host(v),
+        }
+    }
+}
+
+/// An owned buffer on either backend (what [`crate::Device::upload`] returns).
+#[derive(Debug)]
+pub enum Buffer<T> {
+    Cuda(CudaSlice<T>),
+    Host(Vec<T>),
+}
+
+impl<T> Buffer<T> {
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::Cuda(s) => s.len(),
+            Buffer::Host(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,166 @@
+//! Where ops run: a CUDA device (through cudarc) or the host runtime.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaModule, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+use crate::buffer::Buffer;
+use crate::error::{Backend, Error, Result};
+
+/// A CUDA device with one stream, and the kernel modules loaded on it.
+pub struct CudaDevice {
+    stream: Arc<CudaStream>,
+    compute_capability: (i32, i32),
+    name: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+/// The device an op runs on. Cheap to clone.
+#[derive(Clone)]
+pub enum Device {
+    Cuda(Arc<CudaDevice>),
+    /// The host runtime: the kernels' own source executed on the CPU
+    /// (DESIGN.md section 6). Needs the `host` cargo feature.
+    Host,
+}
+
+impl Device {
+    /// Opens GPU `ordinal` with a new stream. Returns [`Error::NoDriver`] when
+    /// libcuda cannot be loaded (no NVIDIA driver) and [`Error::NoDevice`] when
+    /// there is no such GPU, instead of cudarc's panic.
+    pub fn cuda(ordinal: usize) -> Result<Self> {
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDriver);
+        }
+        let count = CudaContext::device_count()? as usize;
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        Self::from_stream(ctx.new_stream()?)
+    }
+
+    /// Runs ops on a stream the caller owns (an engine's own stream).
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context();
+        let compute_capability = ctx.compute_capability()?;
+        let name = ctx.name()?;
+        Ok(Device::Cuda(Arc::new(CudaDevice {
+            stream,
+            compute_capability,
+            name,
+            modules: Mutex::new(HashMap::new()),
+        })))
+    }
+
+    /// The host runtime, or [`Error::HostRuntimeNotBuilt`] without the `host` feature.
+    pub fn host() -> Result<Self> {
+        if cfg!(feature = "host") {
+            Ok(Device::Host)
+        } else {
+            Err(Error::HostRuntimeNotBuilt)
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Device::Cuda(_) => Backend::Cuda,
+            Device::Host => Backend::Host,
+        }
+    }
+
+    /// A human-readable name: the GPU's, or "host runtime (CPU)".
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cuda(d) => format!(
+                "{} (sm_{}{})",
+                d.name, d.compute_capability.0, d.compute_capability.1
+            ),
+            Device::Host => "host runtime (CPU)".into(),
+        }
+    }
+
+    pub fn cuda_stream(&self) -> Option<&Arc<CudaStream>> {
+        match self {
+            Device::Cuda(d) => Some(&d.stream),
+            Device::Host => None,
+        }
+    }
+
+    /// Waits for all work queued on the device (a no-op on the host runtime,
+    /// whose launches are synchronous).
+    pub fn synchronize(&self) -> Result<()> {
+        if let Device::Cuda(d) = self {
+            d.stream.synchronize()?;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to a new buffer on this device.
+    pub fn upload<T: DeviceRepr + Clone>(&self, data: &[T]) -> Result<Buffer<T>> {
+        Ok(match self {
+            Device::Cuda(d) => Buffer::Cuda(d.stream.clone_htod(data)?),
+            Device::Host => Buffer::Host(data.to_vec()),
+        })
+    }
+
+    /// A zero-filled buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, len: usize) -> Result<Buffer<T>> {
+        Ok(match self {
+            Device::Cuda(d) => Buffer::Cuda(d.stream.alloc_zeros(len)?),
+            Device::Host => Buffer::Host(vec![T::default(); len]),
+        })
+    }
+
+    /// Copies a buffer back to the host (waits for the stream).
+    pub fn download<T: DeviceRepr + Clone + Default>(&self, buf: &Buffer<T>) -> Result<Vec<T>> {
+        match (self, buf) {
+            (Device::Cuda(d), Buffer::Cuda(s)) => Ok(d.stream.clone_dtoh(s)?),
+            (_, Buffer::Host(v)) => Ok(v.clone()),
+            (Device::Host, Buffer::Cuda(_)) => Err(Error::BackendMismatch {
+                operand: "buffer",
+                expected: Backend::Host,
+                actual: Backend::Cuda,
+            }),
+        }
+    }
+}
+
+impl CudaDevice {
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The module of kernel file `file`, loaded once per device: the cubin
+    /// built for this architecture if there is one, else the PTX (JIT-compiled
+    /// by the driver).
+    pub(crate) fn module(&self, file: &'static str) -> Result<Arc<CudaModule>> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(file) {
+            return Ok(m.clone());
+        }
+        let (major, minor) = self.compute_capability;
+        let image = crate::launch::image(file).ok_or(Error::KernelsNotBuilt)?;
+        // A cubin for sm_XY runs on devices of the same major version with minor >= Y.
+        let cubin = image
+            .cubins
+            .iter()
+            .filter(|(sm, _)| (*sm / 10) as i32 == major && (*sm % 10) as i32 <= minor)
+            .max_by_key(|(sm, _)| *sm);
+        let ptx = match cubin {
+            Some((_, bytes)) => cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()),
+            None if major >= 8 => cudarc::nvrtc::Ptx::from_src(image.ptx),
+            None => {
+                return Err(Error::NoImage {
+                    kernel: file,
+                    major,
+                    minor,
+                });
+            }
+        };
+        let module = self.stream.context().load_module(ptx)?;
+        modules.insert(file, module.clone());
+        Ok(module)
+    }
+}

@@ -1,0 +1,79 @@
+//! The public operations on device (or host-runtime) buffers. Each op
+//! validates every operand (shape, backend) before its one `unsafe` launch.
+pub mod fused_forward;
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
+
+use crate::buffer::{BufMut, BufRef, check_backend};
+use crate::device::Device;
+use crate::element::Element;
+use crate::error::Result;
+use crate::shape::{check_finite, check_matrix, check_rank};
+
+/// Storage types the kernels are compiled for: f32, f16, bf16.
+pub trait KernelElement: Element + DeviceRepr + ValidAsZeroBits {}
+impl KernelElement for f32 {}
+impl KernelElement for half::f16 {}
+impl KernelElement for half::bf16 {}
+
+/// One adapter on the device: `a` `[rank, k]`, `b` `[n, rank]`, `scale`.
+pub struct DeviceAdapter<'a, T> {
+    pub a: BufRef<'a, T>,
+    pub b: BufRef<'a, T>,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+impl<'a, T> DeviceAdapter<'a, T> {
+    pub fn new(a: impl Into<BufRef<'a, T>>, b: impl Into<BufRef<'a, T>>, rank: usize, scale: f32) -> Self {
+        DeviceAdapter {
+            a: a.into(),
+            b: b.into(),
+            rank,
+            scale,
+        }
+    }
+
+    pub(crate) fn validate(&self, dev: &Device, n: usize, k: usize) -> Result<()> {
+        check_rank("rank", self.rank)?;
+        check_finite("scale", self.scale)?;
+        check_operand(dev, "a", &self.a, self.rank, k)?;
+        check_operand(dev, "b", &self.b, n, self.rank)
+    }
+}
+
+/// Checks that `buf` lives on `dev`'s backend and holds `rows x cols` elements.
+pub(crate) fn check_operand<T>(dev: &Device, name: &'static str, buf: &BufRef<'_, T>, rows: usize, cols: usize) -> Result<()> {
+    check_backend(name, dev.backend(), buf.backend())?;
+    check_matrix(name, rows, cols, buf.len())
+}
+
+pub(crate) fn check_output<T>(dev: &Device, name: &'static str, buf: &BufMut<'_, T>, rows: usize, cols: usize) -> Result<()> {
+    check_backend(name, dev.backend(), buf.backend())?;
+    check_matrix(name, rows, cols, buf.len())
+}
+
+/// The address a kernel receives for an operand, plus the guard that records
+/// cudarc's stream-ordering event when dropped (keep it until after the launch).
+pub(crate) fn in_ptr<'s, T>(dev: &'s Device, buf: &'s BufRef<'_, T>) -> (u64, Option<SyncOnDrop<'s>>) {
+    match (dev, buf) {
+        (Device::Cuda(d), BufRef::Cuda(v)) => {
+            let (p, guard) = v.device_ptr(d.stream());
+            (p, Some(guard))
+        }
+        (_, BufRef::Host(s)) => (s.as_ptr() as u64, None),
+        // Operands are checked with check_operand before any pointer is taken.
+        (Device::Host, BufRef::Cuda(_)) => unreachable!("backend checked by validation"),
+    }
+}
+
+pub(crate) fn out_ptr<'s, T>(dev: &'s Device, buf: &'s mut BufMut<'_, T>) -> (u64, Option<SyncOnDrop<'s>>) {
+    match (dev, buf) {
+        (Device::Cuda(d), BufMut::Cuda(v)) => {
+            let (p, guard) = v.device_ptr_mut(d.stream());
+            (p, Some(guard))
+        }
+        (_, BufMut::Host(s)) => (s.as_mut_ptr() as u64, None),
+        (Device::Host, BufMut::Cuda(_)) => unreachable!("backend checked by validation"),
+    }
+}

@@ -1,0 +1,48 @@
+//! Kernel parameter structs: Rust mirrors of `kernels/include/lk_params.h`.
+//! `tests/params_layout.rs` checks every size and field offset against the C
+//! header as compiled by the host C++ compiler, so the two cannot drift.
+use cudarc::driver::DeviceRepr;
+
+macro_rules! params_struct {
+    ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$doc])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq)]
+        pub struct $name { $(pub $field: $ty),* }
+
+        // SAFETY: a #[repr(C)] struct of plain integers and floats, laid out
+        // exactly as the C struct the kernel takes by value (checked by
+        // tests/params_layout.rs).
+        unsafe impl DeviceRepr for $name {}
+
+        impl $name {
+            /// (field name, offset, size) of every field, for the layout test.
+            pub const FIELDS: &'static [(&'static str, usize, usize)] = &[
+                $((stringify!($field), std::mem::offset_of!($name, $field), std::mem::size_of::<$ty>())),*
+            ];
+        }
+    };
+}
+
+params_struct!(
+    /// `y = x w^T + scale (x a^T) b^T (+ beta y)`; see `FusedForwardParams` in lk_params.h.
+    FusedForwardParams {
+        x: u64, w: u64, a: u64, b: u64, y: u64,
+        m: i32, n: i32, k: i32, r: i32,
+        scale: f32, beta: f32,
+    }
+);
+
+params_struct!(
+    /// Runtime self-test kernels (kernels/runtime_selftest.cu).
+    SelftestParams {
+        input: u64, input2: u64, out: u64,
+        n: i32, variant: i32,
+    }
+);
+
+/// Every params struct: (C name, size, fields), for the layout test.
+pub const ALL_PARAMS: &[(&str, usize, &[(&str, usize, usize)])] = &[
+    ("FusedForwardParams", std::mem::size_of::<FusedForwardParams>(), FusedForwardParams::FIELDS),
+    ("SelftestParams", std::mem::size_of::<SelftestParams>(), SelftestParams::FIELDS),
+];

@@ -1,0 +1,119 @@
+//! Shared test helpers: random data, comparison against the reference with
+//! DESIGN.md section 3's tolerances, and the GPU harness (one context per test
+//! binary; skip with a printed reason when there is no GPU, fail instead when
+//! LORA_KERNELS_REQUIRE_GPU=1).
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use lora_kernels::{Device, Element};
+use proptest::test_runner::{Config, TestRng, RngAlgorithm};
+use rand::RngExt;
+
+pub use proptest::prelude::*;
+
+/// Proptest settings for kernel tests: no fork/timeout (unsafe after CUDA
+/// init), no persistence files, a modest number of cases (the host runtime is
+/// an interpreter of sorts).
+pub fn config(cases: u32) -> Config {
+    Config {
+        cases,
+        failure_persistence: None,
+        fork: false,
+        timeout: 0,
+        ..Config::default()
+    }
+}
+
+/// A seeded RNG for data inside a proptest case (the seed is part of the case).
+pub fn rng(seed: u64) -> TestRng {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    TestRng::from_seed(RngAlgorithm::ChaCha, &bytes)
+}
+
+/// `len` values uniform in [-1, 1) (never zeros), rounded to `T`.
+pub fn random<T: Element>(rng: &mut TestRng, len: usize) -> Vec<T> {
+    (0..len).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect()
+}
+
+/// The GPU for this test binary, or None (after printing why) when there is
+/// none. With LORA_KERNELS_REQUIRE_GPU=1 a missing GPU is a test failure.
+pub fn gpu() -> Option<Device> {
+    static GPU: OnceLock<Result<Device, String>> = OnceLock::new();
+    let gpu = GPU.get_or_init(|| {
+        if !lora_kernels::kernels_built() {
+            return Err("the crate was built without nvcc (no CUDA kernels)".into());
+        }
+        Device::cuda(0).map_err(|e| e.to_string())
+    });
+    match gpu {
+        Ok(dev) => Some(dev.clone()),
+        Err(why) => {
+            if std::env::var("LORA_KERNELS_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("LORA_KERNELS_REQUIRE_GPU=1 but no GPU is usable: {why}");
+            }
+            eprintln!("skipping GPU part: {why}");
+            None
+        }
+    }
+}
+
+/// The host runtime (always) and the GPU (when there is one).
+pub fn devices() -> Vec<Device> {
+    let mut devs = vec![Device::host().expect("tests build with the `host` feature")];
+    devs.extend(gpu());
+    devs
+}
+
+/// Relative tolerance of DESIGN.md section 3 for a storage type.
+pub fn rtol<T: Element>() -> f64 {
+    match T::DTYPE {
+        lora_kernels::DType::F32 => 1e-5,
+        lora_kernels::DType::F16 => 2e-3,
+        lora_kernels::DType::BF16 => 1.6e-2,
+        lora_kernels::DType::F64 => 1e-12,
+    }
+}
+
+/// Checks `|got - want| <= atol + rtol |want|` elementwise; NaN must meet NaN
+/// and Inf the same Inf. On failure returns the shape, the worst index, got,
+/// expected and the normwise error.
+pub fn compare<T: Element>(what: &str, got: &[T], want: &[T], atol: f64, rtol: f64) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: length {} != expected {}", got.len(), want.len()));
+    }
+    let (mut worst, mut worst_excess) = (None, 0.0f64);
+    let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g.to_f64(), w.to_f64());
+        if w.is_nan() || g.is_nan() || w.is_infinite() || g.is_infinite() {
+            let same = (w.is_nan() && g.is_nan()) || (w.is_infinite() && g == w);
+            if !same {
+                return Err(format!("{what}: index {i}: got {g}, expected {w}"));
+            }
+            continue;
+        }
+        let err = (g - w).abs();
+        diff2 += err * err;
+        ref2 += w * w;
+        let excess = err - (atol + rtol * w.abs());
+        if excess > worst_excess {
+            worst_excess = excess;
+            worst = Some((i, g, w));
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((i, g, w)) => Err(format!(
+            "{what}: index {i}: got {g}, expected {w} (|diff| {:.3e} > atol {atol:.3e} + rtol {rtol:.1e} * |ref|); \
+             normwise error {:.3e}",
+            (g - w).abs(),
+            (diff2 / ref2.max(f64::MIN_POSITIVE)).sqrt()
+        )),
+    }
+}
+
+pub fn max_abs<T: Element>(v: &[T]) -> f64 {
+    v.iter().map(|x| x.to_f64().abs()).filter(|x| x.is_finite()).fold(0.0, f64::max)
+}
