@@ -1,12 +1,12 @@
 //! Compiles every `kernels/*.cu`:
-//! - with nvcc, to PTX (compute_80, loads on sm_80 and newer) and to cubins for
+//! - with nvcc (from `$NVCC`, `$CUDA_HOME/bin`, `PATH`, then the repo's
+//!   `.toolchain/cuda` that scripts/install-cuda-toolchain fills), to PTX (compute_80, loads on sm_80 and newer) and to cubins for
 //!   each target in `LORA_KERNELS_CUDA_ARCHS` (default `80,90`), embedded from
 //!   OUT_DIR into `$OUT_DIR/kernel_images.rs`;
 //! - with the `host` feature, also with the host C++ compiler against
 //!   `kernels/host` (the host runtime, DESIGN.md section 6).
 //!
-//! Environment: `NVCC`, `CUDA_HOME` (nvcc found in `$NVCC`, `$CUDA_HOME/bin`,
-//! then `PATH`); `LORA_KERNELS_REQUIRE_NVCC=1` makes a missing nvcc an error;
+//! Environment: `NVCC`, `CUDA_HOME`; `LORA_KERNELS_REQUIRE_NVCC=1` makes a missing nvcc an error;
 //! `LORA_KERNELS_PTXAS_VERBOSE=1` prints ptxas's register/spill report as
 //! cargo warnings.
 use std::env;
@@ -29,6 +29,7 @@ fn main() {
     let kernel_dir = Path::new("kernels");
     let mut sources = list_files(kernel_dir, "cu");
     sources.sort();
+    println!("cargo:rerun-if-changed=.toolchain/cuda/.installed");
     for dir in [kernel_dir, &kernel_dir.join("include"), &kernel_dir.join("host")] {
         println!("cargo:rerun-if-changed={}", dir.display());
         for file in list_files(dir, "") {
@@ -79,9 +80,16 @@ fn find_nvcc() -> Option<PathBuf> {
             return Some(p);
         }
     }
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|d| d.join("nvcc"))
-        .find(|p| p.is_file())
+    let on_path = env::var_os("PATH").and_then(|path| {
+        env::split_paths(&path)
+            .map(|d| d.join("nvcc"))
+            .find(|p| p.is_file())
+    });
+    // Last: the toolchain scripts/install-cuda-toolchain puts in the repo.
+    on_path.or_else(|| {
+        let local = Path::new(".toolchain/cuda/nvidia/cu13/bin/nvcc");
+        local.is_file().then(|| local.canonicalize().unwrap())
+    })
 }
 
 fn cuda_archs() -> Vec<String> {

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "../include/lk_params.h"
+#include "lk_host_runtime.h"
 
 namespace {
 struct FieldLayout {
@@ -20,6 +21,8 @@ const FieldLayout kLayouts[] = {
     LK_FIELD(FusedForwardParams, r), LK_FIELD(FusedForwardParams, scale), LK_FIELD(FusedForwardParams, beta),
     LK_STRUCT(SelftestParams), LK_FIELD(SelftestParams, input), LK_FIELD(SelftestParams, input2),
     LK_FIELD(SelftestParams, out), LK_FIELD(SelftestParams, n), LK_FIELD(SelftestParams, variant),
+    LK_STRUCT(LkHostLaunch), LK_FIELD(LkHostLaunch, grid), LK_FIELD(LkHostLaunch, block),
+    LK_FIELD(LkHostLaunch, dynamic_smem_bytes),
 };
 }  // namespace
 

@@ -13,10 +13,10 @@
     alignas(16) static type name dims;                                                              \
     static ::lk_host::SharedRegion LK_CONCAT(lk_shared_region_, name)(&name, sizeof(name))
 #define LK_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::lk_host::dynamic_shared())
-// A kernel entry point: `extern "C" int lk_host_<name>(launch, params)` that Rust
-// calls through src/launch.rs.
+// A kernel entry point: on the host, `extern "C" int <name>(launch, params)`,
+// the same symbol name as the device kernel, which src/launch.rs calls.
 #define LK_KERNEL(name, Params, body)                                                          \
-    extern "C" int lk_host_##name(const LkHostLaunch* launch, const Params* params) {          \
+    extern "C" int name(const LkHostLaunch* launch, const Params* params) {                    \
         const Params p = *params;                                                              \
         return ::lk_host::launch(*launch, [&p] { body(p); });                                  \
     }

@@ -1,0 +1,129 @@
+//! The host runtime's own tests: its emulation of warp collectives and
+//! fragment instructions gives the right answers, and planted bugs (a missing
+//! barrier, a wrong fragment index, wrong ldmatrix rows, a missing cp.async
+//! wait) each give a wrong answer on every run and under every schedule.
+//! On a GPU the correct variants also run there, checking the emulated
+//! fragment layouts against the hardware.
+mod common;
+
+use common::*;
+use half::{bf16, f16};
+use lora_kernels::runtime_selftest::{self as st, variant};
+use lora_kernels::{Device, Element, HostSchedule, with_host_schedule};
+
+const SCHEDULES: [HostSchedule; 2] = [HostSchedule::Forward, HostSchedule::Reverse];
+
+fn host() -> Device {
+    Device::host().unwrap()
+}
+
+fn neighbors_expected(input: &[f32]) -> Vec<f32> {
+    (0..128).map(|i| input[i] + input[(i / 64) * 64 + (i % 64 + 1) % 64]).collect()
+}
+
+fn mma_expected<T: Element>(a: &[T], bt: &[T]) -> Vec<f32> {
+    (0..128)
+        .map(|e| {
+            let (row, col) = (e / 8, e % 8);
+            (0..16).map(|q| a[row * 16 + q].to_f64() * bt[col * 16 + q].to_f64()).sum::<f64>() as f32
+        })
+        .collect()
+}
+
+fn close(got: &[f32], want: &[f32]) -> Result<(), String> {
+    compare("result", got, want, 1e-5, 1e-6)
+}
+
+#[test]
+fn shared_memory_exchange_is_right_with_barriers() {
+    let input: Vec<f32> = random(&mut rng(1), 128);
+    for dev in devices() {
+        for s in SCHEDULES {
+            let got = with_host_schedule(s, || st::smem_neighbors(&dev, &input, variant::CORRECT)).unwrap();
+            close(&got, &neighbors_expected(&input)).unwrap_or_else(|e| panic!("{} {s:?}: {e}", dev.name()));
+        }
+    }
+}
+
+#[test]
+fn missing_barrier_is_caught_on_every_run() {
+    for bug in [variant::MISSING_BARRIER_BEFORE_READ, variant::MISSING_BARRIER_BEFORE_REUSE] {
+        for seed in 0..4 {
+            let input: Vec<f32> = random(&mut rng(seed), 128);
+            for s in SCHEDULES {
+                let got = with_host_schedule(s, || st::smem_neighbors(&host(), &input, bug)).unwrap();
+                assert!(
+                    close(&got, &neighbors_expected(&input)).is_err(),
+                    "variant {bug} under {s:?} gave the right answer: the runtime missed the race"
+                );
+            }
+        }
+    }
+}
+
+fn check_mma<T: Element + lora_kernels::KernelElement>() {
+    let mut g = rng(7);
+    let (a, bt): (Vec<T>, Vec<T>) = (random(&mut g, 256), random(&mut g, 128));
+    let want = mma_expected(&a, &bt);
+    for dev in devices() {
+        let got = st::mma(&dev, &a, &bt, variant::CORRECT).unwrap();
+        close(&got, &want).unwrap_or_else(|e| panic!("mma {:?} on {}: {e}", T::DTYPE, dev.name()));
+    }
+    let wrong = st::mma(&host(), &a, &bt, variant::WRONG_FRAGMENT_INDEX).unwrap();
+    assert!(close(&wrong, &want).is_err(), "a swapped fragment register went unnoticed");
+}
+
+#[test]
+fn mma_f16_follows_the_fragment_layout() {
+    check_mma::<f16>();
+}
+
+#[test]
+fn mma_bf16_follows_the_fragment_layout() {
+    check_mma::<bf16>();
+}
+
+#[test]
+fn ldmatrix_feeds_mma_correctly_and_wrong_rows_are_caught() {
+    let mut g = rng(9);
+    let (a, bt): (Vec<f16>, Vec<f16>) = (random(&mut g, 256), random(&mut g, 128));
+    let want = mma_expected(&a, &bt);
+    for dev in devices() {
+        let got = st::ldmatrix(&dev, &a, &bt, variant::CORRECT).unwrap();
+        close(&got, &want).unwrap_or_else(|e| panic!("ldmatrix on {}: {e}", dev.name()));
+    }
+    let wrong = st::ldmatrix(&host(), &a, &bt, variant::WRONG_LDMATRIX_ROWS).unwrap();
+    assert!(close(&wrong, &want).is_err(), "wrong ldmatrix rows went unnoticed");
+}
+
+#[test]
+fn shuffles_and_ballot_reduce_each_warp() {
+    let warps = 3;
+    let input: Vec<f32> = random(&mut rng(3), 32 * warps);
+    let mut want = vec![0f32; 2 * warps];
+    for w in 0..warps {
+        let lanes = &input[32 * w..32 * (w + 1)];
+        want[w] = lanes.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        want[warps + w] = lanes.iter().filter(|&&v| v > 0.0).count() as f32;
+    }
+    for dev in devices() {
+        let got = st::warp_reduce(&dev, &input, warps).unwrap();
+        close(&got, &want).unwrap_or_else(|e| panic!("warp reduce on {}: {e}", dev.name()));
+    }
+}
+
+#[test]
+fn cp_async_zero_fills_tails_and_a_missing_wait_is_caught() {
+    for n in [128usize, 125, 1] {
+        let input: Vec<f32> = random(&mut rng(n as u64), n);
+        let mut padded = input.clone();
+        padded.resize(128, 0.0);
+        let want: Vec<f32> = (0..128).map(|i| padded[(i + 4) % 128]).collect();
+        for dev in devices() {
+            let got = st::cp_async(&dev, &input, variant::CORRECT).unwrap();
+            close(&got, &want).unwrap_or_else(|e| panic!("cp.async n={n} on {}: {e}", dev.name()));
+        }
+        let got = st::cp_async(&host(), &input, variant::MISSING_CP_ASYNC_WAIT).unwrap();
+        assert!(close(&got, &want).is_err(), "a missing cp.async wait went unnoticed (n={n})");
+    }
+}
