@@ -84,12 +84,15 @@ __device__ void selftest_ldmatrix(const SelftestParams& p) {
 }
 
 // Warp collectives: out[w] = sum of in over warp w (xor butterfly), and
-// out[nwarps + w] = number of positive inputs in warp w (ballot).
+// out[nwarps + w] = number of positive inputs in warp w (ballot). Variant 6
+// lets half of each warp skip the first shuffle: undefined behaviour on a GPU,
+// a reported deadlock on the host runtime (host only).
 __device__ void selftest_warp_reduce(const SelftestParams& p) {
     const float* in = reinterpret_cast<const float*>(p.input);
     float* out = reinterpret_cast<float*>(p.out);
     const int t = threadIdx.x, lane = t % 32, warp = t / 32, nwarps = blockDim.x / 32;
     float v = in[t];
+    if (p.variant == 6 && lane >= 16) return;
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
     unsigned positive = __ballot_sync(0xFFFFFFFFu, in[t] > 0.f);
     float from_lane0 = __shfl_sync(0xFFFFFFFFu, v, 0);
@@ -115,8 +118,21 @@ __device__ void selftest_cp_async(const SelftestParams& p) {
     for (int i = 0; i < 4; ++i) out[4 * t + i] = buf[(4 * t + 4 + i) % 128];
 }
 
+// out[i] = to_f32(from_f32<T>(in[i])): the storage-type conversions (on the
+// host runtime these are the stand-ins of lk_types.cuh, compared bit for bit
+// with the `half` crate).
+template <class T>
+__device__ void selftest_round_trip(const SelftestParams& p) {
+    const float* in = reinterpret_cast<const float*>(p.input);
+    float* out = reinterpret_cast<float*>(p.out);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += gridDim.x * blockDim.x)
+        out[i] = lk::to_f32(lk::from_f32<T>(in[i]));
+}
+
 }  // namespace
 
+LK_KERNEL(lk_selftest_round_trip_f16, SelftestParams, selftest_round_trip<__half>)
+LK_KERNEL(lk_selftest_round_trip_bf16, SelftestParams, selftest_round_trip<__nv_bfloat16>)
 LK_KERNEL(lk_selftest_smem_neighbors, SelftestParams, selftest_smem_neighbors)
 LK_KERNEL(lk_selftest_mma_f16, SelftestParams, selftest_mma<__half>)
 LK_KERNEL(lk_selftest_mma_bf16, SelftestParams, selftest_mma<__nv_bfloat16>)

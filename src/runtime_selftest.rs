@@ -17,6 +17,8 @@ kernel!(MMA_BF16 = lk_selftest_mma_bf16 in "runtime_selftest": SelftestParams;);
 kernel!(LDMATRIX_F16 = lk_selftest_ldmatrix_f16 in "runtime_selftest": SelftestParams;);
 kernel!(WARP_REDUCE = lk_selftest_warp_reduce in "runtime_selftest": SelftestParams;);
 kernel!(CP_ASYNC = lk_selftest_cp_async in "runtime_selftest": SelftestParams;);
+kernel!(ROUND_TRIP_F16 = lk_selftest_round_trip_f16 in "runtime_selftest": SelftestParams;);
+kernel!(ROUND_TRIP_BF16 = lk_selftest_round_trip_bf16 in "runtime_selftest": SelftestParams;);
 
 /// Planted bugs, by the variant number the kernels understand.
 pub mod variant {
@@ -31,6 +33,9 @@ pub mod variant {
     pub const WRONG_LDMATRIX_ROWS: i32 = 4;
     /// cp.async data read without waiting for it.
     pub const MISSING_CP_ASYNC_WAIT: i32 = 5;
+    /// Half of each warp leaves before a full-warp shuffle (host runtime only:
+    /// undefined behaviour on a GPU).
+    pub const DIVERGENT_SHUFFLE: i32 = 6;
 }
 
 /// `out[i] = in[i] + in[(i + 1) % 64]` for two chunks of 64 (`input`: 128 values),
@@ -61,9 +66,9 @@ pub fn ldmatrix(dev: &Device, a: &[half::f16], bt: &[half::f16], variant: i32) -
 
 /// Per warp of `input` (`32 * warps` values): the sum (shuffles), then the
 /// count of positive values (ballot): `2 * warps` outputs.
-pub fn warp_reduce(dev: &Device, input: &[f32], warps: usize) -> Result<Vec<f32>> {
+pub fn warp_reduce(dev: &Device, input: &[f32], warps: usize, variant: i32) -> Result<Vec<f32>> {
     check_matrix("input", warps, 32, input.len())?;
-    run(dev, &WARP_REDUCE, 32 * warps as u32, input, &[], 2 * warps, 0, variant::CORRECT)
+    run(dev, &WARP_REDUCE, 32 * warps as u32, input, &[], 2 * warps, 0, variant)
 }
 
 /// Stages `input[..n]` (n <= 128, rest zero-filled) through cp.async and
@@ -75,6 +80,20 @@ pub fn cp_async(dev: &Device, input: &[f32], variant: i32) -> Result<Vec<f32>> {
     let mut padded = input.to_vec();
     padded.resize(128, f32::NAN); // never read: zero-fill covers it
     run(dev, &CP_ASYNC, 32, &padded, &[], 128, input.len() as i32, variant)
+}
+
+/// Rounds each value to `dtype` (f16 or bf16) and back, with the kernels'
+/// own conversion functions.
+pub fn round_trip(dev: &Device, dtype: crate::DType, input: &[f32]) -> Result<Vec<f32>> {
+    let kernel = match dtype {
+        crate::DType::F16 => &ROUND_TRIP_F16,
+        crate::DType::BF16 => &ROUND_TRIP_BF16,
+        other => return Err(crate::shape::invalid("dtype", format!("{other:?}"), "must be F16 or BF16")),
+    };
+    if input.is_empty() || input.len() > i32::MAX as usize {
+        return Err(crate::shape::invalid("input", input.len(), "must hold 1..=i32::MAX values"));
+    }
+    run(dev, kernel, 256, input, &[], input.len(), input.len() as i32, variant::CORRECT)
 }
 
 #[allow(clippy::too_many_arguments)] // one private helper for six fixed-shape test kernels

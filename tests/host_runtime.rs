@@ -107,9 +107,19 @@ fn shuffles_and_ballot_reduce_each_warp() {
         want[warps + w] = lanes.iter().filter(|&&v| v > 0.0).count() as f32;
     }
     for dev in devices() {
-        let got = st::warp_reduce(&dev, &input, warps).unwrap();
+        let got = st::warp_reduce(&dev, &input, warps, variant::CORRECT).unwrap();
         close(&got, &want).unwrap_or_else(|e| panic!("warp reduce on {}: {e}", dev.name()));
     }
+}
+
+#[test]
+fn a_divergent_collective_is_reported_not_hung() {
+    let input: Vec<f32> = random(&mut rng(4), 64);
+    let err = st::warp_reduce(&host(), &input, 2, variant::DIVERGENT_SHUFFLE).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("lk_selftest_warp_reduce") && msg.contains("exited"), "{msg}");
+    // The runtime is usable again after a failed launch.
+    st::warp_reduce(&host(), &input, 2, variant::CORRECT).unwrap();
 }
 
 #[test]
@@ -125,5 +135,35 @@ fn cp_async_zero_fills_tails_and_a_missing_wait_is_caught() {
         }
         let got = st::cp_async(&host(), &input, variant::MISSING_CP_ASYNC_WAIT).unwrap();
         assert!(close(&got, &want).is_err(), "a missing cp.async wait went unnoticed (n={n})");
+    }
+}
+
+/// The kernels' f16/bf16 conversions (host stand-ins, and the CUDA intrinsics
+/// on a GPU) round to nearest even exactly like the `half` crate, across every
+/// 16-bit pattern, ties, subnormals, overflow, Inf and NaN.
+#[test]
+fn storage_conversions_match_the_half_crate() {
+    let mut inputs: Vec<f32> = (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect();
+    inputs.extend((0..=u16::MAX).map(|b| bf16::from_bits(b).to_f32()));
+    // Exact ties and their neighbours, around 1, subnormals and the overflow edges.
+    for base in [1.0f32, 6.1e-5, 3.0e-8, 65504.0, 65520.0, 3.3e38, 1e-40] {
+        let bits = base.to_bits();
+        inputs.extend((0..64u32).map(|d| f32::from_bits(bits.wrapping_add(d * 0x1000).wrapping_sub(0x20000))));
+        inputs.extend((0..64).map(|d| -f32::from_bits(bits + d)));
+    }
+    let mut g = rng(5);
+    inputs.extend((0..20000).map(|_| f32::from_bits(rand::RngExt::random::<u32>(&mut g))));
+    for dev in devices() {
+        for dtype in [lora_kernels::DType::F16, lora_kernels::DType::BF16] {
+            let got = st::round_trip(&dev, dtype, &inputs).unwrap();
+            for (x, g) in inputs.iter().zip(&got) {
+                let want = match dtype {
+                    lora_kernels::DType::F16 => f16::from_f32(*x).to_f32(),
+                    _ => bf16::from_f32(*x).to_f32(),
+                };
+                let same = (want.is_nan() && g.is_nan()) || want.to_bits() == g.to_bits();
+                assert!(same, "{dtype:?} on {}: {x:e} ({:#010x}) -> {g:e}, expected {want:e}", dev.name(), x.to_bits());
+            }
+        }
     }
 }
