@@ -30,7 +30,11 @@ fn main() {
     let mut sources = list_files(kernel_dir, "cu");
     sources.sort();
     println!("cargo:rerun-if-changed=.toolchain/cuda/.installed");
-    for dir in [kernel_dir, &kernel_dir.join("include"), &kernel_dir.join("host")] {
+    for dir in [
+        kernel_dir,
+        &kernel_dir.join("include"),
+        &kernel_dir.join("host"),
+    ] {
         println!("cargo:rerun-if-changed={}", dir.display());
         for file in list_files(dir, "") {
             println!("cargo:rerun-if-changed={}", file.display());
@@ -62,7 +66,9 @@ fn main() {
 }
 
 fn list_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && (ext.is_empty() || p.extension().is_some_and(|e| e == ext)))
@@ -119,7 +125,13 @@ fn compile_device(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image
                 panic!("LORA_KERNELS_CUDA_ARCHS: `{arch}` is not a number like 80, 90 or 90a")
             });
             let cubin = out_dir.join(format!("{stem}.sm_{arch}.cubin"));
-            run_nvcc(nvcc, src, &["-cubin", &format!("-arch=sm_{arch}")], &cubin, verbose);
+            run_nvcc(
+                nvcc,
+                src,
+                &["-cubin", &format!("-arch=sm_{arch}")],
+                &cubin,
+                verbose,
+            );
             cubins.push((sm, cubin));
         }
         images.push((stem, ptx, cubins));
@@ -145,7 +157,10 @@ fn run_nvcc(nvcc: &Path, src: &Path, mode: &[&str], out: &Path, verbose: bool) {
         panic!("nvcc failed on {}:\n{stderr}", src.display());
     }
     if verbose {
-        for line in stderr.lines().filter(|l| l.contains("Compiling") || l.contains("Used") || l.contains("spill")) {
+        for line in stderr
+            .lines()
+            .filter(|l| l.contains("Compiling") || l.contains("Used") || l.contains("spill"))
+        {
             println!("cargo:warning=ptxas {}: {}", src.display(), line.trim());
         }
     }
@@ -162,7 +177,11 @@ fn write_image_table(out_dir: &Path, sources: &[PathBuf], images: Option<&[Image
             ptx.display().to_string()
         );
         for (sm, path) in cubins {
-            let _ = writeln!(rs, "        ({sm}, include_bytes!({:?})),", path.display().to_string());
+            let _ = writeln!(
+                rs,
+                "        ({sm}, include_bytes!({:?})),",
+                path.display().to_string()
+            );
         }
         rs.push_str("    ] },\n");
     }
@@ -171,7 +190,11 @@ fn write_image_table(out_dir: &Path, sources: &[PathBuf], images: Option<&[Image
         .iter()
         .map(|s| format!("{:?}", s.file_stem().unwrap().to_string_lossy()))
         .collect();
-    let _ = writeln!(rs, "pub static KERNEL_FILES: &[&str] = &[{}];", names.join(", "));
+    let _ = writeln!(
+        rs,
+        "pub static KERNEL_FILES: &[&str] = &[{}];",
+        names.join(", ")
+    );
     fs::write(out_dir.join("kernel_images.rs"), rs).unwrap();
 }
 

@@ -53,7 +53,11 @@ impl<T> BufMut<'_, T> {
     }
 }
 
-pub(crate) fn check_backend(operand: &'static str, expected: Backend, actual: Backend) -> Result<()> {
+pub(crate) fn check_backend(
+    operand: &'static str,
+    expected: Backend,
+    actual: Backend,
+) -> Result<()> {
     if expected != actual {
         return Err(Error::BackendMismatch {
             operand,

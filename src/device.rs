@@ -106,7 +106,10 @@ impl Device {
     }
 
     /// A zero-filled buffer of `len` elements.
-    pub fn zeros<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, len: usize) -> Result<Buffer<T>> {
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(
+        &self,
+        len: usize,
+    ) -> Result<Buffer<T>> {
         Ok(match self {
             Device::Cuda(d) => Buffer::Cuda(d.stream.alloc_zeros(len)?),
             Device::Host => Buffer::Host(vec![T::default(); len]),

@@ -36,7 +36,9 @@ pub enum Error {
         reason: String,
     },
     /// A per-token adapter slot id names no slot.
-    #[error("slot id {id} for token {token} is out of range: valid ids are -1 (no adapter) and 0..{slots}")]
+    #[error(
+        "slot id {id} for token {token} is out of range: valid ids are -1 (no adapter) and 0..{slots}"
+    )]
     SlotOutOfRange { token: usize, id: i32, slots: usize },
     /// A segment table (offsets into the token rows) is malformed.
     #[error("invalid segments: {0}")]
@@ -44,6 +46,11 @@ pub enum Error {
     /// The CUDA driver library could not be loaded.
     #[error("no CUDA driver: libcuda could not be loaded on this machine")]
     NoDriver,
+    /// libcublas could not be loaded (only the cuBLAS baselines need it).
+    #[error(
+        "cuBLAS is not available: libcublas could not be loaded (add its folder to LD_LIBRARY_PATH)"
+    )]
+    NoCublas,
     /// No GPU with that ordinal.
     #[error("no CUDA device {ordinal}: {count} device(s) present")]
     NoDevice { ordinal: usize, count: usize },
@@ -73,7 +80,10 @@ pub enum Error {
     /// The host runtime rejected or aborted a launch (deadlock, divergent
     /// collectives, `__trap`, bad launch configuration).
     #[error("host launch of `{kernel}` failed: {message}")]
-    HostLaunch { kernel: &'static str, message: String },
+    HostLaunch {
+        kernel: &'static str,
+        message: String,
+    },
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
     #[error("cuBLAS error: {0}")]

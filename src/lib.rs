@@ -6,6 +6,7 @@
 //! - [`reference`]: the CPU reference of every operation (f64 accumulation);
 //! - [`runtime_selftest`]: checks of the execution environment itself.
 pub mod buffer;
+pub mod cublas_baseline;
 pub mod device;
 pub mod element;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod params;
 pub mod reference;
 pub mod runtime_selftest;
 pub mod shape;
+pub mod timing;
 
 pub use buffer::{BufMut, BufRef, Buffer};
 pub use device::Device;

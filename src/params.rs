@@ -41,8 +41,19 @@ params_struct!(
     }
 );
 
+/// (field name, offset, size) of one struct's fields.
+pub type FieldLayout = &'static [(&'static str, usize, usize)];
+
 /// Every params struct: (C name, size, fields), for the layout test.
-pub const ALL_PARAMS: &[(&str, usize, &[(&str, usize, usize)])] = &[
-    ("FusedForwardParams", std::mem::size_of::<FusedForwardParams>(), FusedForwardParams::FIELDS),
-    ("SelftestParams", std::mem::size_of::<SelftestParams>(), SelftestParams::FIELDS),
+pub const ALL_PARAMS: &[(&str, usize, FieldLayout)] = &[
+    (
+        "FusedForwardParams",
+        std::mem::size_of::<FusedForwardParams>(),
+        FusedForwardParams::FIELDS,
+    ),
+    (
+        "SelftestParams",
+        std::mem::size_of::<SelftestParams>(),
+        SelftestParams::FIELDS,
+    ),
 ];

@@ -68,18 +68,40 @@ pub fn ldmatrix(dev: &Device, a: &[half::f16], bt: &[half::f16], variant: i32) -
 /// count of positive values (ballot): `2 * warps` outputs.
 pub fn warp_reduce(dev: &Device, input: &[f32], warps: usize, variant: i32) -> Result<Vec<f32>> {
     check_matrix("input", warps, 32, input.len())?;
-    run(dev, &WARP_REDUCE, 32 * warps as u32, input, &[], 2 * warps, 0, variant)
+    run(
+        dev,
+        &WARP_REDUCE,
+        32 * warps as u32,
+        input,
+        &[],
+        2 * warps,
+        0,
+        variant,
+    )
 }
 
 /// Stages `input[..n]` (n <= 128, rest zero-filled) through cp.async and
 /// returns it rotated left by 4.
 pub fn cp_async(dev: &Device, input: &[f32], variant: i32) -> Result<Vec<f32>> {
     if input.len() > 128 {
-        return Err(crate::shape::invalid("input", input.len(), "at most 128 values"));
+        return Err(crate::shape::invalid(
+            "input",
+            input.len(),
+            "at most 128 values",
+        ));
     }
     let mut padded = input.to_vec();
     padded.resize(128, f32::NAN); // never read: zero-fill covers it
-    run(dev, &CP_ASYNC, 32, &padded, &[], 128, input.len() as i32, variant)
+    run(
+        dev,
+        &CP_ASYNC,
+        32,
+        &padded,
+        &[],
+        128,
+        input.len() as i32,
+        variant,
+    )
 }
 
 /// Rounds each value to `dtype` (f16 or bf16) and back, with the kernels'
@@ -88,12 +110,31 @@ pub fn round_trip(dev: &Device, dtype: crate::DType, input: &[f32]) -> Result<Ve
     let kernel = match dtype {
         crate::DType::F16 => &ROUND_TRIP_F16,
         crate::DType::BF16 => &ROUND_TRIP_BF16,
-        other => return Err(crate::shape::invalid("dtype", format!("{other:?}"), "must be F16 or BF16")),
+        other => {
+            return Err(crate::shape::invalid(
+                "dtype",
+                format!("{other:?}"),
+                "must be F16 or BF16",
+            ));
+        }
     };
     if input.is_empty() || input.len() > i32::MAX as usize {
-        return Err(crate::shape::invalid("input", input.len(), "must hold 1..=i32::MAX values"));
+        return Err(crate::shape::invalid(
+            "input",
+            input.len(),
+            "must hold 1..=i32::MAX values",
+        ));
     }
-    run(dev, kernel, 256, input, &[], input.len(), input.len() as i32, variant::CORRECT)
+    run(
+        dev,
+        kernel,
+        256,
+        input,
+        &[],
+        input.len(),
+        input.len() as i32,
+        variant::CORRECT,
+    )
 }
 
 #[allow(clippy::too_many_arguments)] // one private helper for six fixed-shape test kernels
@@ -110,7 +151,11 @@ fn run<T: KernelElement>(
     let input = dev.upload(input)?;
     // An empty second input still gets a valid (1-element) allocation.
     let placeholder = [T::default()];
-    let input2 = dev.upload(if input2.is_empty() { &placeholder[..] } else { input2 })?;
+    let input2 = dev.upload(if input2.is_empty() {
+        &placeholder[..]
+    } else {
+        input2
+    })?;
     // Poisoned so that an output the kernel fails to write shows as NaN.
     let mut out = dev.upload(&vec![f32::NAN; out_len])?;
     let launched = {
@@ -140,5 +185,3 @@ fn run<T: KernelElement>(
     launched?;
     dev.download(&out)
 }
-
-

@@ -23,9 +23,17 @@ impl Dims {
         check_dim("m", self.m, 0)?;
         check_dim("n", self.n, 1)?;
         check_dim("k", self.k, 1)?;
-        for (name, rows, cols) in [("x", self.m, self.k), ("w", self.n, self.k), ("y", self.m, self.n)] {
+        for (name, rows, cols) in [
+            ("x", self.m, self.k),
+            ("w", self.n, self.k),
+            ("y", self.m, self.n),
+        ] {
             if rows.checked_mul(cols).is_none() {
-                return Err(invalid(name, format!("{rows} x {cols}"), "element count overflows usize"));
+                return Err(invalid(
+                    name,
+                    format!("{rows} x {cols}"),
+                    "element count overflows usize",
+                ));
             }
         }
         Ok(())
@@ -34,12 +42,20 @@ impl Dims {
 
 fn check_dim(name: &'static str, value: usize, min: usize) -> Result<()> {
     if value < min || value > i32::MAX as usize {
-        return Err(invalid(name, value, format!("must be in {min}..={}", i32::MAX)));
+        return Err(invalid(
+            name,
+            value,
+            format!("must be in {min}..={}", i32::MAX),
+        ));
     }
     Ok(())
 }
 
-pub(crate) fn invalid(name: &'static str, value: impl ToString, reason: impl Into<String>) -> Error {
+pub(crate) fn invalid(
+    name: &'static str,
+    value: impl ToString,
+    reason: impl Into<String>,
+) -> Error {
     Error::InvalidArgument {
         name,
         value: value.to_string(),
@@ -48,7 +64,12 @@ pub(crate) fn invalid(name: &'static str, value: impl ToString, reason: impl Int
 }
 
 /// Checks that `operand` holds exactly `rows x cols` elements.
-pub(crate) fn check_matrix(operand: &'static str, rows: usize, cols: usize, actual: usize) -> Result<()> {
+pub(crate) fn check_matrix(
+    operand: &'static str,
+    rows: usize,
+    cols: usize,
+    actual: usize,
+) -> Result<()> {
     let expected = rows * cols;
     if actual != expected {
         return Err(Error::Shape {
@@ -63,7 +84,11 @@ pub(crate) fn check_matrix(operand: &'static str, rows: usize, cols: usize, actu
 
 pub(crate) fn check_rank(name: &'static str, rank: usize) -> Result<()> {
     if !(1..=MAX_RANK).contains(&rank) {
-        return Err(invalid(name, rank, format!("rank must be in 1..={MAX_RANK}")));
+        return Err(invalid(
+            name,
+            rank,
+            format!("rank must be in 1..={MAX_RANK}"),
+        ));
     }
     Ok(())
 }

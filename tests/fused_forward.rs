@@ -7,7 +7,9 @@ use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::fused_forward::{fused_forward, fused_forward_simt};
 use lora_kernels::reference;
-use lora_kernels::{Adapter, Device, DeviceAdapter, Dims, Element, HostSchedule, KernelElement, with_host_schedule};
+use lora_kernels::{
+    Adapter, Device, DeviceAdapter, Dims, HostSchedule, KernelElement, with_host_schedule,
+};
 
 struct Case<T> {
     dims: Dims,
@@ -36,13 +38,22 @@ impl<T: KernelElement> Case<T> {
             beta,
             // With beta = 0, y starts as NaN: an element the kernel fails to
             // write, or reads although it must not, shows.
-            y0: if beta == 0.0 { vec![T::from_f64(f64::NAN); m * n] } else { random(&mut g, m * n) },
+            y0: if beta == 0.0 {
+                vec![T::from_f64(f64::NAN); m * n]
+            } else {
+                random(&mut g, m * n)
+            },
         }
     }
 
     fn expected(&self) -> Vec<T> {
         let mut y = self.y0.clone();
-        let adapter = Adapter { a: &self.a, b: &self.b, rank: self.rank, scale: self.scale };
+        let adapter = Adapter {
+            a: &self.a,
+            b: &self.b,
+            rank: self.rank,
+            scale: self.scale,
+        };
         reference::fused_forward(self.dims, &self.x, &self.w, &adapter, self.beta, &mut y).unwrap();
         y
     }
@@ -50,10 +61,16 @@ impl<T: KernelElement> Case<T> {
     /// Absolute tolerance: rtol times sqrt(k + r) times the largest term of
     /// the sums (base products and scaled low-rank products).
     fn atol(&self) -> f64 {
-        let adapter = Adapter { a: &self.a, b: &self.b, rank: self.rank, scale: self.scale };
+        let adapter = Adapter {
+            a: &self.a,
+            b: &self.b,
+            rank: self.rank,
+            scale: self.scale,
+        };
         let t = reference::lora_intermediate(self.dims, &self.x, &adapter).unwrap();
         let t_max = t.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-        let terms = (max_abs(&self.x) * max_abs(&self.w)).max(self.scale as f64 * t_max * max_abs(&self.b));
+        let terms =
+            (max_abs(&self.x) * max_abs(&self.w)).max(self.scale as f64 * t_max * max_abs(&self.b));
         rtol::<T>() * ((self.dims.k + self.rank) as f64).sqrt() * terms + 1e-30
     }
 
@@ -74,7 +91,13 @@ impl<T: KernelElement> Case<T> {
         let got = self.run(dev, false).map_err(|e| e.to_string())?;
         let what = format!(
             "{:?} m={} n={} k={} r={} beta={} on {}",
-            T::DTYPE, self.dims.m, self.dims.n, self.dims.k, self.rank, self.beta, dev.name()
+            T::DTYPE,
+            self.dims.m,
+            self.dims.n,
+            self.dims.k,
+            self.rank,
+            self.beta,
+            dev.name()
         );
         compare(&what, &got, &self.expected(), self.atol(), rtol::<T>())
     }
@@ -89,7 +112,9 @@ fn small_case() -> impl Strategy<Value = (Dims, usize, bool, u64)> {
     )
 }
 
-fn check_all<T: KernelElement>((dims, rank, with_beta, seed): (Dims, usize, bool, u64)) -> Result<(), TestCaseError> {
+fn check_all<T: KernelElement>(
+    (dims, rank, with_beta, seed): (Dims, usize, bool, u64),
+) -> Result<(), TestCaseError> {
     let beta = if with_beta { 0.75 } else { 0.0 };
     let case = Case::<T>::new(dims, rank, beta, seed);
     for dev in devices() {
@@ -115,9 +140,15 @@ proptest! {
 /// would show under one of the two).
 #[test]
 fn reverse_schedule_matches_reference() {
-    for (i, (m, n, k, r)) in [(33, 65, 33, 33), (1, 1, 1, 1), (64, 128, 64, 64)].into_iter().enumerate() {
+    for (i, (m, n, k, r)) in [(33, 65, 33, 33), (1, 1, 1, 1), (64, 128, 64, 64)]
+        .into_iter()
+        .enumerate()
+    {
         let case = Case::<f32>::new(Dims::new(m, n, k), r, 0.0, i as u64);
-        with_host_schedule(HostSchedule::Reverse, || case.check(&Device::host().unwrap())).unwrap();
+        with_host_schedule(HostSchedule::Reverse, || {
+            case.check(&Device::host().unwrap())
+        })
+        .unwrap();
     }
 }
 
@@ -141,7 +172,10 @@ fn nan_and_inf_propagate_like_the_reference() {
         assert!(got[2 * 70..3 * 70].iter().all(|v| v.is_nan()));
         assert!(got[4 * 70..].iter().all(|v| !v.is_finite()));
         assert!(got[3].is_nan() && got[70 + 3].is_nan());
-        assert!(got[1].is_finite(), "only poisoned rows and column 3 may be non-finite");
+        assert!(
+            got[1].is_finite(),
+            "only poisoned rows and column 3 may be non-finite"
+        );
     }
 }
 
@@ -150,17 +184,29 @@ fn nan_and_inf_propagate_like_the_reference() {
 #[test]
 fn gpu_real_shapes_match_reference() {
     let Some(dev) = gpu() else { return };
-    for (m, n, k, r) in [(1, 4096, 4096, 16), (16, 4096, 4096, 64), (77, 14336, 4096, 16), (5, 4096, 14336, 8)] {
+    for (m, n, k, r) in [
+        (1, 4096, 4096, 16),
+        (16, 4096, 4096, 64),
+        (77, 14336, 4096, 16),
+        (5, 4096, 14336, 8),
+    ] {
         let full = Case::<bf16>::new(Dims::new(m, n, k), r, 0.0, m as u64);
         let got = full.run(&dev, true).unwrap();
         for row in [0, m / 2, m - 1] {
             let mut one = Case::<bf16>::new(Dims::new(1, n, k), r, 0.0, 0);
             one.x = full.x[row * k..(row + 1) * k].to_vec();
-            (one.w, one.a, one.b, one.scale) = (full.w.clone(), full.a.clone(), full.b.clone(), full.scale);
+            (one.w, one.a, one.b, one.scale) =
+                (full.w.clone(), full.a.clone(), full.b.clone(), full.scale);
             one.y0 = vec![bf16::NAN; n];
             let want = one.expected();
-            compare(&format!("row {row} of m={m} n={n} k={k} r={r}"), &got[row * n..(row + 1) * n], &want, one.atol(), rtol::<bf16>())
-                .unwrap();
+            compare(
+                &format!("row {row} of m={m} n={n} k={k} r={r}"),
+                &got[row * n..(row + 1) * n],
+                &want,
+                one.atol(),
+                rtol::<bf16>(),
+            )
+            .unwrap();
         }
     }
 }

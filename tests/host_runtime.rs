@@ -18,14 +18,18 @@ fn host() -> Device {
 }
 
 fn neighbors_expected(input: &[f32]) -> Vec<f32> {
-    (0..128).map(|i| input[i] + input[(i / 64) * 64 + (i % 64 + 1) % 64]).collect()
+    (0..128)
+        .map(|i| input[i] + input[(i / 64) * 64 + (i % 64 + 1) % 64])
+        .collect()
 }
 
 fn mma_expected<T: Element>(a: &[T], bt: &[T]) -> Vec<f32> {
     (0..128)
         .map(|e| {
             let (row, col) = (e / 8, e % 8);
-            (0..16).map(|q| a[row * 16 + q].to_f64() * bt[col * 16 + q].to_f64()).sum::<f64>() as f32
+            (0..16)
+                .map(|q| a[row * 16 + q].to_f64() * bt[col * 16 + q].to_f64())
+                .sum::<f64>() as f32
         })
         .collect()
 }
@@ -39,19 +43,25 @@ fn shared_memory_exchange_is_right_with_barriers() {
     let input: Vec<f32> = random(&mut rng(1), 128);
     for dev in devices() {
         for s in SCHEDULES {
-            let got = with_host_schedule(s, || st::smem_neighbors(&dev, &input, variant::CORRECT)).unwrap();
-            close(&got, &neighbors_expected(&input)).unwrap_or_else(|e| panic!("{} {s:?}: {e}", dev.name()));
+            let got = with_host_schedule(s, || st::smem_neighbors(&dev, &input, variant::CORRECT))
+                .unwrap();
+            close(&got, &neighbors_expected(&input))
+                .unwrap_or_else(|e| panic!("{} {s:?}: {e}", dev.name()));
         }
     }
 }
 
 #[test]
 fn missing_barrier_is_caught_on_every_run() {
-    for bug in [variant::MISSING_BARRIER_BEFORE_READ, variant::MISSING_BARRIER_BEFORE_REUSE] {
+    for bug in [
+        variant::MISSING_BARRIER_BEFORE_READ,
+        variant::MISSING_BARRIER_BEFORE_REUSE,
+    ] {
         for seed in 0..4 {
             let input: Vec<f32> = random(&mut rng(seed), 128);
             for s in SCHEDULES {
-                let got = with_host_schedule(s, || st::smem_neighbors(&host(), &input, bug)).unwrap();
+                let got =
+                    with_host_schedule(s, || st::smem_neighbors(&host(), &input, bug)).unwrap();
                 assert!(
                     close(&got, &neighbors_expected(&input)).is_err(),
                     "variant {bug} under {s:?} gave the right answer: the runtime missed the race"
@@ -70,7 +80,10 @@ fn check_mma<T: Element + lora_kernels::KernelElement>() {
         close(&got, &want).unwrap_or_else(|e| panic!("mma {:?} on {}: {e}", T::DTYPE, dev.name()));
     }
     let wrong = st::mma(&host(), &a, &bt, variant::WRONG_FRAGMENT_INDEX).unwrap();
-    assert!(close(&wrong, &want).is_err(), "a swapped fragment register went unnoticed");
+    assert!(
+        close(&wrong, &want).is_err(),
+        "a swapped fragment register went unnoticed"
+    );
 }
 
 #[test]
@@ -93,7 +106,10 @@ fn ldmatrix_feeds_mma_correctly_and_wrong_rows_are_caught() {
         close(&got, &want).unwrap_or_else(|e| panic!("ldmatrix on {}: {e}", dev.name()));
     }
     let wrong = st::ldmatrix(&host(), &a, &bt, variant::WRONG_LDMATRIX_ROWS).unwrap();
-    assert!(close(&wrong, &want).is_err(), "wrong ldmatrix rows went unnoticed");
+    assert!(
+        close(&wrong, &want).is_err(),
+        "wrong ldmatrix rows went unnoticed"
+    );
 }
 
 #[test]
@@ -117,7 +133,10 @@ fn a_divergent_collective_is_reported_not_hung() {
     let input: Vec<f32> = random(&mut rng(4), 64);
     let err = st::warp_reduce(&host(), &input, 2, variant::DIVERGENT_SHUFFLE).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("lk_selftest_warp_reduce") && msg.contains("exited"), "{msg}");
+    assert!(
+        msg.contains("lk_selftest_warp_reduce") && msg.contains("exited"),
+        "{msg}"
+    );
     // The runtime is usable again after a failed launch.
     st::warp_reduce(&host(), &input, 2, variant::CORRECT).unwrap();
 }
@@ -134,7 +153,10 @@ fn cp_async_zero_fills_tails_and_a_missing_wait_is_caught() {
             close(&got, &want).unwrap_or_else(|e| panic!("cp.async n={n} on {}: {e}", dev.name()));
         }
         let got = st::cp_async(&host(), &input, variant::MISSING_CP_ASYNC_WAIT).unwrap();
-        assert!(close(&got, &want).is_err(), "a missing cp.async wait went unnoticed (n={n})");
+        assert!(
+            close(&got, &want).is_err(),
+            "a missing cp.async wait went unnoticed (n={n})"
+        );
     }
 }
 
@@ -148,7 +170,9 @@ fn storage_conversions_match_the_half_crate() {
     // Exact ties and their neighbours, around 1, subnormals and the overflow edges.
     for base in [1.0f32, 6.1e-5, 3.0e-8, 65504.0, 65520.0, 3.3e38, 1e-40] {
         let bits = base.to_bits();
-        inputs.extend((0..64u32).map(|d| f32::from_bits(bits.wrapping_add(d * 0x1000).wrapping_sub(0x20000))));
+        inputs.extend(
+            (0..64u32).map(|d| f32::from_bits(bits.wrapping_add(d * 0x1000).wrapping_sub(0x20000))),
+        );
         inputs.extend((0..64).map(|d| -f32::from_bits(bits + d)));
     }
     let mut g = rng(5);
@@ -162,7 +186,12 @@ fn storage_conversions_match_the_half_crate() {
                     _ => bf16::from_f32(*x).to_f32(),
                 };
                 let same = (want.is_nan() && g.is_nan()) || want.to_bits() == g.to_bits();
-                assert!(same, "{dtype:?} on {}: {x:e} ({:#010x}) -> {g:e}, expected {want:e}", dev.name(), x.to_bits());
+                assert!(
+                    same,
+                    "{dtype:?} on {}: {x:e} ({:#010x}) -> {g:e}, expected {want:e}",
+                    dev.name(),
+                    x.to_bits()
+                );
             }
         }
     }

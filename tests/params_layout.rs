@@ -7,7 +7,12 @@ use lora_kernels::launch::LaunchDims;
 use lora_kernels::params::ALL_PARAMS;
 
 unsafe extern "C" {
-    fn lk_params_layout(ty: *const c_char, field: *const c_char, offset: *mut usize, size: *mut usize) -> i32;
+    fn lk_params_layout(
+        ty: *const c_char,
+        field: *const c_char,
+        offset: *mut usize,
+        size: *mut usize,
+    ) -> i32;
     fn lk_params_field_count(ty: *const c_char) -> usize;
 }
 
@@ -21,13 +26,26 @@ fn c_layout(ty: &str, field: &str) -> Option<(usize, usize)> {
 }
 
 fn check(ty: &str, size: usize, fields: &[(&str, usize, usize)]) {
-    assert_eq!(c_layout(ty, ""), Some((0, size)), "sizeof({ty}) differs between C and Rust");
+    assert_eq!(
+        c_layout(ty, ""),
+        Some((0, size)),
+        "sizeof({ty}) differs between C and Rust"
+    );
     let ty_c = CString::new(ty).unwrap();
     // SAFETY: NUL-terminated string that outlives the call.
     let c_fields = unsafe { lk_params_field_count(ty_c.as_ptr()) };
-    assert_eq!(c_fields, fields.len(), "{ty}: C lists {c_fields} fields, Rust {}", fields.len());
+    assert_eq!(
+        c_fields,
+        fields.len(),
+        "{ty}: C lists {c_fields} fields, Rust {}",
+        fields.len()
+    );
     for &(name, offset, size) in fields {
-        assert_eq!(c_layout(ty, name), Some((offset, size)), "{ty}.{name}: (offset, size) differ between C and Rust");
+        assert_eq!(
+            c_layout(ty, name),
+            Some((offset, size)),
+            "{ty}.{name}: (offset, size) differ between C and Rust"
+        );
     }
 }
 
@@ -43,7 +61,11 @@ fn host_launch_config_matches_the_runtime() {
     let fields = [
         ("grid", std::mem::offset_of!(LaunchDims, grid), 12),
         ("block", std::mem::offset_of!(LaunchDims, block), 12),
-        ("dynamic_smem_bytes", std::mem::offset_of!(LaunchDims, dynamic_smem_bytes), 4),
+        (
+            "dynamic_smem_bytes",
+            std::mem::offset_of!(LaunchDims, dynamic_smem_bytes),
+            4,
+        ),
     ];
     check("LkHostLaunch", std::mem::size_of::<LaunchDims>(), &fields);
 }

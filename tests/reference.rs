@@ -11,7 +11,13 @@ use lora_kernels::{Adapter, Dims, Element};
 /// Shapes: m may be 0, nothing is a multiple of a tile size by construction,
 /// rank spans 1..=256.
 fn shapes() -> impl Strategy<Value = (usize, usize, usize, usize, u64)> {
-    (0usize..7, 1usize..40, 1usize..40, prop_oneof![Just(1usize), 1usize..=32, Just(256usize)], any::<u64>())
+    (
+        0usize..7,
+        1usize..40,
+        1usize..40,
+        prop_oneof![Just(1usize), 1usize..=32, Just(256usize)],
+        any::<u64>(),
+    )
 }
 
 struct Case<T> {
@@ -38,7 +44,12 @@ impl<T: Element> Case<T> {
         }
     }
     fn adapter(&self) -> Adapter<'_, T> {
-        Adapter { a: &self.a, b: &self.b, rank: self.rank, scale: self.scale }
+        Adapter {
+            a: &self.a,
+            b: &self.b,
+            rank: self.rank,
+            scale: self.scale,
+        }
     }
     fn forward(&self, adapter: &Adapter<'_, T>) -> Vec<T> {
         let mut y = vec![T::from_f64(f64::NAN); self.dims.m * self.dims.n];
@@ -296,5 +307,8 @@ fn non_finite_inputs_propagate() {
     reference::fused_forward(c.dims, &c.x, &c.w, &c.adapter(), 0.0, &mut y).unwrap();
     assert!(y[..4].iter().all(|v| v.is_nan()));
     assert!(y[4..8].iter().all(|v| !v.is_finite()));
-    assert!(y[8..].iter().all(|v| v.is_finite()), "row 2 must not see y's old NaN: {y:?}");
+    assert!(
+        y[8..].iter().all(|v| v.is_finite()),
+        "row 2 must not see y's old NaN: {y:?}"
+    );
 }

@@ -25,7 +25,12 @@ pub struct DeviceAdapter<'a, T> {
 }
 
 impl<'a, T> DeviceAdapter<'a, T> {
-    pub fn new(a: impl Into<BufRef<'a, T>>, b: impl Into<BufRef<'a, T>>, rank: usize, scale: f32) -> Self {
+    pub fn new(
+        a: impl Into<BufRef<'a, T>>,
+        b: impl Into<BufRef<'a, T>>,
+        rank: usize,
+        scale: f32,
+    ) -> Self {
         DeviceAdapter {
             a: a.into(),
             b: b.into(),
@@ -43,19 +48,34 @@ impl<'a, T> DeviceAdapter<'a, T> {
 }
 
 /// Checks that `buf` lives on `dev`'s backend and holds `rows x cols` elements.
-pub(crate) fn check_operand<T>(dev: &Device, name: &'static str, buf: &BufRef<'_, T>, rows: usize, cols: usize) -> Result<()> {
+pub(crate) fn check_operand<T>(
+    dev: &Device,
+    name: &'static str,
+    buf: &BufRef<'_, T>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     check_backend(name, dev.backend(), buf.backend())?;
     check_matrix(name, rows, cols, buf.len())
 }
 
-pub(crate) fn check_output<T>(dev: &Device, name: &'static str, buf: &BufMut<'_, T>, rows: usize, cols: usize) -> Result<()> {
+pub(crate) fn check_output<T>(
+    dev: &Device,
+    name: &'static str,
+    buf: &BufMut<'_, T>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     check_backend(name, dev.backend(), buf.backend())?;
     check_matrix(name, rows, cols, buf.len())
 }
 
 /// The address a kernel receives for an operand, plus the guard that records
 /// cudarc's stream-ordering event when dropped (keep it until after the launch).
-pub(crate) fn in_ptr<'s, T>(dev: &'s Device, buf: &'s BufRef<'_, T>) -> (u64, Option<SyncOnDrop<'s>>) {
+pub(crate) fn in_ptr<'s, T>(
+    dev: &'s Device,
+    buf: &'s BufRef<'_, T>,
+) -> (u64, Option<SyncOnDrop<'s>>) {
     match (dev, buf) {
         (Device::Cuda(d), BufRef::Cuda(v)) => {
             let (p, guard) = v.device_ptr(d.stream());
@@ -67,7 +87,10 @@ pub(crate) fn in_ptr<'s, T>(dev: &'s Device, buf: &'s BufRef<'_, T>) -> (u64, Op
     }
 }
 
-pub(crate) fn out_ptr<'s, T>(dev: &'s Device, buf: &'s mut BufMut<'_, T>) -> (u64, Option<SyncOnDrop<'s>>) {
+pub(crate) fn out_ptr<'s, T>(
+    dev: &'s Device,
+    buf: &'s mut BufMut<'_, T>,
+) -> (u64, Option<SyncOnDrop<'s>>) {
     match (dev, buf) {
         (Device::Cuda(d), BufMut::Cuda(v)) => {
             let (p, guard) = v.device_ptr_mut(d.stream());

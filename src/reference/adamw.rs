@@ -26,7 +26,11 @@ impl Default for AdamW {
 
 impl AdamW {
     pub(crate) fn validate(&self) -> Result<()> {
-        for (name, v) in [("lr", self.lr), ("eps", self.eps), ("weight_decay", self.weight_decay)] {
+        for (name, v) in [
+            ("lr", self.lr),
+            ("eps", self.eps),
+            ("weight_decay", self.weight_decay),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(invalid(name, v, "must be finite and >= 0"));
             }
@@ -52,7 +56,12 @@ pub struct AdamWState<'a, T> {
 
 /// One AdamW step (`step` counts from 1) in f64, results rounded to f32
 /// (master, moments) and to `T` (working copy, from the new master).
-pub fn adamw_step<T: Element>(cfg: &AdamW, step: u32, grad: &[f32], state: AdamWState<'_, T>) -> Result<()> {
+pub fn adamw_step<T: Element>(
+    cfg: &AdamW,
+    step: u32,
+    grad: &[f32],
+    state: AdamWState<'_, T>,
+) -> Result<()> {
     cfg.validate()?;
     if step == 0 {
         return Err(invalid("step", step, "steps count from 1"));
@@ -76,12 +85,13 @@ pub fn adamw_step<T: Element>(cfg: &AdamW, step: u32, grad: &[f32], state: AdamW
     let (b1, b2) = (cfg.beta1 as f64, cfg.beta2 as f64);
     let bias1 = 1.0 - b1.powi(step as i32);
     let bias2 = 1.0 - b2.powi(step as i32);
-    for i in 0..len {
-        let g = grad[i] as f64;
+    for (i, &g) in grad.iter().enumerate() {
+        let g = g as f64;
         let m1 = b1 * state.m1[i] as f64 + (1.0 - b1) * g;
         let m2 = b2 * state.m2[i] as f64 + (1.0 - b2) * g * g;
         let p = state.p[i] as f64;
-        let update = (m1 / bias1) / ((m2 / bias2).sqrt() + cfg.eps as f64) + cfg.weight_decay as f64 * p;
+        let update =
+            (m1 / bias1) / ((m2 / bias2).sqrt() + cfg.eps as f64) + cfg.weight_decay as f64 * p;
         let p = p - cfg.lr as f64 * update;
         state.m1[i] = m1 as f32;
         state.m2[i] = m2 as f32;

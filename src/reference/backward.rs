@@ -27,7 +27,11 @@ pub struct Gradients<'a, T> {
 
 /// Adapter backward (DESIGN.md section 1), contracting through the rank:
 /// `u = s g b`, `db = s g^T t`, `da = u^T x`, `dx = g w + u a`.
-pub fn backward<T: Element>(dims: Dims, inp: &BackwardInputs<'_, T>, grads: Gradients<'_, T>) -> Result<()> {
+pub fn backward<T: Element>(
+    dims: Dims,
+    inp: &BackwardInputs<'_, T>,
+    grads: Gradients<'_, T>,
+) -> Result<()> {
     let Dims { m, n, k } = dims;
     dims.validate()?;
     inp.adapter.validate(n, k)?;
@@ -50,14 +54,19 @@ pub fn backward<T: Element>(dims: Dims, inp: &BackwardInputs<'_, T>, grads: Grad
     let u: Vec<f64> = (0..m * r)
         .map(|e| {
             let (i, j) = (e / r, e % r);
-            s * (0..n).map(|c| inp.g[i * n + c].to_f64() * b[c * r + j].to_f64()).sum::<f64>()
+            s * (0..n)
+                .map(|c| inp.g[i * n + c].to_f64() * b[c * r + j].to_f64())
+                .sum::<f64>()
         })
         .collect();
     let accumulate = grads.accumulate;
     if let Some(db) = grads.db {
         for c in 0..n {
             for j in 0..r {
-                let v = s * (0..m).map(|i| inp.g[i * n + c].to_f64() * inp.t[i * r + j] as f64).sum::<f64>();
+                let v = s
+                    * (0..m)
+                        .map(|i| inp.g[i * n + c].to_f64() * inp.t[i * r + j] as f64)
+                        .sum::<f64>();
                 store_f32(&mut db[c * r + j], v, accumulate);
             }
         }
@@ -65,7 +74,9 @@ pub fn backward<T: Element>(dims: Dims, inp: &BackwardInputs<'_, T>, grads: Grad
     if let Some(da) = grads.da {
         for j in 0..r {
             for q in 0..k {
-                let v: f64 = (0..m).map(|i| u[i * r + j] * inp.x[i * k + q].to_f64()).sum();
+                let v: f64 = (0..m)
+                    .map(|i| u[i * r + j] * inp.x[i * k + q].to_f64())
+                    .sum();
                 store_f32(&mut da[j * k + q], v, accumulate);
             }
         }
@@ -73,9 +84,18 @@ pub fn backward<T: Element>(dims: Dims, inp: &BackwardInputs<'_, T>, grads: Grad
     if let Some(dx) = grads.dx {
         for i in 0..m {
             for q in 0..k {
-                let base: f64 = (0..n).map(|c| inp.g[i * n + c].to_f64() * inp.w[c * k + q].to_f64()).sum();
-                let low: f64 = dot(&u[i * r..(i + 1) * r], &(0..r).map(|j| a[j * k + q]).collect::<Vec<T>>());
-                let old = if accumulate { dx[i * k + q].to_f64() } else { 0.0 };
+                let base: f64 = (0..n)
+                    .map(|c| inp.g[i * n + c].to_f64() * inp.w[c * k + q].to_f64())
+                    .sum();
+                let low: f64 = dot(
+                    &u[i * r..(i + 1) * r],
+                    &(0..r).map(|j| a[j * k + q]).collect::<Vec<T>>(),
+                );
+                let old = if accumulate {
+                    dx[i * k + q].to_f64()
+                } else {
+                    0.0
+                };
                 dx[i * k + q] = T::from_f64(old + base + low);
             }
         }
@@ -84,5 +104,9 @@ pub fn backward<T: Element>(dims: Dims, inp: &BackwardInputs<'_, T>, grads: Grad
 }
 
 fn store_f32(dst: &mut f32, v: f64, accumulate: bool) {
-    *dst = if accumulate { (*dst as f64 + v) as f32 } else { v as f32 };
+    *dst = if accumulate {
+        (*dst as f64 + v) as f32
+    } else {
+        v as f32
+    };
 }

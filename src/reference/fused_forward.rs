@@ -22,7 +22,11 @@ pub fn fused_forward<T: Element>(
 
 /// The intermediate `t = x a^T` `[m, rank]`, accumulated in f64 and rounded
 /// once to f32: what the forward pass saves for the backward pass.
-pub fn lora_intermediate<T: Element>(dims: Dims, x: &[T], adapter: &Adapter<'_, T>) -> Result<Vec<f32>> {
+pub fn lora_intermediate<T: Element>(
+    dims: Dims,
+    x: &[T],
+    adapter: &Adapter<'_, T>,
+) -> Result<Vec<f32>> {
     dims.validate()?;
     check_matrix("x", dims.m, dims.k, x.len())?;
     adapter.validate(dims.n, dims.k)?;

@@ -16,7 +16,13 @@ pub enum MergeOp {
 /// storage type. Unmerge after merge restores `w` up to that one rounding of
 /// the merged weight: `|unmerge(merge(w)) - w| <= u |merge(w)|` plus one more
 /// rounding of the result (`u` = unit roundoff), exact in f64.
-pub fn merge<T: Element>(n: usize, k: usize, w: &mut [T], adapter: &Adapter<'_, T>, op: MergeOp) -> Result<()> {
+pub fn merge<T: Element>(
+    n: usize,
+    k: usize,
+    w: &mut [T],
+    adapter: &Adapter<'_, T>,
+    op: MergeOp,
+) -> Result<()> {
     Dims::new(0, n, k).validate()?;
     check_matrix("w", n, k, w.len())?;
     adapter.validate(n, k)?;
@@ -27,7 +33,9 @@ pub fn merge<T: Element>(n: usize, k: usize, w: &mut [T], adapter: &Adapter<'_, 
     let (r, s) = (adapter.rank, adapter.scale as f64);
     for c in 0..n {
         for q in 0..k {
-            let ba: f64 = (0..r).map(|j| adapter.b[c * r + j].to_f64() * adapter.a[j * k + q].to_f64()).sum();
+            let ba: f64 = (0..r)
+                .map(|j| adapter.b[c * r + j].to_f64() * adapter.a[j * k + q].to_f64())
+                .sum();
             w[c * k + q] = T::from_f64(w[c * k + q].to_f64() + sign * s * ba);
         }
     }

@@ -56,12 +56,16 @@ pub(crate) fn forward_row<T: Element>(
     let (n, k) = (dims.n, dims.k);
     let xi = &x[i * k..(i + 1) * k];
     let t: Vec<f64> = adapter.map_or(Vec::new(), |ad| {
-        (0..ad.rank).map(|j| dot(xi, &ad.a[j * k..(j + 1) * k])).collect()
+        (0..ad.rank)
+            .map(|j| dot(xi, &ad.a[j * k..(j + 1) * k]))
+            .collect()
     });
     for c in 0..n {
         let mut acc = dot(xi, &w[c * k..(c + 1) * k]);
         if let Some(ad) = adapter {
-            let lora: f64 = (0..ad.rank).map(|j| t[j] * ad.b[c * ad.rank + j].to_f64()).sum();
+            let lora: f64 = (0..ad.rank)
+                .map(|j| t[j] * ad.b[c * ad.rank + j].to_f64())
+                .sum();
             acc += ad.scale as f64 * lora;
         }
         if beta != 0.0 {

@@ -80,7 +80,11 @@ pub fn segment_ids(m: usize, offsets: &[i32], slots: &[i32]) -> Result<Vec<i32>>
     Ok(ids)
 }
 
-fn slot<'s, 'a, T>(adapters: &'s [Adapter<'a, T>], token: usize, id: i32) -> Result<Option<&'s Adapter<'a, T>>> {
+fn slot<'s, 'a, T>(
+    adapters: &'s [Adapter<'a, T>],
+    token: usize,
+    id: i32,
+) -> Result<Option<&'s Adapter<'a, T>>> {
     match id {
         -1 => Ok(None),
         id if id >= 0 && (id as usize) < adapters.len() => Ok(Some(&adapters[id as usize])),
@@ -92,7 +96,14 @@ fn slot<'s, 'a, T>(adapters: &'s [Adapter<'a, T>], token: usize, id: i32) -> Res
     }
 }
 
-fn validate<T>(dims: Dims, x: &[T], w: &[T], adapters: &[Adapter<'_, T>], beta: f32, y_len: usize) -> Result<()> {
+fn validate<T>(
+    dims: Dims,
+    x: &[T],
+    w: &[T],
+    adapters: &[Adapter<'_, T>],
+    beta: f32,
+    y_len: usize,
+) -> Result<()> {
     dims.validate()?;
     check_matrix("x", dims.m, dims.k, x.len())?;
     check_matrix("w", dims.n, dims.k, w.len())?;

@@ -7,9 +7,10 @@
 use std::sync::OnceLock;
 
 use lora_kernels::{Device, Element};
-use proptest::test_runner::{Config, TestRng, RngAlgorithm};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng};
 use rand::RngExt;
 
+#[allow(unused_imports)] // not every test file uses the proptest macros
 pub use proptest::prelude::*;
 
 /// Proptest settings for kernel tests: no fork/timeout (unsafe after CUDA
@@ -34,7 +35,9 @@ pub fn rng(seed: u64) -> TestRng {
 
 /// `len` values uniform in [-1, 1) (never zeros), rounded to `T`.
 pub fn random<T: Element>(rng: &mut TestRng, len: usize) -> Vec<T> {
-    (0..len).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect()
+    (0..len)
+        .map(|_| T::from_f64(rng.random_range(-1.0..1.0)))
+        .collect()
 }
 
 /// The GPU for this test binary, or None (after printing why) when there is
@@ -79,9 +82,19 @@ pub fn rtol<T: Element>() -> f64 {
 /// Checks `|got - want| <= atol + rtol |want|` elementwise; NaN must meet NaN
 /// and Inf the same Inf. On failure returns the shape, the worst index, got,
 /// expected and the normwise error.
-pub fn compare<T: Element>(what: &str, got: &[T], want: &[T], atol: f64, rtol: f64) -> Result<(), String> {
+pub fn compare<T: Element>(
+    what: &str,
+    got: &[T],
+    want: &[T],
+    atol: f64,
+    rtol: f64,
+) -> Result<(), String> {
     if got.len() != want.len() {
-        return Err(format!("{what}: length {} != expected {}", got.len(), want.len()));
+        return Err(format!(
+            "{what}: length {} != expected {}",
+            got.len(),
+            want.len()
+        ));
     }
     let (mut worst, mut worst_excess) = (None, 0.0f64);
     let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
@@ -115,5 +128,8 @@ pub fn compare<T: Element>(what: &str, got: &[T], want: &[T], atol: f64, rtol: f
 }
 
 pub fn max_abs<T: Element>(v: &[T]) -> f64 {
-    v.iter().map(|x| x.to_f64().abs()).filter(|x| x.is_finite()).fold(0.0, f64::max)
+    v.iter()
+        .map(|x| x.to_f64().abs())
+        .filter(|x| x.is_finite())
+        .fold(0.0, f64::max)
 }

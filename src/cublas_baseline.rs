@@ -1,0 +1,116 @@
+//! The baselines every benchmark and GPU test compares against (DESIGN.md
+//! section 4), through cudarc's cuBLAS, on the device's own stream:
+//! 1. base only: `y = x w^T`, the cost of having no adapter at all;
+//! 2. unfused LoRA, what PEFT does: base GEMM, shrink GEMM `t = x a^T` (stored
+//!    in the storage type), expand GEMM `y += s t b^T` (beta = 1).
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::driver::CudaSlice;
+
+use crate::device::Device;
+use crate::element::Element;
+use crate::error::{Backend, Error, Result};
+use crate::shape::{Dims, check_finite, check_matrix, check_rank};
+
+pub struct CublasBaseline {
+    blas: CudaBlas,
+}
+
+impl CublasBaseline {
+    /// A cuBLAS handle on `dev`'s stream (CUDA devices only).
+    pub fn new(dev: &Device) -> Result<Self> {
+        let stream = dev.cuda_stream().ok_or(Error::BackendMismatch {
+            operand: "device",
+            expected: Backend::Cuda,
+            actual: Backend::Host,
+        })?;
+        // SAFETY: only probes whether the shared library can be loaded (cudarc
+        // panics on first use otherwise).
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::NoCublas);
+        }
+        Ok(CublasBaseline {
+            blas: CudaBlas::new(stream.clone())?,
+        })
+    }
+
+    /// `c[rows, cols] = alpha * p[rows, inner] q[cols, inner]^T + beta * c`,
+    /// all row-major: in cuBLAS's column-major terms `c^T = q p^T`.
+    fn gemm_nt<T: Element>(
+        &self,
+        (rows, cols, inner): (usize, usize, usize),
+        (alpha, beta): (f32, f32),
+        p: &CudaSlice<T>,
+        q: &CudaSlice<T>,
+        c: &mut CudaSlice<T>,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: cols as i32,
+            n: rows as i32,
+            k: inner as i32,
+            alpha: T::from_f32(alpha),
+            lda: inner as i32,
+            ldb: inner as i32,
+            beta: T::from_f32(beta),
+            ldc: cols as i32,
+        };
+        // SAFETY: callers checked p is rows x inner, q is cols x inner and c is
+        // rows x cols elements, matching the leading dimensions above, and that
+        // every dimension fits i32.
+        unsafe { self.blas.gemm(cfg, q, p, c) }?;
+        Ok(())
+    }
+
+    /// `y = x w^T`.
+    pub fn base<T: Element>(
+        &self,
+        dims: Dims,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        dims.validate()?;
+        check_matrix("x", dims.m, dims.k, x.len())?;
+        check_matrix("w", dims.n, dims.k, w.len())?;
+        check_matrix("y", dims.m, dims.n, y.len())?;
+        if dims.m == 0 {
+            return Ok(());
+        }
+        self.gemm_nt((dims.m, dims.n, dims.k), (1.0, 0.0), x, w, y)
+    }
+
+    /// `y = x w^T + scale (x a^T) b^T` as three GEMMs; `t` (`[m, rank]`) is the
+    /// caller's scratch for the intermediate.
+    #[allow(clippy::too_many_arguments)] // mirrors the op it is the baseline of
+    pub fn unfused<T: Element>(
+        &self,
+        dims: Dims,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        (a, b, rank, scale): (&CudaSlice<T>, &CudaSlice<T>, usize, f32),
+        t: &mut CudaSlice<T>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        check_rank("rank", rank)?;
+        check_finite("scale", scale)?;
+        check_matrix("a", rank, dims.k, a.len())?;
+        check_matrix("b", dims.n, rank, b.len())?;
+        check_matrix("t", dims.m, rank, t.len())?;
+        self.base(dims, x, w, y)?;
+        if dims.m == 0 {
+            return Ok(());
+        }
+        self.gemm_nt((dims.m, rank, dims.k), (1.0, 0.0), x, a, t)?;
+        self.gemm_nt((dims.m, dims.n, rank), (scale, 1.0), t, b, y)
+    }
+}
