@@ -2,7 +2,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaModule, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
 
 use crate::buffer::Buffer;
 use crate::error::{Backend, Error, Result};
@@ -13,6 +16,8 @@ pub struct CudaDevice {
     compute_capability: (i32, i32),
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Loaded functions with the dynamic shared memory they were opened up to.
+    functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
 }
 
 /// The device an op runs on. Cheap to clone.
@@ -51,6 +56,7 @@ impl Device {
             compute_capability,
             name,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
         })))
     }
 
@@ -133,6 +139,32 @@ impl Device {
 impl CudaDevice {
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Kernel `name` of file `file`, looked up once per device, allowed to use
+    /// `dynamic_smem` bytes of dynamic shared memory (above 48 KiB a function
+    /// must be opened up explicitly).
+    pub(crate) fn function(
+        &self,
+        file: &'static str,
+        name: &'static str,
+        dynamic_smem: u32,
+    ) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((f, allowed)) = functions.get(name) {
+            if *allowed >= dynamic_smem {
+                return Ok(f.clone());
+            }
+        }
+        let f = self.module(file)?.load_function(name)?;
+        if dynamic_smem > 48 * 1024 {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dynamic_smem as i32,
+            )?;
+        }
+        functions.insert(name, (f.clone(), dynamic_smem.max(48 * 1024)));
+        Ok(f)
     }
 
     /// The module of kernel file `file`, loaded once per device: the cubin

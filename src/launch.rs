@@ -126,7 +126,7 @@ impl<P: DeviceRepr + Copy> Kernel<P> {
                 if !kernels_built() {
                     return Err(Error::KernelsNotBuilt);
                 }
-                let func = cuda.module(self.file)?.load_function(self.name)?;
+                let func = cuda.function(self.file, self.name, dims.dynamic_smem_bytes)?;
                 let cfg = LaunchConfig {
                     grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),
                     block_dim: (dims.block[0], dims.block[1], dims.block[2]),

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use lora_kernels::ops::fused_forward::{fused_forward, fused_forward_simt};
+use lora_kernels::ops::fused_forward::{Regime, fused_forward, fused_forward_in};
 use lora_kernels::reference;
 use lora_kernels::{
     Adapter, Device, DeviceAdapter, Dims, HostSchedule, KernelElement, with_host_schedule,
@@ -74,27 +74,27 @@ impl<T: KernelElement> Case<T> {
         rtol::<T>() * ((self.dims.k + self.rank) as f64).sqrt() * terms + 1e-30
     }
 
-    fn run(&self, dev: &Device, simt_only: bool) -> lora_kernels::Result<Vec<T>> {
+    /// Runs the op (`regime` None: the dispatcher's choice).
+    fn run(&self, dev: &Device, regime: Option<Regime>) -> lora_kernels::Result<Vec<T>> {
         let (x, w) = (dev.upload(&self.x)?, dev.upload(&self.w)?);
         let (a, b) = (dev.upload(&self.a)?, dev.upload(&self.b)?);
         let mut y = dev.upload(&self.y0)?;
         let adapter = DeviceAdapter::new(&a, &b, self.rank, self.scale);
-        if simt_only {
-            fused_forward_simt(dev, self.dims, &x, &w, &adapter, self.beta, &mut y)?;
-        } else {
-            fused_forward(dev, self.dims, &x, &w, &adapter, self.beta, &mut y)?;
+        match regime {
+            Some(regime) => {
+                fused_forward_in(regime, dev, self.dims, &x, &w, &adapter, self.beta, &mut y)?
+            }
+            None => fused_forward(dev, self.dims, &x, &w, &adapter, self.beta, &mut y)?,
         }
         dev.download(&y)
     }
 
-    fn check(&self, dev: &Device) -> Result<(), String> {
-        let got = self.run(dev, false).map_err(|e| e.to_string())?;
+    fn check(&self, dev: &Device, regime: Option<Regime>) -> Result<(), String> {
+        let got = self.run(dev, regime).map_err(|e| e.to_string())?;
+        let Dims { m, n, k } = self.dims;
         let what = format!(
-            "{:?} m={} n={} k={} r={} beta={} on {}",
+            "{:?} {regime:?} m={m} n={n} k={k} r={} beta={} on {}",
             T::DTYPE,
-            self.dims.m,
-            self.dims.n,
-            self.dims.k,
             self.rank,
             self.beta,
             dev.name()
@@ -103,52 +103,119 @@ impl<T: KernelElement> Case<T> {
     }
 }
 
-fn small_case() -> impl Strategy<Value = (Dims, usize, bool, u64)> {
+type CaseSpec = (Dims, usize, bool, u64);
+
+/// Shapes for a regime: m in `ms`, n and k never tied to a tile size (k both
+/// a multiple of 8, for the 16-byte load path, and not), ranks 1, small, one
+/// past a rank chunk (65), and 256 (four chunks).
+fn case(ms: std::ops::Range<usize>, max_n: usize, max_k: usize) -> impl Strategy<Value = CaseSpec> {
     (
-        (0usize..70, 1usize..150, 1usize..100).prop_map(|(m, n, k)| Dims::new(m, n, k)),
-        prop_oneof![Just(1usize), 1usize..40, Just(256usize)],
+        (
+            ms,
+            1usize..max_n,
+            prop_oneof![1usize..max_k, (1usize..max_k / 8).prop_map(|k| 8 * k)],
+        )
+            .prop_map(|(m, n, k)| Dims::new(m, n, k)),
+        prop_oneof![Just(1usize), 2usize..40, Just(65usize), Just(256usize)],
         any::<bool>(),
         any::<u64>(),
     )
 }
 
 fn check_all<T: KernelElement>(
-    (dims, rank, with_beta, seed): (Dims, usize, bool, u64),
+    regime: Option<Regime>,
+    (dims, rank, with_beta, seed): CaseSpec,
 ) -> Result<(), TestCaseError> {
     let beta = if with_beta { 0.75 } else { 0.0 };
     let case = Case::<T>::new(dims, rank, beta, seed);
     for dev in devices() {
-        case.check(&dev).map_err(TestCaseError::fail)?;
+        case.check(&dev, regime).map_err(TestCaseError::fail)?;
     }
     Ok(())
 }
 
 proptest! {
-    #![proptest_config(config(24))]
+    #![proptest_config(config(16))]
 
     #[test]
-    fn f32_matches_reference(case in small_case()) { check_all::<f32>(case)?; }
+    fn dispatch_f32_matches_reference(c in case(0..70, 150, 100)) { check_all::<f32>(None, c)?; }
 
     #[test]
-    fn f16_matches_reference(case in small_case()) { check_all::<f16>(case)?; }
+    fn dispatch_f16_matches_reference(c in case(0..150, 150, 100)) { check_all::<f16>(None, c)?; }
 
     #[test]
-    fn bf16_matches_reference(case in small_case()) { check_all::<bf16>(case)?; }
+    fn dispatch_bf16_matches_reference(c in case(0..150, 150, 100)) { check_all::<bf16>(None, c)?; }
+
+    #[test]
+    fn simt_half_types_match_reference(c in case(1..70, 150, 100), bf in any::<bool>()) {
+        if bf { check_all::<bf16>(Some(Regime::Simt), c)? } else { check_all::<f16>(Some(Regime::Simt), c)? }
+    }
+
+    #[test]
+    fn decode_matches_reference(c in case(1..40, 100, 200), bf in any::<bool>()) {
+        if bf { check_all::<bf16>(Some(Regime::Decode), c)? } else { check_all::<f16>(Some(Regime::Decode), c)? }
+    }
+
+    #[test]
+    fn prefill_matches_reference(c in case(1..200, 200, 80), bf in any::<bool>()) {
+        if bf { check_all::<bf16>(Some(Regime::Prefill), c)? } else { check_all::<f16>(Some(Regime::Prefill), c)? }
+    }
+}
+
+/// Shapes that hit every tile edge at once, in every regime.
+#[test]
+fn tile_edges_in_every_regime() {
+    let shapes = [
+        (1, 1, 1, 1),
+        (16, 32, 64, 16),
+        (17, 33, 65, 17),
+        (128, 128, 32, 64),
+        (129, 129, 33, 65),
+        (127, 8, 8, 256),
+    ];
+    for (m, n, k, r) in shapes {
+        let case = Case::<bf16>::new(Dims::new(m, n, k), r, 0.0, (m * n + k) as u64);
+        for regime in [Regime::Simt, Regime::Decode, Regime::Prefill] {
+            for dev in devices() {
+                case.check(&dev, Some(regime)).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_has_no_tensor_core_regime() {
+    let case = Case::<f32>::new(Dims::new(2, 3, 4), 1, 0.0, 0);
+    let err = case
+        .run(&Device::host().unwrap(), Some(Regime::Prefill))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            lora_kernels::Error::InvalidArgument { name: "regime", .. }
+        ),
+        "{err}"
+    );
 }
 
 /// Under the reverse thread schedule too (a missing barrier in the kernel
 /// would show under one of the two).
 #[test]
 fn reverse_schedule_matches_reference() {
-    for (i, (m, n, k, r)) in [(33, 65, 33, 33), (1, 1, 1, 1), (64, 128, 64, 64)]
-        .into_iter()
-        .enumerate()
-    {
+    let host = Device::host().unwrap();
+    let shapes = [
+        (33, 65, 33, 33),
+        (1, 1, 1, 1),
+        (64, 128, 64, 64),
+        (130, 40, 72, 70),
+    ];
+    for (i, (m, n, k, r)) in shapes.into_iter().enumerate() {
         let case = Case::<f32>::new(Dims::new(m, n, k), r, 0.0, i as u64);
-        with_host_schedule(HostSchedule::Reverse, || {
-            case.check(&Device::host().unwrap())
-        })
-        .unwrap();
+        with_host_schedule(HostSchedule::Reverse, || case.check(&host, None)).unwrap();
+        let case = Case::<bf16>::new(Dims::new(m, n, k), r, 0.0, i as u64);
+        for regime in [Regime::Decode, Regime::Prefill] {
+            with_host_schedule(HostSchedule::Reverse, || case.check(&host, Some(regime))).unwrap();
+        }
     }
 }
 
@@ -156,27 +223,36 @@ fn reverse_schedule_matches_reference() {
 fn empty_batch_launches_nothing() {
     for dev in devices() {
         let case = Case::<bf16>::new(Dims::new(0, 17, 9), 3, 0.0, 1);
-        assert!(case.run(&dev, false).unwrap().is_empty());
+        for regime in [Regime::Simt, Regime::Decode, Regime::Prefill] {
+            assert!(case.run(&dev, Some(regime)).unwrap().is_empty());
+        }
     }
 }
 
 #[test]
 fn nan_and_inf_propagate_like_the_reference() {
-    for dev in devices() {
-        let mut case = Case::<f32>::new(Dims::new(5, 70, 40), 4, 0.0, 3);
-        case.x[2 * 40 + 7] = f32::NAN; // row 2
-        case.x[4 * 40] = f32::INFINITY; // row 4
-        case.b[3 * 4 + 1] = f32::NAN; // column 3 of every row
-        case.check(&dev).unwrap();
-        let got = case.run(&dev, false).unwrap();
-        assert!(got[2 * 70..3 * 70].iter().all(|v| v.is_nan()));
-        assert!(got[4 * 70..].iter().all(|v| !v.is_finite()));
-        assert!(got[3].is_nan() && got[70 + 3].is_nan());
-        assert!(
-            got[1].is_finite(),
-            "only poisoned rows and column 3 may be non-finite"
-        );
+    fn check<T: KernelElement>(regime: Regime) {
+        for dev in devices() {
+            for r in [1, 4] {
+                let mut case = Case::<T>::new(Dims::new(5, 70, 40), r, 0.0, 3);
+                case.x[2 * 40 + 7] = T::from_f64(f64::NAN); // row 2
+                case.x[4 * 40] = T::from_f64(f64::INFINITY); // row 4
+                case.b[3 * r] = T::from_f64(f64::NAN); // column 3 of every row
+                case.check(&dev, Some(regime)).unwrap();
+                let got = case.run(&dev, Some(regime)).unwrap();
+                assert!(got[2 * 70..3 * 70].iter().all(|v| v.to_f64().is_nan()));
+                assert!(got[4 * 70..].iter().all(|v| !v.to_f64().is_finite()));
+                assert!(got[3].to_f64().is_nan() && got[70 + 3].to_f64().is_nan());
+                assert!(
+                    got[1].to_f64().is_finite(),
+                    "only poisoned rows and column 3 may be non-finite"
+                );
+            }
+        }
     }
+    check::<f32>(Regime::Simt);
+    check::<bf16>(Regime::Decode);
+    check::<f16>(Regime::Prefill);
 }
 
 /// Real model shapes on the GPU, checked on a sample of rows (the f64
@@ -191,7 +267,7 @@ fn gpu_real_shapes_match_reference() {
         (5, 4096, 14336, 8),
     ] {
         let full = Case::<bf16>::new(Dims::new(m, n, k), r, 0.0, m as u64);
-        let got = full.run(&dev, true).unwrap();
+        let got = full.run(&dev, None).unwrap();
         for row in [0, m / 2, m - 1] {
             let mut one = Case::<bf16>::new(Dims::new(1, n, k), r, 0.0, 0);
             one.x = full.x[row * k..(row + 1) * k].to_vec();

@@ -23,6 +23,10 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 4096;
 constexpr unsigned kMaxThreads = 1024;
 constexpr unsigned kMaxDynamicSmem = 228 * 1024;
+// Bytes past the end of dynamic shared memory that must still hold their
+// pattern after every block: a kernel that writes beyond its allocation fails.
+constexpr size_t kSmemGuard = 4096;
+constexpr unsigned char kGuardByte = 0xA5;
 
 enum class State { Runnable, AtBarrier, AtWarp, Done };
 
@@ -108,7 +112,7 @@ void set_thread_coords(unsigned t) {
 // Runs one block to completion. Returns false (rt.error set) on failure.
 bool run_block() {
     for (auto& region : rt.shared_regions) poison(region.first, region.second);
-    poison(rt.dynamic_smem.data(), rt.dynamic_smem.size());
+    poison(rt.dynamic_smem.data(), rt.dynamic_smem.size() - kSmemGuard);
     for (unsigned t = 0; t < rt.nthreads; ++t) {
         Fiber& f = rt.fibers[t];
         f.state = State::Runnable;
@@ -121,17 +125,24 @@ bool run_block() {
         makecontext(&f.ctx, fiber_main, 0);
     }
     for (;;) {
-        bool ran = true;
-        while (ran && !rt.failed) {
-            ran = false;
-            for (unsigned i = 0; i < rt.nthreads && !rt.failed; ++i) {
-                unsigned t = rt.schedule == 0 ? i : rt.nthreads - 1 - i;
-                if (rt.fibers[t].state != State::Runnable) continue;
-                rt.current = t;
-                set_thread_coords(t);
-                swapcontext(&rt.scheduler, &rt.fibers[t].ctx);
-                ran = true;
+        // Always resume the first runnable thread in schedule order: a warp
+        // whose collective completes carries on at once, so the first warp runs
+        // all the way to the next __syncthreads before the second one starts.
+        // That is the most adversarial order for a missing barrier (the reverse
+        // schedule covers the other direction).
+        for (;;) {
+            unsigned t = rt.nthreads;
+            for (unsigned i = 0; i < rt.nthreads; ++i) {
+                unsigned c = rt.schedule == 0 ? i : rt.nthreads - 1 - i;
+                if (rt.fibers[c].state == State::Runnable) {
+                    t = c;
+                    break;
+                }
             }
+            if (t == rt.nthreads || rt.failed) break;
+            rt.current = t;
+            set_thread_coords(t);
+            swapcontext(&rt.scheduler, &rt.fibers[t].ctx);
         }
         if (rt.failed) return false;
         unsigned at_barrier = 0, at_warp = 0, done = 0;
@@ -141,7 +152,19 @@ bool run_block() {
             at_warp += s == State::AtWarp;
             done += s == State::Done;
         }
-        if (done == rt.nthreads) return true;
+        if (done == rt.nthreads) {
+            const unsigned char* guard = rt.dynamic_smem.data() + rt.dynamic_smem.size() - kSmemGuard;
+            for (size_t i = 0; i < kSmemGuard; ++i)
+                if (guard[i] != kGuardByte) {
+                    char msg[160];
+                    std::snprintf(msg, sizeof msg,
+                                  "dynamic shared memory overflow: byte %zu past the %zu bytes of the launch was written",
+                                  i, rt.dynamic_smem.size() - kSmemGuard);
+                    rt.error = msg;
+                    return false;
+                }
+            return true;
+        }
         if (at_warp != 0) {
             unsigned t = 0;
             while (rt.fibers[t].state != State::AtWarp) ++t;
@@ -268,7 +291,7 @@ int launch(const LkHostLaunch& cfg, const std::function<void()>& kernel) {
     }
     rt.nthreads = nthreads;
     rt.kernel = &kernel;
-    rt.dynamic_smem.assign(cfg.dynamic_smem_bytes, 0xFF);
+    rt.dynamic_smem.assign(cfg.dynamic_smem_bytes + kSmemGuard, kGuardByte);
     blockDim = {cfg.block[0], cfg.block[1], cfg.block[2]};
     gridDim = {cfg.grid[0], cfg.grid[1], cfg.grid[2]};
     for (unsigned z = 0; z < cfg.grid[2]; ++z)

@@ -4,8 +4,9 @@
 //
 // Execution model: blocks run one after another; the threads of a block are
 // fibers run by a deterministic scheduler, each thread running until it blocks
-// (__syncthreads, a warp collective) or exits. Because one thread runs all the
-// way to its next barrier before the next thread starts, a missing barrier
+// (__syncthreads, a warp collective) or exits, and the first runnable thread
+// (in schedule order) always runs next. So the first warp runs all the way to
+// its next __syncthreads before the next warp starts, and a missing barrier
 // shows up on every run, not by luck. Shared memory is poisoned (0xFF bytes:
 // NaN for f32/f16/bf16) at every block start, so a read before a write shows.
 #pragma once

@@ -1,5 +1,7 @@
 //! Fused forward: `y = x w^T + s (x a^T) b^T (+ beta y)` in one launch.
-//! Kernel: kernels/fused_forward_simt.cu. Reference: `reference::fused_forward`.
+//! Kernels: kernels/fused_forward_simt.cu (any type, the plain reference
+//! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores, a decode
+//! and a prefill tile shape). Reference: `reference::fused_forward`.
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, in_ptr, out_ptr};
 use crate::buffer::{BufMut, BufRef};
 use crate::device::Device;
@@ -7,19 +9,88 @@ use crate::element::DType;
 use crate::error::Result;
 use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::FusedForwardParams;
-use crate::shape::{Dims, check_finite};
+use crate::shape::{Dims, check_finite, invalid};
 
 kernel!(SIMT_F32 = lk_fused_forward_simt_f32 in "fused_forward_simt": FusedForwardParams;);
 kernel!(SIMT_F16 = lk_fused_forward_simt_f16 in "fused_forward_simt": FusedForwardParams;);
 kernel!(SIMT_BF16 = lk_fused_forward_simt_bf16 in "fused_forward_simt": FusedForwardParams;);
+kernel!(DECODE_F16_ALIGNED = lk_fused_forward_decode_f16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_F16_ANY = lk_fused_forward_decode_f16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_BF16_ALIGNED = lk_fused_forward_decode_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_BF16_ANY = lk_fused_forward_decode_bf16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(PREFILL_F16_ALIGNED = lk_fused_forward_prefill_f16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(PREFILL_F16_ANY = lk_fused_forward_prefill_f16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(PREFILL_BF16_ALIGNED = lk_fused_forward_prefill_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(PREFILL_BF16_ANY = lk_fused_forward_prefill_bf16_any in "fused_forward_mma": FusedForwardParams;);
+
+/// Which kernel computes the fused forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Regime {
+    /// Plain SIMT, any storage type (the only one for f32).
+    Simt,
+    /// Tensor cores, 16-row tiles: small m, bandwidth-bound (streams w once per 16 rows).
+    Decode,
+    /// Tensor cores, 128 x 128 tiles: large m, compute-bound.
+    Prefill,
+}
+
+/// Largest m the dispatcher sends to the decode kernel.
+pub const DECODE_MAX_M: usize = 64;
+
+/// The regime [`fused_forward`] picks for a shape and type.
+pub fn regime_for(dtype: DType, m: usize) -> Regime {
+    match dtype {
+        DType::F16 | DType::BF16 if m <= DECODE_MAX_M => Regime::Decode,
+        DType::F16 | DType::BF16 => Regime::Prefill,
+        _ => Regime::Simt,
+    }
+}
+
+/// Tile shape of a tensor-core configuration (mirrors `Config` in
+/// fused_forward_mma.cu; the host runtime's shared-memory guard fails a launch
+/// if the two ever disagree on the shared memory size).
+struct MmaTiles {
+    bm: usize,
+    bn: usize,
+    bk: usize,
+    threads: u32,
+    stages: usize,
+}
+const DECODE: MmaTiles = MmaTiles {
+    bm: 16,
+    bn: 32,
+    bk: 64,
+    threads: 64,
+    stages: 6,
+};
+const PREFILL: MmaTiles = MmaTiles {
+    bm: 128,
+    bn: 128,
+    bk: 32,
+    threads: 256,
+    stages: 4,
+};
+/// Rank handled per pass over k (`RC` in the kernel).
+const RANK_CHUNK: usize = 64;
+
+impl MmaTiles {
+    /// Dynamic shared memory of a launch at rank `r` (`smem_elems` in the kernel).
+    fn smem_bytes(&self, r: usize) -> u32 {
+        let rpmax = r.div_ceil(16).min(RANK_CHUNK / 16) * 16;
+        let pipeline = self.stages * (self.bm + self.bn + rpmax) * (self.bk + 8);
+        let expand = (2 * self.bm + self.bn) * (RANK_CHUNK + 8);
+        (pipeline.max(expand) * 2) as u32
+    }
+}
 
 /// Tile of `y` one block computes, and its thread count (fused_forward_simt.cu).
 const SIMT_BM: usize = 32;
 const SIMT_BN: usize = 64;
 const SIMT_THREADS: u32 = 256;
 
-/// The fused forward on `dev`. Today this is the SIMT kernel for every shape;
-/// the tensor-core decode/prefill kernels will be dispatched from here.
+/// The fused forward on `dev`, in the regime [`regime_for`] picks: tensor cores
+/// for f16/bf16 (decode tiles up to m = 64, prefill tiles above), SIMT for f32.
+/// With `beta == 0`, `y` is only written, never read.
 pub fn fused_forward<'a, T: KernelElement>(
     dev: &Device,
     dims: Dims,
@@ -29,12 +100,15 @@ pub fn fused_forward<'a, T: KernelElement>(
     beta: f32,
     y: impl Into<BufMut<'a, T>>,
 ) -> Result<()> {
-    fused_forward_simt(dev, dims, x, w, adapter, beta, y)
+    let regime = regime_for(T::DTYPE, dims.m);
+    fused_forward_in(regime, dev, dims, x, w, adapter, beta, y)
 }
 
-/// The plain SIMT kernel (any shape, f32 accumulation). With `beta == 0`, `y`
-/// is only written, never read.
-pub fn fused_forward_simt<'a, T: KernelElement>(
+/// The fused forward in a chosen regime (for tests and benchmarks). The
+/// tensor-core regimes take f16/bf16 only.
+#[allow(clippy::too_many_arguments)] // the op's operands plus the regime
+pub fn fused_forward_in<'a, T: KernelElement>(
+    regime: Regime,
     dev: &Device,
     dims: Dims,
     x: impl Into<BufRef<'a, T>>,
@@ -53,11 +127,13 @@ pub fn fused_forward_simt<'a, T: KernelElement>(
     if dims.m == 0 {
         return Ok(());
     }
-    let kernel: &Kernel<FusedForwardParams> = match T::DTYPE {
-        DType::F16 => &SIMT_F16,
-        DType::BF16 => &SIMT_BF16,
-        _ => &SIMT_F32,
-    };
+    if regime != Regime::Simt && !matches!(T::DTYPE, DType::F16 | DType::BF16) {
+        return Err(invalid(
+            "regime",
+            format!("{regime:?}"),
+            "tensor-core kernels take f16 or bf16 storage",
+        ));
+    }
     let (px, _gx) = in_ptr(dev, &x);
     let (pw, _gw) = in_ptr(dev, &w);
     let (pa, _ga) = in_ptr(dev, &adapter.a);
@@ -76,19 +152,66 @@ pub fn fused_forward_simt<'a, T: KernelElement>(
         scale: adapter.scale,
         beta,
     };
-    let launch = LaunchDims {
-        grid: [
-            dims.n.div_ceil(SIMT_BN) as u32,
-            dims.m.div_ceil(SIMT_BM) as u32,
-            1,
-        ],
-        block: [SIMT_THREADS, 1, 1],
-        dynamic_smem_bytes: 0,
-    };
+    // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
+    let aligned = dims.k % 8 == 0 && [px, pw, pa].iter().all(|p| p % 16 == 0);
+    let (kernel, launch) = select(regime, T::DTYPE, aligned, dims, adapter.rank);
     // SAFETY: every operand was checked above to live on `dev`'s backend with
     // exactly the element count the kernel indexes (x m*k, w n*k, a r*k, b n*r,
-    // y m*n); m, n, k, r fit i32 (Dims::validate, check_rank); the grid covers
-    // m x n with the kernel's 32 x 64 tile and 256-thread block; the pointer
-    // guards (_g*) live until after the launch is queued.
+    // y m*n); m, n, k, r fit i32 (Dims::validate, check_rank); `select` gives
+    // the grid covering m x n with the kernel's tile, its block size and its
+    // shared memory for this rank; the 16-byte path is taken only when k and
+    // the bases allow it; the pointer guards (_g*) live until after the launch
+    // is queued.
     unsafe { kernel.launch(dev, launch, &params) }
+}
+
+/// The kernel entry point and launch shape for a regime, type and alignment.
+fn select(
+    regime: Regime,
+    dtype: DType,
+    aligned: bool,
+    dims: Dims,
+    rank: usize,
+) -> (&'static Kernel<FusedForwardParams>, LaunchDims) {
+    let grid = |bm: usize, bn: usize| [dims.n.div_ceil(bn) as u32, dims.m.div_ceil(bm) as u32, 1];
+    let bf16 = dtype == DType::BF16;
+    let (kernel, tiles) = match regime {
+        Regime::Simt => {
+            let kernel = match dtype {
+                DType::F16 => &SIMT_F16,
+                DType::BF16 => &SIMT_BF16,
+                _ => &SIMT_F32,
+            };
+            let launch = LaunchDims {
+                grid: grid(SIMT_BM, SIMT_BN),
+                block: [SIMT_THREADS, 1, 1],
+                dynamic_smem_bytes: 0,
+            };
+            return (kernel, launch);
+        }
+        Regime::Decode => {
+            let kernel = match (bf16, aligned) {
+                (false, true) => &DECODE_F16_ALIGNED,
+                (false, false) => &DECODE_F16_ANY,
+                (true, true) => &DECODE_BF16_ALIGNED,
+                (true, false) => &DECODE_BF16_ANY,
+            };
+            (kernel, &DECODE)
+        }
+        Regime::Prefill => {
+            let kernel = match (bf16, aligned) {
+                (false, true) => &PREFILL_F16_ALIGNED,
+                (false, false) => &PREFILL_F16_ANY,
+                (true, true) => &PREFILL_BF16_ALIGNED,
+                (true, false) => &PREFILL_BF16_ANY,
+            };
+            (kernel, &PREFILL)
+        }
+    };
+    let launch = LaunchDims {
+        grid: grid(tiles.bm, tiles.bn),
+        block: [tiles.threads, 1, 1],
+        dynamic_smem_bytes: tiles.smem_bytes(rank),
+    };
+    (kernel, launch)
 }
