@@ -151,10 +151,10 @@ impl CudaDevice {
         dynamic_smem: u32,
     ) -> Result<CudaFunction> {
         let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((f, allowed)) = functions.get(name) {
-            if *allowed >= dynamic_smem {
-                return Ok(f.clone());
-            }
+        if let Some((f, allowed)) = functions.get(name)
+            && *allowed >= dynamic_smem
+        {
+            return Ok(f.clone());
         }
         let f = self.module(file)?.load_function(name)?;
         if dynamic_smem > 48 * 1024 {

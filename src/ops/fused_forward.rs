@@ -153,7 +153,7 @@ pub fn fused_forward_in<'a, T: KernelElement>(
         beta,
     };
     // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
-    let aligned = dims.k % 8 == 0 && [px, pw, pa].iter().all(|p| p % 16 == 0);
+    let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
     let (kernel, launch) = select(regime, T::DTYPE, aligned, dims, adapter.rank);
     // SAFETY: every operand was checked above to live on `dev`'s backend with
     // exactly the element count the kernel indexes (x m*k, w n*k, a r*k, b n*r,
