@@ -40,6 +40,11 @@ pub enum Error {
         "slot id {id} for token {token} is out of range: valid ids are -1 (no adapter) and 0..{slots}"
     )]
     SlotOutOfRange { token: usize, id: i32, slots: usize },
+    /// A token names a slot that holds no adapter.
+    #[error(
+        "slot {slot} for token {token} holds no adapter (load one, or use -1 for the base model only)"
+    )]
+    EmptySlot { token: usize, slot: i32 },
     /// A segment table (offsets into the token rows) is malformed.
     #[error("invalid segments: {0}")]
     Segments(String),

@@ -5,6 +5,7 @@
 //! - [`ops`]: the kernels behind a safe API, on a [`Device`] (GPU or host runtime);
 //! - [`reference`]: the CPU reference of every operation (f64 accumulation);
 //! - [`runtime_selftest`]: checks of the execution environment itself.
+pub mod adapter_pool;
 pub mod buffer;
 pub mod cublas_baseline;
 pub mod device;
@@ -18,6 +19,7 @@ pub mod runtime_selftest;
 pub mod shape;
 pub mod timing;
 
+pub use adapter_pool::{AdapterPool, PoolConfig};
 pub use buffer::{BufMut, BufRef, Buffer};
 pub use device::Device;
 pub use element::{DType, Element};

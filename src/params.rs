@@ -34,6 +34,18 @@ params_struct!(
 );
 
 params_struct!(
+    /// Multi-adapter forward; see `MultiAdapterParams` in lk_params.h.
+    MultiAdapterParams {
+        x: u64, w: u64, a_pool: u64, b_pool: u64, slot_rank: u64, slot_scale: u64,
+        token_slots: u64, seg_offsets: u64, seg_slots: u64,
+        t: u64, counters: u64, bad_ids: u64, y: u64,
+        m: i32, n: i32, k: i32, max_rank: i32, slots: i32, segments: i32,
+        shrink_blocks: i32,
+        beta: f32,
+    }
+);
+
+params_struct!(
     /// Runtime self-test kernels (kernels/runtime_selftest.cu).
     SelftestParams {
         input: u64, input2: u64, out: u64,

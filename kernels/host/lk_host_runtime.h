@@ -23,6 +23,9 @@ struct uint3 {
 struct dim3 {
     unsigned x, y, z;
 };
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
 
 // The current thread's coordinates; the scheduler sets them before it resumes
 // a fiber. Plain globals are safe: host launches are serialized (one at a time).
@@ -176,6 +179,8 @@ T atomicCAS(T* p, T cmp, T v) {
     if (old == cmp) *p = v;
     return old;
 }
+// Host launches run on one OS thread: memory is always coherent.
+inline void __threadfence() {}
 template <class T>
 T __ldg(const T* p) {
     return *p;

@@ -15,6 +15,24 @@ typedef struct FusedForwardParams {
     float beta; /* 0: y is written without being read */
 } FusedForwardParams;
 
+/* Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses
+ * adapter slot slot(i) of a pool, or none:
+ *   y[i,:] = x[i,:] w^T + scale[s] (x[i,:] a[s]^T) b[s]^T  (+ beta * y)
+ * slot(i) = token_slots[i] (segments == 0), or seg_slots[j] for the segment j
+ * with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are
+ * treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],
+ * b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks
+ * (0 = empty slot). t is a [m][max_rank] f32 workspace, counters two u32
+ * that are 0 before and after every launch. */
+typedef struct MultiAdapterParams {
+    uint64_t x, w, a_pool, b_pool, slot_rank, slot_scale;
+    uint64_t token_slots, seg_offsets, seg_slots;
+    uint64_t t, counters, bad_ids, y;
+    int32_t m, n, k, max_rank, slots, segments;
+    int32_t shrink_blocks; /* the first shrink_blocks blocks compute t */
+    float beta;
+} MultiAdapterParams;
+
 /* Runtime self-test kernels (kernels/runtime_selftest.cu). */
 typedef struct SelftestParams {
     uint64_t input, input2, out;

@@ -34,3 +34,32 @@
 
 #include "lk_params.h"
 #include "lk_types.cuh"
+
+namespace lk {
+
+// Waits until *counter >= target, where the counter is raised by blocks
+// EARLIER in the grid that never wait themselves (they are dispatched first,
+// so this cannot deadlock). Call from one thread, then __syncthreads(). On the
+// host runtime blocks run in order, so the counter must already be there: a
+// launch that would wait on a later block fails there instead of hanging.
+__device__ __forceinline__ void wait_counter_at_least(const unsigned* counter, unsigned target) {
+#ifdef LK_HOST
+    if (*counter < target)
+        ::lk_host::fail("wait on a grid counter at %u < %u: it depends on a later block", *counter, target);
+#else
+    while (*reinterpret_cast<const volatile unsigned*>(counter) < target) __nanosleep(64);
+    __threadfence();
+#endif
+}
+
+// A load that bypasses L1: for data another block wrote during this launch.
+template <class T>
+__device__ __forceinline__ T load_cg(const T* p) {
+#ifdef LK_HOST
+    return *p;
+#else
+    return __ldcg(p);
+#endif
+}
+
+}  // namespace lk

@@ -11,6 +11,8 @@ use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::FusedForwardParams;
 use crate::shape::{Dims, check_finite, invalid};
 
+use super::tiles::{DECODE, PREFILL};
+
 kernel!(SIMT_F32 = lk_fused_forward_simt_f32 in "fused_forward_simt": FusedForwardParams;);
 kernel!(SIMT_F16 = lk_fused_forward_simt_f16 in "fused_forward_simt": FusedForwardParams;);
 kernel!(SIMT_BF16 = lk_fused_forward_simt_bf16 in "fused_forward_simt": FusedForwardParams;);
@@ -43,43 +45,6 @@ pub fn regime_for(dtype: DType, m: usize) -> Regime {
         DType::F16 | DType::BF16 if m <= DECODE_MAX_M => Regime::Decode,
         DType::F16 | DType::BF16 => Regime::Prefill,
         _ => Regime::Simt,
-    }
-}
-
-/// Tile shape of a tensor-core configuration (mirrors `Config` in
-/// fused_forward_mma.cu; the host runtime's shared-memory guard fails a launch
-/// if the two ever disagree on the shared memory size).
-struct MmaTiles {
-    bm: usize,
-    bn: usize,
-    bk: usize,
-    threads: u32,
-    stages: usize,
-}
-const DECODE: MmaTiles = MmaTiles {
-    bm: 16,
-    bn: 32,
-    bk: 64,
-    threads: 64,
-    stages: 6,
-};
-const PREFILL: MmaTiles = MmaTiles {
-    bm: 128,
-    bn: 128,
-    bk: 32,
-    threads: 256,
-    stages: 4,
-};
-/// Rank handled per pass over k (`RC` in the kernel).
-const RANK_CHUNK: usize = 64;
-
-impl MmaTiles {
-    /// Dynamic shared memory of a launch at rank `r` (`smem_elems` in the kernel).
-    fn smem_bytes(&self, r: usize) -> u32 {
-        let rpmax = r.div_ceil(16).min(RANK_CHUNK / 16) * 16;
-        let pipeline = self.stages * (self.bm + self.bn + rpmax) * (self.bk + 8);
-        let expand = (2 * self.bm + self.bn) * (RANK_CHUNK + 8);
-        (pipeline.max(expand) * 2) as u32
     }
 }
 
@@ -211,7 +176,7 @@ fn select(
     let launch = LaunchDims {
         grid: grid(tiles.bm, tiles.bn),
         block: [tiles.threads, 1, 1],
-        dynamic_smem_bytes: tiles.smem_bytes(rank),
+        dynamic_smem_bytes: tiles.smem_bytes(tiles.shrink_rows(rank)),
     };
     (kernel, launch)
 }

@@ -1,6 +1,8 @@
 //! The public operations on device (or host-runtime) buffers. Each op
 //! validates every operand (shape, backend) before its one `unsafe` launch.
 pub mod fused_forward;
+pub mod multi_adapter_forward;
+mod tiles;
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
 

@@ -6,13 +6,15 @@ mod adamw;
 mod backward;
 mod fused_forward;
 mod merge;
-mod multi_adapter;
+mod multi_adapter_forward;
 
 pub use adamw::{AdamW, AdamWState, adamw_step};
 pub use backward::{BackwardInputs, Gradients, backward};
 pub use fused_forward::{fused_forward, lora_intermediate};
 pub use merge::{MergeOp, merge};
-pub use multi_adapter::{multi_adapter_forward, multi_adapter_forward_segments, segment_ids};
+pub use multi_adapter_forward::{
+    multi_adapter_forward, multi_adapter_forward_segments, segment_ids,
+};
 
 use crate::element::Element;
 use crate::error::Result;

@@ -1,0 +1,171 @@
+// Multi-adapter forward: one launch for a batch in which every token has its
+// own adapter (slot of a device pool, mixed ranks) or none, fused with the
+// base product (MultiAdapterParams in lk_params.h):
+//
+//   y[i,:] = x[i,:] w^T + scale[s_i] (x[i,:] a[s_i]^T) b[s_i]^T  (+ beta * y)
+//
+// The grid has two kinds of block, and the launch shape depends only on m, n,
+// k and the pool's shape, never on the ids (CUDA-graph capture stays valid):
+// - the first `shrink_blocks` blocks compute t[i, :rank] = x[i,:] a[s_i]^T (f32,
+//   a warp per rank row, so a token costs its own adapter's rank), then raise
+//   counters[0];
+// - the other blocks each own a BM x BN tile of y: they run the base product
+//   on tensor cores (lk_tile_gemm.cuh), then wait for counters[0] (by then
+//   long reached: the shrink is a small fraction of the work) and expand, once
+//   per distinct adapter among their rows, so tokens of the same adapter share
+//   each load of its b tile. The last of them resets the counters to 0.
+// An id outside -1..slots-1 never reads outside the pool: it is treated as -1
+// and counted in *bad_ids (by the shrink blocks, once per token).
+#include "lk_tile_gemm.cuh"
+
+namespace {
+
+// The raw slot id of token i (per-token ids, or a binary search of the segments).
+__device__ __forceinline__ int raw_slot(const MultiAdapterParams& p, int i) {
+    if (p.segments == 0) return reinterpret_cast<const int*>(p.token_slots)[i];
+    const int* off = reinterpret_cast<const int*>(p.seg_offsets);
+    int lo = 0, hi = p.segments - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (off[mid] <= i) lo = mid; else hi = mid - 1;
+    }
+    return reinterpret_cast<const int*>(p.seg_slots)[lo];
+}
+
+__device__ __forceinline__ bool out_of_range(const MultiAdapterParams& p, int id) { return id < -1 || id >= p.slots; }
+
+// The slot token i uses, or -1 (no adapter, an empty slot, or a bad id).
+__device__ __forceinline__ int token_slot(const MultiAdapterParams& p, int i) {
+    int id = raw_slot(p, i);
+    if (id < 0 || id >= p.slots) return -1;
+    return reinterpret_cast<const int*>(p.slot_rank)[id] > 0 ? id : -1;
+}
+
+template <class T, class C, bool ALIGNED>
+__device__ void shrink_block(const MultiAdapterParams& p) {
+    const T* x = reinterpret_cast<const T*>(p.x);
+    const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
+    float* t = reinterpret_cast<float*>(p.t);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    constexpr int WARPS = C::THREADS / 32;
+    for (int i = blockIdx.x; i < p.m; i += p.shrink_blocks) {
+        if (threadIdx.x == 0 && out_of_range(p, raw_slot(p, i))) atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), 1u);
+        int s = token_slot(p, i);
+        if (s < 0) continue;
+        int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+        const T* xi = x + (size_t)i * p.k;
+        for (int j = warp; j < rank; j += WARPS) {
+            const T* aj = a_pool + ((size_t)s * p.max_rank + j) * p.k;
+            float acc = 0.f;
+            if (ALIGNED) {  // 8 elements (16 bytes) per lane per step
+                // A union, not a pointer cast, to view the 16 bytes as elements
+                // (a cast breaks strict aliasing: g++ -O2 miscompiles it).
+                union Chunk {
+                    uint4 v;
+                    T e[8];
+                };
+                for (int c = lane * 8; c < p.k; c += 32 * 8) {
+                    Chunk xv, av;
+                    xv.v = *reinterpret_cast<const uint4*>(xi + c);
+                    av.v = *reinterpret_cast<const uint4*>(aj + c);
+                    for (int e = 0; e < 8; ++e) acc += lk::to_f32(xv.e[e]) * lk::to_f32(av.e[e]);
+                }
+            } else {
+                for (int c = lane; c < p.k; c += 32) acc += lk::to_f32(xi[c]) * lk::to_f32(aj[c]);
+            }
+            for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, off);
+            if (lane == 0) t[(size_t)i * p.max_rank + j] = acc;
+        }
+    }
+    __syncthreads();  // every t of this block is written
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(reinterpret_cast<unsigned*>(p.counters), 1u);
+    }
+}
+
+template <class T, class C, bool ALIGNED>
+__device__ void base_block(const MultiAdapterParams& p) {
+    const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
+    const float* t = reinterpret_cast<const float*>(p.t);
+    unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
+    LK_DYNAMIC_SHARED(T, smem);
+    LK_SHARED(int, row_slot, [C::BM]);
+    LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
+
+    const int tiles_n = (p.n + C::BN - 1) / C::BN;
+    const int tile = blockIdx.x - p.shrink_blocks;
+    const int row0 = (tile / tiles_n) * C::BM, col0 = (tile % tiles_n) * C::BN;
+
+    lk::Accumulators<C> r;
+    lk::zero<C>(r.acc);
+    lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
+                                p.m, p.n, p.k, 0, 0, row0, col0, r);
+
+    if (threadIdx.x == 0) {
+        lk::wait_counter_at_least(counters, (unsigned)p.shrink_blocks);
+        // The last tile block to get here resets the counters for the next launch.
+        unsigned tiles = gridDim.x - p.shrink_blocks;
+        if (atomicAdd(counters + 1, 1u) == tiles - 1) {
+            atomicExch(counters, 0u);
+            atomicExch(counters + 1, 0u);
+        }
+    }
+    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int count = 0;
+        for (int i = 0; i < C::BM; ++i) {
+            int s = row_slot[i];
+            bool seen = s < 0;
+            for (int d = 1; d <= count && !seen; ++d) seen = distinct[d] == s;
+            if (!seen) distinct[++count] = s;
+        }
+        distinct[0] = count;
+    }
+    __syncthreads();
+
+    lk::ExpandTiles<T, C> e(smem);
+    for (int d = 1; d <= distinct[0]; ++d) {
+        const int s = distinct[d];
+        const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+        const float scale = reinterpret_cast<const float*>(p.slot_scale)[s];
+        for (int r0 = 0; r0 < rank; r0 += lk::RC) {
+            const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
+            const int rp = (rc + 15) / 16 * 16;
+            for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
+                int row = i / rp, col = i % rp;
+                float v = 0.f;  // rows of other adapters and padding ranks are exact zeros
+                if (row_slot[row] == s && col < rc) v = scale * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + r0 + col);
+                lk::store_split<T, C>(e, row, col, v);
+            }
+            for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
+                int row = i / rp, col = i % rp, gn = col0 + row;
+                e.bs[row * C::LDT + col] = (gn < p.n && col < rc)
+                    ? b_pool[((size_t)s * p.n + gn) * p.max_rank + r0 + col] : lk::from_f32<T>(0.f);
+            }
+            __syncthreads();
+            lk::expand<T, C>(e, rp, r);
+            __syncthreads();  // before the next adapter overwrites the expand tiles
+        }
+    }
+    lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
+}
+
+template <class T, class C, bool ALIGNED>
+__device__ void multi_adapter_forward(const MultiAdapterParams& p) {
+    if ((int)blockIdx.x < p.shrink_blocks) shrink_block<T, C, ALIGNED>(p);
+    else base_block<T, C, ALIGNED>(p);
+}
+
+}  // namespace
+
+// Entry points as in fused_forward_mma.cu: <regime>_<type>_<aligned|any>.
+#define LK_MULTI(regime, Cfg, tname, T)                                                                         \
+    LK_KERNEL(lk_multi_adapter_##regime##_##tname##_aligned, MultiAdapterParams,                               \
+              (multi_adapter_forward<T, Cfg, true>))                                                            \
+    LK_KERNEL(lk_multi_adapter_##regime##_##tname##_any, MultiAdapterParams, (multi_adapter_forward<T, Cfg, false>))
+LK_MULTI(decode, lk::DecodeTiles, f16, __half)
+LK_MULTI(decode, lk::DecodeTiles, bf16, __nv_bfloat16)
+LK_MULTI(prefill, lk::PrefillTiles, f16, __half)
+LK_MULTI(prefill, lk::PrefillTiles, bf16, __nv_bfloat16)

@@ -1,0 +1,232 @@
+//! A device pool of adapter slots for multi-adapter serving (DESIGN.md
+//! section 2): a fixed number of slots allocated once at a maximum rank, each
+//! slot holding one adapter of its own rank (1..=max_rank) and scale, loaded,
+//! replaced and evicted without reallocating. Every change is a copy queued on
+//! the device's stream, so a batch launched before a change is served the old
+//! adapter and one launched after it the new one, never a half-written mix.
+//!
+//! Layout: `a` is `[slots][max_rank][k]`, `b` is `[slots][n][max_rank]`; slot
+//! `s` uses its first `rank[s]` ranks. `rank[s] == 0` marks an empty slot.
+use std::sync::{Mutex, MutexGuard};
+
+use cudarc::driver::{CudaSlice, DeviceRepr};
+
+use crate::buffer::Buffer;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::KernelElement;
+use crate::shape::{Dims, check_finite, check_matrix, check_rank, invalid};
+
+/// The shape of a pool: how many slots, their maximum rank, and the layer
+/// (`w` is `[n, k]`) the adapters belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub slots: usize,
+    pub max_rank: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Scratch the multi-adapter kernel uses: the f32 intermediate `t`
+/// (`[tokens][max_rank]`, grown on demand), two launch counters (0 between
+/// launches) and the count of out-of-range ids seen on the device.
+pub(crate) struct Scratch {
+    pub t: Buffer<f32>,
+    pub counters: Buffer<u32>,
+    pub bad_ids: Buffer<u32>,
+}
+
+pub struct AdapterPool<T> {
+    dev: Device,
+    cfg: PoolConfig,
+    pub(crate) a: Buffer<T>,
+    pub(crate) b: Buffer<T>,
+    pub(crate) ranks: Buffer<i32>,
+    pub(crate) scales: Buffer<f32>,
+    host_ranks: Vec<usize>,
+    scratch: Mutex<Scratch>,
+}
+
+impl<T: KernelElement> AdapterPool<T> {
+    /// Allocates every slot (zeros) on `dev`; all slots start empty.
+    pub fn new(dev: &Device, cfg: PoolConfig) -> Result<Self> {
+        if cfg.slots == 0 || cfg.slots > i32::MAX as usize {
+            return Err(invalid("slots", cfg.slots, "must be in 1..=i32::MAX"));
+        }
+        check_rank("max_rank", cfg.max_rank)?;
+        Dims::new(0, cfg.n, cfg.k).validate()?;
+        let per_slot = cfg.max_rank * (cfg.n + cfg.k);
+        if per_slot.checked_mul(cfg.slots).is_none() {
+            return Err(invalid("slots", cfg.slots, "pool size overflows usize"));
+        }
+        Ok(AdapterPool {
+            dev: dev.clone(),
+            a: dev.zeros(cfg.slots * cfg.max_rank * cfg.k)?,
+            b: dev.zeros(cfg.slots * cfg.n * cfg.max_rank)?,
+            ranks: dev.zeros(cfg.slots)?,
+            scales: dev.zeros(cfg.slots)?,
+            host_ranks: vec![0; cfg.slots],
+            scratch: Mutex::new(Scratch {
+                t: dev.zeros(0)?,
+                counters: dev.zeros(2)?,
+                bad_ids: dev.zeros(1)?,
+            }),
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// Puts an adapter (`a` `[rank, k]`, `b` `[n, rank]`) into `slot`, replacing
+    /// whatever was there, in stream order.
+    pub fn load(&mut self, slot: usize, a: &[T], b: &[T], rank: usize, scale: f32) -> Result<()> {
+        self.check_slot(slot)?;
+        check_rank("rank", rank)?;
+        if rank > self.cfg.max_rank {
+            return Err(invalid(
+                "rank",
+                rank,
+                format!("the pool's max_rank is {}", self.cfg.max_rank),
+            ));
+        }
+        check_finite("scale", scale)?;
+        let PoolConfig { max_rank, n, k, .. } = self.cfg;
+        check_matrix("a", rank, k, a.len())?;
+        check_matrix("b", n, rank, b.len())?;
+        // b's rows are max_rank long in the pool: pad each row with zeros.
+        let mut b_rows = vec![T::default(); n * max_rank];
+        for (dst, src) in b_rows.chunks_mut(max_rank).zip(b.chunks(rank)) {
+            dst[..rank].copy_from_slice(src);
+        }
+        let a_at = slot * max_rank * k;
+        let b_at = slot * n * max_rank;
+        write(&self.dev, &mut self.a, a_at, a)?;
+        write(&self.dev, &mut self.b, b_at, &b_rows)?;
+        write(&self.dev, &mut self.scales, slot, &[scale])?;
+        write(&self.dev, &mut self.ranks, slot, &[rank as i32])?;
+        self.host_ranks[slot] = rank;
+        Ok(())
+    }
+
+    /// Empties `slot` (in stream order); tokens that still name it get the
+    /// base model only.
+    pub fn evict(&mut self, slot: usize) -> Result<()> {
+        self.check_slot(slot)?;
+        write(&self.dev, &mut self.ranks, slot, &[0])?;
+        self.host_ranks[slot] = 0;
+        Ok(())
+    }
+
+    /// The rank of the adapter in `slot`, or None when it is empty.
+    pub fn rank(&self, slot: usize) -> Option<usize> {
+        self.host_ranks.get(slot).copied().filter(|&r| r > 0)
+    }
+
+    pub fn slots_free(&self) -> usize {
+        self.host_ranks.iter().filter(|&&r| r == 0).count()
+    }
+
+    /// Device bytes the pool holds (all slots at max rank, plus metadata).
+    pub fn bytes_allocated(&self) -> usize {
+        let PoolConfig {
+            slots,
+            max_rank,
+            n,
+            k,
+        } = self.cfg;
+        slots * (max_rank * (n + k) * std::mem::size_of::<T>() + 8)
+    }
+
+    /// Bytes of adapter weights in use: each occupied slot's `rank * (n + k)` elements.
+    pub fn bytes_used(&self) -> usize {
+        self.host_ranks
+            .iter()
+            .map(|&r| r * (self.cfg.n + self.cfg.k) * std::mem::size_of::<T>())
+            .sum()
+    }
+
+    /// Checks ids given from the host: each is -1 or an occupied slot.
+    pub fn check_ids(&self, ids: &[i32]) -> Result<()> {
+        for (token, &id) in ids.iter().enumerate() {
+            if id == -1 {
+                continue;
+            }
+            if id < -1 || id as usize >= self.cfg.slots {
+                return Err(Error::SlotOutOfRange {
+                    token,
+                    id,
+                    slots: self.cfg.slots,
+                });
+            }
+            if self.host_ranks[id as usize] == 0 {
+                return Err(Error::EmptySlot { token, slot: id });
+            }
+        }
+        Ok(())
+    }
+
+    /// How many out-of-range slot ids launches have met on the device since
+    /// the pool was made or the count was reset (each was served as -1).
+    pub fn bad_id_count(&self) -> Result<u32> {
+        let scratch = self.scratch();
+        Ok(self.dev.download(&scratch.bad_ids)?[0])
+    }
+
+    pub fn reset_bad_id_count(&self) -> Result<()> {
+        let mut scratch = self.scratch();
+        write(&self.dev, &mut scratch.bad_ids, 0, &[0])
+    }
+
+    /// Makes room for batches of up to `tokens` tokens now, so that later
+    /// launches (and CUDA-graph capture) allocate nothing.
+    pub fn reserve_tokens(&self, tokens: usize) -> Result<()> {
+        let mut scratch = self.scratch();
+        let need = tokens * self.cfg.max_rank;
+        if scratch.t.len() < need {
+            scratch.t = self.dev.zeros(need)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn scratch(&self) -> MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_slot(&self, slot: usize) -> Result<()> {
+        if slot >= self.cfg.slots {
+            return Err(invalid(
+                "slot",
+                slot,
+                format!("the pool has {} slots", self.cfg.slots),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Copies `src` into `buf[at..at + src.len()]`, queued on the device's stream.
+fn write<T: DeviceRepr + Copy>(
+    dev: &Device,
+    buf: &mut Buffer<T>,
+    at: usize,
+    src: &[T],
+) -> Result<()> {
+    match buf {
+        Buffer::Host(v) => v[at..at + src.len()].copy_from_slice(src),
+        Buffer::Cuda(s) => {
+            let stream = dev
+                .cuda_stream()
+                .expect("a CUDA buffer belongs to a CUDA device");
+            let s: &mut CudaSlice<T> = s;
+            let mut view = s.slice_mut(at..at + src.len());
+            stream.memcpy_htod(src, &mut view)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! Multi-adapter forward: every token of a batch uses its own adapter from an
+//! [`AdapterPool`] (or none), fused with the base product in one launch.
+//! Kernel: kernels/multi_adapter_forward.cu. Reference:
+//! `reference::multi_adapter_forward` (and `_segments`).
+//!
+//! Slot ids live on the device, so the launch never depends on their values
+//! (CUDA-graph capture stays valid). Ids given from the host should be checked
+//! with [`AdapterPool::check_ids`] (clear errors). Ids already on the device
+//! are not read by the host: an id outside `-1..slots` is served as `-1` (base
+//! model only), never read outside the pool, and counted in
+//! [`AdapterPool::bad_id_count`]. A token naming an empty slot gets the base
+//! model only. Segment offsets on the device are trusted for routing (a
+//! malformed table routes tokens wrongly but reads nothing out of bounds).
+use super::fused_forward::{Regime, regime_for};
+use super::tiles::{DECODE, PREFILL};
+use super::{KernelElement, check_operand, check_output, in_ptr, out_ptr};
+use crate::adapter_pool::AdapterPool;
+use crate::buffer::{BufMut, BufRef};
+use crate::element::DType;
+use crate::error::{Error, Result};
+use crate::launch::{Kernel, LaunchDims, kernel};
+use crate::params::MultiAdapterParams;
+use crate::shape::{Dims, check_finite, invalid};
+
+kernel!(DECODE_F16_ALIGNED = lk_multi_adapter_decode_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_F16_ANY = lk_multi_adapter_decode_f16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_BF16_ALIGNED = lk_multi_adapter_decode_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_BF16_ANY = lk_multi_adapter_decode_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(PREFILL_F16_ALIGNED = lk_multi_adapter_prefill_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(PREFILL_F16_ANY = lk_multi_adapter_prefill_f16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(PREFILL_BF16_ALIGNED = lk_multi_adapter_prefill_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(PREFILL_BF16_ANY = lk_multi_adapter_prefill_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
+
+/// At most this many blocks compute the shrink (each then takes several tokens).
+const MAX_SHRINK_BLOCKS: usize = 2048;
+
+/// Which adapter each token uses.
+pub enum Routing<'a> {
+    /// One slot id per token (`m` of them, `i32` on the device), `-1` = base only.
+    Tokens(BufRef<'a, i32>),
+    /// Sorted segments, for prefill: tokens `offsets[j]..offsets[j + 1]` use
+    /// `slots[j]`; `offsets` has `slots.len() + 1` entries, from 0 to m.
+    Segments {
+        offsets: BufRef<'a, i32>,
+        slots: BufRef<'a, i32>,
+    },
+}
+
+/// `y = x w^T + s_i (x_i a_i^T) b_i^T (+ beta y)` for a batch of `m` tokens
+/// (`x` `[m, k]`, `w` `[n, k]` with the pool's n and k, `y` `[m, n]`), in the
+/// regime `fused_forward` would pick for m. f16/bf16 pools only.
+pub fn multi_adapter_forward<'a, T: KernelElement>(
+    pool: &AdapterPool<T>,
+    m: usize,
+    x: impl Into<BufRef<'a, T>>,
+    w: impl Into<BufRef<'a, T>>,
+    routing: &Routing<'_>,
+    beta: f32,
+    y: impl Into<BufMut<'a, T>>,
+) -> Result<()> {
+    multi_adapter_forward_in(regime_for(T::DTYPE, m), pool, m, x, w, routing, beta, y)
+}
+
+/// The same in a chosen tensor-core regime (`Decode` or `Prefill`).
+#[allow(clippy::too_many_arguments)] // the op's operands plus the regime
+pub fn multi_adapter_forward_in<'a, T: KernelElement>(
+    regime: Regime,
+    pool: &AdapterPool<T>,
+    m: usize,
+    x: impl Into<BufRef<'a, T>>,
+    w: impl Into<BufRef<'a, T>>,
+    routing: &Routing<'_>,
+    beta: f32,
+    y: impl Into<BufMut<'a, T>>,
+) -> Result<()> {
+    let (x, w, mut y) = (x.into(), w.into(), y.into());
+    let dev = pool.device();
+    let cfg = pool.config();
+    let dims = Dims::new(m, cfg.n, cfg.k);
+    dims.validate()?;
+    if !matches!(T::DTYPE, DType::F16 | DType::BF16) {
+        return Err(invalid(
+            "dtype",
+            format!("{:?}", T::DTYPE),
+            "multi-adapter serving takes f16 or bf16",
+        ));
+    }
+    let tiles = match regime {
+        Regime::Decode => &DECODE,
+        Regime::Prefill => &PREFILL,
+        Regime::Simt => {
+            return Err(invalid(
+                "regime",
+                "Simt",
+                "multi-adapter serving runs on tensor cores",
+            ));
+        }
+    };
+    check_operand(dev, "x", &x, m, cfg.k)?;
+    check_operand(dev, "w", &w, cfg.n, cfg.k)?;
+    check_finite("beta", beta)?;
+    check_output(dev, "y", &y, m, cfg.n)?;
+    let segments = match routing {
+        Routing::Tokens(ids) => {
+            check_operand(dev, "slot_ids", ids, m, 1)?;
+            0
+        }
+        Routing::Segments { offsets, slots } => {
+            if slots.is_empty() || slots.len() > i32::MAX as usize - 1 {
+                return Err(Error::Segments(format!(
+                    "need 1..i32::MAX segments, got {}",
+                    slots.len()
+                )));
+            }
+            check_operand(dev, "segment slots", slots, slots.len(), 1)?;
+            check_operand(dev, "segment offsets", offsets, slots.len() + 1, 1)?;
+            slots.len()
+        }
+    };
+    if m == 0 {
+        return Ok(());
+    }
+    pool.reserve_tokens(m)?;
+    let mut scratch = pool.scratch();
+    let aligned;
+    let launched = {
+        let (px, _gx) = in_ptr(dev, &x);
+        let (pw, _gw) = in_ptr(dev, &w);
+        let a_pool = BufRef::from(&pool.a);
+        let b_pool = BufRef::from(&pool.b);
+        let ranks = BufRef::from(&pool.ranks);
+        let scales = BufRef::from(&pool.scales);
+        let (pa, _ga) = in_ptr(dev, &a_pool);
+        let (pb, _gb) = in_ptr(dev, &b_pool);
+        let (pr, _gr) = in_ptr(dev, &ranks);
+        let (ps, _gs) = in_ptr(dev, &scales);
+        let (ids, offsets, seg_slots) = match routing {
+            Routing::Tokens(ids) => (Some(ids), None, None),
+            Routing::Segments { offsets, slots } => (None, Some(offsets), Some(slots)),
+        };
+        let (pids, _gi) = ids.map_or((0, None), |b| in_ptr(dev, b));
+        let (poff, _go) = offsets.map_or((0, None), |b| in_ptr(dev, b));
+        let (pseg, _gq) = seg_slots.map_or((0, None), |b| in_ptr(dev, b));
+        let scratch = &mut *scratch;
+        let (mut t, mut counters, mut bad) = (
+            BufMut::from(&mut scratch.t),
+            BufMut::from(&mut scratch.counters),
+            BufMut::from(&mut scratch.bad_ids),
+        );
+        let (pt, _gt) = out_ptr(dev, &mut t);
+        let (pc, _gc) = out_ptr(dev, &mut counters);
+        let (pbad, _gbad) = out_ptr(dev, &mut bad);
+        let (py, _gy) = out_ptr(dev, &mut y);
+        aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
+        let shrink_blocks = m.min(MAX_SHRINK_BLOCKS);
+        let tile_blocks = m.div_ceil(tiles.bm) * cfg.n.div_ceil(tiles.bn);
+        let params = MultiAdapterParams {
+            x: px,
+            w: pw,
+            a_pool: pa,
+            b_pool: pb,
+            slot_rank: pr,
+            slot_scale: ps,
+            token_slots: pids,
+            seg_offsets: poff,
+            seg_slots: pseg,
+            t: pt,
+            counters: pc,
+            bad_ids: pbad,
+            y: py,
+            m: m as i32,
+            n: cfg.n as i32,
+            k: cfg.k as i32,
+            max_rank: cfg.max_rank as i32,
+            slots: cfg.slots as i32,
+            segments: segments as i32,
+            shrink_blocks: shrink_blocks as i32,
+            beta,
+        };
+        let launch = LaunchDims {
+            grid: [(shrink_blocks + tile_blocks) as u32, 1, 1],
+            block: [tiles.threads, 1, 1],
+            dynamic_smem_bytes: tiles.smem_bytes(0),
+        };
+        let kernel = select(regime, T::DTYPE == DType::BF16, aligned);
+        // SAFETY: x, w, y and the routing buffers were checked above to live on
+        // the pool's device with the element counts the kernel indexes (x m*k,
+        // w n*k, y m*n, ids m or segments + 1 offsets and segments slots); the
+        // pool's buffers have the sizes its config implies (AdapterPool::new),
+        // slot ids read on the device are range-checked there before any pool
+        // access; t holds m * max_rank f32 (reserve_tokens above) and the
+        // counters are 0 between launches (zeroed at creation, reset by each
+        // launch); the grid is shrink_blocks + the tiles covering m x n, with
+        // the tiles' block size and shared memory; 16-byte loads only when k
+        // and the bases allow; the pointer guards live until after the launch.
+        unsafe { kernel.launch(dev, launch, &params) }
+    };
+    drop(scratch);
+    launched
+}
+
+fn select(regime: Regime, bf16: bool, aligned: bool) -> &'static Kernel<MultiAdapterParams> {
+    match (regime, bf16, aligned) {
+        (Regime::Decode, false, true) => &DECODE_F16_ALIGNED,
+        (Regime::Decode, false, false) => &DECODE_F16_ANY,
+        (Regime::Decode, true, true) => &DECODE_BF16_ALIGNED,
+        (Regime::Decode, true, false) => &DECODE_BF16_ANY,
+        (_, false, true) => &PREFILL_F16_ALIGNED,
+        (_, false, false) => &PREFILL_F16_ANY,
+        (_, true, true) => &PREFILL_BF16_ALIGNED,
+        (_, true, false) => &PREFILL_BF16_ANY,
+    }
+}
+
+/// Checks a segment table given from the host (see [`Routing::Segments`])
+/// against the pool: well formed, covering `m` tokens, every slot -1 or occupied.
+pub fn check_segments<T: KernelElement>(
+    pool: &AdapterPool<T>,
+    m: usize,
+    offsets: &[i32],
+    slots: &[i32],
+) -> Result<()> {
+    let ids = crate::reference::segment_ids(m, offsets, slots)?;
+    pool.check_ids(&ids)
+}

@@ -1,0 +1,44 @@
+//! Tile shapes of the tensor-core kernels, mirroring `TileConfig` in
+//! kernels/include/lk_tile_gemm.cuh. If the two ever disagree on the shared
+//! memory a launch needs, the host runtime's guard after dynamic shared
+//! memory fails the launch (tests run every kernel through it).
+pub(crate) struct MmaTiles {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+    pub threads: u32,
+    pub stages: usize,
+}
+
+pub(crate) const DECODE: MmaTiles = MmaTiles {
+    bm: 16,
+    bn: 32,
+    bk: 64,
+    threads: 64,
+    stages: 6,
+};
+pub(crate) const PREFILL: MmaTiles = MmaTiles {
+    bm: 128,
+    bn: 128,
+    bk: 32,
+    threads: 256,
+    stages: 4,
+};
+
+/// Rank handled per pass (`RC` in the kernels).
+pub(crate) const RANK_CHUNK: usize = 64;
+
+impl MmaTiles {
+    /// Rows of `a` a pipeline stage carries when the shrink rides along with
+    /// the base product at rank `r`: min(64, r rounded up to 16).
+    pub fn shrink_rows(&self, r: usize) -> usize {
+        r.div_ceil(16).min(RANK_CHUNK / 16) * 16
+    }
+
+    /// Dynamic shared memory of a launch (`smem_elems` in the kernels).
+    pub fn smem_bytes(&self, shrink_rows: usize) -> u32 {
+        let pipeline = self.stages * (self.bm + self.bn + shrink_rows) * (self.bk + 8);
+        let expand = (2 * self.bm + self.bn) * (RANK_CHUNK + 8);
+        (pipeline.max(expand) * 2) as u32
+    }
+}

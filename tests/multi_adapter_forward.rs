@@ -1,0 +1,552 @@
+//! The multi-adapter forward against the CPU reference, on the host runtime
+//! (always) and the GPU (when there is one): random ids with repeats and -1s,
+//! mixed ranks, empty slots, both regimes, the segment form, hot-swap, bad ids
+//! on the device, and the pool's own bookkeeping.
+mod common;
+
+use common::*;
+use half::{bf16, f16};
+use lora_kernels::ops::fused_forward::Regime;
+use lora_kernels::ops::multi_adapter_forward::{
+    Routing, check_segments, multi_adapter_forward, multi_adapter_forward_in,
+};
+use lora_kernels::{
+    Adapter, AdapterPool, Device, Dims, Error, KernelElement, PoolConfig, reference,
+};
+
+/// One slot's adapter on the host: a, b, rank, scale.
+type SlotWeights<T> = (Vec<T>, Vec<T>, usize, f32);
+
+/// The host-side truth of a pool: `w`, and each slot's adapter (None = empty).
+struct Fixture<T> {
+    cfg: PoolConfig,
+    w: Vec<T>,
+    slots: Vec<Option<SlotWeights<T>>>,
+}
+
+impl<T: KernelElement> Fixture<T> {
+    /// `ranks[s] == 0` leaves slot s empty.
+    fn new(n: usize, k: usize, max_rank: usize, ranks: &[usize], seed: u64) -> Self {
+        let mut g = rng(seed);
+        let cfg = PoolConfig {
+            slots: ranks.len(),
+            max_rank,
+            n,
+            k,
+        };
+        let slots = ranks
+            .iter()
+            .enumerate()
+            .map(|(s, &r)| {
+                (r > 0).then(|| {
+                    (
+                        random(&mut g, r * k),
+                        random(&mut g, n * r),
+                        r,
+                        0.25 + s as f32 * 0.5,
+                    )
+                })
+            })
+            .collect();
+        Fixture {
+            cfg,
+            w: random(&mut g, n * k),
+            slots,
+        }
+    }
+
+    fn pool(&self, dev: &Device) -> AdapterPool<T> {
+        let mut pool = AdapterPool::new(dev, self.cfg).unwrap();
+        for (s, adapter) in self.slots.iter().enumerate() {
+            if let Some((a, b, r, scale)) = adapter {
+                pool.load(s, a, b, *r, *scale).unwrap();
+            }
+        }
+        pool
+    }
+
+    /// The reference result: ids of empty slots or out of range count as -1.
+    fn expected(&self, x: &[T], ids: &[i32], beta: f32, y0: &[T]) -> Vec<T> {
+        let dummy = (
+            vec![T::default(); self.cfg.k],
+            vec![T::default(); self.cfg.n],
+        );
+        let adapters: Vec<Adapter<'_, T>> = self
+            .slots
+            .iter()
+            .map(|s| match s {
+                Some((a, b, r, scale)) => Adapter {
+                    a,
+                    b,
+                    rank: *r,
+                    scale: *scale,
+                },
+                None => Adapter {
+                    a: &dummy.0,
+                    b: &dummy.1,
+                    rank: 1,
+                    scale: 0.0,
+                },
+            })
+            .collect();
+        let ids: Vec<i32> = ids
+            .iter()
+            .map(|&id| {
+                if id >= 0 && (id as usize) < self.slots.len() && self.slots[id as usize].is_some()
+                {
+                    id
+                } else {
+                    -1
+                }
+            })
+            .collect();
+        let dims = Dims::new(ids.len(), self.cfg.n, self.cfg.k);
+        let mut y = y0.to_vec();
+        reference::multi_adapter_forward(dims, x, &self.w, &adapters, &ids, beta, &mut y).unwrap();
+        y
+    }
+
+    /// rtol * sqrt(k + r) * the largest term of the sums (DESIGN.md section 3).
+    fn atol(&self, x: &[T]) -> f64 {
+        let m = x.len() / self.cfg.k;
+        let mut terms = max_abs(x) * max_abs(&self.w);
+        for (a, b, r, scale) in self.slots.iter().flatten() {
+            let adapter = Adapter {
+                a,
+                b,
+                rank: *r,
+                scale: *scale,
+            };
+            let t = reference::lora_intermediate(Dims::new(m, self.cfg.n, self.cfg.k), x, &adapter)
+                .unwrap();
+            let t_max = t.iter().fold(0f64, |acc, v| acc.max(v.abs() as f64));
+            terms = terms.max(*scale as f64 * t_max * max_abs(b));
+        }
+        rtol::<T>() * ((self.cfg.k + self.cfg.max_rank) as f64).sqrt() * terms + 1e-30
+    }
+
+    /// Runs the op with per-token ids on `dev` and compares with the reference.
+    fn check(
+        &self,
+        dev: &Device,
+        regime: Option<Regime>,
+        x: &[T],
+        ids: &[i32],
+        beta: f32,
+    ) -> Result<(), String> {
+        let pool = self.pool(dev);
+        let y0: Vec<T> = if beta == 0.0 {
+            vec![T::from_f64(f64::NAN); x.len() / self.cfg.k * self.cfg.n]
+        } else {
+            random(
+                &mut rng(ids.len() as u64),
+                x.len() / self.cfg.k * self.cfg.n,
+            )
+        };
+        let got = run(&pool, regime, x, &self.w, ids, beta, &y0).map_err(|e| e.to_string())?;
+        let what = format!(
+            "{:?} {regime:?} m={} {:?} ids={ids:?} on {}",
+            T::DTYPE,
+            ids.len(),
+            self.cfg,
+            dev.name()
+        );
+        compare(
+            &what,
+            &got,
+            &self.expected(x, ids, beta, &y0),
+            self.atol(x),
+            rtol::<T>(),
+        )
+    }
+}
+
+fn run<T: KernelElement>(
+    pool: &AdapterPool<T>,
+    regime: Option<Regime>,
+    x: &[T],
+    w: &[T],
+    ids: &[i32],
+    beta: f32,
+    y0: &[T],
+) -> lora_kernels::Result<Vec<T>> {
+    let dev = pool.device();
+    let (xd, wd, idd) = (dev.upload(x)?, dev.upload(w)?, dev.upload(ids)?);
+    let mut y = dev.upload(y0)?;
+    let routing = Routing::Tokens((&idd).into());
+    match regime {
+        Some(r) => multi_adapter_forward_in(r, pool, ids.len(), &xd, &wd, &routing, beta, &mut y)?,
+        None => multi_adapter_forward(pool, ids.len(), &xd, &wd, &routing, beta, &mut y)?,
+    }
+    dev.download(&y)
+}
+
+type Spec = (usize, usize, usize, usize, Vec<usize>, Vec<i32>, bool, u64);
+
+/// Pools of 1..6 slots (some empty, mixed ranks up to 70), batches of m
+/// tokens with random ids, repeats and -1s.
+fn spec(ms: std::ops::Range<usize>) -> impl Strategy<Value = Spec> {
+    (
+        ms,
+        1usize..100,
+        prop_oneof![1usize..90, (1usize..12).prop_map(|k| 8 * k)],
+        prop_oneof![Just(1usize), 2usize..=70],
+    )
+        .prop_flat_map(|(m, n, k, max_rank)| {
+            (
+                Just(m),
+                Just(n),
+                Just(k),
+                Just(max_rank),
+                prop::collection::vec(prop_oneof![Just(0usize), 1..=max_rank], 1..6),
+                any::<bool>(),
+                any::<u64>(),
+            )
+        })
+        .prop_flat_map(|(m, n, k, max_rank, ranks, beta, seed)| {
+            let slots = ranks.len() as i32;
+            (
+                Just((m, n, k, max_rank, ranks, beta, seed)),
+                prop::collection::vec(-1..slots, m),
+            )
+        })
+        .prop_map(|((m, n, k, max_rank, ranks, beta, seed), ids)| {
+            (m, n, k, max_rank, ranks, ids, beta, seed)
+        })
+}
+
+fn check_spec<T: KernelElement>(
+    regime: Option<Regime>,
+    (m, n, k, max_rank, ranks, ids, beta, seed): Spec,
+) -> Result<(), TestCaseError> {
+    let fx = Fixture::<T>::new(n, k, max_rank, &ranks, seed);
+    let x: Vec<T> = random(&mut rng(seed ^ 3), m * k);
+    // Ids of empty slots are rejected from the host; route them to -1 here.
+    let ids: Vec<i32> = ids
+        .iter()
+        .map(|&id| {
+            if id >= 0 && ranks[id as usize] == 0 {
+                -1
+            } else {
+                id
+            }
+        })
+        .collect();
+    for dev in devices() {
+        fx.check(&dev, regime, &x, &ids, if beta { 0.5 } else { 0.0 })
+            .map_err(TestCaseError::fail)?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(12))]
+
+    #[test]
+    fn decode_matches_reference(s in spec(0..40), bf in any::<bool>()) {
+        if bf { check_spec::<bf16>(Some(Regime::Decode), s)? } else { check_spec::<f16>(Some(Regime::Decode), s)? }
+    }
+
+    #[test]
+    fn prefill_matches_reference(s in spec(1..150), bf in any::<bool>()) {
+        if bf { check_spec::<bf16>(Some(Regime::Prefill), s)? } else { check_spec::<f16>(Some(Regime::Prefill), s)? }
+    }
+
+    #[test]
+    fn dispatch_matches_reference(s in spec(0..100)) { check_spec::<bf16>(None, s)?; }
+}
+
+#[test]
+fn all_tokens_on_one_adapter_and_every_token_on_its_own() {
+    let m = 24;
+    let ranks: Vec<usize> = (0..m).map(|s| 1 + s % 17).collect();
+    let fx = Fixture::<bf16>::new(40, 72, 17, &ranks, 5);
+    let x: Vec<bf16> = random(&mut rng(6), m * 72);
+    let same = vec![3i32; m];
+    let each: Vec<i32> = (0..m as i32).rev().collect();
+    for dev in devices() {
+        for regime in [Regime::Decode, Regime::Prefill] {
+            fx.check(&dev, Some(regime), &x, &same, 0.0).unwrap();
+            fx.check(&dev, Some(regime), &x, &each, 0.0).unwrap();
+        }
+    }
+}
+
+#[test]
+fn segments_route_like_per_token_ids() {
+    let fx = Fixture::<f16>::new(33, 40, 9, &[4, 9, 0, 1], 7);
+    let m = 70;
+    let x: Vec<f16> = random(&mut rng(8), m * 40);
+    let (offsets, slots) = (vec![0, 10, 10, 45, 70], vec![1, 0, -1, 3]);
+    let ids = reference::segment_ids(m, &offsets, &slots).unwrap();
+    for dev in devices() {
+        let pool = fx.pool(&dev);
+        check_segments(&pool, m, &offsets, &slots).unwrap();
+        let (xd, wd) = (dev.upload(&x).unwrap(), dev.upload(&fx.w).unwrap());
+        let (od, sd) = (dev.upload(&offsets).unwrap(), dev.upload(&slots).unwrap());
+        let mut y = dev.upload(&vec![f16::NAN; m * 33]).unwrap();
+        let routing = Routing::Segments {
+            offsets: (&od).into(),
+            slots: (&sd).into(),
+        };
+        multi_adapter_forward(&pool, m, &xd, &wd, &routing, 0.0, &mut y).unwrap();
+        let got = dev.download(&y).unwrap();
+        let y0 = vec![f16::NAN; m * 33];
+        compare(
+            "segments",
+            &got,
+            &fx.expected(&x, &ids, 0.0, &y0),
+            fx.atol(&x),
+            rtol::<f16>(),
+        )
+        .unwrap();
+    }
+    let pool = fx.pool(&Device::host().unwrap());
+    assert!(matches!(
+        check_segments(&pool, m, &offsets, &[1, 0, 2, 3]),
+        Err(Error::EmptySlot { slot: 2, .. })
+    ));
+    assert!(matches!(
+        check_segments(&pool, m, &[0, 5, 70], &[1, 0, 3]),
+        Err(Error::Segments(_))
+    ));
+}
+
+#[test]
+fn empty_batch_and_repeated_launches() {
+    let fx = Fixture::<bf16>::new(20, 16, 4, &[4, 2], 9);
+    for dev in devices() {
+        let pool = fx.pool(&dev);
+        assert!(
+            run(&pool, None, &[], &fx.w, &[], 0.0, &[])
+                .unwrap()
+                .is_empty()
+        );
+        // The launch counters reset themselves: many launches in a row stay right.
+        let x: Vec<bf16> = random(&mut rng(10), 5 * 16);
+        for i in 0..4 {
+            let ids = [i % 2, -1, 1, 0, (i + 1) % 2];
+            let got = run(&pool, None, &x, &fx.w, &ids, 0.0, &[bf16::NAN; 100]).unwrap();
+            compare(
+                "repeat",
+                &got,
+                &fx.expected(&x, &ids, 0.0, &[bf16::NAN; 100]),
+                fx.atol(&x),
+                rtol::<bf16>(),
+            )
+            .unwrap();
+        }
+    }
+}
+
+#[test]
+fn hot_swap_changes_exactly_what_the_reference_says() {
+    let mut fx = Fixture::<bf16>::new(30, 24, 8, &[3, 8, 5], 11);
+    let x: Vec<bf16> = random(&mut rng(12), 6 * 24);
+    let ids = [0, 1, 2, 1, -1, 0];
+    for dev in devices() {
+        let mut pool = fx.pool(&dev);
+        let (xd, wd, idd) = (
+            dev.upload(&x).unwrap(),
+            dev.upload(&fx.w).unwrap(),
+            dev.upload(&ids).unwrap(),
+        );
+        let routing = Routing::Tokens((&idd).into());
+        let mut before = dev.upload(&vec![bf16::NAN; 6 * 30]).unwrap();
+        multi_adapter_forward(&pool, 6, &xd, &wd, &routing, 0.0, &mut before).unwrap();
+        // Replace slot 1 (new rank and weights) while that batch may still run.
+        let old = fx.clone_slots();
+        let (a, b) = (random(&mut rng(13), 2 * 24), random(&mut rng(14), 30 * 2));
+        pool.load(1, &a, &b, 2, 3.0).unwrap();
+        let mut after = dev.upload(&vec![bf16::NAN; 6 * 30]).unwrap();
+        multi_adapter_forward(&pool, 6, &xd, &wd, &routing, 0.0, &mut after).unwrap();
+        let (before, after) = (
+            dev.download(&before).unwrap(),
+            dev.download(&after).unwrap(),
+        );
+        let y0 = vec![bf16::NAN; 6 * 30];
+        let want_before = fx.expected(&x, &ids, 0.0, &y0);
+        fx.slots[1] = Some((a, b, 2, 3.0));
+        let want_after = fx.expected(&x, &ids, 0.0, &y0);
+        compare(
+            "batch before the swap",
+            &before,
+            &want_before,
+            fx.atol(&x),
+            rtol::<bf16>(),
+        )
+        .unwrap();
+        compare(
+            "batch after the swap",
+            &after,
+            &want_after,
+            fx.atol(&x),
+            rtol::<bf16>(),
+        )
+        .unwrap();
+        assert_ne!(want_before, want_after);
+        // Evicting slot 1 leaves its tokens with the base model only.
+        pool.evict(1).unwrap();
+        let evicted = run(&pool, None, &x, &fx.w, &ids, 0.0, &y0).unwrap();
+        let base_ids: Vec<i32> = ids.iter().map(|&i| if i == 1 { -1 } else { i }).collect();
+        compare(
+            "after evict",
+            &evicted,
+            &fx.expected(&x, &base_ids, 0.0, &y0),
+            fx.atol(&x),
+            rtol::<bf16>(),
+        )
+        .unwrap();
+        fx.slots = old;
+    }
+}
+
+impl<T: Clone> Fixture<T> {
+    fn clone_slots(&self) -> Vec<Option<SlotWeights<T>>> {
+        self.slots.clone()
+    }
+}
+
+#[test]
+fn out_of_range_ids_on_the_device_are_served_as_base_and_counted() {
+    let fx = Fixture::<f16>::new(25, 16, 4, &[4, 2, 3], 15);
+    let x: Vec<f16> = random(&mut rng(16), 6 * 16);
+    let ids = [0, 99, -1, -7, 2, i32::MIN];
+    for dev in devices() {
+        let pool = fx.pool(&dev);
+        assert!(matches!(
+            pool.check_ids(&ids),
+            Err(Error::SlotOutOfRange {
+                token: 1,
+                id: 99,
+                slots: 3
+            })
+        ));
+        assert_eq!(pool.bad_id_count().unwrap(), 0);
+        for regime in [Regime::Decode, Regime::Prefill] {
+            fx.check(&dev, Some(regime), &x, &ids, 0.0).unwrap();
+        }
+        let _ = run(&pool, None, &x, &fx.w, &ids, 0.0, &[f16::NAN; 150]).unwrap();
+        assert_eq!(pool.bad_id_count().unwrap(), 3);
+        let _ = run(&pool, None, &x, &fx.w, &ids, 0.0, &[f16::NAN; 150]).unwrap();
+        assert_eq!(pool.bad_id_count().unwrap(), 6);
+        pool.reset_bad_id_count().unwrap();
+        assert_eq!(pool.bad_id_count().unwrap(), 0);
+    }
+}
+
+#[test]
+fn pool_bookkeeping_and_bad_input() {
+    let dev = Device::host().unwrap();
+    let cfg = PoolConfig {
+        slots: 3,
+        max_rank: 8,
+        n: 10,
+        k: 6,
+    };
+    let mut pool = AdapterPool::<bf16>::new(&dev, cfg).unwrap();
+    assert_eq!((pool.slots_free(), pool.bytes_used()), (3, 0));
+    assert_eq!(pool.bytes_allocated(), 3 * (8 * 16 * 2 + 8));
+    let (a, b): (Vec<bf16>, Vec<bf16>) = (random(&mut rng(1), 4 * 6), random(&mut rng(2), 10 * 4));
+    pool.load(2, &a, &b, 4, 1.0).unwrap();
+    assert_eq!(
+        (
+            pool.slots_free(),
+            pool.bytes_used(),
+            pool.rank(2),
+            pool.rank(0)
+        ),
+        (2, 4 * 16 * 2, Some(4), None)
+    );
+    assert!(matches!(
+        pool.check_ids(&[-1, 2, 0]),
+        Err(Error::EmptySlot { token: 2, slot: 0 })
+    ));
+    pool.check_ids(&[-1, 2, 2]).unwrap();
+
+    let err = pool.load(3, &a, &b, 4, 1.0).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "slot", .. }),
+        "{err}"
+    );
+    let big: Vec<bf16> = random(&mut rng(3), 9 * 6);
+    let err = pool
+        .load(0, &big, &random::<bf16>(&mut rng(4), 90), 9, 1.0)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "rank", .. }),
+        "{err}"
+    );
+    let err = pool.load(0, &a[1..], &b, 4, 1.0).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "a", .. }), "{err}");
+    let err = pool.load(0, &a, &b, 4, f32::NAN).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "scale", .. }),
+        "{err}"
+    );
+    for bad in [
+        PoolConfig { slots: 0, ..cfg },
+        PoolConfig { max_rank: 0, ..cfg },
+        PoolConfig { n: 0, ..cfg },
+    ] {
+        assert!(AdapterPool::<bf16>::new(&dev, bad).is_err());
+    }
+
+    // Operand sizes, routing sizes and types are checked before any launch.
+    let (x, w) = (
+        random::<bf16>(&mut rng(5), 2 * 6),
+        random::<bf16>(&mut rng(6), 60),
+    );
+    let mut y = vec![bf16::ZERO; 20];
+    let ids = [2i32, -1, 2];
+    let routing = Routing::Tokens((&ids[..]).into());
+    let err = multi_adapter_forward(&pool, 2, &x, &w, &routing, 0.0, &mut y).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Shape {
+                operand: "slot_ids",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let routing = Routing::Tokens((&ids[..2]).into());
+    let err = multi_adapter_forward(&pool, 2, &x, &w[1..], &routing, 0.0, &mut y).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "w", .. }), "{err}");
+    let f32_pool = AdapterPool::<f32>::new(&dev, cfg).unwrap();
+    let (xf, wf, mut yf) = (vec![0.5f32; 12], vec![0.5f32; 60], vec![0f32; 20]);
+    let err = multi_adapter_forward(&f32_pool, 2, &xf, &wf, &routing, 0.0, &mut yf).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "dtype", .. }),
+        "{err}"
+    );
+}
+
+/// Real serving shapes on the GPU: 64 tokens, 64 distinct rank-16 adapters,
+/// hidden 4096, checked on a sample of rows.
+#[test]
+fn gpu_real_shapes_match_reference() {
+    let Some(dev) = gpu() else { return };
+    let (n, k, m) = (4096, 4096, 64);
+    let ranks: Vec<usize> = (0..m).map(|s| [8, 16, 64][s % 3]).collect();
+    let fx = Fixture::<bf16>::new(n, k, 64, &ranks, 17);
+    let x: Vec<bf16> = random(&mut rng(18), m * k);
+    let ids: Vec<i32> = (0..m as i32)
+        .map(|i| if i % 9 == 4 { -1 } else { (i * 7) % m as i32 })
+        .collect();
+    let pool = fx.pool(&dev);
+    let got = run(&pool, None, &x, &fx.w, &ids, 0.0, &vec![bf16::NAN; m * n]).unwrap();
+    for row in [0, 4, 31, 63] {
+        let xr = &x[row * k..(row + 1) * k];
+        let want = fx.expected(xr, &ids[row..row + 1], 0.0, &vec![bf16::NAN; n]);
+        compare(
+            &format!("row {row}"),
+            &got[row * n..(row + 1) * n],
+            &want,
+            fx.atol(xr),
+            rtol::<bf16>(),
+        )
+        .unwrap();
+    }
+}
