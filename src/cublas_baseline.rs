@@ -4,7 +4,9 @@
 //! 2. unfused LoRA, what PEFT does: base GEMM, shrink GEMM `t = x a^T` (stored
 //!    in the storage type), expand GEMM `y += s t b^T` (beta = 1).
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
-use cudarc::driver::CudaSlice;
+use std::ops::Range;
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 use crate::device::Device;
 use crate::element::Element;
@@ -39,9 +41,9 @@ impl CublasBaseline {
         &self,
         (rows, cols, inner): (usize, usize, usize),
         (alpha, beta): (f32, f32),
-        p: &CudaSlice<T>,
-        q: &CudaSlice<T>,
-        c: &mut CudaSlice<T>,
+        p: &impl DevicePtr<T>,
+        q: &impl DevicePtr<T>,
+        c: &mut impl DevicePtrMut<T>,
     ) -> Result<()>
     where
         CudaBlas: Gemm<T>,
@@ -69,9 +71,9 @@ impl CublasBaseline {
     pub fn base<T: Element>(
         &self,
         dims: Dims,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        y: &mut CudaSlice<T>,
+        x: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
     ) -> Result<()>
     where
         CudaBlas: Gemm<T>,
@@ -92,11 +94,11 @@ impl CublasBaseline {
     pub fn unfused<T: Element>(
         &self,
         dims: Dims,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
+        x: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
         (a, b, rank, scale): (&CudaSlice<T>, &CudaSlice<T>, usize, f32),
         t: &mut CudaSlice<T>,
-        y: &mut CudaSlice<T>,
+        y: &mut impl DevicePtrMut<T>,
     ) -> Result<()>
     where
         CudaBlas: Gemm<T>,
@@ -111,6 +113,57 @@ impl CublasBaseline {
             return Ok(());
         }
         self.gemm_nt((dims.m, rank, dims.k), (1.0, 0.0), x, a, t)?;
-        self.gemm_nt((dims.m, dims.n, rank), (scale, 1.0), t, b, y)
+        self.gemm_nt((dims.m, dims.n, rank), (scale, 1.0), &*t, b, y)
     }
+
+    /// What Rust engines do today for a batch of many adapters: the base GEMM
+    /// over all rows, then for each adapter a shrink and an expand GEMM over
+    /// its rows (tokens sorted so each adapter's rows are contiguous).
+    pub fn per_adapter_loop<T: Element>(
+        &self,
+        dims: Dims,
+        x: &CudaView<'_, T>,
+        w: &impl DevicePtr<T>,
+        groups: &[AdapterRows<'_, T>],
+        t: &mut CudaSlice<T>,
+        y: &mut CudaViewMut<'_, T>,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        self.base(dims, x, w, y)?;
+        let Dims { m, n, k } = dims;
+        for g in groups {
+            check_rank("rank", g.rank)?;
+            check_finite("scale", g.scale)?;
+            check_matrix("a", g.rank, k, g.a.len())?;
+            check_matrix("b", n, g.rank, g.b.len())?;
+            let rows = g.rows.len();
+            if g.rows.end > m || rows * g.rank > t.len() {
+                return Err(crate::shape::invalid(
+                    "rows",
+                    format!("{:?}", g.rows),
+                    "outside the batch or the t scratch",
+                ));
+            }
+            if rows == 0 {
+                continue;
+            }
+            let xs = x.slice(g.rows.start * k..g.rows.end * k);
+            let mut ts = t.slice_mut(..rows * g.rank);
+            self.gemm_nt((rows, g.rank, k), (1.0, 0.0), &xs, g.a, &mut ts)?;
+            let mut ys = y.slice_mut(g.rows.start * n..g.rows.end * n);
+            self.gemm_nt((rows, n, g.rank), (g.scale, 1.0), &ts, g.b, &mut ys)?;
+        }
+        Ok(())
+    }
+}
+
+/// One adapter's rows of a batch, for [`CublasBaseline::per_adapter_loop`].
+pub struct AdapterRows<'a, T> {
+    pub rows: Range<usize>,
+    pub a: &'a CudaSlice<T>,
+    pub b: &'a CudaSlice<T>,
+    pub rank: usize,
+    pub scale: f32,
 }

@@ -17,6 +17,7 @@ pub mod params;
 pub mod reference;
 pub mod runtime_selftest;
 pub mod shape;
+pub mod slot_map;
 pub mod timing;
 
 pub use adapter_pool::{AdapterPool, PoolConfig};

@@ -1,0 +1,148 @@
+//! The fused-forward table: every shape of the fused-forward issue, ours
+//! beside cuBLAS base-only and cuBLAS unfused LoRA.
+use half::{bf16, f16};
+use lora_kernels::cublas_baseline::CublasBaseline;
+use lora_kernels::ops::fused_forward::{fused_forward, regime_for};
+use lora_kernels::timing::time_on_stream;
+use lora_kernels::{Device, DeviceAdapter, Dims, KernelElement};
+use serde_json::json;
+
+use crate::{Ceilings, Inputs, RUNS, Res, WARMUP, data};
+
+const MS: [usize; 7] = [1, 4, 16, 64, 512, 4096, 16384];
+
+pub fn table(
+    dev: &Device,
+    blas: &CublasBaseline,
+    ceilings: Ceilings,
+) -> Res<Vec<serde_json::Value>> {
+    println!(
+        "\n   fused forward, one adapter: ours vs cuBLAS base-only and cuBLAS unfused LoRA (3 GEMMs)"
+    );
+    println!(
+        "   {:>5} {:>5} {:>5} {:>6} {:>3} {:>8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "dtype",
+        "n",
+        "k",
+        "m",
+        "r",
+        "regime",
+        "ours us",
+        "base us",
+        "unfused us",
+        "floor us",
+        "ours/base",
+        "ours/unf",
+        "% floor"
+    );
+    let mut rows = Vec::new();
+    for (n, k) in [(4096usize, 4096usize), (14336, 4096)] {
+        shape::<bf16>(dev, blas, n, k, ceilings, &mut rows)?;
+        shape::<f16>(dev, blas, n, k, ceilings, &mut rows)?;
+    }
+    Ok(rows)
+}
+
+fn shape<T: KernelElement>(
+    dev: &Device,
+    blas: &CublasBaseline,
+    n: usize,
+    k: usize,
+    ceilings: Ceilings,
+    rows: &mut Vec<serde_json::Value>,
+) -> Res<()>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let mut inputs = Inputs::<T>::new(dev, n, k, MS[MS.len() - 1])?;
+    for m in MS {
+        for r in [8usize, 16, 64] {
+            rows.push(measure(
+                dev,
+                blas,
+                &mut inputs,
+                Dims::new(m, n, k),
+                r,
+                ceilings,
+            )?);
+        }
+    }
+    Ok(())
+}
+
+fn measure<T: KernelElement>(
+    dev: &Device,
+    blas: &CublasBaseline,
+    inputs: &mut Inputs<T>,
+    dims: Dims,
+    r: usize,
+    ceilings: Ceilings,
+) -> Res<serde_json::Value>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let Dims { m, n, k } = dims;
+    let stream = dev.cuda_stream().expect("a CUDA device");
+    let (a, b) = (
+        stream.clone_htod(&data::<T>(r * k, 3))?,
+        stream.clone_htod(&data::<T>(n * r, 4))?,
+    );
+    let mut t = stream.alloc_zeros::<T>(m * r)?;
+    let (scale, copies) = (0.5, inputs.ws.len());
+    let x = inputs.x.slice(..m * k);
+    let mut i = 0;
+    let ours = time_on_stream(dev, WARMUP, RUNS, || {
+        i += 1;
+        let adapter = DeviceAdapter::new(&a, &b, r, scale);
+        fused_forward(
+            dev,
+            dims,
+            inputs.x.slice(..m * k),
+            &inputs.ws[i % copies],
+            &adapter,
+            0.0,
+            inputs.y.slice_mut(..m * n),
+        )
+    })?;
+    let base = time_on_stream(dev, WARMUP, RUNS, || {
+        i += 1;
+        blas.base(
+            dims,
+            &x,
+            &inputs.ws[i % copies],
+            &mut inputs.y.slice_mut(..m * n),
+        )
+    })?;
+    let unfused = time_on_stream(dev, WARMUP, RUNS, || {
+        i += 1;
+        let y = &mut inputs.y.slice_mut(..m * n);
+        blas.unfused(
+            dims,
+            &x,
+            &inputs.ws[i % copies],
+            (&a, &b, r, scale),
+            &mut t,
+            y,
+        )
+    })?;
+    let bytes = 2.0 * (m * k + n * k + r * k + n * r + m * n) as f64;
+    let flops = 2.0 * (m * n * k + m * k * r + m * r * n) as f64;
+    let floor_us = ceilings.floor_us(bytes, flops);
+    let regime = format!("{:?}", regime_for(T::DTYPE, m));
+    let dtype = format!("{:?}", T::DTYPE).to_lowercase();
+    println!(
+        "   {dtype:>5} {n:>5} {k:>5} {m:>6} {r:>3} {regime:>8} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.2} {:>7.0}%",
+        ours.median_us,
+        base.median_us,
+        unfused.median_us,
+        ours.median_us / base.median_us,
+        ours.median_us / unfused.median_us,
+        100.0 * floor_us / ours.median_us
+    );
+    Ok(json!({
+        "dtype": dtype, "m": m, "n": n, "k": k, "r": r, "regime": regime,
+        "ours_us": ours.median_us, "cublas_base_us": base.median_us, "cublas_unfused_us": unfused.median_us,
+        "floor_us": floor_us, "ours_over_base": ours.median_us / base.median_us,
+        "ours_over_unfused": ours.median_us / unfused.median_us, "pct_of_floor": 100.0 * floor_us / ours.median_us,
+    }))
+}

@@ -1,0 +1,251 @@
+//! The crate's main job in one run: what the fused LoRA forward computes, run
+//! through the kernels on a GPU when there is one, benchmarked beside cuBLAS,
+//! or on the host runtime (the kernels' own source on the CPU) when there is not.
+//!
+//!     cargo run --release --example tour
+//!
+//! On a GPU it measures the copy bandwidth and a large cuBLAS bf16 GEMM first
+//! (the ceilings), then times the fused forward (fused.rs: beside cuBLAS
+//! base-only and unfused LoRA) and the multi-adapter forward (multi.rs: beside
+//! cuBLAS base-only and a per-adapter cuBLAS loop): each row gives the floor
+//! and the ratios (DESIGN.md section 4), printed and written as JSON to
+//! `$LORA_KERNELS_BENCH_JSON` (default target/bench-tour.json).
+mod fused;
+mod multi;
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use lora_kernels::cublas_baseline::CublasBaseline;
+use lora_kernels::ops::fused_forward::{fused_forward, regime_for};
+use lora_kernels::timing::time_on_stream;
+use lora_kernels::{Adapter, Buffer, Device, DeviceAdapter, Dims, Element, reference};
+use serde_json::json;
+
+pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Untimed runs before, and timed runs of, every measurement.
+pub const WARMUP: usize = 5;
+pub const RUNS: usize = 30;
+/// Rotate w until the copies span this many bytes (several times any L2).
+pub const ROTATE_BYTES: usize = 256 << 20;
+
+/// The measured ceilings: copy bandwidth (bytes read + written per second)
+/// and a large cuBLAS bf16 GEMM's rate (FLOP/s).
+#[derive(Clone, Copy)]
+pub struct Ceilings {
+    pub copy_bw: f64,
+    pub gemm_rate: f64,
+}
+
+impl Ceilings {
+    /// The floor of DESIGN.md section 4, in microseconds.
+    pub fn floor_us(&self, bytes: f64, flops: f64) -> f64 {
+        (bytes / self.copy_bw).max(flops / self.gemm_rate) * 1e6
+    }
+}
+
+fn main() -> Res<()> {
+    println!("lora-kernels tour: y = x w^T + s (x a^T) b^T\n");
+    let gpu = open_gpu();
+    small_example(gpu.as_ref())?;
+    let Some(dev) = gpu else {
+        println!("\n2. benchmarks: skipped, no GPU (this machine ran the kernels on the CPU only)");
+        return Ok(());
+    };
+    let blas = CublasBaseline::new(&dev)?;
+    let ceilings = ceilings(&dev, &blas)?;
+    println!(
+        "\n2. on {}: copy bandwidth {:.2} TB/s (read + write), cuBLAS bf16 8192^3 GEMM {:.0} TFLOP/s",
+        dev.name(),
+        ceilings.copy_bw / 1e12,
+        ceilings.gemm_rate / 1e12
+    );
+    println!(
+        "   every time: median of {RUNS} runs after {WARMUP} warm-ups, CUDA events, w rotated across copies (> L2); \
+         floor = max(bytes / copy bandwidth, flops / GEMM rate)"
+    );
+    let fused_rows = fused::table(&dev, &blas, ceilings)?;
+    let multi_rows = multi::table(&dev, &blas, ceilings)?;
+    let report = json!({
+        "gpu": dev.name(),
+        "copy_bandwidth_bytes_per_s": ceilings.copy_bw,
+        "cublas_bf16_gemm_flops_per_s": ceilings.gemm_rate,
+        "warmup": WARMUP,
+        "runs": RUNS,
+        "fused_forward": fused_rows,
+        "multi_adapter_forward": multi_rows,
+    });
+    let path = std::env::var("LORA_KERNELS_BENCH_JSON")
+        .unwrap_or_else(|_| "target/bench-tour.json".into());
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("\n   written: {path}");
+    Ok(())
+}
+
+/// Measures the two ceilings of DESIGN.md section 4.
+fn ceilings(dev: &Device, blas: &CublasBaseline) -> Res<Ceilings> {
+    let stream = dev.cuda_stream().expect("a CUDA device");
+    let len = 1usize << 29; // 2^29 bf16 values: 1 GiB
+    let src = stream.clone_htod(&data::<bf16>(len, 9))?;
+    let mut dst = stream.alloc_zeros::<bf16>(len)?;
+    let copy = time_on_stream(dev, 3, 20, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+    let copy_bw = 2.0 * (len * 2) as f64 / (copy.median_us * 1e-6);
+    drop((src, dst));
+    let s = 8192;
+    let dims = Dims::new(s, s, s);
+    let (x, w) = (
+        stream.clone_htod(&data::<bf16>(s * s, 10))?,
+        stream.clone_htod(&data::<bf16>(s * s, 11))?,
+    );
+    let mut y = stream.alloc_zeros::<bf16>(s * s)?;
+    let gemm = time_on_stream(dev, 3, 10, || blas.base(dims, &x, &w, &mut y))?;
+    let gemm_rate = 2.0 * (s as f64).powi(3) / (gemm.median_us * 1e-6);
+    Ok(Ceilings { copy_bw, gemm_rate })
+}
+
+/// The operands one (n, k) shape of a table shares across its rows, made once:
+/// `x` and `y` for the largest m, and copies of `w` spanning ROTATE_BYTES so
+/// repeated runs read w from memory, not from L2 (the copies are device
+/// copies of one random w: different addresses are what matters).
+pub struct Inputs<T> {
+    pub x: CudaSlice<T>,
+    pub ws: Vec<CudaSlice<T>>,
+    pub y: CudaSlice<T>,
+}
+
+impl<T: lora_kernels::KernelElement> Inputs<T> {
+    pub fn new(dev: &Device, n: usize, k: usize, max_m: usize) -> Res<Self> {
+        let stream = dev.cuda_stream().expect("a CUDA device");
+        let w = stream.clone_htod(&data::<T>(n * k, 2))?;
+        let copies = ROTATE_BYTES
+            .div_ceil(n * k * std::mem::size_of::<T>())
+            .max(1);
+        let mut ws = vec![w];
+        for _ in 1..copies {
+            ws.push(stream.clone_dtod(&ws[0])?);
+        }
+        Ok(Inputs {
+            x: stream.clone_htod(&data::<T>(max_m * k, 1))?,
+            ws,
+            y: stream.alloc_zeros(max_m * n)?,
+        })
+    }
+}
+
+/// The CUDA slice inside a buffer the benchmarks made on the GPU.
+pub fn cuda<T>(b: &Buffer<T>) -> &cudarc::driver::CudaSlice<T> {
+    match b {
+        Buffer::Cuda(s) => s,
+        Buffer::Host(_) => unreachable!("benchmark buffers are on the GPU"),
+    }
+}
+
+pub fn cuda_mut<T>(b: &mut Buffer<T>) -> &mut cudarc::driver::CudaSlice<T> {
+    match b {
+        Buffer::Cuda(s) => s,
+        Buffer::Host(_) => unreachable!("benchmark buffers are on the GPU"),
+    }
+}
+
+fn open_gpu() -> Option<Device> {
+    if !lora_kernels::kernels_built() {
+        println!(
+            "GPU: not used: this build has no CUDA kernels (nvcc was not found at build time)"
+        );
+        return None;
+    }
+    match Device::cuda(0) {
+        Ok(dev) => {
+            println!("GPU: {}", dev.name());
+            Some(dev)
+        }
+        Err(e) => {
+            println!("GPU: none ({e}); kernels run on the host runtime (CPU) instead");
+            None
+        }
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (never zeros, never timed on zeros).
+pub fn data<T: Element>(len: usize, seed: u64) -> Vec<T> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            T::from_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+/// 1. A small example through the CPU reference and the kernels.
+fn small_example(gpu: Option<&Device>) -> Res<()> {
+    let (dims, rank, scale) = (Dims::new(3, 5, 8), 2, 2.0);
+    let (x, w, a, b) = (
+        data::<bf16>(24, 1),
+        data::<bf16>(40, 2),
+        data::<bf16>(16, 3),
+        data::<bf16>(10, 4),
+    );
+    let mut y_ref = vec![bf16::ZERO; 15];
+    reference::fused_forward(
+        dims,
+        &x,
+        &w,
+        &Adapter {
+            a: &a,
+            b: &b,
+            rank,
+            scale,
+        },
+        0.0,
+        &mut y_ref,
+    )?;
+    let show = |v: &[bf16]| {
+        v[..5]
+            .iter()
+            .map(|e| format!("{:.4}", e.to_f32()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "\n1. m={} n={} k={} r={rank}, s={scale}, bf16; reference y[0, :] = [{}]",
+        dims.m,
+        dims.n,
+        dims.k,
+        show(&y_ref)
+    );
+    let host = Device::host()?;
+    for dev in std::iter::once(&host).chain(gpu) {
+        let (xd, wd, ad, bd) = (
+            dev.upload(&x)?,
+            dev.upload(&w)?,
+            dev.upload(&a)?,
+            dev.upload(&b)?,
+        );
+        let mut yd = dev.upload(&[bf16::NAN; 15])?;
+        fused_forward(
+            dev,
+            dims,
+            &xd,
+            &wd,
+            &DeviceAdapter::new(&ad, &bd, rank, scale),
+            0.0,
+            &mut yd,
+        )?;
+        let y = dev.download(&yd)?;
+        let err = y
+            .iter()
+            .zip(&y_ref)
+            .map(|(p, q)| (p.to_f32() - q.to_f32()).abs())
+            .fold(0f32, f32::max);
+        println!(
+            "   {:?} kernel on {}: y[0, :] = [{}], max |kernel - reference| = {err:.2e}",
+            regime_for(lora_kernels::DType::BF16, dims.m),
+            dev.name(),
+            show(&y)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! The multi-adapter table: batches of tokens over many adapters, ours (one
+//! launch) beside cuBLAS base-only and the per-adapter cuBLAS loop Rust
+//! engines run today. Floor bytes: w, x, y and each distinct adapter once.
+use half::bf16;
+use lora_kernels::cublas_baseline::{AdapterRows, CublasBaseline};
+use lora_kernels::ops::fused_forward::regime_for;
+use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward};
+use lora_kernels::timing::time_on_stream;
+use lora_kernels::{AdapterPool, DType, Device, Dims, PoolConfig};
+use serde_json::json;
+
+use crate::{Ceilings, Inputs, RUNS, Res, WARMUP, cuda, data};
+
+/// Ranks to bench: one rank for every adapter, or "mixed" (8, 16, 64 in turn).
+const RANKS: [Option<usize>; 4] = [Some(8), Some(16), Some(64), None];
+
+pub fn table(
+    dev: &Device,
+    blas: &CublasBaseline,
+    ceilings: Ceilings,
+) -> Res<Vec<serde_json::Value>> {
+    println!(
+        "\n   multi-adapter forward, bf16: ours (one launch) vs cuBLAS base-only and a per-adapter cuBLAS loop"
+    );
+    println!(
+        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "n",
+        "k",
+        "tokens",
+        "adapters",
+        "rank",
+        "ours us",
+        "base us",
+        "loop us",
+        "floor us",
+        "ours/base",
+        "loop/ours",
+        "% floor"
+    );
+    let mut rows = Vec::new();
+    for (n, k) in [(4096usize, 4096usize), (14336, 4096)] {
+        let mut inputs = Inputs::<bf16>::new(dev, n, k, 256)?;
+        for tokens in [1usize, 16, 64, 256] {
+            for distinct in [1usize, 8, 64, tokens] {
+                if distinct > tokens || (distinct == tokens && [1, 8, 64].contains(&tokens)) {
+                    continue; // "all" duplicates one of the fixed counts
+                }
+                for rank in RANKS {
+                    rows.push(measure(
+                        dev,
+                        blas,
+                        &mut inputs,
+                        Dims::new(tokens, n, k),
+                        distinct,
+                        rank,
+                        ceilings,
+                    )?);
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn measure(
+    dev: &Device,
+    blas: &CublasBaseline,
+    inputs: &mut Inputs<bf16>,
+    dims: Dims,
+    distinct: usize,
+    rank: Option<usize>,
+    ceilings: Ceilings,
+) -> Res<serde_json::Value> {
+    let Dims { m, n, k } = dims;
+    let rank_of = |s: usize| rank.unwrap_or([8, 16, 64][s % 3]);
+    let max_rank = (0..distinct).map(rank_of).max().unwrap_or(1);
+    let mut pool = AdapterPool::<bf16>::new(
+        dev,
+        PoolConfig {
+            slots: distinct,
+            max_rank,
+            n,
+            k,
+        },
+    )?;
+    // The same weights, also as separate buffers for the cuBLAS loop.
+    let mut separate = Vec::new();
+    for s in 0..distinct {
+        let r = rank_of(s);
+        let (a, b) = (
+            data::<bf16>(r * k, 100 + s as u64),
+            data::<bf16>(n * r, 200 + s as u64),
+        );
+        pool.load(s, &a, &b, r, 0.5)?;
+        separate.push((dev.upload(&a)?, dev.upload(&b)?, r));
+    }
+    // Tokens sorted by adapter (contiguous rows), as the cuBLAS loop needs.
+    let ids: Vec<i32> = (0..m).map(|i| (i * distinct / m) as i32).collect();
+    let ids_dev = dev.upload(&ids)?;
+    let stream = dev.cuda_stream().expect("a CUDA device");
+    let mut t = stream.alloc_zeros::<bf16>(m * max_rank)?;
+    let copies = inputs.ws.len();
+    pool.reserve_tokens(m)?;
+
+    let mut i = 0;
+    let routing = Routing::Tokens((&ids_dev).into());
+    let ours = time_on_stream(dev, WARMUP, RUNS, || {
+        i += 1;
+        let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
+        multi_adapter_forward(&pool, m, x, &inputs.ws[i % copies], &routing, 0.0, y)
+    })?;
+    let base = time_on_stream(dev, WARMUP, RUNS, || {
+        i += 1;
+        let (x, mut y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
+        blas.base(dims, &x, &inputs.ws[i % copies], &mut y)
+    })?;
+    let groups: Vec<AdapterRows<'_, bf16>> = separate
+        .iter()
+        .enumerate()
+        .map(|(s, (a, b, r))| {
+            let first = ids.iter().position(|&id| id == s as i32).unwrap_or(m);
+            let last = ids
+                .iter()
+                .rposition(|&id| id == s as i32)
+                .map_or(first, |p| p + 1);
+            AdapterRows {
+                rows: first..last,
+                a: cuda(a),
+                b: cuda(b),
+                rank: *r,
+                scale: 0.5,
+            }
+        })
+        .collect();
+    let looped = time_on_stream(dev, WARMUP, RUNS, || {
+        i += 1;
+        let (x, mut y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
+        blas.per_adapter_loop(dims, &x, &inputs.ws[i % copies], &groups, &mut t, &mut y)
+    })?;
+    let adapter_elems: usize = (0..distinct).map(|s| rank_of(s) * (n + k)).sum();
+    let bytes = 2.0 * (m * k + n * k + m * n + adapter_elems) as f64;
+    let flops = 2.0 * (m * n * k) as f64
+        + ids
+            .iter()
+            .map(|&s| 2.0 * (rank_of(s as usize) * (n + k)) as f64)
+            .sum::<f64>();
+    let floor_us = ceilings.floor_us(bytes, flops);
+    let rank_label = rank.map_or("mixed".to_string(), |r| r.to_string());
+    println!(
+        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}%",
+        ours.median_us,
+        base.median_us,
+        looped.median_us,
+        ours.median_us / base.median_us,
+        looped.median_us / ours.median_us,
+        100.0 * floor_us / ours.median_us
+    );
+    Ok(json!({
+        "n": n, "k": k, "tokens": m, "adapters": distinct, "rank": rank_label,
+        "regime": format!("{:?}", regime_for(DType::BF16, m)),
+        "ours_us": ours.median_us, "cublas_base_us": base.median_us, "cublas_per_adapter_loop_us": looped.median_us,
+        "floor_us": floor_us, "ours_over_base": ours.median_us / base.median_us,
+        "loop_over_ours": looped.median_us / ours.median_us, "pct_of_floor": 100.0 * floor_us / ours.median_us,
+    }))
+}
