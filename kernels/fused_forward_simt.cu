@@ -73,6 +73,8 @@ __device__ void fused_forward_simt(const FusedForwardParams& p) {
                 for (int kk = 0; kk < p.k; ++kk) t += lk::to_f32(xr[kk]) * lk::to_f32(ar[kk]);
             }
             ts[i][j] = t * p.scale;
+            // The first column of blocks also saves t for the backward pass.
+            if (p.t_out && blockIdx.x == 0 && gr < p.m && gj < p.r) reinterpret_cast<float*>(p.t_out)[(size_t)gr * p.r + gj] = t;
         }
         for (int e = tid; e < BN * RC; e += THREADS) {
             int i = e / RC, j = e % RC;

@@ -28,6 +28,7 @@ params_struct!(
     /// `y = x w^T + scale (x a^T) b^T (+ beta y)`; see `FusedForwardParams` in lk_params.h.
     FusedForwardParams {
         x: u64, w: u64, a: u64, b: u64, y: u64,
+        t_out: u64,
         m: i32, n: i32, k: i32, r: i32,
         scale: f32, beta: f32,
     }
@@ -42,6 +43,22 @@ params_struct!(
         m: i32, n: i32, k: i32, max_rank: i32, slots: i32, segments: i32,
         shrink_blocks: i32,
         beta: f32,
+    }
+);
+
+params_struct!(
+    /// Adapter backward; see `BackwardParams` in lk_params.h.
+    BackwardParams {
+        g: u64, x: u64, w: u64, a_pool: u64, b_pool: u64, slot_rank: u64, slot_scale: u64, token_slots: u64, t: u64,
+        u: u64, dx: u64, da: u64, db: u64, partials: u64,
+        m: i32, n: i32, k: i32, max_rank: i32, slots: i32,
+        uniform_rank: i32,
+        uniform_scale: f32,
+        splits: i32, tokens_per_split: i32,
+        accumulate: i32,
+        deterministic: i32,
+        reduce_len: i32,
+        reduce_out: u64,
     }
 );
 

@@ -16,6 +16,42 @@ uint3 blockIdx;
 dim3 blockDim;
 dim3 gridDim;
 
+// Fiber context switch. On x86-64 a few instructions that save the
+// callee-saved registers and swap stacks (swapcontext would also make a
+// signal-mask system call on every switch, which dominates host-runtime
+// tests); elsewhere ucontext.
+#if defined(__x86_64__)
+extern "C" void lk_host_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl lk_host_switch
+    .type lk_host_switch, @function
+lk_host_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size lk_host_switch, .-lk_host_switch
+)");
+#endif
+
 namespace lk_host {
 namespace {
 
@@ -36,8 +72,25 @@ struct PendingCopy {
     unsigned bytes, src_bytes;
 };
 
+// Where a suspended fiber (or the scheduler) resumes.
+struct Context {
+#if defined(__x86_64__)
+    void* sp = nullptr;
+#else
+    ucontext_t uc;
+#endif
+};
+
+void switch_context(Context& save, Context& load) {
+#if defined(__x86_64__)
+    lk_host_switch(&save.sp, load.sp);
+#else
+    swapcontext(&save.uc, &load.uc);
+#endif
+}
+
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     char* stack = nullptr;  // mmap'd, guard page at the low end
     State state = State::Done;
     // Warp-collective arrival: what this lane brought and where it wants results.
@@ -53,9 +106,10 @@ struct Runtime {
     std::vector<Fiber> fibers;
     std::vector<std::pair<void*, size_t>> shared_regions;
     std::vector<unsigned char> dynamic_smem;
-    ucontext_t scheduler;
+    Context scheduler;
     unsigned current = 0;
     unsigned nthreads = 0;
+    unsigned hint = 0;  // schedule position from which to look for a runnable thread
     int schedule = 0;
     bool failed = false;
     std::string error;
@@ -69,7 +123,17 @@ void poison(void* p, size_t n) { std::memset(p, 0xFF, n); }
 
 Fiber& self() { return rt.fibers[rt.current]; }
 
-void yield_to_scheduler() { swapcontext(&self().ctx, &rt.scheduler); }
+// The thread at position i of the schedule, and the position of thread t.
+unsigned order(unsigned i) { return rt.schedule == 0 ? i : rt.nthreads - 1 - i; }
+
+// Marks thread t runnable and keeps the scheduler's hint below it.
+void wake(unsigned t) {
+    rt.fibers[t].state = State::Runnable;
+    unsigned pos = order(t);  // order is its own inverse
+    if (pos < rt.hint) rt.hint = pos;
+}
+
+void yield_to_scheduler() { switch_context(self().ctx, rt.scheduler); }
 
 void flush_copies(Fiber& f, size_t keep_groups) {
     while (f.groups.size() > keep_groups) {
@@ -89,6 +153,34 @@ void fiber_main() {
     flush_copies(f, 0);
     f.state = State::Done;
     yield_to_scheduler();
+}
+
+// Prepares f to start in fiber_main on its own stack at the next switch.
+void start_context(Fiber& f) {
+#if defined(__x86_64__)
+    // The stack lk_host_switch pops on its way in: MXCSR and x87 control word
+    // (8 bytes), six callee-saved registers, then fiber_main as the return
+    // address, so fiber_main starts with rsp % 16 == 8 as after a call.
+    uintptr_t top = reinterpret_cast<uintptr_t>(f.stack + kGuardBytes + kStackBytes) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                                  // fiber_main's own (never used) return address
+    *--sp = reinterpret_cast<void*>(&fiber_main);     // where lk_host_switch returns to
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;      // rbp, rbx, r12-r15
+    --sp;
+    unsigned mxcsr;
+    unsigned short fpcw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpcw));
+    std::memcpy(sp, &mxcsr, 4);
+    std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpcw, 2);
+    f.ctx.sp = sp;
+#else
+    getcontext(&f.ctx.uc);
+    f.ctx.uc.uc_stack.ss_sp = f.stack + kGuardBytes;
+    f.ctx.uc.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc.uc_link = nullptr;
+    makecontext(&f.ctx.uc, fiber_main, 0);
+#endif
 }
 
 bool ensure_fibers(unsigned n) {
@@ -118,11 +210,7 @@ bool run_block() {
         f.state = State::Runnable;
         f.copies.clear();
         f.groups.clear();
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack + kGuardBytes;
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_main, 0);
+        start_context(f);
     }
     for (;;) {
         // Always resume the first runnable thread in schedule order: a warp
@@ -130,19 +218,22 @@ bool run_block() {
         // all the way to the next __syncthreads before the second one starts.
         // That is the most adversarial order for a missing barrier (the reverse
         // schedule covers the other direction).
+        // rt.hint: no thread before it (in schedule order) is runnable.
+        rt.hint = 0;
         for (;;) {
             unsigned t = rt.nthreads;
-            for (unsigned i = 0; i < rt.nthreads; ++i) {
-                unsigned c = rt.schedule == 0 ? i : rt.nthreads - 1 - i;
+            for (unsigned i = rt.hint; i < rt.nthreads; ++i) {
+                unsigned c = order(i);
                 if (rt.fibers[c].state == State::Runnable) {
                     t = c;
+                    rt.hint = i;
                     break;
                 }
             }
             if (t == rt.nthreads || rt.failed) break;
             rt.current = t;
             set_thread_coords(t);
-            swapcontext(&rt.scheduler, &rt.fibers[t].ctx);
+            switch_context(rt.scheduler, rt.fibers[t].ctx);
         }
         if (rt.failed) return false;
         unsigned at_barrier = 0, at_warp = 0, done = 0;
@@ -178,7 +269,7 @@ bool run_block() {
         }
         // Every live thread waits at __syncthreads: release the barrier.
         for (unsigned t = 0; t < rt.nthreads; ++t)
-            if (rt.fibers[t].state == State::AtBarrier) rt.fibers[t].state = State::Runnable;
+            if (rt.fibers[t].state == State::AtBarrier) wake(t);
     }
 }
 
@@ -248,7 +339,7 @@ void warp_collective(unsigned mask, const char* tag, const void* in, void* out, 
     }
     op(ins, outs, mask);
     for (unsigned l = 0; l < 32; ++l)
-        if (mask >> l & 1u) rt.fibers[warp_base + l].state = State::Runnable;
+        if (mask >> l & 1u) wake(warp_base + l);
 }
 
 void vote_op(const void* const ins[32], void* const outs[32], unsigned) {

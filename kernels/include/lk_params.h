@@ -10,6 +10,7 @@
 /* y[m,n] = x[m,k] w[n,k]^T + scale * (x a[r,k]^T) b[n,r]^T  (+ beta * y) */
 typedef struct FusedForwardParams {
     uint64_t x, w, a, b, y;
+    uint64_t t_out; /* optional [m][r] f32: saves t = x a^T (unscaled) for the backward pass */
     int32_t m, n, k, r;
     float scale;
     float beta; /* 0: y is written without being read */
@@ -32,6 +33,31 @@ typedef struct MultiAdapterParams {
     int32_t shrink_blocks; /* the first shrink_blocks blocks compute t */
     float beta;
 } MultiAdapterParams;
+
+/* Adapter backward (kernels/lora_backward.cu), for a pool of adapters laid
+ * out as in MultiAdapterParams; a single adapter is a pool of one slot with
+ * max_rank = r. With g = dL/dy, t = x a^T saved by the forward pass:
+ *   u  = s g b           [m][max_rank] f32 (scratch)
+ *   dx = g w + u a       [m][k]       (storage type)
+ *   db = s g^T t         [slots][n][max_rank] f32
+ *   da = u^T x           [slots][max_rank][k] f32
+ * dx, da, db are optional (0 = skip). token_slots == 0: every token uses slot
+ * 0 with uniform_rank and uniform_scale. The token reductions of da/db run in
+ * `splits` ranges of tokens_per_split tokens; with splits > 1 each writes f32
+ * partials ([splits][len]) that lk_backward_reduce sums in a fixed order, or
+ * (deterministic == 0) adds them with atomics. */
+typedef struct BackwardParams {
+    uint64_t g, x, w, a_pool, b_pool, slot_rank, slot_scale, token_slots, t;
+    uint64_t u, dx, da, db, partials;
+    int32_t m, n, k, max_rank, slots;
+    int32_t uniform_rank;
+    float uniform_scale;
+    int32_t splits, tokens_per_split;
+    int32_t accumulate;    /* add to dx/da/db instead of overwriting */
+    int32_t deterministic; /* no float atomics: partials + fixed-order reduction */
+    int32_t reduce_len;    /* lk_backward_reduce: elements per partial */
+    uint64_t reduce_out;   /* lk_backward_reduce: da or db */
+} BackwardParams;
 
 /* Runtime self-test kernels (kernels/runtime_selftest.cu). */
 typedef struct SelftestParams {

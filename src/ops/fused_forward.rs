@@ -82,13 +82,59 @@ pub fn fused_forward_in<'a, T: KernelElement>(
     beta: f32,
     y: impl Into<BufMut<'a, T>>,
 ) -> Result<()> {
-    let (x, w, mut y) = (x.into(), w.into(), y.into());
+    launch(
+        regime,
+        dev,
+        dims,
+        (x.into(), w.into()),
+        adapter,
+        beta,
+        (y.into(), None),
+    )
+}
+
+/// The forward pass of training: `y = x w^T + s (x a^T) b^T` as
+/// [`fused_forward`], also saving `t = x a^T` (unscaled, f32, `[m, rank]`)
+/// for the backward pass, at no extra pass over `x`.
+pub fn fused_forward_saving_t<'a, T: KernelElement>(
+    dev: &Device,
+    dims: Dims,
+    x: impl Into<BufRef<'a, T>>,
+    w: impl Into<BufRef<'a, T>>,
+    adapter: &DeviceAdapter<'_, T>,
+    y: impl Into<BufMut<'a, T>>,
+    t: impl Into<BufMut<'a, f32>>,
+) -> Result<()> {
+    let regime = regime_for(T::DTYPE, dims.m);
+    launch(
+        regime,
+        dev,
+        dims,
+        (x.into(), w.into()),
+        adapter,
+        0.0,
+        (y.into(), Some(t.into())),
+    )
+}
+
+fn launch<T: KernelElement>(
+    regime: Regime,
+    dev: &Device,
+    dims: Dims,
+    (x, w): (BufRef<'_, T>, BufRef<'_, T>),
+    adapter: &DeviceAdapter<'_, T>,
+    beta: f32,
+    (mut y, mut t_out): (BufMut<'_, T>, Option<BufMut<'_, f32>>),
+) -> Result<()> {
     dims.validate()?;
     check_operand(dev, "x", &x, dims.m, dims.k)?;
     check_operand(dev, "w", &w, dims.n, dims.k)?;
     adapter.validate(dev, dims.n, dims.k)?;
     check_finite("beta", beta)?;
     check_output(dev, "y", &y, dims.m, dims.n)?;
+    if let Some(t) = &t_out {
+        check_output(dev, "t", t, dims.m, adapter.rank)?;
+    }
     if dims.m == 0 {
         return Ok(());
     }
@@ -104,12 +150,14 @@ pub fn fused_forward_in<'a, T: KernelElement>(
     let (pa, _ga) = in_ptr(dev, &adapter.a);
     let (pb, _gb) = in_ptr(dev, &adapter.b);
     let (py, _gy) = out_ptr(dev, &mut y);
+    let (pt, _gt) = t_out.as_mut().map_or((0, None), |t| out_ptr(dev, t));
     let params = FusedForwardParams {
         x: px,
         w: pw,
         a: pa,
         b: pb,
         y: py,
+        t_out: pt,
         m: dims.m as i32,
         n: dims.n as i32,
         k: dims.k as i32,
@@ -122,7 +170,7 @@ pub fn fused_forward_in<'a, T: KernelElement>(
     let (kernel, launch) = select(regime, T::DTYPE, aligned, dims, adapter.rank);
     // SAFETY: every operand was checked above to live on `dev`'s backend with
     // exactly the element count the kernel indexes (x m*k, w n*k, a r*k, b n*r,
-    // y m*n); m, n, k, r fit i32 (Dims::validate, check_rank); `select` gives
+    // y m*n, t m*r when saved); m, n, k, r fit i32 (Dims::validate, check_rank); `select` gives
     // the grid covering m x n with the kernel's tile, its block size and its
     // shared memory for this rank; the 16-byte path is taken only when k and
     // the bases allow it; the pointer guards (_g*) live until after the launch

@@ -1,0 +1,200 @@
+// Adapter backward for a pool of adapters (a single adapter is a pool of one
+// slot), BackwardParams in lk_params.h. Plain SIMT, f32 accumulation; the
+// base weight stays frozen. Launch order (src/ops/lora_backward.rs):
+//   1. lk_backward_u:  u = s g b (per token, at its adapter's own rank)
+//   2. lk_backward_dx: dx = g w + u a, base and low-rank in one accumulator
+//   3. lk_backward_db / lk_backward_da: the reductions over tokens, split
+//      into `splits` token ranges; then lk_backward_reduce (deterministic:
+//      fixed order, no float atomics) when splits > 1.
+#include "lk_runtime.cuh"
+
+namespace {
+
+constexpr int THREADS = 256;
+
+// The slot token i trains, or -1 (no adapter, an empty slot or a bad id).
+__device__ __forceinline__ int token_slot(const BackwardParams& p, int i) {
+    if (!p.token_slots) return 0;
+    int id = reinterpret_cast<const int*>(p.token_slots)[i];
+    if (id < 0 || id >= p.slots) return -1;
+    return reinterpret_cast<const int*>(p.slot_rank)[id] > 0 ? id : -1;
+}
+__device__ __forceinline__ int slot_rank(const BackwardParams& p, int s) {
+    return p.token_slots ? reinterpret_cast<const int*>(p.slot_rank)[s] : p.uniform_rank;
+}
+__device__ __forceinline__ float slot_scale(const BackwardParams& p, int s) {
+    return p.token_slots ? reinterpret_cast<const float*>(p.slot_scale)[s] : p.uniform_scale;
+}
+
+// u[i, j] = s * sum_c g[i, c] b[s][c, j]: one block per token, a warp per
+// rank j (lanes stride over c), one shuffle reduction per j.
+template <class T>
+__device__ void backward_u(const BackwardParams& p) {
+    const T* g = reinterpret_cast<const T*>(p.g);
+    const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
+    float* u = reinterpret_cast<float*>(p.u);
+    const int i = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int s = token_slot(p, i);
+    const int rank = s < 0 ? 0 : slot_rank(p, s);
+    const float scale = s < 0 ? 0.f : slot_scale(p, s);
+    const T* gi = g + (size_t)i * p.n;
+    for (int j = warp; j < p.max_rank; j += THREADS / 32) {
+        float acc = 0.f;
+        if (j < rank) {
+            const T* bj = b_pool + (size_t)s * p.n * p.max_rank + j;
+            for (int c = lane; c < p.n; c += 32) acc += lk::to_f32(gi[c]) * lk::to_f32(bj[(size_t)c * p.max_rank]);
+            for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, off);
+        }
+        if (lane == 0) u[(size_t)i * p.max_rank + j] = scale * acc;  // 0 past the rank
+    }
+}
+
+// dx[i, q] = sum_c g[i, c] w[c, q] + sum_j u[i, j] a[s_i][j, q], a 32 x 64 tile per block.
+template <class T>
+__device__ void backward_dx(const BackwardParams& p) {
+    constexpr int BM = 32, BN = 64, BC = 32, TM = 2, TN = 4;
+    const T* g = reinterpret_cast<const T*>(p.g);
+    const T* w = reinterpret_cast<const T*>(p.w);
+    const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
+    const float* u = reinterpret_cast<const float*>(p.u);
+    T* dx = reinterpret_cast<T*>(p.dx);
+    LK_SHARED(float, gs, [BM][BC + 1]);
+    LK_SHARED(float, ws, [BC][BN]);
+    LK_SHARED(int, row_slot, [BM]);
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
+    float acc[TM][TN];
+    for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    if (tid < BM) row_slot[tid] = row0 + tid < p.m ? token_slot(p, row0 + tid) : -1;
+    for (int c0 = 0; c0 < p.n; c0 += BC) {
+        for (int e = tid; e < BM * BC; e += THREADS) {
+            int r = e / BC, c = e % BC;
+            gs[r][c] = (row0 + r < p.m && c0 + c < p.n) ? lk::to_f32(g[(size_t)(row0 + r) * p.n + c0 + c]) : 0.f;
+        }
+        for (int e = tid; e < BC * BN; e += THREADS) {
+            int c = e / BN, q = e % BN;  // consecutive threads read consecutive q: coalesced
+            ws[c][q] = (c0 + c < p.n && col0 + q < p.k) ? lk::to_f32(w[(size_t)(c0 + c) * p.k + col0 + q]) : 0.f;
+        }
+        __syncthreads();
+        for (int c = 0; c < BC; ++c)
+            for (int i = 0; i < TM; ++i)
+                for (int j = 0; j < TN; ++j) acc[i][j] += gs[ty * TM + i][c] * ws[c][tx + 16 * j];
+        __syncthreads();
+    }
+    for (int i = 0; i < TM; ++i) {
+        int r = ty * TM + i, s = row_slot[r];
+        if (s < 0) continue;
+        const float* ui = u + (size_t)(row0 + r) * p.max_rank;
+        const T* as = a_pool + (size_t)s * p.max_rank * p.k;
+        for (int j = 0; j < slot_rank(p, s); ++j)  // a token costs its own adapter's rank
+            for (int jj = 0; jj < TN; ++jj) {
+                int q = col0 + tx + 16 * jj;
+                if (q < p.k) acc[i][jj] += ui[j] * lk::to_f32(as[(size_t)j * p.k + q]);
+            }
+    }
+    for (int i = 0; i < TM; ++i) {
+        int r = row0 + ty * TM + i;
+        if (r >= p.m) continue;
+        for (int j = 0; j < TN; ++j) {
+            int q = col0 + tx + 16 * j;
+            if (q >= p.k) continue;
+            size_t idx = (size_t)r * p.k + q;
+            float v = acc[i][j];
+            if (p.accumulate) v += lk::to_f32(dx[idx]);
+            dx[idx] = lk::from_f32<T>(v);
+        }
+    }
+}
+
+// Where a token-range result goes: straight into the gradient (one range,
+// or atomics), or into this range's partials for lk_backward_reduce.
+__device__ __forceinline__ void emit(const BackwardParams& p, float* grad, size_t len, size_t idx, float v) {
+    if (p.splits == 1) {
+        grad[idx] = p.accumulate ? grad[idx] + v : v;
+    } else if (p.deterministic) {
+        reinterpret_cast<float*>(p.partials)[(size_t)blockIdx.y * len + idx] = v;
+    } else {
+        atomicAdd(grad + idx, v);  // the caller zeroed grad unless accumulating
+    }
+}
+
+// db[s][c, j] = s * sum_{i in range, slot i = s} g[i, c] t[i, j]: 64 columns
+// c per block, the ranks in chunks of 64 (4 thread groups x 16).
+template <class T>
+__device__ void backward_db(const BackwardParams& p) {
+    const T* g = reinterpret_cast<const T*>(p.g);
+    const float* t = reinterpret_cast<const float*>(p.t);
+    const int s = blockIdx.z, c = blockIdx.x * 64 + threadIdx.x % 64, jg = threadIdx.x / 64;
+    const int rank = slot_rank(p, s);
+    const float scale = slot_scale(p, s);
+    const int i0 = blockIdx.y * p.tokens_per_split;
+    const int i1 = i0 + p.tokens_per_split < p.m ? i0 + p.tokens_per_split : p.m;
+    const size_t len = (size_t)p.slots * p.n * p.max_rank;
+    if (c >= p.n) return;
+    for (int j0 = 0; j0 < p.max_rank; j0 += 64) {
+        float acc[16];
+        for (int jj = 0; jj < 16; ++jj) acc[jj] = 0.f;
+        for (int i = i0; i < i1; ++i) {
+            if (token_slot(p, i) != s) continue;
+            float gv = lk::to_f32(g[(size_t)i * p.n + c]);
+            for (int jj = 0; jj < 16; ++jj) {
+                int j = j0 + jg + 4 * jj;
+                if (j < rank) acc[jj] += gv * t[(size_t)i * p.max_rank + j];
+            }
+        }
+        for (int jj = 0; jj < 16; ++jj) {
+            int j = j0 + jg + 4 * jj;
+            if (j < p.max_rank) emit(p, reinterpret_cast<float*>(p.db), len, ((size_t)s * p.n + c) * p.max_rank + j, j < rank ? scale * acc[jj] : 0.f);
+        }
+    }
+}
+
+// da[s][j, q] = sum_{i in range, slot i = s} u[i, j] x[i, q]: a column q per
+// thread, the ranks in chunks of 32.
+template <class T>
+__device__ void backward_da(const BackwardParams& p) {
+    const T* x = reinterpret_cast<const T*>(p.x);
+    const float* u = reinterpret_cast<const float*>(p.u);
+    const int s = blockIdx.z, q = blockIdx.x * THREADS + threadIdx.x;
+    const int rank = slot_rank(p, s);
+    const int i0 = blockIdx.y * p.tokens_per_split;
+    const int i1 = i0 + p.tokens_per_split < p.m ? i0 + p.tokens_per_split : p.m;
+    const size_t len = (size_t)p.slots * p.max_rank * p.k;
+    if (q >= p.k) return;
+    for (int j0 = 0; j0 < p.max_rank; j0 += 32) {
+        float acc[32];
+        for (int jj = 0; jj < 32; ++jj) acc[jj] = 0.f;
+        for (int i = i0; i < i1; ++i) {
+            if (token_slot(p, i) != s) continue;
+            float xv = lk::to_f32(x[(size_t)i * p.k + q]);
+            for (int jj = 0; jj < 32; ++jj)
+                if (j0 + jj < rank) acc[jj] += u[(size_t)i * p.max_rank + j0 + jj] * xv;
+        }
+        for (int jj = 0; jj < 32 && j0 + jj < p.max_rank; ++jj)
+            emit(p, reinterpret_cast<float*>(p.da), len, ((size_t)s * p.max_rank + j0 + jj) * p.k + q, acc[jj]);
+    }
+}
+
+// out[e] (+)= sum over splits of partials[split][e], splits in order.
+__device__ void backward_reduce(const BackwardParams& p) {
+    float* out = reinterpret_cast<float*>(p.reduce_out);
+    const float* partials = reinterpret_cast<const float*>(p.partials);
+    for (size_t e = (size_t)blockIdx.x * THREADS + threadIdx.x; e < (size_t)p.reduce_len; e += (size_t)gridDim.x * THREADS) {
+        float v = p.accumulate ? out[e] : 0.f;
+        for (int s = 0; s < p.splits; ++s) v += partials[(size_t)s * p.reduce_len + e];
+        out[e] = v;
+    }
+}
+
+}  // namespace
+
+#define LK_BACKWARD(tname, T)                                                     \
+    LK_KERNEL(lk_backward_u_##tname, BackwardParams, backward_u<T>)             \
+    LK_KERNEL(lk_backward_dx_##tname, BackwardParams, backward_dx<T>)           \
+    LK_KERNEL(lk_backward_db_##tname, BackwardParams, backward_db<T>)           \
+    LK_KERNEL(lk_backward_da_##tname, BackwardParams, backward_da<T>)
+LK_BACKWARD(f32, float)
+LK_BACKWARD(f16, __half)
+LK_BACKWARD(bf16, __nv_bfloat16)
+LK_KERNEL(lk_backward_reduce, BackwardParams, backward_reduce)

@@ -1,0 +1,430 @@
+//! Adapter gradients (DESIGN.md section 1): `u = s g b`, `dx = g w + u a`,
+//! `db = s g^T t`, `da = u^T x`, each output optional, with an accumulate mode
+//! and a deterministic mode (bit-identical results run to run: f32 partials
+//! per token range, summed in a fixed order, no float atomics). The base
+//! weight stays frozen. Kernels: kernels/lora_backward.cu. Reference:
+//! `reference::backward`.
+//!
+//! [`lora_backward`] trains one adapter; [`multi_adapter_backward`] trains
+//! every adapter of a pool that a batch uses, each token's gradient going to
+//! its own slot, in the same launches.
+use super::{DeviceAdapter, KernelElement, check_operand, check_output, in_ptr, out_ptr};
+use crate::adapter_pool::AdapterPool;
+use crate::buffer::{BufMut, BufRef, Buffer};
+use crate::device::Device;
+use crate::element::DType;
+use crate::error::Result;
+use crate::launch::{Kernel, LaunchDims, kernel};
+use crate::params::BackwardParams;
+use crate::shape::{Dims, invalid};
+
+kernel!(U_F32 = lk_backward_u_f32 in "lora_backward": BackwardParams;);
+kernel!(U_F16 = lk_backward_u_f16 in "lora_backward": BackwardParams;);
+kernel!(U_BF16 = lk_backward_u_bf16 in "lora_backward": BackwardParams;);
+kernel!(DX_F32 = lk_backward_dx_f32 in "lora_backward": BackwardParams;);
+kernel!(DX_F16 = lk_backward_dx_f16 in "lora_backward": BackwardParams;);
+kernel!(DX_BF16 = lk_backward_dx_bf16 in "lora_backward": BackwardParams;);
+kernel!(DB_F32 = lk_backward_db_f32 in "lora_backward": BackwardParams;);
+kernel!(DB_F16 = lk_backward_db_f16 in "lora_backward": BackwardParams;);
+kernel!(DB_BF16 = lk_backward_db_bf16 in "lora_backward": BackwardParams;);
+kernel!(DA_F32 = lk_backward_da_f32 in "lora_backward": BackwardParams;);
+kernel!(DA_F16 = lk_backward_da_f16 in "lora_backward": BackwardParams;);
+kernel!(DA_BF16 = lk_backward_da_bf16 in "lora_backward": BackwardParams;);
+kernel!(REDUCE = lk_backward_reduce in "lora_backward": BackwardParams;);
+
+const THREADS: u32 = 256;
+/// Enough blocks to fill a large GPU; token ranges are split until reached.
+const TARGET_BLOCKS: usize = 264;
+const MIN_TOKENS_PER_SPLIT: usize = 16;
+const MAX_SPLITS: usize = 64;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackwardOptions {
+    /// Add to the gradients' current contents (gradient accumulation).
+    pub accumulate: bool,
+    /// Bit-identical gradients run to run: no float atomics.
+    pub deterministic: bool,
+}
+
+/// The gradients to compute; None skips one. Single adapter: `dx` `[m, k]`,
+/// `da` `[rank, k]`, `db` `[n, rank]`. Pool: `da` `[slots, max_rank, k]`,
+/// `db` `[slots, n, max_rank]` (the pool's layout, f32).
+pub struct Grads<'a, T> {
+    pub dx: Option<BufMut<'a, T>>,
+    pub da: Option<BufMut<'a, f32>>,
+    pub db: Option<BufMut<'a, f32>>,
+}
+
+/// Device scratch of the backward pass (`u`, and the deterministic mode's
+/// partials), grown on demand and reused: keep one per device.
+pub struct BackwardScratch {
+    u: Buffer<f32>,
+    partials: Buffer<f32>,
+}
+
+impl BackwardScratch {
+    pub fn new(dev: &Device) -> Result<Self> {
+        Ok(BackwardScratch {
+            u: dev.zeros(0)?,
+            partials: dev.zeros(0)?,
+        })
+    }
+
+    fn reserve(&mut self, dev: &Device, u: usize, partials: usize) -> Result<()> {
+        if self.u.len() < u {
+            self.u = dev.zeros(u)?;
+        }
+        if self.partials.len() < partials {
+            self.partials = dev.zeros(partials)?;
+        }
+        Ok(())
+    }
+}
+
+/// Gradients of one adapter, given `g = dL/dy` `[m, n]`, the forward inputs
+/// and `t = x a^T` (`[m, rank]` f32, from `fused_forward_saving_t`).
+#[allow(clippy::too_many_arguments)] // the math's operands
+pub fn lora_backward<'a, T: KernelElement>(
+    dev: &Device,
+    dims: Dims,
+    g: impl Into<BufRef<'a, T>>,
+    x: impl Into<BufRef<'a, T>>,
+    w: impl Into<BufRef<'a, T>>,
+    adapter: &DeviceAdapter<'_, T>,
+    t: impl Into<BufRef<'a, f32>>,
+    grads: Grads<'_, T>,
+    opts: BackwardOptions,
+    scratch: &mut BackwardScratch,
+) -> Result<()> {
+    let t = t.into();
+    dims.validate()?;
+    adapter.validate(dev, dims.n, dims.k)?;
+    check_operand(dev, "t", &t, dims.m, adapter.rank)?;
+    let shape = Shape {
+        dims,
+        max_rank: adapter.rank,
+        slots: 1,
+    };
+    let pool = PoolRefs {
+        a: &adapter.a,
+        b: &adapter.b,
+        ranks: None,
+        scales: None,
+        ids: None,
+        uniform: (adapter.rank, adapter.scale),
+    };
+    run(
+        dev,
+        shape,
+        (g.into(), x.into(), w.into(), &t),
+        pool,
+        grads,
+        opts,
+        scratch,
+    )
+}
+
+/// Gradients of every adapter a batch uses: token `i` trains slot
+/// `slot_ids[i]` (`-1`, empty slots and out-of-range ids train nothing).
+/// `t` is `[m, max_rank]` f32 (the pool forward's intermediate).
+#[allow(clippy::too_many_arguments)] // the math's operands
+pub fn multi_adapter_backward<'a, T: KernelElement>(
+    pool: &AdapterPool<T>,
+    m: usize,
+    g: impl Into<BufRef<'a, T>>,
+    x: impl Into<BufRef<'a, T>>,
+    w: impl Into<BufRef<'a, T>>,
+    slot_ids: impl Into<BufRef<'a, i32>>,
+    t: impl Into<BufRef<'a, f32>>,
+    grads: Grads<'_, T>,
+    opts: BackwardOptions,
+    scratch: &mut BackwardScratch,
+) -> Result<()> {
+    let (t, ids) = (t.into(), slot_ids.into());
+    let dev = pool.device();
+    let cfg = pool.config();
+    let dims = Dims::new(m, cfg.n, cfg.k);
+    dims.validate()?;
+    if cfg.slots > u16::MAX as usize {
+        return Err(invalid(
+            "slots",
+            cfg.slots,
+            "the backward grid takes at most 65535 slots",
+        ));
+    }
+    check_operand(dev, "slot_ids", &ids, m, 1)?;
+    check_operand(dev, "t", &t, m, cfg.max_rank)?;
+    let (a, b, ranks, scales) = (
+        BufRef::from(&pool.a),
+        BufRef::from(&pool.b),
+        BufRef::from(&pool.ranks),
+        BufRef::from(&pool.scales),
+    );
+    let refs = PoolRefs {
+        a: &a,
+        b: &b,
+        ranks: Some(&ranks),
+        scales: Some(&scales),
+        ids: Some(&ids),
+        uniform: (0, 0.0),
+    };
+    let shape = Shape {
+        dims,
+        max_rank: cfg.max_rank,
+        slots: cfg.slots,
+    };
+    run(
+        dev,
+        shape,
+        (g.into(), x.into(), w.into(), &t),
+        refs,
+        grads,
+        opts,
+        scratch,
+    )
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    dims: Dims,
+    max_rank: usize,
+    slots: usize,
+}
+
+/// The adapters, in the pool layout (a single adapter: one slot, `uniform`).
+struct PoolRefs<'r, 'a, T> {
+    a: &'r BufRef<'a, T>,
+    b: &'r BufRef<'a, T>,
+    ranks: Option<&'r BufRef<'a, i32>>,
+    scales: Option<&'r BufRef<'a, f32>>,
+    ids: Option<&'r BufRef<'a, i32>>,
+    uniform: (usize, f32),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<T: KernelElement>(
+    dev: &Device,
+    shape: Shape,
+    (g, x, w, t): (
+        BufRef<'_, T>,
+        BufRef<'_, T>,
+        BufRef<'_, T>,
+        &BufRef<'_, f32>,
+    ),
+    pool: PoolRefs<'_, '_, T>,
+    mut grads: Grads<'_, T>,
+    opts: BackwardOptions,
+    scratch: &mut BackwardScratch,
+) -> Result<()> {
+    let Shape {
+        dims,
+        max_rank,
+        slots,
+    } = shape;
+    let Dims { m, n, k } = dims;
+    check_operand(dev, "g", &g, m, n)?;
+    check_operand(dev, "x", &x, m, k)?;
+    check_operand(dev, "w", &w, n, k)?;
+    check_operand(dev, "a", pool.a, slots * max_rank, k)?;
+    check_operand(dev, "b", pool.b, slots * n, max_rank)?;
+    if let Some(dx) = &grads.dx {
+        check_output(dev, "dx", dx, m, k)?;
+    }
+    if let Some(da) = &grads.da {
+        check_output(dev, "da", da, slots * max_rank, k)?;
+    }
+    if let Some(db) = &grads.db {
+        check_output(dev, "db", db, slots * n, max_rank)?;
+    }
+    // Token ranges for the da/db reductions: enough blocks to fill the GPU.
+    let base_blocks = slots * n.div_ceil(64).max(k.div_ceil(THREADS as usize));
+    let want = TARGET_BLOCKS
+        .div_ceil(base_blocks)
+        .min(MAX_SPLITS)
+        .min(m.div_ceil(MIN_TOKENS_PER_SPLIT))
+        .max(1);
+    let tokens_per_split = m.div_ceil(want).max(1);
+    let splits = m.div_ceil(tokens_per_split).max(1);
+    let len_db = slots * n * max_rank;
+    let len_da = slots * max_rank * k;
+    let partials = if splits > 1 && opts.deterministic {
+        splits * len_db.max(len_da)
+    } else {
+        0
+    };
+    scratch.reserve(dev, m * max_rank, partials)?;
+    if m == 0 {
+        // No tokens: the gradients of this batch are zero.
+        if !opts.accumulate {
+            for buf in [grads.da.as_mut(), grads.db.as_mut()].into_iter().flatten() {
+                zero(dev, buf)?;
+            }
+        }
+        return Ok(());
+    }
+    // Atomics add into the gradient: it starts from zero unless accumulating.
+    if splits > 1 && !opts.deterministic && !opts.accumulate {
+        for buf in [grads.da.as_mut(), grads.db.as_mut()].into_iter().flatten() {
+            zero(dev, buf)?;
+        }
+    }
+
+    let (pg, _g1) = in_ptr(dev, &g);
+    let (px, _g2) = in_ptr(dev, &x);
+    let (pw, _g3) = in_ptr(dev, &w);
+    let (pt, _g4) = in_ptr(dev, t);
+    let (pa, _g5) = in_ptr(dev, pool.a);
+    let (pb, _g6) = in_ptr(dev, pool.b);
+    let (pr, _g7) = pool.ranks.map_or((0, None), |b| in_ptr(dev, b));
+    let (ps, _g8) = pool.scales.map_or((0, None), |b| in_ptr(dev, b));
+    let (pids, _g9) = pool.ids.map_or((0, None), |b| in_ptr(dev, b));
+    let (mut u, mut part) = (
+        BufMut::from(&mut scratch.u),
+        BufMut::from(&mut scratch.partials),
+    );
+    let (pu, _g10) = out_ptr(dev, &mut u);
+    let (ppart, _g11) = out_ptr(dev, &mut part);
+    let (pdx, _g12) = grads.dx.as_mut().map_or((0, None), |b| out_ptr(dev, b));
+    let (pda, _g13) = grads.da.as_mut().map_or((0, None), |b| out_ptr(dev, b));
+    let (pdb, _g14) = grads.db.as_mut().map_or((0, None), |b| out_ptr(dev, b));
+    let params = BackwardParams {
+        g: pg,
+        x: px,
+        w: pw,
+        a_pool: pa,
+        b_pool: pb,
+        slot_rank: pr,
+        slot_scale: ps,
+        token_slots: pids,
+        t: pt,
+        u: pu,
+        dx: pdx,
+        da: pda,
+        db: pdb,
+        partials: ppart,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        max_rank: max_rank as i32,
+        slots: slots as i32,
+        uniform_rank: pool.uniform.0 as i32,
+        uniform_scale: pool.uniform.1,
+        splits: splits as i32,
+        tokens_per_split: tokens_per_split as i32,
+        accumulate: opts.accumulate as i32,
+        deterministic: opts.deterministic as i32,
+        reduce_len: 0,
+        reduce_out: 0,
+    };
+    let kernels = kernels_for(T::DTYPE);
+    let block = [THREADS, 1, 1];
+    let grid = |x: usize, y: usize, z: usize| LaunchDims {
+        grid: [x as u32, y as u32, z as u32],
+        block,
+        dynamic_smem_bytes: 0,
+    };
+    // SAFETY (every launch below): all operands were checked above to live on
+    // `dev` with the sizes the kernels index: g m*n, x m*k, w n*k, the pool's
+    // a slots*max_rank*k and b slots*n*max_rank, t m*max_rank, dx m*k, da and
+    // db the pool layout; u holds m*max_rank and the partials splits*len
+    // (reserve above); slot ids are range-checked on the device before any
+    // pool access; grids follow the kernels' tiles (u: a block per token, dx:
+    // 64 columns x 32 rows, db: 64 columns, da: 256 columns, y: token ranges,
+    // z: slots <= 65535); the pointer guards live until after the launches.
+    unsafe {
+        kernels.u.launch(dev, grid(m, 1, 1), &params)?;
+        if pdx != 0 {
+            kernels
+                .dx
+                .launch(dev, grid(k.div_ceil(64), m.div_ceil(32), 1), &params)?;
+        }
+        if pdb != 0 {
+            kernels
+                .db
+                .launch(dev, grid(n.div_ceil(64), splits, slots), &params)?;
+            reduce(dev, &params, splits, opts, pdb, len_db)?;
+        }
+        if pda != 0 {
+            kernels.da.launch(
+                dev,
+                grid(k.div_ceil(THREADS as usize), splits, slots),
+                &params,
+            )?;
+            reduce(dev, &params, splits, opts, pda, len_da)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sums the partials of the last reduction in a fixed order (deterministic
+/// mode with several token ranges); nothing to do otherwise.
+///
+/// # Safety
+/// `params.partials` holds `splits * len` f32 written by the last reduction
+/// kernel and `out` points to `len` f32 on `dev`.
+unsafe fn reduce(
+    dev: &Device,
+    params: &BackwardParams,
+    splits: usize,
+    opts: BackwardOptions,
+    out: u64,
+    len: usize,
+) -> Result<()> {
+    if splits == 1 || !opts.deterministic {
+        return Ok(());
+    }
+    let p = BackwardParams {
+        reduce_len: len as i32,
+        reduce_out: out,
+        ..*params
+    };
+    let dims = LaunchDims {
+        grid: [len.div_ceil(THREADS as usize).min(4096) as u32, 1, 1],
+        block: [THREADS, 1, 1],
+        dynamic_smem_bytes: 0,
+    };
+    // SAFETY: guaranteed by the caller (see above).
+    unsafe { REDUCE.launch(dev, dims, &p) }
+}
+
+fn zero(dev: &Device, buf: &mut BufMut<'_, f32>) -> Result<()> {
+    match (dev, buf) {
+        (_, BufMut::Host(s)) => s.fill(0.0),
+        (Device::Cuda(_), BufMut::Cuda(v)) => {
+            let stream = dev.cuda_stream().expect("a CUDA device has a stream");
+            stream.memset_zeros(v)?;
+        }
+        (Device::Host, BufMut::Cuda(_)) => unreachable!("backend checked by validation"),
+    }
+    Ok(())
+}
+
+struct BackwardKernels {
+    u: &'static Kernel<BackwardParams>,
+    dx: &'static Kernel<BackwardParams>,
+    db: &'static Kernel<BackwardParams>,
+    da: &'static Kernel<BackwardParams>,
+}
+
+fn kernels_for(dtype: DType) -> BackwardKernels {
+    match dtype {
+        DType::F16 => BackwardKernels {
+            u: &U_F16,
+            dx: &DX_F16,
+            db: &DB_F16,
+            da: &DA_F16,
+        },
+        DType::BF16 => BackwardKernels {
+            u: &U_BF16,
+            dx: &DX_BF16,
+            db: &DB_BF16,
+            da: &DA_BF16,
+        },
+        _ => BackwardKernels {
+            u: &U_F32,
+            dx: &DX_F32,
+            db: &DB_F32,
+            da: &DA_F32,
+        },
+    }
+}
