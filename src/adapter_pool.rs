@@ -211,7 +211,7 @@ impl<T: KernelElement> AdapterPool<T> {
 }
 
 /// Copies `src` into `buf[at..at + src.len()]`, queued on the device's stream.
-fn write<T: DeviceRepr + Copy>(
+pub(crate) fn write<T: DeviceRepr + Copy>(
     dev: &Device,
     buf: &mut Buffer<T>,
     at: usize,

@@ -63,6 +63,45 @@ params_struct!(
 );
 
 params_struct!(
+    /// Merge / unmerge; see `MergeParams` in lk_params.h.
+    MergeParams {
+        w: u64, a: u64, b: u64,
+        n: i32, k: i32, r: i32,
+        scale: f32,
+        sign: f32,
+    }
+);
+
+params_struct!(
+    /// Per-slot optimizer settings; see `SlotOptim` in lk_params.h.
+    SlotOptim {
+        lr: f32,
+        weight_decay: f32,
+        max_grad_norm: f32,
+        anchor_pull: f32,
+        active: i32,
+        pad: i32,
+    }
+);
+
+// SAFETY: plain old data with no padding and no invalid bit patterns.
+unsafe impl cudarc::driver::ValidAsZeroBits for SlotOptim {}
+
+params_struct!(
+    /// AdamW over a pool's slots; see `AdamWParams` in lk_params.h.
+    AdamWParams {
+        master_a: u64, master_b: u64, m1_a: u64, m1_b: u64, m2_a: u64, m2_b: u64,
+        anchor_a: u64, anchor_b: u64,
+        grad_a: u64, grad_b: u64,
+        work_a: u64, work_b: u64,
+        slot_rank: u64, hyper: u64, step: u64, status: u64, grad_norm: u64,
+        n: i32, k: i32, max_rank: i32, slots: i32,
+        beta1: f32, beta2: f32, eps: f32,
+        pad: i32,
+    }
+);
+
+params_struct!(
     /// Runtime self-test kernels (kernels/runtime_selftest.cu).
     SelftestParams {
         input: u64, input2: u64, out: u64,

@@ -40,6 +40,9 @@ const FieldLayout kLayouts[] = {
     LK_FIELD(MultiAdapterParams, m), LK_FIELD(MultiAdapterParams, n), LK_FIELD(MultiAdapterParams, k),
     LK_FIELD(MultiAdapterParams, max_rank), LK_FIELD(MultiAdapterParams, slots), LK_FIELD(MultiAdapterParams, segments),
     LK_FIELD(MultiAdapterParams, shrink_blocks), LK_FIELD(MultiAdapterParams, beta),
+    LK_STRUCT(MergeParams), LK_FIELD(MergeParams, w), LK_FIELD(MergeParams, a), LK_FIELD(MergeParams, b), LK_FIELD(MergeParams, n), LK_FIELD(MergeParams, k), LK_FIELD(MergeParams, r), LK_FIELD(MergeParams, scale), LK_FIELD(MergeParams, sign),
+    LK_STRUCT(SlotOptim), LK_FIELD(SlotOptim, lr), LK_FIELD(SlotOptim, weight_decay), LK_FIELD(SlotOptim, max_grad_norm), LK_FIELD(SlotOptim, anchor_pull), LK_FIELD(SlotOptim, active), LK_FIELD(SlotOptim, pad),
+    LK_STRUCT(AdamWParams), LK_FIELD(AdamWParams, master_a), LK_FIELD(AdamWParams, master_b), LK_FIELD(AdamWParams, m1_a), LK_FIELD(AdamWParams, m1_b), LK_FIELD(AdamWParams, m2_a), LK_FIELD(AdamWParams, m2_b), LK_FIELD(AdamWParams, anchor_a), LK_FIELD(AdamWParams, anchor_b), LK_FIELD(AdamWParams, grad_a), LK_FIELD(AdamWParams, grad_b), LK_FIELD(AdamWParams, work_a), LK_FIELD(AdamWParams, work_b), LK_FIELD(AdamWParams, slot_rank), LK_FIELD(AdamWParams, hyper), LK_FIELD(AdamWParams, step), LK_FIELD(AdamWParams, status), LK_FIELD(AdamWParams, grad_norm), LK_FIELD(AdamWParams, n), LK_FIELD(AdamWParams, k), LK_FIELD(AdamWParams, max_rank), LK_FIELD(AdamWParams, slots), LK_FIELD(AdamWParams, beta1), LK_FIELD(AdamWParams, beta2), LK_FIELD(AdamWParams, eps), LK_FIELD(AdamWParams, pad),
     LK_STRUCT(LkHostLaunch), LK_FIELD(LkHostLaunch, grid), LK_FIELD(LkHostLaunch, block),
     LK_FIELD(LkHostLaunch, dynamic_smem_bytes),
 };

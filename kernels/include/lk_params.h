@@ -59,6 +59,39 @@ typedef struct BackwardParams {
     uint64_t reduce_out;   /* lk_backward_reduce: da or db */
 } BackwardParams;
 
+/* Merge / unmerge (kernels/merge.cu): w[n][k] <- w + sign * scale * b a,
+ * accumulated in f32 and rounded once to the storage type. */
+typedef struct MergeParams {
+    uint64_t w, a, b;
+    int32_t n, k, r;
+    float scale;
+    float sign; /* +1 merge, -1 unmerge */
+} MergeParams;
+
+/* Per-slot optimizer settings (kernels/adamw.cu). */
+typedef struct SlotOptim {
+    float lr;
+    float weight_decay;
+    float max_grad_norm; /* clip the slot's gradient to this L2 norm; 0 = no clipping */
+    float anchor_pull;   /* lambda of the pull lambda * (p - anchor); 0 = none */
+    int32_t active;      /* 0: the slot is not stepped */
+    int32_t pad;
+} SlotOptim;
+
+/* AdamW over every slot of a pool in one launch (a block per slot). All f32
+ * tensors use the pool layout (a: [slots][max_rank][k], b: [slots][n][max_rank]);
+ * a slot's parameters are its first rank rows of a and columns of b. */
+typedef struct AdamWParams {
+    uint64_t master_a, master_b, m1_a, m1_b, m2_a, m2_b;
+    uint64_t anchor_a, anchor_b; /* 0 = no anchors */
+    uint64_t grad_a, grad_b;
+    uint64_t work_a, work_b; /* the pool's storage-type copy, refreshed from master */
+    uint64_t slot_rank, hyper, step, status, grad_norm;
+    int32_t n, k, max_rank, slots;
+    float beta1, beta2, eps;
+    int32_t pad;
+} AdamWParams;
+
 /* Runtime self-test kernels (kernels/runtime_selftest.cu). */
 typedef struct SelftestParams {
     uint64_t input, input2, out;

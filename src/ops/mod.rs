@@ -1,7 +1,9 @@
 //! The public operations on device (or host-runtime) buffers. Each op
 //! validates every operand (shape, backend) before its one `unsafe` launch.
+pub mod adamw;
 pub mod fused_forward;
 pub mod lora_backward;
+pub mod merge;
 pub mod multi_adapter_forward;
 mod tiles;
 

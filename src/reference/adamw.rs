@@ -100,3 +100,78 @@ pub fn adamw_step<T: Element>(
     }
     Ok(())
 }
+
+/// Per-slot settings of the fused optimizer (mirrors `SlotOptim` in lk_params.h).
+#[derive(Debug, Clone, Copy)]
+pub struct SlotHyper {
+    pub lr: f32,
+    pub weight_decay: f32,
+    /// Clip the slot's whole gradient to this L2 norm; 0 = no clipping.
+    pub max_grad_norm: f32,
+    /// Pull toward the anchor: `g += anchor_pull * (p - anchor)`; 0 = none.
+    pub anchor_pull: f32,
+}
+
+/// What one slot's step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SlotStep {
+    /// Stepped; the gradient's L2 norm before clipping.
+    Updated { grad_norm: f64 },
+    /// The gradient held NaN or Inf: nothing changed.
+    Skipped,
+}
+
+/// One step of the fused optimizer for one slot, whose parameters (a then b)
+/// are one vector: NaN/Inf anywhere in `grad` skips the step; otherwise the
+/// gradient is clipped to `max_grad_norm`, pulled toward `anchor`, and fed to
+/// [`adamw_step`] with the slot's own learning rate and weight decay. `step`
+/// is this step's number (from 1).
+pub fn adamw_slot_step<T: Element>(
+    betas: &AdamW,
+    hyper: &SlotHyper,
+    step: u32,
+    grad: &[f32],
+    anchor: Option<&[f32]>,
+    state: AdamWState<'_, T>,
+) -> Result<SlotStep> {
+    if let Some(anchor) = anchor
+        && anchor.len() != grad.len()
+    {
+        return Err(Error::Shape {
+            operand: "anchor",
+            shape: format!("the {} parameters", grad.len()),
+            expected: grad.len(),
+            actual: anchor.len(),
+        });
+    }
+    if grad.iter().any(|g| !g.is_finite()) {
+        return Ok(SlotStep::Skipped);
+    }
+    let grad_norm = grad
+        .iter()
+        .map(|&g| (g as f64) * (g as f64))
+        .sum::<f64>()
+        .sqrt();
+    let clip = if hyper.max_grad_norm > 0.0 && grad_norm > hyper.max_grad_norm as f64 {
+        hyper.max_grad_norm as f64 / grad_norm
+    } else {
+        1.0
+    };
+    let effective: Vec<f32> = grad
+        .iter()
+        .enumerate()
+        .map(|(i, &g)| {
+            let pull = anchor.map_or(0.0, |a| {
+                hyper.anchor_pull as f64 * (state.p[i] as f64 - a[i] as f64)
+            });
+            (g as f64 * clip + pull) as f32
+        })
+        .collect();
+    let cfg = AdamW {
+        lr: hyper.lr,
+        weight_decay: hyper.weight_decay,
+        ..*betas
+    };
+    adamw_step(&cfg, step, &effective, state)?;
+    Ok(SlotStep::Updated { grad_norm })
+}

@@ -8,7 +8,7 @@ mod fused_forward;
 mod merge;
 mod multi_adapter_forward;
 
-pub use adamw::{AdamW, AdamWState, adamw_step};
+pub use adamw::{AdamW, AdamWState, SlotHyper, SlotStep, adamw_slot_step, adamw_step};
 pub use backward::{BackwardInputs, Gradients, backward};
 pub use fused_forward::{fused_forward, lora_intermediate};
 pub use merge::{MergeOp, merge};

@@ -1,0 +1,358 @@
+//! The fused optimizer step of the continual-learning loop: AdamW over every
+//! slot of an [`AdapterPool`] in one launch (DESIGN.md section 1), with f32
+//! master weights and moments per slot, per-slot learning rate, weight decay
+//! and gradient-norm clipping, NaN/Inf gradients skipping a slot's step (and
+//! reported), and an optional pull toward an anchor copy of each adapter (its
+//! weights before the current task) so new learning does not erase old.
+//! Kernel: kernels/adamw.cu. Reference: `reference::adamw_slot_step`.
+use super::KernelElement;
+use crate::adapter_pool::{AdapterPool, PoolConfig, write};
+use crate::buffer::{BufMut, BufRef, Buffer};
+use crate::device::Device;
+use crate::element::DType;
+use crate::error::{Error, Result};
+use crate::launch::{LaunchDims, kernel};
+use crate::params::{AdamWParams, SlotOptim};
+use crate::reference::{AdamW, SlotHyper};
+use crate::shape::{check_finite, invalid};
+
+kernel!(ADAMW_F32 = lk_adamw_f32 in "adamw": AdamWParams;);
+kernel!(ADAMW_F16 = lk_adamw_f16 in "adamw": AdamWParams;);
+kernel!(ADAMW_BF16 = lk_adamw_bf16 in "adamw": AdamWParams;);
+
+const THREADS: u32 = 512;
+
+/// What a slot's last step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SlotStatus {
+    /// Stepped; the gradient's L2 norm before clipping.
+    Updated { grad_norm: f32 },
+    /// The gradient held NaN or Inf: weights, moments and step count unchanged.
+    SkippedNonFinite,
+    /// Not active, or empty.
+    Idle,
+}
+
+/// Optimizer state for every slot of a pool, in the pool's layout (f32).
+pub struct SlotOptimizer {
+    dev: Device,
+    cfg: PoolConfig,
+    betas: AdamW,
+    master: [Buffer<f32>; 2],
+    m1: [Buffer<f32>; 2],
+    m2: [Buffer<f32>; 2],
+    anchor: [Buffer<f32>; 2],
+    hyper: Buffer<SlotOptim>,
+    host_hyper: Vec<SlotOptim>,
+    step: Buffer<i32>,
+    status: Buffer<i32>,
+    grad_norm: Buffer<f32>,
+}
+
+impl SlotOptimizer {
+    /// State for `pool`'s slots (all inactive until [`Self::load_adapter`]).
+    /// `betas` gives beta1, beta2 and eps; lr and weight decay are per slot.
+    pub fn new<T: KernelElement>(pool: &AdapterPool<T>, betas: AdamW) -> Result<Self> {
+        betas.validate()?;
+        let dev = pool.device().clone();
+        let cfg = pool.config();
+        let (na, nb) = (
+            cfg.slots * cfg.max_rank * cfg.k,
+            cfg.slots * cfg.n * cfg.max_rank,
+        );
+        let pair = || -> Result<[Buffer<f32>; 2]> { Ok([dev.zeros(na)?, dev.zeros(nb)?]) };
+        Ok(SlotOptimizer {
+            master: pair()?,
+            m1: pair()?,
+            m2: pair()?,
+            anchor: pair()?,
+            hyper: dev.zeros(cfg.slots)?,
+            host_hyper: vec![SlotOptim::default(); cfg.slots],
+            step: dev.zeros(cfg.slots)?,
+            status: dev.zeros(cfg.slots)?,
+            grad_norm: dev.zeros(cfg.slots)?,
+            dev,
+            cfg,
+            betas,
+        })
+    }
+
+    /// Puts a new adapter (f32 weights: `a` `[rank, k]`, `b` `[n, rank]`) in
+    /// `slot` for training: the pool gets its storage-type copy, the master
+    /// weights and the anchor get the f32 values, moments and step count
+    /// restart from zero, and the slot becomes active with `hyper`.
+    #[allow(clippy::too_many_arguments)] // an adapter and its training settings
+    pub fn load_adapter<T: KernelElement>(
+        &mut self,
+        pool: &mut AdapterPool<T>,
+        slot: usize,
+        a: &[f32],
+        b: &[f32],
+        rank: usize,
+        scale: f32,
+        hyper: SlotHyper,
+    ) -> Result<()> {
+        self.check_pool(pool)?;
+        let rounded = |v: &[f32]| v.iter().map(|&e| T::from_f32(e)).collect::<Vec<T>>();
+        pool.load(slot, &rounded(a), &rounded(b), rank, scale)?;
+        let PoolConfig { max_rank, n, k, .. } = self.cfg;
+        let mut a_rows = vec![0f32; max_rank * k];
+        a_rows[..rank * k].copy_from_slice(a);
+        let mut b_rows = vec![0f32; n * max_rank];
+        for (dst, src) in b_rows.chunks_mut(max_rank).zip(b.chunks(rank)) {
+            dst[..rank].copy_from_slice(src);
+        }
+        let zeros = (vec![0f32; max_rank * k], vec![0f32; n * max_rank]);
+        let (at, bt) = (slot * max_rank * k, slot * n * max_rank);
+        for [ba, bb] in [&mut self.master, &mut self.anchor] {
+            write(&self.dev, ba, at, &a_rows)?;
+            write(&self.dev, bb, bt, &b_rows)?;
+        }
+        for [ba, bb] in [&mut self.m1, &mut self.m2] {
+            write(&self.dev, ba, at, &zeros.0)?;
+            write(&self.dev, bb, bt, &zeros.1)?;
+        }
+        write(&self.dev, &mut self.step, slot, &[0])?;
+        self.set_hyper(slot, hyper)?;
+        self.set_active(slot, true)
+    }
+
+    /// Per-slot learning rate, weight decay, clipping and anchor pull.
+    pub fn set_hyper(&mut self, slot: usize, hyper: SlotHyper) -> Result<()> {
+        self.check_slot(slot)?;
+        for (name, v) in [
+            ("lr", hyper.lr),
+            ("weight_decay", hyper.weight_decay),
+            ("max_grad_norm", hyper.max_grad_norm),
+            ("anchor_pull", hyper.anchor_pull),
+        ] {
+            check_finite(name, v)?;
+            if v < 0.0 {
+                return Err(invalid(name, v, "must be >= 0"));
+            }
+        }
+        let h = &mut self.host_hyper[slot];
+        (h.lr, h.weight_decay, h.max_grad_norm, h.anchor_pull) = (
+            hyper.lr,
+            hyper.weight_decay,
+            hyper.max_grad_norm,
+            hyper.anchor_pull,
+        );
+        let h = *h;
+        write(&self.dev, &mut self.hyper, slot, &[h])
+    }
+
+    /// Whether [`Self::step`] updates `slot`.
+    pub fn set_active(&mut self, slot: usize, active: bool) -> Result<()> {
+        self.check_slot(slot)?;
+        self.host_hyper[slot].active = active as i32;
+        let h = self.host_hyper[slot];
+        write(&self.dev, &mut self.hyper, slot, &[h])
+    }
+
+    /// Makes the slot's current weights its anchor (call when a new task
+    /// starts; the pull then keeps the adapter near what it knew before).
+    pub fn set_anchor(&mut self, slot: usize) -> Result<()> {
+        self.check_slot(slot)?;
+        let PoolConfig { max_rank, n, k, .. } = self.cfg;
+        for (part, len) in [(0, max_rank * k), (1, n * max_rank)] {
+            let range = slot * len..(slot + 1) * len;
+            match (&self.master[part], &mut self.anchor[part]) {
+                (Buffer::Host(src), Buffer::Host(dst)) => {
+                    dst[range.clone()].copy_from_slice(&src[range])
+                }
+                (Buffer::Cuda(src), Buffer::Cuda(dst)) => {
+                    let stream = self
+                        .dev
+                        .cuda_stream()
+                        .expect("CUDA buffers belong to a CUDA device");
+                    stream.memcpy_dtod(&src.slice(range.clone()), &mut dst.slice_mut(range))?;
+                }
+                _ => unreachable!("the optimizer's buffers share one backend"),
+            }
+        }
+        Ok(())
+    }
+
+    /// One AdamW step of every active slot, in one launch. `grad_a`, `grad_b`
+    /// are the pool-layout f32 gradients (`multi_adapter_backward`'s da, db);
+    /// the pool's storage-type weights are refreshed from the new masters.
+    pub fn step<'a, T: KernelElement>(
+        &mut self,
+        pool: &mut AdapterPool<T>,
+        grad_a: impl Into<BufRef<'a, f32>>,
+        grad_b: impl Into<BufRef<'a, f32>>,
+    ) -> Result<()> {
+        self.check_pool(pool)?;
+        let (ga, gb) = (grad_a.into(), grad_b.into());
+        let PoolConfig {
+            slots,
+            max_rank,
+            n,
+            k,
+        } = self.cfg;
+        super::check_operand(&self.dev, "grad_a", &ga, slots * max_rank, k)?;
+        super::check_operand(&self.dev, "grad_b", &gb, slots * n, max_rank)?;
+        let dev = &self.dev;
+        let [ma, mb] = &mut self.master;
+        let [m1a, m1b] = &mut self.m1;
+        let [m2a, m2b] = &mut self.m2;
+        let [ana, anb] = &self.anchor;
+        let (mut ma, mut mb, mut m1a, mut m1b, mut m2a, mut m2b) = (
+            BufMut::from(ma),
+            BufMut::from(mb),
+            BufMut::from(m1a),
+            BufMut::from(m1b),
+            BufMut::from(m2a),
+            BufMut::from(m2b),
+        );
+        let (ana, anb) = (BufRef::from(ana), BufRef::from(anb));
+        let (mut wa, mut wb) = (BufMut::from(&mut pool.a), BufMut::from(&mut pool.b));
+        let ranks = BufRef::from(&pool.ranks);
+        let hyper = BufRef::from(&self.hyper);
+        let (mut step, mut status, mut norm) = (
+            BufMut::from(&mut self.step),
+            BufMut::from(&mut self.status),
+            BufMut::from(&mut self.grad_norm),
+        );
+        use super::{in_ptr, out_ptr};
+        let (p_ma, _g1) = out_ptr(dev, &mut ma);
+        let (p_mb, _g2) = out_ptr(dev, &mut mb);
+        let (p_m1a, _g3) = out_ptr(dev, &mut m1a);
+        let (p_m1b, _g4) = out_ptr(dev, &mut m1b);
+        let (p_m2a, _g5) = out_ptr(dev, &mut m2a);
+        let (p_m2b, _g6) = out_ptr(dev, &mut m2b);
+        let (p_ana, _g7) = in_ptr(dev, &ana);
+        let (p_anb, _g8) = in_ptr(dev, &anb);
+        let (p_ga, _g9) = in_ptr(dev, &ga);
+        let (p_gb, _g10) = in_ptr(dev, &gb);
+        let (p_wa, _g11) = out_ptr(dev, &mut wa);
+        let (p_wb, _g12) = out_ptr(dev, &mut wb);
+        let (p_rank, _g13) = in_ptr(dev, &ranks);
+        let (p_hyper, _g14) = in_ptr(dev, &hyper);
+        let (p_step, _g15) = out_ptr(dev, &mut step);
+        let (p_status, _g16) = out_ptr(dev, &mut status);
+        let (p_norm, _g17) = out_ptr(dev, &mut norm);
+        let params = AdamWParams {
+            master_a: p_ma,
+            master_b: p_mb,
+            m1_a: p_m1a,
+            m1_b: p_m1b,
+            m2_a: p_m2a,
+            m2_b: p_m2b,
+            anchor_a: p_ana,
+            anchor_b: p_anb,
+            grad_a: p_ga,
+            grad_b: p_gb,
+            work_a: p_wa,
+            work_b: p_wb,
+            slot_rank: p_rank,
+            hyper: p_hyper,
+            step: p_step,
+            status: p_status,
+            grad_norm: p_norm,
+            n: n as i32,
+            k: k as i32,
+            max_rank: max_rank as i32,
+            slots: slots as i32,
+            beta1: self.betas.beta1,
+            beta2: self.betas.beta2,
+            eps: self.betas.eps,
+            pad: 0,
+        };
+        let kernel = match T::DTYPE {
+            DType::F16 => &ADAMW_F16,
+            DType::BF16 => &ADAMW_BF16,
+            _ => &ADAMW_F32,
+        };
+        let dims = LaunchDims {
+            grid: [slots as u32, 1, 1],
+            block: [THREADS, 1, 1],
+            dynamic_smem_bytes: 0,
+        };
+        // SAFETY: every f32 state buffer was allocated for this pool's config
+        // (new), the gradients and the pool's weights were checked to have the
+        // pool layout's sizes, the per-slot arrays hold `slots` entries, and
+        // the kernel indexes only slot s's first rank rows/columns with s <
+        // slots (a block per slot); the pointer guards live past the launch.
+        unsafe { kernel.launch(dev, dims, &params) }
+    }
+
+    /// Each slot's outcome of the last step (waits for the device).
+    pub fn statuses(&self) -> Result<Vec<SlotStatus>> {
+        let status = self.dev.download(&self.status)?;
+        let norms = self.dev.download(&self.grad_norm)?;
+        Ok(status
+            .iter()
+            .zip(norms)
+            .map(|(&s, grad_norm)| match s {
+                0 => SlotStatus::Updated { grad_norm },
+                1 => SlotStatus::SkippedNonFinite,
+                _ => SlotStatus::Idle,
+            })
+            .collect())
+    }
+
+    /// Steps taken by each slot since it was loaded.
+    pub fn steps(&self) -> Result<Vec<i32>> {
+        self.dev.download(&self.step)
+    }
+
+    /// The f32 master weights of `slot`: (a `[rank, k]`, b `[n, rank]`).
+    pub fn master<T: KernelElement>(
+        &self,
+        pool: &AdapterPool<T>,
+        slot: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_slot(slot)?;
+        let rank = pool.rank(slot).ok_or(Error::EmptySlot {
+            token: 0,
+            slot: slot as i32,
+        })?;
+        let PoolConfig { max_rank, n, k, .. } = self.cfg;
+        let a = download_range(&self.dev, &self.master[0], slot * max_rank * k, rank * k)?;
+        let b_rows = download_range(
+            &self.dev,
+            &self.master[1],
+            slot * n * max_rank,
+            n * max_rank,
+        )?;
+        let b = b_rows
+            .chunks(max_rank)
+            .flat_map(|row| row[..rank].iter().copied())
+            .collect();
+        Ok((a, b))
+    }
+
+    fn check_pool<T: KernelElement>(&self, pool: &AdapterPool<T>) -> Result<()> {
+        if pool.config() != self.cfg || pool.device().backend() != self.dev.backend() {
+            return Err(invalid(
+                "pool",
+                format!("{:?}", pool.config()),
+                "not the pool this optimizer was made for",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_slot(&self, slot: usize) -> Result<()> {
+        if slot >= self.cfg.slots {
+            return Err(invalid(
+                "slot",
+                slot,
+                format!("the pool has {} slots", self.cfg.slots),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `buf[at..at + len]` on the host (callers pass ranges inside the buffer).
+fn download_range(dev: &Device, buf: &Buffer<f32>, at: usize, len: usize) -> Result<Vec<f32>> {
+    Ok(dev.download(buf)?[at..at + len].to_vec())
+}
+
+/// The pool's storage-type `a` weights on the host (for checks and examples).
+pub fn pool_a_snapshot<T: KernelElement>(pool: &AdapterPool<T>) -> Result<Vec<T>> {
+    pool.device().download(&pool.a)
+}
