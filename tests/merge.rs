@@ -8,17 +8,14 @@ use half::{bf16, f16};
 use lora_kernels::ops::fused_forward::{Regime, fused_forward_in};
 use lora_kernels::ops::merge::merge;
 use lora_kernels::reference::{self, MergeOp};
-use lora_kernels::{Adapter, Device, DeviceAdapter, Dims, Element, KernelElement};
+use lora_kernels::{Adapter, Device, DeviceAdapter, Dims, KernelElement};
 
+/// Runs the kernel on a copy of `w` (`[n, k]`) with adapter (a, b, rank, scale).
 fn run<T: KernelElement>(
     dev: &Device,
-    n: usize,
-    k: usize,
+    (n, k): (usize, usize),
     w: &[T],
-    a: &[T],
-    b: &[T],
-    r: usize,
-    s: f32,
+    (a, b, r, s): (&[T], &[T], usize, f32),
     op: MergeOp,
 ) -> Vec<T> {
     let (ad, bd) = (dev.upload(a).unwrap(), dev.upload(b).unwrap());
@@ -43,7 +40,7 @@ fn check<T: KernelElement>(n: usize, k: usize, r: usize, seed: u64) -> Result<()
     };
     for dev in devices() {
         for op in [MergeOp::Merge, MergeOp::Unmerge] {
-            let got = run(&dev, n, k, &w, &a, &b, r, s, op);
+            let got = run(&dev, (n, k), &w, (&a, &b, r, s), op);
             let mut want = w.clone();
             reference::merge(n, k, &mut want, &adapter, op).unwrap();
             // One rounding to T, plus the f32 accumulation of the r products
@@ -64,8 +61,8 @@ fn check<T: KernelElement>(n: usize, k: usize, r: usize, seed: u64) -> Result<()
             }
         }
         // Unmerge after merge: within two roundings of the original.
-        let merged = run(&dev, n, k, &w, &a, &b, r, s, MergeOp::Merge);
-        let back = run(&dev, n, k, &merged, &a, &b, r, s, MergeOp::Unmerge);
+        let merged = run(&dev, (n, k), &w, (&a, &b, r, s), MergeOp::Merge);
+        let back = run(&dev, (n, k), &merged, (&a, &b, r, s), MergeOp::Unmerge);
         for c in 0..n {
             for q in 0..k {
                 let products = (0..r).map(|j| b[c * r + j].to_f64() * a[j * k + q].to_f64());
@@ -109,7 +106,7 @@ fn merged_base_product_equals_the_fused_forward() {
         random(&mut g, n * r),
     );
     for dev in devices() {
-        let merged = run(&dev, n, k, &w, &a, &b, r, 1.5, MergeOp::Merge);
+        let merged = run(&dev, (n, k), &w, (&a, &b, r, 1.5), MergeOp::Merge);
         let (xd, wd, md, ad, bd) = (
             dev.upload(&x).unwrap(),
             dev.upload(&w).unwrap(),
