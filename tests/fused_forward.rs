@@ -324,3 +324,45 @@ fn gpu_matches_cublas_unfused() {
         .unwrap();
     }
 }
+
+/// The training forward saves t = x a^T (unscaled, f32) for the backward pass.
+#[test]
+fn forward_saving_t_matches_the_reference_intermediate() {
+    use lora_kernels::ops::fused_forward::fused_forward_saving_t;
+    for (m, n, k, r) in [(5, 70, 40, 3), (100, 30, 24, 70), (1, 8, 8, 1)] {
+        let case = Case::<bf16>::new(Dims::new(m, n, k), r, 0.0, 7);
+        let adapter = Adapter {
+            a: &case.a,
+            b: &case.b,
+            rank: r,
+            scale: case.scale,
+        };
+        let want_t = reference::lora_intermediate(case.dims, &case.x, &adapter).unwrap();
+        for dev in devices() {
+            let (x, w) = (dev.upload(&case.x).unwrap(), dev.upload(&case.w).unwrap());
+            let (a, b) = (dev.upload(&case.a).unwrap(), dev.upload(&case.b).unwrap());
+            let mut y = dev.upload(&case.y0).unwrap();
+            let mut t = dev.upload(&vec![f32::NAN; m * r]).unwrap();
+            fused_forward_saving_t(
+                &dev,
+                case.dims,
+                &x,
+                &w,
+                &DeviceAdapter::new(&a, &b, r, case.scale),
+                &mut y,
+                &mut t,
+            )
+            .unwrap();
+            let atol = 1e-5 * (k as f64).sqrt() * max_abs(&case.x) * max_abs(&case.a);
+            compare("saved t", &dev.download(&t).unwrap(), &want_t, atol, 1e-5).unwrap();
+            compare(
+                "y",
+                &dev.download(&y).unwrap(),
+                &case.expected(),
+                case.atol(),
+                rtol::<bf16>(),
+            )
+            .unwrap();
+        }
+    }
+}

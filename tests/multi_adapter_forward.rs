@@ -550,3 +550,71 @@ fn gpu_real_shapes_match_reference() {
         .unwrap();
     }
 }
+
+/// The training forward saves each token's t = x a^T (its own rank's columns).
+#[test]
+fn forward_saving_t_matches_the_reference_intermediate() {
+    use lora_kernels::ops::multi_adapter_forward::multi_adapter_forward_saving_t;
+    let fx = Fixture::<bf16>::new(30, 24, 9, &[3, 9, 0, 1], 31);
+    let m = 20;
+    let x: Vec<bf16> = random(&mut rng(32), m * 24);
+    let ids: Vec<i32> = (0..m as i32)
+        .map(|i| [0, 1, -1, 3, 1][i as usize % 5])
+        .collect();
+    for dev in devices() {
+        let pool = fx.pool(&dev);
+        let (xd, wd, idd) = (
+            dev.upload(&x).unwrap(),
+            dev.upload(&fx.w).unwrap(),
+            dev.upload(&ids).unwrap(),
+        );
+        let mut y = dev.upload(&vec![bf16::NAN; m * 30]).unwrap();
+        let mut t = dev.upload(&vec![0f32; m * 9]).unwrap();
+        multi_adapter_forward_saving_t(
+            &pool,
+            m,
+            &xd,
+            &wd,
+            &Routing::Tokens((&idd).into()),
+            &mut y,
+            &mut t,
+        )
+        .unwrap();
+        let t = dev.download(&t).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            let Some((a, b, r, scale)) = (id >= 0).then(|| fx.slots[id as usize].as_ref().unwrap())
+            else {
+                continue;
+            };
+            let adapter = Adapter {
+                a,
+                b,
+                rank: *r,
+                scale: *scale,
+            };
+            let want = reference::lora_intermediate(
+                Dims::new(1, 30, 24),
+                &x[i * 24..(i + 1) * 24],
+                &adapter,
+            )
+            .unwrap();
+            compare(
+                &format!("t of token {i}"),
+                &t[i * 9..i * 9 + r],
+                &want,
+                1e-4,
+                1e-5,
+            )
+            .unwrap();
+        }
+        let y0 = vec![bf16::NAN; m * 30];
+        compare(
+            "y",
+            &dev.download(&y).unwrap(),
+            &fx.expected(&x, &ids, 0.0, &y0),
+            fx.atol(&x),
+            rtol::<bf16>(),
+        )
+        .unwrap();
+    }
+}

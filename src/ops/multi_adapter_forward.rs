@@ -73,7 +73,51 @@ pub fn multi_adapter_forward_in<'a, T: KernelElement>(
     beta: f32,
     y: impl Into<BufMut<'a, T>>,
 ) -> Result<()> {
-    let (x, w, mut y) = (x.into(), w.into(), y.into());
+    launch(
+        regime,
+        pool,
+        m,
+        (x.into(), w.into()),
+        routing,
+        beta,
+        (y.into(), None),
+    )
+}
+
+/// The forward pass of training: as [`multi_adapter_forward`] (beta = 0),
+/// also saving each token's `t = x a^T` (unscaled f32, `[m, max_rank]`, the
+/// first `rank` columns of each token's adapter; rows of tokens without one
+/// are left as they were) for `multi_adapter_backward`.
+pub fn multi_adapter_forward_saving_t<'a, T: KernelElement>(
+    pool: &AdapterPool<T>,
+    m: usize,
+    x: impl Into<BufRef<'a, T>>,
+    w: impl Into<BufRef<'a, T>>,
+    routing: &Routing<'_>,
+    y: impl Into<BufMut<'a, T>>,
+    t: impl Into<BufMut<'a, f32>>,
+) -> Result<()> {
+    let regime = regime_for(T::DTYPE, m);
+    launch(
+        regime,
+        pool,
+        m,
+        (x.into(), w.into()),
+        routing,
+        0.0,
+        (y.into(), Some(t.into())),
+    )
+}
+
+fn launch<T: KernelElement>(
+    regime: Regime,
+    pool: &AdapterPool<T>,
+    m: usize,
+    (x, w): (BufRef<'_, T>, BufRef<'_, T>),
+    routing: &Routing<'_>,
+    beta: f32,
+    (mut y, mut t_out): (BufMut<'_, T>, Option<BufMut<'_, f32>>),
+) -> Result<()> {
     let dev = pool.device();
     let cfg = pool.config();
     let dims = Dims::new(m, cfg.n, cfg.k);
@@ -100,6 +144,9 @@ pub fn multi_adapter_forward_in<'a, T: KernelElement>(
     check_operand(dev, "w", &w, cfg.n, cfg.k)?;
     check_finite("beta", beta)?;
     check_output(dev, "y", &y, m, cfg.n)?;
+    if let Some(t) = &t_out {
+        check_output(dev, "t", t, m, cfg.max_rank)?;
+    }
     let segments = match routing {
         Routing::Tokens(ids) => {
             check_operand(dev, "slot_ids", ids, m, 1)?;
@@ -147,7 +194,11 @@ pub fn multi_adapter_forward_in<'a, T: KernelElement>(
             BufMut::from(&mut scratch.counters),
             BufMut::from(&mut scratch.bad_ids),
         );
-        let (pt, _gt) = out_ptr(dev, &mut t);
+        // The caller's t when it wants it saved, else the pool's scratch.
+        let (pt, _gt) = match t_out.as_mut() {
+            Some(t_out) => out_ptr(dev, t_out),
+            None => out_ptr(dev, &mut t),
+        };
         let (pc, _gc) = out_ptr(dev, &mut counters);
         let (pbad, _gbad) = out_ptr(dev, &mut bad);
         let (py, _gy) = out_ptr(dev, &mut y);
