@@ -157,6 +157,71 @@ impl CublasBaseline {
         }
         Ok(())
     }
+
+    /// Row-major `c[m, n] = alpha op(a) op(b) + beta c`, op = transpose when
+    /// the flag is set (`a` is `[m, kk]` or, transposed, `[kk, m]`; `b` is
+    /// `[kk, n]` or `[n, kk]`). In cuBLAS's column-major terms `c^T = op(b)^T op(a)^T`.
+    #[allow(clippy::too_many_arguments)] // a GEMM's operands
+    fn gemm_rm<T: Element>(
+        &self,
+        (m, n, kk): (usize, usize, usize),
+        (alpha, beta): (f32, f32),
+        (a, a_t): (&impl DevicePtr<T>, bool),
+        (b, b_t): (&impl DevicePtr<T>, bool),
+        c: &mut impl DevicePtrMut<T>,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        use cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        check_matrix("a", m, kk, a.len())?;
+        check_matrix("b", kk, n, b.len())?;
+        check_matrix("c", m, n, c.len())?;
+        let cfg = GemmConfig {
+            transa: if b_t { CUBLAS_OP_T } else { CUBLAS_OP_N },
+            transb: if a_t { CUBLAS_OP_T } else { CUBLAS_OP_N },
+            m: n as i32,
+            n: m as i32,
+            k: kk as i32,
+            alpha: T::from_f32(alpha),
+            lda: if b_t { kk as i32 } else { n as i32 },
+            ldb: if a_t { m as i32 } else { kk as i32 },
+            beta: T::from_f32(beta),
+            ldc: n as i32,
+        };
+        // SAFETY: the sizes of a, b, c were checked against the shapes above,
+        // which the leading dimensions follow.
+        unsafe { self.blas.gemm(cfg, b, a, c) }?;
+        Ok(())
+    }
+
+    /// The unfused adapter backward, five GEMMs (DESIGN.md section 1):
+    /// `u = s g b`, `dx = g w`, `dx += u a`, `db = s g^T t`, `da = u^T x`,
+    /// every result in the storage type. `t` is `[m, rank]` (the unfused
+    /// forward's intermediate), `u` is `[m, rank]` scratch.
+    #[allow(clippy::too_many_arguments)] // mirrors the op it is the baseline of
+    pub fn backward_unfused<T: Element>(
+        &self,
+        dims: Dims,
+        (g, x, w): (&impl DevicePtr<T>, &impl DevicePtr<T>, &impl DevicePtr<T>),
+        (a, b, rank, scale): (&CudaSlice<T>, &CudaSlice<T>, usize, f32),
+        t: &CudaSlice<T>,
+        u: &mut CudaSlice<T>,
+        (dx, da, db): (&mut CudaSlice<T>, &mut CudaSlice<T>, &mut CudaSlice<T>),
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        let Dims { m, n, k } = dims;
+        dims.validate()?;
+        check_rank("rank", rank)?;
+        check_finite("scale", scale)?;
+        self.gemm_rm((m, rank, n), (scale, 0.0), (g, false), (b, false), u)?;
+        self.gemm_rm((m, k, n), (1.0, 0.0), (g, false), (w, false), dx)?;
+        self.gemm_rm((m, k, rank), (1.0, 1.0), (&*u, false), (a, false), dx)?;
+        self.gemm_rm((n, rank, m), (scale, 0.0), (g, true), (t, false), db)?;
+        self.gemm_rm((rank, k, m), (1.0, 0.0), (&*u, true), (x, false), da)
+    }
 }
 
 /// One adapter's rows of a batch, for [`CublasBaseline::per_adapter_loop`].

@@ -463,3 +463,73 @@ fn multi_adapter_backward_equals_a_per_slot_loop() {
         }
     }
 }
+
+/// On the GPU: cuBLAS's unfused backward (the benchmark baseline) and ours
+/// agree with the reference on the same rounded inputs.
+#[test]
+fn gpu_unfused_cublas_baseline_matches_ours() {
+    use lora_kernels::Buffer;
+    use lora_kernels::cublas_baseline::CublasBaseline;
+    let Some(dev) = gpu() else { return };
+    let blas = CublasBaseline::new(&dev).unwrap();
+    let case = Case::<bf16>::new(Dims::new(300, 1000, 768), 16, 11);
+    let (m, n, k, r) = (300, 1000, 768, 16);
+    let prior = (
+        vec![bf16::ZERO; m * k],
+        vec![0f32; r * k],
+        vec![0f32; n * r],
+    );
+    let (want_dx, want_da, want_db) = case.expected(false, &prior);
+    let cuda = |b: Buffer<bf16>| match b {
+        Buffer::Cuda(s) => s,
+        Buffer::Host(_) => unreachable!(),
+    };
+    let up = |v: &Vec<bf16>| cuda(dev.upload(v).unwrap());
+    let t16: Vec<bf16> = case.t.iter().map(|&v| bf16::from_f32(v)).collect();
+    let (g, x, w, a, b, t) = (
+        up(&case.g),
+        up(&case.x),
+        up(&case.w),
+        up(&case.a),
+        up(&case.b),
+        up(&t16),
+    );
+    let (mut u, mut dx, mut da, mut db) = (
+        up(&vec![bf16::ZERO; m * r]),
+        up(&prior.0),
+        up(&vec![bf16::ZERO; r * k]),
+        up(&vec![bf16::ZERO; n * r]),
+    );
+    blas.backward_unfused(
+        case.dims,
+        (&g, &x, &w),
+        (&a, &b, r, case.scale),
+        &t,
+        &mut u,
+        (&mut dx, &mut da, &mut db),
+    )
+    .unwrap();
+    let down = |s| dev.download(&Buffer::Cuda(s)).unwrap();
+    let as_f32 = |v: Vec<bf16>| v.iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
+    // The baseline rounds t, u and the gradients to bf16: the same bounds with
+    // bf16's rtol in place of the f32 one (atols() uses 1e-5 for da, db).
+    let (adx, ada, adb) = case.atols();
+    let (ada, adb) = (ada / 1e-5 * rtol::<bf16>(), adb / 1e-5 * rtol::<bf16>());
+    compare("cuBLAS dx", &down(dx), &want_dx, 2.0 * adx, rtol::<bf16>()).unwrap();
+    compare(
+        "cuBLAS da",
+        &as_f32(down(da)),
+        &want_da,
+        ada,
+        rtol::<bf16>(),
+    )
+    .unwrap();
+    compare(
+        "cuBLAS db",
+        &as_f32(down(db)),
+        &want_db,
+        adb,
+        rtol::<bf16>(),
+    )
+    .unwrap();
+}

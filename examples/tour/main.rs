@@ -7,11 +7,13 @@
 //! On a GPU it measures the copy bandwidth and a large cuBLAS bf16 GEMM first
 //! (the ceilings), then times the fused forward (fused.rs: beside cuBLAS
 //! base-only and unfused LoRA) and the multi-adapter forward (multi.rs: beside
-//! cuBLAS base-only and a per-adapter cuBLAS loop): each row gives the floor
+//! cuBLAS base-only and a per-adapter cuBLAS loop), the backward (training.rs:
+//! beside cuBLAS's unfused backward) and the optimizer step: each row gives the floor
 //! and the ratios (DESIGN.md section 4), printed and written as JSON to
 //! `$LORA_KERNELS_BENCH_JSON` (default target/bench-tour.json).
 mod fused;
 mod multi;
+mod training;
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -66,6 +68,8 @@ fn main() -> Res<()> {
     );
     let fused_rows = fused::table(&dev, &blas, ceilings)?;
     let multi_rows = multi::table(&dev, &blas, ceilings)?;
+    let backward_rows = training::backward_table(&dev, &blas, ceilings)?;
+    let optimizer = training::optimizer_table(&dev, ceilings)?;
     let report = json!({
         "gpu": dev.name(),
         "copy_bandwidth_bytes_per_s": ceilings.copy_bw,
@@ -74,6 +78,8 @@ fn main() -> Res<()> {
         "runs": RUNS,
         "fused_forward": fused_rows,
         "multi_adapter_forward": multi_rows,
+        "backward": backward_rows,
+        "optimizer": optimizer,
     });
     let path = std::env::var("LORA_KERNELS_BENCH_JSON")
         .unwrap_or_else(|_| "target/bench-tour.json".into());

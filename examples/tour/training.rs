@@ -1,0 +1,160 @@
+//! The training tables: the adapter backward (ours: u, dx, da, db in the
+//! crate's kernels, fast and deterministic modes) beside cuBLAS's unfused
+//! five-GEMM backward, and the fused optimizer step over 1,000 rank-16 slots
+//! against its bandwidth floor.
+use half::bf16;
+use lora_kernels::cublas_baseline::CublasBaseline;
+use lora_kernels::ops::adamw::SlotOptimizer;
+use lora_kernels::ops::lora_backward::{BackwardOptions, BackwardScratch, Grads, lora_backward};
+use lora_kernels::reference::{AdamW, SlotHyper};
+use lora_kernels::timing::time_on_stream;
+use lora_kernels::{AdapterPool, Device, DeviceAdapter, Dims, PoolConfig};
+use serde_json::json;
+
+use crate::{Ceilings, Inputs, RUNS, Res, WARMUP, data};
+
+pub fn backward_table(
+    dev: &Device,
+    blas: &CublasBaseline,
+    ceilings: Ceilings,
+) -> Res<Vec<serde_json::Value>> {
+    println!(
+        "\n   adapter backward, bf16 (dx, da, db): ours (fast / deterministic) vs cuBLAS unfused (5 GEMMs)"
+    );
+    println!(
+        "   {:>5} {:>5} {:>6} {:>3} {:>10} {:>10} {:>12} {:>9} {:>9} {:>8}",
+        "n", "k", "m", "r", "ours us", "det. us", "unfused us", "floor us", "ours/unf", "% floor"
+    );
+    let stream = dev.cuda_stream().expect("a CUDA device");
+    let mut rows = Vec::new();
+    for (n, k) in [(4096usize, 4096usize), (14336, 4096)] {
+        let inputs = Inputs::<bf16>::new(dev, n, k, 4096)?;
+        let g_all = stream.clone_htod(&data::<bf16>(4096 * n, 20))?;
+        for m in [16usize, 512, 4096] {
+            for r in [16usize, 64] {
+                let dims = Dims::new(m, n, k);
+                let (a, b) = (
+                    stream.clone_htod(&data::<bf16>(r * k, 3))?,
+                    stream.clone_htod(&data::<bf16>(n * r, 4))?,
+                );
+                let t32 = stream.clone_htod(&data::<f32>(m * r, 5))?;
+                let t16 = stream.clone_htod(&data::<bf16>(m * r, 5))?;
+                let (mut dx, mut da, mut db) = (
+                    stream.alloc_zeros::<bf16>(m * k)?,
+                    stream.alloc_zeros::<f32>(r * k)?,
+                    stream.alloc_zeros::<f32>(n * r)?,
+                );
+                let (mut dx16, mut da16, mut db16, mut u16) = (
+                    stream.alloc_zeros::<bf16>(m * k)?,
+                    stream.alloc_zeros::<bf16>(r * k)?,
+                    stream.alloc_zeros::<bf16>(n * r)?,
+                    stream.alloc_zeros::<bf16>(m * r)?,
+                );
+                let mut scratch = BackwardScratch::new(dev)?;
+                let g = g_all.slice(..m * n);
+                let x = inputs.x.slice(..m * k);
+                let copies = inputs.ws.len();
+                let mut i = 0;
+                let mut ours = |deterministic| {
+                    time_on_stream(dev, WARMUP, RUNS, || {
+                        i += 1;
+                        let grads = Grads {
+                            dx: Some((&mut dx).into()),
+                            da: Some((&mut da).into()),
+                            db: Some((&mut db).into()),
+                        };
+                        let adapter = DeviceAdapter::new(&a, &b, r, 0.5);
+                        let opts = BackwardOptions {
+                            accumulate: false,
+                            deterministic,
+                        };
+                        lora_backward(
+                            dev,
+                            dims,
+                            g_all.slice(..m * n),
+                            inputs.x.slice(..m * k),
+                            &inputs.ws[i % copies],
+                            &adapter,
+                            &t32,
+                            grads,
+                            opts,
+                            &mut scratch,
+                        )
+                    })
+                };
+                let (fast, det) = (ours(false)?, ours(true)?);
+                let unfused = time_on_stream(dev, WARMUP, RUNS, || {
+                    i += 1;
+                    let w = &inputs.ws[i % copies];
+                    blas.backward_unfused(
+                        dims,
+                        (&g, &x, w),
+                        (&a, &b, r, 0.5),
+                        &t16,
+                        &mut u16,
+                        (&mut dx16, &mut da16, &mut db16),
+                    )
+                })?;
+                let bytes = 2.0 * (2 * m * n + m * k + n * k + r * (n + k) + m * k) as f64
+                    + 4.0 * (m * r + r * (n + k)) as f64;
+                let flops = 2.0 * (m * n * k + m * k * r + 2 * m * n * r + m * r * k) as f64;
+                let floor_us = ceilings.floor_us(bytes, flops);
+                println!(
+                    "   {n:>5} {k:>5} {m:>6} {r:>3} {:>10.1} {:>10.1} {:>12.1} {floor_us:>9.1} {:>9.2} {:>7.0}%",
+                    fast.median_us,
+                    det.median_us,
+                    unfused.median_us,
+                    fast.median_us / unfused.median_us,
+                    100.0 * floor_us / fast.median_us
+                );
+                rows.push(json!({
+                    "n": n, "k": k, "m": m, "r": r, "ours_us": fast.median_us, "ours_deterministic_us": det.median_us,
+                    "cublas_unfused_us": unfused.median_us, "floor_us": floor_us,
+                    "ours_over_unfused": fast.median_us / unfused.median_us, "pct_of_floor": 100.0 * floor_us / fast.median_us,
+                }));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+pub fn optimizer_table(dev: &Device, ceilings: Ceilings) -> Res<serde_json::Value> {
+    let (slots, rank, n, k) = (1000usize, 16usize, 4096usize, 4096usize);
+    let mut pool = AdapterPool::<bf16>::new(
+        dev,
+        PoolConfig {
+            slots,
+            max_rank: rank,
+            n,
+            k,
+        },
+    )?;
+    let mut opt = SlotOptimizer::new(&pool, AdamW::default())?;
+    let hyper = SlotHyper {
+        lr: 1e-3,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        anchor_pull: 0.0,
+    };
+    let (a, b) = (data::<f32>(rank * k, 1), data::<f32>(n * rank, 2));
+    for s in 0..slots {
+        opt.load_adapter(&mut pool, s, &a, &b, rank, 1.0, hyper)?;
+    }
+    let stream = dev.cuda_stream().expect("a CUDA device");
+    let ga = stream.clone_htod(&data::<f32>(slots * rank * k, 3))?;
+    let gb = stream.clone_htod(&data::<f32>(slots * n * rank, 4))?;
+    let step = time_on_stream(dev, 3, 20, || opt.step(&mut pool, &ga, &gb))?;
+    let params = (slots * rank * (n + k)) as f64;
+    // Each parameter: read p, m1, m2, g; write p, m1, m2 (f32) and the bf16 copy.
+    let floor_us = ceilings.floor_us(params * 30.0, 0.0);
+    println!(
+        "\n   fused AdamW step over {slots} rank-{rank} slots (hidden {n}, {:.0} M parameters): {:.1} us, floor {floor_us:.1} us ({:.0}% of floor)",
+        params / 1e6,
+        step.median_us,
+        100.0 * floor_us / step.median_us
+    );
+    Ok(json!({
+        "slots": slots, "rank": rank, "n": n, "k": k, "params": params,
+        "ours_us": step.median_us, "floor_us": floor_us, "pct_of_floor": 100.0 * floor_us / step.median_us,
+    }))
+}
