@@ -113,30 +113,39 @@ type Image = (String, PathBuf, Vec<(u32, PathBuf)>);
 fn compile_device(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image> {
     let verbose = env::var("LORA_KERNELS_PTXAS_VERBOSE").as_deref() == Ok("1");
     let archs = cuda_archs();
-    let mut images = Vec::new();
-    for src in sources {
-        let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-        let ptx = out_dir.join(format!("{stem}.ptx"));
-        run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], &ptx, false);
-        let mut cubins = Vec::new();
-        for arch in &archs {
-            // "90a" enables Hopper-only instructions; it is still compute capability 9.0.
-            let sm: u32 = arch.trim_end_matches('a').parse().unwrap_or_else(|_| {
-                panic!("LORA_KERNELS_CUDA_ARCHS: `{arch}` is not a number like 80, 90 or 90a")
-            });
-            let cubin = out_dir.join(format!("{stem}.sm_{arch}.cubin"));
-            run_nvcc(
-                nvcc,
-                src,
-                &["-cubin", &format!("-arch=sm_{arch}")],
-                &cubin,
-                verbose,
-            );
-            cubins.push((sm, cubin));
-        }
-        images.push((stem, ptx, cubins));
+    // One thread per kernel file: nvcc is single-threaded and the files are independent.
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = sources
+            .iter()
+            .map(|src| scope.spawn(|| compile_file(nvcc, src, out_dir, &archs, verbose)))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("nvcc thread panicked"))
+            .collect()
+    })
+}
+
+fn compile_file(nvcc: &Path, src: &Path, out_dir: &Path, archs: &[String], verbose: bool) -> Image {
+    let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+    let ptx = out_dir.join(format!("{stem}.ptx"));
+    run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], &ptx, false);
+    let mut cubins = Vec::new();
+    for arch in archs {
+        // "90a" enables Hopper-only instructions; it is still compute capability 9.0.
+        let sm: u32 = arch.trim_end_matches('a').parse().unwrap_or_else(|_| {
+            panic!("LORA_KERNELS_CUDA_ARCHS: `{arch}` is not a number like 80, 90 or 90a")
+        });
+        let cubin = out_dir.join(format!("{stem}.sm_{arch}.cubin"));
+        run_nvcc(
+            nvcc,
+            src,
+            &["-cubin", &format!("-arch=sm_{arch}")],
+            &cubin,
+            verbose,
+        );
+        cubins.push((sm, cubin));
     }
-    images
+    (stem, ptx, cubins)
 }
 
 fn run_nvcc(nvcc: &Path, src: &Path, mode: &[&str], out: &Path, verbose: bool) {

@@ -54,6 +54,8 @@ pub(crate) struct Kernel<P> {
     pub name: &'static str,
     /// The kernel file (stem of `kernels/<file>.cu`) whose module holds it.
     pub file: &'static str,
+    /// The host runtime's entry point (None without the `host` feature).
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
     pub host: Option<HostEntry<P>>,
     pub _params: PhantomData<P>,
 }

@@ -287,3 +287,116 @@ fn missing_driver_or_device_is_an_error_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn training_ops_validate_their_operands() {
+    use lora_kernels::ops::adamw::SlotOptimizer;
+    use lora_kernels::ops::lora_backward::{
+        BackwardOptions, BackwardScratch, Grads, lora_backward,
+    };
+    use lora_kernels::ops::merge::merge;
+    use lora_kernels::reference::{AdamW, MergeOp, SlotHyper};
+    use lora_kernels::{AdapterPool, PoolConfig};
+    let dev = Device::host().unwrap();
+    let dims = Dims::new(4, 6, 5);
+    let [x, w, a, b, g] = [20, 30, 10, 12, 24].map(data);
+    let adapter = DeviceAdapter::new(&a, &b, 2, 1.0);
+    let mut scratch = BackwardScratch::new(&dev).unwrap();
+    let t = vec![0.5f32; 8];
+    let mut db = vec![0f32; 13];
+    let grads = Grads {
+        dx: None,
+        da: None,
+        db: Some((&mut db).into()),
+    };
+    let err = lora_backward(
+        &dev,
+        dims,
+        &g,
+        &x,
+        &w,
+        &adapter,
+        &t,
+        grads,
+        BackwardOptions::default(),
+        &mut scratch,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "db", .. }), "{err}");
+    let grads = Grads {
+        dx: None,
+        da: None,
+        db: None,
+    };
+    let err = lora_backward(
+        &dev,
+        dims,
+        &g,
+        &x,
+        &w,
+        &adapter,
+        &t[..7],
+        grads,
+        BackwardOptions::default(),
+        &mut scratch,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "t", .. }), "{err}");
+
+    let mut w_short = w[..29].to_vec();
+    let err = merge(&dev, 6, 5, &mut w_short, &adapter, MergeOp::Merge).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "w", .. }), "{err}");
+
+    let cfg = PoolConfig {
+        slots: 2,
+        max_rank: 2,
+        n: 6,
+        k: 5,
+    };
+    let mut pool = AdapterPool::<half::bf16>::new(&dev, cfg).unwrap();
+    let mut opt = SlotOptimizer::new(&pool, AdamW::default()).unwrap();
+    let hyper = SlotHyper {
+        lr: -1.0,
+        weight_decay: 0.0,
+        max_grad_norm: 0.0,
+        anchor_pull: 0.0,
+    };
+    let err = opt.set_hyper(0, hyper).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "lr", .. }),
+        "{err}"
+    );
+    let err = opt
+        .set_hyper(2, SlotHyper { lr: 0.1, ..hyper })
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "slot", .. }),
+        "{err}"
+    );
+    let err = opt
+        .step(&mut pool, &vec![0f32; 19], &vec![0f32; 24])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Shape {
+                operand: "grad_a",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut other = AdapterPool::<half::bf16>::new(&dev, PoolConfig { slots: 3, ..cfg }).unwrap();
+    let err = opt
+        .step(&mut other, &vec![0f32; 30], &vec![0f32; 36])
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "pool", .. }),
+        "{err}"
+    );
+    let bad_betas = AdamW {
+        eps: f32::NAN,
+        ..AdamW::default()
+    };
+    assert!(SlotOptimizer::new(&pool, bad_betas).is_err());
+}
