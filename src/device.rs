@@ -183,10 +183,10 @@ impl CudaDevice {
             .iter()
             .filter(|(sm, _)| (*sm / 10) as i32 == major && (*sm % 10) as i32 <= minor)
             .max_by_key(|(sm, _)| *sm);
-        let ptx = match cubin {
-            Some((_, bytes)) => cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()),
-            None if major >= 8 => cudarc::nvrtc::Ptx::from_src(image.ptx),
-            None => {
+        let ptx = match (cubin, image.ptx) {
+            (Some((_, bytes)), _) => cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()),
+            (None, Some(ptx)) if major >= 8 => cudarc::nvrtc::Ptx::from_src(ptx),
+            _ => {
                 return Err(Error::NoImage {
                     kernel: file,
                     major,
