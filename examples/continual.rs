@@ -12,6 +12,8 @@
 //!
 //! On a GPU at a larger size, else on the host runtime (it says which).
 //! The ReLU and the loss run on the CPU between the layers' kernels.
+mod common;
+
 use half::bf16;
 use lora_kernels::ops::adamw::SlotOptimizer;
 use lora_kernels::ops::lora_backward::{
@@ -39,15 +41,7 @@ struct Size {
 }
 
 fn values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            scale * ((s >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0)
-        })
-        .collect()
+    common::values(len, seed, scale as f64)
 }
 
 fn bf(v: &[f32]) -> Vec<bf16> {
@@ -297,33 +291,22 @@ impl Model {
 }
 
 fn main() -> Res<()> {
-    let (dev, size) = match lora_kernels::kernels_built().then(|| Device::cuda(0)) {
-        Some(Ok(dev)) => (
-            dev,
-            Size {
-                d_in: 256,
-                hidden: 512,
-                d_out: 128,
-                batch: 64,
-                steps: 300,
-            },
-        ),
-        other => {
-            let why = match other {
-                Some(Err(e)) => e.to_string(),
-                _ => "this build has no CUDA kernels".into(),
-            };
-            println!("no GPU ({why}): running on the host runtime (CPU) at a small size\n");
-            (
-                Device::host()?,
-                Size {
-                    d_in: 24,
-                    hidden: 40,
-                    d_out: 12,
-                    batch: 32,
-                    steps: 150,
-                },
-            )
+    let (dev, on_gpu) = common::pick_device();
+    let size = if on_gpu {
+        Size {
+            d_in: 256,
+            hidden: 512,
+            d_out: 128,
+            batch: 64,
+            steps: 300,
+        }
+    } else {
+        Size {
+            d_in: 24,
+            hidden: 40,
+            d_out: 12,
+            batch: 32,
+            steps: 150,
         }
     };
     println!(

@@ -8,12 +8,14 @@
 //!
 //! On a GPU at hidden size 4096; without one, on the host runtime at a small
 //! size (it says which).
+mod common;
+
 use std::time::Instant;
 
 use half::bf16;
 use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward};
 use lora_kernels::slot_map::SlotMap;
-use lora_kernels::{Adapter, AdapterPool, Device, Dims, PoolConfig, reference};
+use lora_kernels::{Adapter, AdapterPool, Dims, PoolConfig, reference};
 
 struct Setup {
     hidden: usize,
@@ -23,17 +25,9 @@ struct Setup {
     batches: usize,
 }
 
-/// Deterministic values in [-1, 1): the weights of adapter `id` are a function of id.
+/// The weights of adapter `id` are a function of id.
 fn values(len: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-        })
-        .collect()
+    common::values(len, seed, 1.0)
 }
 
 fn rank_of(id: usize) -> usize {
@@ -49,33 +43,22 @@ fn adapter_weights(id: usize, n: usize, k: usize) -> (Vec<bf16>, Vec<bf16>) {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (dev, setup) = match lora_kernels::kernels_built().then(|| Device::cuda(0)) {
-        Some(Ok(dev)) => (
-            dev,
-            Setup {
-                hidden: 4096,
-                slots: 32,
-                adapters: 100,
-                batch: 64,
-                batches: 200,
-            },
-        ),
-        other => {
-            let why = match other {
-                Some(Err(e)) => e.to_string(),
-                _ => "this build has no CUDA kernels".into(),
-            };
-            println!("no GPU ({why}): serving on the host runtime (CPU) at a small size\n");
-            (
-                Device::host()?,
-                Setup {
-                    hidden: 64,
-                    slots: 4,
-                    adapters: 10,
-                    batch: 8,
-                    batches: 12,
-                },
-            )
+    let (dev, on_gpu) = common::pick_device();
+    let setup = if on_gpu {
+        Setup {
+            hidden: 4096,
+            slots: 32,
+            adapters: 100,
+            batch: 64,
+            batches: 200,
+        }
+    } else {
+        Setup {
+            hidden: 64,
+            slots: 4,
+            adapters: 10,
+            batch: 8,
+            batches: 12,
         }
     };
     let Setup {

@@ -27,6 +27,20 @@ pub struct PoolConfig {
     pub k: usize,
 }
 
+impl PoolConfig {
+    /// An error unless `slot` names one of the pool's slots.
+    pub fn check_slot(&self, slot: usize) -> Result<()> {
+        if slot >= self.slots {
+            return Err(invalid(
+                "slot",
+                slot,
+                format!("the pool has {} slots", self.slots),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Scratch the multi-adapter kernel uses: the f32 intermediate `t`
 /// (`[tokens][max_rank]`, grown on demand), two launch counters (0 between
 /// launches) and the count of out-of-range ids seen on the device.
@@ -199,14 +213,7 @@ impl<T: KernelElement> AdapterPool<T> {
     }
 
     fn check_slot(&self, slot: usize) -> Result<()> {
-        if slot >= self.cfg.slots {
-            return Err(invalid(
-                "slot",
-                slot,
-                format!("the pool has {} slots", self.cfg.slots),
-            ));
-        }
-        Ok(())
+        self.cfg.check_slot(slot)
     }
 }
 

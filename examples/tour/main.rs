@@ -11,6 +11,8 @@
 //! beside cuBLAS's unfused backward) and the optimizer step: each row gives the floor
 //! and the ratios (DESIGN.md section 4), printed and written as JSON to
 //! `$LORA_KERNELS_BENCH_JSON` (default target/bench-tour.json).
+#[path = "../common/mod.rs"]
+mod common;
 mod fused;
 mod multi;
 mod training;
@@ -174,15 +176,7 @@ fn open_gpu() -> Option<Device> {
 
 /// Deterministic pseudo-random values in [-1, 1) (never zeros, never timed on zeros).
 pub fn data<T: Element>(len: usize, seed: u64) -> Vec<T> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            T::from_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-        })
-        .collect()
+    common::values(len, seed, 1.0)
 }
 
 /// 1. A small example through the CPU reference and the kernels.

@@ -336,14 +336,7 @@ impl SlotOptimizer {
     }
 
     fn check_slot(&self, slot: usize) -> Result<()> {
-        if slot >= self.cfg.slots {
-            return Err(invalid(
-                "slot",
-                slot,
-                format!("the pool has {} slots", self.cfg.slots),
-            ));
-        }
-        Ok(())
+        self.cfg.check_slot(slot)
     }
 }
 
