@@ -618,3 +618,70 @@ fn forward_saving_t_matches_the_reference_intermediate() {
         .unwrap();
     }
 }
+
+/// On the GPU: a multi-adapter launch captured in a CUDA graph stays valid when
+/// the ids (on the device) and the pool's adapters change between replays,
+/// because the launch shape never depends on them.
+#[test]
+fn gpu_graph_replay_follows_new_ids_and_adapters() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(base_dev) = gpu() else { return };
+    // A private stream and context without cudarc's cross-stream event
+    // tracking: capture takes only this stream's work.
+    let stream = base_dev
+        .cuda_stream()
+        .unwrap()
+        .context()
+        .new_stream()
+        .unwrap();
+    // SAFETY: every buffer of this test is used on this one stream only.
+    unsafe { stream.context().disable_event_tracking() };
+    let dev = Device::from_stream(stream.clone()).unwrap();
+    let mut fx = Fixture::<bf16>::new(64, 48, 8, &[8, 3, 5], 41);
+    let m = 24;
+    let x: Vec<bf16> = random(&mut rng(42), m * 48);
+    let mut pool = fx.pool(&dev);
+    pool.reserve_tokens(m).unwrap();
+    let (xd, wd) = (dev.upload(&x).unwrap(), dev.upload(&fx.w).unwrap());
+    let mut ids_dev = dev.upload(&vec![0i32; m]).unwrap();
+    let mut y = dev.upload(&vec![bf16::NAN; m * 64]).unwrap();
+    let run = |ids_dev: &lora_kernels::Buffer<i32>,
+               y: &mut lora_kernels::Buffer<bf16>,
+               pool: &AdapterPool<bf16>| {
+        multi_adapter_forward(pool, m, &xd, &wd, &Routing::Tokens(ids_dev.into()), 0.0, y).unwrap()
+    };
+    run(&ids_dev, &mut y, &pool); // loads the module before capture
+    dev.synchronize().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    run(&ids_dev, &mut y, &pool);
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a captured graph");
+    let y0 = vec![bf16::NAN; m * 64];
+    for round in 0..3u64 {
+        let ids: Vec<i32> = (0..m as i32)
+            .map(|i| ((i + round as i32) % 4) - 1)
+            .collect();
+        if round == 2 {
+            let (a, b) = (random(&mut rng(43), 2 * 48), random(&mut rng(44), 64 * 2));
+            pool.load(2, &a, &b, 2, 2.0).unwrap();
+            fx.slots[2] = Some((a, b, 2, 2.0));
+        }
+        if let lora_kernels::Buffer::Cuda(s) = &mut ids_dev {
+            stream.memcpy_htod(&ids, s).unwrap();
+        }
+        graph.launch().unwrap();
+        let got = dev.download(&y).unwrap();
+        compare(
+            &format!("graph replay {round}"),
+            &got,
+            &fx.expected(&x, &ids, 0.0, &y0),
+            fx.atol(&x),
+            rtol::<bf16>(),
+        )
+        .unwrap();
+    }
+}
