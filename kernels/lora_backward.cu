@@ -3,10 +3,11 @@
 // base weight stays frozen. Launch order (src/ops/lora_backward.rs):
 //   1. lk_backward_u:  u = s g b (per token, at its adapter's own rank)
 //   2. lk_backward_dx: dx = g w + u a, base and low-rank in one accumulator
+//      (tensor cores for f16/bf16: lk_backward_dx_mma_*; SIMT for f32)
 //   3. lk_backward_db / lk_backward_da: the reductions over tokens, split
 //      into `splits` token ranges; then lk_backward_reduce (deterministic:
 //      fixed order, no float atomics) when splits > 1.
-#include "lk_runtime.cuh"
+#include "lk_tile_gemm.cuh"
 
 namespace {
 
@@ -107,6 +108,68 @@ __device__ void backward_dx(const BackwardParams& p) {
     }
 }
 
+// dx = g w + u a on tensor cores: a BM x BN tile of dx per block, the base
+// product over n as a k-major GEMM (lk_tile_gemm.cuh), then u a as extra
+// k-steps over each distinct adapter's ranks among the block's rows (u as a
+// hi + lo pair, like t in the forward), all in one accumulator.
+template <class T, class C, bool ALIGNED>
+__device__ void backward_dx_mma(const BackwardParams& p) {
+    LK_DYNAMIC_SHARED(T, smem);
+    LK_SHARED(int, row_slot, [C::BM]);
+    LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
+    const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
+    const float* u = reinterpret_cast<const float*>(p.u);
+    const int row0 = blockIdx.y * C::BM, col0 = blockIdx.x * C::BN;
+    constexpr int LDB = C::BN + 8;
+
+    lk::Accumulators<C> r;
+    lk::zero<C>(r.acc);
+    // dx[m, k] = g[m, n] w[n, k]: the reduction runs over n.
+    lk::mainloop_bt<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.g), reinterpret_cast<const T*>(p.w), p.m, p.k,
+                                   p.n, row0, col0, r);
+    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int count = 0;
+        for (int i = 0; i < C::BM; ++i) {
+            int s = row_slot[i];
+            bool seen = s < 0;
+            for (int d = 1; d <= count && !seen; ++d) seen = distinct[d] == s;
+            if (!seen) distinct[++count] = s;
+        }
+        distinct[0] = count;
+    }
+    __syncthreads();
+    T* th = smem;
+    T* tl = th + C::BM * C::LDT;
+    T* bt = tl + C::BM * C::LDT;
+    for (int d = 1; d <= distinct[0]; ++d) {
+        const int s = distinct[d], rank = slot_rank(p, s);
+        const T* as = a_pool + (size_t)s * p.max_rank * p.k;
+        for (int r0 = 0; r0 < rank; r0 += lk::RC) {
+            const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
+            const int rp = (rc + 15) / 16 * 16;
+            for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
+                int row = i / rp, col = i % rp;
+                float v = (row_slot[row] == s && col < rc) ? u[(size_t)(row0 + row) * p.max_rank + r0 + col] : 0.f;
+                T hi = lk::from_f32<T>(v);
+                float hv = lk::to_f32(hi);
+                th[row * C::LDT + col] = hi;
+                tl[row * C::LDT + col] = lk::from_f32<T>(isinf(hv) ? 0.f : v - hv);
+            }
+            // a rows r0.. of this slot, columns col0..: rank x BN, k-major.
+            for (int i = threadIdx.x; i < rp * C::BN; i += C::THREADS) {
+                int j = i / C::BN, q = i % C::BN;
+                bt[j * LDB + q] = (j < rc && col0 + q < p.k) ? as[(size_t)(r0 + j) * p.k + col0 + q] : lk::from_f32<T>(0.f);
+            }
+            __syncthreads();
+            lk::expand_bt<T, C>(th, tl, bt, rp, r);
+            __syncthreads();
+        }
+    }
+    lk::store_y<T, C>(reinterpret_cast<T*>(p.dx), p.m, p.k, row0, col0, p.accumulate ? 1.f : 0.f, r);
+}
+
 // Where a token-range result goes: straight into the gradient (one range,
 // or atomics), or into this range's partials for lk_backward_reduce.
 __device__ __forceinline__ void emit(const BackwardParams& p, float* grad, size_t len, size_t idx, float v) {
@@ -197,4 +260,13 @@ __device__ void backward_reduce(const BackwardParams& p) {
 LK_BACKWARD(f32, float)
 LK_BACKWARD(f16, __half)
 LK_BACKWARD(bf16, __nv_bfloat16)
+
+#define LK_BACKWARD_DX_MMA(regime, Cfg, tname, T)                                              \
+    LK_KERNEL(lk_backward_dx_##regime##_##tname##_aligned, BackwardParams,                  \
+              (backward_dx_mma<T, Cfg, true>))                                                \
+    LK_KERNEL(lk_backward_dx_##regime##_##tname##_any, BackwardParams, (backward_dx_mma<T, Cfg, false>))
+LK_BACKWARD_DX_MMA(decode, lk::DecodeTiles, f16, __half)
+LK_BACKWARD_DX_MMA(decode, lk::DecodeTiles, bf16, __nv_bfloat16)
+LK_BACKWARD_DX_MMA(prefill, lk::PrefillTiles, f16, __half)
+LK_BACKWARD_DX_MMA(prefill, lk::PrefillTiles, bf16, __nv_bfloat16)
 LK_KERNEL(lk_backward_reduce, BackwardParams, backward_reduce)

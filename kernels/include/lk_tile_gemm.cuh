@@ -24,6 +24,15 @@ struct TileConfig {
 using DecodeTiles = TileConfig<16, 32, 64, 1, 2, 6>;
 using PrefillTiles = TileConfig<128, 128, 32, 2, 4, 4>;
 
+// The same for a kernel whose B operand is stored k-major ([reduction][N],
+// loaded with ldmatrix.trans): the backward's dx = g w + u a. src/ops mirrors it.
+template <class C>
+__host__ __device__ constexpr int smem_elems_bt() {
+    int pipeline = C::STAGES * (C::BM * C::LDS + C::BK * (C::BN + 8));
+    int expand = 2 * C::BM * C::LDT + RC * (C::BN + 8);
+    return pipeline > expand ? pipeline : expand;
+}
+
 // Elements of dynamic shared memory a launch needs: the pipeline (x, w and
 // `shrink_rows` rows of a per stage) or the expand's tiles, which reuse the
 // pipeline's space after the k-loop. src/ops mirrors this.
@@ -49,6 +58,28 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int nrows, int nc
             int valid = (gr < nrows) ? ncols - gc : 0;
             valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
             // A chunk that reads nothing still needs a valid address.
+            const T* src = valid > 0 ? g + (size_t)gr * ncols + gc : g;
+            cp_async_16(dst, src, 2u * valid);
+        } else {
+            for (int i = 0; i < 8; ++i)
+                dst[i] = (gr < nrows && gc + i < ncols) ? g[(size_t)gr * ncols + gc + i] : from_f32<T>(0.f);
+        }
+    }
+}
+
+// Copies rows [row0, row0 + rows) x columns [col0, col0 + WIDTH) of a
+// row-major [nrows, ncols] matrix into smem with row stride LD; as load_tile,
+// for tiles whose width is not BK (the k-major B tiles).
+template <class T, int THREADS, int WIDTH, int LD, bool ALIGNED>
+__device__ __forceinline__ void load_rows(T* smem, const T* g, int nrows, int ncols, int row0, int rows, int col0) {
+    constexpr int CHUNKS = WIDTH / 8;
+    for (int e = threadIdx.x; e < rows * CHUNKS; e += THREADS) {
+        int r = e / CHUNKS, c = (e % CHUNKS) * 8;
+        int gr = row0 + r, gc = col0 + c;
+        T* dst = smem + r * LD + c;
+        if (ALIGNED) {
+            int valid = (gr < nrows) ? ncols - gc : 0;
+            valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
             const T* src = valid > 0 ? g + (size_t)gr * ncols + gc : g;
             cp_async_16(dst, src, 2u * valid);
         } else {
@@ -131,6 +162,77 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
     }
     cp_async_wait<0>();
     __syncthreads();
+}
+
+// acc += A B over a k-major B: A = a [m, kdim] row-major (tokens x reduction),
+// B = b [kdim, n] row-major (reduction x columns), the block's tile at rows
+// row0.., columns col0.. (the backward's dx = g w). Same pipeline as mainloop;
+// B fragments come from ldmatrix.trans of [BK][BN + 8] tiles. Ends drained
+// and after a barrier.
+template <class T, class C, bool ALIGNED>
+__device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int kdim, int row0, int col0,
+                            Accumulators<C>& r) {
+    constexpr int LDB = C::BN + 8;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp / C::WN, wn = warp % C::WN;
+    const int stage_elems = C::BM * C::LDS + C::BK * LDB;
+    const int ktiles = (kdim + C::BK - 1) / C::BK;
+    auto load_stage = [&](int stage, int kt) {
+        T* as = smem + stage * stage_elems;
+        T* bs = as + C::BM * C::LDS;
+        load_tile<T, C, ALIGNED>(as, a, m, kdim, row0, C::BM, kt * C::BK);
+        load_rows<T, C::THREADS, C::BN, LDB, ALIGNED>(bs, b, kdim, n, kt * C::BK, C::BK, col0);
+    };
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+        if (s < ktiles) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<C::STAGES - 2>();
+        __syncthreads();
+        int next = kt + C::STAGES - 1;
+        if (next < ktiles) load_stage(next % C::STAGES, next);
+        cp_async_commit();
+        const T* as = smem + (kt % C::STAGES) * stage_elems;
+        const T* bs = as + C::BM * C::LDS;
+        for (int kk = 0; kk < C::BK; kk += 16) {
+            uint32_t af[C::MT][4];
+            for (int i = 0; i < C::MT; ++i)
+                ldmatrix_x4(af[i], as + (wm * C::WTM + i * 16 + lane % 16) * C::LDS + kk + (lane / 16) * 8, false);
+            for (int j = 0; j < C::NT; ++j) {
+                // Lanes 0-7 give rows kk..kk+7 of the n8 column block, lanes 8-15 rows kk+8..kk+15.
+                uint32_t bf[2];
+                ldmatrix_x2(bf, bs + (kk + lane % 16) * LDB + wn * C::WTN + j * 8, true);
+                for (int i = 0; i < C::MT; ++i) mma_m16n8k16(r.acc[i][j], af[i], bf, r.acc[i][j], T());
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
+// acc += t_hi B + t_lo B with B = bt [rp][BN + 8] (k-major), t in th/tl [BM][LDT].
+template <class T, class C>
+__device__ void expand_bt(const T* th, const T* tl, const T* bt, int rp, Accumulators<C>& r) {
+    constexpr int LDB = C::BN + 8;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp / C::WN, wn = warp % C::WN;
+    for (int kk = 0; kk < rp; kk += 16) {
+        uint32_t hf[C::MT][4], lf[C::MT][4];
+        for (int i = 0; i < C::MT; ++i) {
+            int off = (wm * C::WTM + i * 16 + lane % 16) * C::LDT + kk + (lane / 16) * 8;
+            ldmatrix_x4(hf[i], th + off, false);
+            ldmatrix_x4(lf[i], tl + off, false);
+        }
+        for (int j = 0; j < C::NT; ++j) {
+            uint32_t bf[2];
+            ldmatrix_x2(bf, bt + (kk + lane % 16) * LDB + wn * C::WTN + j * 8, true);
+            for (int i = 0; i < C::MT; ++i) {
+                mma_m16n8k16(r.acc[i][j], hf[i], bf, r.acc[i][j], T());
+                mma_m16n8k16(r.acc[i][j], lf[i], bf, r.acc[i][j], T());
+            }
+        }
+    }
 }
 
 // Shared-memory tiles of one expand step: t as hi + lo in the storage type

@@ -8,6 +8,7 @@
 //! [`lora_backward`] trains one adapter; [`multi_adapter_backward`] trains
 //! every adapter of a pool that a batch uses, each token's gradient going to
 //! its own slot, in the same launches.
+use super::tiles::{DECODE, MmaTiles, PREFILL};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef, Buffer};
@@ -31,6 +32,14 @@ kernel!(DA_F32 = lk_backward_da_f32 in "lora_backward": BackwardParams;);
 kernel!(DA_F16 = lk_backward_da_f16 in "lora_backward": BackwardParams;);
 kernel!(DA_BF16 = lk_backward_da_bf16 in "lora_backward": BackwardParams;);
 kernel!(REDUCE = lk_backward_reduce in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_F16_ALIGNED = lk_backward_dx_decode_f16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_F16_ANY = lk_backward_dx_decode_f16_any in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_BF16_ALIGNED = lk_backward_dx_decode_bf16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_BF16_ANY = lk_backward_dx_decode_bf16_any in "lora_backward": BackwardParams;);
+kernel!(DX_PREFILL_F16_ALIGNED = lk_backward_dx_prefill_f16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_PREFILL_F16_ANY = lk_backward_dx_prefill_f16_any in "lora_backward": BackwardParams;);
+kernel!(DX_PREFILL_BF16_ALIGNED = lk_backward_dx_prefill_bf16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_PREFILL_BF16_ANY = lk_backward_dx_prefill_bf16_any in "lora_backward": BackwardParams;);
 
 const THREADS: u32 = 256;
 /// Enough blocks to fill a large GPU; token ranges are split until reached.
@@ -329,14 +338,29 @@ fn run<T: KernelElement>(
     // db the pool layout; u holds m*max_rank and the partials splits*len
     // (reserve above); slot ids are range-checked on the device before any
     // pool access; grids follow the kernels' tiles (u: a block per token, dx:
-    // 64 columns x 32 rows, db: 64 columns, da: 256 columns, y: token ranges,
-    // z: slots <= 65535); the pointer guards live until after the launches.
+    // 64 columns x 32 rows, or the tensor-core tiles with their block size and
+    // shared memory, 16-byte loads only when n, k and the bases allow; db: 64
+    // columns, da: 256 columns, y: token ranges, z: slots <= 65535); the
+    // pointer guards live until after the launches.
     unsafe {
         kernels.u.launch(dev, grid(m, 1, 1), &params)?;
         if pdx != 0 {
-            kernels
-                .dx
-                .launch(dev, grid(k.div_ceil(64), m.div_ceil(32), 1), &params)?;
+            let aligned = n.is_multiple_of(8)
+                && k.is_multiple_of(8)
+                && [pg, pw].iter().all(|p| p.is_multiple_of(16));
+            match dx_mma(T::DTYPE, m, aligned) {
+                Some((kernel, tiles)) => {
+                    let dims = LaunchDims {
+                        grid: [k.div_ceil(tiles.bn) as u32, m.div_ceil(tiles.bm) as u32, 1],
+                        block: [tiles.threads, 1, 1],
+                        dynamic_smem_bytes: tiles.smem_bytes_bt(),
+                    };
+                    kernel.launch(dev, dims, &params)?;
+                }
+                None => kernels
+                    .dx
+                    .launch(dev, grid(k.div_ceil(64), m.div_ceil(32), 1), &params)?,
+            }
         }
         if pdb != 0 {
             kernels
@@ -397,6 +421,28 @@ fn zero(dev: &Device, buf: &mut BufMut<'_, f32>) -> Result<()> {
         (Device::Host, BufMut::Cuda(_)) => unreachable!("backend checked by validation"),
     }
     Ok(())
+}
+
+/// The tensor-core dx kernel and its tiles for f16/bf16 (decode tiles up to
+/// m = 64, as the forward); None for f32 (SIMT).
+fn dx_mma(
+    dtype: DType,
+    m: usize,
+    aligned: bool,
+) -> Option<(&'static Kernel<BackwardParams>, &'static MmaTiles)> {
+    let decode = m <= super::fused_forward::DECODE_MAX_M;
+    let kernel = match (dtype, decode, aligned) {
+        (DType::F16, true, true) => &DX_DECODE_F16_ALIGNED,
+        (DType::F16, true, false) => &DX_DECODE_F16_ANY,
+        (DType::BF16, true, true) => &DX_DECODE_BF16_ALIGNED,
+        (DType::BF16, true, false) => &DX_DECODE_BF16_ANY,
+        (DType::F16, false, true) => &DX_PREFILL_F16_ALIGNED,
+        (DType::F16, false, false) => &DX_PREFILL_F16_ANY,
+        (DType::BF16, false, true) => &DX_PREFILL_BF16_ALIGNED,
+        (DType::BF16, false, false) => &DX_PREFILL_BF16_ANY,
+        _ => return None,
+    };
+    Some((kernel, if decode { &DECODE } else { &PREFILL }))
 }
 
 struct BackwardKernels {

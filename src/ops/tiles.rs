@@ -41,4 +41,12 @@ impl MmaTiles {
         let expand = (2 * self.bm + self.bn) * (RANK_CHUNK + 8);
         (pipeline.max(expand) * 2) as u32
     }
+
+    /// Dynamic shared memory of a k-major-B launch (`smem_elems_bt`): the
+    /// backward's tensor-core dx.
+    pub fn smem_bytes_bt(&self) -> u32 {
+        let pipeline = self.stages * (self.bm * (self.bk + 8) + self.bk * (self.bn + 8));
+        let expand = 2 * self.bm * (RANK_CHUNK + 8) + RANK_CHUNK * (self.bn + 8);
+        (pipeline.max(expand) * 2) as u32
+    }
 }
