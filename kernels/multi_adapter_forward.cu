@@ -6,8 +6,9 @@
 //
 // The grid has two kinds of block, and the launch shape depends only on m, n,
 // k and the pool's shape, never on the ids (CUDA-graph capture stays valid):
-// - the first `shrink_blocks` blocks compute t[i, :rank] = x[i,:] a[s_i]^T (f32,
-//   a warp per rank row, so a token costs its own adapter's rank), then raise
+// - the first `shrink_blocks` blocks compute t[i, :rank] = x[i,:] a[s_i]^T (f32;
+//   units of 8 tokens x one rank row, each adapter's row loaded once per unit
+//   and shared by its tokens, a token costing its own rank), then raise
 //   counters[0];
 // - the other blocks each own a BM x BN tile of y: they run the base product
 //   on tensor cores (lk_tile_gemm.cuh), then wait for counters[0] (by then
@@ -16,6 +17,7 @@
 //   each load of its b tile. The last of them resets the counters to 0.
 // An id outside -1..slots-1 never reads outside the pool: it is treated as -1
 // and counted in *bad_ids (by the shrink blocks, once per token).
+// The counters make the pool's launches one at a time: use a pool from one stream.
 #include "lk_tile_gemm.cuh"
 
 namespace {
@@ -41,40 +43,68 @@ __device__ __forceinline__ int token_slot(const MultiAdapterParams& p, int i) {
     return reinterpret_cast<const int*>(p.slot_rank)[id] > 0 ? id : -1;
 }
 
+// Shrink work is split into units (a group of GROUP consecutive tokens, one
+// rank row j): a unit loads row j of each distinct adapter among its tokens
+// once, in chunks through shared memory, and every token of that adapter
+// dots its x row with it, so tokens of one adapter share each load of `a`,
+// and a token costs its own rank (rows j >= its rank are skipped).
+constexpr int GROUP = 8;
+constexpr int KCHUNK = 512;
+
 template <class T, class C, bool ALIGNED>
 __device__ void shrink_block(const MultiAdapterParams& p) {
     const T* x = reinterpret_cast<const T*>(p.x);
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
     float* t = reinterpret_cast<float*>(p.t);
+    LK_SHARED(float, a_row, [KCHUNK]);
+    LK_SHARED(int, slot_of, [GROUP]);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     constexpr int WARPS = C::THREADS / 32;
-    for (int i = blockIdx.x; i < p.m; i += p.shrink_blocks) {
-        if (threadIdx.x == 0 && out_of_range(p, raw_slot(p, i))) atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), 1u);
-        int s = token_slot(p, i);
-        if (s < 0) continue;
-        int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
-        const T* xi = x + (size_t)i * p.k;
-        for (int j = warp; j < rank; j += WARPS) {
-            const T* aj = a_pool + ((size_t)s * p.max_rank + j) * p.k;
-            float acc = 0.f;
-            if (ALIGNED) {  // 8 elements (16 bytes) per lane per step
-                // A union, not a pointer cast, to view the 16 bytes as elements
-                // (a cast breaks strict aliasing: g++ -O2 miscompiles it).
-                union Chunk {
-                    uint4 v;
-                    T e[8];
-                };
-                for (int c = lane * 8; c < p.k; c += 32 * 8) {
-                    Chunk xv, av;
-                    xv.v = *reinterpret_cast<const uint4*>(xi + c);
-                    av.v = *reinterpret_cast<const uint4*>(aj + c);
-                    for (int e = 0; e < 8; ++e) acc += lk::to_f32(xv.e[e]) * lk::to_f32(av.e[e]);
-                }
-            } else {
-                for (int c = lane; c < p.k; c += 32) acc += lk::to_f32(xi[c]) * lk::to_f32(aj[c]);
+    constexpr int PER_WARP = (GROUP + WARPS - 1) / WARPS;  // tokens each warp dots
+    const int groups = (p.m + GROUP - 1) / GROUP;
+    const int units = groups * p.max_rank;
+    for (int unit = blockIdx.x; unit < units; unit += p.shrink_blocks) {
+        const int i0 = (unit / p.max_rank) * GROUP, j = unit % p.max_rank;
+        __syncthreads();  // slot_of and a_row of the previous unit are no longer read
+        if (threadIdx.x < GROUP) {
+            int i = i0 + threadIdx.x, s = -1;
+            if (i < p.m) {
+                if (j == 0 && out_of_range(p, raw_slot(p, i))) atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), 1u);
+                s = token_slot(p, i);
+                if (s >= 0 && j >= reinterpret_cast<const int*>(p.slot_rank)[s]) s = -1;  // past its rank
             }
-            for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, off);
-            if (lane == 0) t[(size_t)i * p.max_rank + j] = acc;
+            slot_of[threadIdx.x] = s;
+        }
+        __syncthreads();
+        // Each distinct adapter of the group, in token order (the first token
+        // of each adapter stands for it).
+        for (int lead = 0; lead < GROUP; ++lead) {
+            const int s = slot_of[lead];
+            bool first = s >= 0;
+            for (int e = 0; e < lead && first; ++e) first = slot_of[e] != s;
+            if (!first) continue;
+            const T* aj = a_pool + ((size_t)s * p.max_rank + j) * p.k;
+            float acc[PER_WARP];
+            for (int q = 0; q < PER_WARP; ++q) acc[q] = 0.f;
+            for (int k0 = 0; k0 < p.k; k0 += KCHUNK) {
+                const int len = p.k - k0 < KCHUNK ? p.k - k0 : KCHUNK;
+                for (int c = threadIdx.x; c < len; c += C::THREADS) a_row[c] = lk::to_f32(aj[k0 + c]);
+                __syncthreads();
+                for (int q = 0; q < PER_WARP; ++q) {
+                    int g = warp + q * WARPS;  // token i0 + g
+                    if (g >= GROUP || slot_of[g] != s) continue;
+                    const T* xi = x + (size_t)(i0 + g) * p.k + k0;
+                    for (int c = lane; c < len; c += 32) acc[q] += lk::to_f32(xi[c]) * a_row[c];
+                }
+                __syncthreads();
+            }
+            for (int q = 0; q < PER_WARP; ++q) {
+                int g = warp + q * WARPS;
+                if (g >= GROUP || slot_of[g] != s) continue;
+                float v = acc[q];
+                for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+                if (lane == 0) t[(size_t)(i0 + g) * p.max_rank + j] = v;
+            }
         }
     }
     __syncthreads();  // every t of this block is written

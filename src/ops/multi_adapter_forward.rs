@@ -31,8 +31,10 @@ kernel!(PREFILL_F16_ANY = lk_multi_adapter_prefill_f16_any in "multi_adapter_for
 kernel!(PREFILL_BF16_ALIGNED = lk_multi_adapter_prefill_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_BF16_ANY = lk_multi_adapter_prefill_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
 
-/// At most this many blocks compute the shrink (each then takes several tokens).
-const MAX_SHRINK_BLOCKS: usize = 2048;
+/// At most this many blocks compute the shrink (each then takes several units).
+const MAX_SHRINK_BLOCKS: usize = 4096;
+/// Tokens per shrink unit (`GROUP` in the kernel).
+const SHRINK_GROUP: usize = 8;
 
 /// Which adapter each token uses.
 pub enum Routing<'a> {
@@ -203,7 +205,8 @@ fn launch<T: KernelElement>(
         let (pbad, _gbad) = out_ptr(dev, &mut bad);
         let (py, _gy) = out_ptr(dev, &mut y);
         aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
-        let shrink_blocks = m.min(MAX_SHRINK_BLOCKS);
+        // Shrink units: groups of tokens x rank rows (the kernel strides over them).
+        let shrink_blocks = (m.div_ceil(SHRINK_GROUP) * cfg.max_rank).min(MAX_SHRINK_BLOCKS);
         let tile_blocks = m.div_ceil(tiles.bm) * cfg.n.div_ceil(tiles.bn);
         let params = MultiAdapterParams {
             x: px,
