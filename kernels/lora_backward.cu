@@ -27,26 +27,37 @@ __device__ __forceinline__ float slot_scale(const BackwardParams& p, int s) {
     return p.token_slots ? reinterpret_cast<const float*>(p.slot_scale)[s] : p.uniform_scale;
 }
 
-// u[i, j] = s * sum_c g[i, c] b[s][c, j]: one block per token, a warp per
-// rank j (lanes stride over c), one shuffle reduction per j.
+// u[i, j] = s * sum_c g[i, c] b[s][c, j]: one block per token; lanes take
+// consecutive ranks j (so a warp reads a contiguous piece of a row of b),
+// warps take interleaved columns c, and the warps' partial sums are added in
+// a fixed order through shared memory.
 template <class T>
 __device__ void backward_u(const BackwardParams& p) {
     const T* g = reinterpret_cast<const T*>(p.g);
     const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
     float* u = reinterpret_cast<float*>(p.u);
+    constexpr int WARPS = THREADS / 32;
+    LK_SHARED(float, partial, [WARPS][32]);
     const int i = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int s = token_slot(p, i);
     const int rank = s < 0 ? 0 : slot_rank(p, s);
     const float scale = s < 0 ? 0.f : slot_scale(p, s);
     const T* gi = g + (size_t)i * p.n;
-    for (int j = warp; j < p.max_rank; j += THREADS / 32) {
+    for (int j0 = 0; j0 < p.max_rank; j0 += 32) {
+        const int j = j0 + lane;
         float acc = 0.f;
         if (j < rank) {
             const T* bj = b_pool + (size_t)s * p.n * p.max_rank + j;
-            for (int c = lane; c < p.n; c += 32) acc += lk::to_f32(gi[c]) * lk::to_f32(bj[(size_t)c * p.max_rank]);
-            for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, off);
+            for (int c = warp; c < p.n; c += WARPS) acc += lk::to_f32(gi[c]) * lk::to_f32(bj[(size_t)c * p.max_rank]);
         }
-        if (lane == 0) u[(size_t)i * p.max_rank + j] = scale * acc;  // 0 past the rank
+        partial[warp][lane] = acc;
+        __syncthreads();
+        if (threadIdx.x < 32 && j0 + lane < p.max_rank) {
+            float v = 0.f;
+            for (int w = 0; w < WARPS; ++w) v += partial[w][lane];
+            u[(size_t)i * p.max_rank + j0 + lane] = scale * v;  // 0 past the rank
+        }
+        __syncthreads();
     }
 }
 
