@@ -48,7 +48,7 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
                     int row = wm * C::WTM + i * 16 + group + 8 * (q >> 1);
                     int col = tile * 8 + 2 * quad + (q & 1);
                     // Columns >= rc are exact zeros (never x * 0: an Inf in x would give NaN).
-                    lk::store_split<T, C>(e, row, col, col < rc ? p.scale * r.tacc[i][j][q] : 0.f);
+                    lk::store_split<T, C>(e.th, e.tl, row, col, col < rc ? p.scale * r.tacc[i][j][q] : 0.f);
                     // The first column of blocks also saves t for the backward pass.
                     if (p.t_out && blockIdx.x == 0 && col < rc && row0 + row < p.m)
                         reinterpret_cast<float*>(p.t_out)[(size_t)(row0 + row) * p.r + r0 + col] = r.tacc[i][j][q];

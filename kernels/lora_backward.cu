@@ -139,18 +139,7 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
     lk::mainloop_bt<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.g), reinterpret_cast<const T*>(p.w), p.m, p.k,
                                    p.n, row0, col0, r);
     for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int count = 0;
-        for (int i = 0; i < C::BM; ++i) {
-            int s = row_slot[i];
-            bool seen = s < 0;
-            for (int d = 1; d <= count && !seen; ++d) seen = distinct[d] == s;
-            if (!seen) distinct[++count] = s;
-        }
-        distinct[0] = count;
-    }
-    __syncthreads();
+    lk::collect_distinct<C::BM>(row_slot, distinct);
     T* th = smem;
     T* tl = th + C::BM * C::LDT;
     T* bt = tl + C::BM * C::LDT;
@@ -163,10 +152,7 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
             for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
                 int row = i / rp, col = i % rp;
                 float v = (row_slot[row] == s && col < rc) ? u[(size_t)(row0 + row) * p.max_rank + r0 + col] : 0.f;
-                T hi = lk::from_f32<T>(v);
-                float hv = lk::to_f32(hi);
-                th[row * C::LDT + col] = hi;
-                tl[row * C::LDT + col] = lk::from_f32<T>(isinf(hv) ? 0.f : v - hv);
+                lk::store_split<T, C>(th, tl, row, col, v);
             }
             // a rows r0.. of this slot, columns col0..: rank x BN, k-major.
             for (int i = threadIdx.x; i < rp * C::BN; i += C::THREADS) {

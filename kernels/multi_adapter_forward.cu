@@ -142,18 +142,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
         }
     }
     for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int count = 0;
-        for (int i = 0; i < C::BM; ++i) {
-            int s = row_slot[i];
-            bool seen = s < 0;
-            for (int d = 1; d <= count && !seen; ++d) seen = distinct[d] == s;
-            if (!seen) distinct[++count] = s;
-        }
-        distinct[0] = count;
-    }
-    __syncthreads();
+    lk::collect_distinct<C::BM>(row_slot, distinct);
 
     lk::ExpandTiles<T, C> e(smem);
     for (int d = 1; d <= distinct[0]; ++d) {
@@ -167,7 +156,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
                 int row = i / rp, col = i % rp;
                 float v = 0.f;  // rows of other adapters and padding ranks are exact zeros
                 if (row_slot[row] == s && col < rc) v = scale * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + r0 + col);
-                lk::store_split<T, C>(e, row, col, v);
+                lk::store_split<T, C>(e.th, e.tl, row, col, v);
             }
             for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
                 int row = i / rp, col = i % rp, gn = col0 + row;

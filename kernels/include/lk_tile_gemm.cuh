@@ -43,17 +43,17 @@ __host__ __device__ constexpr int smem_elems(int shrink_rows) {
     return pipeline > expand ? pipeline : expand;
 }
 
-// Copies rows [row0, row0 + rows) x columns [col0, col0 + BK) of a row-major
-// [nrows, ncols] matrix into smem (row stride LDS). Out-of-range elements are
-// zero. ALIGNED: 16-byte cp.async (ncols % 8 == 0 and a 16-byte aligned base);
-// otherwise element by element (the tail path for unaligned k).
-template <class T, class C, bool ALIGNED>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int nrows, int ncols, int row0, int rows, int col0) {
-    constexpr int CHUNKS = C::BK / 8;  // 16-byte chunks per row
-    for (int e = threadIdx.x; e < rows * CHUNKS; e += C::THREADS) {
+// Copies rows [row0, row0 + rows) x columns [col0, col0 + WIDTH) of a
+// row-major [nrows, ncols] matrix into smem (row stride LD). Out-of-range
+// elements are zero. ALIGNED: 16-byte cp.async (ncols % 8 == 0 and a 16-byte
+// aligned base); otherwise element by element (the tail path for unaligned k).
+template <class T, int THREADS, int WIDTH, int LD, bool ALIGNED>
+__device__ __forceinline__ void load_rows(T* smem, const T* g, int nrows, int ncols, int row0, int rows, int col0) {
+    constexpr int CHUNKS = WIDTH / 8;  // 16-byte chunks per row
+    for (int e = threadIdx.x; e < rows * CHUNKS; e += THREADS) {
         int r = e / CHUNKS, c = (e % CHUNKS) * 8;
         int gr = row0 + r, gc = col0 + c;
-        T* dst = smem + r * C::LDS + c;
+        T* dst = smem + r * LD + c;
         if (ALIGNED) {
             int valid = (gr < nrows) ? ncols - gc : 0;
             valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
@@ -67,26 +67,29 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int nrows, int nc
     }
 }
 
-// Copies rows [row0, row0 + rows) x columns [col0, col0 + WIDTH) of a
-// row-major [nrows, ncols] matrix into smem with row stride LD; as load_tile,
-// for tiles whose width is not BK (the k-major B tiles).
-template <class T, int THREADS, int WIDTH, int LD, bool ALIGNED>
-__device__ __forceinline__ void load_rows(T* smem, const T* g, int nrows, int ncols, int row0, int rows, int col0) {
-    constexpr int CHUNKS = WIDTH / 8;
-    for (int e = threadIdx.x; e < rows * CHUNKS; e += THREADS) {
-        int r = e / CHUNKS, c = (e % CHUNKS) * 8;
-        int gr = row0 + r, gc = col0 + c;
-        T* dst = smem + r * LD + c;
-        if (ALIGNED) {
-            int valid = (gr < nrows) ? ncols - gc : 0;
-            valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
-            const T* src = valid > 0 ? g + (size_t)gr * ncols + gc : g;
-            cp_async_16(dst, src, 2u * valid);
-        } else {
-            for (int i = 0; i < 8; ++i)
-                dst[i] = (gr < nrows && gc + i < ncols) ? g[(size_t)gr * ncols + gc + i] : from_f32<T>(0.f);
+// The pipeline's tiles: BK columns wide, row stride LDS.
+template <class T, class C, bool ALIGNED>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int nrows, int ncols, int row0, int rows, int col0) {
+    load_rows<T, C::THREADS, C::BK, C::LDS, ALIGNED>(smem, g, nrows, ncols, row0, rows, col0);
+}
+
+// Which adapters a block's rows use: row_slot[BM] (filled by the caller, -1 =
+// none) becomes distinct[1..distinct[0]], each slot once, in row order.
+// Call from every thread; it synchronizes before and after.
+template <int BM>
+__device__ void collect_distinct(const int* row_slot, int* distinct) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int count = 0;
+        for (int i = 0; i < BM; ++i) {
+            int s = row_slot[i];
+            bool seen = s < 0;
+            for (int d = 1; d <= count && !seen; ++d) seen = distinct[d] == s;
+            if (!seen) distinct[++count] = s;
         }
+        distinct[0] = count;
     }
+    __syncthreads();
 }
 
 // Per-warp accumulators: acc for the y tile, tacc for up to RC columns of t.
@@ -245,15 +248,16 @@ struct ExpandTiles {
     __device__ explicit ExpandTiles(T* smem) : th(smem), tl(smem + C::BM * C::LDT), bs(smem + 2 * C::BM * C::LDT) {}
 };
 
-// Stores v as hi + lo (v = hi + lo to about 16 significant bits, so the
-// expand loses nothing to rounding t, the known precision bug of f16
-// intermediates). Where hi is infinite lo is 0 (Inf - Inf would be NaN).
+// Stores v as hi + lo at [row][col] of th and tl (row stride LDT): v = hi +
+// lo to about 16 significant bits, so the expand loses nothing to rounding t
+// (the known precision bug of f16 intermediates). Where hi is infinite lo is 0
+// (Inf - Inf would be NaN).
 template <class T, class C>
-__device__ __forceinline__ void store_split(const ExpandTiles<T, C>& e, int row, int col, float v) {
+__device__ __forceinline__ void store_split(T* th, T* tl, int row, int col, float v) {
     T hi = from_f32<T>(v);
     float hv = to_f32(hi);
-    e.th[row * C::LDT + col] = hi;
-    e.tl[row * C::LDT + col] = from_f32<T>(isinf(hv) ? 0.f : v - hv);
+    th[row * C::LDT + col] = hi;
+    tl[row * C::LDT + col] = from_f32<T>(isinf(hv) ? 0.f : v - hv);
 }
 
 // acc += t_hi b^T + t_lo b^T over rank columns [0, rp) of the expand tiles.
