@@ -16,14 +16,15 @@ mod common;
 
 use half::bf16;
 use lora_kernels::ops::adamw::SlotOptimizer;
+use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper};
 use lora_kernels::ops::lora_backward::{
-    BackwardOptions, BackwardScratch, Grads, multi_adapter_backward,
+    BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, multi_adapter_backward,
 };
 use lora_kernels::ops::merge::merge;
 use lora_kernels::ops::multi_adapter_forward::{
     Routing, multi_adapter_forward, multi_adapter_forward_saving_t,
 };
-use lora_kernels::reference::{AdamW, MergeOp, SlotHyper};
+use lora_kernels::reference::MergeOp;
 use lora_kernels::{AdapterPool, Buffer, Device, DeviceAdapter, PoolConfig};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -73,7 +74,7 @@ impl Layer {
                 k,
             },
         )?;
-        let opt = SlotOptimizer::new(&pool, AdamW::default())?;
+        let opt = SlotOptimizer::new(&pool, AdamWConfig::default())?;
         Ok(Layer {
             w_dev: dev.upload(&bf(&w))?,
             t: dev.zeros(batch * RANK)?,
@@ -248,11 +249,8 @@ impl Model {
         multi_adapter_backward(
             &l2.pool,
             m,
-            &dyd,
-            &actd,
-            &l2.w_dev,
             &idd,
-            &l2.t,
+            DeviceBackwardInputs::new(&dyd, &actd, &l2.w_dev, &l2.t),
             grads,
             opts,
             &mut self.scratch,
@@ -274,11 +272,8 @@ impl Model {
         multi_adapter_backward(
             &l1.pool,
             m,
-            &dpred,
-            &xd,
-            &l1.w_dev,
             &idd,
-            &l1.t,
+            DeviceBackwardInputs::new(&dpred, &xd, &l1.w_dev, &l1.t),
             grads,
             opts,
             &mut self.scratch,

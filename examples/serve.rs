@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use half::bf16;
 use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward};
+use lora_kernels::reference::Adapter;
 use lora_kernels::slot_map::SlotMap;
-use lora_kernels::{Adapter, AdapterPool, Dims, PoolConfig, reference};
+use lora_kernels::{AdapterPool, Dims, PoolConfig, reference};
 
 struct Setup {
     hidden: usize,

@@ -21,9 +21,14 @@ use crate::shape::{Dims, check_finite, check_matrix, check_rank, invalid};
 /// (`w` is `[n, k]`) the adapters belong to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
+    /// How many adapters the pool holds at once.
     pub slots: usize,
+    /// The largest rank a slot takes (1..=[`crate::MAX_RANK`]); every slot
+    /// reserves this much.
     pub max_rank: usize,
+    /// Output features of the layer (rows of `w`).
     pub n: usize,
+    /// Input features of the layer (columns of `w`).
     pub k: usize,
 }
 
@@ -50,6 +55,27 @@ pub(crate) struct Scratch {
     pub bad_ids: Buffer<u32>,
 }
 
+/// Adapters of many users for one linear layer, on one device: what
+/// [`crate::ops::multi_adapter_forward`] serves from and the multi-adapter
+/// backward and optimizer train.
+///
+/// ```
+/// use lora_kernels::{AdapterPool, Device, PoolConfig};
+/// use half::bf16;
+///
+/// let dev = Device::cuda(0).or_else(|_| Device::host())?;
+/// let cfg = PoolConfig { slots: 4, max_rank: 16, n: 12, k: 10 };
+/// let mut pool = AdapterPool::<bf16>::new(&dev, cfg)?;
+/// let (rank, scale) = (8, 2.0);
+/// let a = vec![bf16::from_f32(0.01); rank * cfg.k];
+/// let b = vec![bf16::from_f32(0.02); cfg.n * rank];
+/// pool.load(1, &a, &b, rank, scale)?;
+/// assert_eq!(pool.rank(1), Some(8));
+/// assert_eq!(pool.slots_free(), 3);
+/// pool.evict(1)?;
+/// assert_eq!(pool.rank(1), None);
+/// # Ok::<(), lora_kernels::Error>(())
+/// ```
 pub struct AdapterPool<T> {
     dev: Device,
     cfg: PoolConfig,
@@ -89,10 +115,12 @@ impl<T: KernelElement> AdapterPool<T> {
         })
     }
 
+    /// The pool's shape.
     pub fn config(&self) -> PoolConfig {
         self.cfg
     }
 
+    /// The device the pool lives on (its ops run there).
     pub fn device(&self) -> &Device {
         &self.dev
     }

@@ -7,26 +7,33 @@ use crate::error::{Backend, Error, Result};
 
 /// A read-only operand.
 pub enum BufRef<'a, T> {
+    /// Device memory (a cudarc view).
     Cuda(CudaView<'a, T>),
+    /// Host memory, for the host runtime.
     Host(&'a [T]),
 }
 
 /// A written operand.
 pub enum BufMut<'a, T> {
+    /// Device memory (a cudarc view).
     Cuda(CudaViewMut<'a, T>),
+    /// Host memory, for the host runtime.
     Host(&'a mut [T]),
 }
 
 impl<T> BufRef<'_, T> {
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             BufRef::Cuda(v) => v.len(),
             BufRef::Host(s) => s.len(),
         }
     }
+    /// True when it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Which backend the memory belongs to.
     pub fn backend(&self) -> Backend {
         match self {
             BufRef::Cuda(_) => Backend::Cuda,
@@ -36,15 +43,18 @@ impl<T> BufRef<'_, T> {
 }
 
 impl<T> BufMut<'_, T> {
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             BufMut::Cuda(v) => v.len(),
             BufMut::Host(s) => s.len(),
         }
     }
+    /// True when it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Which backend the memory belongs to.
     pub fn backend(&self) -> Backend {
         match self {
             BufMut::Cuda(_) => Backend::Cuda,
@@ -128,17 +138,21 @@ impl<'a, T> From<&'a mut Buffer<T>> for BufMut<'a, T> {
 /// An owned buffer on either backend (what [`crate::Device::upload`] returns).
 #[derive(Debug)]
 pub enum Buffer<T> {
+    /// Device memory.
     Cuda(CudaSlice<T>),
+    /// Host memory, for the host runtime.
     Host(Vec<T>),
 }
 
 impl<T> Buffer<T> {
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             Buffer::Cuda(s) => s.len(),
             Buffer::Host(v) => v.len(),
         }
     }
+    /// True when it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

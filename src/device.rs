@@ -23,10 +23,24 @@ pub struct CudaDevice {
 /// The device an op runs on. Cheap to clone.
 #[derive(Clone)]
 pub enum Device {
+    /// A GPU, through cudarc: ops are queued on its stream.
     Cuda(Arc<CudaDevice>),
-    /// The host runtime: the kernels' own source executed on the CPU
-    /// (DESIGN.md section 6). Needs the `host` cargo feature.
-    Host,
+    /// The host runtime: the kernels' own source executed on the CPU, one
+    /// launch at a time and synchronously (docs/DESIGN.md section 6). Needs
+    /// the `host` cargo feature.
+    Host(HostSchedule),
+}
+
+/// Which thread of a block the host runtime runs first between barriers.
+/// Running a kernel under both exposes a missing barrier whichever way its
+/// threads depend on each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostSchedule {
+    /// Thread 0 first (what [`Device::host`] uses).
+    #[default]
+    Forward,
+    /// The last thread first.
+    Reverse,
 }
 
 impl Device {
@@ -62,17 +76,23 @@ impl Device {
 
     /// The host runtime, or [`Error::HostRuntimeNotBuilt`] without the `host` feature.
     pub fn host() -> Result<Self> {
+        Self::host_with_schedule(HostSchedule::Forward)
+    }
+
+    /// The host runtime running threads in the given order (tests run both).
+    pub fn host_with_schedule(schedule: HostSchedule) -> Result<Self> {
         if cfg!(feature = "host") {
-            Ok(Device::Host)
+            Ok(Device::Host(schedule))
         } else {
             Err(Error::HostRuntimeNotBuilt)
         }
     }
 
+    /// Which backend this device is, for comparing with a buffer's.
     pub fn backend(&self) -> Backend {
         match self {
             Device::Cuda(_) => Backend::Cuda,
-            Device::Host => Backend::Host,
+            Device::Host(_) => Backend::Host,
         }
     }
 
@@ -83,14 +103,16 @@ impl Device {
                 "{} (sm_{}{})",
                 d.name, d.compute_capability.0, d.compute_capability.1
             ),
-            Device::Host => "host runtime (CPU)".into(),
+            Device::Host(_) => "host runtime (CPU)".into(),
         }
     }
 
+    /// The CUDA stream ops are queued on (None on the host runtime): use it
+    /// to order the crate's launches with an engine's own work.
     pub fn cuda_stream(&self) -> Option<&Arc<CudaStream>> {
         match self {
             Device::Cuda(d) => Some(&d.stream),
-            Device::Host => None,
+            Device::Host(_) => None,
         }
     }
 
@@ -107,7 +129,7 @@ impl Device {
     pub fn upload<T: DeviceRepr + Clone>(&self, data: &[T]) -> Result<Buffer<T>> {
         Ok(match self {
             Device::Cuda(d) => Buffer::Cuda(d.stream.clone_htod(data)?),
-            Device::Host => Buffer::Host(data.to_vec()),
+            Device::Host(_) => Buffer::Host(data.to_vec()),
         })
     }
 
@@ -118,7 +140,7 @@ impl Device {
     ) -> Result<Buffer<T>> {
         Ok(match self {
             Device::Cuda(d) => Buffer::Cuda(d.stream.alloc_zeros(len)?),
-            Device::Host => Buffer::Host(vec![T::default(); len]),
+            Device::Host(_) => Buffer::Host(vec![T::default(); len]),
         })
     }
 
@@ -127,7 +149,7 @@ impl Device {
         match (self, buf) {
             (Device::Cuda(d), Buffer::Cuda(s)) => Ok(d.stream.clone_dtoh(s)?),
             (_, Buffer::Host(v)) => Ok(v.clone()),
-            (Device::Host, Buffer::Cuda(_)) => Err(Error::BackendMismatch {
+            (Device::Host(_), Buffer::Cuda(_)) => Err(Error::BackendMismatch {
                 operand: "buffer",
                 expected: Backend::Host,
                 actual: Backend::Cuda,

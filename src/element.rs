@@ -4,9 +4,13 @@ use half::{bf16, f16};
 /// Which storage type a kernel instance is compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
+    /// IEEE single precision.
     F32,
+    /// IEEE half precision ([`half::f16`]).
     F16,
+    /// bfloat16 ([`half::bf16`]).
     BF16,
+    /// Double precision: the reference's type, no kernel takes it.
     F64,
 }
 
@@ -24,11 +28,15 @@ impl DType {
 
 /// A storage element: converts to f64 exactly and from f64 with one rounding.
 pub trait Element: Copy + Send + Sync + Default + std::fmt::Debug + PartialEq + 'static {
+    /// The type's tag.
     const DTYPE: DType;
     /// Unit roundoff of the type (half the distance from 1 to the next value).
     const UNIT_ROUNDOFF: f64;
+    /// Exact widening to f64.
     fn to_f64(self) -> f64;
+    /// Rounds an f64 to this type (to nearest even).
     fn from_f64(v: f64) -> Self;
+    /// Widening to f32 (exact for f16, bf16 and f32).
     fn to_f32(self) -> f32 {
         self.to_f64() as f32
     }

@@ -5,7 +5,9 @@ use std::fmt;
 /// Which backend a buffer or device belongs to (for mismatch errors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// A GPU through the CUDA driver.
     Cuda,
+    /// The host runtime (CPU).
     Host,
 }
 
@@ -18,33 +20,54 @@ impl fmt::Display for Backend {
     }
 }
 
+/// Everything that can go wrong in the crate. Input errors name the operand
+/// and say what was expected; a call that returns one has changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A buffer's length does not match the shape it must have.
     #[error("`{operand}` has the wrong size: expected {expected} elements ({shape}), got {actual}")]
     Shape {
+        /// Which operand.
         operand: &'static str,
+        /// The shape it must have, e.g. `"16 x 4096"`.
         shape: String,
+        /// Elements that shape holds.
         expected: usize,
+        /// Elements the buffer holds.
         actual: usize,
     },
     /// A dimension or scalar argument is outside its valid range.
     #[error("invalid `{name}` = {value}: {reason}")]
     InvalidArgument {
+        /// Which argument.
         name: &'static str,
+        /// Its value, as given.
         value: String,
+        /// What a valid value is.
         reason: String,
     },
     /// A per-token adapter slot id names no slot.
     #[error(
         "slot id {id} for token {token} is out of range: valid ids are -1 (no adapter) and 0..{slots}"
     )]
-    SlotOutOfRange { token: usize, id: i32, slots: usize },
+    SlotOutOfRange {
+        /// The token's index in the batch.
+        token: usize,
+        /// The id it gave.
+        id: i32,
+        /// Slots in the pool.
+        slots: usize,
+    },
     /// A token names a slot that holds no adapter.
     #[error(
         "slot {slot} for token {token} holds no adapter (load one, or use -1 for the base model only)"
     )]
-    EmptySlot { token: usize, slot: i32 },
+    EmptySlot {
+        /// The token's index in the batch.
+        token: usize,
+        /// The empty slot it named.
+        slot: i32,
+    },
     /// A segment table (offsets into the token rows) is malformed.
     #[error("invalid segments: {0}")]
     Segments(String),
@@ -58,11 +81,18 @@ pub enum Error {
     NoCublas,
     /// No GPU with that ordinal.
     #[error("no CUDA device {ordinal}: {count} device(s) present")]
-    NoDevice { ordinal: usize, count: usize },
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// GPUs the driver sees.
+        count: usize,
+    },
     /// The crate was built without nvcc, so there is nothing to launch.
     #[error(
-        "CUDA kernels were not built (nvcc was not found at build time); install the toolchain with \
-         scripts/install-cuda-toolchain and rebuild"
+        "this build of lora-kernels has no CUDA kernels: nvcc was not found when the crate was compiled. \
+         Install a CUDA toolkit with nvcc 13.x (or the PyPI wheels listed in docs/DESIGN.md section 7), \
+         set NVCC=/path/to/nvcc or CUDA_HOME=/path/to/toolkit, and build again: the crate rebuilds when \
+         either variable changes. The host runtime works without nvcc."
     )]
     KernelsNotBuilt,
     /// The host runtime is not compiled in (cargo feature `host`).
@@ -71,28 +101,39 @@ pub enum Error {
     /// No compiled image of a kernel fits the device.
     #[error("no compiled image of kernel `{kernel}` fits compute capability {major}.{minor}")]
     NoImage {
+        /// The kernel file.
         kernel: &'static str,
+        /// The GPU's compute capability, major.
         major: i32,
+        /// The GPU's compute capability, minor.
         minor: i32,
     },
     /// An operand lives on a different backend than the device running the op.
     #[error("`{operand}` is a {actual} buffer but the op runs on the {expected} backend")]
     BackendMismatch {
+        /// Which operand.
         operand: &'static str,
+        /// The device's backend.
         expected: Backend,
+        /// The operand's backend.
         actual: Backend,
     },
     /// The host runtime rejected or aborted a launch (deadlock, divergent
     /// collectives, `__trap`, bad launch configuration).
     #[error("host launch of `{kernel}` failed: {message}")]
     HostLaunch {
+        /// The kernel entry point.
         kernel: &'static str,
+        /// What the runtime reported.
         message: String,
     },
+    /// An error from the CUDA driver (through cudarc).
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    /// An error from cuBLAS (the baselines only).
     #[error("cuBLAS error: {0}")]
     Cublas(#[from] cudarc::cublas::result::CublasError),
 }
 
+/// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

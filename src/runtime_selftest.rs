@@ -1,6 +1,6 @@
 //! Kernels that check the execution environment rather than LoRA math
 //! (kernels/runtime_selftest.cu). Each has a correct form (variant 0) and
-//! planted bugs; `tests/host_runtime.rs` requires the host runtime to turn
+//! planted bugs; the unit tests (runtime_selftest/tests.rs) require the host runtime to turn
 //! every planted bug into a wrong answer, and on a GPU the correct forms check
 //! that the host emulation of the fragment instructions matches the hardware.
 use crate::buffer::{BufMut, BufRef};
@@ -185,3 +185,6 @@ fn run<T: KernelElement>(
     launched?;
     dev.download(&out)
 }
+
+#[cfg(all(test, feature = "host"))]
+mod tests;

@@ -7,12 +7,16 @@ pub const MAX_RANK: usize = 256;
 /// Problem size of a linear layer: `x` is `[m, k]`, `w` is `[n, k]`, `y` is `[m, n]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dims {
+    /// Tokens in the batch (rows of `x` and `y`); may be 0.
     pub m: usize,
+    /// Output features (rows of `w`, columns of `y`).
     pub n: usize,
+    /// Input features (columns of `x` and `w`).
     pub k: usize,
 }
 
 impl Dims {
+    /// `x` `[m, k]`, `w` `[n, k]`, `y` `[m, n]`.
     pub fn new(m: usize, n: usize, k: usize) -> Self {
         Dims { m, n, k }
     }

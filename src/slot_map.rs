@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 /// load (into which slot) before launching it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchPlan<K> {
+    /// The slot of each token (`-1` for a token without an adapter), ready
+    /// to upload as the multi-adapter forward's per-token ids.
     pub slot_ids: Vec<i32>,
     /// (adapter, slot): load these, in order, before the batch.
     pub loads: Vec<(K, usize)>,
@@ -18,6 +20,23 @@ pub struct BatchPlan<K> {
     pub evicted: Vec<(K, usize)>,
 }
 
+/// Which adapter sits in which slot of a pool, by the caller's key, with
+/// least-recently-used eviction (host-side bookkeeping only: the caller
+/// loads what [`SlotMap::plan`] says into the [`crate::AdapterPool`]).
+///
+/// ```
+/// use lora_kernels::SlotMap;
+///
+/// let mut map = SlotMap::new(2);
+/// let plan = map.plan(&[Some("alice"), None, Some("bob"), Some("alice")])?;
+/// assert_eq!(plan.slot_ids, vec![0, -1, 1, 0]);
+/// assert_eq!(plan.loads, vec![("alice", 0), ("bob", 1)]);
+/// // carol needs a slot: bob was used least recently, so carol takes his.
+/// let plan = map.plan(&[Some("alice"), Some("carol")])?;
+/// assert_eq!(plan.evicted, vec![("bob", 1)]);
+/// assert_eq!(plan.slot_ids, vec![0, 1]);
+/// # Ok::<(), lora_kernels::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct SlotMap<K> {
     resident: HashMap<K, usize>,
@@ -27,6 +46,7 @@ pub struct SlotMap<K> {
 }
 
 impl<K: Eq + Hash + Clone> SlotMap<K> {
+    /// A map over `slots` slots, all free.
     pub fn new(slots: usize) -> Self {
         SlotMap {
             resident: HashMap::new(),
@@ -41,6 +61,7 @@ impl<K: Eq + Hash + Clone> SlotMap<K> {
         self.resident.get(key).copied()
     }
 
+    /// How many keys hold a slot.
     pub fn resident_count(&self) -> usize {
         self.resident.len()
     }

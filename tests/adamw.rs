@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use half::bf16;
-use lora_kernels::ops::adamw::{SlotOptimizer, SlotStatus};
-use lora_kernels::reference::{self, AdamW, AdamWState, SlotHyper, SlotStep};
+use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus};
+use lora_kernels::reference::{self, AdamWState, SlotStep};
 use lora_kernels::{AdapterPool, Device, PoolConfig};
 
 const CFG: PoolConfig = PoolConfig {
@@ -71,7 +71,7 @@ fn gradients(seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
 #[test]
 fn every_slot_matches_the_reference_step() {
     let PoolConfig { n, k, .. } = CFG;
-    let betas = AdamW::default();
+    let betas = AdamWConfig::default();
     for dev in devices() {
         let mut pool = AdapterPool::<bf16>::new(&dev, CFG).unwrap();
         let mut opt = SlotOptimizer::new(&pool, betas).unwrap();
@@ -168,7 +168,7 @@ fn anchors_pull_toward_the_weights_at_the_task_start() {
     let PoolConfig { n, k, .. } = CFG;
     let dev = Device::host().unwrap();
     let mut pool = AdapterPool::<bf16>::new(&dev, CFG).unwrap();
-    let mut opt = SlotOptimizer::new(&pool, AdamW::default()).unwrap();
+    let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
     let r = 2;
     let (a, b): (Vec<f32>, Vec<f32>) = (random(&mut rng(1), r * k), random(&mut rng(2), n * r));
     let hyper = |pull| SlotHyper {
@@ -213,7 +213,7 @@ fn gpu_real_shape_matches_reference() {
         k: 4096,
     };
     let mut pool = AdapterPool::<bf16>::new(&dev, cfg).unwrap();
-    let betas = AdamW::default();
+    let betas = AdamWConfig::default();
     let mut opt = SlotOptimizer::new(&pool, betas).unwrap();
     let hyper = SlotHyper {
         lr: 1e-3,

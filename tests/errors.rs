@@ -3,8 +3,9 @@ mod common;
 
 use common::*;
 use lora_kernels::ops::fused_forward::fused_forward;
+use lora_kernels::reference::Adapter;
 use lora_kernels::reference::{self, AdamW, AdamWState, BackwardInputs, Gradients, MergeOp};
-use lora_kernels::{Adapter, Device, DeviceAdapter, Dims, Error};
+use lora_kernels::{Device, DeviceAdapter, Dims, Error};
 
 fn data(len: usize) -> Vec<f32> {
     random(&mut rng(len as u64), len)
@@ -291,11 +292,12 @@ fn missing_driver_or_device_is_an_error_not_a_panic() {
 #[test]
 fn training_ops_validate_their_operands() {
     use lora_kernels::ops::adamw::SlotOptimizer;
+    use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper};
     use lora_kernels::ops::lora_backward::{
-        BackwardOptions, BackwardScratch, Grads, lora_backward,
+        BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, lora_backward,
     };
     use lora_kernels::ops::merge::merge;
-    use lora_kernels::reference::{AdamW, MergeOp, SlotHyper};
+    use lora_kernels::reference::MergeOp;
     use lora_kernels::{AdapterPool, PoolConfig};
     let dev = Device::host().unwrap();
     let dims = Dims::new(4, 6, 5);
@@ -312,11 +314,8 @@ fn training_ops_validate_their_operands() {
     let err = lora_backward(
         &dev,
         dims,
-        &g,
-        &x,
-        &w,
         &adapter,
-        &t,
+        DeviceBackwardInputs::new(&g, &x, &w, &t),
         grads,
         BackwardOptions::default(),
         &mut scratch,
@@ -331,11 +330,8 @@ fn training_ops_validate_their_operands() {
     let err = lora_backward(
         &dev,
         dims,
-        &g,
-        &x,
-        &w,
         &adapter,
-        &t[..7],
+        DeviceBackwardInputs::new(&g, &x, &w, &t[..7]),
         grads,
         BackwardOptions::default(),
         &mut scratch,
@@ -354,7 +350,7 @@ fn training_ops_validate_their_operands() {
         k: 5,
     };
     let mut pool = AdapterPool::<half::bf16>::new(&dev, cfg).unwrap();
-    let mut opt = SlotOptimizer::new(&pool, AdamW::default()).unwrap();
+    let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
     let hyper = SlotHyper {
         lr: -1.0,
         weight_decay: 0.0,
@@ -394,9 +390,9 @@ fn training_ops_validate_their_operands() {
         matches!(err, Error::InvalidArgument { name: "pool", .. }),
         "{err}"
     );
-    let bad_betas = AdamW {
+    let bad_betas = AdamWConfig {
         eps: f32::NAN,
-        ..AdamW::default()
+        ..AdamWConfig::default()
     };
     assert!(SlotOptimizer::new(&pool, bad_betas).is_err());
 }

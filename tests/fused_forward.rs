@@ -7,9 +7,8 @@ use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::fused_forward::{Regime, fused_forward, fused_forward_in};
 use lora_kernels::reference;
-use lora_kernels::{
-    Adapter, Device, DeviceAdapter, Dims, HostSchedule, KernelElement, with_host_schedule,
-};
+use lora_kernels::reference::Adapter;
+use lora_kernels::{Device, DeviceAdapter, Dims, HostSchedule, KernelElement};
 
 struct Case<T> {
     dims: Dims,
@@ -202,7 +201,7 @@ fn f32_has_no_tensor_core_regime() {
 /// would show under one of the two).
 #[test]
 fn reverse_schedule_matches_reference() {
-    let host = Device::host().unwrap();
+    let host = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
     let shapes = [
         (33, 65, 33, 33),
         (1, 1, 1, 1),
@@ -211,10 +210,10 @@ fn reverse_schedule_matches_reference() {
     ];
     for (i, (m, n, k, r)) in shapes.into_iter().enumerate() {
         let case = Case::<f32>::new(Dims::new(m, n, k), r, 0.0, i as u64);
-        with_host_schedule(HostSchedule::Reverse, || case.check(&host, None)).unwrap();
+        case.check(&host, None).unwrap();
         let case = Case::<bf16>::new(Dims::new(m, n, k), r, 0.0, i as u64);
         for regime in [Regime::Decode, Regime::Prefill] {
-            with_host_schedule(HostSchedule::Reverse, || case.check(&host, Some(regime))).unwrap();
+            case.check(&host, Some(regime)).unwrap();
         }
     }
 }
@@ -290,6 +289,7 @@ fn gpu_real_shapes_match_reference() {
 /// On the GPU: the fused kernels against cuBLAS's unfused three GEMMs on the
 /// same rounded inputs (cuBLAS rounds t to the storage type, so the bound is
 /// the storage type's tolerance).
+#[cfg(feature = "bench")] // the cuBLAS baseline is behind the `bench` feature
 #[test]
 fn gpu_matches_cublas_unfused() {
     use lora_kernels::Buffer;

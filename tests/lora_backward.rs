@@ -8,10 +8,12 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::lora_backward::{
-    BackwardOptions, BackwardScratch, Grads, lora_backward, multi_adapter_backward,
+    BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, lora_backward,
+    multi_adapter_backward,
 };
+use lora_kernels::reference::Adapter;
 use lora_kernels::reference::{self, BackwardInputs, Gradients};
-use lora_kernels::{Adapter, AdapterPool, Device, DeviceAdapter, Dims, KernelElement, PoolConfig};
+use lora_kernels::{AdapterPool, Device, DeviceAdapter, Dims, KernelElement, PoolConfig};
 
 struct Case<T> {
     dims: Dims,
@@ -150,11 +152,8 @@ impl<T: KernelElement> Case<T> {
         lora_backward(
             dev,
             self.dims,
-            &g,
-            &x,
-            &w,
             &adapter,
-            &t,
+            DeviceBackwardInputs::new(&g, &x, &w, &t),
             grads,
             opts,
             &mut scratch,
@@ -422,11 +421,8 @@ fn multi_adapter_backward_equals_a_per_slot_loop() {
             multi_adapter_backward(
                 &pool,
                 m,
-                &gd,
-                &xd,
-                &wd,
                 &idd,
-                &td,
+                DeviceBackwardInputs::new(&gd, &xd, &wd, &td),
                 grads,
                 opts,
                 &mut scratch,
@@ -466,6 +462,7 @@ fn multi_adapter_backward_equals_a_per_slot_loop() {
 
 /// On the GPU: cuBLAS's unfused backward (the benchmark baseline) and ours
 /// agree with the reference on the same rounded inputs.
+#[cfg(feature = "bench")] // the cuBLAS baseline is behind the `bench` feature
 #[test]
 fn gpu_unfused_cublas_baseline_matches_ours() {
     use lora_kernels::Buffer;

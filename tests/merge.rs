@@ -7,8 +7,9 @@ use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::fused_forward::{Regime, fused_forward_in};
 use lora_kernels::ops::merge::merge;
+use lora_kernels::reference::Adapter;
 use lora_kernels::reference::{self, MergeOp};
-use lora_kernels::{Adapter, Device, DeviceAdapter, Dims, KernelElement};
+use lora_kernels::{Device, DeviceAdapter, Dims, KernelElement};
 
 /// Runs the kernel on a copy of `w` (`[n, k]`) with adapter (a, b, rank, scale).
 fn run<T: KernelElement>(

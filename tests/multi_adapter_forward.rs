@@ -10,9 +10,8 @@ use lora_kernels::ops::fused_forward::Regime;
 use lora_kernels::ops::multi_adapter_forward::{
     Routing, check_segments, multi_adapter_forward, multi_adapter_forward_in,
 };
-use lora_kernels::{
-    Adapter, AdapterPool, Device, Dims, Error, KernelElement, PoolConfig, reference,
-};
+use lora_kernels::reference::Adapter;
+use lora_kernels::{AdapterPool, Device, Dims, Error, KernelElement, PoolConfig, reference};
 
 /// One slot's adapter on the host: a, b, rank, scale.
 type SlotWeights<T> = (Vec<T>, Vec<T>, usize, f32);

@@ -21,8 +21,9 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use lora_kernels::cublas_baseline::CublasBaseline;
 use lora_kernels::ops::fused_forward::{fused_forward, regime_for};
+use lora_kernels::reference::Adapter;
 use lora_kernels::timing::time_on_stream;
-use lora_kernels::{Adapter, Buffer, Device, DeviceAdapter, Dims, Element, reference};
+use lora_kernels::{Buffer, Device, DeviceAdapter, Dims, Element, reference};
 use serde_json::json;
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;

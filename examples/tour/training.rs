@@ -4,9 +4,10 @@
 //! against its bandwidth floor.
 use half::bf16;
 use lora_kernels::cublas_baseline::CublasBaseline;
-use lora_kernels::ops::adamw::SlotOptimizer;
-use lora_kernels::ops::lora_backward::{BackwardOptions, BackwardScratch, Grads, lora_backward};
-use lora_kernels::reference::{AdamW, SlotHyper};
+use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer};
+use lora_kernels::ops::lora_backward::{
+    BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, lora_backward,
+};
 use lora_kernels::timing::time_on_stream;
 use lora_kernels::{AdapterPool, Device, DeviceAdapter, Dims, PoolConfig};
 use serde_json::json;
@@ -71,11 +72,13 @@ pub fn backward_table(
                         lora_backward(
                             dev,
                             dims,
-                            g_all.slice(..m * n),
-                            inputs.x.slice(..m * k),
-                            &inputs.ws[i % copies],
                             &adapter,
-                            &t32,
+                            DeviceBackwardInputs::new(
+                                g_all.slice(..m * n),
+                                inputs.x.slice(..m * k),
+                                &inputs.ws[i % copies],
+                                &t32,
+                            ),
                             grads,
                             opts,
                             &mut scratch,
@@ -129,7 +132,7 @@ pub fn optimizer_table(dev: &Device, ceilings: Ceilings) -> Res<serde_json::Valu
             k,
         },
     )?;
-    let mut opt = SlotOptimizer::new(&pool, AdamW::default())?;
+    let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default())?;
     let hyper = SlotHyper {
         lr: 1e-3,
         weight_decay: 0.01,

@@ -13,7 +13,6 @@ use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::launch::{LaunchDims, kernel};
 use crate::params::{AdamWParams, SlotOptim};
-use crate::reference::{AdamW, SlotHyper};
 use crate::shape::{check_finite, invalid};
 
 kernel!(ADAMW_F32 = lk_adamw_f32 in "adamw": AdamWParams;);
@@ -22,11 +21,64 @@ kernel!(ADAMW_BF16 = lk_adamw_bf16 in "adamw": AdamWParams;);
 
 const THREADS: u32 = 512;
 
+/// The AdamW settings every slot shares: the moments' decay rates and eps.
+/// (Learning rate and weight decay are per slot: [`SlotHyper`].)
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Decay of the first moment, in [0, 1).
+    pub beta1: f32,
+    /// Decay of the second moment, in [0, 1).
+    pub beta2: f32,
+    /// Added to the root of the second moment; finite and >= 0.
+    pub eps: f32,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults: 0.9, 0.999, 1e-8.
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+impl AdamWConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(invalid("eps", self.eps, "must be finite and >= 0"));
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(invalid(name, v, "must be in [0, 1)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-slot settings of the fused optimizer (mirrors `SlotOptim` in lk_params.h).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlotHyper {
+    /// Learning rate.
+    pub lr: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// Clip the slot's whole gradient to this L2 norm; 0 = no clipping.
+    pub max_grad_norm: f32,
+    /// Pull toward the anchor: `g += anchor_pull * (p - anchor)`; 0 = none.
+    pub anchor_pull: f32,
+}
+
 /// What a slot's last step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SlotStatus {
     /// Stepped; the gradient's L2 norm before clipping.
-    Updated { grad_norm: f32 },
+    Updated {
+        /// The gradient's L2 norm before clipping.
+        grad_norm: f32,
+    },
     /// The gradient held NaN or Inf: weights, moments and step count unchanged.
     SkippedNonFinite,
     /// Not active, or empty.
@@ -37,7 +89,7 @@ pub enum SlotStatus {
 pub struct SlotOptimizer {
     dev: Device,
     cfg: PoolConfig,
-    betas: AdamW,
+    config: AdamWConfig,
     master: [Buffer<f32>; 2],
     m1: [Buffer<f32>; 2],
     m2: [Buffer<f32>; 2],
@@ -51,9 +103,10 @@ pub struct SlotOptimizer {
 
 impl SlotOptimizer {
     /// State for `pool`'s slots (all inactive until [`Self::load_adapter`]).
-    /// `betas` gives beta1, beta2 and eps; lr and weight decay are per slot.
-    pub fn new<T: KernelElement>(pool: &AdapterPool<T>, betas: AdamW) -> Result<Self> {
-        betas.validate()?;
+    /// `config` gives beta1, beta2 and eps; lr and weight decay are per slot
+    /// ([`SlotHyper`]).
+    pub fn new<T: KernelElement>(pool: &AdapterPool<T>, config: AdamWConfig) -> Result<Self> {
+        config.validate()?;
         let dev = pool.device().clone();
         let cfg = pool.config();
         let (na, nb) = (
@@ -73,7 +126,7 @@ impl SlotOptimizer {
             grad_norm: dev.zeros(cfg.slots)?,
             dev,
             cfg,
-            betas,
+            config,
         })
     }
 
@@ -255,9 +308,9 @@ impl SlotOptimizer {
             k: k as i32,
             max_rank: max_rank as i32,
             slots: slots as i32,
-            beta1: self.betas.beta1,
-            beta2: self.betas.beta2,
-            eps: self.betas.eps,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
             pad: 0,
         };
         let kernel = match T::DTYPE {

@@ -47,6 +47,7 @@ const TARGET_BLOCKS: usize = 264;
 const MIN_TOKENS_PER_SPLIT: usize = 16;
 const MAX_SPLITS: usize = 64;
 
+/// How the backward pass writes its gradients.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BackwardOptions {
     /// Add to the gradients' current contents (gradient accumulation).
@@ -59,8 +60,11 @@ pub struct BackwardOptions {
 /// `da` `[rank, k]`, `db` `[n, rank]`. Pool: `da` `[slots, max_rank, k]`,
 /// `db` `[slots, n, max_rank]` (the pool's layout, f32).
 pub struct Grads<'a, T> {
+    /// `dL/dx`, in the storage type.
     pub dx: Option<BufMut<'a, T>>,
+    /// `dL/da`, f32.
     pub da: Option<BufMut<'a, f32>>,
+    /// `dL/db`, f32.
     pub db: Option<BufMut<'a, f32>>,
 }
 
@@ -72,6 +76,7 @@ pub struct BackwardScratch {
 }
 
 impl BackwardScratch {
+    /// Empty scratch on `dev` (it grows on first use).
     pub fn new(dev: &Device) -> Result<Self> {
         Ok(BackwardScratch {
             u: dev.zeros(0)?,
@@ -90,22 +95,48 @@ impl BackwardScratch {
     }
 }
 
-/// Gradients of one adapter, given `g = dL/dy` `[m, n]`, the forward inputs
-/// and `t = x a^T` (`[m, rank]` f32, from `fused_forward_saving_t`).
-#[allow(clippy::too_many_arguments)] // the math's operands
-pub fn lora_backward<'a, T: KernelElement>(
+/// What the backward pass reads, on the device: `g = dL/dy` `[m, n]`, the
+/// forward pass's `x` `[m, k]` and `w` `[n, k]`, and `t = x a^T` (f32) saved
+/// by the forward pass (`[m, rank]` for one adapter, `[m, max_rank]` for a pool).
+pub struct DeviceBackwardInputs<'a, T> {
+    /// `dL/dy`, `[m, n]`.
+    pub g: BufRef<'a, T>,
+    /// The forward pass's input, `[m, k]`.
+    pub x: BufRef<'a, T>,
+    /// The frozen base weight, `[n, k]`.
+    pub w: BufRef<'a, T>,
+    /// `t = x a^T` as the forward pass saved it (unscaled f32).
+    pub t: BufRef<'a, f32>,
+}
+
+impl<'a, T> DeviceBackwardInputs<'a, T> {
+    /// Bundles the four operands (buffers, views or `BufRef`s).
+    pub fn new(
+        g: impl Into<BufRef<'a, T>>,
+        x: impl Into<BufRef<'a, T>>,
+        w: impl Into<BufRef<'a, T>>,
+        t: impl Into<BufRef<'a, f32>>,
+    ) -> Self {
+        DeviceBackwardInputs {
+            g: g.into(),
+            x: x.into(),
+            w: w.into(),
+            t: t.into(),
+        }
+    }
+}
+
+/// Gradients of one adapter (`t` from `fused_forward_saving_t`, `[m, rank]`).
+pub fn lora_backward<T: KernelElement>(
     dev: &Device,
     dims: Dims,
-    g: impl Into<BufRef<'a, T>>,
-    x: impl Into<BufRef<'a, T>>,
-    w: impl Into<BufRef<'a, T>>,
     adapter: &DeviceAdapter<'_, T>,
-    t: impl Into<BufRef<'a, f32>>,
+    inputs: DeviceBackwardInputs<'_, T>,
     grads: Grads<'_, T>,
     opts: BackwardOptions,
     scratch: &mut BackwardScratch,
 ) -> Result<()> {
-    let t = t.into();
+    let DeviceBackwardInputs { g, x, w, t } = inputs;
     dims.validate()?;
     adapter.validate(dev, dims.n, dims.k)?;
     check_operand(dev, "t", &t, dims.m, adapter.rank)?;
@@ -122,34 +153,23 @@ pub fn lora_backward<'a, T: KernelElement>(
         ids: None,
         uniform: (adapter.rank, adapter.scale),
     };
-    run(
-        dev,
-        shape,
-        (g.into(), x.into(), w.into(), &t),
-        pool,
-        grads,
-        opts,
-        scratch,
-    )
+    run(dev, shape, (g, x, w, &t), pool, grads, opts, scratch)
 }
 
 /// Gradients of every adapter a batch uses: token `i` trains slot
 /// `slot_ids[i]` (`-1`, empty slots and out-of-range ids train nothing).
-/// `t` is `[m, max_rank]` f32 (the pool forward's intermediate).
-#[allow(clippy::too_many_arguments)] // the math's operands
+/// `t` is `[m, max_rank]` f32 (from `multi_adapter_forward_saving_t`).
 pub fn multi_adapter_backward<'a, T: KernelElement>(
     pool: &AdapterPool<T>,
     m: usize,
-    g: impl Into<BufRef<'a, T>>,
-    x: impl Into<BufRef<'a, T>>,
-    w: impl Into<BufRef<'a, T>>,
     slot_ids: impl Into<BufRef<'a, i32>>,
-    t: impl Into<BufRef<'a, f32>>,
+    inputs: DeviceBackwardInputs<'_, T>,
     grads: Grads<'_, T>,
     opts: BackwardOptions,
     scratch: &mut BackwardScratch,
 ) -> Result<()> {
-    let (t, ids) = (t.into(), slot_ids.into());
+    let DeviceBackwardInputs { g, x, w, t } = inputs;
+    let ids = slot_ids.into();
     let dev = pool.device();
     let cfg = pool.config();
     let dims = Dims::new(m, cfg.n, cfg.k);
@@ -182,15 +202,7 @@ pub fn multi_adapter_backward<'a, T: KernelElement>(
         max_rank: cfg.max_rank,
         slots: cfg.slots,
     };
-    run(
-        dev,
-        shape,
-        (g.into(), x.into(), w.into(), &t),
-        refs,
-        grads,
-        opts,
-        scratch,
-    )
+    run(dev, shape, (g, x, w, &t), refs, grads, opts, scratch)
 }
 
 #[derive(Clone, Copy)]
@@ -418,7 +430,7 @@ fn zero(dev: &Device, buf: &mut BufMut<'_, f32>) -> Result<()> {
             let stream = dev.cuda_stream().expect("a CUDA device has a stream");
             stream.memset_zeros(v)?;
         }
-        (Device::Host, BufMut::Cuda(_)) => unreachable!("backend checked by validation"),
+        (Device::Host(_), BufMut::Cuda(_)) => unreachable!("backend checked by validation"),
     }
     Ok(())
 }

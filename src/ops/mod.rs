@@ -23,13 +23,18 @@ impl KernelElement for half::bf16 {}
 
 /// One adapter on the device: `a` `[rank, k]`, `b` `[n, rank]`, `scale`.
 pub struct DeviceAdapter<'a, T> {
+    /// The down projection, `[rank, k]`.
     pub a: BufRef<'a, T>,
+    /// The up projection, `[n, rank]`.
     pub b: BufRef<'a, T>,
+    /// The rank, 1..=[`crate::MAX_RANK`].
     pub rank: usize,
+    /// The scale `s` (PEFT: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA).
     pub scale: f32,
 }
 
 impl<'a, T> DeviceAdapter<'a, T> {
+    /// An adapter from its two matrices (buffers, cudarc slices or views).
     pub fn new(
         a: impl Into<BufRef<'a, T>>,
         b: impl Into<BufRef<'a, T>>,
@@ -88,7 +93,7 @@ pub(crate) fn in_ptr<'s, T>(
         }
         (_, BufRef::Host(s)) => (s.as_ptr() as u64, None),
         // Operands are checked with check_operand before any pointer is taken.
-        (Device::Host, BufRef::Cuda(_)) => unreachable!("backend checked by validation"),
+        (Device::Host(_), BufRef::Cuda(_)) => unreachable!("backend checked by validation"),
     }
 }
 
@@ -102,6 +107,6 @@ pub(crate) fn out_ptr<'s, T>(
             (p, Some(guard))
         }
         (_, BufMut::Host(s)) => (s.as_mut_ptr() as u64, None),
-        (Device::Host, BufMut::Cuda(_)) => unreachable!("backend checked by validation"),
+        (Device::Host(_), BufMut::Cuda(_)) => unreachable!("backend checked by validation"),
     }
 }

@@ -43,7 +43,9 @@ pub enum Routing<'a> {
     /// Sorted segments, for prefill: tokens `offsets[j]..offsets[j + 1]` use
     /// `slots[j]`; `offsets` has `slots.len() + 1` entries, from 0 to m.
     Segments {
+        /// `segments + 1` token offsets, from 0 to m, non-decreasing.
         offsets: BufRef<'a, i32>,
+        /// The slot of each segment (`-1` = base only).
         slots: BufRef<'a, i32>,
     },
 }

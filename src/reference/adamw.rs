@@ -1,14 +1,22 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::ops::adamw::{AdamWConfig, SlotHyper};
 use crate::shape::invalid;
 
-/// AdamW hyper-parameters (DESIGN.md section 1).
+/// Plain AdamW on one parameter tensor, as [`adamw_step`] applies it
+/// (docs/DESIGN.md section 1). The fused optimizer splits these settings into
+/// [`AdamWConfig`] (shared by all slots) and [`SlotHyper`] (per slot).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamW {
+    /// Learning rate.
     pub lr: f32,
+    /// Decay of the first moment, in [0, 1).
     pub beta1: f32,
+    /// Decay of the second moment, in [0, 1).
     pub beta2: f32,
+    /// Added to the root of the second moment.
     pub eps: f32,
+    /// Decoupled weight decay (`p -= lr * weight_decay * p`).
     pub weight_decay: f32,
 }
 
@@ -48,9 +56,13 @@ impl AdamW {
 /// moments `m1`, `m2`, and the f16/bf16 working copy the forward kernels read.
 #[derive(Debug)]
 pub struct AdamWState<'a, T> {
+    /// The f32 master weights.
     pub p: &'a mut [f32],
+    /// First moment.
     pub m1: &'a mut [f32],
+    /// Second moment.
     pub m2: &'a mut [f32],
+    /// The storage-type copy the forward kernels read, refreshed from `p`.
     pub working: &'a mut [T],
 }
 
@@ -101,22 +113,14 @@ pub fn adamw_step<T: Element>(
     Ok(())
 }
 
-/// Per-slot settings of the fused optimizer (mirrors `SlotOptim` in lk_params.h).
-#[derive(Debug, Clone, Copy)]
-pub struct SlotHyper {
-    pub lr: f32,
-    pub weight_decay: f32,
-    /// Clip the slot's whole gradient to this L2 norm; 0 = no clipping.
-    pub max_grad_norm: f32,
-    /// Pull toward the anchor: `g += anchor_pull * (p - anchor)`; 0 = none.
-    pub anchor_pull: f32,
-}
-
 /// What one slot's step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SlotStep {
     /// Stepped; the gradient's L2 norm before clipping.
-    Updated { grad_norm: f64 },
+    Updated {
+        /// The gradient's L2 norm before clipping.
+        grad_norm: f64,
+    },
     /// The gradient held NaN or Inf: nothing changed.
     Skipped,
 }
@@ -127,7 +131,7 @@ pub enum SlotStep {
 /// [`adamw_step`] with the slot's own learning rate and weight decay. `step`
 /// is this step's number (from 1).
 pub fn adamw_slot_step<T: Element>(
-    betas: &AdamW,
+    config: &AdamWConfig,
     hyper: &SlotHyper,
     step: u32,
     grad: &[f32],
@@ -170,7 +174,9 @@ pub fn adamw_slot_step<T: Element>(
     let cfg = AdamW {
         lr: hyper.lr,
         weight_decay: hyper.weight_decay,
-        ..*betas
+        beta1: config.beta1,
+        beta2: config.beta2,
+        eps: config.eps,
     };
     adamw_step(&cfg, step, &effective, state)?;
     Ok(SlotStep::Updated { grad_norm })

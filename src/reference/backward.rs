@@ -7,10 +7,15 @@ use crate::shape::{Dims, check_matrix};
 /// `t = x a^T` `[m, rank]` saved by the forward pass (f32).
 #[derive(Debug, Clone, Copy)]
 pub struct BackwardInputs<'a, T> {
+    /// `dL/dy`, `[m, n]`.
     pub g: &'a [T],
+    /// The forward pass's input, `[m, k]`.
     pub x: &'a [T],
+    /// The frozen base weight, `[n, k]`.
     pub w: &'a [T],
+    /// The adapter being trained.
     pub adapter: Adapter<'a, T>,
+    /// `t = x a^T`, `[m, rank]`, unscaled f32.
     pub t: &'a [f32],
 }
 
@@ -19,9 +24,13 @@ pub struct BackwardInputs<'a, T> {
 /// overwrite it. `da` is `[rank, k]`, `db` is `[n, rank]` (f32), `dx` is `[m, k]`.
 #[derive(Debug, Default)]
 pub struct Gradients<'a, T> {
+    /// `dL/dx`, `[m, k]`.
     pub dx: Option<&'a mut [T]>,
+    /// `dL/da`, `[rank, k]`.
     pub da: Option<&'a mut [f32]>,
+    /// `dL/db`, `[n, rank]`.
     pub db: Option<&'a mut [f32]>,
+    /// Add to the buffers' contents instead of overwriting them.
     pub accumulate: bool,
 }
 

@@ -8,7 +8,7 @@ mod fused_forward;
 mod merge;
 mod multi_adapter_forward;
 
-pub use adamw::{AdamW, AdamWState, SlotHyper, SlotStep, adamw_slot_step, adamw_step};
+pub use adamw::{AdamW, AdamWState, SlotStep, adamw_slot_step, adamw_step};
 pub use backward::{BackwardInputs, Gradients, backward};
 pub use fused_forward::{fused_forward, lora_intermediate};
 pub use merge::{MergeOp, merge};
@@ -24,9 +24,13 @@ use crate::shape::{Dims, check_finite, check_matrix, check_rank};
 /// `a` is `[rank, k]`, `b` is `[n, rank]`, `scale` multiplies `(x a^T) b^T`.
 #[derive(Debug, Clone, Copy)]
 pub struct Adapter<'a, T> {
+    /// The down projection, `[rank, k]`.
     pub a: &'a [T],
+    /// The up projection, `[n, rank]`.
     pub b: &'a [T],
+    /// The rank, 1..=[`crate::MAX_RANK`].
     pub rank: usize,
+    /// The scale `s` (PEFT: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA).
     pub scale: f32,
 }
 

@@ -4,17 +4,26 @@
 //! wait) each give a wrong answer on every run and under every schedule.
 //! On a GPU the correct variants also run there, checking the emulated
 //! fragment layouts against the hardware.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
+use super::{self as st, variant};
 use common::*;
 use half::{bf16, f16};
-use lora_kernels::runtime_selftest::{self as st, variant};
-use lora_kernels::{Device, Element, HostSchedule, with_host_schedule};
+use lora_kernels::{Device, Element, HostSchedule};
 
 const SCHEDULES: [HostSchedule; 2] = [HostSchedule::Forward, HostSchedule::Reverse];
 
 fn host() -> Device {
     Device::host().unwrap()
+}
+
+/// `dev` itself on a GPU; on the host runtime, the host runtime with schedule `s`.
+fn scheduled(dev: &Device, s: HostSchedule) -> Device {
+    match dev {
+        Device::Host(_) => Device::host_with_schedule(s).unwrap(),
+        gpu => gpu.clone(),
+    }
 }
 
 fn neighbors_expected(input: &[f32]) -> Vec<f32> {
@@ -43,8 +52,7 @@ fn shared_memory_exchange_is_right_with_barriers() {
     let input: Vec<f32> = random(&mut rng(1), 128);
     for dev in devices() {
         for s in SCHEDULES {
-            let got = with_host_schedule(s, || st::smem_neighbors(&dev, &input, variant::CORRECT))
-                .unwrap();
+            let got = st::smem_neighbors(&scheduled(&dev, s), &input, variant::CORRECT).unwrap();
             close(&got, &neighbors_expected(&input))
                 .unwrap_or_else(|e| panic!("{} {s:?}: {e}", dev.name()));
         }
@@ -60,8 +68,7 @@ fn missing_barrier_is_caught_on_every_run() {
         for seed in 0..4 {
             let input: Vec<f32> = random(&mut rng(seed), 128);
             for s in SCHEDULES {
-                let got =
-                    with_host_schedule(s, || st::smem_neighbors(&host(), &input, bug)).unwrap();
+                let got = st::smem_neighbors(&scheduled(&host(), s), &input, bug).unwrap();
                 assert!(
                     close(&got, &neighbors_expected(&input)).is_err(),
                     "variant {bug} under {s:?} gave the right answer: the runtime missed the race"
