@@ -170,6 +170,7 @@ impl<T: KernelElement> AdapterPool<T> {
         self.host_ranks.get(slot).copied().filter(|&r| r > 0)
     }
 
+    /// How many slots are empty.
     pub fn slots_free(&self) -> usize {
         self.host_ranks.iter().filter(|&&r| r == 0).count()
     }
@@ -220,6 +221,7 @@ impl<T: KernelElement> AdapterPool<T> {
         Ok(self.dev.download(&scratch.bad_ids)?[0])
     }
 
+    /// Sets the out-of-range id counter back to 0.
     pub fn reset_bad_id_count(&self) -> Result<()> {
         let mut scratch = self.scratch();
         write(&self.dev, &mut scratch.bad_ids, 0, &[0])

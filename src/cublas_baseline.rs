@@ -13,6 +13,8 @@ use crate::element::Element;
 use crate::error::{Backend, Error, Result};
 use crate::shape::{Dims, check_finite, check_matrix, check_rank};
 
+/// cuBLAS computing each operation the unfused way (separate GEMMs), on a
+/// device's stream: what the kernels are benchmarked and cross-checked against.
 pub struct CublasBaseline {
     blas: CudaBlas,
 }
@@ -226,9 +228,14 @@ impl CublasBaseline {
 
 /// One adapter's rows of a batch, for [`CublasBaseline::per_adapter_loop`].
 pub struct AdapterRows<'a, T> {
+    /// The batch rows (tokens) that use this adapter.
     pub rows: Range<usize>,
+    /// `[rank, k]`.
     pub a: &'a CudaSlice<T>,
+    /// `[n, rank]`.
     pub b: &'a CudaSlice<T>,
+    /// The adapter's rank.
     pub rank: usize,
+    /// The adapter's scale.
     pub scale: f32,
 }

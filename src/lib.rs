@@ -11,32 +11,23 @@
 //!
 //! # Example
 //!
-//! The fused forward `y = x w^T + s (x a^T) b^T`, on the GPU when there is
-//! one and on the host runtime otherwise, checked against the reference:
+//! Every operation takes a [`Device`] (or an [`AdapterPool`], which knows its
+//! device) and operands on that device. The same code runs on a GPU and on
+//! the host runtime:
 //!
 //! ```
-//! use lora_kernels::{Device, DeviceAdapter, Dims, ops::fused_forward::fused_forward, reference};
-//!
-//! let dims = Dims::new(3, 5, 7); // x [m, k], w [n, k], y [m, n]
-//! let rank = 2;
-//! let x: Vec<f32> = (0..dims.m * dims.k).map(|i| (i as f32 * 0.37).sin()).collect();
-//! let w: Vec<f32> = (0..dims.n * dims.k).map(|i| (i as f32 * 0.11).cos()).collect();
-//! let a: Vec<f32> = (0..rank * dims.k).map(|i| (i as f32 * 0.23).sin()).collect();
-//! let b: Vec<f32> = (0..dims.n * rank).map(|i| (i as f32 * 0.71).cos()).collect();
+//! use lora_kernels::{Device, DeviceAdapter, Dims, ops::fused_forward::fused_forward};
 //!
 //! let dev = Device::cuda(0).or_else(|_| Device::host())?;
-//! let (xd, wd, ad, bd) = (dev.upload(&x)?, dev.upload(&w)?, dev.upload(&a)?, dev.upload(&b)?);
-//! let mut yd = dev.zeros::<f32>(dims.m * dims.n)?;
-//! let adapter = DeviceAdapter::new(&ad, &bd, rank, 0.5);
-//! fused_forward(&dev, dims, &xd, &wd, &adapter, 0.0, &mut yd)?;
-//! let y = dev.download(&yd)?;
-//!
-//! let mut want = vec![0f32; dims.m * dims.n];
-//! let host_adapter = reference::Adapter { a: &a, b: &b, rank, scale: 0.5 };
-//! reference::fused_forward(dims, &x, &w, &host_adapter, 0.0, &mut want)?;
-//! for (got, want) in y.iter().zip(&want) {
-//!     assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()));
-//! }
+//! let (dims, rank) = (Dims::new(2, 3, 4), 1);
+//! let x = dev.upload(&[0.5f32; 8])?; // [m, k]
+//! let w = dev.upload(&[1.0f32; 12])?; // [n, k]
+//! let a = dev.upload(&[1.0f32; 4])?; // [rank, k]
+//! let b = dev.upload(&[2.0f32; 3])?; // [n, rank]
+//! let mut y = dev.zeros::<f32>(6)?; // [m, n]
+//! fused_forward(&dev, dims, &x, &w, &DeviceAdapter::new(&a, &b, rank, 0.5), 0.0, &mut y)?;
+//! // x w^T = 2, (x a^T) = 2, s t b^T = 0.5 * 2 * 2 = 2.
+//! assert_eq!(dev.download(&y)?, vec![4.0; 6]);
 //! # Ok::<(), lora_kernels::Error>(())
 //! ```
 //!

@@ -8,8 +8,11 @@ use crate::error::{Backend, Error, Result};
 /// Summary of one measured operation, in microseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
+    /// Median over the timed runs.
     pub median_us: f64,
+    /// Fastest timed run.
     pub min_us: f64,
+    /// Timed runs (after the warm-ups).
     pub runs: usize,
 }
 

@@ -86,6 +86,33 @@ pub enum SlotStatus {
 }
 
 /// Optimizer state for every slot of a pool, in the pool's layout (f32).
+///
+/// ```
+/// use half::bf16;
+/// use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus};
+/// use lora_kernels::{AdapterPool, Device, PoolConfig};
+///
+/// let dev = Device::cuda(0).or_else(|_| Device::host())?;
+/// let cfg = PoolConfig { slots: 2, max_rank: 4, n: 3, k: 5 };
+/// let mut pool = AdapterPool::<bf16>::new(&dev, cfg)?;
+/// let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default())?;
+/// let hyper = SlotHyper { lr: 0.1, weight_decay: 0.0, max_grad_norm: 0.0, anchor_pull: 0.0 };
+/// let (rank, scale) = (2, 1.0);
+/// opt.load_adapter(&mut pool, 1, &[0.5; 2 * 5], &[0.5; 3 * 2], rank, scale, hyper)?;
+///
+/// // Gradients in the pool's layout (f32), e.g. from multi_adapter_backward.
+/// let grad_a = dev.upload(&vec![1.0f32; 2 * 4 * 5])?; // [slots, max_rank, k]
+/// let grad_b = dev.upload(&vec![1.0f32; 2 * 3 * 4])?; // [slots, n, max_rank]
+/// opt.step(&mut pool, &grad_a, &grad_b)?;
+///
+/// let status = opt.statuses()?;
+/// assert_eq!(status[0], SlotStatus::Idle); // slot 0 holds nothing
+/// assert!(matches!(status[1], SlotStatus::Updated { .. }));
+/// // AdamW's first step moves each weight by lr against the gradient's sign.
+/// let (a, _b) = opt.master(&pool, 1)?;
+/// assert!(a.iter().all(|&v| (v - 0.4).abs() < 1e-6));
+/// # Ok::<(), lora_kernels::Error>(())
+/// ```
 pub struct SlotOptimizer {
     dev: Device,
     cfg: PoolConfig,

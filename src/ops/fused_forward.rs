@@ -56,6 +56,36 @@ const SIMT_THREADS: u32 = 256;
 /// The fused forward on `dev`, in the regime [`regime_for`] picks: tensor cores
 /// for f16/bf16 (decode tiles up to m = 64, prefill tiles above), SIMT for f32.
 /// With `beta == 0`, `y` is only written, never read.
+///
+/// ```
+/// use half::bf16;
+/// use lora_kernels::ops::fused_forward::fused_forward;
+/// use lora_kernels::{Device, DeviceAdapter, Dims, Element, reference};
+///
+/// let dev = Device::cuda(0).or_else(|_| Device::host())?;
+/// let (dims, rank, scale) = (Dims::new(3, 40, 24), 4, 0.5);
+/// let data = |len: usize, seed: usize| -> Vec<bf16> {
+///     (0..len).map(|i| bf16::from_f32(((i * 7 + seed) % 13) as f32 / 13.0 - 0.5)).collect()
+/// };
+/// let (x, w) = (data(dims.m * dims.k, 1), data(dims.n * dims.k, 2));
+/// let (a, b) = (data(rank * dims.k, 3), data(dims.n * rank, 4));
+///
+/// let (xd, wd) = (dev.upload(&x)?, dev.upload(&w)?);
+/// let (ad, bd) = (dev.upload(&a)?, dev.upload(&b)?);
+/// let mut yd = dev.zeros::<bf16>(dims.m * dims.n)?;
+/// let adapter = DeviceAdapter::new(&ad, &bd, rank, scale);
+/// fused_forward(&dev, dims, &xd, &wd, &adapter, 0.0, &mut yd)?;
+///
+/// // The CPU reference: f64 accumulation, one rounding.
+/// let mut want = vec![bf16::ZERO; dims.m * dims.n];
+/// let host_adapter = reference::Adapter { a: &a, b: &b, rank, scale };
+/// reference::fused_forward(dims, &x, &w, &host_adapter, 0.0, &mut want)?;
+/// for (got, want) in dev.download(&yd)?.iter().zip(&want) {
+///     // f32 accumulation and one rounding to bf16 (2^-8 relative).
+///     assert!((got.to_f64() - want.to_f64()).abs() <= 1e-2 * (want.to_f64().abs() + 0.1));
+/// }
+/// # Ok::<(), lora_kernels::Error>(())
+/// ```
 pub fn fused_forward<'a, T: KernelElement>(
     dev: &Device,
     dims: Dims,

@@ -127,6 +127,37 @@ impl<'a, T> DeviceBackwardInputs<'a, T> {
 }
 
 /// Gradients of one adapter (`t` from `fused_forward_saving_t`, `[m, rank]`).
+///
+/// ```
+/// use lora_kernels::ops::fused_forward::fused_forward_saving_t;
+/// use lora_kernels::ops::lora_backward::{
+///     BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, lora_backward,
+/// };
+/// use lora_kernels::{Device, DeviceAdapter, Dims};
+///
+/// let dev = Device::cuda(0).or_else(|_| Device::host())?;
+/// let (dims, rank) = (Dims::new(2, 3, 4), 1);
+/// let x = dev.upload(&[1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])?;
+/// let w = dev.upload(&[0.25f32; 12])?;
+/// let (a, b) = (dev.upload(&[1.0f32, 2.0, 3.0, 4.0])?, dev.upload(&[1.0f32; 3])?);
+/// let adapter = DeviceAdapter::new(&a, &b, rank, 2.0);
+///
+/// // Training forward: y, and t = x a^T for the backward pass.
+/// let (mut y, mut t) = (dev.zeros::<f32>(6)?, dev.zeros::<f32>(2)?);
+/// fused_forward_saving_t(&dev, dims, &x, &w, &adapter, &mut y, &mut t)?;
+/// assert_eq!(dev.download(&t)?, vec![1.0, 2.0]);
+///
+/// // dL/dy = 1 everywhere; ask for dL/db only.
+/// let g = dev.upload(&[1.0f32; 6])?;
+/// let mut db = dev.zeros::<f32>(3)?;
+/// let grads = Grads { dx: None, da: None, db: Some((&mut db).into()) };
+/// let mut scratch = BackwardScratch::new(&dev)?;
+/// let inputs = DeviceBackwardInputs::new(&g, &x, &w, &t);
+/// lora_backward(&dev, dims, &adapter, inputs, grads, BackwardOptions::default(), &mut scratch)?;
+/// // db = s g^T t = 2 * (1 + 2) for every row of b.
+/// assert_eq!(dev.download(&db)?, vec![6.0; 3]);
+/// # Ok::<(), lora_kernels::Error>(())
+/// ```
 pub fn lora_backward<T: KernelElement>(
     dev: &Device,
     dims: Dims,
@@ -159,6 +190,38 @@ pub fn lora_backward<T: KernelElement>(
 /// Gradients of every adapter a batch uses: token `i` trains slot
 /// `slot_ids[i]` (`-1`, empty slots and out-of-range ids train nothing).
 /// `t` is `[m, max_rank]` f32 (from `multi_adapter_forward_saving_t`).
+///
+/// ```
+/// use half::bf16;
+/// use lora_kernels::ops::lora_backward::{
+///     BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, multi_adapter_backward,
+/// };
+/// use lora_kernels::{AdapterPool, Device, PoolConfig};
+///
+/// let dev = Device::cuda(0).or_else(|_| Device::host())?;
+/// let cfg = PoolConfig { slots: 2, max_rank: 2, n: 3, k: 4 };
+/// let mut pool = AdapterPool::<bf16>::new(&dev, cfg)?;
+/// let one = bf16::from_f32(1.0);
+/// pool.load(0, &[one; 4], &[one; 3], 1, 2.0)?; // rank 1, scale 2
+/// pool.load(1, &[one; 8], &[one; 6], 2, 1.0)?; // rank 2
+///
+/// // Token 0 uses slot 0, token 1 no adapter; t as the forward saved it.
+/// let ids = dev.upload(&[0i32, -1])?;
+/// let x = dev.upload(&[one; 8])?;
+/// let w = dev.upload(&[one; 12])?;
+/// let t = dev.upload(&[4.0f32, 0.0, 9.0, 9.0])?; // [m, max_rank]
+/// let g = dev.upload(&[one; 6])?; // dL/dy
+/// let mut db = dev.zeros::<f32>(2 * 3 * 2)?; // [slots, n, max_rank]
+/// let grads = Grads { dx: None, da: None, db: Some((&mut db).into()) };
+/// let inputs = DeviceBackwardInputs::new(&g, &x, &w, &t);
+/// let mut scratch = BackwardScratch::new(&dev)?;
+/// multi_adapter_backward(&pool, 2, &ids, inputs, grads, BackwardOptions::default(), &mut scratch)?;
+/// // Slot 0: db = s g^T t = 2 * 4 in its one rank column; slot 1: untouched by token 1.
+/// let db = dev.download(&db)?;
+/// assert_eq!(&db[..6], &[8.0, 0.0, 8.0, 0.0, 8.0, 0.0]);
+/// assert_eq!(&db[6..], &[0.0; 6]);
+/// # Ok::<(), lora_kernels::Error>(())
+/// ```
 pub fn multi_adapter_backward<'a, T: KernelElement>(
     pool: &AdapterPool<T>,
     m: usize,
