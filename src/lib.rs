@@ -6,7 +6,7 @@
 //! - [`ops`]: the kernels, on a [`Device`]: a GPU, or the host runtime
 //!   ([`Device::host`]), which executes the same CUDA source on the CPU;
 //! - [`AdapterPool`] and [`SlotMap`]: many users' adapters on one device;
-//! - [`reference`]: the CPU reference of every operation (f64 accumulation),
+//! - [`reference`](mod@reference): the CPU reference of every operation (f64 accumulation),
 //!   which the kernels are tested against.
 //!
 //! # Example
