@@ -71,6 +71,8 @@ pub(crate) struct Scratch {
 /// let b = vec![bf16::from_f32(0.02); cfg.n * rank];
 /// pool.load(1, &a, &b, rank, scale)?;
 /// assert_eq!(pool.rank(1), Some(8));
+/// assert_eq!(pool.adapter(1)?, Some((a, b, scale)));
+/// assert_eq!(pool.adapter(0)?, None);
 /// assert_eq!(pool.slots_free(), 3);
 /// pool.evict(1)?;
 /// assert_eq!(pool.rank(1), None);
@@ -165,6 +167,22 @@ impl<T: KernelElement> AdapterPool<T> {
         Ok(())
     }
 
+    /// A copy of the adapter in `slot` on the host: (`a` `[rank, k]`, `b`
+    /// `[n, rank]`, scale), after the work queued before it; None when the
+    /// slot is empty.
+    pub fn adapter(&self, slot: usize) -> Result<Option<(Vec<T>, Vec<T>, f32)>> {
+        self.check_slot(slot)?;
+        let Some(rank) = self.rank(slot) else {
+            return Ok(None);
+        };
+        let PoolConfig { max_rank, n, k, .. } = self.cfg;
+        let a = read(&self.dev, &self.a, slot * max_rank * k, rank * k)?;
+        let b_rows = read(&self.dev, &self.b, slot * n * max_rank, n * max_rank)?;
+        let b = unpad_rows(&b_rows, max_rank, rank);
+        let scale = read(&self.dev, &self.scales, slot, 1)?[0];
+        Ok(Some((a, b, scale)))
+    }
+
     /// The rank of the adapter in `slot`, or None when it is empty.
     pub fn rank(&self, slot: usize) -> Option<usize> {
         self.host_ranks.get(slot).copied().filter(|&r| r > 0)
@@ -245,6 +263,33 @@ impl<T: KernelElement> AdapterPool<T> {
     fn check_slot(&self, slot: usize) -> Result<()> {
         self.cfg.check_slot(slot)
     }
+}
+
+/// `b` `[n, rank]` from the pool's rows of `max_rank` (the first `rank` of each).
+pub(crate) fn unpad_rows<T: Copy>(rows: &[T], max_rank: usize, rank: usize) -> Vec<T> {
+    rows.chunks(max_rank)
+        .flat_map(|row| &row[..rank])
+        .copied()
+        .collect()
+}
+
+/// `buf[at..at + len]` on the host, after the work queued before (callers
+/// pass ranges inside the buffer).
+pub(crate) fn read<T: DeviceRepr + Copy + Default>(
+    dev: &Device,
+    buf: &Buffer<T>,
+    at: usize,
+    len: usize,
+) -> Result<Vec<T>> {
+    Ok(match buf {
+        Buffer::Host(v) => v[at..at + len].to_vec(),
+        Buffer::Cuda(s) => {
+            let stream = dev
+                .cuda_stream()
+                .expect("a CUDA buffer belongs to a CUDA device");
+            stream.clone_dtoh(&s.slice(at..at + len))?
+        }
+    })
 }
 
 /// Copies `src` into `buf[at..at + src.len()]`, queued on the device's stream.

@@ -6,7 +6,7 @@
 //! weights before the current task) so new learning does not erase old.
 //! Kernel: kernels/adamw.cu. Reference: `reference::adamw_slot_step`.
 use super::KernelElement;
-use crate::adapter_pool::{AdapterPool, PoolConfig, write};
+use crate::adapter_pool::{AdapterPool, PoolConfig, read, unpad_rows, write};
 use crate::buffer::{BufMut, BufRef, Buffer};
 use crate::device::Device;
 use crate::element::DType;
@@ -390,18 +390,14 @@ impl SlotOptimizer {
             slot: slot as i32,
         })?;
         let PoolConfig { max_rank, n, k, .. } = self.cfg;
-        let a = download_range(&self.dev, &self.master[0], slot * max_rank * k, rank * k)?;
-        let b_rows = download_range(
+        let a = read(&self.dev, &self.master[0], slot * max_rank * k, rank * k)?;
+        let b_rows = read(
             &self.dev,
             &self.master[1],
             slot * n * max_rank,
             n * max_rank,
         )?;
-        let b = b_rows
-            .chunks(max_rank)
-            .flat_map(|row| row[..rank].iter().copied())
-            .collect();
-        Ok((a, b))
+        Ok((a, unpad_rows(&b_rows, max_rank, rank)))
     }
 
     fn check_pool<T: KernelElement>(&self, pool: &AdapterPool<T>) -> Result<()> {
@@ -418,14 +414,4 @@ impl SlotOptimizer {
     fn check_slot(&self, slot: usize) -> Result<()> {
         self.cfg.check_slot(slot)
     }
-}
-
-/// `buf[at..at + len]` on the host (callers pass ranges inside the buffer).
-fn download_range(dev: &Device, buf: &Buffer<f32>, at: usize, len: usize) -> Result<Vec<f32>> {
-    Ok(dev.download(buf)?[at..at + len].to_vec())
-}
-
-/// The pool's storage-type `a` weights on the host (for checks and examples).
-pub fn pool_a_snapshot<T: KernelElement>(pool: &AdapterPool<T>) -> Result<Vec<T>> {
-    pool.device().download(&pool.a)
 }
