@@ -13,7 +13,7 @@ pub mod element;
 pub mod error;
 pub mod launch;
 pub mod ops;
-pub mod params;
+pub(crate) mod params;
 pub mod reference;
 pub mod runtime_selftest;
 pub mod shape;
