@@ -1,5 +1,6 @@
-// The layout of every struct in lk_params.h as this compiler sees it, for
-// tests/params_layout.rs to compare with the Rust mirrors in src/params.rs.
+// The layout of every struct in lk_params.h (and of the host launch
+// configuration) as this compiler sees it, for the layout test in
+// src/params.rs to compare with the Rust structs.
 #include <cstddef>
 #include <cstring>
 
@@ -63,5 +64,11 @@ extern "C" int lk_params_layout(const char* type, const char* field, size_t* off
 extern "C" size_t lk_params_field_count(const char* type) {
     size_t n = 0;
     for (const FieldLayout& l : kLayouts) n += std::strcmp(l.type, type) == 0 && l.field[0] != '\0';
+    return n;
+}
+// Number of structs the table lists.
+extern "C" size_t lk_params_struct_count() {
+    size_t n = 0;
+    for (const FieldLayout& l : kLayouts) n += l.field[0] == '\0';
     return n;
 }

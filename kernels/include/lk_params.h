@@ -1,7 +1,9 @@
 /* Kernel parameter structs, declared once for the kernels and for Rust.
- * src/params.rs mirrors them with #[repr(C)]; tests/params_layout.rs compares
- * every size and field offset against this header (compiled by the host C++
- * compiler), so the two cannot drift apart silently.
+ * scripts/gen-params generates their Rust mirrors (src/params_bindings.rs)
+ * from this header with bindgen: run it after any change here (CI checks the
+ * committed file is current). The layout test in src/params.rs compares every
+ * size and field offset against this header compiled by the host C++
+ * compiler (kernels/host/lk_params_layout.cpp lists every field).
  * Pointers travel as uint64_t device (or, on the host runtime, host) addresses.
  * Plain C: no C++ in this file. */
 #pragma once
