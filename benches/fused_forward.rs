@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the fused forward beside cuBLAS (base only and the
 //! unfused three-GEMM LoRA), timed with CUDA events on the device's stream
-//! (DESIGN.md section 4). Without a GPU this prints why and measures nothing.
+//! (docs/DESIGN.md section 4). Without a GPU this prints why and measures nothing.
 //!
 //!     cargo bench --bench fused_forward
 use std::time::Duration;

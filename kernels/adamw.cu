@@ -1,5 +1,5 @@
 // AdamW over every slot of an adapter pool in one launch, a block per slot
-// (AdamWParams, SlotOptim in lk_params.h; DESIGN.md section 1):
+// (AdamWParams, SlotOptim in lk_params.h; docs/DESIGN.md section 1):
 //   1. the slot's gradient L2 norm, reduced in a fixed order (deterministic);
 //      a slot whose gradient holds NaN or Inf skips its step (status 1) and
 //      keeps its weights, moments and step count;

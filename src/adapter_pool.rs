@@ -1,4 +1,4 @@
-//! A device pool of adapter slots for multi-adapter serving (DESIGN.md
+//! A device pool of adapter slots for multi-adapter serving (docs/DESIGN.md
 //! section 2): a fixed number of slots allocated once at a maximum rank, each
 //! slot holding one adapter of its own rank (1..=max_rank) and scale, loaded,
 //! replaced and evicted without reallocating. Every change is a copy queued on

@@ -1,4 +1,4 @@
-//! The baselines every benchmark and GPU test compares against (DESIGN.md
+//! The baselines every benchmark and GPU test compares against (docs/DESIGN.md
 //! section 4), through cudarc's cuBLAS, on the device's own stream:
 //! 1. base only: `y = x w^T`, the cost of having no adapter at all;
 //! 2. unfused LoRA, what PEFT does: base GEMM, shrink GEMM `t = x a^T` (stored
@@ -197,7 +197,7 @@ impl CublasBaseline {
         Ok(())
     }
 
-    /// The unfused adapter backward, five GEMMs (DESIGN.md section 1):
+    /// The unfused adapter backward, five GEMMs (docs/DESIGN.md section 1):
     /// `u = s g b`, `dx = g w`, `dx += u a`, `db = s g^T t`, `da = u^T x`,
     /// every result in the storage type. `t` is `[m, rank]` (the unfused
     /// forward's intermediate), `u` is `[m, rank]` scratch.

@@ -1,4 +1,4 @@
-//! GPU timing as DESIGN.md section 4 asks: CUDA events around each run on the
+//! GPU timing as docs/DESIGN.md section 4 asks: CUDA events around each run on the
 //! device's stream, warm-up outside the timing, the median of many runs.
 use cudarc::driver::sys::CUevent_flags;
 

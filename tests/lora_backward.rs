@@ -97,7 +97,7 @@ impl<T: KernelElement> Case<T> {
     }
 
     /// Tolerances for (dx, da, db): rtol * sqrt(reduction length) * the
-    /// largest product in each sum (DESIGN.md section 3; da, db are f32).
+    /// largest product in each sum (docs/DESIGN.md section 3; da, db are f32).
     fn atols(&self) -> (f64, f64, f64) {
         let Dims { m, n, .. } = self.dims;
         let u_max = self.scale as f64 * n as f64 * max_abs(&self.g) * max_abs(&self.b);

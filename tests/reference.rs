@@ -1,5 +1,5 @@
 //! Property tests of the CPU reference against independent formulations of
-//! the same math (DESIGN.md section 1). f64 storage makes most of them exact
+//! the same math (docs/DESIGN.md section 1). f64 storage makes most of them exact
 //! up to f64 rounding; the storage-type cases check the single final rounding.
 mod common;
 

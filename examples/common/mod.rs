@@ -22,7 +22,7 @@ pub fn pick_device() -> (Device, bool) {
     )
 }
 
-/// `len` values uniform in [-scale, scale) from `seed` (never zeros: DESIGN.md
+/// `len` values uniform in [-scale, scale) from `seed` (never zeros: docs/DESIGN.md
 /// section 3), rounded to `T`.
 pub fn values<T: Element>(len: usize, seed: u64, scale: f64) -> Vec<T> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;

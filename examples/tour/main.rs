@@ -9,7 +9,7 @@
 //! base-only and unfused LoRA) and the multi-adapter forward (multi.rs: beside
 //! cuBLAS base-only and a per-adapter cuBLAS loop), the backward (training.rs:
 //! beside cuBLAS's unfused backward) and the optimizer step: each row gives the floor
-//! and the ratios (DESIGN.md section 4), printed and written as JSON to
+//! and the ratios (docs/DESIGN.md section 4), printed and written as JSON to
 //! `$LORA_KERNELS_BENCH_JSON` (default target/bench-tour.json).
 #[path = "../common/mod.rs"]
 mod common;
@@ -43,7 +43,7 @@ pub struct Ceilings {
 }
 
 impl Ceilings {
-    /// The floor of DESIGN.md section 4, in microseconds.
+    /// The floor of docs/DESIGN.md section 4, in microseconds.
     pub fn floor_us(&self, bytes: f64, flops: f64) -> f64 {
         (bytes / self.copy_bw).max(flops / self.gemm_rate) * 1e6
     }
@@ -91,7 +91,7 @@ fn main() -> Res<()> {
     Ok(())
 }
 
-/// Measures the two ceilings of DESIGN.md section 4.
+/// Measures the two ceilings of docs/DESIGN.md section 4.
 fn ceilings(dev: &Device, blas: &CublasBaseline) -> Res<Ceilings> {
     let stream = dev.cuda_stream().expect("a CUDA device");
     let len = 1usize << 29; // 2^29 bf16 values: 1 GiB

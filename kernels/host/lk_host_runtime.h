@@ -1,5 +1,5 @@
 // Host runtime: lets kernels/*.cu compile with the host C++ compiler and run a
-// launch on the CPU (DESIGN.md section 6). Included only through lk_runtime.cuh
+// launch on the CPU (docs/DESIGN.md section 6). Included only through lk_runtime.cuh
 // when LK_HOST is defined; never seen by nvcc.
 //
 // Execution model: blocks run one after another; the threads of a block are

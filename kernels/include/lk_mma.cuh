@@ -92,7 +92,7 @@ inline float elem(uint32_t reg, int half_index) {
 
 // D = A B + C over the whole warp. Products are accumulated in f32 in k order
 // (the hardware's order within an instruction is unspecified; results agree to
-// f32 rounding, which the tolerances of DESIGN.md section 3 allow for).
+// f32 rounding, which the tolerances of docs/DESIGN.md section 3 allow for).
 template <class T>
 void mma_op(const void* const ins[32], void* const outs[32], unsigned mask) {
     if (mask != 0xFFFFFFFFu) ::lk_host::fail("mma.sync needs all 32 lanes (mask 0x%08x)", mask);

@@ -1,5 +1,5 @@
 // The one include every kernel starts with. It hides the difference between a
-// device build (nvcc) and a host build (g++ against kernels/host, DESIGN.md
+// device build (nvcc) and a host build (g++ against kernels/host, docs/DESIGN.md
 // section 6): kernels are written once, with these macros.
 #pragma once
 

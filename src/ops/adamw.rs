@@ -1,5 +1,5 @@
 //! The fused optimizer step of the continual-learning loop: AdamW over every
-//! slot of an [`AdapterPool`] in one launch (DESIGN.md section 1), with f32
+//! slot of an [`AdapterPool`] in one launch (docs/DESIGN.md section 1), with f32
 //! master weights and moments per slot, per-slot learning rate, weight decay
 //! and gradient-norm clipping, NaN/Inf gradients skipping a slot's step (and
 //! reported), and an optional pull toward an anchor copy of each adapter (its

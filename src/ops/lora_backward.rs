@@ -1,4 +1,4 @@
-//! Adapter gradients (DESIGN.md section 1): `u = s g b`, `dx = g w + u a`,
+//! Adapter gradients (docs/DESIGN.md section 1): `u = s g b`, `dx = g w + u a`,
 //! `db = s g^T t`, `da = u^T x`, each output optional, with an accumulate mode
 //! and a deterministic mode (bit-identical results run to run: f32 partials
 //! per token range, summed in a fixed order, no float atomics). The base

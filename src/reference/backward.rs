@@ -34,7 +34,7 @@ pub struct Gradients<'a, T> {
     pub accumulate: bool,
 }
 
-/// Adapter backward (DESIGN.md section 1), contracting through the rank:
+/// Adapter backward (docs/DESIGN.md section 1), contracting through the rank:
 /// `u = s g b`, `db = s g^T t`, `da = u^T x`, `dx = g w + u a`.
 pub fn backward<T: Element>(
     dims: Dims,

@@ -1,6 +1,6 @@
 //! The CPU reference of every operation: plain loops, f64 accumulation, one
 //! rounding to the storage type at the end. Kernels are checked against these
-//! (DESIGN.md section 3), so they favour being obviously right over being fast.
+//! (docs/DESIGN.md section 3), so they favour being obviously right over being fast.
 //! Every function validates its inputs exactly as the kernels' entry points do.
 mod adamw;
 mod backward;

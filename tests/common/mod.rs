@@ -1,5 +1,5 @@
 //! Shared test helpers: random data, comparison against the reference with
-//! DESIGN.md section 3's tolerances, and the GPU harness (one context per test
+//! docs/DESIGN.md section 3's tolerances, and the GPU harness (one context per test
 //! binary; skip with a printed reason when there is no GPU, fail instead when
 //! LORA_KERNELS_REQUIRE_GPU=1).
 #![allow(dead_code)]
@@ -69,7 +69,7 @@ pub fn devices() -> Vec<Device> {
     devs
 }
 
-/// Relative tolerance of DESIGN.md section 3 for a storage type.
+/// Relative tolerance of docs/DESIGN.md section 3 for a storage type.
 pub fn rtol<T: Element>() -> f64 {
     match T::DTYPE {
         lora_kernels::DType::F32 => 1e-5,
