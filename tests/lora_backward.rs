@@ -227,6 +227,20 @@ proptest! {
     }
 }
 
+/// An empty batch: overwrite mode leaves zero gradients for a and b (the
+/// gradient of an empty sum), accumulate mode leaves them as they were.
+#[test]
+fn empty_batch_gives_zero_or_unchanged_gradients() {
+    for accumulate in [false, true] {
+        for deterministic in [false, true] {
+            let dims = Dims::new(0, 33, 17);
+            check_case::<f32>(dims, 3, 5, accumulate, deterministic).unwrap();
+            check_case::<bf16>(dims, 1, 6, accumulate, deterministic).unwrap();
+            check_case::<f16>(dims, 70, 7, accumulate, deterministic).unwrap();
+        }
+    }
+}
+
 #[test]
 fn each_output_is_optional_and_untouched_when_skipped() {
     let case = Case::<bf16>::new(Dims::new(40, 30, 20), 5, 3);
