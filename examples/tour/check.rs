@@ -428,37 +428,44 @@ fn loads(aligned: bool) -> &'static str {
 
 fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
     let mut rows = Vec::new();
-    let simt = Regime::Simt;
+    let (simt, plain) = (Regime::Simt, Forward::Plain);
+    let dims = Dims::new(M_DECODE, N, K_ANY);
+    rows.extend(fused::<f32>(dev, simt, dims, 8, plain)?);
+    rows.extend(fused::<f16>(dev, simt, dims, 8, plain)?);
+    rows.extend(fused::<bf16>(dev, simt, dims, 8, plain)?);
+    for (regime, m) in [(Regime::Decode, M_DECODE), (Regime::Prefill, M_PREFILL)] {
+        for k in [K_ALIGNED, K_ANY] {
+            let dims = Dims::new(m, N, k);
+            rows.extend(fused::<f16>(dev, regime, dims, 16, plain)?);
+            rows.extend(fused::<bf16>(dev, regime, dims, 16, plain)?);
+        }
+    }
+    // Ranks above 64 take one more pass over k per 64-rank chunk.
+    let dims = Dims::new(M_PREFILL, N, K_ALIGNED);
+    rows.extend(fused::<bf16>(dev, Regime::Prefill, dims, 80, plain)?);
+    // beta != 0: the kernels read the old y (with beta 0 they never do).
+    let beta = Forward::Beta(0.5);
     rows.extend(fused::<f32>(
         dev,
         simt,
         Dims::new(M_DECODE, N, K_ANY),
         8,
-        false,
-    )?);
-    rows.extend(fused::<f16>(
-        dev,
-        simt,
-        Dims::new(M_DECODE, N, K_ANY),
-        8,
-        false,
+        beta,
     )?);
     rows.extend(fused::<bf16>(
         dev,
-        simt,
-        Dims::new(M_DECODE, N, K_ANY),
+        Regime::Decode,
+        Dims::new(M_SMALL, N, K_ANY),
         8,
-        false,
+        beta,
     )?);
-    for (regime, m) in [(Regime::Decode, M_DECODE), (Regime::Prefill, M_PREFILL)] {
-        for k in [K_ALIGNED, K_ANY] {
-            rows.extend(fused::<f16>(dev, regime, Dims::new(m, N, k), 16, false)?);
-            rows.extend(fused::<bf16>(dev, regime, Dims::new(m, N, k), 16, false)?);
-        }
-    }
-    // Ranks above 64 take one more pass over k per 64-rank chunk.
-    let dims = Dims::new(M_PREFILL, N, K_ALIGNED);
-    rows.extend(fused::<bf16>(dev, Regime::Prefill, dims, 80, false)?);
+    rows.extend(fused::<f16>(
+        dev,
+        Regime::Prefill,
+        Dims::new(M_PREFILL, N, K_ALIGNED),
+        8,
+        beta,
+    )?);
     Ok(rows)
 }
 
@@ -466,84 +473,111 @@ fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
 /// Decode, bf16 at m = 130 Prefill. Rows for y and for the saved t.
 fn saving_t_rows(dev: &Device) -> Res<Vec<Row>> {
     let mut rows = Vec::new();
-    rows.extend(fused::<f32>(
-        dev,
-        Regime::Simt,
-        Dims::new(M_DECODE, N, K_ANY),
-        8,
-        true,
-    )?);
+    let dims = Dims::new(M_DECODE, N, K_ANY);
+    rows.extend(fused::<f32>(dev, Regime::Simt, dims, 8, Forward::SavingT)?);
     let dims = Dims::new(M_SMALL, N, K_ALIGNED);
-    rows.extend(fused::<f16>(dev, Regime::Decode, dims, 3, true)?);
+    rows.extend(fused::<f16>(
+        dev,
+        Regime::Decode,
+        dims,
+        3,
+        Forward::SavingT,
+    )?);
     let dims = Dims::new(M_PREFILL, N, K_ANY);
-    rows.extend(fused::<bf16>(dev, Regime::Prefill, dims, 1, true)?);
+    rows.extend(fused::<bf16>(
+        dev,
+        Regime::Prefill,
+        dims,
+        1,
+        Forward::SavingT,
+    )?);
     Ok(rows)
 }
 
-/// One fused-forward launch in `regime` (or `fused_forward_saving_t`, which
-/// picks that regime itself and also writes t): the row of y, and of t when
-/// saved.
+/// Which fused-forward call a row makes.
+#[derive(Clone, Copy, PartialEq)]
+enum Forward {
+    /// fused_forward_in with beta 0.
+    Plain,
+    /// fused_forward_in adding beta times the old y.
+    Beta(f32),
+    /// fused_forward_saving_t (beta 0, also writes t).
+    SavingT,
+}
+
+/// One fused-forward launch in `regime` (fused_forward_saving_t picks that
+/// regime itself): the row of y, and of t when saved.
 fn fused<T: KernelElement>(
     dev: &Device,
     regime: Regime,
     dims: Dims,
     rank: usize,
-    save_t: bool,
+    call: Forward,
 ) -> Res<Vec<Row>> {
     let Dims { m, n, k } = dims;
     let (x, w) = (data::<T>(m * k, 1), data::<T>(n * k, 2));
     let (a, b) = (data::<T>(rank * k, 3), data::<T>(n * rank, 4));
     let scale = balanced_scale(rank);
+    let (beta, save_t) = match call {
+        Forward::Beta(beta) => (beta, false),
+        Forward::Plain => (0.0, false),
+        Forward::SavingT => (0.0, true),
+    };
+    // The old y: read only with beta != 0; otherwise NaN, so that an element
+    // the kernel does not write (or reads) fails. t also starts as NaN.
+    let y_old = if beta != 0.0 {
+        data::<T>(m * n, 5)
+    } else {
+        nans::<T>(m * n)
+    };
 
-    // The kernel; its outputs start as NaN so that an unwritten element fails.
     let (xd, wd) = (dev.upload(&x)?, dev.upload(&w)?);
     let (ad, bd) = (dev.upload(&a)?, dev.upload(&b)?);
     let adapter = DeviceAdapter::new(&ad, &bd, rank, scale);
-    let mut yd = dev.upload(&nans::<T>(m * n))?;
+    let mut yd = dev.upload(&y_old)?;
     let mut td = dev.upload(&nans::<f32>(m * rank))?;
     if save_t {
         assert_eq!(regime, regime_for(T::DTYPE, m), "the regime saving_t picks");
         fused_forward_saving_t(dev, dims, &xd, &wd, &adapter, &mut yd, &mut td)?;
     } else {
-        fused_forward_in(regime, dev, dims, &xd, &wd, &adapter, 0.0, &mut yd)?;
+        fused_forward_in(regime, dev, dims, &xd, &wd, &adapter, beta, &mut yd)?;
     }
 
     // The reference: exact, with the control's scale, and on |inputs|.
-    let forward = |x: &[f64], w: &[f64], a: &[f64], b: &[f64], scale| -> Res<Vec<f64>> {
-        let mut y = vec![0.0; m * n];
+    let forward = |(x, w, y): (&[f64], &[f64], &[f64]), a: &[f64], b: &[f64], scale, beta| {
+        let mut y = y.to_vec();
         let adapter = Adapter { a, b, rank, scale };
-        reference::fused_forward(dims, x, w, &adapter, 0.0, &mut y)?;
-        Ok(y)
+        reference::fused_forward(dims, x, w, &adapter, beta, &mut y).map(|()| y)
     };
     let (x64, w64, a64, b64) = (wide(&x), wide(&w), wide(&a), wide(&b));
     let (xa, wa, aa, ba) = (abs(&x), abs(&w), abs(&a), abs(&b));
-    let want = forward(&x64, &w64, &a64, &b64, scale)?;
-    let control = forward(&x64, &w64, &a64, &b64, off::<T>(scale))?;
-    let abs_all = forward(&xa, &wa, &aa, &ba, scale.abs())?;
-    let abs_low = minus(&abs_all, &forward(&xa, &wa, &aa, &ba, 0.0)?);
+    let (y64, ya) = (wide(&y_old), abs(&y_old));
+    let exact = (&x64[..], &w64[..], &y64[..]);
+    let absolute = (&xa[..], &wa[..], &ya[..]);
+    let want = forward(exact, &a64, &b64, scale, beta)?;
+    let control = forward(exact, &a64, &b64, off::<T>(scale), beta)?;
+    let abs_all = forward(absolute, &aa, &ba, scale.abs(), beta.abs())?;
+    let abs_low = minus(&abs_all, &forward(absolute, &aa, &ba, 0.0, beta.abs())?);
 
+    // beta y: a product and an addition more.
+    let with_beta = if beta != 0.0 { 2 } else { 0 };
     let (y_model, path) = match regime {
         // The product, k additions into t, the scale, the product with b,
         // then r additions into y (after the base terms).
-        Regime::Simt => (model::<T>(k + rank + 3), "Simt".to_string()),
+        Regime::Simt => (model::<T>(k + rank + 3 + with_beta), "Simt".to_string()),
         // Products of f16/bf16 are exact in f32: k additions into t, the
         // scale, then the hi and the lo expand, 2r additions into y.
         _ => (
-            model::<T>(k + 2 * rank + 1)
+            model::<T>(k + 2 * rank + 1 + with_beta)
                 .mma(dev)
                 .split::<T>(rank as f64 * max_abs(&b64)),
             format!("{regime:?}, {}", loads(k % 8 == 0)),
         ),
     };
-    let op = if save_t {
-        "fused_forward_saving_t"
-    } else {
-        "fused_forward"
-    };
-    let y_path = if save_t {
-        format!("{path}: y")
-    } else {
-        path.clone()
+    let (op, y_path) = match call {
+        Forward::Plain => ("fused_forward", path.clone()),
+        Forward::Beta(beta) => ("fused_forward", format!("{path}, beta {beta}")),
+        Forward::SavingT => ("fused_forward_saving_t", format!("{path}: y")),
     };
     let mut rows = vec![judged(
         label::<T>(op, y_path, shape(dims, rank)),
@@ -798,26 +832,44 @@ fn multi<T: KernelElement>(dev: &Device, regime: Regime, dims: Dims, segmented: 
 fn backward_rows(dev: &Device) -> Res<Vec<Row>> {
     let mut rows = Vec::new();
     let decode = Dims::new(M_DECODE, N, K_ANY);
+    let opts = |deterministic, accumulate| BackwardOptions {
+        accumulate,
+        deterministic,
+    };
     for deterministic in [true, false] {
-        rows.extend(backward::<f32>(dev, decode, 8, deterministic)?);
-        rows.extend(backward::<bf16>(dev, decode, 8, deterministic)?);
+        rows.extend(backward::<f32>(dev, decode, 8, opts(deterministic, false))?);
+        rows.extend(backward::<bf16>(
+            dev,
+            decode,
+            8,
+            opts(deterministic, false),
+        )?);
     }
     // The prefill tiles and the 16-byte path of the tensor-core dx (n, k % 8 == 0).
     let prefill = Dims::new(M_PREFILL, N_ALIGNED, K_ALIGNED);
-    rows.extend(backward::<bf16>(dev, prefill, 16, true)?);
-    rows.extend(backward::<f16>(dev, prefill, 16, false)?);
+    rows.extend(backward::<bf16>(dev, prefill, 16, opts(true, false))?);
+    rows.extend(backward::<f16>(dev, prefill, 16, opts(false, false))?);
+    // Accumulate: added to the gradients already there.
+    rows.extend(backward::<bf16>(dev, decode, 8, opts(true, true))?);
+    rows.extend(backward::<f32>(dev, decode, 8, opts(false, true))?);
     Ok(rows)
 }
 
-/// The reference gradients (dx, da, db) in f64 of one adapter.
+/// The reference gradients (dx, da, db) in f64 of one adapter, added to
+/// `prior` when given (accumulate mode; da and db are f32 in the reference).
 fn gradients(
     dims: Dims,
     (g, x, w): (&[f64], &[f64], &[f64]),
     (a, b, rank, scale): (&[f64], &[f64], usize, f32),
     t: &[f32],
+    prior: Option<&[Vec<f64>; 3]>,
 ) -> Res<[Vec<f64>; 3]> {
     let Dims { m, n, k } = dims;
-    let (mut dx, mut da, mut db) = (vec![0.0; m * k], vec![0f32; rank * k], vec![0f32; n * rank]);
+    let f32s = |v: &[f64]| v.iter().map(|&e| e as f32).collect::<Vec<f32>>();
+    let (mut dx, mut da, mut db) = match prior {
+        Some([dx, da, db]) => (dx.clone(), f32s(da), f32s(db)),
+        None => (vec![0.0; m * k], vec![0f32; rank * k], vec![0f32; n * rank]),
+    };
     let inputs = BackwardInputs {
         g,
         x,
@@ -829,30 +881,38 @@ fn gradients(
         dx: Some(&mut dx),
         da: Some(&mut da),
         db: Some(&mut db),
-        accumulate: false,
+        accumulate: prior.is_some(),
     };
     reference::backward(dims, &inputs, grads)?;
     Ok([dx, wide(&da), wide(&db)])
 }
 
 /// The bounds of dx, da, db (pool or single adapter: `rank` is the largest).
-fn gradient_models<T: Element>(dev: &Device, dims: Dims, rank: usize, max_a: f64) -> [Model; 3] {
+fn gradient_models<T: Element>(
+    dev: &Device,
+    dims: Dims,
+    rank: usize,
+    max_a: f64,
+    opts: BackwardOptions,
+) -> [Model; 3] {
     let Dims { m, n, .. } = dims;
     // u = s g b: the product (rounded for f32), n additions, the scale.
     let u = n + 2;
+    // Accumulating adds the old value: one more addition.
+    let old = opts.accumulate as usize;
     let dx = if T::DTYPE == DType::F32 {
         // SIMT: u's product with a, then r additions after the base terms.
-        model::<T>(u + rank + 1)
+        model::<T>(u + rank + 1 + old)
     } else {
         // Tensor cores: u as hi + lo, 2r additions after the base terms.
-        model::<T>(u + 2 * rank)
+        model::<T>(u + 2 * rank + old)
             .mma(dev)
             .split::<T>(rank as f64 * max_a)
     };
     // Token ranges of R tokens, S of them, then their sum (partials in a
     // fixed order, or atomics): R + S <= m + 1 additions.
-    let da = model::<f32>(u + 1 + m + 1);
-    let db = model::<f32>(1 + m + 1 + 1);
+    let da = model::<f32>(u + 1 + m + 1 + old);
+    let db = model::<f32>(1 + m + 1 + 1 + old);
     [dx, da, db]
 }
 
@@ -876,7 +936,7 @@ fn gradient_labels<T: Element>(
     op: &'static str,
     dims: Dims,
     rank: &str,
-    deterministic: bool,
+    opts: BackwardOptions,
 ) -> [Label; 3] {
     let Dims { m, n, k } = dims;
     let dx = if T::DTYPE == DType::F32 {
@@ -885,10 +945,17 @@ fn gradient_labels<T: Element>(
         let tiles = if m <= 64 { "Decode" } else { "Prefill" };
         format!("dx, {tiles} tiles, {}", loads(n % 8 == 0 && k % 8 == 0))
     };
-    let mode = if deterministic {
+    let mut mode = if opts.deterministic {
         "fixed-order sum"
     } else {
         "atomics"
+    }
+    .to_string();
+    let dx = if opts.accumulate {
+        mode += ", accumulate";
+        format!("{dx}, accumulate")
+    } else {
+        dx
     };
     [
         label::<T>(op, dx, shape(dims, rank)),
@@ -902,7 +969,7 @@ fn backward<T: KernelElement>(
     dev: &Device,
     dims: Dims,
     rank: usize,
-    deterministic: bool,
+    opts: BackwardOptions,
 ) -> Res<Vec<Row>> {
     let Dims { m, n, k } = dims;
     let (g, x, w) = (
@@ -928,17 +995,20 @@ fn backward<T: KernelElement>(
         dev.upload(&t)?,
     );
     let (ad, bd) = (dev.upload(&a)?, dev.upload(&b)?);
-    let mut dx = dev.upload(&nans::<T>(m * k))?;
-    let mut da = dev.upload(&nans::<f32>(rank * k))?;
-    let mut db = dev.upload(&nans::<f32>(n * rank))?;
+    // The gradients already there when accumulating, else NaN (all overwritten).
+    let (dx0, da0, db0) = if opts.accumulate {
+        let v = |len, seed| common::values::<f32>(len, seed, 1.0);
+        (data::<T>(m * k, 26), v(rank * k, 27), v(n * rank, 28))
+    } else {
+        (nans(m * k), nans(rank * k), nans(n * rank))
+    };
+    let mut dx = dev.upload(&dx0)?;
+    let mut da = dev.upload(&da0)?;
+    let mut db = dev.upload(&db0)?;
     let grads = Grads {
         dx: Some((&mut dx).into()),
         da: Some((&mut da).into()),
         db: Some((&mut db).into()),
-    };
-    let opts = BackwardOptions {
-        accumulate: false,
-        deterministic,
     };
     let mut scratch = BackwardScratch::new(dev)?;
     let inputs = DeviceBackwardInputs::new(&gd, &xd, &wd, &td);
@@ -964,14 +1034,26 @@ fn backward<T: KernelElement>(
     let absolute = (&absolute.0[..], &absolute.1[..], &absolute.2[..]);
     let (a64, b64, aa, ba) = (wide(&a), wide(&b), abs(&a), abs(&b));
     let t_abs: Vec<f32> = t.iter().map(|v| v.abs()).collect();
+    let prior = [wide(&dx0), wide(&da0), wide(&db0)];
+    let prior_abs = prior.clone().map(|v| v.iter().map(|e| e.abs()).collect());
+    let (prior, prior_abs) = match opts.accumulate {
+        true => (Some(&prior), Some(&prior_abs)),
+        false => (None, None),
+    };
     let reference = [
-        gradients(dims, exact, (&a64, &b64, rank, scale), &t)?,
-        gradients(dims, exact, (&a64, &b64, rank, off::<T>(scale)), &t)?,
-        gradients(dims, absolute, (&aa, &ba, rank, scale.abs()), &t_abs)?,
-        gradients(dims, absolute, (&aa, &ba, rank, 0.0), &t_abs)?,
+        gradients(dims, exact, (&a64, &b64, rank, scale), &t, prior)?,
+        gradients(dims, exact, (&a64, &b64, rank, off::<T>(scale)), &t, prior)?,
+        gradients(
+            dims,
+            absolute,
+            (&aa, &ba, rank, scale.abs()),
+            &t_abs,
+            prior_abs,
+        )?,
+        gradients(dims, absolute, (&aa, &ba, rank, 0.0), &t_abs, prior_abs)?,
     ];
-    let models = gradient_models::<T>(dev, dims, rank, max_abs(&a64));
-    let labels = gradient_labels::<T>("lora_backward", dims, &rank.to_string(), deterministic);
+    let models = gradient_models::<T>(dev, dims, rank, max_abs(&a64), opts);
+    let labels = gradient_labels::<T>("lora_backward", dims, &rank.to_string(), opts);
     Ok(gradient_rows(labels, got, reference, models))
 }
 
@@ -1022,6 +1104,7 @@ fn pool_gradients(
             (&rows(g, n), &rows(x, k), w),
             (a, b, rank, scale),
             &t_rows,
+            None,
         )?;
         for (row, &i) in tokens.iter().enumerate() {
             dx[i * k..(i + 1) * k].copy_from_slice(&sdx[row * k..(row + 1) * k]);
@@ -1125,8 +1208,8 @@ fn multi_backward<T: KernelElement>(
         .iter()
         .map(|s| max_abs(&wide(&s.0)))
         .fold(0.0, f64::max);
-    let models = gradient_models::<T>(dev, dims, POOL_MAX_RANK, max_a);
-    let labels = gradient_labels::<T>("multi_adapter_backward", dims, "1-16", deterministic);
+    let models = gradient_models::<T>(dev, dims, POOL_MAX_RANK, max_a, opts);
+    let labels = gradient_labels::<T>("multi_adapter_backward", dims, "1-16", opts);
     Ok(gradient_rows(labels, got, reference, models))
 }
 
