@@ -6,13 +6,14 @@
 //!
 //!     cargo run --release --example tour
 //!
-//! It exits with an error when a check fails. On a GPU it measures the copy bandwidth and a large cuBLAS bf16 GEMM first
-//! (the ceilings), then times the fused forward (fused.rs: beside cuBLAS
-//! base-only and unfused LoRA) and the multi-adapter forward (multi.rs: beside
-//! cuBLAS base-only and a per-adapter cuBLAS loop), the backward (training.rs:
-//! beside cuBLAS's unfused backward) and the optimizer step: each row gives the floor
-//! and the ratios (DESIGN.md section 4), printed and written as JSON to
-//! `$LORA_KERNELS_BENCH_JSON` (default target/bench-tour.json).
+//! It exits with an error when a check fails. On a GPU it measures the copy
+//! bandwidth and a large cuBLAS bf16 GEMM first (the ceilings), then times the
+//! fused forward (fused.rs: beside cuBLAS base-only and unfused LoRA) and the
+//! multi-adapter forward (multi.rs: beside cuBLAS base-only and a per-adapter
+//! cuBLAS loop), the backward (training.rs: beside cuBLAS's unfused backward)
+//! and the optimizer step: each row gives the floor and the ratios (DESIGN.md
+//! section 4), printed and written as JSON to `$LORA_KERNELS_BENCH_JSON`
+//! (default target/bench-tour.json).
 mod check;
 #[path = "../common/mod.rs"]
 mod common;
