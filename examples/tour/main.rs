@@ -1,16 +1,20 @@
-//! The crate's main job in one run: what the fused LoRA forward computes, run
-//! through the kernels on a GPU when there is one, benchmarked beside cuBLAS,
-//! or on the host runtime (the kernels' own source on the CPU) when there is not.
+//! The crate's main job in one run. First every operation and path is checked
+//! against the CPU reference at small shapes (check.rs): on the host runtime
+//! (the kernels' own source on the CPU) always, and on the GPU too when there
+//! is one. Then, with a GPU, the kernels are benchmarked beside cuBLAS; without
+//! one the tour says that nothing was timed and how to get timings.
 //!
-//!     cargo run --release --example tour
+//!     cargo run --release --features bench --example tour
 //!
-//! On a GPU it measures the copy bandwidth and a large cuBLAS bf16 GEMM first
-//! (the ceilings), then times the fused forward (fused.rs: beside cuBLAS
-//! base-only and unfused LoRA) and the multi-adapter forward (multi.rs: beside
-//! cuBLAS base-only and a per-adapter cuBLAS loop), the backward (training.rs:
-//! beside cuBLAS's unfused backward) and the optimizer step: each row gives the floor
-//! and the ratios (docs/DESIGN.md section 4), printed and written as JSON to
-//! `$LORA_KERNELS_BENCH_JSON` (default target/bench-tour.json).
+//! It exits with an error when a check fails. On a GPU it measures the copy
+//! bandwidth and a large cuBLAS bf16 GEMM first (the ceilings), then times the
+//! fused forward (fused.rs: beside cuBLAS base-only and unfused LoRA) and the
+//! multi-adapter forward (multi.rs: beside cuBLAS base-only and a per-adapter
+//! cuBLAS loop), the backward (training.rs: beside cuBLAS's unfused backward)
+//! and the optimizer step: each row gives the floor and the ratios (docs/DESIGN.md
+//! section 4), printed and written as JSON to `$LORA_KERNELS_BENCH_JSON`
+//! (default target/bench-tour.json).
+mod check;
 #[path = "../common/mod.rs"]
 mod common;
 mod fused;
@@ -20,10 +24,8 @@ mod training;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use lora_kernels::cublas_baseline::CublasBaseline;
-use lora_kernels::ops::fused_forward::{fused_forward, regime_for};
-use lora_kernels::reference::Adapter;
 use lora_kernels::timing::time_on_stream;
-use lora_kernels::{Buffer, Device, DeviceAdapter, Dims, Element, reference};
+use lora_kernels::{Buffer, Device, Dims, Element};
 use serde_json::json;
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -52,10 +54,10 @@ impl Ceilings {
 fn main() -> Res<()> {
     println!("lora-kernels tour: y = x w^T + s (x a^T) b^T\n");
     let gpu = open_gpu();
-    small_example(gpu.as_ref())?;
+    let checks_passed = check::section(gpu.as_ref())?;
     let Some(dev) = gpu else {
-        println!("\n2. benchmarks: skipped, no GPU (this machine ran the kernels on the CPU only)");
-        return Ok(());
+        check::no_timings();
+        return finish(checks_passed);
     };
     let blas = CublasBaseline::new(&dev)?;
     let ceilings = ceilings(&dev, &blas)?;
@@ -88,6 +90,15 @@ fn main() -> Res<()> {
         .unwrap_or_else(|_| "target/bench-tour.json".into());
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("\n   written: {path}");
+    finish(checks_passed)
+}
+
+/// A failed check fails the run (after the rest has been printed).
+fn finish(checks_passed: bool) -> Res<()> {
+    if !checks_passed {
+        eprintln!("\ntour: some checks of section 1 failed (FAIL or NO in the table)");
+        std::process::exit(1);
+    }
     Ok(())
 }
 
@@ -178,75 +189,4 @@ fn open_gpu() -> Option<Device> {
 /// Deterministic pseudo-random values in [-1, 1) (never zeros, never timed on zeros).
 pub fn data<T: Element>(len: usize, seed: u64) -> Vec<T> {
     common::values(len, seed, 1.0)
-}
-
-/// 1. A small example through the CPU reference and the kernels.
-fn small_example(gpu: Option<&Device>) -> Res<()> {
-    let (dims, rank, scale) = (Dims::new(3, 5, 8), 2, 2.0);
-    let (x, w, a, b) = (
-        data::<bf16>(24, 1),
-        data::<bf16>(40, 2),
-        data::<bf16>(16, 3),
-        data::<bf16>(10, 4),
-    );
-    let mut y_ref = vec![bf16::ZERO; 15];
-    reference::fused_forward(
-        dims,
-        &x,
-        &w,
-        &Adapter {
-            a: &a,
-            b: &b,
-            rank,
-            scale,
-        },
-        0.0,
-        &mut y_ref,
-    )?;
-    let show = |v: &[bf16]| {
-        v[..5]
-            .iter()
-            .map(|e| format!("{:.4}", e.to_f32()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    println!(
-        "\n1. m={} n={} k={} r={rank}, s={scale}, bf16; reference y[0, :] = [{}]",
-        dims.m,
-        dims.n,
-        dims.k,
-        show(&y_ref)
-    );
-    let host = Device::host()?;
-    for dev in std::iter::once(&host).chain(gpu) {
-        let (xd, wd, ad, bd) = (
-            dev.upload(&x)?,
-            dev.upload(&w)?,
-            dev.upload(&a)?,
-            dev.upload(&b)?,
-        );
-        let mut yd = dev.upload(&[bf16::NAN; 15])?;
-        fused_forward(
-            dev,
-            dims,
-            &xd,
-            &wd,
-            &DeviceAdapter::new(&ad, &bd, rank, scale),
-            0.0,
-            &mut yd,
-        )?;
-        let y = dev.download(&yd)?;
-        let err = y
-            .iter()
-            .zip(&y_ref)
-            .map(|(p, q)| (p.to_f32() - q.to_f32()).abs())
-            .fold(0f32, f32::max);
-        println!(
-            "   {:?} kernel on {}: y[0, :] = [{}], max |kernel - reference| = {err:.2e}",
-            regime_for(lora_kernels::DType::BF16, dims.m),
-            dev.name(),
-            show(&y)
-        );
-    }
-    Ok(())
 }
