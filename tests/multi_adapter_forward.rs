@@ -1,7 +1,7 @@
 //! The multi-adapter forward against the CPU reference, on the host runtime
 //! (always) and the GPU (when there is one): random ids with repeats and -1s,
 //! mixed ranks, empty slots, every regime (tensor-core decode and prefill for
-//! f16/bf16, SIMT for f32), the segment form, an empty batch, hot-swap, bad ids
+//! f16/bf16, SIMT for f32), the segment form, empty batches, hot-swap, bad ids
 //! on the device, a negative control per type, and the pool's own bookkeeping.
 //! Every comparison uses DESIGN.md section 3's per-element bound.
 mod common;
@@ -403,16 +403,31 @@ fn segments_route_like_per_token_ids() {
     segments_case::<f32>();
 }
 
-/// An empty batch, then launches in a row: the counters reset themselves.
+/// Empty batches in both routing forms (per-token ids, a table of zero
+/// segments), then launches in a row: the counters reset themselves.
 fn empty_batch_and_repeats<T: KernelElement>() {
     let fx = Fixture::<T>::new(20, 16, 4, &[4, 2], 9);
     for dev in devices() {
         let pool = fx.pool(&dev);
+        let (no_x, no_y) = (dev.upload::<T>(&[]).unwrap(), dev.upload::<T>(&[]).unwrap());
         assert!(
             run(&pool, None, &[], &fx.w, &[], 0.0, &[])
                 .unwrap()
                 .is_empty()
         );
+        check_segments(&pool, 0, &[0], &[]).unwrap();
+        let wd = dev.upload(&fx.w).unwrap();
+        let (od, sd) = (
+            dev.upload(&[0i32]).unwrap(),
+            dev.upload::<i32>(&[]).unwrap(),
+        );
+        let routing = Routing::Segments {
+            offsets: (&od).into(),
+            slots: (&sd).into(),
+        };
+        let mut y = no_y;
+        multi_adapter_forward(&pool, 0, &no_x, &wd, &routing, 0.0, &mut y).unwrap();
+        multi_adapter_forward(&pool, 0, &no_x, &wd, &routing, 1.0, &mut y).unwrap();
         let x: Vec<T> = random(&mut rng(10), 5 * 16);
         let y0 = vec![T::from_f64(f64::NAN); 100];
         for i in 0..4 {
@@ -421,6 +436,13 @@ fn empty_batch_and_repeats<T: KernelElement>() {
             let what = format!("{:?} repeat {i} on {}", T::DTYPE, dev.name());
             fx.compare(&what, &got, &x, &ids, 0.0, &y0).unwrap();
         }
+        // A table of zero segments for tokens that exist is refused (op and check).
+        let xd = dev.upload(&x).unwrap();
+        let mut y = dev.upload(&y0).unwrap();
+        let err = multi_adapter_forward(&pool, 5, &xd, &wd, &routing, 0.0, &mut y).unwrap_err();
+        assert!(matches!(err, Error::Segments(_)), "{err}");
+        let err = check_segments(&pool, 5, &[0], &[]).unwrap_err();
+        assert!(matches!(err, Error::Segments(_)), "{err}");
     }
 }
 
@@ -428,6 +450,32 @@ fn empty_batch_and_repeats<T: KernelElement>() {
 fn empty_batch_and_repeated_launches() {
     empty_batch_and_repeats::<bf16>();
     empty_batch_and_repeats::<f32>();
+}
+
+/// The reference takes an empty segment table for an empty batch, and refuses
+/// one for tokens that exist.
+#[test]
+fn reference_segments_for_empty_batches() {
+    assert_eq!(
+        reference::segment_ids(0, &[0], &[]).unwrap(),
+        Vec::<i32>::new()
+    );
+    let w = [0.5f32; 6];
+    let mut y: [f32; 0] = [];
+    reference::multi_adapter_forward_segments(
+        Dims::new(0, 2, 3),
+        &[],
+        &w,
+        &[],
+        (&[0], &[]),
+        0.0,
+        &mut y,
+    )
+    .unwrap();
+    for (m, offsets) in [(3, &[0][..]), (3, &[0, 3][..]), (0, &[][..])] {
+        let err = reference::segment_ids(m, offsets, &[]).unwrap_err();
+        assert!(matches!(err, Error::Segments(_)), "{err}");
+    }
 }
 
 #[test]
@@ -589,6 +637,14 @@ fn pool_bookkeeping_and_bad_input() {
     let routing = Routing::Tokens((&ids[..2]).into());
     let err = multi_adapter_forward(&pool, 2, &x, &w[1..], &routing, 0.0, &mut y).unwrap_err();
     assert!(matches!(err, Error::Shape { operand: "w", .. }), "{err}");
+    // A table of zero segments is for an empty batch only.
+    let (offsets, no_slots) = ([0i32], [0i32; 0]);
+    let segments = Routing::Segments {
+        offsets: (&offsets[..]).into(),
+        slots: (&no_slots[..]).into(),
+    };
+    let err = multi_adapter_forward(&pool, 2, &x, &w, &segments, 0.0, &mut y).unwrap_err();
+    assert!(matches!(err, Error::Segments(_)), "{err}");
     // Each type runs in its own regimes: tensor cores take no f32, and the
     // SIMT kernel is built for f32 only.
     let err = multi_adapter_forward_in(Regime::Simt, &pool, 2, &x, &w, &routing, 0.0, &mut y)

@@ -47,7 +47,8 @@ pub enum Routing<'a> {
     /// One slot id per token (`m` of them, `i32` on the device), `-1` = base only.
     Tokens(BufRef<'a, i32>),
     /// Sorted segments, for prefill: tokens `offsets[j]..offsets[j + 1]` use
-    /// `slots[j]`; `offsets` has `slots.len() + 1` entries, from 0 to m.
+    /// `slots[j]`; `offsets` has `slots.len() + 1` entries, from 0 to m. An
+    /// empty batch (m = 0) may pass an empty table (`offsets = [0]`, no slots).
     Segments {
         offsets: BufRef<'a, i32>,
         slots: BufRef<'a, i32>,
@@ -146,9 +147,11 @@ fn launch<T: KernelElement>(
             0
         }
         Routing::Segments { offsets, slots } => {
-            if slots.is_empty() || slots.len() > i32::MAX as usize - 1 {
+            // An empty batch may come with an empty table (offsets = [0]).
+            let min = usize::from(m > 0);
+            if slots.len() < min || slots.len() > i32::MAX as usize - 1 {
                 return Err(Error::Segments(format!(
-                    "need 1..i32::MAX segments, got {}",
+                    "need {min}..i32::MAX segments for m = {m} tokens, got {}",
                     slots.len()
                 )));
             }
@@ -218,6 +221,7 @@ fn launch<T: KernelElement>(
             k: cfg.k as i32,
             max_rank: cfg.max_rank as i32,
             slots: cfg.slots as i32,
+            // 0 means per-token ids; an empty table never launches (m = 0 above).
             segments: segments as i32,
             shrink_blocks: shrink_blocks as i32,
             beta,
