@@ -26,6 +26,7 @@ pub use device::Device;
 pub use element::{DType, Element};
 pub use error::{Error, Result};
 pub use launch::{HostSchedule, kernels_built, with_host_schedule};
+pub use ops::merge::MergeOp;
 pub use ops::{DeviceAdapter, KernelElement};
 pub use reference::Adapter;
 pub use shape::{Dims, MAX_RANK};

@@ -3,8 +3,8 @@ mod common;
 
 use common::*;
 use lora_kernels::ops::fused_forward::fused_forward;
-use lora_kernels::reference::{self, AdamW, AdamWState, BackwardInputs, Gradients, MergeOp};
-use lora_kernels::{Adapter, Device, DeviceAdapter, Dims, Error};
+use lora_kernels::reference::{self, AdamW, AdamWState, BackwardInputs, Gradients};
+use lora_kernels::{Adapter, Device, DeviceAdapter, Dims, Error, MergeOp};
 
 fn data(len: usize) -> Vec<f32> {
     random(&mut rng(len as u64), len)
@@ -295,7 +295,7 @@ fn training_ops_validate_their_operands() {
         BackwardOptions, BackwardScratch, Grads, lora_backward,
     };
     use lora_kernels::ops::merge::merge;
-    use lora_kernels::reference::{AdamW, MergeOp, SlotHyper};
+    use lora_kernels::reference::{AdamW, SlotHyper};
     use lora_kernels::{AdapterPool, PoolConfig};
     let dev = Device::host().unwrap();
     let dims = Dims::new(4, 6, 5);
@@ -344,7 +344,7 @@ fn training_ops_validate_their_operands() {
     assert!(matches!(err, Error::Shape { operand: "t", .. }), "{err}");
 
     let mut w_short = w[..29].to_vec();
-    let err = merge(&dev, 6, 5, &mut w_short, &adapter, MergeOp::Merge).unwrap_err();
+    let err = merge(&dev, dims, &mut w_short, &adapter, MergeOp::Merge).unwrap_err();
     assert!(matches!(err, Error::Shape { operand: "w", .. }), "{err}");
 
     let cfg = PoolConfig {
