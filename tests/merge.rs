@@ -232,3 +232,27 @@ fn merge_wide_rows_and_bad_dims() {
     let err = merge(&dev, Dims::new(0, 4, 5), &mut w, &adapter, MergeOp::Merge).unwrap_err();
     assert!(matches!(err, Error::Shape { operand: "w", .. }), "{err}");
 }
+
+/// A row longer than grid.y's 65535 chunks of 256 columns: the kernel's
+/// threads stride over the columns beyond (one row keeps the host runtime
+/// fast; it refuses a grid.y over 65535, as a GPU does).
+#[test]
+fn merge_rows_longer_than_the_grid() {
+    let (n, k, r) = (1, 65535 * 256 + 77, 1);
+    let mut g = rng(12);
+    let (w, a, b): (Vec<f16>, Vec<f16>, Vec<f16>) = (
+        random(&mut g, n * k),
+        random(&mut g, r * k),
+        random(&mut g, n * r),
+    );
+    let adapter = Adapter {
+        a: &a,
+        b: &b,
+        rank: r,
+        scale: -1.25,
+    };
+    for dev in devices() {
+        let got = run(&dev, (n, k), &w, (&a, &b, r, -1.25), MergeOp::Unmerge);
+        check_against_reference(&dev, (n, k), &w, &adapter, MergeOp::Unmerge, &got).unwrap();
+    }
+}
