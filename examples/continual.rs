@@ -24,8 +24,7 @@ use lora_kernels::ops::merge::merge;
 use lora_kernels::ops::multi_adapter_forward::{
     Routing, multi_adapter_forward, multi_adapter_forward_saving_t,
 };
-use lora_kernels::reference::MergeOp;
-use lora_kernels::{AdapterPool, Buffer, Device, DeviceAdapter, PoolConfig};
+use lora_kernels::{AdapterPool, Buffer, Device, DeviceAdapter, Dims, MergeOp, PoolConfig};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -425,8 +424,7 @@ fn main() -> Res<()> {
         let (ad, bd) = (dev.upload(&bf(&a))?, dev.upload(&bf(&b))?);
         merge(
             &dev,
-            layer.n,
-            layer.k,
+            Dims::new(0, layer.n, layer.k),
             &mut layer.w_dev,
             &DeviceAdapter::new(&ad, &bd, RANK, 1.0),
             MergeOp::Merge,

@@ -11,13 +11,16 @@
 //   and shared by its tokens, a token costing its own rank), then raise
 //   counters[0];
 // - the other blocks each own a BM x BN tile of y: they run the base product
-//   on tensor cores (lk_tile_gemm.cuh), then wait for counters[0] (by then
-//   long reached: the shrink is a small fraction of the work) and expand, once
-//   per distinct adapter among their rows, so tokens of the same adapter share
-//   each load of its b tile. The last of them resets the counters to 0.
+//   (f16/bf16 on tensor cores, lk_tile_gemm.cuh; f32 on SIMT tiles,
+//   lk_simt_tile.cuh, as tensor cores take no f32), then wait for counters[0]
+//   (by then long reached: the shrink is a small fraction of the work) and
+//   expand, once per distinct adapter among their rows, so tokens of the same
+//   adapter share each load of its b tile. The last of them resets the
+//   counters to 0.
 // An id outside -1..slots-1 never reads outside the pool: it is treated as -1
 // and counted in *bad_ids (by the shrink blocks, once per token).
 // The counters make the pool's launches one at a time: use a pool from one stream.
+#include "lk_simt_tile.cuh"
 #include "lk_tile_gemm.cuh"
 
 namespace {
@@ -114,11 +117,26 @@ __device__ void shrink_block(const MultiAdapterParams& p) {
     }
 }
 
+// Called by every thread of a tile block: thread 0 waits until every shrink
+// block has written its t (counters[0]), and the last tile block to get here
+// resets the counters for the next launch. Every t read after the next
+// __syncthreads (collect_distinct's) sees the shrink's writes (load_cg).
+__device__ __forceinline__ void wait_for_shrink(const MultiAdapterParams& p) {
+    unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
+    if (threadIdx.x == 0) {
+        lk::wait_counter_at_least(counters, (unsigned)p.shrink_blocks);
+        unsigned tiles = gridDim.x - p.shrink_blocks;
+        if (atomicAdd(counters + 1, 1u) == tiles - 1) {
+            atomicExch(counters, 0u);
+            atomicExch(counters + 1, 0u);
+        }
+    }
+}
+
 template <class T, class C, bool ALIGNED>
 __device__ void base_block(const MultiAdapterParams& p) {
     const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
     const float* t = reinterpret_cast<const float*>(p.t);
-    unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     LK_DYNAMIC_SHARED(T, smem);
     LK_SHARED(int, row_slot, [C::BM]);
     LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
@@ -132,15 +150,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
     lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
                                 p.m, p.n, p.k, 0, 0, row0, col0, r);
 
-    if (threadIdx.x == 0) {
-        lk::wait_counter_at_least(counters, (unsigned)p.shrink_blocks);
-        // The last tile block to get here resets the counters for the next launch.
-        unsigned tiles = gridDim.x - p.shrink_blocks;
-        if (atomicAdd(counters + 1, 1u) == tiles - 1) {
-            atomicExch(counters, 0u);
-            atomicExch(counters + 1, 0u);
-        }
-    }
+    wait_for_shrink(p);
     for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
     lk::collect_distinct<C::BM>(row_slot, distinct);
 
@@ -171,10 +181,70 @@ __device__ void base_block(const MultiAdapterParams& p) {
     lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
 }
 
+// The f32 tile block: as base_block, on SIMT tiles. The x and w tiles of
+// the base product are reused for scale * t and b in the expand; ranks are
+// taken in chunks of the tile width, only as far as each adapter's rank.
+template <class T>
+__device__ void simt_tile_block(const MultiAdapterParams& p) {
+    using C = lk::simt::Tiles;
+    const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
+    const float* t = reinterpret_cast<const float*>(p.t);
+    LK_SHARED(float, lhs, [C::BM * C::LD]);
+    LK_SHARED(float, rhs, [C::BN * C::LD]);
+    LK_SHARED(int, row_slot, [C::BM]);
+    LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
+    const lk::simt::Smem<C> sm{lhs, rhs};
+
+    const int tiles_n = (p.n + C::BN - 1) / C::BN;
+    const int tile = blockIdx.x - p.shrink_blocks;
+    const int row0 = (tile / tiles_n) * C::BM, col0 = (tile % tiles_n) * C::BN;
+
+    lk::simt::Acc<C> acc;
+    lk::simt::zero(acc);
+    lk::simt::base_product<T, C>(sm, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), p.m, p.n,
+                                 p.k, row0, col0, acc);
+
+    wait_for_shrink(p);
+    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
+    lk::collect_distinct<C::BM>(row_slot, distinct);
+
+    for (int d = 1; d <= distinct[0]; ++d) {
+        const int s = distinct[d];
+        const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+        const float scale = reinterpret_cast<const float*>(p.slot_scale)[s];
+        for (int r0 = 0; r0 < rank; r0 += C::BK) {
+            const int rc = rank - r0 < C::BK ? rank - r0 : C::BK;
+            for (int i = threadIdx.x; i < C::BM * rc; i += C::THREADS) {
+                int row = i / rc, col = i % rc;
+                // Rows of other adapters are exact zeros: they add nothing.
+                lhs[row * C::LD + col] =
+                    row_slot[row] == s ? scale * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + r0 + col) : 0.f;
+            }
+            for (int i = threadIdx.x; i < C::BN * rc; i += C::THREADS) {
+                int row = i / rc, col = i % rc, gn = col0 + row;
+                rhs[row * C::LD + col] =
+                    gn < p.n ? lk::to_f32(b_pool[((size_t)s * p.n + gn) * p.max_rank + r0 + col]) : 0.f;
+            }
+            __syncthreads();
+            lk::simt::fma_tiles<C>(sm, rc, acc);
+            __syncthreads();  // before the next chunk or adapter overwrites the tiles
+        }
+    }
+    lk::simt::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, acc);
+}
+
 template <class T, class C, bool ALIGNED>
 __device__ void multi_adapter_forward(const MultiAdapterParams& p) {
     if ((int)blockIdx.x < p.shrink_blocks) shrink_block<T, C, ALIGNED>(p);
     else base_block<T, C, ALIGNED>(p);
+}
+
+// f32: shrink blocks of the SIMT tile's block size, then SIMT tile blocks
+// (element loads only: the shrink's loads are scalar for every type).
+template <class T>
+__device__ void multi_adapter_forward_simt(const MultiAdapterParams& p) {
+    if ((int)blockIdx.x < p.shrink_blocks) shrink_block<T, lk::simt::Tiles, false>(p);
+    else simt_tile_block<T>(p);
 }
 
 }  // namespace
@@ -188,3 +258,4 @@ LK_MULTI(decode, lk::DecodeTiles, f16, __half)
 LK_MULTI(decode, lk::DecodeTiles, bf16, __nv_bfloat16)
 LK_MULTI(prefill, lk::PrefillTiles, f16, __half)
 LK_MULTI(prefill, lk::PrefillTiles, bf16, __nv_bfloat16)
+LK_KERNEL(lk_multi_adapter_simt_f32, MultiAdapterParams, multi_adapter_forward_simt<float>)

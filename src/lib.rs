@@ -68,6 +68,7 @@ pub use device::{Device, HostSchedule};
 pub use element::{DType, Element};
 pub use error::{Error, Result};
 pub use launch::kernels_built;
+pub use ops::merge::MergeOp;
 pub use ops::{DeviceAdapter, KernelElement};
 pub use shape::{Dims, MAX_RANK};
 pub use slot_map::SlotMap;

@@ -3,9 +3,8 @@ mod common;
 
 use common::*;
 use lora_kernels::ops::fused_forward::fused_forward;
-use lora_kernels::reference::Adapter;
-use lora_kernels::reference::{self, AdamW, AdamWState, BackwardInputs, Gradients, MergeOp};
-use lora_kernels::{Device, DeviceAdapter, Dims, Error};
+use lora_kernels::reference::{self, AdamW, AdamWState, Adapter, BackwardInputs, Gradients};
+use lora_kernels::{Device, DeviceAdapter, Dims, Error, MergeOp};
 
 fn data(len: usize) -> Vec<f32> {
     random(&mut rng(len as u64), len)
@@ -297,7 +296,6 @@ fn training_ops_validate_their_operands() {
         BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, lora_backward,
     };
     use lora_kernels::ops::merge::merge;
-    use lora_kernels::reference::MergeOp;
     use lora_kernels::{AdapterPool, PoolConfig};
     let dev = Device::host().unwrap();
     let dims = Dims::new(4, 6, 5);
@@ -340,7 +338,7 @@ fn training_ops_validate_their_operands() {
     assert!(matches!(err, Error::Shape { operand: "t", .. }), "{err}");
 
     let mut w_short = w[..29].to_vec();
-    let err = merge(&dev, 6, 5, &mut w_short, &adapter, MergeOp::Merge).unwrap_err();
+    let err = merge(&dev, dims, &mut w_short, &adapter, MergeOp::Merge).unwrap_err();
     assert!(matches!(err, Error::Shape { operand: "w", .. }), "{err}");
 
     let cfg = PoolConfig {

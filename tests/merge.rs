@@ -7,11 +7,11 @@ use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::fused_forward::{Regime, fused_forward_in};
 use lora_kernels::ops::merge::merge;
-use lora_kernels::reference::Adapter;
-use lora_kernels::reference::{self, MergeOp};
-use lora_kernels::{Device, DeviceAdapter, Dims, KernelElement};
+use lora_kernels::reference::{self, Adapter};
+use lora_kernels::{Device, DeviceAdapter, Dims, Error, KernelElement, MergeOp};
 
-/// Runs the kernel on a copy of `w` (`[n, k]`) with adapter (a, b, rank, scale).
+/// Runs the kernel on a copy of `w` (`[n, k]`) with adapter (a, b, rank,
+/// scale). The batch size m is 0 here: merge ignores it.
 fn run<T: KernelElement>(
     dev: &Device,
     (n, k): (usize, usize),
@@ -21,8 +21,41 @@ fn run<T: KernelElement>(
 ) -> Vec<T> {
     let (ad, bd) = (dev.upload(a).unwrap(), dev.upload(b).unwrap());
     let mut wd = dev.upload(w).unwrap();
-    merge(dev, n, k, &mut wd, &DeviceAdapter::new(&ad, &bd, r, s), op).unwrap();
+    let adapter = DeviceAdapter::new(&ad, &bd, r, s);
+    merge(dev, Dims::new(0, n, k), &mut wd, &adapter, op).unwrap();
     dev.download(&wd).unwrap()
+}
+
+/// `got` against the reference: one rounding to T, plus the f32
+/// accumulation of the r products (at most r * u32 * sum |s b a|, the
+/// standard bound).
+fn check_against_reference<T: KernelElement>(
+    dev: &Device,
+    (n, k): (usize, usize),
+    w: &[T],
+    adapter: &Adapter<'_, T>,
+    op: MergeOp,
+    got: &[T],
+) -> Result<(), String> {
+    let (a, b, r, s) = (adapter.a, adapter.b, adapter.rank, adapter.scale);
+    let mut want = w.to_vec();
+    reference::merge(n, k, &mut want, adapter, op).unwrap();
+    for (i, (p, q)) in got.iter().zip(&want).enumerate() {
+        let (c, col) = (i / k, i % k);
+        let abs_sum: f64 = (0..r)
+            .map(|j| (b[c * r + j].to_f64() * a[j * k + col].to_f64()).abs())
+            .sum();
+        let bound = 2.0 * T::UNIT_ROUNDOFF * q.to_f64().abs()
+            + 2.0 * r as f64 * f32::EPSILON as f64 * s.abs() as f64 * abs_sum;
+        if (p.to_f64() - q.to_f64()).abs() > bound {
+            return Err(format!(
+                "{:?} {op:?} n={n} k={k} r={r} index {i} (row {c}, column {col}): {p:?} vs {q:?} on {}",
+                T::DTYPE,
+                dev.name()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check<T: KernelElement>(n: usize, k: usize, r: usize, seed: u64) -> Result<(), TestCaseError> {
@@ -42,24 +75,8 @@ fn check<T: KernelElement>(n: usize, k: usize, r: usize, seed: u64) -> Result<()
     for dev in devices() {
         for op in [MergeOp::Merge, MergeOp::Unmerge] {
             let got = run(&dev, (n, k), &w, (&a, &b, r, s), op);
-            let mut want = w.clone();
-            reference::merge(n, k, &mut want, &adapter, op).unwrap();
-            // One rounding to T, plus the f32 accumulation of the r products
-            // (at most r * u32 * sum |s b a|, the standard bound).
-            for (i, (p, q)) in got.iter().zip(&want).enumerate() {
-                let (c, col) = (i / k, i % k);
-                let abs_sum: f64 = (0..r)
-                    .map(|j| (b[c * r + j].to_f64() * a[j * k + col].to_f64()).abs())
-                    .sum();
-                let bound = 2.0 * T::UNIT_ROUNDOFF * q.to_f64().abs()
-                    + 2.0 * r as f64 * f32::EPSILON as f64 * s as f64 * abs_sum;
-                prop_assert!(
-                    (p.to_f64() - q.to_f64()).abs() <= bound,
-                    "{:?} {op:?} n={n} k={k} r={r} index {i}: {p:?} vs {q:?} on {}",
-                    T::DTYPE,
-                    dev.name()
-                );
-            }
+            check_against_reference(&dev, (n, k), &w, &adapter, op, &got)
+                .map_err(TestCaseError::fail)?;
         }
         // Unmerge after merge: within two roundings of the original.
         let merged = run(&dev, (n, k), &w, (&a, &b, r, s), MergeOp::Merge);
@@ -151,5 +168,91 @@ fn merged_base_product_equals_the_fused_forward() {
             dev.download(&y_merged).unwrap(),
         );
         compare("merged vs fused", &mm, &f, 1e-4, 1e-5).unwrap();
+    }
+}
+
+/// An lm_head-sized n: more rows than CUDA's grid.y allows (65535), which a
+/// grid with a row per grid.y could not launch. Small k and rank 1 keep the
+/// host runtime fast.
+#[test]
+fn merge_more_rows_than_grid_y_allows() {
+    let (n, k, r) = (70_000, 3, 1);
+    let mut g = rng(11);
+    let (w, a, b): (Vec<bf16>, Vec<bf16>, Vec<bf16>) = (
+        random(&mut g, n * k),
+        random(&mut g, r * k),
+        random(&mut g, n * r),
+    );
+    let adapter = Adapter {
+        a: &a,
+        b: &b,
+        rank: r,
+        scale: 0.75,
+    };
+    for dev in devices() {
+        let (ad, bd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+        let mut wd = dev.upload(&w).unwrap();
+        merge(
+            &dev,
+            Dims::new(0, n, k),
+            &mut wd,
+            &DeviceAdapter::new(&ad, &bd, r, 0.75),
+            MergeOp::Merge,
+        )
+        .unwrap();
+        let got = dev.download(&wd).unwrap();
+        check_against_reference(&dev, (n, k), &w, &adapter, MergeOp::Merge, &got).unwrap();
+        // The last rows changed (they are not left for a grid that stopped early).
+        assert_ne!(got[(n - 1) * k..], w[(n - 1) * k..]);
+    }
+}
+
+/// Columns beyond one block's width, m ignored, and bad n, k or w as errors.
+#[test]
+fn merge_wide_rows_and_bad_dims() {
+    check::<f16>(3, 1000, 2, 21).unwrap();
+    let dev = Device::host().unwrap();
+    let (a, b) = (vec![f16::ONE; 4], vec![f16::ONE; 4]);
+    let adapter = DeviceAdapter::new(&a, &b, 1, 1.0);
+    let mut w = vec![f16::ONE; 16];
+    // A weight has no batch dimension: m is not looked at, not even validated.
+    merge(
+        &dev,
+        Dims::new(usize::MAX, 4, 4),
+        &mut w,
+        &adapter,
+        MergeOp::Merge,
+    )
+    .unwrap();
+    assert!(w.iter().all(|&v| v == f16::from_f32(2.0)));
+    for dims in [Dims::new(0, 0, 4), Dims::new(0, 4, 0)] {
+        let err = merge(&dev, dims, &mut w, &adapter, MergeOp::Merge).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    }
+    let err = merge(&dev, Dims::new(0, 4, 5), &mut w, &adapter, MergeOp::Merge).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "w", .. }), "{err}");
+}
+
+/// A row longer than grid.y's 65535 chunks of 256 columns: the kernel's
+/// threads stride over the columns beyond (one row keeps the host runtime
+/// fast; it refuses a grid.y over 65535, as a GPU does).
+#[test]
+fn merge_rows_longer_than_the_grid() {
+    let (n, k, r) = (1, 65535 * 256 + 77, 1);
+    let mut g = rng(12);
+    let (w, a, b): (Vec<f16>, Vec<f16>, Vec<f16>) = (
+        random(&mut g, n * k),
+        random(&mut g, r * k),
+        random(&mut g, n * r),
+    );
+    let adapter = Adapter {
+        a: &a,
+        b: &b,
+        rank: r,
+        scale: -1.25,
+    };
+    for dev in devices() {
+        let got = run(&dev, (n, k), &w, (&a, &b, r, -1.25), MergeOp::Unmerge);
+        check_against_reference(&dev, (n, k), &w, &adapter, MergeOp::Unmerge, &got).unwrap();
     }
 }

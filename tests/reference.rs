@@ -5,9 +5,8 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use lora_kernels::reference::Adapter;
-use lora_kernels::reference::{self, AdamW, AdamWState, BackwardInputs, Gradients, MergeOp};
-use lora_kernels::{Dims, Element};
+use lora_kernels::reference::{self, AdamW, AdamWState, Adapter, BackwardInputs, Gradients};
+use lora_kernels::{Dims, Element, MergeOp};
 
 /// Shapes: m may be 0, nothing is a multiple of a tile size by construction,
 /// rank spans 1..=256.

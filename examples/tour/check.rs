@@ -61,9 +61,7 @@
 use std::time::Instant;
 
 use half::{bf16, f16};
-use lora_kernels::ops::adamw::{
-    AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus, pool_a_snapshot,
-};
+use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus};
 use lora_kernels::ops::fused_forward::{
     Regime, fused_forward_in, fused_forward_saving_t, regime_for,
 };
@@ -73,11 +71,10 @@ use lora_kernels::ops::lora_backward::{
 };
 use lora_kernels::ops::merge::merge;
 use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward_in};
-use lora_kernels::reference::{
-    self, AdamWState, Adapter, BackwardInputs, Gradients, MergeOp, SlotStep,
-};
+use lora_kernels::reference::{self, AdamWState, Adapter, BackwardInputs, Gradients, SlotStep};
 use lora_kernels::{
-    AdapterPool, DType, Device, DeviceAdapter, Dims, Element, Error, KernelElement, PoolConfig,
+    AdapterPool, DType, Device, DeviceAdapter, Dims, Element, Error, KernelElement, MergeOp,
+    PoolConfig,
 };
 
 use crate::{Res, common, data};
@@ -1501,7 +1498,7 @@ fn optimizer<T: KernelElement>(dev: &Device) -> Res<Vec<Row>> {
     } else {
         // The working copy of a (the pool's a rows), rounded from the kernel's
         // master: within the two roundings of the two masters and their drift.
-        let working = pool_a_snapshot(&pool)?;
+        let working = pool_a_rows(&pool, cfg.slots)?;
         let r = rounding::<T>();
         let (mut got, mut w_want, mut w_control, mut bound) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -1537,6 +1534,19 @@ fn merge_rows(dev: &Device) -> Res<Vec<Row>> {
 }
 
 /// w <- w +/- s b a on a copy of w.
+/// The pool's `a` of every slot in its layout `[slots][max_rank][k]` (rows
+/// past a slot's rank, and empty slots, as zeros).
+fn pool_a_rows<T: KernelElement>(pool: &AdapterPool<T>, slots: usize) -> Res<Vec<T>> {
+    let PoolConfig { max_rank, k, .. } = pool.config();
+    let mut rows = vec![T::default(); slots * max_rank * k];
+    for s in 0..slots {
+        if let Some((a, _, _)) = pool.adapter(s)? {
+            rows[s * max_rank * k..][..a.len()].copy_from_slice(&a);
+        }
+    }
+    Ok(rows)
+}
+
 fn merge_one<T: KernelElement>(dev: &Device, op: MergeOp) -> Res<Row> {
     let (n, k, rank) = (N, K_ANY, 8);
     let (w, a, b) = (
@@ -1549,8 +1559,7 @@ fn merge_one<T: KernelElement>(dev: &Device, op: MergeOp) -> Res<Row> {
     let mut wd = dev.upload(&w)?;
     merge(
         dev,
-        n,
-        k,
+        Dims::new(0, n, k),
         &mut wd,
         &DeviceAdapter::new(&ad, &bd, rank, scale),
         op,

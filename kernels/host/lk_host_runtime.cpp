@@ -368,8 +368,13 @@ int launch(const LkHostLaunch& cfg, const std::function<void()>& kernel) {
     rt.error.clear();
     unsigned nthreads = cfg.block[0] * cfg.block[1] * cfg.block[2];
     char buf[256];
-    if (nthreads == 0 || nthreads > kMaxThreads || cfg.grid[0] == 0 || cfg.grid[1] == 0 || cfg.grid[2] == 0 ||
-        cfg.dynamic_smem_bytes > kMaxDynamicSmem) {
+    // CUDA's limits, so a launch shape the GPU would refuse fails here too:
+    // grid.x up to 2^31 - 1, grid.y and grid.z up to 65535, block.z up to 64.
+    bool grid_ok = cfg.grid[0] >= 1 && cfg.grid[0] <= 0x7FFFFFFFu && cfg.grid[1] >= 1 && cfg.grid[1] <= 65535u &&
+                   cfg.grid[2] >= 1 && cfg.grid[2] <= 65535u;
+    bool block_ok = nthreads >= 1 && nthreads <= kMaxThreads && cfg.block[0] <= 1024u && cfg.block[1] <= 1024u &&
+                    cfg.block[2] <= 64u;
+    if (!grid_ok || !block_ok || cfg.dynamic_smem_bytes > kMaxDynamicSmem) {
         std::snprintf(buf, sizeof buf, "invalid launch: grid (%u,%u,%u), block (%u,%u,%u), %u bytes dynamic smem",
                       cfg.grid[0], cfg.grid[1], cfg.grid[2], cfg.block[0], cfg.block[1], cfg.block[2],
                       cfg.dynamic_smem_bytes);

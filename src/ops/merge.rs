@@ -15,33 +15,43 @@ use crate::element::DType;
 use crate::error::Result;
 use crate::launch::{LaunchDims, kernel};
 use crate::params::MergeParams;
-use crate::reference::MergeOp;
 use crate::shape::Dims;
 
 kernel!(MERGE_F32 = lk_merge_f32 in "merge": MergeParams;);
 kernel!(MERGE_F16 = lk_merge_f16 in "merge": MergeParams;);
 kernel!(MERGE_BF16 = lk_merge_bf16 in "merge": MergeParams;);
 
-const THREADS: u32 = 256;
+/// Threads per block at most (one column each); fewer for small k, rounded
+/// to whole warps.
+const MAX_THREADS: usize = 256;
+/// CUDA's limit on grid.y: beyond it the kernel strides over column chunks.
+const MAX_GRID_Y: usize = 65535;
+
+/// Whether to fold an adapter into the base weight or take it back out
+/// ([`merge`] on a device, `reference::merge` on the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeOp {
+    /// `w <- w + s b a`
+    Merge,
+    /// `w <- w - s b a`
+    Unmerge,
+}
 
 /// `w` (`[n, k]`) <- `w + s b a` (Merge) or `w - s b a` (Unmerge), in place.
+///
+/// Only `dims.n` and `dims.k` are used: a weight has no batch dimension, so
+/// `dims.m` is ignored (pass the layer's `Dims` as for the other ops, or `m
+/// = 0`). Any n and k that `Dims::validate` accepts (an lm_head's n included).
 pub fn merge<'a, T: KernelElement>(
     dev: &Device,
-    n: usize,
-    k: usize,
+    dims: Dims,
     w: impl Into<BufMut<'a, T>>,
     adapter: &DeviceAdapter<'_, T>,
     op: MergeOp,
 ) -> Result<()> {
     let mut w = w.into();
+    let Dims { n, k, .. } = dims;
     Dims::new(0, n, k).validate()?;
-    if n > u16::MAX as usize {
-        return Err(crate::shape::invalid(
-            "n",
-            n,
-            "merge takes at most 65535 rows (one grid row each)",
-        ));
-    }
     check_output(dev, "w", &w, n, k)?;
     adapter.validate(dev, n, k)?;
     let (pa, _ga) = in_ptr(dev, &adapter.a);
@@ -62,13 +72,16 @@ pub fn merge<'a, T: KernelElement>(
         DType::BF16 => &MERGE_BF16,
         _ => &MERGE_F32,
     };
-    let dims = LaunchDims {
-        grid: [k.div_ceil(THREADS as usize) as u32, n as u32, 1],
-        block: [THREADS, 1, 1],
+    let threads = k.next_multiple_of(32).min(MAX_THREADS);
+    let launch = LaunchDims {
+        grid: [n as u32, k.div_ceil(threads).min(MAX_GRID_Y) as u32, 1],
+        block: [threads as u32, 1, 1],
         dynamic_smem_bytes: 0,
     };
     // SAFETY: w holds n*k, a r*k and b n*r elements on `dev` (checked above);
-    // the grid has a row per c < n (<= 65535) and covers k columns, each
-    // thread checking q < k; the pointer guards live past the launch.
-    unsafe { kernel.launch(dev, dims, &params) }
+    // n and k are in 1..=i32::MAX (Dims::validate), so grid.x = n is within
+    // CUDA's 2^31 - 1 and grid.y within 1..=65535; block x handles row x
+    // only, its threads stride over columns (grid.y * threads apart) while
+    // q < k, with 64-bit offsets; the pointer guards live past the launch.
+    unsafe { kernel.launch(dev, launch, &params) }
 }

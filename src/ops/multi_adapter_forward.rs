@@ -12,7 +12,7 @@
 //! model only. Segment offsets on the device are trusted for routing (a
 //! malformed table routes tokens wrongly but reads nothing out of bounds).
 use super::fused_forward::{Regime, regime_for};
-use super::tiles::{DECODE, PREFILL};
+use super::tiles::{DECODE, MmaTiles, PREFILL};
 use super::{KernelElement, check_operand, check_output, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
@@ -30,18 +30,25 @@ kernel!(PREFILL_F16_ALIGNED = lk_multi_adapter_prefill_f16_aligned in "multi_ada
 kernel!(PREFILL_F16_ANY = lk_multi_adapter_prefill_f16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_BF16_ALIGNED = lk_multi_adapter_prefill_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_BF16_ANY = lk_multi_adapter_prefill_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(SIMT_F32 = lk_multi_adapter_simt_f32 in "multi_adapter_forward": MultiAdapterParams;);
 
 /// At most this many blocks compute the shrink (each then takes several units).
 const MAX_SHRINK_BLOCKS: usize = 4096;
 /// Tokens per shrink unit (`GROUP` in the kernel).
 const SHRINK_GROUP: usize = 8;
+/// The f32 kernel's SIMT tile of `y` and block size (`lk::simt::Tiles` in
+/// kernels/include/lk_simt_tile.cuh); its shared memory is all static.
+const SIMT_BM: usize = 32;
+const SIMT_BN: usize = 64;
+const SIMT_THREADS: u32 = 256;
 
 /// Which adapter each token uses.
 pub enum Routing<'a> {
     /// One slot id per token (`m` of them, `i32` on the device), `-1` = base only.
     Tokens(BufRef<'a, i32>),
     /// Sorted segments, for prefill: tokens `offsets[j]..offsets[j + 1]` use
-    /// `slots[j]`; `offsets` has `slots.len() + 1` entries, from 0 to m.
+    /// `slots[j]`; `offsets` has `slots.len() + 1` entries, from 0 to m. An
+    /// empty batch (m = 0) may pass an empty table (`offsets = [0]`, no slots).
     Segments {
         /// `segments + 1` token offsets, from 0 to m, non-decreasing.
         offsets: BufRef<'a, i32>,
@@ -52,7 +59,8 @@ pub enum Routing<'a> {
 
 /// `y = x w^T + s_i (x_i a_i^T) b_i^T (+ beta y)` for a batch of `m` tokens
 /// (`x` `[m, k]`, `w` `[n, k]` with the pool's n and k, `y` `[m, n]`), in the
-/// regime `fused_forward` would pick for m. f16/bf16 pools only.
+/// regime `fused_forward` would pick for m and the pool's type: tensor cores
+/// for f16/bf16, SIMT tiles for f32. With `beta == 0`, `y` is only written.
 pub fn multi_adapter_forward<'a, T: KernelElement>(
     pool: &AdapterPool<T>,
     m: usize,
@@ -65,7 +73,8 @@ pub fn multi_adapter_forward<'a, T: KernelElement>(
     multi_adapter_forward_in(regime_for(T::DTYPE, m), pool, m, x, w, routing, beta, y)
 }
 
-/// The same in a chosen tensor-core regime (`Decode` or `Prefill`).
+/// The same in a chosen regime: `Decode` or `Prefill` (tensor cores, f16/bf16
+/// pools), `Simt` (f32 pools).
 #[allow(clippy::too_many_arguments)] // the op's operands plus the regime
 pub fn multi_adapter_forward_in<'a, T: KernelElement>(
     regime: Regime,
@@ -126,24 +135,7 @@ fn launch<T: KernelElement>(
     let cfg = pool.config();
     let dims = Dims::new(m, cfg.n, cfg.k);
     dims.validate()?;
-    if !matches!(T::DTYPE, DType::F16 | DType::BF16) {
-        return Err(invalid(
-            "dtype",
-            format!("{:?}", T::DTYPE),
-            "multi-adapter serving takes f16 or bf16",
-        ));
-    }
-    let tiles = match regime {
-        Regime::Decode => &DECODE,
-        Regime::Prefill => &PREFILL,
-        Regime::Simt => {
-            return Err(invalid(
-                "regime",
-                "Simt",
-                "multi-adapter serving runs on tensor cores",
-            ));
-        }
-    };
+    let shape = tile_shape(regime, T::DTYPE)?;
     check_operand(dev, "x", &x, m, cfg.k)?;
     check_operand(dev, "w", &w, cfg.n, cfg.k)?;
     check_finite("beta", beta)?;
@@ -157,9 +149,11 @@ fn launch<T: KernelElement>(
             0
         }
         Routing::Segments { offsets, slots } => {
-            if slots.is_empty() || slots.len() > i32::MAX as usize - 1 {
+            // An empty batch may come with an empty table (offsets = [0]).
+            let min = usize::from(m > 0);
+            if slots.len() < min || slots.len() > i32::MAX as usize - 1 {
                 return Err(Error::Segments(format!(
-                    "need 1..i32::MAX segments, got {}",
+                    "need {min}..i32::MAX segments for m = {m} tokens, got {}",
                     slots.len()
                 )));
             }
@@ -209,7 +203,7 @@ fn launch<T: KernelElement>(
         aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
         // Shrink units: groups of tokens x rank rows (the kernel strides over them).
         let shrink_blocks = (m.div_ceil(SHRINK_GROUP) * cfg.max_rank).min(MAX_SHRINK_BLOCKS);
-        let tile_blocks = m.div_ceil(tiles.bm) * cfg.n.div_ceil(tiles.bn);
+        let tile_blocks = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
         let params = MultiAdapterParams {
             x: px,
             w: pw,
@@ -229,16 +223,17 @@ fn launch<T: KernelElement>(
             k: cfg.k as i32,
             max_rank: cfg.max_rank as i32,
             slots: cfg.slots as i32,
+            // 0 means per-token ids; an empty table never launches (m = 0 above).
             segments: segments as i32,
             shrink_blocks: shrink_blocks as i32,
             beta,
         };
         let launch = LaunchDims {
             grid: [(shrink_blocks + tile_blocks) as u32, 1, 1],
-            block: [tiles.threads, 1, 1],
-            dynamic_smem_bytes: tiles.smem_bytes(0),
+            block: [shape.threads, 1, 1],
+            dynamic_smem_bytes: shape.smem_bytes,
         };
-        let kernel = select(regime, T::DTYPE == DType::BF16, aligned);
+        let kernel = select(regime, T::DTYPE, aligned);
         // SAFETY: x, w, y and the routing buffers were checked above to live on
         // the pool's device with the element counts the kernel indexes (x m*k,
         // w n*k, y m*n, ids m or segments + 1 offsets and segments slots); the
@@ -247,24 +242,70 @@ fn launch<T: KernelElement>(
         // access; t holds m * max_rank f32 (reserve_tokens above) and the
         // counters are 0 between launches (zeroed at creation, reset by each
         // launch); the grid is shrink_blocks + the tiles covering m x n, with
-        // the tiles' block size and shared memory; 16-byte loads only when k
-        // and the bases allow; the pointer guards live until after the launch.
+        // the block size and dynamic shared memory of the kernel `select`
+        // gives for this regime and type (tile_shape above: tensor-core tiles
+        // for f16/bf16, SIMT tiles with static shared memory only for f32);
+        // 16-byte loads only when k and the bases allow; the pointer guards
+        // live until after the launch.
         unsafe { kernel.launch(dev, launch, &params) }
     };
     drop(scratch);
     launched
 }
 
-fn select(regime: Regime, bf16: bool, aligned: bool) -> &'static Kernel<MultiAdapterParams> {
+/// The tile of `y` a block owns, the block size and the dynamic shared memory
+/// of the kernel for a regime and type; an error for pairs with no kernel.
+struct TileShape {
+    bm: usize,
+    bn: usize,
+    threads: u32,
+    smem_bytes: u32,
+}
+
+fn tile_shape(regime: Regime, dtype: DType) -> Result<TileShape> {
+    let mma = |tiles: &MmaTiles| TileShape {
+        bm: tiles.bm,
+        bn: tiles.bn,
+        threads: tiles.threads,
+        smem_bytes: tiles.smem_bytes(0),
+    };
+    match (regime, dtype) {
+        (Regime::Decode, DType::F16 | DType::BF16) => Ok(mma(&DECODE)),
+        (Regime::Prefill, DType::F16 | DType::BF16) => Ok(mma(&PREFILL)),
+        (Regime::Simt, DType::F32) => Ok(TileShape {
+            bm: SIMT_BM,
+            bn: SIMT_BN,
+            threads: SIMT_THREADS,
+            smem_bytes: 0,
+        }),
+        (Regime::Simt, _) => Err(invalid(
+            "regime",
+            "Simt",
+            format!(
+                "the multi-adapter SIMT kernel takes f32 pools; {dtype:?} runs on tensor cores (Decode or Prefill)"
+            ),
+        )),
+        (_, _) => Err(invalid(
+            "regime",
+            format!("{regime:?}"),
+            format!("tensor-core kernels take f16 or bf16 pools, not {dtype:?}; f32 runs in Simt"),
+        )),
+    }
+}
+
+/// The entry point for a regime and type (a pair `tile_shape` accepted).
+fn select(regime: Regime, dtype: DType, aligned: bool) -> &'static Kernel<MultiAdapterParams> {
+    let bf16 = dtype == DType::BF16;
     match (regime, bf16, aligned) {
+        (Regime::Simt, _, _) => &SIMT_F32,
         (Regime::Decode, false, true) => &DECODE_F16_ALIGNED,
         (Regime::Decode, false, false) => &DECODE_F16_ANY,
         (Regime::Decode, true, true) => &DECODE_BF16_ALIGNED,
         (Regime::Decode, true, false) => &DECODE_BF16_ANY,
-        (_, false, true) => &PREFILL_F16_ALIGNED,
-        (_, false, false) => &PREFILL_F16_ANY,
-        (_, true, true) => &PREFILL_BF16_ALIGNED,
-        (_, true, false) => &PREFILL_BF16_ANY,
+        (Regime::Prefill, false, true) => &PREFILL_F16_ALIGNED,
+        (Regime::Prefill, false, false) => &PREFILL_F16_ANY,
+        (Regime::Prefill, true, true) => &PREFILL_BF16_ALIGNED,
+        (Regime::Prefill, true, false) => &PREFILL_BF16_ANY,
     }
 }
 

@@ -1,16 +1,8 @@
 use super::Adapter;
 use crate::element::Element;
 use crate::error::Result;
+use crate::ops::merge::MergeOp;
 use crate::shape::{Dims, check_matrix};
-
-/// Whether to fold an adapter into the base weight or take it back out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MergeOp {
-    /// `w <- w + s b a`
-    Merge,
-    /// `w <- w - s b a`
-    Unmerge,
-}
 
 /// `w[n, k] <- w +/- s b a`, accumulated in f64 and rounded once to the
 /// storage type. Unmerge after merge restores `w` up to that one rounding of

@@ -11,7 +11,7 @@ mod multi_adapter_forward;
 pub use adamw::{AdamW, AdamWState, SlotStep, adamw_slot_step, adamw_step};
 pub use backward::{BackwardInputs, Gradients, backward};
 pub use fused_forward::{fused_forward, lora_intermediate};
-pub use merge::{MergeOp, merge};
+pub use merge::merge;
 pub use multi_adapter_forward::{
     multi_adapter_forward, multi_adapter_forward_segments, segment_ids,
 };

@@ -51,13 +51,19 @@ pub fn multi_adapter_forward_segments<T: Element>(
     multi_adapter_forward(dims, x, w, adapters, &ids, beta, y)
 }
 
-/// Expands a segment table into per-token slot ids, validating it.
+/// Expands a segment table into per-token slot ids, validating it. An empty
+/// batch may have an empty table (`offsets = [0]`, `slots = []`).
 pub fn segment_ids(m: usize, offsets: &[i32], slots: &[i32]) -> Result<Vec<i32>> {
     if offsets.len() != slots.len() + 1 {
         return Err(Error::Segments(format!(
             "offsets must have slots + 1 = {} entries, got {}",
             slots.len() + 1,
             offsets.len()
+        )));
+    }
+    if slots.is_empty() && m > 0 {
+        return Err(Error::Segments(format!(
+            "m = {m} tokens need at least one segment (an empty table is for m = 0)"
         )));
     }
     if offsets[0] != 0 || *offsets.last().unwrap() as i64 != m as i64 {
