@@ -46,6 +46,19 @@ impl PoolConfig {
     }
 }
 
+/// One slot's adapter copied back to the host ([`AdapterPool::adapter`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotAdapter<T> {
+    /// `[rank, k]`.
+    pub a: Vec<T>,
+    /// `[n, rank]`.
+    pub b: Vec<T>,
+    /// The adapter's rank.
+    pub rank: usize,
+    /// The adapter's scale.
+    pub scale: f32,
+}
+
 /// Scratch the multi-adapter kernel uses: the f32 intermediate `t`
 /// (`[tokens][max_rank]`, grown on demand), two launch counters (0 between
 /// launches) and the count of out-of-range ids seen on the device.
@@ -71,7 +84,8 @@ pub(crate) struct Scratch {
 /// let b = vec![bf16::from_f32(0.02); cfg.n * rank];
 /// pool.load(1, &a, &b, rank, scale)?;
 /// assert_eq!(pool.rank(1), Some(8));
-/// assert_eq!(pool.adapter(1)?, Some((a, b, scale)));
+/// let back = pool.adapter(1)?.expect("slot 1 holds an adapter");
+/// assert_eq!((back.a, back.b, back.rank, back.scale), (a, b, rank, scale));
 /// assert_eq!(pool.adapter(0)?, None);
 /// assert_eq!(pool.slots_free(), 3);
 /// pool.evict(1)?;
@@ -167,10 +181,9 @@ impl<T: KernelElement> AdapterPool<T> {
         Ok(())
     }
 
-    /// A copy of the adapter in `slot` on the host: (`a` `[rank, k]`, `b`
-    /// `[n, rank]`, scale), after the work queued before it; None when the
-    /// slot is empty.
-    pub fn adapter(&self, slot: usize) -> Result<Option<(Vec<T>, Vec<T>, f32)>> {
+    /// A copy of the adapter in `slot` on the host, after the work queued
+    /// before it; None when the slot is empty.
+    pub fn adapter(&self, slot: usize) -> Result<Option<SlotAdapter<T>>> {
         self.check_slot(slot)?;
         let Some(rank) = self.rank(slot) else {
             return Ok(None);
@@ -180,7 +193,7 @@ impl<T: KernelElement> AdapterPool<T> {
         let b_rows = read(&self.dev, &self.b, slot * n * max_rank, n * max_rank)?;
         let b = unpad_rows(&b_rows, max_rank, rank);
         let scale = read(&self.dev, &self.scales, slot, 1)?[0];
-        Ok(Some((a, b, scale)))
+        Ok(Some(SlotAdapter { a, b, rank, scale }))
     }
 
     /// The rank of the adapter in `slot`, or None when it is empty.

@@ -62,7 +62,7 @@ pub mod slot_map;
 #[cfg(feature = "bench")]
 pub mod timing;
 
-pub use adapter_pool::{AdapterPool, PoolConfig};
+pub use adapter_pool::{AdapterPool, PoolConfig, SlotAdapter};
 pub use buffer::{BufMut, BufRef, Buffer};
 pub use device::{Device, HostSchedule};
 pub use element::{DType, Element};

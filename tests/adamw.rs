@@ -155,7 +155,7 @@ fn every_slot_matches_the_reference_step() {
             .unwrap();
         }
         // The pool's bf16 copy is the master rounded once.
-        let (working, _, _) = pool.adapter(0).unwrap().expect("slot 0 holds an adapter");
+        let working = pool.adapter(0).unwrap().expect("slot 0 holds an adapter").a;
         let (a0, _) = opt.master(&pool, 0).unwrap();
         for (q, v) in a0.iter().enumerate() {
             assert_eq!(working[q], bf16::from_f32(*v));

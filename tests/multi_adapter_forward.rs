@@ -3,7 +3,7 @@
 //! mixed ranks, empty slots, every regime (tensor-core decode and prefill for
 //! f16/bf16, SIMT for f32), the segment form, empty batches, hot-swap, bad ids
 //! on the device, a negative control per type, and the pool's own bookkeeping.
-//! Every comparison uses DESIGN.md section 3's per-element bound.
+//! Every comparison uses docs/DESIGN.md section 3's per-element bound.
 mod common;
 
 use common::*;
@@ -116,7 +116,7 @@ impl<T: KernelElement> Fixture<T> {
             .and_then(Option::as_ref)
     }
 
-    /// DESIGN.md section 3's bound for each element of y: one ulp of T plus
+    /// docs/DESIGN.md section 3's bound for each element of y: one ulp of T plus
     /// 4 eps_f32 times the sum of |terms| behind it, `sum_k |x w| + |s|
     /// sum_j |b_j| sum_k |x a_j| (+ |beta y0|)` (t's own f32 sum counted term
     /// by term, as cancellation in t makes |t| smaller than its error
@@ -775,7 +775,7 @@ fn forward_saving_t_matches_the_reference_intermediate() {
 }
 
 /// Negative control, per type: the same check against a reference whose
-/// scales are off by `off` (1% bf16, 0.3% f16, 0.01% f32, DESIGN.md section
+/// scales are off by `off` (1% bf16, 0.3% f16, 0.01% f32, docs/DESIGN.md section
 /// 3) must fail, so the bound is tight enough to see a wrong low-rank term.
 /// The data make the low-rank term as large as the base term.
 fn negative_control<T: KernelElement>(regime: Regime, off: f32) {

@@ -1540,8 +1540,8 @@ fn pool_a_rows<T: KernelElement>(pool: &AdapterPool<T>, slots: usize) -> Res<Vec
     let PoolConfig { max_rank, k, .. } = pool.config();
     let mut rows = vec![T::default(); slots * max_rank * k];
     for s in 0..slots {
-        if let Some((a, _, _)) = pool.adapter(s)? {
-            rows[s * max_rank * k..][..a.len()].copy_from_slice(&a);
+        if let Some(adapter) = pool.adapter(s)? {
+            rows[s * max_rank * k..][..adapter.a.len()].copy_from_slice(&adapter.a);
         }
     }
     Ok(rows)

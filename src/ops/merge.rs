@@ -42,6 +42,24 @@ pub enum MergeOp {
 /// Only `dims.n` and `dims.k` are used: a weight has no batch dimension, so
 /// `dims.m` is ignored (pass the layer's `Dims` as for the other ops, or `m
 /// = 0`). Any n and k that `Dims::validate` accepts (an lm_head's n included).
+///
+/// ```
+/// use lora_kernels::ops::merge::merge;
+/// use lora_kernels::{Device, DeviceAdapter, Dims, MergeOp};
+///
+/// let dev = Device::cuda(0).or_else(|_| Device::host())?;
+/// let dims = Dims::new(0, 2, 3); // w [n, k]
+/// let w0 = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+/// let mut w = dev.upload(&w0)?;
+/// let (a, b) = (dev.upload(&[1.0f32, 0.0, 2.0])?, dev.upload(&[1.0f32, -1.0])?); // rank 1
+/// let adapter = DeviceAdapter::new(&a, &b, 1, 0.5);
+/// merge(&dev, dims, &mut w, &adapter, MergeOp::Merge)?;
+/// // w + 0.5 b a: row 0 gains [0.5, 0, 1], row 1 loses it.
+/// assert_eq!(dev.download(&w)?, vec![1.5, 2.0, 4.0, 3.5, 5.0, 5.0]);
+/// merge(&dev, dims, &mut w, &adapter, MergeOp::Unmerge)?;
+/// assert_eq!(dev.download(&w)?, w0.to_vec());
+/// # Ok::<(), lora_kernels::Error>(())
+/// ```
 pub fn merge<'a, T: KernelElement>(
     dev: &Device,
     dims: Dims,

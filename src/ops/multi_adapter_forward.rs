@@ -61,6 +61,27 @@ pub enum Routing<'a> {
 /// (`x` `[m, k]`, `w` `[n, k]` with the pool's n and k, `y` `[m, n]`), in the
 /// regime `fused_forward` would pick for m and the pool's type: tensor cores
 /// for f16/bf16, SIMT tiles for f32. With `beta == 0`, `y` is only written.
+///
+/// ```
+/// use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward};
+/// use lora_kernels::{AdapterPool, Device, PoolConfig};
+///
+/// let dev = Device::cuda(0).or_else(|_| Device::host())?;
+/// let cfg = PoolConfig { slots: 2, max_rank: 2, n: 2, k: 3 };
+/// let mut pool = AdapterPool::<f32>::new(&dev, cfg)?;
+/// pool.load(0, &[1.0, 1.0, 1.0], &[1.0, 2.0], 1, 1.0)?; // user 0: rank 1
+/// pool.load(1, &[1.0; 6], &[1.0; 4], 2, 0.5)?; // user 1: rank 2
+///
+/// // Three tokens: user 0, no adapter, user 1.
+/// let x = dev.upload(&[1.0f32; 9])?; // [m, k]
+/// let w = dev.upload(&[0.0f32; 6])?; // [n, k]: no base term, to show the adapters
+/// let ids = dev.upload(&[0i32, -1, 1])?;
+/// let mut y = dev.zeros::<f32>(6)?; // [m, n]
+/// multi_adapter_forward(&pool, 3, &x, &w, &Routing::Tokens((&ids).into()), 0.0, &mut y)?;
+/// // token 0: t = x a^T = 3, y = t b^T = [3, 6]; token 1: 0; token 2: 0.5 * (3 + 3) each.
+/// assert_eq!(dev.download(&y)?, vec![3.0, 6.0, 0.0, 0.0, 3.0, 3.0]);
+/// # Ok::<(), lora_kernels::Error>(())
+/// ```
 pub fn multi_adapter_forward<'a, T: KernelElement>(
     pool: &AdapterPool<T>,
     m: usize,

@@ -92,7 +92,7 @@ pub fn compare<T: Element>(
     compare_by(what, got, want, |_, w| atol + rtol * w.abs())
 }
 
-/// DESIGN.md section 3's per-element check, `|got - want| <= bound[i]`, for
+/// docs/DESIGN.md section 3's per-element check, `|got - want| <= bound[i]`, for
 /// bounds built from each element's own sum of |terms| (see [`f32_sum_bound`]).
 pub fn compare_within<T: Element>(
     what: &str,
@@ -126,7 +126,7 @@ pub fn ulp<T: Element>(v: f64) -> f64 {
 }
 
 /// The bound on an element computed with f32 accumulation and rounded once to
-/// `T` (DESIGN.md section 3): `ulp_T(ref) + 4 eps_f32 A`, where `abs_sum` (A)
+/// `T` (docs/DESIGN.md section 3): `ulp_T(ref) + 4 eps_f32 A`, where `abs_sum` (A)
 /// is the sum of the absolute values of every term behind the element.
 pub fn f32_sum_bound<T: Element>(reference: f64, abs_sum: f64) -> f64 {
     ulp::<T>(reference) + 4.0 * f32::EPSILON as f64 * abs_sum
