@@ -1,0 +1,322 @@
+//! SlotOptimizer::step against reference::adamw_slot_step, over several steps.
+
+use super::*;
+
+/// The optimizer's slots, (rank, settings): weight decay; rank 1, clipped
+/// (its gradient norm is far above 1); pulled toward its anchor. A fourth
+/// slot of the pool stays empty.
+fn optimizer_slots() -> [(usize, SlotHyper); 3] {
+    let hyper = |lr, weight_decay, max_grad_norm, anchor_pull| SlotHyper {
+        lr,
+        weight_decay,
+        max_grad_norm,
+        anchor_pull,
+    };
+    [
+        (8, hyper(1e-2, 0.01, 0.0, 0.0)),
+        (1, hyper(2e-2, 0.0, 1.0, 0.0)),
+        (3, hyper(1e-2, 0.1, 0.0, 0.5)),
+    ]
+}
+
+const OPT_STEPS: u32 = 3;
+
+/// beta2 = 0.99, not the default 0.999: the kernel computes the bias
+/// correction 1 - beta2^t in f32 from powf, whose error relative to it is
+/// about ulp / (1 - beta2^t). With 0.999 that is ~1e-4 at the first steps, as
+/// large as the f32 control: the check could not see a 0.01% error in lr.
+const OPT_BETAS: AdamWConfig = AdamWConfig {
+    beta1: 0.9,
+    beta2: 0.99,
+    eps: 1e-8,
+};
+
+/// powf's error allowed for in the bias corrections, in ulps: an allowance,
+/// not a documented figure (if the f32 masters fail on a GPU alone, compare
+/// it with CUDA's accuracy table for powf before suspecting the kernel).
+const POWF_ULPS: f64 = 8.0;
+
+pub(super) fn optimizer_rows(dev: &Device) -> Res<Vec<Row>> {
+    // f32 pool: the masters at the f32 control, and the gradient norms;
+    // bf16 pool: the masters and the bf16 working copy the forward reads.
+    let mut rows = optimizer::<f32>(dev)?;
+    rows.extend(optimizer::<bf16>(dev)?);
+    Ok(rows)
+}
+
+/// One slot's reference state, stepped by reference::adamw_slot_step.
+struct Trajectory<T> {
+    p: Vec<f32>,
+    m1: Vec<f32>,
+    m2: Vec<f32>,
+    working: Vec<T>,
+    hyper: SlotHyper,
+}
+
+impl<T: Element> Trajectory<T> {
+    fn new(p: Vec<f32>, hyper: SlotHyper) -> Self {
+        let len = p.len();
+        Trajectory {
+            p,
+            m1: vec![0.0; len],
+            m2: vec![0.0; len],
+            working: vec![T::default(); len],
+            hyper,
+        }
+    }
+
+    fn step(&mut self, step: u32, grad: &[f32], anchor: &[f32]) -> Res<SlotStep> {
+        let anchor = (self.hyper.anchor_pull > 0.0).then_some(anchor);
+        let state = AdamWState {
+            p: &mut self.p,
+            m1: &mut self.m1,
+            m2: &mut self.m2,
+            working: &mut self.working,
+        };
+        Ok(reference::adamw_slot_step(
+            &OPT_BETAS,
+            &self.hyper,
+            step,
+            grad,
+            anchor,
+            state,
+        )?)
+    }
+}
+
+/// Bounds on |kernel - reference| of one parameter's master and moments,
+/// carried from step to step.
+#[derive(Clone, Copy, Default)]
+struct Drift {
+    p: f64,
+    m1: f64,
+    m2: f64,
+}
+
+/// What a step of one slot shares: its settings, its clip factor with the
+/// kernel's relative error in it, and the bias corrections with theirs.
+struct StepTerms {
+    hyper: SlotHyper,
+    clip: f64,
+    clip_err: f64,
+    bias: [f64; 2],
+    bias_err: [f64; 2],
+}
+
+impl StepTerms {
+    fn new(hyper: SlotHyper, step: u32, grad: &[f32]) -> Self {
+        let norm = grad.iter().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
+        let max = hyper.max_grad_norm as f64;
+        let clipped = max > 0.0 && norm > max;
+        let bias = |beta: f32| {
+            let power = (beta as f64).powi(step as i32);
+            // powf's error (ulp(P) <= 2 u P), then 1 - P (exact above 1/2).
+            (
+                1.0 - power,
+                POWF_ULPS * 2.0 * U32 * power / (1.0 - power) + U32,
+            )
+        };
+        let ((b1, e1), (b2, e2)) = (bias(OPT_BETAS.beta1), bias(OPT_BETAS.beta2));
+        StepTerms {
+            hyper,
+            clip: if clipped { max / norm } else { 1.0 },
+            // The f32 norm (a sum of squares, then sqrtf) and the division.
+            clip_err: if clipped {
+                norm_err(grad.len()) + U32
+            } else {
+                0.0
+            },
+            bias: [b1, b2],
+            bias_err: [e1, e2],
+        }
+    }
+
+    /// One step of adamw.cu's f32 arithmetic on one parameter, to first
+    /// order in u: the drift after it, from the drift before it and the
+    /// reference's state before it (w, m1, m2), gradient g and anchor.
+    fn drift(&self, d: Drift, [w, m1, m2, g, anchor]: [f64; 5]) -> Drift {
+        let u = U32;
+        let (b1, b2) = (OPT_BETAS.beta1 as f64, OPT_BETAS.beta2 as f64);
+        let (lr, wd) = (self.hyper.lr as f64, self.hyper.weight_decay as f64);
+        let pull = self.hyper.anchor_pull as f64;
+        // g' = g clip + pull (w - anchor): the clip's error, the pull on the
+        // kernel's own master, the sum; the reference rounds g' to f32 too.
+        let gp = g * self.clip + pull * (w - anchor);
+        let dg = g.abs() * self.clip * (self.clip_err + u)
+            + pull * ((1.0 + u) * d.p + 2.0 * u * (w - anchor).abs())
+            + 2.0 * u * gp.abs();
+        // Moments: two products and a sum each (one more product in m2).
+        let a1 = b1 * m1 + (1.0 - b1) * gp;
+        let a2 = b2 * m2 + (1.0 - b2) * gp * gp;
+        let e1 = b1 * d.m1 + (1.0 - b1) * dg + 2.0 * u * (b1 * m1.abs() + (1.0 - b1) * gp.abs());
+        let e2 = b2 * d.m2
+            + (1.0 - b2) * (2.0 * gp.abs() * dg + dg * dg)
+            + 3.0 * u * (b2 * m2 + (1.0 - b2) * gp * gp);
+        // (a1 / bias1) / (sqrt(a2 / bias2) + eps) + wd w.
+        let [bias1, bias2] = self.bias;
+        let mean = a1 / bias1;
+        let d_mean = (e1 + a1.abs() * (self.bias_err[0] + u)) / bias1;
+        let root = (a2 / bias2).sqrt();
+        let rel_root = 0.5 * (e2 / a2 + self.bias_err[1] + u) + u;
+        let den = root + OPT_BETAS.eps as f64;
+        let ratio = mean / den;
+        let d_ratio = d_mean / den + ratio.abs() * (rel_root * root / den + 2.0 * u);
+        let update = ratio + wd * w;
+        let d_update = d_ratio + wd * (d.p + u * w.abs()) + u * update.abs();
+        // p - lr update: the product, the difference, and the reference's
+        // own rounding of p, m1, m2 to f32.
+        let p = w - lr * update;
+        Drift {
+            p: d.p + lr * (d_update + u * update.abs()) + 2.0 * u * p.abs(),
+            m1: e1 + u * a1.abs(),
+            m2: e2 + u * a2,
+        }
+    }
+}
+
+/// Relative error of the kernel's f32 norm of `len` values: the squares and
+/// `len` additions, then sqrtf.
+fn norm_err(len: usize) -> f64 {
+    0.5 * gamma(len + 1, U32) + U32
+}
+
+/// A slot's parameters (a then b) from pool-layout gradients.
+fn slot_values(cfg: PoolConfig, slot: usize, rank: usize, (ga, gb): (&[f32], &[f32])) -> Vec<f32> {
+    let PoolConfig { max_rank, n, k, .. } = cfg;
+    let mut v = ga[slot * max_rank * k..][..rank * k].to_vec();
+    for c in 0..n {
+        v.extend_from_slice(&gb[(slot * n + c) * max_rank..][..rank]);
+    }
+    v
+}
+
+/// OPT_STEPS steps of the optimizer over three slots of a `T` pool, beside
+/// the reference (and its control, lr off by the control's error: the step
+/// has no adapter scale, lr is its scale).
+fn optimizer<T: KernelElement>(dev: &Device) -> Res<Vec<Row>> {
+    let cfg = PoolConfig {
+        slots: 4,
+        max_rank: 8,
+        n: N,
+        k: K_ANY,
+    };
+    let (n, k) = (cfg.n, cfg.k);
+    let slots = optimizer_slots();
+    let mut pool = AdapterPool::<T>::new(dev, cfg)?;
+    let mut opt = SlotOptimizer::new(&pool, OPT_BETAS)?;
+    let (mut want, mut control, mut drift, mut anchors) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (s, &(rank, hyper)) in slots.iter().enumerate() {
+        // Small weights, as early in training: the lr-sized steps then show
+        // in the storage-type copy.
+        let a: Vec<f32> = common::values(rank * k, 40 + s as u64, 0.02);
+        let b: Vec<f32> = common::values(n * rank, 50 + s as u64, 0.02);
+        opt.load_adapter(&mut pool, s, &a, &b, rank, 1.0, hyper)?;
+        let p: Vec<f32> = a.iter().chain(&b).copied().collect();
+        let lr_off = SlotHyper {
+            lr: off::<T>(hyper.lr),
+            ..hyper
+        };
+        want.push(Trajectory::<T>::new(p.clone(), hyper));
+        control.push(Trajectory::<T>::new(p.clone(), lr_off));
+        drift.push(vec![Drift::default(); p.len()]);
+        anchors.push(p);
+    }
+
+    // The gradient norms each step reports: (kernel, reference) per slot.
+    let (mut norms, mut norms_want) = (Vec::new(), Vec::new());
+    for step in 1..=OPT_STEPS {
+        let ga: Vec<f32> = common::values(cfg.slots * cfg.max_rank * k, 60 + step as u64, 1.0);
+        let gb: Vec<f32> = common::values(cfg.slots * n * cfg.max_rank, 70 + step as u64, 1.0);
+        opt.step(&mut pool, &dev.upload(&ga)?, &dev.upload(&gb)?)?;
+        let statuses = opt.statuses()?;
+        if statuses[3] != SlotStatus::Idle {
+            return Err(format!("the empty slot stepped: {:?}", statuses[3]).into());
+        }
+        for (s, &(rank, hyper)) in slots.iter().enumerate() {
+            let grad = slot_values(cfg, s, rank, (&ga, &gb));
+            let terms = StepTerms::new(hyper, step, &grad);
+            let traj = &want[s];
+            for (e, d) in drift[s].iter_mut().enumerate() {
+                let state = [traj.p[e], traj.m1[e], traj.m2[e], grad[e], anchors[s][e]];
+                *d = terms.drift(*d, state.map(|v| v as f64));
+            }
+            let SlotStep::Updated { grad_norm } = want[s].step(step, &grad, &anchors[s])? else {
+                return Err("the reference skipped a finite gradient".into());
+            };
+            control[s].step(step, &grad, &anchors[s])?;
+            norms.push(match statuses[s] {
+                SlotStatus::Updated { grad_norm } => grad_norm as f64,
+                _ => f64::NAN, // not stepped: fails the row
+            });
+            norms_want.push((grad_norm, grad.len()));
+        }
+    }
+
+    let ranks: Vec<String> = slots.iter().map(|s| s.0.to_string()).collect();
+    let what = format!("-x{n}x{k}, r{}", ranks.join(","));
+    let steps = format!("{OPT_STEPS} steps:");
+    let mut rows = Vec::new();
+    // The f32 masters after the last step.
+    let (mut got, mut p_want, mut p_control, mut bound) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (s, traj) in want.iter().enumerate() {
+        let (a, b) = opt.master(&pool, s)?;
+        got.extend(a.iter().chain(&b).map(|&v| v as f64));
+        p_want.extend(wide(&traj.p));
+        p_control.extend(wide(&control[s].p));
+        bound.extend(drift[s].iter().map(|d| d.p));
+    }
+    let path = format!("{steps} masters (f32; control: lr)");
+    let masters = label::<T>("SlotOptimizer::step", path, what.clone());
+    rows.push(judged(masters, &got, &p_want, &p_control, &bound));
+
+    if T::DTYPE == DType::F32 {
+        // The norms: no scale enters them; the control is the gradient off.
+        let delta = control_delta(T::DTYPE);
+        let want: Vec<f64> = norms_want.iter().map(|w| w.0).collect();
+        let control: Vec<f64> = want.iter().map(|w| w * (1.0 + delta)).collect();
+        let bound: Vec<f64> = norms_want
+            .iter()
+            .map(|&(w, len)| (1.0 + U32) * norm_err(len) * w)
+            .collect();
+        let path = format!("{steps} grad norms (control: g)");
+        let label = label::<T>("SlotOptimizer::step", path, what);
+        rows.push(judged(label, &norms, &want, &control, &bound));
+    } else {
+        // The working copy of a (the pool's a rows), rounded from the kernel's
+        // master: within the two roundings of the two masters and their drift.
+        let working = pool_a_rows(&pool, cfg.slots)?;
+        let r = rounding::<T>();
+        let (mut got, mut w_want, mut w_control, mut bound) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (s, &(rank, _)) in slots.iter().enumerate() {
+            let len = rank * k;
+            got.extend(wide(&working[s * cfg.max_rank * k..][..len]));
+            w_want.extend(wide(&want[s].working[..len]));
+            w_control.extend(wide(&control[s].working[..len]));
+            bound.extend(want[s].working[..len].iter().zip(&drift[s]).map(|(w, d)| {
+                2.0 * r.u * (1.0 + 2.0 * r.u) * w.to_f64().abs()
+                    + (1.0 + 2.0 * r.u) * d.p
+                    + 2.0 * r.eta
+            }));
+        }
+        let path = format!("{steps} working copy of a (control: lr)");
+        let label = label::<T>("SlotOptimizer::step", path, what);
+        rows.push(judged(label, &got, &w_want, &w_control, &bound));
+    }
+    Ok(rows)
+}
+
+/// The pool's `a` of every slot in its layout `[slots][max_rank][k]` (rows
+/// past a slot's rank, and empty slots, as zeros).
+fn pool_a_rows<T: KernelElement>(pool: &AdapterPool<T>, slots: usize) -> Res<Vec<T>> {
+    let PoolConfig { max_rank, k, .. } = pool.config();
+    let mut rows = vec![T::default(); slots * max_rank * k];
+    for s in 0..slots {
+        if let Some(adapter) = pool.adapter(s)? {
+            rows[s * max_rank * k..][..adapter.a.len()].copy_from_slice(&adapter.a);
+        }
+    }
+    Ok(rows)
+}
