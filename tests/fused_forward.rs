@@ -1,6 +1,8 @@
 //! The fused-forward kernel against the CPU reference: on the host runtime
 //! (always, small shapes including every tile tail) and on the GPU (when there
-//! is one; also at real model shapes).
+//! is one; also at real model shapes). Small shapes are checked element by
+//! element against docs/DESIGN.md section 3's per-element bound, with a
+//! negative control per type and regime.
 mod common;
 
 use common::*;
@@ -98,7 +100,68 @@ impl<T: KernelElement> Case<T> {
             self.beta,
             dev.name()
         );
-        compare(&what, &got, &self.expected(), self.atol(), rtol::<T>())
+        let want = self.expected();
+        compare_within(&what, &got, &want, &self.bound(&want))
+    }
+
+    /// docs/DESIGN.md section 3's per-element bound ([`forward_bound`]).
+    fn bound(&self, want: &[T]) -> Vec<f64> {
+        let adapter = Adapter {
+            a: &self.a,
+            b: &self.b,
+            rank: self.rank,
+            scale: self.scale,
+        };
+        let adapters = vec![Some(adapter); self.dims.m];
+        forward_bound(
+            self.dims, &self.x, &self.w, &adapters, self.beta, &self.y0, want,
+        )
+    }
+
+    /// The same case with the adapter's scale multiplied by `factor`.
+    fn with_scale_times(&self, factor: f32) -> Self {
+        Case {
+            scale: self.scale * factor,
+            x: self.x.clone(),
+            w: self.w.clone(),
+            a: self.a.clone(),
+            b: self.b.clone(),
+            y0: self.y0.clone(),
+            ..*self
+        }
+    }
+}
+
+/// Negative control, per type and regime: the kernel's output checked against
+/// the reference with the scale off by `off` (1% bf16, 0.3% f16, 0.01% f32,
+/// docs/DESIGN.md section 3) must fail, so the bound sees a wrong low-rank
+/// term. With uniform data, the low-rank term is `s sqrt(r / 3)` = 1.5 times
+/// the base term here.
+fn negative_control<T: KernelElement>(regime: Regime, off: f32) {
+    let case = Case::<T>::new(Dims::new(19, 37, 45), 12, 0.0, 1);
+    assert_eq!(case.scale, 0.75);
+    let wrong = case.with_scale_times(1.0 + off);
+    for dev in devices() {
+        case.check(&dev, Some(regime)).unwrap();
+        let got = case.run(&dev, Some(regime)).unwrap();
+        let want = wrong.expected();
+        let err = compare_within("control", &got, &want, &wrong.bound(&want))
+            .expect_err("a reference with the scale off must fail the check");
+        eprintln!(
+            "negative control {:?} {regime:?}, scale x (1 + {off}): {err}",
+            T::DTYPE
+        );
+    }
+}
+
+#[test]
+fn negative_control_per_type_and_regime() {
+    negative_control::<f32>(Regime::Simt, 1e-4);
+    negative_control::<f16>(Regime::Simt, 3e-3);
+    negative_control::<bf16>(Regime::Simt, 1e-2);
+    for regime in [Regime::Decode, Regime::Prefill] {
+        negative_control::<f16>(regime, 3e-3);
+        negative_control::<bf16>(regime, 1e-2);
     }
 }
 

@@ -13,7 +13,7 @@ use lora_kernels::ops::multi_adapter_forward::{
     Routing, check_segments, multi_adapter_forward, multi_adapter_forward_in,
 };
 use lora_kernels::reference::Adapter;
-use lora_kernels::{AdapterPool, DType, Device, Dims, Error, KernelElement, PoolConfig, reference};
+use lora_kernels::{AdapterPool, Device, Dims, Error, KernelElement, PoolConfig, reference};
 
 /// One slot's adapter on the host: a, b, rank, scale.
 type SlotWeights<T> = (Vec<T>, Vec<T>, usize, f32);
@@ -116,57 +116,22 @@ impl<T: KernelElement> Fixture<T> {
             .and_then(Option::as_ref)
     }
 
-    /// docs/DESIGN.md section 3's bound for each element of y: one ulp of T plus
-    /// 4 eps_f32 times the sum of |terms| behind it, `sum_k |x w| + |s|
-    /// sum_j |b_j| sum_k |x a_j| (+ |beta y0|)` (t's own f32 sum counted term
-    /// by term, as cancellation in t makes |t| smaller than its error
-    /// allows). The tensor-core kernels expand t as a hi + lo pair of the
-    /// storage type: bf16 adds 2^-15 |s| sum_j |t_j b_j|; f16 2^-20 of it,
-    /// plus half f16's subnormal spacing per |b_j| where lo is subnormal.
+    /// docs/DESIGN.md section 3's bound for each element of y
+    /// ([`forward_bound`], each token with the adapter it is routed to).
     fn bound(&self, x: &[T], ids: &[i32], beta: f32, y0: &[T], want: &[T]) -> Vec<f64> {
-        let (n, k) = (self.cfg.n, self.cfg.k);
-        let (split, subnormal) = match T::DTYPE {
-            DType::BF16 => (2f64.powi(-15), 0.0),
-            DType::F16 => (2f64.powi(-20), 2f64.powi(-25)),
-            _ => (0.0, 0.0),
-        };
-        let mut bound = Vec::with_capacity(ids.len() * n);
-        for (i, &id) in ids.iter().enumerate() {
-            let xi = &x[i * k..(i + 1) * k];
-            let adapter = self.routed(id);
-            // Per rank row j: t_j and sum_k |x a_j|.
-            let t: Vec<(f64, f64)> = adapter.map_or(Vec::new(), |(a, _, r, _)| {
-                (0..*r)
-                    .map(|j| {
-                        let aj = &a[j * k..(j + 1) * k];
-                        let prods = xi.iter().zip(aj).map(|(p, q)| p.to_f64() * q.to_f64());
-                        (prods.clone().sum(), prods.map(f64::abs).sum())
-                    })
-                    .collect()
-            });
-            for c in 0..n {
-                let wc = w_row(&self.w, c, k);
-                let mut abs_sum: f64 = xi
-                    .iter()
-                    .zip(wc.iter())
-                    .map(|(p, q)| (p.to_f64() * q.to_f64()).abs())
-                    .sum();
-                let mut extra = 0.0;
-                if let Some((_, b, r, scale)) = adapter {
-                    let s = scale.abs() as f64;
-                    for (j, &(tj, tj_abs)) in t.iter().enumerate() {
-                        let bj = b[c * r + j].to_f64().abs();
-                        abs_sum += s * bj * tj_abs;
-                        extra += split * s * (tj * bj).abs() + subnormal * bj;
-                    }
-                }
-                if beta != 0.0 {
-                    abs_sum += (beta as f64 * y0[i * n + c].to_f64()).abs();
-                }
-                bound.push(f32_sum_bound::<T>(want[i * n + c].to_f64(), abs_sum) + extra);
-            }
-        }
-        bound
+        let adapters: Vec<Option<Adapter<'_, T>>> = ids
+            .iter()
+            .map(|&id| {
+                self.routed(id).map(|(a, b, rank, scale)| Adapter {
+                    a,
+                    b,
+                    rank: *rank,
+                    scale: *scale,
+                })
+            })
+            .collect();
+        let dims = Dims::new(ids.len(), self.cfg.n, self.cfg.k);
+        forward_bound(dims, x, &self.w, &adapters, beta, y0, want)
     }
 
     /// Compares a result with the reference under [`Fixture::bound`].
@@ -221,11 +186,6 @@ impl<T: KernelElement> Fixture<T> {
         );
         self.compare(&what, &got, x, ids, beta, &y0)
     }
-}
-
-/// Row c of a row-major `[n, k]` matrix.
-fn w_row<T>(w: &[T], c: usize, k: usize) -> &[T] {
-    &w[c * k..(c + 1) * k]
 }
 
 fn run<T: KernelElement>(

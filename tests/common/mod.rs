@@ -6,7 +6,8 @@
 
 use std::sync::OnceLock;
 
-use lora_kernels::{Device, Element};
+use lora_kernels::reference::Adapter;
+use lora_kernels::{DType, Device, Dims, Element};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng};
 use rand::RngExt;
 
@@ -183,4 +184,66 @@ pub fn max_abs<T: Element>(v: &[T]) -> f64 {
         .map(|x| x.to_f64().abs())
         .filter(|x| x.is_finite())
         .fold(0.0, f64::max)
+}
+
+/// docs/DESIGN.md section 3's bound for each element of a forward's `y`
+/// (`[m, n]`), token `i` using `adapters[i]` (None: the base product only):
+/// one ulp of T plus 4 eps_f32 times the sum of |terms| behind the element,
+/// `sum_k |x w| + |s| sum_j |b_j| sum_k |x a_j| (+ |beta y0|)` (t's own f32
+/// sum counted term by term, as cancellation in t makes |t| smaller than its
+/// error allows). The tensor-core kernels expand t as a hi + lo pair of the
+/// storage type: bf16 adds 2^-15 |s| sum_j |t_j b_j|; f16 2^-20 of it, plus
+/// half f16's subnormal spacing per |b_j| where lo is subnormal.
+#[allow(clippy::too_many_arguments)] // the forward's operands and its result
+pub fn forward_bound<T: Element>(
+    dims: Dims,
+    x: &[T],
+    w: &[T],
+    adapters: &[Option<Adapter<'_, T>>],
+    beta: f32,
+    y0: &[T],
+    want: &[T],
+) -> Vec<f64> {
+    let Dims { m, n, k } = dims;
+    let (split, subnormal) = match T::DTYPE {
+        DType::BF16 => (2f64.powi(-15), 0.0),
+        DType::F16 => (2f64.powi(-20), 2f64.powi(-25)),
+        _ => (0.0, 0.0),
+    };
+    let mut bound = Vec::with_capacity(m * n);
+    for (i, adapter) in adapters.iter().enumerate().take(m) {
+        let xi = &x[i * k..(i + 1) * k];
+        // Per rank row j: t_j and sum_k |x a_j|.
+        let t: Vec<(f64, f64)> = adapter.as_ref().map_or(Vec::new(), |ad| {
+            (0..ad.rank)
+                .map(|j| {
+                    let aj = &ad.a[j * k..(j + 1) * k];
+                    let prods = xi.iter().zip(aj).map(|(p, q)| p.to_f64() * q.to_f64());
+                    (prods.clone().sum(), prods.map(f64::abs).sum())
+                })
+                .collect()
+        });
+        for c in 0..n {
+            let wc = &w[c * k..(c + 1) * k];
+            let mut abs_sum: f64 = xi
+                .iter()
+                .zip(wc)
+                .map(|(p, q)| (p.to_f64() * q.to_f64()).abs())
+                .sum();
+            let mut extra = 0.0;
+            if let Some(ad) = adapter {
+                let s = ad.scale.abs() as f64;
+                for (j, &(tj, tj_abs)) in t.iter().enumerate() {
+                    let bj = ad.b[c * ad.rank + j].to_f64().abs();
+                    abs_sum += s * bj * tj_abs;
+                    extra += split * s * (tj * bj).abs() + subnormal * bj;
+                }
+            }
+            if beta != 0.0 {
+                abs_sum += (beta as f64 * y0[i * n + c].to_f64()).abs();
+            }
+            bound.push(f32_sum_bound::<T>(want[i * n + c].to_f64(), abs_sum) + extra);
+        }
+    }
+    bound
 }
