@@ -100,6 +100,47 @@ fn check<T: KernelElement>(n: usize, k: usize, r: usize, seed: u64) -> Result<()
     Ok(())
 }
 
+/// Negative control, per type: the kernel's merge checked against the
+/// reference with the scale off by `off` (1% bf16, 0.3% f16, 0.01% f32,
+/// docs/DESIGN.md section 3) must fail. Rank 16 with s = 0.75 makes `s b a`
+/// about as large as `w` (uniform data).
+#[test]
+fn negative_control_per_type() {
+    fn control<T: KernelElement>(off: f32) {
+        let (n, k, r) = (23, 37, 16);
+        let mut g = rng(3);
+        let (w, a, b): (Vec<T>, Vec<T>, Vec<T>) = (
+            random(&mut g, n * k),
+            random(&mut g, r * k),
+            random(&mut g, n * r),
+        );
+        let adapter = Adapter {
+            a: &a,
+            b: &b,
+            rank: r,
+            scale: 0.75,
+        };
+        let wrong = Adapter {
+            scale: 0.75 * (1.0 + off),
+            ..adapter
+        };
+        for dev in devices() {
+            for op in [MergeOp::Merge, MergeOp::Unmerge] {
+                let got = run(&dev, (n, k), &w, (&a, &b, r, 0.75), op);
+                check_against_reference(&dev, (n, k), &w, &adapter, op, &got).unwrap();
+                assert!(
+                    check_against_reference(&dev, (n, k), &w, &wrong, op, &got).is_err(),
+                    "{:?} {op:?}: a scale off by {off} passed the check",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+    control::<f32>(1e-4);
+    control::<f16>(3e-3);
+    control::<bf16>(1e-2);
+}
+
 proptest! {
     #![proptest_config(config(16))]
 
