@@ -110,6 +110,94 @@ impl<T: KernelElement> Case<T> {
         (dx, da, db)
     }
 
+    /// docs/DESIGN.md section 3's per-element bounds for (dx, da, db): one
+    /// ulp of the output type plus 4 eps_f32 times the sum of |terms| behind
+    /// each element, counting u = s g b term by term (u is an f32 sum), and
+    /// the prior value when accumulating. The tensor-core dx expands u as a
+    /// hi + lo pair of the storage type, as the forward does t: bf16 adds
+    /// 2^-15 sum_j |u_j a_j|; f16 2^-20 of it, plus half f16's subnormal
+    /// spacing per |a_j|.
+    fn bounds(
+        &self,
+        accumulate: bool,
+        prior: &(Vec<T>, Vec<f32>, Vec<f32>),
+        want: &(Vec<T>, Vec<f32>, Vec<f32>),
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let Dims { m, n, k } = self.dims;
+        let (r, s) = (self.rank, self.scale.abs() as f64);
+        let (split, subnormal) = match T::DTYPE {
+            lora_kernels::DType::BF16 => (2f64.powi(-15), 0.0),
+            lora_kernels::DType::F16 => (2f64.powi(-20), 2f64.powi(-25)),
+            _ => (0.0, 0.0),
+        };
+        let f = |v: &T| v.to_f64();
+        // |u|[i][j] <= s sum_c |g b| (its own terms), and u itself.
+        let mut u_abs = vec![0f64; m * r];
+        let mut u = vec![0f64; m * r];
+        for i in 0..m {
+            for j in 0..r {
+                for c in 0..n {
+                    let p = f(&self.g[i * n + c]) * f(&self.b[c * r + j]);
+                    u_abs[i * r + j] += s * p.abs();
+                    u[i * r + j] += self.scale as f64 * p;
+                }
+            }
+        }
+        let prior_term = |v: f64| if accumulate { v.abs() } else { 0.0 };
+        let mut dx = Vec::with_capacity(m * k);
+        for i in 0..m {
+            for q in 0..k {
+                let mut abs_sum: f64 = (0..n)
+                    .map(|c| (f(&self.g[i * n + c]) * f(&self.w[c * k + q])).abs())
+                    .sum();
+                let mut extra = 0.0;
+                for j in 0..r {
+                    let aj = f(&self.a[j * k + q]).abs();
+                    abs_sum += u_abs[i * r + j] * aj;
+                    extra += split * (u[i * r + j] * aj).abs() + subnormal * aj;
+                }
+                abs_sum += prior_term(prior.0[i * k + q].to_f64());
+                dx.push(f32_sum_bound::<T>(want.0[i * k + q].to_f64(), abs_sum) + extra);
+            }
+        }
+        let mut da = Vec::with_capacity(r * k);
+        for j in 0..r {
+            for q in 0..k {
+                let abs_sum: f64 = (0..m)
+                    .map(|i| u_abs[i * r + j] * f(&self.x[i * k + q]).abs())
+                    .sum::<f64>()
+                    + prior_term(prior.1[j * k + q] as f64);
+                da.push(f32_sum_bound::<f32>(want.1[j * k + q] as f64, abs_sum));
+            }
+        }
+        let mut db = Vec::with_capacity(n * r);
+        for c in 0..n {
+            for j in 0..r {
+                let abs_sum: f64 = (0..m)
+                    .map(|i| s * (f(&self.g[i * n + c]) * self.t[i * r + j] as f64).abs())
+                    .sum::<f64>()
+                    + prior_term(prior.2[c * r + j] as f64);
+                db.push(f32_sum_bound::<f32>(want.2[c * r + j] as f64, abs_sum));
+            }
+        }
+        (dx, da, db)
+    }
+
+    /// The same case with the adapter's scale multiplied by `factor` (t, the
+    /// unscaled x a^T, is unchanged).
+    fn with_scale_times(&self, factor: f32) -> Self {
+        Case {
+            g: self.g.clone(),
+            x: self.x.clone(),
+            w: self.w.clone(),
+            a: self.a.clone(),
+            b: self.b.clone(),
+            t: self.t.clone(),
+            scale: self.scale * factor,
+            ..*self
+        }
+    }
+
     fn prior(&self, seed: u64) -> (Vec<T>, Vec<f32>, Vec<f32>) {
         let Dims { m, n, k } = self.dims;
         let mut r = rng(seed);
@@ -176,8 +264,8 @@ fn check_case<T: KernelElement>(
 ) -> Result<(), String> {
     let case = Case::<T>::new(dims, rank, seed);
     let prior = case.prior(seed ^ 9);
-    let (want_dx, want_da, want_db) = case.expected(accumulate, &prior);
-    let (adx, ada, adb) = case.atols();
+    let want = case.expected(accumulate, &prior);
+    let (bdx, bda, bdb) = case.bounds(accumulate, &prior, &want);
     let opts = BackwardOptions {
         accumulate,
         deterministic,
@@ -191,11 +279,55 @@ fn check_case<T: KernelElement>(
                 dev.name()
             )
         };
-        compare(&what("dx"), &dx, &want_dx, adx, rtol::<T>())?;
-        compare(&what("da"), &da, &want_da, ada, 1e-5)?;
-        compare(&what("db"), &db, &want_db, adb, 1e-5)?;
+        compare_within(&what("dx"), &dx, &want.0, &bdx)?;
+        compare_within(&what("da"), &da, &want.1, &bda)?;
+        compare_within(&what("db"), &db, &want.2, &bdb)?;
     }
     Ok(())
+}
+
+/// Negative control, per type: each gradient checked against the reference
+/// with the scale off by `off` (1% bf16, 0.3% f16, 0.01% f32, docs/DESIGN.md
+/// section 3) must fail. Every gradient depends on the scale: dx through
+/// u a, da through u, db directly. With uniform data and s = 0.5 + 1 (seed
+/// 1: 1.5), rank 12, the low-rank part of dx is as large as g w.
+fn negative_control<T: KernelElement>(off: f64, m: usize) {
+    let case = Case::<T>::new(Dims::new(m, 37, 45), 12, 1);
+    let wrong = case.with_scale_times(1.0 + off as f32);
+    let prior = case.prior(2);
+    let opts = BackwardOptions::default();
+    let want = case.expected(false, &prior);
+    let bounds = case.bounds(false, &prior, &want);
+    let off_want = wrong.expected(false, &prior);
+    let off_bounds = wrong.bounds(false, &prior, &off_want);
+    for dev in devices() {
+        let got = case.run(&dev, [true, true, true], opts, &prior);
+        compare_within("dx", &got.0, &want.0, &bounds.0).unwrap();
+        compare_within("da", &got.1, &want.1, &bounds.1).unwrap();
+        compare_within("db", &got.2, &want.2, &bounds.2).unwrap();
+        let name = format!("{:?} m={m} on {}", T::DTYPE, dev.name());
+        assert!(
+            compare_within("dx", &got.0, &off_want.0, &off_bounds.0).is_err(),
+            "dx {name}"
+        );
+        assert!(
+            compare_within("da", &got.1, &off_want.1, &off_bounds.1).is_err(),
+            "da {name}"
+        );
+        assert!(
+            compare_within("db", &got.2, &off_want.2, &off_bounds.2).is_err(),
+            "db {name}"
+        );
+    }
+}
+
+#[test]
+fn negative_control_per_type() {
+    for m in [9, 70] {
+        negative_control::<f32>(1e-4, m);
+        negative_control::<f16>(3e-3, m);
+        negative_control::<bf16>(1e-2, m);
+    }
 }
 
 fn shape() -> impl Strategy<Value = (Dims, usize, u64, bool, bool)> {
