@@ -10,6 +10,19 @@ use lora_kernels::ops::merge::merge;
 use lora_kernels::reference::{self, Adapter};
 use lora_kernels::{Device, DeviceAdapter, Dims, Error, KernelElement, MergeOp};
 
+/// Random `w` `[n, k]`, `a` `[r, k]`, `b` `[n, r]` from `seed`.
+fn weights<T: KernelElement>(
+    (n, k, r): (usize, usize, usize),
+    seed: u64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut g = rng(seed);
+    (
+        random(&mut g, n * k),
+        random(&mut g, r * k),
+        random(&mut g, n * r),
+    )
+}
+
 /// Runs the kernel on a copy of `w` (`[n, k]`) with adapter (a, b, rank,
 /// scale). The batch size m is 0 here: merge ignores it.
 fn run<T: KernelElement>(
@@ -59,12 +72,7 @@ fn check_against_reference<T: KernelElement>(
 }
 
 fn check<T: KernelElement>(n: usize, k: usize, r: usize, seed: u64) -> Result<(), TestCaseError> {
-    let mut g = rng(seed);
-    let (w, a, b): (Vec<T>, Vec<T>, Vec<T>) = (
-        random(&mut g, n * k),
-        random(&mut g, r * k),
-        random(&mut g, n * r),
-    );
+    let (w, a, b) = weights::<T>((n, k, r), seed);
     let s = 0.75;
     let adapter = Adapter {
         a: &a,
@@ -108,12 +116,7 @@ fn check<T: KernelElement>(n: usize, k: usize, r: usize, seed: u64) -> Result<()
 fn negative_control_per_type() {
     fn control<T: KernelElement>(off: f32) {
         let (n, k, r) = (23, 37, 16);
-        let mut g = rng(3);
-        let (w, a, b): (Vec<T>, Vec<T>, Vec<T>) = (
-            random(&mut g, n * k),
-            random(&mut g, r * k),
-            random(&mut g, n * r),
-        );
+        let (w, a, b) = weights::<T>((n, k, r), 3);
         let adapter = Adapter {
             a: &a,
             b: &b,
@@ -218,12 +221,7 @@ fn merged_base_product_equals_the_fused_forward() {
 #[test]
 fn merge_more_rows_than_grid_y_allows() {
     let (n, k, r) = (70_000, 3, 1);
-    let mut g = rng(11);
-    let (w, a, b): (Vec<bf16>, Vec<bf16>, Vec<bf16>) = (
-        random(&mut g, n * k),
-        random(&mut g, r * k),
-        random(&mut g, n * r),
-    );
+    let (w, a, b) = weights::<bf16>((n, k, r), 11);
     let adapter = Adapter {
         a: &a,
         b: &b,
@@ -280,12 +278,7 @@ fn merge_wide_rows_and_bad_dims() {
 #[test]
 fn merge_rows_longer_than_the_grid() {
     let (n, k, r) = (1, 65535 * 256 + 77, 1);
-    let mut g = rng(12);
-    let (w, a, b): (Vec<f16>, Vec<f16>, Vec<f16>) = (
-        random(&mut g, n * k),
-        random(&mut g, r * k),
-        random(&mut g, n * r),
-    );
+    let (w, a, b) = weights::<f16>((n, k, r), 12);
     let adapter = Adapter {
         a: &a,
         b: &b,
