@@ -2,6 +2,7 @@
 
 use super::multi::{HostAdapter, POOL_MAX_RANK, POOL_RANKS, PoolData, served, token_ids};
 use super::*;
+use lora_kernels::Buffer;
 
 pub(super) fn backward_rows(dev: &Device) -> Res<Vec<Row>> {
     let mut rows = Vec::new();
@@ -196,15 +197,10 @@ fn backward<T: KernelElement>(
         opts,
         &mut scratch,
     )?;
-    let got = [
-        wide(&dev.download(&dx)?),
-        wide(&dev.download(&da)?),
-        wide(&dev.download(&db)?),
-    ];
+    let got = download_grads(dev, &dx, &da, &db)?;
 
-    let exact = (wide(&g), wide(&x), wide(&w));
+    let (exact, absolute) = (widened(&g, &x, &w), absolute_values(&g, &x, &w));
     let exact = (&exact.0[..], &exact.1[..], &exact.2[..]);
-    let absolute = (abs(&g), abs(&x), abs(&w));
     let absolute = (&absolute.0[..], &absolute.1[..], &absolute.2[..]);
     let (a64, b64, aa, ba) = (wide(&a), wide(&b), abs(&a), abs(&b));
     let t_abs: Vec<f32> = t.iter().map(|v| v.abs()).collect();
@@ -347,15 +343,10 @@ fn multi_backward<T: KernelElement>(
     let mut scratch = BackwardScratch::new(dev)?;
     let inputs = DeviceBackwardInputs::new(&gd, &xd, &wd, &td);
     multi_adapter_backward(&pool, m, &idd, inputs, grads, opts, &mut scratch)?;
-    let got = [
-        wide(&dev.download(&dx)?),
-        wide(&dev.download(&da)?),
-        wide(&dev.download(&db)?),
-    ];
+    let got = download_grads(dev, &dx, &da, &db)?;
 
-    let exact = (wide(&g), wide(&x), wide(&w));
+    let (exact, absolute) = (widened(&g, &x, &w), absolute_values(&g, &x, &w));
     let exact = (&exact.0[..], &exact.1[..], &exact.2[..]);
-    let absolute = (abs(&g), abs(&x), abs(&w));
     let absolute = (&absolute.0[..], &absolute.1[..], &absolute.2[..]);
     let t_abs: Vec<f32> = t.iter().map(|v| v.abs()).collect();
     let ids = &served_ids;
@@ -385,4 +376,28 @@ fn multi_backward<T: KernelElement>(
     let models = gradient_models::<T>(dev, dims, POOL_MAX_RANK, max_a, opts);
     let labels = gradient_labels::<T>("multi_adapter_backward", dims, "1-16", opts);
     Ok(gradient_rows(labels, got, reference, models))
+}
+
+/// The three gradients back on the host, widened to f64.
+fn download_grads<T: KernelElement>(
+    dev: &Device,
+    dx: &Buffer<T>,
+    da: &Buffer<f32>,
+    db: &Buffer<f32>,
+) -> Res<[Vec<f64>; 3]> {
+    Ok([
+        wide(&dev.download(dx)?),
+        wide(&dev.download(da)?),
+        wide(&dev.download(db)?),
+    ])
+}
+
+/// (g, x, w) widened exactly to f64.
+fn widened<T: Element>(g: &[T], x: &[T], w: &[T]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    (wide(g), wide(x), wide(w))
+}
+
+/// (|g|, |x|, |w|) in f64, for the sums of |terms| in the bounds.
+fn absolute_values<T: Element>(g: &[T], x: &[T], w: &[T]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    (abs(g), abs(x), abs(w))
 }
