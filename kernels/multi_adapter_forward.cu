@@ -117,11 +117,15 @@ __device__ void shrink_block(const MultiAdapterParams& p) {
     }
 }
 
-// Called by every thread of a tile block: thread 0 waits until every shrink
-// block has written its t (counters[0]), and the last tile block to get here
-// resets the counters for the next launch. Every t read after the next
-// __syncthreads (collect_distinct's) sees the shrink's writes (load_cg).
-__device__ __forceinline__ void wait_for_shrink(const MultiAdapterParams& p) {
+// Called by every thread of a tile block after its base product: thread 0
+// waits until every shrink block has written its t (counters[0]), and the
+// last tile block to get here resets the counters for the next launch; then
+// row_slot gets the slot of each of the tile's BM rows (-1: none) and
+// distinct the distinct adapters among them (distinct[0] = count). Every t
+// read after this (collect_distinct ends with a barrier) sees the shrink's
+// writes (load_cg).
+template <int BM, int THREADS>
+__device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0, int* row_slot, int* distinct) {
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     if (threadIdx.x == 0) {
         lk::wait_counter_at_least(counters, (unsigned)p.shrink_blocks);
@@ -131,6 +135,8 @@ __device__ __forceinline__ void wait_for_shrink(const MultiAdapterParams& p) {
             atomicExch(counters + 1, 0u);
         }
     }
+    for (int i = threadIdx.x; i < BM; i += THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
+    lk::collect_distinct<BM>(row_slot, distinct);
 }
 
 template <class T, class C, bool ALIGNED>
@@ -150,9 +156,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
     lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
                                 p.m, p.n, p.k, 0, 0, row0, col0, r);
 
-    wait_for_shrink(p);
-    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
-    lk::collect_distinct<C::BM>(row_slot, distinct);
+    wait_and_collect_adapters<C::BM, C::THREADS>(p, row0, row_slot, distinct);
 
     lk::ExpandTiles<T, C> e(smem);
     for (int d = 1; d <= distinct[0]; ++d) {
@@ -204,9 +208,7 @@ __device__ void simt_tile_block(const MultiAdapterParams& p) {
     lk::simt::base_product<T, C>(sm, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), p.m, p.n,
                                  p.k, row0, col0, acc);
 
-    wait_for_shrink(p);
-    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
-    lk::collect_distinct<C::BM>(row_slot, distinct);
+    wait_and_collect_adapters<C::BM, C::THREADS>(p, row0, row_slot, distinct);
 
     for (int d = 1; d <= distinct[0]; ++d) {
         const int s = distinct[d];

@@ -11,7 +11,7 @@ use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::FusedForwardParams;
 use crate::shape::{Dims, check_finite, invalid};
 
-use super::tiles::{DECODE, PREFILL};
+use super::tiles::{DECODE, PREFILL, SIMT};
 
 kernel!(SIMT_F32 = lk_fused_forward_simt_f32 in "fused_forward_simt": FusedForwardParams;);
 kernel!(SIMT_F16 = lk_fused_forward_simt_f16 in "fused_forward_simt": FusedForwardParams;);
@@ -47,11 +47,6 @@ pub fn regime_for(dtype: DType, m: usize) -> Regime {
         _ => Regime::Simt,
     }
 }
-
-/// Tile of `y` one block computes, and its thread count (fused_forward_simt.cu).
-const SIMT_BM: usize = 32;
-const SIMT_BN: usize = 64;
-const SIMT_THREADS: u32 = 256;
 
 /// The fused forward on `dev`, in the regime [`regime_for`] picks: tensor cores
 /// for f16/bf16 (decode tiles up to m = 64, prefill tiles above), SIMT for f32.
@@ -226,8 +221,8 @@ fn select(
                 _ => &SIMT_F32,
             };
             let launch = LaunchDims {
-                grid: grid(SIMT_BM, SIMT_BN),
-                block: [SIMT_THREADS, 1, 1],
+                grid: grid(SIMT.bm, SIMT.bn),
+                block: [SIMT.threads, 1, 1],
                 dynamic_smem_bytes: 0,
             };
             return (kernel, launch);

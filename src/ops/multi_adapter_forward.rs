@@ -12,7 +12,7 @@
 //! model only. Segment offsets on the device are trusted for routing (a
 //! malformed table routes tokens wrongly but reads nothing out of bounds).
 use super::fused_forward::{Regime, regime_for};
-use super::tiles::{DECODE, MmaTiles, PREFILL};
+use super::tiles::{DECODE, MmaTiles, PREFILL, SIMT};
 use super::{KernelElement, check_operand, check_output, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
@@ -36,11 +36,6 @@ kernel!(SIMT_F32 = lk_multi_adapter_simt_f32 in "multi_adapter_forward": MultiAd
 const MAX_SHRINK_BLOCKS: usize = 4096;
 /// Tokens per shrink unit (`GROUP` in the kernel).
 const SHRINK_GROUP: usize = 8;
-/// The f32 kernel's SIMT tile of `y` and block size (`lk::simt::Tiles` in
-/// kernels/include/lk_simt_tile.cuh); its shared memory is all static.
-const SIMT_BM: usize = 32;
-const SIMT_BN: usize = 64;
-const SIMT_THREADS: u32 = 256;
 
 /// Which adapter each token uses.
 pub enum Routing<'a> {
@@ -294,9 +289,9 @@ fn tile_shape(regime: Regime, dtype: DType) -> Result<TileShape> {
         (Regime::Decode, DType::F16 | DType::BF16) => Ok(mma(&DECODE)),
         (Regime::Prefill, DType::F16 | DType::BF16) => Ok(mma(&PREFILL)),
         (Regime::Simt, DType::F32) => Ok(TileShape {
-            bm: SIMT_BM,
-            bn: SIMT_BN,
-            threads: SIMT_THREADS,
+            bm: SIMT.bm,
+            bn: SIMT.bn,
+            threads: SIMT.threads,
             smem_bytes: 0,
         }),
         (Regime::Simt, _) => Err(invalid(

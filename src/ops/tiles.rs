@@ -25,6 +25,21 @@ pub(crate) const PREFILL: MmaTiles = MmaTiles {
     stages: 4,
 };
 
+/// The SIMT kernels' tile (`lk::simt::Tiles` in
+/// kernels/include/lk_simt_tile.cuh): a block of `threads` owns a `bm x bn`
+/// tile of `y`; their shared memory is all static.
+pub(crate) struct SimtTiles {
+    pub bm: usize,
+    pub bn: usize,
+    pub threads: u32,
+}
+
+pub(crate) const SIMT: SimtTiles = SimtTiles {
+    bm: 32,
+    bn: 64,
+    threads: 256,
+};
+
 /// Rank handled per pass (`RC` in the kernels).
 pub(crate) const RANK_CHUNK: usize = 64;
 
