@@ -1,5 +1,5 @@
 // Kernels that test the execution environment itself, not LoRA math. Each has
-// a correct form (variant 0) and planted bugs (variant > 0). tests/host_runtime.rs
+// a correct form (variant 0) and planted bugs (variant > 0). src/runtime_selftest/tests.rs
 // requires every planted bug to produce a wrong answer on the host runtime, on
 // every run and under every schedule; on a GPU the correct forms check that
 // the host emulation of mma/ldmatrix agrees with the hardware.
