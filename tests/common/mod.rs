@@ -1,6 +1,6 @@
 //! Shared test helpers: random data, comparison against the reference with
 //! docs/DESIGN.md section 3's tolerances, and the GPU harness (one context per test
-//! binary; skip with a printed reason when there is no GPU, fail instead when
+//! binary; GPU-only tests skip, saying so in the test output, when there is no GPU; fail instead when
 //! LORA_KERNELS_REQUIRE_GPU=1).
 #![allow(dead_code)]
 
@@ -41,9 +41,32 @@ pub fn random<T: Element>(rng: &mut TestRng, len: usize) -> Vec<T> {
         .collect()
 }
 
-/// The GPU for this test binary, or None (after printing why) when there is
-/// none. With LORA_KERNELS_REQUIRE_GPU=1 a missing GPU is a test failure.
+/// The GPU for this test binary, or None when there is none; the caller is a
+/// GPU-only test, which is then skipped (said in the test output, by name).
+/// With LORA_KERNELS_REQUIRE_GPU=1 a missing GPU is a test failure.
 pub fn gpu() -> Option<Device> {
+    let dev = usable_gpu();
+    if dev.is_none() {
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        say(&format!("{test}: skipped (needs a GPU)"));
+    }
+    dev
+}
+
+/// The host runtime (always) and the GPU (when there is one). Without a GPU
+/// the binary says once that the GPU half of its tests was skipped.
+pub fn devices() -> Vec<Device> {
+    let mut devs = vec![Device::host().expect("tests build with the `host` feature")];
+    let gpu = usable_gpu();
+    if gpu.is_none() {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| say("tests run on the host runtime only: their GPU half is skipped"));
+    }
+    devs.extend(gpu);
+    devs
+}
+
+fn usable_gpu() -> Option<Device> {
     static GPU: OnceLock<Result<Device, String>> = OnceLock::new();
     let gpu = GPU.get_or_init(|| {
         if !lora_kernels::kernels_built() {
@@ -57,17 +80,24 @@ pub fn gpu() -> Option<Device> {
             if std::env::var("LORA_KERNELS_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("LORA_KERNELS_REQUIRE_GPU=1 but no GPU is usable: {why}");
             }
-            eprintln!("skipping GPU part: {why}");
+            static WHY: std::sync::Once = std::sync::Once::new();
+            WHY.call_once(|| say(&format!("no GPU: {why}")));
             None
         }
     }
 }
 
-/// The host runtime (always) and the GPU (when there is one).
-pub fn devices() -> Vec<Device> {
-    let mut devs = vec![Device::host().expect("tests build with the `host` feature")];
-    devs.extend(gpu());
-    devs
+/// A line in the output of `cargo test` itself: written to stderr directly,
+/// because the test harness captures `eprintln!` of passing tests.
+fn say(line: &str) {
+    use std::io::Write;
+    let binary = std::env::args().next().unwrap_or_default();
+    let binary = std::path::Path::new(&binary)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let binary = binary.split('-').next().unwrap_or_default();
+    let _ = writeln!(std::io::stderr(), "note [{binary}]: {line}");
 }
 
 /// Relative tolerance of docs/DESIGN.md section 3 for a storage type.
