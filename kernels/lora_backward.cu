@@ -167,6 +167,13 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
     lk::store_y<T, C>(reinterpret_cast<T*>(p.dx), p.m, p.k, row0, col0, p.accumulate ? 1.f : 0.f, r);
 }
 
+// The end of the token range starting at i0 (64-bit: i0 + tokens_per_split
+// may pass 2^31 - 1 when m is close to it).
+__device__ __forceinline__ int range_end(const BackwardParams& p, int i0) {
+    const int64_t end = (int64_t)i0 + p.tokens_per_split;
+    return end < p.m ? (int)end : p.m;
+}
+
 // Where a token-range result goes: straight into the gradient (one range,
 // or atomics), or into this range's partials for lk_backward_reduce.
 __device__ __forceinline__ void emit(const BackwardParams& p, float* grad, size_t len, size_t idx, float v) {
@@ -188,8 +195,7 @@ __device__ void backward_db(const BackwardParams& p) {
     const int s = blockIdx.z, c = blockIdx.x * 64 + threadIdx.x % 64, jg = threadIdx.x / 64;
     const int rank = slot_rank(p, s);
     const float scale = slot_scale(p, s);
-    const int i0 = blockIdx.y * p.tokens_per_split;
-    const int i1 = i0 + p.tokens_per_split < p.m ? i0 + p.tokens_per_split : p.m;
+    const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
     const size_t len = (size_t)p.slots * p.n * p.max_rank;
     if (c >= p.n) return;
     for (int j0 = 0; j0 < p.max_rank; j0 += 64) {
@@ -218,8 +224,7 @@ __device__ void backward_da(const BackwardParams& p) {
     const float* u = reinterpret_cast<const float*>(p.u);
     const int s = blockIdx.z, q = blockIdx.x * THREADS + threadIdx.x;
     const int rank = slot_rank(p, s);
-    const int i0 = blockIdx.y * p.tokens_per_split;
-    const int i1 = i0 + p.tokens_per_split < p.m ? i0 + p.tokens_per_split : p.m;
+    const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
     const size_t len = (size_t)p.slots * p.max_rank * p.k;
     if (q >= p.k) return;
     for (int j0 = 0; j0 < p.max_rank; j0 += 32) {

@@ -18,23 +18,52 @@
 //   adapter share each load of its b tile. The last of them resets the
 //   counters to 0.
 // An id outside -1..slots-1 never reads outside the pool: it is treated as -1
-// and counted in *bad_ids (by the shrink blocks, once per token).
+// and counted (by the shrink blocks, once per token, in counters[3]; the last
+// tile block adds the launch's count to *bad_ids).
+// The segment table lives on the device and is checked there, without a host
+// round trip (CUDA-graph capture stays valid): the shrink blocks check it
+// cooperatively (offsets[0] == 0, offsets[segments] == m, non-decreasing) and
+// raise counters[2] before their counters[0] increment; tile blocks read the
+// flag after their wait and then serve every token as -1 (base model only),
+// and the launch counts all m tokens as bad. The t rows the shrink wrote with
+// such a table are unspecified (routing by a binary search of a malformed
+// table stays inside the table and the pool, but names arbitrary segments).
 // The counters make the pool's launches one at a time: use a pool from one stream.
+// Counts that can pass 2^31 (shrink units, table entries) are 64-bit.
 #include "lk_simt_tile.cuh"
 #include "lk_tile_gemm.cuh"
 
 namespace {
 
-// The raw slot id of token i (per-token ids, or a binary search of the segments).
+// The counters (MultiAdapterParams): 0 between launches.
+enum Counter { SHRINK_DONE = 0, TILES_DONE = 1, BAD_TABLE = 2, BAD_IDS = 3 };
+
+// The raw slot id of token i (per-token ids, or a binary search of the
+// segments: always a segment in 0..segments-1, even in a malformed table).
 __device__ __forceinline__ int raw_slot(const MultiAdapterParams& p, int i) {
     if (p.segments == 0) return reinterpret_cast<const int*>(p.token_slots)[i];
     const int* off = reinterpret_cast<const int*>(p.seg_offsets);
     int lo = 0, hi = p.segments - 1;
     while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
+        int mid = lo + (hi - lo + 1) / 2;  // not (lo + hi + 1) / 2: that passes 2^31 - 1
         if (off[mid] <= i) lo = mid; else hi = mid - 1;
     }
     return reinterpret_cast<const int*>(p.seg_slots)[lo];
+}
+
+// The shrink blocks' share of checking the segment table (if any): entry e
+// of 0..segments checks offsets[0] == 0 (e = 0), offsets[e - 1] <= offsets[e]
+// and offsets[segments] == m (e = segments); a failure raises BAD_TABLE.
+// Together these put every offset in 0..m, in order.
+__device__ void check_segment_table(const MultiAdapterParams& p, int threads) {
+    if (p.segments == 0) return;
+    const int* off = reinterpret_cast<const int*>(p.seg_offsets);
+    const int64_t stride = (int64_t)p.shrink_blocks * threads;
+    for (int64_t e = (int64_t)blockIdx.x * threads + threadIdx.x; e <= p.segments; e += stride) {
+        bool ok = e == 0 ? off[0] == 0 : off[e - 1] <= off[e];
+        if (e == p.segments) ok = ok && off[e] == p.m;
+        if (!ok) atomicExch(reinterpret_cast<unsigned*>(p.counters) + BAD_TABLE, 1u);
+    }
 }
 
 __device__ __forceinline__ bool out_of_range(const MultiAdapterParams& p, int id) { return id < -1 || id >= p.slots; }
@@ -64,15 +93,17 @@ __device__ void shrink_block(const MultiAdapterParams& p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     constexpr int WARPS = C::THREADS / 32;
     constexpr int PER_WARP = (GROUP + WARPS - 1) / WARPS;  // tokens each warp dots
-    const int groups = (p.m + GROUP - 1) / GROUP;
-    const int units = groups * p.max_rank;
-    for (int unit = blockIdx.x; unit < units; unit += p.shrink_blocks) {
-        const int i0 = (unit / p.max_rank) * GROUP, j = unit % p.max_rank;
+    unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
+    check_segment_table(p, C::THREADS);
+    const int64_t groups = (p.m + GROUP - 1) / GROUP;
+    const int64_t units = groups * p.max_rank;  // up to 2^28 * 256
+    for (int64_t unit = blockIdx.x; unit < units; unit += p.shrink_blocks) {
+        const int i0 = (int)(unit / p.max_rank) * GROUP, j = (int)(unit % p.max_rank);
         __syncthreads();  // slot_of and a_row of the previous unit are no longer read
         if (threadIdx.x < GROUP) {
             int i = i0 + threadIdx.x, s = -1;
             if (i < p.m) {
-                if (j == 0 && out_of_range(p, raw_slot(p, i))) atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), 1u);
+                if (j == 0 && out_of_range(p, raw_slot(p, i))) atomicAdd(counters + BAD_IDS, 1u);
                 s = token_slot(p, i);
                 if (s >= 0 && j >= reinterpret_cast<const int*>(p.slot_rank)[s]) s = -1;  // past its rank
             }
@@ -110,32 +141,41 @@ __device__ void shrink_block(const MultiAdapterParams& p) {
             }
         }
     }
-    __syncthreads();  // every t of this block is written
+    __syncthreads();  // every t, table check and bad-id count of this block is done
     if (threadIdx.x == 0) {
         __threadfence();
-        atomicAdd(reinterpret_cast<unsigned*>(p.counters), 1u);
+        atomicAdd(counters + SHRINK_DONE, 1u);
     }
 }
 
 // Called by every thread of a tile block after its base product: thread 0
-// waits until every shrink block has written its t (counters[0]), and the
-// last tile block to get here resets the counters for the next launch; then
-// row_slot gets the slot of each of the tile's BM rows (-1: none) and
-// distinct the distinct adapters among them (distinct[0] = count). Every t
-// read after this (collect_distinct ends with a barrier) sees the shrink's
-// writes (load_cg).
+// waits until every shrink block has written its t and checked its part of
+// the segment table (SHRINK_DONE), reads whether the table is malformed, and
+// the last tile block to get here adds the launch's bad ids to *bad_ids (m
+// for a malformed table) and resets the counters for the next launch; then
+// row_slot gets the slot of each of the tile's BM rows (-1: none, or every
+// row with a malformed table) and distinct the distinct adapters among them
+// (distinct[0] = count). Every t read after this (collect_distinct ends with
+// a barrier) sees the shrink's writes (load_cg).
 template <int BM, int THREADS>
 __device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0, int* row_slot, int* distinct) {
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
+    LK_SHARED(int, bad_table, [1]);
     if (threadIdx.x == 0) {
-        lk::wait_counter_at_least(counters, (unsigned)p.shrink_blocks);
-        unsigned tiles = gridDim.x - p.shrink_blocks;
-        if (atomicAdd(counters + 1, 1u) == tiles - 1) {
-            atomicExch(counters, 0u);
-            atomicExch(counters + 1, 0u);
+        lk::wait_counter_at_least(counters + SHRINK_DONE, (unsigned)p.shrink_blocks);
+        bad_table[0] = *reinterpret_cast<volatile unsigned*>(counters + BAD_TABLE) != 0;
+        __threadfence();  // the flag is read before this block counts as done (and it is reset)
+        const unsigned tiles = gridDim.x - p.shrink_blocks;
+        if (atomicAdd(counters + TILES_DONE, 1u) == tiles - 1) {
+            const unsigned bad = bad_table[0] ? (unsigned)p.m : atomicExch(counters + BAD_IDS, 0u);
+            atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), bad);
+            for (int c = SHRINK_DONE; c <= BAD_IDS; ++c) atomicExch(counters + c, 0u);
         }
     }
-    for (int i = threadIdx.x; i < BM; i += THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
+    __syncthreads();  // bad_table is set
+    const bool base_only = bad_table[0];
+    for (int i = threadIdx.x; i < BM; i += THREADS)
+        row_slot[i] = row0 + i < p.m && !base_only ? token_slot(p, row0 + i) : -1;
     lk::collect_distinct<BM>(row_slot, distinct);
 }
 

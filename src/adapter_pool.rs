@@ -60,8 +60,9 @@ pub struct SlotAdapter<T> {
 }
 
 /// Scratch the multi-adapter kernel uses: the f32 intermediate `t`
-/// (`[tokens][max_rank]`, grown on demand), two launch counters (0 between
-/// launches) and the count of out-of-range ids seen on the device.
+/// (`[tokens][max_rank]`, grown on demand), four launch counters (0 between
+/// launches: kernels/multi_adapter_forward.cu) and the count of out-of-range
+/// ids seen on the device.
 pub(crate) struct Scratch {
     pub t: Buffer<f32>,
     pub counters: Buffer<u32>,
@@ -124,7 +125,7 @@ impl<T: KernelElement> AdapterPool<T> {
             host_ranks: vec![0; cfg.slots],
             scratch: Mutex::new(Scratch {
                 t: dev.zeros(0)?,
-                counters: dev.zeros(2)?,
+                counters: dev.zeros(4)?,
                 bad_ids: dev.zeros(1)?,
             }),
             cfg,
@@ -262,7 +263,7 @@ impl<T: KernelElement> AdapterPool<T> {
     /// launches (and CUDA-graph capture) allocate nothing.
     pub fn reserve_tokens(&self, tokens: usize) -> Result<()> {
         let mut scratch = self.scratch();
-        let need = tokens * self.cfg.max_rank;
+        let need = crate::shape::elements("tokens", tokens, self.cfg.max_rank)?;
         if scratch.t.len() < need {
             scratch.t = self.dev.zeros(need)?;
         }

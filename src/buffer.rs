@@ -1,9 +1,31 @@
 //! Operand views the ops take: either device memory (cudarc slices and views)
 //! or host memory for the host runtime. Ops check that every operand lives on
 //! the backend of the device they run on.
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaContext, CudaSlice, CudaView, CudaViewMut, DeviceSlice};
 
 use crate::error::{Backend, Error, Result};
+
+/// Where memory lives or an op runs: the host runtime, or one CUDA context
+/// (by the address of its driver handle). Device memory is valid only in the
+/// context that allocated it, so operands must share the device's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Home {
+    Host,
+    Cuda(usize),
+}
+
+impl Home {
+    pub(crate) fn of_context(ctx: &CudaContext) -> Home {
+        Home::Cuda(ctx.cu_ctx() as usize)
+    }
+
+    pub(crate) fn backend(self) -> Backend {
+        match self {
+            Home::Host => Backend::Host,
+            Home::Cuda(_) => Backend::Cuda,
+        }
+    }
+}
 
 /// A read-only operand.
 pub enum BufRef<'a, T> {
@@ -35,9 +57,12 @@ impl<T> BufRef<'_, T> {
     }
     /// Which backend the memory belongs to.
     pub fn backend(&self) -> Backend {
+        self.home().backend()
+    }
+    pub(crate) fn home(&self) -> Home {
         match self {
-            BufRef::Cuda(_) => Backend::Cuda,
-            BufRef::Host(_) => Backend::Host,
+            BufRef::Cuda(v) => Home::of_context(v.stream().context()),
+            BufRef::Host(_) => Home::Host,
         }
     }
 }
@@ -56,24 +81,28 @@ impl<T> BufMut<'_, T> {
     }
     /// Which backend the memory belongs to.
     pub fn backend(&self) -> Backend {
+        self.home().backend()
+    }
+    pub(crate) fn home(&self) -> Home {
         match self {
-            BufMut::Cuda(_) => Backend::Cuda,
-            BufMut::Host(_) => Backend::Host,
+            BufMut::Cuda(v) => Home::of_context(v.stream().context()),
+            BufMut::Host(_) => Home::Host,
         }
     }
 }
 
-pub(crate) fn check_backend(
-    operand: &'static str,
-    expected: Backend,
-    actual: Backend,
-) -> Result<()> {
-    if expected != actual {
+/// Checks that `operand` (memory at `actual`) can be used by an op running
+/// at `expected`: the same backend, and on CUDA the same context.
+pub(crate) fn check_home(operand: &'static str, expected: Home, actual: Home) -> Result<()> {
+    if expected.backend() != actual.backend() {
         return Err(Error::BackendMismatch {
             operand,
-            expected,
-            actual,
+            expected: expected.backend(),
+            actual: actual.backend(),
         });
+    }
+    if expected != actual {
+        return Err(Error::ContextMismatch { operand });
     }
     Ok(())
 }
@@ -155,5 +184,24 @@ impl<T> Buffer<T> {
     /// True when it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_of_another_context_or_backend_is_rejected() {
+        let (one, two) = (Home::Cuda(0x1000), Home::Cuda(0x2000));
+        assert!(check_home("x", one, one).is_ok());
+        assert!(matches!(
+            check_home("x", one, two),
+            Err(Error::ContextMismatch { operand: "x" })
+        ));
+        assert!(matches!(
+            check_home("y", Home::Host, one),
+            Err(Error::BackendMismatch { operand: "y", .. })
+        ));
     }
 }

@@ -7,8 +7,9 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
 
-use crate::buffer::Buffer;
+use crate::buffer::{Buffer, Home};
 use crate::error::{Backend, Error, Result};
+use crate::shape::invalid;
 
 /// A CUDA device with one stream, and the kernel modules loaded on it.
 pub struct CudaDevice {
@@ -96,6 +97,14 @@ impl Device {
         }
     }
 
+    /// Where the device's memory lives: the host, or its CUDA context.
+    pub(crate) fn home(&self) -> Home {
+        match self {
+            Device::Cuda(d) => Home::of_context(d.stream.context()),
+            Device::Host(_) => Home::Host,
+        }
+    }
+
     /// A human-readable name: the GPU's, or "host runtime (CPU)".
     pub fn name(&self) -> String {
         match self {
@@ -125,22 +134,33 @@ impl Device {
         Ok(())
     }
 
-    /// Copies `data` to a new buffer on this device.
+    /// Copies `data` to a new buffer on this device; an error (not an abort)
+    /// when the memory cannot be had.
     pub fn upload<T: DeviceRepr + Clone>(&self, data: &[T]) -> Result<Buffer<T>> {
         Ok(match self {
             Device::Cuda(d) => Buffer::Cuda(d.stream.clone_htod(data)?),
-            Device::Host(_) => Buffer::Host(data.to_vec()),
+            Device::Host(_) => {
+                let mut v = host_vec("data", data.len())?;
+                v.extend_from_slice(data);
+                Buffer::Host(v)
+            }
         })
     }
 
-    /// A zero-filled buffer of `len` elements.
+    /// A zero-filled buffer of `len` elements; an error (not an abort) when
+    /// `len` elements cannot be had.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(
         &self,
         len: usize,
     ) -> Result<Buffer<T>> {
+        byte_len::<T>("len", len)?;
         Ok(match self {
             Device::Cuda(d) => Buffer::Cuda(d.stream.alloc_zeros(len)?),
-            Device::Host(_) => Buffer::Host(vec![T::default(); len]),
+            Device::Host(_) => {
+                let mut v = host_vec("len", len)?;
+                v.resize(len, T::default());
+                Buffer::Host(v)
+            }
         })
     }
 
@@ -156,6 +176,29 @@ impl Device {
             }),
         }
     }
+}
+
+/// The bytes `len` elements of `T` take, or an error naming `name` when that
+/// overflows what one allocation can hold (`isize::MAX` bytes).
+fn byte_len<T>(name: &'static str, len: usize) -> Result<usize> {
+    len.checked_mul(std::mem::size_of::<T>())
+        .filter(|&bytes| bytes <= isize::MAX as usize)
+        .ok_or_else(|| invalid(name, len, "too many elements for one allocation"))
+}
+
+/// An empty host vector with room for `len` elements, or an error when the
+/// allocator cannot provide it (instead of `Vec`'s abort).
+fn host_vec<T>(name: &'static str, len: usize) -> Result<Vec<T>> {
+    byte_len::<T>(name, len)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|e| {
+        invalid(
+            name,
+            len,
+            format!("cannot allocate the host runtime's buffer: {e}"),
+        )
+    })?;
+    Ok(v)
 }
 
 impl CudaDevice {

@@ -118,6 +118,15 @@ pub enum Error {
         /// The operand's backend.
         actual: Backend,
     },
+    /// An operand lives in another CUDA context than the device running the
+    /// op (made on another GPU, or in another context of the same GPU).
+    #[error(
+        "`{operand}` belongs to another CUDA context than the device the op runs on (it was made on another device)"
+    )]
+    ContextMismatch {
+        /// Which operand.
+        operand: &'static str,
+    },
     /// The host runtime rejected or aborted a launch (deadlock, divergent
     /// collectives, `__trap`, bad launch configuration).
     #[error("host launch of `{kernel}` failed: {message}")]

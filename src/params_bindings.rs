@@ -50,7 +50,7 @@ const _: () = {
     ["Offset of field: FusedForwardParams::beta"]
         [::std::mem::offset_of!(FusedForwardParams, beta) - 68usize];
 };
-#[doc = " Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses\n adapter slot slot(i) of a pool, or none:\n   y[i,:] = x[i,:] w^T + scale[s] (x[i,:] a[s]^T) b[s]^T  (+ beta * y)\n slot(i) = token_slots[i] (segments == 0), or seg_slots[j] for the segment j\n with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are\n treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],\n b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks\n (0 = empty slot). t is a [m][max_rank] f32 workspace, counters two u32\n that are 0 before and after every launch."]
+#[doc = " Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses\n adapter slot slot(i) of a pool, or none:\n   y[i,:] = x[i,:] w^T + scale[s] (x[i,:] a[s]^T) b[s]^T  (+ beta * y)\n slot(i) = token_slots[i] (segments == 0), or seg_slots[j] for the segment j\n with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are\n treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],\n b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks\n (0 = empty slot). t is a [m][max_rank] f32 workspace, counters four u32\n that are 0 before and after every launch (shrink blocks done, tile blocks\n done, malformed-segment-table flag, bad ids seen). A segment table that is\n not non-decreasing from 0 to m is caught on the device: every token is\n then served as -1 and m tokens are counted in *bad_ids."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct MultiAdapterParams {
@@ -155,14 +155,14 @@ pub struct BackwardParams {
     pub accumulate: i32,
     #[doc = " no float atomics: partials + fixed-order reduction"]
     pub deterministic: i32,
-    #[doc = " lk_backward_reduce: elements per partial"]
-    pub reduce_len: i32,
+    #[doc = " lk_backward_reduce: elements per partial (may pass 2^31)"]
+    pub reduce_len: i64,
     #[doc = " lk_backward_reduce: da or db"]
     pub reduce_out: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BackwardParams"][::std::mem::size_of::<BackwardParams>() - 168usize];
+    ["Size of BackwardParams"][::std::mem::size_of::<BackwardParams>() - 176usize];
     ["Alignment of BackwardParams"][::std::mem::align_of::<BackwardParams>() - 8usize];
     ["Offset of field: BackwardParams::g"][::std::mem::offset_of!(BackwardParams, g) - 0usize];
     ["Offset of field: BackwardParams::x"][::std::mem::offset_of!(BackwardParams, x) - 8usize];
@@ -204,9 +204,9 @@ const _: () = {
     ["Offset of field: BackwardParams::deterministic"]
         [::std::mem::offset_of!(BackwardParams, deterministic) - 152usize];
     ["Offset of field: BackwardParams::reduce_len"]
-        [::std::mem::offset_of!(BackwardParams, reduce_len) - 156usize];
+        [::std::mem::offset_of!(BackwardParams, reduce_len) - 160usize];
     ["Offset of field: BackwardParams::reduce_out"]
-        [::std::mem::offset_of!(BackwardParams, reduce_out) - 160usize];
+        [::std::mem::offset_of!(BackwardParams, reduce_out) - 168usize];
 };
 #[doc = " Merge / unmerge (kernels/merge.cu): w[n][k] <- w + sign * scale * b a,\n accumulated in f32 and rounded once to the storage type."]
 #[repr(C)]

@@ -32,13 +32,7 @@ impl Dims {
             ("w", self.n, self.k),
             ("y", self.m, self.n),
         ] {
-            if rows.checked_mul(cols).is_none() {
-                return Err(invalid(
-                    name,
-                    format!("{rows} x {cols}"),
-                    "element count overflows usize",
-                ));
-            }
+            elements(name, rows, cols)?;
         }
         Ok(())
     }
@@ -67,6 +61,19 @@ pub(crate) fn invalid(
     }
 }
 
+/// `rows * cols`, the element count of `operand`, or an error naming it
+/// when the product overflows `usize` (it must never wrap: a wrapped count
+/// would let a too-small buffer pass as the right size).
+pub(crate) fn elements(operand: &'static str, rows: usize, cols: usize) -> Result<usize> {
+    rows.checked_mul(cols).ok_or_else(|| {
+        invalid(
+            operand,
+            format!("{rows} x {cols}"),
+            "element count overflows usize",
+        )
+    })
+}
+
 /// Checks that `operand` holds exactly `rows x cols` elements.
 pub(crate) fn check_matrix(
     operand: &'static str,
@@ -74,7 +81,7 @@ pub(crate) fn check_matrix(
     cols: usize,
     actual: usize,
 ) -> Result<()> {
-    let expected = rows * cols;
+    let expected = elements(operand, rows, cols)?;
     if actual != expected {
         return Err(Error::Shape {
             operand,
@@ -102,4 +109,20 @@ pub(crate) fn check_finite(name: &'static str, value: f32) -> Result<()> {
         return Err(invalid(name, value, "must be finite"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn element_counts_that_overflow_are_errors_not_wraps() {
+        // usize::MAX x 2 wraps to usize::MAX - 1: a buffer of that "size" must not pass.
+        let err = check_matrix("x", usize::MAX, 2, usize::MAX - 1).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { name: "x", .. }),
+            "{err}"
+        );
+        assert!(check_matrix("x", 3, 2, 6).is_ok());
+    }
 }

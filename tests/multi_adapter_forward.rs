@@ -844,3 +844,91 @@ fn gpu_graph_replay_follows_new_ids_and_adapters() {
             .unwrap();
     }
 }
+
+/// Runs the op with a segment table (uploaded as given, unchecked) on the
+/// pool's device.
+fn run_segments<T: KernelElement>(
+    pool: &AdapterPool<T>,
+    regime: Regime,
+    (x, w): (&[T], &[T]),
+    (offsets, slots): (&[i32], &[i32]),
+    y0: &[T],
+) -> lora_kernels::Result<Vec<T>> {
+    let dev = pool.device();
+    let (xd, wd) = (dev.upload(x)?, dev.upload(w)?);
+    let (od, sd) = (dev.upload(offsets)?, dev.upload(slots)?);
+    let routing = Routing::Segments {
+        offsets: (&od).into(),
+        slots: (&sd).into(),
+    };
+    let mut y = dev.upload(y0)?;
+    let m = x.len() / pool.config().k;
+    multi_adapter_forward_in(regime, pool, m, &xd, &wd, &routing, 0.0, &mut y)?;
+    dev.download(&y)
+}
+
+/// Malformed segment tables of `m` tokens for `segments_checked_on_the_device`:
+/// decreasing, out of range, not starting at 0, not ending at m, and a long
+/// table (more entries than one shrink block's threads) broken near its end.
+fn malformed_tables(m: i32) -> Vec<(&'static str, Vec<i32>, Vec<i32>)> {
+    let mut long: Vec<i32> = (0..=300).map(|j| (j * m / 300).min(m)).collect();
+    long[281] = long[280] - 1;
+    let long_slots = (0..300).map(|j| j % 3 - 1).collect();
+    vec![
+        ("decreasing", vec![0, 40, 10, m], vec![1, 0, 3]),
+        ("negative offset", vec![0, -3, 45, m], vec![1, 0, 3]),
+        ("offset past m", vec![0, 10, i32::MAX, m], vec![1, 0, 3]),
+        ("not starting at 0", vec![5, 10, 45, m], vec![1, 0, 3]),
+        ("ending before m", vec![0, 10, 45, m - 1], vec![1, 0, 3]),
+        ("ending past m", vec![0, 10, 45, m + 1], vec![1, 0, 3]),
+        ("long table, decreasing near its end", long, long_slots),
+    ]
+}
+
+/// A malformed table on the device: every token gets the base model only
+/// (bit-identical to all ids -1), the launch counts m bad ids, and the next
+/// launch with a valid table is served normally (the flag was reset).
+fn segments_checked_case<T: KernelElement>(regimes: &[Regime]) {
+    let fx = Fixture::<T>::new(33, 40, 9, &[4, 9, 0, 1], 21);
+    let m = 70;
+    let x: Vec<T> = random(&mut rng(22), m * 40);
+    let y0 = vec![T::from_f64(f64::NAN); m * 33];
+    let (good_offsets, good_slots) = (vec![0, 10, 10, 45, 70], vec![1, 0, -1, 3]);
+    let good_ids = reference::segment_ids(m, &good_offsets, &good_slots).unwrap();
+    for dev in devices() {
+        let pool = fx.pool(&dev);
+        for &regime in regimes {
+            let base = run(&pool, Some(regime), &x, &fx.w, &vec![-1; m], 0.0, &y0).unwrap();
+            for (what, offsets, slots) in malformed_tables(m as i32) {
+                let what = format!("{:?} {regime:?} {what} on {}", T::DTYPE, dev.name());
+                let before = pool.bad_id_count().unwrap();
+                let got =
+                    run_segments(&pool, regime, (&x, &fx.w), (&offsets, &slots), &y0).unwrap();
+                let same = got
+                    .iter()
+                    .zip(&base)
+                    .all(|(g, b)| g.to_f64().to_bits() == b.to_f64().to_bits());
+                assert!(same, "{what}: not served as base only");
+                assert_eq!(pool.bad_id_count().unwrap(), before + m as u32, "{what}");
+                let got = run_segments(
+                    &pool,
+                    regime,
+                    (&x, &fx.w),
+                    (&good_offsets, &good_slots),
+                    &y0,
+                )
+                .unwrap();
+                let after = format!("{what}, then a valid table");
+                fx.compare(&after, &got, &x, &good_ids, 0.0, &y0).unwrap();
+                assert_eq!(pool.bad_id_count().unwrap(), before + m as u32, "{after}");
+            }
+        }
+    }
+}
+
+#[test]
+fn segments_checked_on_the_device() {
+    segments_checked_case::<f16>(&[Regime::Decode, Regime::Prefill]);
+    segments_checked_case::<bf16>(&[Regime::Decode]);
+    segments_checked_case::<f32>(&[Regime::Simt]);
+}

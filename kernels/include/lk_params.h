@@ -25,8 +25,11 @@ typedef struct FusedForwardParams {
  * with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are
  * treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],
  * b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks
- * (0 = empty slot). t is a [m][max_rank] f32 workspace, counters two u32
- * that are 0 before and after every launch. */
+ * (0 = empty slot). t is a [m][max_rank] f32 workspace, counters four u32
+ * that are 0 before and after every launch (shrink blocks done, tile blocks
+ * done, malformed-segment-table flag, bad ids seen). A segment table that is
+ * not non-decreasing from 0 to m is caught on the device: every token is
+ * then served as -1 and m tokens are counted in *bad_ids. */
 typedef struct MultiAdapterParams {
     uint64_t x, w, a_pool, b_pool, slot_rank, slot_scale;
     uint64_t token_slots, seg_offsets, seg_slots;
@@ -57,7 +60,7 @@ typedef struct BackwardParams {
     int32_t splits, tokens_per_split;
     int32_t accumulate;    /* add to dx/da/db instead of overwriting */
     int32_t deterministic; /* no float atomics: partials + fixed-order reduction */
-    int32_t reduce_len;    /* lk_backward_reduce: elements per partial */
+    int64_t reduce_len;    /* lk_backward_reduce: elements per partial (may pass 2^31) */
     uint64_t reduce_out;   /* lk_backward_reduce: da or db */
 } BackwardParams;
 

@@ -2,7 +2,7 @@
 //! Kernels: kernels/fused_forward_simt.cu (any type, the plain reference
 //! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores, a decode
 //! and a prefill tile shape). Reference: `reference::fused_forward`.
-use super::{DeviceAdapter, KernelElement, check_operand, check_output, in_ptr, out_ptr};
+use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::buffer::{BufMut, BufRef};
 use crate::device::Device;
 use crate::element::DType;
@@ -192,26 +192,29 @@ fn launch<T: KernelElement>(
     };
     // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
     let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
-    let (kernel, launch) = select(regime, T::DTYPE, aligned, dims, adapter.rank);
+    let (kernel, launch) = select(regime, T::DTYPE, aligned, dims, adapter.rank)?;
     // SAFETY: every operand was checked above to live on `dev`'s backend with
     // exactly the element count the kernel indexes (x m*k, w n*k, a r*k, b n*r,
     // y m*n, t m*r when saved); m, n, k, r fit i32 (Dims::validate, check_rank); `select` gives
-    // the grid covering m x n with the kernel's tile, its block size and its
-    // shared memory for this rank; the 16-byte path is taken only when k and
+    // the grid covering m x n with the kernel's tile (within CUDA's grid
+    // limits, else it returned an error), its block size and its shared
+    // memory for this rank; the 16-byte path is taken only when k and
     // the bases allow it; the pointer guards (_g*) live until after the launch
     // is queued.
     unsafe { kernel.launch(dev, launch, &params) }
 }
 
-/// The kernel entry point and launch shape for a regime, type and alignment.
+/// The kernel entry point and launch shape for a regime, type and alignment;
+/// an error when m needs more row tiles than grid.y takes.
 fn select(
     regime: Regime,
     dtype: DType,
     aligned: bool,
     dims: Dims,
     rank: usize,
-) -> (&'static Kernel<FusedForwardParams>, LaunchDims) {
-    let grid = |bm: usize, bn: usize| [dims.n.div_ceil(bn) as u32, dims.m.div_ceil(bm) as u32, 1];
+) -> Result<(&'static Kernel<FusedForwardParams>, LaunchDims)> {
+    let grid =
+        |bm: usize, bn: usize| grid("m", dims.m, [dims.n.div_ceil(bn), dims.m.div_ceil(bm), 1]);
     let bf16 = dtype == DType::BF16;
     let (kernel, tiles) = match regime {
         Regime::Simt => {
@@ -221,11 +224,11 @@ fn select(
                 _ => &SIMT_F32,
             };
             let launch = LaunchDims {
-                grid: grid(SIMT.bm, SIMT.bn),
+                grid: grid(SIMT.bm, SIMT.bn)?,
                 block: [SIMT.threads, 1, 1],
                 dynamic_smem_bytes: 0,
             };
-            return (kernel, launch);
+            return Ok((kernel, launch));
         }
         Regime::Decode => {
             let kernel = match (bf16, aligned) {
@@ -247,9 +250,9 @@ fn select(
         }
     };
     let launch = LaunchDims {
-        grid: grid(tiles.bm, tiles.bn),
+        grid: grid(tiles.bm, tiles.bn)?,
         block: [tiles.threads, 1, 1],
         dynamic_smem_bytes: tiles.smem_bytes(tiles.shrink_rows(rank)),
     };
-    (kernel, launch)
+    Ok((kernel, launch))
 }

@@ -9,15 +9,15 @@
 //! every adapter of a pool that a batch uses, each token's gradient going to
 //! its own slot, in the same launches.
 use super::tiles::{DECODE, MmaTiles, PREFILL};
-use super::{DeviceAdapter, KernelElement, check_operand, check_output, in_ptr, out_ptr};
+use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
-use crate::buffer::{BufMut, BufRef, Buffer};
+use crate::buffer::{BufMut, BufRef, Buffer, Home, check_home};
 use crate::device::Device;
 use crate::element::DType;
 use crate::error::Result;
 use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::BackwardParams;
-use crate::shape::{Dims, invalid};
+use crate::shape::{Dims, elements, invalid};
 
 kernel!(U_F32 = lk_backward_u_f32 in "lora_backward": BackwardParams;);
 kernel!(U_F16 = lk_backward_u_f16 in "lora_backward": BackwardParams;);
@@ -69,10 +69,12 @@ pub struct Grads<'a, T> {
 }
 
 /// Device scratch of the backward pass (`u`, and the deterministic mode's
-/// partials), grown on demand and reused: keep one per device.
+/// partials), grown on demand and reused: keep one per device. It works only
+/// with the device it was made on (an error otherwise).
 pub struct BackwardScratch {
     u: Buffer<f32>,
     partials: Buffer<f32>,
+    home: Home,
 }
 
 impl BackwardScratch {
@@ -81,7 +83,14 @@ impl BackwardScratch {
         Ok(BackwardScratch {
             u: dev.zeros(0)?,
             partials: dev.zeros(0)?,
+            home: dev.home(),
         })
+    }
+
+    /// An error unless the scratch was made where `dev` runs (same backend
+    /// and, on CUDA, the same context): its memory is useless elsewhere.
+    fn check_device(&self, dev: &Device) -> Result<()> {
+        check_home("scratch", dev.home(), self.home)
     }
 
     fn reserve(&mut self, dev: &Device, u: usize, partials: usize) -> Result<()> {
@@ -306,6 +315,7 @@ fn run<T: KernelElement>(
         slots,
     } = shape;
     let Dims { m, n, k } = dims;
+    scratch.check_device(dev)?;
     check_operand(dev, "g", &g, m, n)?;
     check_operand(dev, "x", &x, m, k)?;
     check_operand(dev, "w", &w, n, k)?;
@@ -329,14 +339,15 @@ fn run<T: KernelElement>(
         .max(1);
     let tokens_per_split = m.div_ceil(want).max(1);
     let splits = m.div_ceil(tokens_per_split).max(1);
-    let len_db = slots * n * max_rank;
-    let len_da = slots * max_rank * k;
+    let len_db = elements("db", slots * n, max_rank)?;
+    let len_da = elements("da", slots * max_rank, k)?;
     let partials = if splits > 1 && opts.deterministic {
-        splits * len_db.max(len_da)
+        elements("partials", splits, len_db.max(len_da))?
     } else {
         0
     };
-    scratch.reserve(dev, m * max_rank, partials)?;
+    let grids = Grids::new::<T>(dims, splits, slots)?;
+    scratch.reserve(dev, elements("u", m, max_rank)?, partials)?;
     if m == 0 {
         // No tokens: the gradients of this batch are zero.
         if !opts.accumulate {
@@ -402,8 +413,8 @@ fn run<T: KernelElement>(
     };
     let kernels = kernels_for(T::DTYPE);
     let block = [THREADS, 1, 1];
-    let grid = |x: usize, y: usize, z: usize| LaunchDims {
-        grid: [x as u32, y as u32, z as u32],
+    let simt = |grid: [u32; 3]| LaunchDims {
+        grid,
         block,
         dynamic_smem_bytes: 0,
     };
@@ -415,10 +426,10 @@ fn run<T: KernelElement>(
     // pool access; grids follow the kernels' tiles (u: a block per token, dx:
     // 64 columns x 32 rows, or the tensor-core tiles with their block size and
     // shared memory, 16-byte loads only when n, k and the bases allow; db: 64
-    // columns, da: 256 columns, y: token ranges, z: slots <= 65535); the
-    // pointer guards live until after the launches.
+    // columns, da: 256 columns, y: token ranges, z: slots), all within CUDA's
+    // grid limits (Grids::new); the pointer guards live until after the launches.
     unsafe {
-        kernels.u.launch(dev, grid(m, 1, 1), &params)?;
+        kernels.u.launch(dev, simt(grids.u), &params)?;
         if pdx != 0 {
             let aligned = n.is_multiple_of(8)
                 && k.is_multiple_of(8)
@@ -426,33 +437,53 @@ fn run<T: KernelElement>(
             match dx_mma(T::DTYPE, m, aligned) {
                 Some((kernel, tiles)) => {
                     let dims = LaunchDims {
-                        grid: [k.div_ceil(tiles.bn) as u32, m.div_ceil(tiles.bm) as u32, 1],
+                        grid: grids.dx,
                         block: [tiles.threads, 1, 1],
                         dynamic_smem_bytes: tiles.smem_bytes_bt(),
                     };
                     kernel.launch(dev, dims, &params)?;
                 }
-                None => kernels
-                    .dx
-                    .launch(dev, grid(k.div_ceil(64), m.div_ceil(32), 1), &params)?,
+                None => kernels.dx.launch(dev, simt(grids.dx), &params)?,
             }
         }
         if pdb != 0 {
-            kernels
-                .db
-                .launch(dev, grid(n.div_ceil(64), splits, slots), &params)?;
+            kernels.db.launch(dev, simt(grids.db), &params)?;
             reduce(dev, &params, splits, opts, pdb, len_db)?;
         }
         if pda != 0 {
-            kernels.da.launch(
-                dev,
-                grid(k.div_ceil(THREADS as usize), splits, slots),
-                &params,
-            )?;
+            kernels.da.launch(dev, simt(grids.da), &params)?;
             reduce(dev, &params, splits, opts, pda, len_da)?;
         }
     }
     Ok(())
+}
+
+/// The grids of the launches, checked against CUDA's limits before any of
+/// them runs (a call that fails changes nothing).
+struct Grids {
+    u: [u32; 3],
+    dx: [u32; 3],
+    db: [u32; 3],
+    da: [u32; 3],
+}
+
+impl Grids {
+    fn new<T: KernelElement>(dims: Dims, splits: usize, slots: usize) -> Result<Self> {
+        let Dims { m, n, k } = dims;
+        // dx: the tensor-core tiles for f16/bf16 (alignment picks only the
+        // entry point, not the tile), 64 columns x 32 rows on SIMT.
+        let (dx_rows, dx_cols) = dx_mma(T::DTYPE, m, false).map_or((32, 64), |(_, t)| (t.bm, t.bn));
+        Ok(Grids {
+            u: grid("m", m, [m, 1, 1])?,
+            dx: grid("m", m, [k.div_ceil(dx_cols), m.div_ceil(dx_rows), 1])?,
+            db: grid("slots", slots, [n.div_ceil(64), splits, slots])?,
+            da: grid(
+                "slots",
+                slots,
+                [k.div_ceil(THREADS as usize), splits, slots],
+            )?,
+        })
+    }
 }
 
 /// Sums the partials of the last reduction in a fixed order (deterministic
@@ -473,7 +504,7 @@ unsafe fn reduce(
         return Ok(());
     }
     let p = BackwardParams {
-        reduce_len: len as i32,
+        reduce_len: len as i64,
         reduce_out: out,
         ..*params
     };

@@ -9,11 +9,34 @@ mod tiles;
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
 
-use crate::buffer::{BufMut, BufRef, check_backend};
+use crate::buffer::{BufMut, BufRef, check_home};
 use crate::device::Device;
 use crate::element::Element;
 use crate::error::Result;
-use crate::shape::{check_finite, check_matrix, check_rank};
+use crate::shape::{check_finite, check_matrix, check_rank, invalid};
+
+/// CUDA's limits on a launch grid: x up to 2^31 - 1 blocks, y and z up to 65535.
+const MAX_GRID: [usize; 3] = [i32::MAX as usize, 65535, 65535];
+
+/// A launch grid of `blocks` (x, y, z), or an error naming the size that
+/// drives it (`name` = `value`, e.g. the token count) when it passes CUDA's
+/// limits: checked before anything is launched, so a call that fails
+/// changes nothing.
+pub(crate) fn grid(name: &'static str, value: usize, blocks: [usize; 3]) -> Result<[u32; 3]> {
+    if blocks.iter().zip(MAX_GRID).any(|(&b, max)| b > max) {
+        let [x, y, z] = blocks;
+        return Err(invalid(
+            name,
+            value,
+            format!(
+                "the launch needs a grid of {x} x {y} x {z} blocks, past CUDA's limits \
+                 ({} x {} x {}): split the work into smaller calls",
+                MAX_GRID[0], MAX_GRID[1], MAX_GRID[2]
+            ),
+        ));
+    }
+    Ok(blocks.map(|b| b as u32))
+}
 
 /// Storage types the kernels are compiled for: f32, f16, bf16.
 pub trait KernelElement: Element + DeviceRepr + ValidAsZeroBits {}
@@ -57,7 +80,8 @@ impl<'a, T> DeviceAdapter<'a, T> {
     }
 }
 
-/// Checks that `buf` lives on `dev`'s backend and holds `rows x cols` elements.
+/// Checks that `buf` lives where `dev` runs (its backend, and on CUDA its
+/// context) and holds `rows x cols` elements.
 pub(crate) fn check_operand<T>(
     dev: &Device,
     name: &'static str,
@@ -65,7 +89,7 @@ pub(crate) fn check_operand<T>(
     rows: usize,
     cols: usize,
 ) -> Result<()> {
-    check_backend(name, dev.backend(), buf.backend())?;
+    check_home(name, dev.home(), buf.home())?;
     check_matrix(name, rows, cols, buf.len())
 }
 
@@ -76,7 +100,7 @@ pub(crate) fn check_output<T>(
     rows: usize,
     cols: usize,
 ) -> Result<()> {
-    check_backend(name, dev.backend(), buf.backend())?;
+    check_home(name, dev.home(), buf.home())?;
     check_matrix(name, rows, cols, buf.len())
 }
 

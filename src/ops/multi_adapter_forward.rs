@@ -9,11 +9,18 @@
 //! are not read by the host: an id outside `-1..slots` is served as `-1` (base
 //! model only), never read outside the pool, and counted in
 //! [`AdapterPool::bad_id_count`]. A token naming an empty slot gets the base
-//! model only. Segment offsets on the device are trusted for routing (a
-//! malformed table routes tokens wrongly but reads nothing out of bounds).
+//! model only.
+//!
+//! A segment table is checked on the device too (reading it on the host would
+//! wait for the stream and break graph capture): when its offsets do not run
+//! non-decreasing from 0 to m, every token of the batch is served the base
+//! model only (as if every id were -1), all m tokens are counted in
+//! [`AdapterPool::bad_id_count`], and the `t` rows of
+//! [`multi_adapter_forward_saving_t`] are unspecified. Tables built on the
+//! host should be checked with [`check_segments`] (clear errors).
 use super::fused_forward::{Regime, regime_for};
 use super::tiles::{DECODE, MmaTiles, PREFILL, SIMT};
-use super::{KernelElement, check_operand, check_output, in_ptr, out_ptr};
+use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
 use crate::element::DType;
@@ -44,6 +51,8 @@ pub enum Routing<'a> {
     /// Sorted segments, for prefill: tokens `offsets[j]..offsets[j + 1]` use
     /// `slots[j]`; `offsets` has `slots.len() + 1` entries, from 0 to m. An
     /// empty batch (m = 0) may pass an empty table (`offsets = [0]`, no slots).
+    /// A malformed table (checked on the device) gets every token the base
+    /// model only and counts m bad ids (module docs).
     Segments {
         /// `segments + 1` token offsets, from 0 to m, non-decreasing.
         offsets: BufRef<'a, i32>,
@@ -181,6 +190,10 @@ fn launch<T: KernelElement>(
     if m == 0 {
         return Ok(());
     }
+    // Shrink units: groups of tokens x rank rows (the kernel strides over them).
+    let shrink_blocks = (m.div_ceil(SHRINK_GROUP) * cfg.max_rank).min(MAX_SHRINK_BLOCKS);
+    let tile_blocks = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
+    let blocks = grid("m", m, [shrink_blocks + tile_blocks, 1, 1])?;
     pool.reserve_tokens(m)?;
     let mut scratch = pool.scratch();
     let aligned;
@@ -217,9 +230,6 @@ fn launch<T: KernelElement>(
         let (pbad, _gbad) = out_ptr(dev, &mut bad);
         let (py, _gy) = out_ptr(dev, &mut y);
         aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
-        // Shrink units: groups of tokens x rank rows (the kernel strides over them).
-        let shrink_blocks = (m.div_ceil(SHRINK_GROUP) * cfg.max_rank).min(MAX_SHRINK_BLOCKS);
-        let tile_blocks = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
         let params = MultiAdapterParams {
             x: px,
             w: pw,
@@ -245,7 +255,7 @@ fn launch<T: KernelElement>(
             beta,
         };
         let launch = LaunchDims {
-            grid: [(shrink_blocks + tile_blocks) as u32, 1, 1],
+            grid: blocks,
             block: [shape.threads, 1, 1],
             dynamic_smem_bytes: shape.smem_bytes,
         };
@@ -255,9 +265,12 @@ fn launch<T: KernelElement>(
         // w n*k, y m*n, ids m or segments + 1 offsets and segments slots); the
         // pool's buffers have the sizes its config implies (AdapterPool::new),
         // slot ids read on the device are range-checked there before any pool
-        // access; t holds m * max_rank f32 (reserve_tokens above) and the
-        // counters are 0 between launches (zeroed at creation, reset by each
-        // launch); the grid is shrink_blocks + the tiles covering m x n, with
+        // access, and the segment table only inside 0..=segments (its values
+        // are checked on the device before any tile block uses them); t holds
+        // m * max_rank f32 (reserve_tokens above) and the four counters are 0
+        // between launches (zeroed at creation, reset by each launch); the
+        // grid is shrink_blocks + the tiles covering m x n (within CUDA's
+        // limit, checked above), with
         // the block size and dynamic shared memory of the kernel `select`
         // gives for this regime and type (tile_shape above: tensor-core tiles
         // for f16/bf16, SIMT tiles with static shared memory only for f32);

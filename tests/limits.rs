@@ -1,0 +1,207 @@
+//! Sizes at the edges of what validation accepts: size products that would
+//! overflow, allocations that cannot be had, launch grids past CUDA's limits,
+//! and scratch used with another device. Each gives an `Err` naming the
+//! operand or size, never a panic, an abort or a wrapped count, and a failed
+//! call changes nothing. Tests needing more memory than a CPU machine has
+//! run on a GPU only (they skip without one).
+mod common;
+
+use common::*;
+use half::f16;
+use lora_kernels::ops::fused_forward::{Regime, fused_forward_in};
+use lora_kernels::ops::lora_backward::{
+    BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, lora_backward,
+};
+use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward_saving_t};
+use lora_kernels::{AdapterPool, Device, DeviceAdapter, Dims, Error, PoolConfig};
+
+/// The smallest token count whose row tiles of `rows` pass grid.y's 65535.
+fn past_grid_y(rows: usize) -> usize {
+    65535 * rows + 1
+}
+
+fn assert_names(err: Error, name: &str) {
+    match &err {
+        Error::InvalidArgument { name: got, .. } => assert_eq!(*got, name, "{err}"),
+        other => panic!("expected an error naming `{name}`, got {other:?}"),
+    }
+}
+
+#[test]
+fn impossible_host_allocations_are_errors() {
+    let dev = Device::host().unwrap();
+    // Bytes past isize::MAX, and a length no allocator can provide.
+    for len in [usize::MAX / 2, 1 << 60] {
+        assert_names(dev.zeros::<f32>(len).unwrap_err(), "len");
+    }
+    let cfg = PoolConfig {
+        slots: 2,
+        max_rank: 8,
+        n: 3,
+        k: 5,
+    };
+    let pool = AdapterPool::<f32>::new(&dev, cfg).unwrap();
+    // tokens * max_rank overflows usize.
+    assert_names(pool.reserve_tokens(usize::MAX / 4).unwrap_err(), "tokens");
+    // The pool still works afterwards.
+    pool.reserve_tokens(4).unwrap();
+}
+
+/// Runs the fused forward (rank 1, n = k = 1) with m tokens in `regime`:
+/// small buffers, so validation and the grid check are all that run.
+fn forward_m<T: lora_kernels::KernelElement>(regime: Regime, m: usize) -> Error {
+    let dev = Device::host().unwrap();
+    let mut g = rng(m as u64);
+    let (x, w, a, b) = (
+        random::<T>(&mut g, m),
+        random(&mut g, 1),
+        random(&mut g, 1),
+        random(&mut g, 1),
+    );
+    let y0: Vec<T> = random(&mut g, m);
+    let mut y = y0.clone();
+    let adapter = DeviceAdapter::new(&a, &b, 1, 0.5);
+    let err = fused_forward_in(
+        regime,
+        &dev,
+        Dims::new(m, 1, 1),
+        &x,
+        &w,
+        &adapter,
+        0.0,
+        &mut y,
+    )
+    .unwrap_err();
+    assert!(y == y0, "a failed call changed y");
+    err
+}
+
+#[test]
+fn forward_grids_past_cuda_limits_are_errors() {
+    // SIMT tiles of 32 rows (f32), prefill tiles of 128 (f16): one token more
+    // than grid.y can cover.
+    assert_names(forward_m::<f32>(Regime::Simt, past_grid_y(32)), "m");
+    assert_names(forward_m::<f16>(Regime::Prefill, past_grid_y(128)), "m");
+}
+
+#[test]
+fn backward_dx_grid_past_cuda_limits_is_an_error() {
+    let dev = Device::host().unwrap();
+    let m = past_grid_y(32); // the SIMT dx tile's 32 rows
+    let mut g = rng(5);
+    let (gy, x, t): (Vec<f32>, Vec<f32>, Vec<f32>) =
+        (random(&mut g, m), random(&mut g, m), random(&mut g, m));
+    let (w, a, b): (Vec<f32>, Vec<f32>, Vec<f32>) =
+        (random(&mut g, 1), random(&mut g, 1), random(&mut g, 1));
+    let adapter = DeviceAdapter::new(&a, &b, 1, 0.5);
+    let dx0: Vec<f32> = random(&mut g, m);
+    let (mut dx, mut da, mut db) = (dx0.clone(), vec![7.0f32], vec![7.0f32]);
+    let grads = Grads {
+        dx: Some((&mut dx).into()),
+        da: Some((&mut da).into()),
+        db: Some((&mut db).into()),
+    };
+    let mut scratch = BackwardScratch::new(&dev).unwrap();
+    let inputs = DeviceBackwardInputs::new(&gy, &x, &w, &t);
+    let dims = Dims::new(m, 1, 1);
+    let opts = BackwardOptions::default();
+    let err = lora_backward(&dev, dims, &adapter, inputs, grads, opts, &mut scratch).unwrap_err();
+    assert_names(err, "m");
+    assert!(
+        dx == dx0 && da == [7.0] && db == [7.0],
+        "a failed call changed a gradient"
+    );
+}
+
+/// A scratch made on the host runtime, used on a GPU: its host memory would
+/// reach the kernels as device pointers.
+#[test]
+fn gpu_backward_scratch_from_another_device_is_an_error() {
+    let Some(gpu) = gpu() else { return };
+    let mut host_scratch = BackwardScratch::new(&Device::host().unwrap()).unwrap();
+    let up = |v: &[f32]| gpu.upload(v).unwrap();
+    let (gy, x, w, t) = (up(&[1.0; 2]), up(&[1.0; 2]), up(&[1.0]), up(&[1.0; 2]));
+    let (a, b) = (up(&[1.0]), up(&[1.0]));
+    let mut db = gpu.zeros::<f32>(1).unwrap();
+    let grads = Grads {
+        dx: None,
+        da: None,
+        db: Some((&mut db).into()),
+    };
+    let adapter = DeviceAdapter::new(&a, &b, 1, 1.0);
+    let inputs = DeviceBackwardInputs::new(&gy, &x, &w, &t);
+    let dims = Dims::new(2, 1, 1);
+    let opts = BackwardOptions::default();
+    let err =
+        lora_backward(&gpu, dims, &adapter, inputs, grads, opts, &mut host_scratch).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BackendMismatch {
+                operand: "scratch",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// The multi-adapter shrink at more than 2^31 units (tokens / 8 x max_rank):
+/// with 32-bit unit counts the shrink ran no unit and `t` kept stale values.
+/// About 66 GB of device memory (t is m x 256 f32): GPU only.
+#[test]
+fn gpu_shrink_units_past_2_pow_31() {
+    let Some(gpu) = gpu() else { return };
+    let (max_rank, n, k) = (256, 8, 8);
+    let m = (1usize << 31) / max_rank * 8 + 8;
+    let cfg = PoolConfig {
+        slots: 1,
+        max_rank,
+        n,
+        k,
+    };
+    let mut g = rng(9);
+    let (a, b): (Vec<f16>, Vec<f16>) = (random(&mut g, max_rank * k), random(&mut g, n * max_rank));
+    let mut pool = AdapterPool::<f16>::new(&gpu, cfg).unwrap();
+    pool.load(0, &a, &b, max_rank, 0.5).unwrap();
+    // Every token the same x row, so the last tokens' t is known on the host.
+    let row: Vec<f16> = random(&mut g, k);
+    let x: Vec<f16> = row.iter().copied().cycle().take(m * k).collect();
+    let w = vec![f16::ZERO; n * k];
+    let (xd, wd, ids) = (
+        gpu.upload(&x).unwrap(),
+        gpu.upload(&w).unwrap(),
+        gpu.zeros::<i32>(m).unwrap(),
+    );
+    let mut t = gpu.zeros::<f32>(m * max_rank).unwrap();
+    let mut y = gpu.zeros::<f16>(m * n).unwrap();
+    multi_adapter_forward_saving_t(
+        &pool,
+        m,
+        &xd,
+        &wd,
+        &Routing::Tokens((&ids).into()),
+        &mut y,
+        &mut t,
+    )
+    .unwrap();
+    // Only the last token's row comes back (t is ~64 GiB).
+    let lora_kernels::Buffer::Cuda(t) = &t else {
+        unreachable!("a GPU buffer")
+    };
+    let stream = gpu.cuda_stream().unwrap();
+    let last = stream.clone_dtoh(&t.slice((m - 1) * max_rank..)).unwrap();
+    for (j, got) in last.iter().enumerate() {
+        let want: f64 = (0..k)
+            .map(|c| row[c].to_f64() * a[j * k + c].to_f64())
+            .sum();
+        let abs: f64 = (0..k)
+            .map(|c| (row[c].to_f64() * a[j * k + c].to_f64()).abs())
+            .sum();
+        let bound = f32_sum_bound::<f32>(want, abs);
+        assert!(
+            (*got as f64 - want).abs() <= bound,
+            "t[{j}] = {got}, want {want}"
+        );
+    }
+}
