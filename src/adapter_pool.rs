@@ -335,7 +335,10 @@ pub(crate) fn check_all_finite<T: Element>(operand: &'static str, values: &[T]) 
 /// ([`Error::NonFinite`], [`Error::OutOfRange`] for the first that is not).
 pub(crate) fn check_storable<T: Element>(operand: &'static str, values: &[f32]) -> Result<()> {
     check_all_finite(operand, values)?;
-    match values.iter().position(|&v| !T::from_f32(v).to_f32().is_finite()) {
+    match values
+        .iter()
+        .position(|&v| !T::from_f32(v).to_f32().is_finite())
+    {
         Some(index) => Err(Error::OutOfRange {
             operand,
             index,
