@@ -7,12 +7,14 @@
 //!
 //! Layout: `a` is `[slots][max_rank][k]`, `b` is `[slots][n][max_rank]`; slot
 //! `s` uses its first `rank[s]` ranks. `rank[s] == 0` marks an empty slot.
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use crate::buffer::Buffer;
 use crate::device::Device;
+use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::ops::KernelElement;
 use crate::shape::{Dims, check_finite, check_matrix, check_rank, invalid};
@@ -96,13 +98,20 @@ pub(crate) struct Scratch {
 pub struct AdapterPool<T> {
     dev: Device,
     cfg: PoolConfig,
+    id: u64,
     pub(crate) a: Buffer<T>,
     pub(crate) b: Buffer<T>,
     pub(crate) ranks: Buffer<i32>,
     pub(crate) scales: Buffer<f32>,
     host_ranks: Vec<usize>,
+    /// Per slot, how many times `load` or `evict` changed it: the optimizer
+    /// trains a slot only while this is what it saw at its own load.
+    generations: Vec<u64>,
     scratch: Mutex<Scratch>,
 }
+
+/// Pool ids, unique in the process: what binds an optimizer to its pool.
+static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(0);
 
 impl<T: KernelElement> AdapterPool<T> {
     /// Allocates every slot (zeros) on `dev`; all slots start empty.
@@ -112,17 +121,21 @@ impl<T: KernelElement> AdapterPool<T> {
         }
         check_rank("max_rank", cfg.max_rank)?;
         Dims::new(0, cfg.n, cfg.k).validate()?;
-        let per_slot = cfg.max_rank * (cfg.n + cfg.k);
-        if per_slot.checked_mul(cfg.slots).is_none() {
+        let elements = (cfg.n.checked_add(cfg.k))
+            .and_then(|nk| nk.checked_mul(cfg.max_rank))
+            .and_then(|per_slot| per_slot.checked_mul(cfg.slots));
+        if elements.is_none() {
             return Err(invalid("slots", cfg.slots, "pool size overflows usize"));
         }
         Ok(AdapterPool {
             dev: dev.clone(),
+            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             a: dev.zeros(cfg.slots * cfg.max_rank * cfg.k)?,
             b: dev.zeros(cfg.slots * cfg.n * cfg.max_rank)?,
             ranks: dev.zeros(cfg.slots)?,
             scales: dev.zeros(cfg.slots)?,
             host_ranks: vec![0; cfg.slots],
+            generations: vec![0; cfg.slots],
             scratch: Mutex::new(Scratch {
                 t: dev.zeros(0)?,
                 counters: dev.zeros(4)?,
@@ -143,21 +156,13 @@ impl<T: KernelElement> AdapterPool<T> {
     }
 
     /// Puts an adapter (`a` `[rank, k]`, `b` `[n, rank]`) into `slot`, replacing
-    /// whatever was there, in stream order.
+    /// whatever was there, in stream order. Every weight must be finite
+    /// ([`Error::NonFinite`]); on any error the pool is unchanged.
     pub fn load(&mut self, slot: usize, a: &[T], b: &[T], rank: usize, scale: f32) -> Result<()> {
-        self.check_slot(slot)?;
-        check_rank("rank", rank)?;
-        if rank > self.cfg.max_rank {
-            return Err(invalid(
-                "rank",
-                rank,
-                format!("the pool's max_rank is {}", self.cfg.max_rank),
-            ));
-        }
-        check_finite("scale", scale)?;
+        self.check_load(slot, a.len(), b.len(), rank, scale)?;
+        check_all_finite("a", a)?;
+        check_all_finite("b", b)?;
         let PoolConfig { max_rank, n, k, .. } = self.cfg;
-        check_matrix("a", rank, k, a.len())?;
-        check_matrix("b", n, rank, b.len())?;
         // b's rows are max_rank long in the pool: pad each row with zeros.
         let mut b_rows = vec![T::default(); n * max_rank];
         for (dst, src) in b_rows.chunks_mut(max_rank).zip(b.chunks(rank)) {
@@ -170,7 +175,32 @@ impl<T: KernelElement> AdapterPool<T> {
         write(&self.dev, &mut self.scales, slot, &[scale])?;
         write(&self.dev, &mut self.ranks, slot, &[rank as i32])?;
         self.host_ranks[slot] = rank;
+        self.generations[slot] += 1;
         Ok(())
+    }
+
+    /// Everything [`Self::load`] checks but the weights' values: the slot,
+    /// the rank (1..=max_rank), the scale (finite) and the sizes of `a`, `b`.
+    pub(crate) fn check_load(
+        &self,
+        slot: usize,
+        a_len: usize,
+        b_len: usize,
+        rank: usize,
+        scale: f32,
+    ) -> Result<()> {
+        self.check_slot(slot)?;
+        check_rank("rank", rank)?;
+        if rank > self.cfg.max_rank {
+            return Err(invalid(
+                "rank",
+                rank,
+                format!("the pool's max_rank is {}", self.cfg.max_rank),
+            ));
+        }
+        check_finite("scale", scale)?;
+        check_matrix("a", rank, self.cfg.k, a_len)?;
+        check_matrix("b", self.cfg.n, rank, b_len)
     }
 
     /// Empties `slot` (in stream order); tokens that still name it get the
@@ -179,7 +209,18 @@ impl<T: KernelElement> AdapterPool<T> {
         self.check_slot(slot)?;
         write(&self.dev, &mut self.ranks, slot, &[0])?;
         self.host_ranks[slot] = 0;
+        self.generations[slot] += 1;
         Ok(())
+    }
+
+    /// The pool's identity, unique in the process.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// How many times `slot` was loaded or evicted (callers pass a valid slot).
+    pub(crate) fn generation(&self, slot: usize) -> u64 {
+        self.generations[slot]
     }
 
     /// A copy of the adapter in `slot` on the host, after the work queued
@@ -276,6 +317,36 @@ impl<T: KernelElement> AdapterPool<T> {
 
     fn check_slot(&self, slot: usize) -> Result<()> {
         self.cfg.check_slot(slot)
+    }
+}
+
+/// [`Error::NonFinite`] for the first NaN or +/-Inf in `values`.
+pub(crate) fn check_all_finite<T: Element>(operand: &'static str, values: &[T]) -> Result<()> {
+    match values.iter().position(|v| !v.to_f32().is_finite()) {
+        Some(index) => Err(Error::NonFinite {
+            operand,
+            index,
+            value: values[index].to_f32(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks that every f32 value is finite and stays finite rounded to `T`
+/// ([`Error::NonFinite`], [`Error::OutOfRange`] for the first that is not).
+pub(crate) fn check_storable<T: Element>(operand: &'static str, values: &[f32]) -> Result<()> {
+    check_all_finite(operand, values)?;
+    match values
+        .iter()
+        .position(|&v| !T::from_f32(v).to_f32().is_finite())
+    {
+        Some(index) => Err(Error::OutOfRange {
+            operand,
+            index,
+            value: values[index],
+            dtype: T::DTYPE,
+        }),
+        None => Ok(()),
     }
 }
 

@@ -68,6 +68,46 @@ pub enum Error {
         /// The empty slot it named.
         slot: i32,
     },
+    /// A weight meant for an adapter pool is NaN or +/-Inf. None may enter a
+    /// pool: the kernels multiply other adapters' rows by exact zeros, and
+    /// 0 * NaN = NaN would reach every token of the batch.
+    #[error("`{operand}` holds {value} at index {index}: adapter weights must be finite")]
+    NonFinite {
+        /// Which operand.
+        operand: &'static str,
+        /// The first non-finite element's index.
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
+    /// A finite f32 weight becomes +/-Inf when rounded to the pool's storage
+    /// type (f16: |v| >= 65520).
+    #[error(
+        "`{operand}` holds {value} at index {index}, outside the range of the pool's type {dtype:?} \
+         (it would be stored as Inf)"
+    )]
+    OutOfRange {
+        /// Which operand.
+        operand: &'static str,
+        /// The first such element's index.
+        index: usize,
+        /// Its value.
+        value: f32,
+        /// The storage type it overflows.
+        dtype: crate::element::DType,
+    },
+    /// A slot the optimizer trains was loaded or evicted through the pool
+    /// since the optimizer loaded it: a step would overwrite the pool's
+    /// adapter with the optimizer's weights, so it is refused.
+    #[error(
+        "slot {slot} was loaded or evicted through the pool since the optimizer loaded it: a step \
+         would overwrite it with the optimizer's weights. Load it with SlotOptimizer::load_adapter \
+         or deactivate it with set_active({slot}, false)"
+    )]
+    SlotChanged {
+        /// The slot.
+        slot: usize,
+    },
     /// A segment table (offsets into the token rows) is malformed.
     #[error("invalid segments: {0}")]
     Segments(String),

@@ -1,13 +1,19 @@
-//! The fused optimizer against the reference step, slot by slot: per-slot
-//! learning rate, weight decay, clipping, the anchor pull, NaN/Inf skipping,
-//! inactive slots, and the refreshed storage-type copy.
+//! The fused optimizer against the reference step, slot by slot, with
+//! docs/DESIGN.md section 3's per-element bound (carried from step to step)
+//! and a negative control that must fail it: per-slot learning rate, weight
+//! decay, clipping, the anchor pull, NaN/Inf skipping, inactive slots, the
+//! refreshed storage-type copy, gradients near 1e19, and steps that would
+//! overflow (skipped whole).
 mod common;
 
 use common::*;
-use half::bf16;
+use half::{bf16, f16};
+use lora_kernels::ops::KernelElement;
 use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus};
-use lora_kernels::reference::{self, AdamWState, SlotStep};
-use lora_kernels::{AdapterPool, Device, PoolConfig};
+use lora_kernels::reference::{self, AdamW, AdamWState, SlotStep};
+use lora_kernels::{AdapterPool, DType, Device, Error, PoolConfig};
+
+const U: f64 = f32::EPSILON as f64 / 2.0;
 
 const CFG: PoolConfig = PoolConfig {
     slots: 5,
@@ -17,149 +23,539 @@ const CFG: PoolConfig = PoolConfig {
 };
 const RANKS: [usize; 5] = [6, 1, 3, 4, 2];
 
-fn hypers() -> [SlotHyper; 5] {
-    let h = |lr, wd, clip, pull| SlotHyper {
+fn hyper(lr: f32, weight_decay: f32, max_grad_norm: f32, anchor_pull: f32) -> SlotHyper {
+    SlotHyper {
         lr,
-        weight_decay: wd,
-        max_grad_norm: clip,
-        anchor_pull: pull,
-    };
+        weight_decay,
+        max_grad_norm,
+        anchor_pull,
+    }
+}
+
+fn hypers() -> [SlotHyper; 5] {
     [
-        h(1e-2, 0.0, 0.0, 0.0),
-        h(5e-2, 0.1, 0.0, 0.0),
-        h(1e-2, 0.0, 0.05, 0.0), // clipped: gradients are much larger than 0.05
-        h(2e-2, 0.01, 0.0, 0.5), // pulled toward the anchor
-        h(1e-2, 0.0, 0.0, 0.0),  // gets a NaN gradient
+        hyper(1e-2, 0.0, 0.0, 0.0),
+        hyper(5e-2, 0.1, 0.0, 0.0),
+        hyper(1e-2, 0.0, 0.05, 0.0), // clipped: gradients are much larger than 0.05
+        hyper(2e-2, 0.01, 0.0, 0.5), // pulled toward the anchor
+        hyper(1e-2, 0.0, 0.0, 0.0),  // gets a NaN gradient
     ]
 }
 
-/// Reference state per slot: parameters (a then b), moments, steps taken.
-struct SlotState {
+/// The relative error in lr that the control carries: section 3's control
+/// for the masters (f32); for the storage copy, its own type's.
+fn control_delta(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 3e-3,
+        _ => 1e-4,
+    }
+}
+
+/// Bounds on |kernel - reference| of one parameter's master and moments.
+#[derive(Clone, Copy, Default)]
+struct Drift {
+    p: f64,
+    m1: f64,
+    m2: f64,
+}
+
+/// One step of adamw.cu's f32 arithmetic on one parameter, to first order in
+/// u = 2^-24: the drift after it, from the drift before it and the
+/// reference's state before it (`w`, `m1`, `m2`), its gradient `g` and
+/// anchor. The kernel's clip factor and bias corrections come from f64 (one
+/// rounding each to f32 where they enter the f32 arithmetic).
+fn drift(
+    d: Drift,
+    betas: &AdamWConfig,
+    h: &SlotHyper,
+    clip: f64,
+    t: u32,
+    state: [f64; 5],
+) -> Drift {
+    let [w, m1, m2, g, anchor] = state;
+    let (b1, b2) = (betas.beta1 as f64, betas.beta2 as f64);
+    let (bias1, bias2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
+    let (lr, wd, pull) = (h.lr as f64, h.weight_decay as f64, h.anchor_pull as f64);
+    // g' = round(g clip) + pull (w - anchor): the kernel pulls from its own
+    // master and rounds the difference, the product and the sum; the
+    // reference rounds g' once.
+    let gp = g * clip + pull * (w - anchor);
+    let dg =
+        U * (g * clip).abs() + pull * (d.p + 2.0 * U * (w - anchor).abs()) + 2.0 * U * gp.abs();
+    // Moments: products and a sum each (one product more in m2).
+    let a1 = b1 * m1 + (1.0 - b1) * gp;
+    let a2 = b2 * m2 + (1.0 - b2) * gp * gp;
+    let e1 = b1 * d.m1 + (1.0 - b1) * dg + 2.0 * U * (b1 * m1.abs() + (1.0 - b1) * gp.abs());
+    let e2 = b2 * d.m2 + (1.0 - b2) * 2.0 * gp.abs() * dg + 3.0 * U * a2;
+    // (a1 * (1/bias1)) / (sqrtf(a2) * (1/sqrt(bias2)) + eps) + wd w.
+    let mean = a1 / bias1;
+    let d_mean = (e1 + 2.0 * U * a1.abs()) / bias1;
+    let root = (a2 / bias2).sqrt();
+    let rel_root = if a2 > 0.0 { 0.5 * e2 / a2 } else { 0.0 } + 3.0 * U;
+    let den = root + betas.eps as f64;
+    let ratio = mean / den;
+    let d_ratio = d_mean / den + ratio.abs() * (rel_root * root / den + 2.0 * U);
+    let update = ratio + wd * w;
+    let d_update = d_ratio + wd * (d.p + U * w.abs()) + U * update.abs();
+    // p - lr update: the product, the difference, and the reference's own
+    // rounding of p, m1, m2 to f32.
+    let p = w - lr * update;
+    Drift {
+        p: d.p + lr * (d_update + U * update.abs()) + 2.0 * U * p.abs(),
+        m1: e1 + U * a1.abs(),
+        m2: e2 + U * a2,
+    }
+}
+
+/// One slot's reference trajectory: parameters (a then b), moments, the
+/// storage-type copy, steps taken.
+struct Trajectory<T> {
     p: Vec<f32>,
     m1: Vec<f32>,
     m2: Vec<f32>,
-    anchor: Vec<f32>,
+    working: Vec<T>,
     steps: u32,
+    hyper: SlotHyper,
 }
 
-/// Gradients in the pool layout, and the same per slot as (a then b).
-fn gradients(seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+impl<T: KernelElement> Trajectory<T> {
+    fn new(p: &[f32], hyper: SlotHyper) -> Self {
+        Trajectory {
+            p: p.to_vec(),
+            m1: vec![0.0; p.len()],
+            m2: vec![0.0; p.len()],
+            working: p.iter().map(|&v| T::from_f32(v)).collect(),
+            steps: 0,
+            hyper,
+        }
+    }
+
+    fn step(&mut self, betas: &AdamWConfig, grad: &[f32], anchor: &[f32]) -> SlotStep {
+        let anchor = (self.hyper.anchor_pull > 0.0).then_some(anchor);
+        let state = AdamWState {
+            p: &mut self.p,
+            m1: &mut self.m1,
+            m2: &mut self.m2,
+            working: &mut self.working,
+        };
+        let outcome =
+            reference::adamw_slot_step(betas, &self.hyper, self.steps + 1, grad, anchor, state)
+                .unwrap();
+        if matches!(outcome, SlotStep::Updated { .. }) {
+            self.steps += 1;
+        }
+        outcome
+    }
+}
+
+/// A pool, its optimizer, and per slot the reference, its two controls (lr
+/// off by the f32 control's error, for the masters, and by the storage
+/// type's, for the copy) and the drift bound between kernel and reference.
+struct Run<T> {
+    dev: Device,
+    betas: AdamWConfig,
+    pool: AdapterPool<T>,
+    opt: SlotOptimizer,
+    active: Vec<bool>,
+    want: Vec<Trajectory<T>>,
+    controls: [Vec<Trajectory<T>>; 2],
+    drift: Vec<Vec<Drift>>,
+    anchors: Vec<Vec<f32>>,
+}
+
+impl<T: KernelElement> Run<T> {
+    /// Slot s gets rank `ranks[s]`, `hypers[s]` and random weights times
+    /// `weight_scale` (small weights show lr-sized steps in the storage copy).
+    fn new(
+        dev: &Device,
+        cfg: PoolConfig,
+        ranks: &[usize],
+        hypers: &[SlotHyper],
+        weight_scale: f32,
+    ) -> Self {
+        let betas = AdamWConfig::default();
+        let pool = AdapterPool::<T>::new(dev, cfg).unwrap();
+        let opt = SlotOptimizer::new(&pool, betas).unwrap();
+        let mut run = Run {
+            dev: dev.clone(),
+            betas,
+            pool,
+            opt,
+            active: vec![false; cfg.slots],
+            want: Vec::new(),
+            controls: [Vec::new(), Vec::new()],
+            drift: Vec::new(),
+            anchors: Vec::new(),
+        };
+        for (s, (&r, &h)) in ranks.iter().zip(hypers).enumerate() {
+            let scaled = |seed, len| -> Vec<f32> {
+                let values: Vec<f32> = random(&mut rng(seed), len);
+                values.iter().map(|v| v * weight_scale).collect()
+            };
+            let (a, b) = (
+                scaled(s as u64, r * cfg.k),
+                scaled(50 + s as u64, cfg.n * r),
+            );
+            (run.opt)
+                .load_adapter(&mut run.pool, s, &a, &b, r, 1.0, h)
+                .unwrap();
+            let p: Vec<f32> = a.iter().chain(&b).copied().collect();
+            run.active[s] = true;
+            run.want.push(Trajectory::new(&p, h));
+            run.controls[0].push(Trajectory::new(&p, h));
+            run.controls[1].push(Trajectory::new(&p, h));
+            run.drift.push(vec![Drift::default(); p.len()]);
+            run.anchors.push(p);
+            run.set_reference_hyper(s, h);
+        }
+        run
+    }
+
+    /// `h` for slot s's reference, and its controls' lr off.
+    fn set_reference_hyper(&mut self, s: usize, h: SlotHyper) {
+        self.want[s].hyper = h;
+        for (control, dtype) in self.controls.iter_mut().zip([DType::F32, T::DTYPE]) {
+            let lr = (h.lr as f64 * (1.0 + control_delta(dtype))) as f32;
+            control[s].hyper = SlotHyper { lr, ..h };
+        }
+    }
+
+    fn set_hyper(&mut self, s: usize, h: SlotHyper) {
+        self.opt.set_hyper(s, h).unwrap();
+        self.set_reference_hyper(s, h);
+    }
+
+    fn set_active(&mut self, slot: usize, active: bool) {
+        self.opt.set_active(slot, active).unwrap();
+        self.active[slot] = active;
+    }
+
+    /// One step of the kernel and of the references, on pool-layout gradients;
+    /// the statuses must be the reference's outcomes, the norms within one f32
+    /// rounding (both sum squares in f64).
+    fn step(&mut self, ga: &[f32], gb: &[f32]) -> Vec<SlotStatus> {
+        let (gad, gbd) = (self.dev.upload(ga).unwrap(), self.dev.upload(gb).unwrap());
+        self.opt.step(&mut self.pool, &gad, &gbd).unwrap();
+        let statuses = self.opt.statuses().unwrap();
+        let cfg = self.pool.config();
+        for s in 0..self.want.len() {
+            if !self.active[s] {
+                assert_eq!(statuses[s], SlotStatus::Idle, "slot {s}");
+                continue;
+            }
+            let grad = slot_values(cfg, s, self.want[s].p.len() / (cfg.n + cfg.k), (ga, gb));
+            let before = self.drift_step(s, &grad);
+            let outcome = self.want[s].step(&self.betas, &grad, &self.anchors[s]);
+            for control in &mut self.controls {
+                control[s].step(&self.betas, &grad, &self.anchors[s]);
+            }
+            let norm_ok = |got: f32, want: f64| (got as f64 - want).abs() <= ulp::<f32>(want);
+            match (outcome, statuses[s]) {
+                (SlotStep::Updated { grad_norm: w }, SlotStatus::Updated { grad_norm: got }) => {
+                    assert!(norm_ok(got, w), "slot {s} norm {got} vs {w}");
+                    self.drift[s] = before;
+                }
+                (
+                    SlotStep::SkippedOverflow { grad_norm: w },
+                    SlotStatus::SkippedOverflow { grad_norm: got },
+                ) => {
+                    assert!(norm_ok(got, w), "slot {s} norm {got} vs {w}");
+                }
+                (SlotStep::Skipped, SlotStatus::SkippedNonFinite) => {}
+                other => panic!("slot {s}: {other:?} on {}", self.dev.name()),
+            }
+        }
+        statuses
+    }
+
+    /// Slot s's drift after a step on `grad`, from the reference's state before it.
+    fn drift_step(&self, s: usize, grad: &[f32]) -> Vec<Drift> {
+        let traj = &self.want[s];
+        let h = traj.hyper;
+        let norm = grad.iter().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
+        let max = h.max_grad_norm as f64;
+        let clip = if max > 0.0 && norm > max {
+            max / norm
+        } else {
+            1.0
+        };
+        (0..grad.len())
+            .map(|e| {
+                let state = [
+                    traj.p[e],
+                    traj.m1[e],
+                    traj.m2[e],
+                    grad[e],
+                    self.anchors[s][e],
+                ];
+                drift(
+                    self.drift[s][e],
+                    &self.betas,
+                    &h,
+                    clip,
+                    traj.steps + 1,
+                    state.map(f64::from),
+                )
+            })
+            .collect()
+    }
+
+    /// The kernel's masters and storage copy (every slot, a then b).
+    fn kernel_state(&self) -> (Vec<f32>, Vec<T>) {
+        let (mut masters, mut copies) = (Vec::new(), Vec::new());
+        for s in 0..self.want.len() {
+            let (a, b) = self.opt.master(&self.pool, s).unwrap();
+            masters.extend(a.iter().chain(&b));
+            let adapter = self.pool.adapter(s).unwrap().expect("a loaded slot");
+            copies.extend(adapter.a.iter().chain(&adapter.b));
+        }
+        (masters, copies)
+    }
+
+    /// Masters within the drift bound of the reference and outside it for the
+    /// control; the storage copy the kernel's masters rounded once, and within
+    /// its own bound of the reference's copy (and not of the control's).
+    fn check(&self) {
+        let on = self.dev.name();
+        let (masters, copies) = self.kernel_state();
+        let gather = |f: &dyn Fn(&Trajectory<T>) -> Vec<f64>, of: &[Trajectory<T>]| -> Vec<f64> {
+            of.iter().flat_map(f).collect()
+        };
+        let p = |t: &Trajectory<T>| t.p.iter().map(|&v| v as f64).collect();
+        let bound: Vec<f64> = self.drift.iter().flatten().map(|d| d.p).collect();
+        let got: Vec<f64> = masters.iter().map(|&v| v as f64).collect();
+        compare_within(
+            &format!("masters on {on}"),
+            &got,
+            &gather(&p, &self.want),
+            &bound,
+        )
+        .unwrap();
+        let control = compare_within("control", &got, &gather(&p, &self.controls[0]), &bound);
+        assert!(
+            control.is_err(),
+            "the masters' control (lr off) passed on {on}"
+        );
+
+        for (q, (c, m)) in copies.iter().zip(&masters).enumerate() {
+            assert_eq!(
+                *c,
+                T::from_f32(*m),
+                "copy {q} is not its master rounded, on {on}"
+            );
+        }
+        if T::DTYPE == DType::F32 {
+            return; // the copy is the master
+        }
+        // |round(x) - round(y)| <= |x - y| + ulp_T(max(|x|, |y|)).
+        let working = |t: &Trajectory<T>| t.working.iter().map(|v| v.to_f64()).collect();
+        let want = gather(&working, &self.want);
+        let bound: Vec<f64> = (want.iter().zip(&bound))
+            .map(|(w, d)| d + ulp::<T>(w.abs() + d))
+            .collect();
+        let got: Vec<f64> = copies.iter().map(|v| v.to_f64()).collect();
+        compare_within(&format!("copy on {on}"), &got, &want, &bound).unwrap();
+        let control = compare_within(
+            "control",
+            &got,
+            &gather(&working, &self.controls[1]),
+            &bound,
+        );
+        assert!(
+            control.is_err(),
+            "the copy's control (lr off) passed on {on}"
+        );
+    }
+}
+
+/// A slot's parameters (a then b) from pool-layout gradients.
+fn slot_values(cfg: PoolConfig, slot: usize, rank: usize, (ga, gb): (&[f32], &[f32])) -> Vec<f32> {
+    let PoolConfig { max_rank, n, k, .. } = cfg;
+    let mut v = ga[slot * max_rank * k..][..rank * k].to_vec();
+    for c in 0..n {
+        v.extend_from_slice(&gb[(slot * n + c) * max_rank..][..rank]);
+    }
+    v
+}
+
+/// Random pool-layout gradients times `scale`.
+fn gradients(cfg: PoolConfig, seed: u64, scale: f32) -> (Vec<f32>, Vec<f32>) {
     let PoolConfig {
         slots,
         max_rank,
         n,
         k,
-    } = CFG;
+    } = cfg;
     let mut g = rng(seed);
     let mut ga: Vec<f32> = random(&mut g, slots * max_rank * k);
     let mut gb: Vec<f32> = random(&mut g, slots * n * max_rank);
-    ga.iter_mut().chain(gb.iter_mut()).for_each(|v| *v *= 3.0);
-    ga[4 * max_rank * k + 2] = f32::NAN; // slot 4's gradient is poisoned
-    let per_slot = (0..slots)
-        .map(|s| {
-            let r = RANKS[s];
-            let mut v = ga[s * max_rank * k..s * max_rank * k + r * k].to_vec();
-            for c in 0..n {
-                v.extend_from_slice(&gb[(s * n + c) * max_rank..(s * n + c) * max_rank + r]);
-            }
-            v
-        })
-        .collect();
-    (ga, gb, per_slot)
+    ga.iter_mut().chain(gb.iter_mut()).for_each(|v| *v *= scale);
+    (ga, gb)
 }
 
-#[test]
-fn every_slot_matches_the_reference_step() {
-    let PoolConfig { n, k, .. } = CFG;
-    let betas = AdamWConfig::default();
+fn every_slot_matches_the_reference<T: KernelElement>() {
     for dev in devices() {
-        let mut pool = AdapterPool::<bf16>::new(&dev, CFG).unwrap();
-        let mut opt = SlotOptimizer::new(&pool, betas).unwrap();
-        let mut states = Vec::new();
-        for (s, &r) in RANKS.iter().enumerate() {
-            let (a, b): (Vec<f32>, Vec<f32>) = (
-                random(&mut rng(s as u64), r * k),
-                random(&mut rng(50 + s as u64), n * r),
-            );
-            opt.load_adapter(&mut pool, s, &a, &b, r, 1.0, hypers()[s])
-                .unwrap();
-            let p: Vec<f32> = a.iter().chain(&b).copied().collect();
-            states.push(SlotState {
-                m1: vec![0.0; p.len()],
-                m2: vec![0.0; p.len()],
-                anchor: p.clone(),
-                p,
-                steps: 0,
-            });
-        }
-        opt.set_active(1, false).unwrap(); // slot 1 sits out the first two steps
+        let mut run = Run::<T>::new(&dev, CFG, &RANKS, &hypers(), 0.05);
+        run.set_active(1, false); // slot 1 sits out the first two steps
         for step in 0..4u64 {
             if step == 2 {
-                opt.set_active(1, true).unwrap();
+                run.set_active(1, true);
             }
-            let (ga, gb, per_slot) = gradients(100 + step);
-            let (gad, gbd) = (dev.upload(&ga).unwrap(), dev.upload(&gb).unwrap());
-            opt.step(&mut pool, &gad, &gbd).unwrap();
-            let statuses = opt.statuses().unwrap();
-            for (s, st) in states.iter_mut().enumerate() {
-                if s == 1 && step < 2 {
-                    assert_eq!(statuses[s], SlotStatus::Idle);
-                    continue;
-                }
-                let mut working = vec![bf16::ZERO; st.p.len()];
-                let state = AdamWState {
-                    p: &mut st.p,
-                    m1: &mut st.m1,
-                    m2: &mut st.m2,
-                    working: &mut working,
-                };
-                let anchor = (hypers()[s].anchor_pull > 0.0).then_some(&st.anchor[..]);
-                let outcome = reference::adamw_slot_step(
-                    &betas,
-                    &hypers()[s],
-                    st.steps + 1,
-                    &per_slot[s],
-                    anchor,
-                    state,
-                )
-                .unwrap();
-                match (outcome, statuses[s]) {
-                    (SlotStep::Updated { grad_norm }, SlotStatus::Updated { grad_norm: got }) => {
-                        st.steps += 1;
-                        assert!(
-                            (got as f64 - grad_norm).abs() <= 1e-5 * grad_norm,
-                            "slot {s} norm {got} vs {grad_norm}"
-                        );
-                    }
-                    (SlotStep::Skipped, SlotStatus::SkippedNonFinite) => {}
-                    other => panic!("slot {s} step {step}: {other:?} on {}", dev.name()),
-                }
-            }
+            let (mut ga, gb) = gradients(CFG, 100 + step, 3.0);
+            ga[4 * CFG.max_rank * CFG.k + 2] = f32::NAN; // slot 4's gradient is poisoned
+            run.step(&ga, &gb);
         }
-        let steps = opt.steps().unwrap();
+        let steps = run.opt.steps().unwrap();
         assert_eq!(
             steps,
             vec![4, 2, 4, 4, 0],
             "step counts (slot 4 always skipped, slot 1 idle twice)"
         );
-        for (s, st) in states.iter().enumerate() {
-            let (a, b) = opt.master(&pool, s).unwrap();
-            let got: Vec<f32> = a.iter().chain(&b).copied().collect();
-            compare(
-                &format!("slot {s} master on {}", dev.name()),
-                &got,
-                &st.p,
-                1e-6,
-                1e-5,
-            )
-            .unwrap();
+        run.check();
+    }
+}
+
+#[test]
+fn every_slot_matches_the_reference_bf16() {
+    every_slot_matches_the_reference::<bf16>();
+}
+
+#[test]
+fn every_slot_matches_the_reference_f16() {
+    every_slot_matches_the_reference::<f16>();
+}
+
+#[test]
+fn every_slot_matches_the_reference_f32() {
+    every_slot_matches_the_reference::<f32>();
+}
+
+#[test]
+fn a_fresh_optimizer_reports_every_slot_idle() {
+    for dev in devices() {
+        let pool = AdapterPool::<bf16>::new(&dev, CFG).unwrap();
+        let opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
+        assert_eq!(opt.statuses().unwrap(), vec![SlotStatus::Idle; CFG.slots]);
+    }
+}
+
+#[test]
+fn eps_zero_is_refused() {
+    let dev = Device::host().unwrap();
+    let pool = AdapterPool::<bf16>::new(&dev, CFG).unwrap();
+    let config = AdamWConfig {
+        eps: 0.0,
+        ..AdamWConfig::default()
+    };
+    let err = SlotOptimizer::new(&pool, config)
+        .err()
+        .expect("eps = 0 accepted");
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "eps", .. }),
+        "{err}"
+    );
+    let cfg = AdamW {
+        eps: 0.0,
+        ..AdamW::default()
+    };
+    let (mut p, mut m1, mut m2, mut w) = ([0.5f32; 3], [0f32; 3], [0f32; 3], [0f32; 3]);
+    let state = AdamWState {
+        p: &mut p,
+        m1: &mut m1,
+        m2: &mut m2,
+        working: &mut w,
+    };
+    let err = reference::adamw_step(&cfg, 1, &[0.0; 3], state).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "eps", .. }),
+        "{err}"
+    );
+}
+
+/// Gradients near 1e19: their squares pass f32's range, so the norm must be
+/// summed without overflow; clipped (slot 0) and not (slot 1), the steps and
+/// the reported norms match the reference.
+#[test]
+fn huge_gradients_clip_and_report_a_finite_norm() {
+    let cfg = PoolConfig {
+        slots: 2,
+        max_rank: 3,
+        n: 7,
+        k: 5,
+    };
+    let hypers = [hyper(1e-2, 0.0, 1.0, 0.0), hyper(1e-2, 0.0, 0.0, 0.0)];
+    for dev in devices() {
+        let mut run = Run::<f32>::new(&dev, cfg, &[3, 2], &hypers, 1.0);
+        for step in 0..3 {
+            let (ga, gb) = gradients(cfg, 7 + step, 1e19);
+            for status in run.step(&ga, &gb) {
+                let SlotStatus::Updated { grad_norm } = status else {
+                    panic!("{status:?}")
+                };
+                assert!(grad_norm.is_finite() && grad_norm > 1e19, "{grad_norm}");
+            }
         }
-        // The pool's bf16 copy is the master rounded once.
-        let working = pool.adapter(0).unwrap().expect("slot 0 holds an adapter").a;
-        let (a0, _) = opt.master(&pool, 0).unwrap();
-        for (q, v) in a0.iter().enumerate() {
-            assert_eq!(working[q], bf16::from_f32(*v));
+        run.check();
+    }
+}
+
+/// A slot whose step would leave NaN or Inf anywhere skips it whole; the
+/// others step. Slot 1: m2 = (1 - beta2) g^2 passes f32's range; slot 2: a
+/// huge lr makes the weights pass it; slot 3: the f16 copy passes 65504.
+#[test]
+fn an_overflowing_step_is_skipped_and_changes_nothing() {
+    let cfg = PoolConfig {
+        slots: 4,
+        max_rank: 2,
+        n: 5,
+        k: 4,
+    };
+    let hypers = [
+        hyper(1e-2, 0.0, 0.0, 0.0),
+        hyper(1e-2, 0.0, 0.0, 0.0),
+        hyper(1e38, 10.0, 0.0, 0.0),
+        hyper(1e6, 0.0, 0.0, 0.0),
+    ];
+    for dev in devices() {
+        let mut run = Run::<f16>::new(&dev, cfg, &[2, 1, 2, 2], &hypers, 0.05);
+        let before = run.kernel_state();
+        let (mut ga, gb) = gradients(cfg, 3, 1.0);
+        ga[cfg.max_rank * cfg.k + 1] = 1e21; // slot 1
+        let statuses = run.step(&ga, &gb);
+        assert!(
+            matches!(statuses[0], SlotStatus::Updated { .. }),
+            "{statuses:?}"
+        );
+        for s in 1..4 {
+            assert!(
+                matches!(statuses[s], SlotStatus::SkippedOverflow { .. }),
+                "slot {s}: {statuses:?}"
+            );
         }
+        assert_eq!(run.opt.steps().unwrap(), vec![1, 0, 0, 0]);
+        // Slots 1..4 bit for bit as before (slot 0 stepped, and comes first).
+        let after = run.kernel_state();
+        let slot0 = 2 * (cfg.n + cfg.k);
+        assert_eq!(
+            after.0[slot0..],
+            before.0[slot0..],
+            "masters of skipped slots"
+        );
+        assert_eq!(
+            after.1[slot0..],
+            before.1[slot0..],
+            "pool copies of skipped slots"
+        );
+        // Their moments too: a second, harmless step matches the reference,
+        // which skipped the first.
+        for s in 1..4 {
+            run.set_hyper(s, hyper(1e-2, 0.0, 0.0, 0.0));
+        }
+        let (ga, gb) = gradients(cfg, 4, 1.0);
+        run.step(&ga, &gb);
+        assert_eq!(run.opt.steps().unwrap(), vec![2, 1, 1, 1]);
+        run.check();
     }
 }
 
@@ -171,20 +567,14 @@ fn anchors_pull_toward_the_weights_at_the_task_start() {
     let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
     let r = 2;
     let (a, b): (Vec<f32>, Vec<f32>) = (random(&mut rng(1), r * k), random(&mut rng(2), n * r));
-    let hyper = |pull| SlotHyper {
-        lr: 0.05,
-        weight_decay: 0.0,
-        max_grad_norm: 0.0,
-        anchor_pull: pull,
-    };
     // Same gradients, with and without the pull: the pulled slot ends closer to its anchor.
     let mut distances = Vec::new();
     for pull in [0.0, 5.0] {
-        opt.load_adapter(&mut pool, 0, &a, &b, r, 1.0, hyper(pull))
+        opt.load_adapter(&mut pool, 0, &a, &b, r, 1.0, hyper(0.05, 0.0, 0.0, pull))
             .unwrap();
         opt.set_anchor(0).unwrap();
         for step in 0..20 {
-            let (ga, gb, _) = gradients(step);
+            let (ga, gb) = gradients(CFG, step, 3.0);
             opt.step(&mut pool, &ga, &gb).unwrap();
         }
         let (na, nb) = opt.master(&pool, 0).unwrap();
@@ -212,51 +602,11 @@ fn gpu_real_shape_matches_reference() {
         n: 4096,
         k: 4096,
     };
-    let mut pool = AdapterPool::<bf16>::new(&dev, cfg).unwrap();
-    let betas = AdamWConfig::default();
-    let mut opt = SlotOptimizer::new(&pool, betas).unwrap();
-    let hyper = SlotHyper {
-        lr: 1e-3,
-        weight_decay: 0.01,
-        max_grad_norm: 10.0,
-        anchor_pull: 0.0,
-    };
-    let (a, b): (Vec<f32>, Vec<f32>) = (
-        random(&mut rng(1), 16 * 4096),
-        random(&mut rng(2), 4096 * 16),
-    );
-    for s in 0..8 {
-        opt.load_adapter(&mut pool, s, &a, &b, 16, 1.0, hyper)
-            .unwrap();
+    let hypers = [hyper(1e-3, 0.01, 10.0, 0.0); 8];
+    let mut run = Run::<bf16>::new(&dev, cfg, &[16; 8], &hypers, 0.05);
+    for step in 0..2 {
+        let (ga, gb) = gradients(cfg, 3 + step, 1.0);
+        run.step(&ga, &gb);
     }
-    let (ga, gb): (Vec<f32>, Vec<f32>) = (
-        random(&mut rng(3), 8 * 16 * 4096),
-        random(&mut rng(4), 8 * 4096 * 16),
-    );
-    opt.step(
-        &mut pool,
-        &dev.upload(&ga).unwrap(),
-        &dev.upload(&gb).unwrap(),
-    )
-    .unwrap();
-    for s in [0usize, 7] {
-        let mut grad = ga[s * 16 * 4096..(s + 1) * 16 * 4096].to_vec();
-        grad.extend_from_slice(&gb[s * 4096 * 16..(s + 1) * 4096 * 16]);
-        let mut p: Vec<f32> = a.iter().chain(&b).copied().collect();
-        let (mut m1, mut m2, mut wk) = (
-            vec![0f32; p.len()],
-            vec![0f32; p.len()],
-            vec![bf16::ZERO; p.len()],
-        );
-        let state = AdamWState {
-            p: &mut p,
-            m1: &mut m1,
-            m2: &mut m2,
-            working: &mut wk,
-        };
-        reference::adamw_slot_step(&betas, &hyper, 1, &grad, None, state).unwrap();
-        let (na, nb) = opt.master(&pool, s).unwrap();
-        let got: Vec<f32> = na.iter().chain(&nb).copied().collect();
-        compare(&format!("slot {s} on {}", dev.name()), &got, &p, 1e-6, 1e-5).unwrap();
-    }
+    run.check();
 }

@@ -4,9 +4,12 @@
 //! and gradient-norm clipping, NaN/Inf gradients skipping a slot's step (and
 //! reported), and an optional pull toward an anchor copy of each adapter (its
 //! weights before the current task) so new learning does not erase old.
+//! A slot's step is all or nothing: one whose result would hold NaN or Inf
+//! (in the masters, moments or the pool's copy) changes nothing, so no
+//! non-finite weight ever enters the pool.
 //! Kernel: kernels/adamw.cu. Reference: `reference::adamw_slot_step`.
 use super::KernelElement;
-use crate::adapter_pool::{AdapterPool, PoolConfig, read, unpad_rows, write};
+use crate::adapter_pool::{AdapterPool, PoolConfig, check_storable, read, unpad_rows, write};
 use crate::buffer::{BufMut, BufRef, Buffer};
 use crate::device::Device;
 use crate::element::DType;
@@ -21,6 +24,12 @@ kernel!(ADAMW_BF16 = lk_adamw_bf16 in "adamw": AdamWParams;);
 
 const THREADS: u32 = 512;
 
+// A slot's status codes, as kernels/adamw.cu writes them.
+const UPDATED: i32 = 0;
+const SKIPPED_NON_FINITE: i32 = 1;
+const IDLE: i32 = 2;
+const SKIPPED_OVERFLOW: i32 = 3;
+
 /// The AdamW settings every slot shares: the moments' decay rates and eps.
 /// (Learning rate and weight decay are per slot: [`SlotHyper`].)
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,7 +38,8 @@ pub struct AdamWConfig {
     pub beta1: f32,
     /// Decay of the second moment, in [0, 1).
     pub beta2: f32,
-    /// Added to the root of the second moment; finite and >= 0.
+    /// Added to the root of the second moment; finite and > 0 (0 would
+    /// divide 0 by 0 where a gradient and its moments are zero).
     pub eps: f32,
 }
 
@@ -46,8 +56,8 @@ impl Default for AdamWConfig {
 
 impl AdamWConfig {
     pub(crate) fn validate(&self) -> Result<()> {
-        if !(self.eps.is_finite() && self.eps >= 0.0) {
-            return Err(invalid("eps", self.eps, "must be finite and >= 0"));
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(invalid("eps", self.eps, "must be finite and > 0"));
         }
         for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
@@ -71,6 +81,23 @@ pub struct SlotHyper {
     pub anchor_pull: f32,
 }
 
+impl SlotHyper {
+    fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("lr", self.lr),
+            ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm),
+            ("anchor_pull", self.anchor_pull),
+        ] {
+            check_finite(name, v)?;
+            if v < 0.0 {
+                return Err(invalid(name, v, "must be >= 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a slot's last step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SlotStatus {
@@ -81,7 +108,14 @@ pub enum SlotStatus {
     },
     /// The gradient held NaN or Inf: weights, moments and step count unchanged.
     SkippedNonFinite,
-    /// Not active, or empty.
+    /// The step's result would hold NaN or Inf somewhere in the slot (a
+    /// moment or weight overflowing f32, or the pool's copy its storage
+    /// type): weights, moments and step count unchanged.
+    SkippedOverflow {
+        /// The gradient's L2 norm before clipping.
+        grad_norm: f32,
+    },
+    /// Not active, or empty (also every slot before the first step).
     Idle,
 }
 
@@ -116,6 +150,10 @@ pub enum SlotStatus {
 pub struct SlotOptimizer {
     dev: Device,
     cfg: PoolConfig,
+    /// The pool this optimizer trains ([`AdapterPool::id`]).
+    pool_id: u64,
+    /// Per slot, what `load_adapter` put there (None: nothing yet).
+    trained: Vec<Option<Trained>>,
     config: AdamWConfig,
     master: [Buffer<f32>; 2],
     m1: [Buffer<f32>; 2],
@@ -128,6 +166,14 @@ pub struct SlotOptimizer {
     grad_norm: Buffer<f32>,
 }
 
+/// A slot loaded through [`SlotOptimizer::load_adapter`].
+#[derive(Clone, Copy)]
+struct Trained {
+    rank: usize,
+    /// The pool's generation of the slot right after that load.
+    generation: u64,
+}
+
 impl SlotOptimizer {
     /// State for `pool`'s slots (all inactive until [`Self::load_adapter`]).
     /// `config` gives beta1, beta2 and eps; lr and weight decay are per slot
@@ -136,12 +182,11 @@ impl SlotOptimizer {
         config.validate()?;
         let dev = pool.device().clone();
         let cfg = pool.config();
-        let (na, nb) = (
-            cfg.slots * cfg.max_rank * cfg.k,
-            cfg.slots * cfg.n * cfg.max_rank,
-        );
+        let (na, nb) = pool_lengths(cfg)?;
         let pair = || -> Result<[Buffer<f32>; 2]> { Ok([dev.zeros(na)?, dev.zeros(nb)?]) };
         Ok(SlotOptimizer {
+            pool_id: pool.id(),
+            trained: vec![None; cfg.slots],
             master: pair()?,
             m1: pair()?,
             m2: pair()?,
@@ -149,7 +194,7 @@ impl SlotOptimizer {
             hyper: dev.zeros(cfg.slots)?,
             host_hyper: vec![SlotOptim::default(); cfg.slots],
             step: dev.zeros(cfg.slots)?,
-            status: dev.zeros(cfg.slots)?,
+            status: dev.upload(&vec![IDLE; cfg.slots])?,
             grad_norm: dev.zeros(cfg.slots)?,
             dev,
             cfg,
@@ -161,6 +206,11 @@ impl SlotOptimizer {
     /// `slot` for training: the pool gets its storage-type copy, the master
     /// weights and the anchor get the f32 values, moments and step count
     /// restart from zero, and the slot becomes active with `hyper`.
+    ///
+    /// Everything is checked before anything is written: the slot, rank,
+    /// sizes, scale, `hyper`, and that every value is finite
+    /// ([`Error::NonFinite`]) and stays finite in the pool's type
+    /// ([`Error::OutOfRange`]); on an error nothing changed.
     #[allow(clippy::too_many_arguments)] // an adapter and its training settings
     pub fn load_adapter<T: KernelElement>(
         &mut self,
@@ -173,8 +223,16 @@ impl SlotOptimizer {
         hyper: SlotHyper,
     ) -> Result<()> {
         self.check_pool(pool)?;
+        pool.check_load(slot, a.len(), b.len(), rank, scale)?;
+        check_storable::<T>("a", a)?;
+        check_storable::<T>("b", b)?;
+        hyper.validate()?;
         let rounded = |v: &[f32]| v.iter().map(|&e| T::from_f32(e)).collect::<Vec<T>>();
         pool.load(slot, &rounded(a), &rounded(b), rank, scale)?;
+        self.trained[slot] = Some(Trained {
+            rank,
+            generation: pool.generation(slot),
+        });
         let PoolConfig { max_rank, n, k, .. } = self.cfg;
         let mut a_rows = vec![0f32; max_rank * k];
         a_rows[..rank * k].copy_from_slice(a);
@@ -193,24 +251,14 @@ impl SlotOptimizer {
             write(&self.dev, bb, bt, &zeros.1)?;
         }
         write(&self.dev, &mut self.step, slot, &[0])?;
-        self.set_hyper(slot, hyper)?;
-        self.set_active(slot, true)
+        self.host_hyper[slot].active = 1;
+        self.set_hyper(slot, hyper)
     }
 
     /// Per-slot learning rate, weight decay, clipping and anchor pull.
     pub fn set_hyper(&mut self, slot: usize, hyper: SlotHyper) -> Result<()> {
         self.check_slot(slot)?;
-        for (name, v) in [
-            ("lr", hyper.lr),
-            ("weight_decay", hyper.weight_decay),
-            ("max_grad_norm", hyper.max_grad_norm),
-            ("anchor_pull", hyper.anchor_pull),
-        ] {
-            check_finite(name, v)?;
-            if v < 0.0 {
-                return Err(invalid(name, v, "must be >= 0"));
-            }
-        }
+        hyper.validate()?;
         let h = &mut self.host_hyper[slot];
         (h.lr, h.weight_decay, h.max_grad_norm, h.anchor_pull) = (
             hyper.lr,
@@ -257,6 +305,11 @@ impl SlotOptimizer {
     /// One AdamW step of every active slot, in one launch. `grad_a`, `grad_b`
     /// are the pool-layout f32 gradients (`multi_adapter_backward`'s da, db);
     /// the pool's storage-type weights are refreshed from the new masters.
+    ///
+    /// `pool` must be the pool the optimizer was made for, and no active
+    /// slot may have been loaded through the pool since the optimizer loaded
+    /// it ([`Error::SlotChanged`]; an evicted slot is skipped, `Idle`); on an
+    /// error nothing changed.
     pub fn step<'a, T: KernelElement>(
         &mut self,
         pool: &mut AdapterPool<T>,
@@ -273,6 +326,7 @@ impl SlotOptimizer {
         } = self.cfg;
         super::check_operand(&self.dev, "grad_a", &ga, slots * max_rank, k)?;
         super::check_operand(&self.dev, "grad_b", &gb, slots * n, max_rank)?;
+        self.check_unchanged(pool)?;
         let dev = &self.dev;
         let [ma, mb] = &mut self.master;
         let [m1a, m1b] = &mut self.m1;
@@ -350,11 +404,13 @@ impl SlotOptimizer {
             block: [THREADS, 1, 1],
             dynamic_smem_bytes: 0,
         };
-        // SAFETY: every f32 state buffer was allocated for this pool's config
-        // (new), the gradients and the pool's weights were checked to have the
-        // pool layout's sizes, the per-slot arrays hold `slots` entries, and
-        // the kernel indexes only slot s's first rank rows/columns with s <
-        // slots (a block per slot); the pointer guards live past the launch.
+        // SAFETY: this is the pool the state buffers were allocated for (its
+        // id, checked above; every buffer has its config's pool-layout size),
+        // the gradients were checked to have the pool layout's sizes, the
+        // per-slot arrays hold `slots` entries, and the kernel indexes only
+        // slot s's first rank (<= max_rank) rows/columns with s < slots (a
+        // block per slot), in 64-bit offsets; the pointer guards live past
+        // the launch.
         unsafe { kernel.launch(dev, dims, &params) }
     }
 
@@ -366,8 +422,9 @@ impl SlotOptimizer {
             .iter()
             .zip(norms)
             .map(|(&s, grad_norm)| match s {
-                0 => SlotStatus::Updated { grad_norm },
-                1 => SlotStatus::SkippedNonFinite,
+                UPDATED => SlotStatus::Updated { grad_norm },
+                SKIPPED_NON_FINITE => SlotStatus::SkippedNonFinite,
+                SKIPPED_OVERFLOW => SlotStatus::SkippedOverflow { grad_norm },
                 _ => SlotStatus::Idle,
             })
             .collect())
@@ -378,14 +435,16 @@ impl SlotOptimizer {
         self.dev.download(&self.step)
     }
 
-    /// The f32 master weights of `slot`: (a `[rank, k]`, b `[n, rank]`).
+    /// The f32 master weights of `slot`: (a `[rank, k]`, b `[n, rank]`),
+    /// of the adapter [`Self::load_adapter`] put there.
     pub fn master<T: KernelElement>(
         &self,
         pool: &AdapterPool<T>,
         slot: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_pool(pool)?;
         self.check_slot(slot)?;
-        let rank = pool.rank(slot).ok_or(Error::EmptySlot {
+        let Trained { rank, .. } = self.trained[slot].ok_or(Error::EmptySlot {
             token: 0,
             slot: slot as i32,
         })?;
@@ -400,13 +459,34 @@ impl SlotOptimizer {
         Ok((a, unpad_rows(&b_rows, max_rank, rank)))
     }
 
+    /// An error unless `pool` is the very pool the optimizer was made for
+    /// (another one of the same shape would have its weights overwritten).
     fn check_pool<T: KernelElement>(&self, pool: &AdapterPool<T>) -> Result<()> {
-        if pool.config() != self.cfg || pool.device().backend() != self.dev.backend() {
+        if pool.id() != self.pool_id {
             return Err(invalid(
                 "pool",
-                format!("{:?}", pool.config()),
-                "not the pool this optimizer was made for",
+                format!("pool #{} {:?}", pool.id(), pool.config()),
+                format!(
+                    "not the pool this optimizer was made for (pool #{})",
+                    self.pool_id
+                ),
             ));
+        }
+        Ok(())
+    }
+
+    /// [`Error::SlotChanged`] for the first active slot whose adapter in the
+    /// pool is not the one `load_adapter` put there (a step would overwrite
+    /// it). Evicted slots pass: the kernel skips empty slots.
+    fn check_unchanged<T: KernelElement>(&self, pool: &AdapterPool<T>) -> Result<()> {
+        for (slot, (hyper, trained)) in self.host_hyper.iter().zip(&self.trained).enumerate() {
+            let loaded_here = trained.map(|t| t.generation);
+            if hyper.active != 0
+                && pool.rank(slot).is_some()
+                && loaded_here != Some(pool.generation(slot))
+            {
+                return Err(Error::SlotChanged { slot });
+            }
         }
         Ok(())
     }
@@ -414,4 +494,15 @@ impl SlotOptimizer {
     fn check_slot(&self, slot: usize) -> Result<()> {
         self.cfg.check_slot(slot)
     }
+}
+
+/// Elements of the pool layout's `a` (`[slots][max_rank][k]`) and `b`
+/// (`[slots][n][max_rank]`), or an error if they overflow usize.
+fn pool_lengths(cfg: PoolConfig) -> Result<(usize, usize)> {
+    let len = |dim: usize| {
+        (cfg.slots.checked_mul(cfg.max_rank))
+            .and_then(|v| v.checked_mul(dim))
+            .ok_or_else(|| invalid("slots", cfg.slots, "pool size overflows usize"))
+    };
+    Ok((len(cfg.k)?, len(cfg.n)?))
 }

@@ -14,7 +14,7 @@ pub struct AdamW {
     pub beta1: f32,
     /// Decay of the second moment, in [0, 1).
     pub beta2: f32,
-    /// Added to the root of the second moment.
+    /// Added to the root of the second moment; finite and > 0.
     pub eps: f32,
     /// Decoupled weight decay (`p -= lr * weight_decay * p`).
     pub weight_decay: f32,
@@ -34,11 +34,10 @@ impl Default for AdamW {
 
 impl AdamW {
     pub(crate) fn validate(&self) -> Result<()> {
-        for (name, v) in [
-            ("lr", self.lr),
-            ("eps", self.eps),
-            ("weight_decay", self.weight_decay),
-        ] {
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(invalid("eps", self.eps, "must be finite and > 0"));
+        }
+        for (name, v) in [("lr", self.lr), ("weight_decay", self.weight_decay)] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(invalid(name, v, "must be finite and >= 0"));
             }
@@ -123,13 +122,22 @@ pub enum SlotStep {
     },
     /// The gradient held NaN or Inf: nothing changed.
     Skipped,
+    /// The step would have left NaN or Inf in the slot (a weight or moment
+    /// beyond f32's range, or a weight beyond the storage type's): nothing
+    /// changed.
+    SkippedOverflow {
+        /// The gradient's L2 norm before clipping.
+        grad_norm: f64,
+    },
 }
 
 /// One step of the fused optimizer for one slot, whose parameters (a then b)
 /// are one vector: NaN/Inf anywhere in `grad` skips the step; otherwise the
 /// gradient is clipped to `max_grad_norm`, pulled toward `anchor`, and fed to
 /// [`adamw_step`] with the slot's own learning rate and weight decay. `step`
-/// is this step's number (from 1).
+/// is this step's number (from 1). All or nothing: if any new weight, moment
+/// (f32) or working-copy value (`T`) would be NaN or Inf, `state` is left as
+/// it was and the step reports [`SlotStep::SkippedOverflow`].
 pub fn adamw_slot_step<T: Element>(
     config: &AdamWConfig,
     hyper: &SlotHyper,
@@ -146,6 +154,14 @@ pub fn adamw_slot_step<T: Element>(
             shape: format!("the {} parameters", grad.len()),
             expected: grad.len(),
             actual: anchor.len(),
+        });
+    }
+    if grad.len() != state.p.len() {
+        return Err(Error::Shape {
+            operand: "grad",
+            shape: format!("the {} parameters of `p`", state.p.len()),
+            expected: state.p.len(),
+            actual: grad.len(),
         });
     }
     if grad.iter().any(|g| !g.is_finite()) {
@@ -178,6 +194,23 @@ pub fn adamw_slot_step<T: Element>(
         beta2: config.beta2,
         eps: config.eps,
     };
-    adamw_step(&cfg, step, &effective, state)?;
+    let (mut p, mut m1, mut m2) = (state.p.to_vec(), state.m1.to_vec(), state.m2.to_vec());
+    let mut working = state.working.to_vec();
+    let next = AdamWState {
+        p: &mut p,
+        m1: &mut m1,
+        m2: &mut m2,
+        working: &mut working,
+    };
+    adamw_step(&cfg, step, &effective, next)?;
+    let finite = p.iter().chain(&m1).chain(&m2).all(|v| v.is_finite())
+        && working.iter().all(|v| v.to_f64().is_finite());
+    if !finite {
+        return Ok(SlotStep::SkippedOverflow { grad_norm });
+    }
+    state.p.copy_from_slice(&p);
+    state.m1.copy_from_slice(&m1);
+    state.m2.copy_from_slice(&m2);
+    state.working.copy_from_slice(&working);
     Ok(SlotStep::Updated { grad_norm })
 }
