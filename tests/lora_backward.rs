@@ -135,15 +135,16 @@ impl<T: KernelElement> Case<T> {
             accumulate.then_some(&prior.0[..]),
             &want.0,
         );
-        let u_abs: Vec<Vec<f64>> = (0..m)
-            .map(|i| u_terms(&self.g[i * n..(i + 1) * n], &self.adapter()).1)
+        // |u|[i * r + j] <= s sum_c |g b| (its own terms).
+        let u_abs: Vec<f64> = (0..m)
+            .flat_map(|i| u_terms(&self.g[i * n..(i + 1) * n], &self.adapter()).1)
             .collect();
         let prior_term = |v: f64| if accumulate { v.abs() } else { 0.0 };
         let mut da = Vec::with_capacity(r * k);
         for j in 0..r {
             for q in 0..k {
                 let abs_sum: f64 = (0..m)
-                    .map(|i| u_abs[i][j] * self.x[i * k + q].to_f64().abs())
+                    .map(|i| u_abs[i * r + j] * self.x[i * k + q].to_f64().abs())
                     .sum::<f64>()
                     + prior_term(prior.1[j * k + q] as f64);
                 da.push(f32_sum_bound::<f32>(want.1[j * k + q] as f64, abs_sum));
