@@ -10,8 +10,8 @@
 // to shared memory as a hi/lo pair of storage-type values and the expand
 // t b^T runs as extra k-steps over the rank into the same accumulator as the
 // base product. Ranks above RC = 64 take extra passes over k, one per chunk of
-// 64 (x is re-read, w is not). With f16 storage, |scale * t| beyond 65504
-// becomes Inf in that split: the f16 range limit of the storage type.
+// 64 (x is re-read, w is not). lk::expand keeps f16's hi finite for any
+// finite scale * t and gives Inf and NaN weights their exact products.
 #include "lk_tile_gemm.cuh"
 
 namespace {
@@ -29,6 +29,8 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
     const int group = lane / 4, quad = lane % 4;
     const int row0 = blockIdx.y * C::BM, col0 = blockIdx.x * C::BN;
 
+    LK_SHARED(int, guard_state, [C::BM + 2]);
+    lk::ExpandGuard<C> guard(guard_state);
     lk::Accumulators<C> r;
     lk::zero<C>(r.acc);
     for (int r0 = 0; r0 < p.r; r0 += lk::RC) {
@@ -39,29 +41,41 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
         lk::mainloop<T, C, ALIGNED>(smem, x, r0 == 0 ? w : nullptr, a + (size_t)r0 * p.k, p.m, p.n, p.k, rc, rp,
                                     row0, col0, r);
 
-        lk::ExpandTiles<T, C> e(smem);
-        for (int i = 0; i < C::MT; ++i)
-            for (int j = 0; j < C::TNT; ++j) {
-                int tile = j * C::WN + wn;
-                if (tile * 8 >= rp) break;
-                for (int q = 0; q < 4; ++q) {
-                    int row = wm * C::WTM + i * 16 + group + 8 * (q >> 1);
-                    int col = tile * 8 + 2 * quad + (q & 1);
-                    // Columns >= rc are exact zeros (never x * 0: an Inf in x would give NaN).
-                    lk::store_split<T, C>(e.th, e.tl, row, col, col < rc ? p.scale * r.tacc[i][j][q] : 0.f);
-                    // The first column of blocks also saves t for the backward pass.
-                    if (p.t_out && blockIdx.x == 0 && col < rc && row0 + row < p.m)
-                        reinterpret_cast<float*>(p.t_out)[(size_t)(row0 + row) * p.r + r0 + col] = r.tacc[i][j][q];
+        // f(row, col, t) for each element of t this thread holds: rank
+        // columns rc..rp are exact zeros (never x * 0: an Inf in x would give NaN).
+        auto each_t = [&](auto&& f) {
+            for (int i = 0; i < C::MT; ++i)
+                for (int j = 0; j < C::TNT; ++j) {
+                    int tile = j * C::WN + wn;
+                    if (tile * 8 >= rp) break;
+                    for (int q = 0; q < 4; ++q) {
+                        int row = wm * C::WTM + i * 16 + group + 8 * (q >> 1);
+                        int col = tile * 8 + 2 * quad + (q & 1);
+                        f(row, col, col < rc ? r.tacc[i][j][q] : 0.f);
+                    }
                 }
-            }
-        // b[col0 .. col0+BN, r0 .. r0+rp): rows of b are r long (rarely 16-byte aligned).
+        };
+        auto values = [&](auto&& f) { each_t([&](int row, int col, float t) { f(row, col, p.scale * t); }); };
+        // b[col0 + col, r0 + j]: rows of b are r long (rarely 16-byte aligned).
+        auto weight = [&](int, int col, int j) {
+            return col0 + col < p.n ? lk::to_f32(b[(size_t)(col0 + col) * p.r + r0 + j]) : 0.f;
+        };
+
+        lk::ExpandTiles<T, C> e(smem);
+        guard.next();
+        values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
+        // The first column of blocks also saves t for the backward pass.
+        if (p.t_out && blockIdx.x == 0)
+            each_t([&](int row, int col, float t) {
+                if (col < rc && row0 + row < p.m)
+                    reinterpret_cast<float*>(p.t_out)[(size_t)(row0 + row) * p.r + r0 + col] = t;
+            });
         for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
             int row = i / rp, col = i % rp, gn = col0 + row;
-            e.bs[row * C::LDT + col] = (gn < p.n && col < rc) ? b[(size_t)gn * p.r + r0 + col] : lk::from_f32<T>(0.f);
+            T v = (gn < p.n && col < rc) ? b[(size_t)gn * p.r + r0 + col] : lk::from_f32<T>(0.f);
+            e.ws[row * C::LDT + col] = lk::finite_weight(v, guard);
         }
-        __syncthreads();
-        lk::expand<T, C>(e, rp, r);
-        __syncthreads();  // before the next pass overwrites the expand tiles
+        lk::expand(e, guard, rc, rp, values, weight, r);
     }
     lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
 }

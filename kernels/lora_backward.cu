@@ -122,17 +122,20 @@ __device__ void backward_dx(const BackwardParams& p) {
 // dx = g w + u a on tensor cores: a BM x BN tile of dx per block, the base
 // product over n as a k-major GEMM (lk_tile_gemm.cuh), then u a as extra
 // k-steps over each distinct adapter's ranks among the block's rows (u as a
-// hi + lo pair, like t in the forward), all in one accumulator.
+// hi + lo pair, like t in the forward, with lk::expand's range scaling and
+// exact non-finite products), all in one accumulator.
 template <class T, class C, bool ALIGNED>
 __device__ void backward_dx_mma(const BackwardParams& p) {
     LK_DYNAMIC_SHARED(T, smem);
     LK_SHARED(int, row_slot, [C::BM]);
     LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
+    LK_SHARED(int, guard_state, [C::BM + 2]);
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
     const float* u = reinterpret_cast<const float*>(p.u);
     const int row0 = blockIdx.y * C::BM, col0 = blockIdx.x * C::BN;
     constexpr int LDB = C::BN + 8;
 
+    lk::ExpandGuard<C> guard(guard_state);
     lk::Accumulators<C> r;
     lk::zero<C>(r.acc);
     // dx[m, k] = g[m, n] w[n, k]: the reduction runs over n.
@@ -140,28 +143,32 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
                                    p.n, row0, col0, r);
     for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
     lk::collect_distinct<C::BM>(row_slot, distinct);
-    T* th = smem;
-    T* tl = th + C::BM * C::LDT;
-    T* bt = tl + C::BM * C::LDT;
+    lk::ExpandTiles<T, C, true> e(smem);
     for (int d = 1; d <= distinct[0]; ++d) {
         const int s = distinct[d], rank = slot_rank(p, s);
         const T* as = a_pool + (size_t)s * p.max_rank * p.k;
         for (int r0 = 0; r0 < rank; r0 += lk::RC) {
             const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
             const int rp = (rc + 15) / 16 * 16;
-            for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
-                int row = i / rp, col = i % rp;
-                float v = (row_slot[row] == s && col < rc) ? u[(size_t)(row0 + row) * p.max_rank + r0 + col] : 0.f;
-                lk::store_split<T, C>(th, tl, row, col, v);
-            }
+            // Rows of other adapters and padding ranks are exact zeros.
+            auto values = [&](auto&& f) {
+                for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
+                    int row = i / rp, col = i % rp;
+                    f(row, col, (row_slot[row] == s && col < rc) ? u[(size_t)(row0 + row) * p.max_rank + r0 + col] : 0.f);
+                }
+            };
+            auto weight = [&](int row, int col, int j) {
+                return row_slot[row] == s && col0 + col < p.k ? lk::to_f32(as[(size_t)(r0 + j) * p.k + col0 + col]) : 0.f;
+            };
+            guard.next();
+            values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
             // a rows r0.. of this slot, columns col0..: rank x BN, k-major.
             for (int i = threadIdx.x; i < rp * C::BN; i += C::THREADS) {
                 int j = i / C::BN, q = i % C::BN;
-                bt[j * LDB + q] = (j < rc && col0 + q < p.k) ? as[(size_t)(r0 + j) * p.k + col0 + q] : lk::from_f32<T>(0.f);
+                T v = (j < rc && col0 + q < p.k) ? as[(size_t)(r0 + j) * p.k + col0 + q] : lk::from_f32<T>(0.f);
+                e.ws[j * LDB + q] = lk::finite_weight(v, guard);
             }
-            __syncthreads();
-            lk::expand_bt<T, C>(th, tl, bt, rp, r);
-            __syncthreads();
+            lk::expand(e, guard, rc, rp, values, weight, r);
         }
     }
     lk::store_y<T, C>(reinterpret_cast<T*>(p.dx), p.m, p.k, row0, col0, p.accumulate ? 1.f : 0.f, r);

@@ -186,11 +186,13 @@ __device__ void base_block(const MultiAdapterParams& p) {
     LK_DYNAMIC_SHARED(T, smem);
     LK_SHARED(int, row_slot, [C::BM]);
     LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
+    LK_SHARED(int, guard_state, [C::BM + 2]);
 
     const int tiles_n = (p.n + C::BN - 1) / C::BN;
     const int tile = blockIdx.x - p.shrink_blocks;
     const int row0 = (tile / tiles_n) * C::BM, col0 = (tile % tiles_n) * C::BN;
 
+    lk::ExpandGuard<C> guard(guard_state);
     lk::Accumulators<C> r;
     lk::zero<C>(r.acc);
     lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
@@ -203,23 +205,32 @@ __device__ void base_block(const MultiAdapterParams& p) {
         const int s = distinct[d];
         const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
         const float scale = reinterpret_cast<const float*>(p.slot_scale)[s];
+        const T* b = b_pool + (size_t)s * p.n * p.max_rank;
         for (int r0 = 0; r0 < rank; r0 += lk::RC) {
             const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
             const int rp = (rc + 15) / 16 * 16;
-            for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
-                int row = i / rp, col = i % rp;
-                float v = 0.f;  // rows of other adapters and padding ranks are exact zeros
-                if (row_slot[row] == s && col < rc) v = scale * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + r0 + col);
-                lk::store_split<T, C>(e.th, e.tl, row, col, v);
-            }
+            // Rows of other adapters and padding ranks are exact zeros.
+            auto values = [&](auto&& f) {
+                for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
+                    int row = i / rp, col = i % rp;
+                    float v = 0.f;
+                    if (row_slot[row] == s && col < rc)
+                        v = scale * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + r0 + col);
+                    f(row, col, v);
+                }
+            };
+            auto weight = [&](int row, int col, int j) {
+                return row_slot[row] == s && col0 + col < p.n
+                    ? lk::to_f32(b[(size_t)(col0 + col) * p.max_rank + r0 + j]) : 0.f;
+            };
+            guard.next();
+            values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
             for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
                 int row = i / rp, col = i % rp, gn = col0 + row;
-                e.bs[row * C::LDT + col] = (gn < p.n && col < rc)
-                    ? b_pool[((size_t)s * p.n + gn) * p.max_rank + r0 + col] : lk::from_f32<T>(0.f);
+                T v = (gn < p.n && col < rc) ? b[(size_t)gn * p.max_rank + r0 + col] : lk::from_f32<T>(0.f);
+                e.ws[row * C::LDT + col] = lk::finite_weight(v, guard);
             }
-            __syncthreads();
-            lk::expand<T, C>(e, rp, r);
-            __syncthreads();  // before the next adapter overwrites the expand tiles
+            lk::expand(e, guard, rc, rp, values, weight, r);
         }
     }
     lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);

@@ -784,6 +784,99 @@ fn negative_control_per_type() {
     negative_control::<bf16>(Regime::Prefill, 1e-2);
 }
 
+/// A pool whose slot 1 has scale 2^30 and a b small enough (2^-21 times
+/// uniform, subnormal in f16) to keep y finite: its tokens' |s t| reaches
+/// about 2^33, far above f16's 65504 (docs/DESIGN.md section 2), so their
+/// rows are split scaled by about 2^19; the other slots are ordinary. Ranks 13, 70 (two rank chunks) and 5; 72 inputs, 45 outputs (off every
+/// tile).
+fn huge_scale_fixture() -> Fixture<f16> {
+    let mut fx = Fixture::<f16>::new(45, 72, 70, &[13, 70, 5], 61);
+    let (_, b, _, scale) = fx.slots[1].as_mut().unwrap();
+    *scale = 2f32.powi(30);
+    for v in b.iter_mut() {
+        *v = f16::from_f64(v.to_f64() * 2f64.powi(-21));
+    }
+    fx
+}
+
+/// Ids for m tokens: slot 1 on every third token, the others on 0, 2 and -1.
+fn huge_scale_ids(m: usize) -> Vec<i32> {
+    (0..m)
+        .map(|i| if i % 3 == 1 { 1 } else { [0, 2, -1][i % 4 % 3] })
+        .collect()
+}
+
+#[test]
+fn f16_pool_slot_with_a_huge_scale_matches_reference() {
+    let fx = huge_scale_fixture();
+    let off_fx = fx.with_scales_times(1.003);
+    for (regime, m) in [(Regime::Decode, 21), (Regime::Prefill, 150)] {
+        let x: Vec<f16> = random(&mut rng(62), m * 72);
+        let ids = huge_scale_ids(m);
+        // The case really needs the range: some |s t| of slot 1 is above 65504.
+        let (a, _, rank, scale) = fx.slots[1].as_ref().unwrap();
+        let t = reference::lora_intermediate(
+            Dims::new(m, 45, 72),
+            &x,
+            &Adapter {
+                a,
+                b: &fx.slots[1].as_ref().unwrap().1,
+                rank: *rank,
+                scale: *scale,
+            },
+        )
+        .unwrap();
+        assert!(t.iter().any(|v| (v * scale).abs() > 2f32.powi(32)));
+        let y0 = vec![f16::NAN; m * 45];
+        for dev in devices() {
+            let got = run(&fx.pool(&dev), Some(regime), &x, &fx.w, &ids, 0.0, &y0).unwrap();
+            let what = format!("F16 {regime:?} huge scale on {}", dev.name());
+            fx.compare(&what, &got, &x, &ids, 0.0, &y0).unwrap();
+            let err = off_fx
+                .compare(&what, &got, &x, &ids, 0.0, &y0)
+                .expect_err("a reference with scales off must fail the check");
+            eprintln!("negative control {what}, scales x 1.003: {err}");
+        }
+    }
+}
+
+/// Each token's output depends only on its own adapter and the base: the
+/// other tokens' rows are bit-identical whether or not the huge-scale slot's
+/// tokens share their tile (their ids replaced by -1). (The tile expands one
+/// slot at a time, other rows being zeros in that pass, and scales rows by
+/// powers of two: this guards that structure, whatever sigma the huge rows get.)
+#[test]
+fn a_huge_scale_slot_leaves_the_other_tokens_bits_unchanged() {
+    let fx = huge_scale_fixture();
+    for (regime, m) in [(Regime::Decode, 21), (Regime::Prefill, 150)] {
+        let x: Vec<f16> = random(&mut rng(63), m * 72);
+        let with = huge_scale_ids(m);
+        let without: Vec<i32> = with
+            .iter()
+            .map(|&id| if id == 1 { -1 } else { id })
+            .collect();
+        let y0 = vec![f16::NAN; m * 45];
+        for dev in devices() {
+            let pool = fx.pool(&dev);
+            let got_with = run(&pool, Some(regime), &x, &fx.w, &with, 0.0, &y0).unwrap();
+            let got_without = run(&pool, Some(regime), &x, &fx.w, &without, 0.0, &y0).unwrap();
+            for (i, id) in with.iter().enumerate().filter(|(_, id)| **id != 1) {
+                let bits = |y: &[f16]| {
+                    y[i * 45..(i + 1) * 45]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    bits(&got_with),
+                    bits(&got_without),
+                    "{regime:?} token {i} (slot {id})"
+                );
+            }
+        }
+    }
+}
+
 /// On the GPU: a multi-adapter launch captured in a CUDA graph stays valid when
 /// the ids (on the device) and the pool's adapters change between replays,
 /// because the launch shape never depends on them.

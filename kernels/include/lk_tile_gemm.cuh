@@ -24,12 +24,27 @@ struct TileConfig {
 using DecodeTiles = TileConfig<16, 32, 64, 1, 2, 6>;
 using PrefillTiles = TileConfig<128, 128, 32, 2, 4, 4>;
 
-// The same for a kernel whose B operand is stored k-major ([reduction][N],
-// loaded with ldmatrix.trans): the backward's dx = g w + u a. src/ops mirrors it.
+// Elements of an expand step's weight tile: [BN][LDT] rows of b for the
+// forward, or [RC][BN + 8] rows of a k-major B (the backward's dx = g w + u a,
+// loaded with ldmatrix.trans).
+template <class C, bool KMAJOR>
+__host__ __device__ constexpr int weight_tile_elems() {
+    return KMAJOR ? RC * (C::BN + 8) : C::BN * C::LDT;
+}
+
+// Elements of an expand step's tiles (ExpandTiles): hi, lo and class of v
+// ([BM][LDT] each) and the weight tile.
+template <class C, bool KMAJOR>
+__host__ __device__ constexpr int expand_elems() {
+    return 3 * C::BM * C::LDT + weight_tile_elems<C, KMAJOR>();
+}
+
+// The same as smem_elems for a kernel whose B operand is stored k-major
+// ([reduction][N]): the backward's dx. src/ops mirrors it.
 template <class C>
 __host__ __device__ constexpr int smem_elems_bt() {
     int pipeline = C::STAGES * (C::BM * C::LDS + C::BK * (C::BN + 8));
-    int expand = 2 * C::BM * C::LDT + RC * (C::BN + 8);
+    int expand = expand_elems<C, true>();
     return pipeline > expand ? pipeline : expand;
 }
 
@@ -39,7 +54,7 @@ __host__ __device__ constexpr int smem_elems_bt() {
 template <class C>
 __host__ __device__ constexpr int smem_elems(int shrink_rows) {
     int pipeline = C::STAGES * (C::BM + C::BN + shrink_rows) * C::LDS;
-    int expand = (2 * C::BM + C::BN) * C::LDT;
+    int expand = expand_elems<C, false>();
     return pipeline > expand ? pipeline : expand;
 }
 
@@ -214,55 +229,162 @@ __device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int k
     __syncthreads();
 }
 
-// acc += t_hi B + t_lo B with B = bt [rp][BN + 8] (k-major), t in th/tl [BM][LDT].
-template <class T, class C>
-__device__ void expand_bt(const T* th, const T* tl, const T* bt, int rp, Accumulators<C>& r) {
-    constexpr int LDB = C::BN + 8;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp / C::WN, wn = warp % C::WN;
-    for (int kk = 0; kk < rp; kk += 16) {
-        uint32_t hf[C::MT][4], lf[C::MT][4];
-        for (int i = 0; i < C::MT; ++i) {
-            int off = (wm * C::WTM + i * 16 + lane % 16) * C::LDT + kk + (lane / 16) * 8;
-            ldmatrix_x4(hf[i], th + off, false);
-            ldmatrix_x4(lf[i], tl + off, false);
-        }
-        for (int j = 0; j < C::NT; ++j) {
-            uint32_t bf[2];
-            ldmatrix_x2(bf, bt + (kk + lane % 16) * LDB + wn * C::WTN + j * 8, true);
-            for (int i = 0; i < C::MT; ++i) {
-                mma_m16n8k16(r.acc[i][j], hf[i], bf, r.acc[i][j], T());
-                mma_m16n8k16(r.acc[i][j], lf[i], bf, r.acc[i][j], T());
-            }
-        }
-    }
-}
+// ---- The expand: acc += v W over a rank chunk, v = scale * t (forward) or u (dx) ----
+//
+// v is f32; tensor cores take it as a hi + lo pair of the storage type,
+// hi = round(v), lo = round(v - hi): v to about 16 significant bits, so the
+// expand loses nothing to rounding t (the known precision bug of f16
+// intermediates). Two cases leave that common path, each behind a block-wide
+// flag, so a split without them pays one compare per element:
+//
+// - f16's range. hi overflows for |v| >= 65520, although v, the weights and
+//   the result are finite. When some finite |v| of a split reaches
+//   SPLIT_LIMIT = 2^15, every row whose largest finite |v| does is split again
+//   as v / sigma, sigma = 2^e the smallest power of two with max |v| / sigma <
+//   2^15, and that row's accumulators are divided by sigma before the MMAs and
+//   multiplied by it after. Powers of two scale exactly, so the result is the
+//   unscaled computation's, bit for bit, unless something over- or
+//   underflows (lo can lose bits to f16's subnormal range: sigma 2^-25 |w| at
+//   most). A row's sigma depends on its own values only: one token's adapter
+//   never changes another token's bits. bf16 has f32's range and never
+//   scales.
+// - Non-finite operands. An MMA's product with an Inf factor can be NaN where
+//   the exact one is not: Inf * (hi + lo) with lo = 0 gives Inf * 0 = NaN.
+//   So the MMAs see finite values only: a non-finite v or weight is stored as
+//   0, and afterwards each product with a non-finite factor is added exactly
+//   as the f64 reference forms it, class(v) * w with class(v) = sign(v) (0
+//   for 0) for a finite v and v itself otherwise (0 * Inf = NaN, Inf + -Inf =
+//   NaN). The weights are read again from global memory for that.
 
-// Shared-memory tiles of one expand step: t as hi + lo in the storage type
-// ([BM][LDT] each) and b ([BN][LDT]), carved from the start of smem.
-template <class T, class C>
+constexpr float SPLIT_LIMIT = 32768.f;  // 2^15: v / sigma below it keeps f16's hi finite
+
+template <class T>
+struct NeedsRangeScaling {
+    static constexpr bool value = false;
+};
+template <>
+struct NeedsRangeScaling<__half> {
+    static constexpr bool value = true;
+};
+
+// 2^e as a float, for -126 <= e <= 127.
+__device__ __forceinline__ float pow2(int e) { return __uint_as_float((unsigned)(127 + e) << 23); }
+
+// Shared-memory tiles of one expand step, carved from the start of smem: v as
+// hi, lo and class ([BM][LDT] each), and the weight tile (weight_tile_elems).
+template <class T, class C, bool KMAJOR = false>
 struct ExpandTiles {
     T* th;
     T* tl;
-    T* bs;
-    __device__ explicit ExpandTiles(T* smem) : th(smem), tl(smem + C::BM * C::LDT), bs(smem + 2 * C::BM * C::LDT) {}
+    T* tc;
+    T* ws;
+    __device__ explicit ExpandTiles(T* smem)
+        : th(smem), tl(smem + C::BM * C::LDT), tc(smem + 2 * C::BM * C::LDT), ws(smem + 3 * C::BM * C::LDT) {}
 };
 
-// Stores v as hi + lo at [row][col] of th and tl (row stride LDT): v = hi +
-// lo to about 16 significant bits, so the expand loses nothing to rounding t
-// (the known precision bug of f16 intermediates). Where hi is infinite lo is 0
-// (Inf - Inf would be NaN).
-template <class T, class C>
-__device__ __forceinline__ void store_split(T* th, T* tl, int row, int col, float v) {
+// The expand's rare-case state in static shared memory: `state` is an int
+// [BM + 2] the kernel declares. flags[0] / flags[1] hold the number (epoch)
+// of the last split that raised them: some finite |v| >= SPLIT_LIMIT (f16),
+// some non-finite operand; comparing with the current epoch needs no reset
+// between splits. row_exp[BM] is each row's e (sigma = 2^e) while a split is
+// scaled. Construct it in every thread before the k-loop, whose barriers
+// publish the reset.
+template <class C>
+struct ExpandGuard {
+    int* flags;
+    int* row_exp;
+    int epoch = 0;
+    __device__ explicit ExpandGuard(int* state) : flags(state), row_exp(state + 2) {
+        if (threadIdx.x == 0) flags[0] = flags[1] = 0;
+    }
+    // Starts the next split (every thread, after the previous expand's barrier).
+    __device__ void next() { ++epoch; }
+    __device__ bool range_raised() const { return flags[0] == epoch; }
+    __device__ bool nonfinite_raised() const { return flags[1] == epoch; }
+};
+
+// Stores v at [row][col] of the expand tiles: hi, lo and class, or 0, 0, v
+// for a non-finite v. Raises the guard's flags (plain stores of one value:
+// racing writers agree).
+template <class T, class C, bool KMAJOR>
+__device__ __forceinline__ void store_split(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>& g, int row,
+                                            int col, float v) {
+    const int at = row * C::LDT + col;
+    if (!isfinite(v)) {
+        e.th[at] = e.tl[at] = from_f32<T>(0.f);
+        e.tc[at] = from_f32<T>(v);
+        g.flags[1] = g.epoch;
+        return;
+    }
+    if (NeedsRangeScaling<T>::value && fabsf(v) >= SPLIT_LIMIT) g.flags[0] = g.epoch;
     T hi = from_f32<T>(v);
-    float hv = to_f32(hi);
-    th[row * C::LDT + col] = hi;
-    tl[row * C::LDT + col] = from_f32<T>(isinf(hv) ? 0.f : v - hv);
+    e.th[at] = hi;
+    e.tl[at] = from_f32<T>(v - to_f32(hi));  // rows with |v| >= 2^15 are split again
+    e.tc[at] = from_f32<T>(v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f));
 }
 
-// acc += t_hi b^T + t_lo b^T over rank columns [0, rp) of the expand tiles.
+// A weight as the expand's tile holds it: itself if finite, else 0 (and the
+// guard's flag is raised: add_nonfinite_products adds its products).
 template <class T, class C>
-__device__ void expand(const ExpandTiles<T, C>& e, int rp, Accumulators<C>& r) {
+__device__ __forceinline__ T finite_weight(T w, const ExpandGuard<C>& g) {
+    if (isfinite(to_f32(w))) return w;
+    g.flags[1] = g.epoch;
+    return from_f32<T>(0.f);
+}
+
+// The f16 range case, after the split and a barrier: if the split raised the
+// range flag, row_exp gets each row's e and the rows with e > 0 are split
+// again as v / 2^e. `values(f)` calls f(row, col, v) for each element this
+// thread split. Returns whether any row is scaled (the same in every thread);
+// if so it ends with a barrier.
+template <class T, class C, bool KMAJOR, class Values>
+__device__ bool scale_split_rows(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>& g, Values values) {
+    if (!NeedsRangeScaling<T>::value || !g.range_raised()) return false;
+    unsigned* max_bits = reinterpret_cast<unsigned*>(g.row_exp);
+    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) max_bits[i] = 0u;
+    __syncthreads();
+    // Non-negative floats order as their bit patterns.
+    values([&](int row, int, float v) {
+        if (isfinite(v)) atomicMax(max_bits + row, __float_as_uint(fabsf(v)));
+    });
+    __syncthreads();
+    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) {
+        unsigned bits = max_bits[i];
+        // max in [2^E, 2^(E+1)): e = E - 14 is the smallest with max / 2^e < 2^15.
+        g.row_exp[i] = bits >= __float_as_uint(SPLIT_LIMIT) ? (int)(bits >> 23) - 127 - 14 : 0;
+    }
+    __syncthreads();
+    values([&](int row, int col, float v) {
+        int exp = g.row_exp[row];
+        if (exp > 0) store_split(e, g, row, col, v * pow2(-exp));
+    });
+    __syncthreads();
+    return true;
+}
+
+// Multiplies the accumulators of each scaled row by 2^(sign * e).
+template <class C>
+__device__ void scale_rows(const ExpandGuard<C>& g, int sign, Accumulators<C>& r) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp / C::WN, group = lane / 4;
+#pragma unroll
+    for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int exp = g.row_exp[wm * C::WTM + i * 16 + group + 8 * h];
+            float f = pow2(sign * exp);  // 1 for rows that are not scaled
+#pragma unroll
+            for (int j = 0; j < C::NT; ++j) {
+                r.acc[i][j][2 * h] *= f;
+                r.acc[i][j][2 * h + 1] *= f;
+            }
+        }
+}
+
+// acc += v_hi W + v_lo W over rank columns [0, rp) of the expand tiles.
+template <class T, class C, bool KMAJOR>
+__device__ void expand_mma(const ExpandTiles<T, C, KMAJOR>& e, int rp, Accumulators<C>& r) {
+    constexpr int LDB = C::BN + 8;  // k-major weight rows
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp / C::WN, wn = warp % C::WN;
     for (int kk = 0; kk < rp; kk += 16) {
@@ -274,13 +396,62 @@ __device__ void expand(const ExpandTiles<T, C>& e, int rp, Accumulators<C>& r) {
         }
         for (int j = 0; j < C::NT; ++j) {
             uint32_t bf[2];
-            ldmatrix_x2(bf, e.bs + (wn * C::WTN + j * 8 + lane % 8) * C::LDT + kk + ((lane / 8) & 1) * 8, false);
+            if constexpr (KMAJOR)  // lanes 0-7 give rows kk..kk+7 of the n8 column block, lanes 8-15 rows kk+8..
+                ldmatrix_x2(bf, e.ws + (kk + lane % 16) * LDB + wn * C::WTN + j * 8, true);
+            else
+                ldmatrix_x2(bf, e.ws + (wn * C::WTN + j * 8 + lane % 8) * C::LDT + kk + ((lane / 8) & 1) * 8, false);
             for (int i = 0; i < C::MT; ++i) {
                 mma_m16n8k16(r.acc[i][j], hf[i], bf, r.acc[i][j], T());
                 mma_m16n8k16(r.acc[i][j], lf[i], bf, r.acc[i][j], T());
             }
         }
     }
+}
+
+// acc += class(v_j) * w_j for every rank j < rc where v_j or w_j is not
+// finite. `weight(row, col, j)` is the weight element (col: a column of the
+// block's tile), 0 where the row takes no part in this expand.
+template <class T, class C, bool KMAJOR, class Weight>
+__device__ void add_nonfinite_products(const ExpandTiles<T, C, KMAJOR>& e, int rc, Weight weight,
+                                       Accumulators<C>& r) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp / C::WN, wn = warp % C::WN;
+    const int group = lane / 4, quad = lane % 4;
+    // Ranks outermost: the accumulator loops unroll and acc stays in registers.
+    for (int k = 0; k < rc; ++k) {
+#pragma unroll
+        for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                int row = wm * C::WTM + i * 16 + group + 8 * h;
+                float c = to_f32(e.tc[row * C::LDT + k]);
+#pragma unroll
+                for (int j = 0; j < C::NT; ++j)
+#pragma unroll
+                    for (int q = 2 * h; q < 2 * h + 2; ++q) {
+                        float w = weight(row, wn * C::WTN + j * 8 + 2 * quad + (q & 1), k);
+                        if (!isfinite(c) || !isfinite(w)) r.acc[i][j][q] += c * w;
+                    }
+            }
+    }
+}
+
+// One expand step, after every thread stored its part of the split
+// (store_split) and of the weight tile (finite_weight): acc += v W over rank
+// columns [0, rp), rc of them real, with the rare cases above. `values` as
+// for scale_split_rows, `weight` as for add_nonfinite_products. Starts and
+// ends with a barrier.
+template <class T, class C, bool KMAJOR, class Values, class Weight>
+__device__ void expand(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>& g, int rc, int rp, Values values,
+                       Weight weight, Accumulators<C>& r) {
+    __syncthreads();  // the split and the weight tile are complete
+    const bool scaled = scale_split_rows(e, g, values);
+    const bool nonfinite = g.nonfinite_raised();
+    if (scaled) scale_rows(g, -1, r);
+    expand_mma(e, rp, r);
+    if (scaled) scale_rows(g, 1, r);
+    if (nonfinite) add_nonfinite_products(e, rc, weight, r);
+    __syncthreads();  // before the next split overwrites the tiles
 }
 
 // y[row0.., col0..] = acc (+ beta y); beta = 0 never reads y, so garbage

@@ -53,7 +53,8 @@ impl MmaTiles {
     /// Dynamic shared memory of a launch (`smem_elems` in the kernels).
     pub fn smem_bytes(&self, shrink_rows: usize) -> u32 {
         let pipeline = self.stages * (self.bm + self.bn + shrink_rows) * (self.bk + 8);
-        let expand = (2 * self.bm + self.bn) * (RANK_CHUNK + 8);
+        // hi, lo and class of v, and b.
+        let expand = (3 * self.bm + self.bn) * (RANK_CHUNK + 8);
         (pipeline.max(expand) * 2) as u32
     }
 
@@ -61,7 +62,7 @@ impl MmaTiles {
     /// backward's tensor-core dx.
     pub fn smem_bytes_bt(&self) -> u32 {
         let pipeline = self.stages * (self.bm * (self.bk + 8) + self.bk * (self.bn + 8));
-        let expand = 2 * self.bm * (RANK_CHUNK + 8) + RANK_CHUNK * (self.bn + 8);
+        let expand = 3 * self.bm * (RANK_CHUNK + 8) + RANK_CHUNK * (self.bn + 8);
         (pipeline.max(expand) * 2) as u32
     }
 }

@@ -216,14 +216,59 @@ pub fn max_abs<T: Element>(v: &[T]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Rank columns the tensor-core kernels expand at a time (`RC` in
+/// kernels/include/lk_tile_gemm.cuh): the f16 split's scale is per row and chunk.
+pub const RANK_CHUNK: usize = 64;
+
+/// The power of two sigma the f16 tensor-core kernels divide one row's rank
+/// chunk of `v` (`s t` in the forward, `u` in dx) by before splitting it into
+/// hi + lo, given the chunk's largest finite |v|: 1 below 2^15, else the
+/// smallest power of two with `max / sigma < 2^15` (lk::scale_split_rows).
+/// The kernel's `v` is an f32 that may differ from the f64 one here in the
+/// last bits: `max` is taken 2^-10 larger, so a value just below a power of
+/// two gets the kernel's sigma or twice it (a looser bound, never a tighter one).
+pub fn f16_split_sigma(max: f64) -> f64 {
+    let max = max * (1.0 + 2f64.powi(-10));
+    if max < 32768.0 {
+        return 1.0;
+    }
+    2f64.powi(max.log2().floor() as i32 - 14)
+}
+
+/// The split's error terms for one row of `v` (f64, one per rank): the
+/// relative term's factor and, per rank j, the absolute term's factor, to
+/// multiply by `|v_j w_j|` and `|w_j|`. bf16: 2^-15 |v w|. f16: 2^-20 |v w|,
+/// plus half f16's subnormal spacing times the row chunk's sigma per |w_j|
+/// where lo is subnormal ([`f16_split_sigma`]).
+pub fn split_terms<T: Element>(v: &[f64]) -> (f64, Vec<f64>) {
+    match T::DTYPE {
+        DType::BF16 => (2f64.powi(-15), vec![0.0; v.len()]),
+        DType::F16 => {
+            let sub = v
+                .chunks(RANK_CHUNK)
+                .flat_map(|chunk| {
+                    let max = chunk
+                        .iter()
+                        .map(|x| x.abs())
+                        .filter(|x| x.is_finite())
+                        .fold(0.0, f64::max);
+                    let sigma = f16_split_sigma(max);
+                    std::iter::repeat_n(sigma * 2f64.powi(-25), chunk.len())
+                })
+                .collect();
+            (2f64.powi(-20), sub)
+        }
+        _ => (0.0, vec![0.0; v.len()]),
+    }
+}
+
 /// docs/DESIGN.md section 3's bound for each element of a forward's `y`
 /// (`[m, n]`), token `i` using `adapters[i]` (None: the base product only):
 /// one ulp of T plus 4 eps_f32 times the sum of |terms| behind the element,
 /// `sum_k |x w| + |s| sum_j |b_j| sum_k |x a_j| (+ |beta y0|)` (t's own f32
 /// sum counted term by term, as cancellation in t makes |t| smaller than its
-/// error allows). The tensor-core kernels expand t as a hi + lo pair of the
-/// storage type: bf16 adds 2^-15 |s| sum_j |t_j b_j|; f16 2^-20 of it, plus
-/// half f16's subnormal spacing per |b_j| where lo is subnormal.
+/// error allows), plus the tensor-core kernels' hi + lo split of `s t`
+/// ([`split_terms`]).
 #[allow(clippy::too_many_arguments)] // the forward's operands and its result
 pub fn forward_bound<T: Element>(
     dims: Dims,
@@ -235,24 +280,23 @@ pub fn forward_bound<T: Element>(
     want: &[T],
 ) -> Vec<f64> {
     let Dims { m, n, k } = dims;
-    let (split, subnormal) = match T::DTYPE {
-        DType::BF16 => (2f64.powi(-15), 0.0),
-        DType::F16 => (2f64.powi(-20), 2f64.powi(-25)),
-        _ => (0.0, 0.0),
-    };
     let mut bound = Vec::with_capacity(m * n);
     for (i, adapter) in adapters.iter().enumerate().take(m) {
         let xi = &x[i * k..(i + 1) * k];
-        // Per rank row j: t_j and sum_k |x a_j|.
-        let t: Vec<(f64, f64)> = adapter.as_ref().map_or(Vec::new(), |ad| {
+        // Per rank row j: s t_j and sum_k |x a_j|.
+        let (st, t_abs): (Vec<f64>, Vec<f64>) = adapter.as_ref().map_or((vec![], vec![]), |ad| {
             (0..ad.rank)
                 .map(|j| {
                     let aj = &ad.a[j * k..(j + 1) * k];
                     let prods = xi.iter().zip(aj).map(|(p, q)| p.to_f64() * q.to_f64());
-                    (prods.clone().sum(), prods.map(f64::abs).sum())
+                    (
+                        ad.scale as f64 * prods.clone().sum::<f64>(),
+                        prods.map(f64::abs).sum::<f64>(),
+                    )
                 })
-                .collect()
+                .unzip()
         });
+        let (split, subnormal) = split_terms::<T>(&st);
         for c in 0..n {
             let wc = &w[c * k..(c + 1) * k];
             let mut abs_sum: f64 = xi
@@ -263,10 +307,10 @@ pub fn forward_bound<T: Element>(
             let mut extra = 0.0;
             if let Some(ad) = adapter {
                 let s = ad.scale.abs() as f64;
-                for (j, &(tj, tj_abs)) in t.iter().enumerate() {
+                for j in 0..ad.rank {
                     let bj = ad.b[c * ad.rank + j].to_f64().abs();
-                    abs_sum += s * bj * tj_abs;
-                    extra += split * s * (tj * bj).abs() + subnormal * bj;
+                    abs_sum += s * bj * t_abs[j];
+                    extra += split * (st[j] * bj).abs() + subnormal[j] * bj;
                 }
             }
             if beta != 0.0 {
