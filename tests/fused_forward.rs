@@ -47,15 +47,32 @@ impl<T: KernelElement> Case<T> {
         }
     }
 
-    fn expected(&self) -> Vec<T> {
-        let mut y = self.y0.clone();
-        let adapter = Adapter {
+    /// The case's adapter, as the reference takes it.
+    fn adapter(&self) -> Adapter<'_, T> {
+        Adapter {
             a: &self.a,
             b: &self.b,
             rank: self.rank,
             scale: self.scale,
-        };
-        reference::fused_forward(self.dims, &self.x, &self.w, &adapter, self.beta, &mut y).unwrap();
+        }
+    }
+
+    /// The reference's t = x a^T (`[m, rank]`).
+    fn reference_t(&self) -> Vec<f32> {
+        reference::lora_intermediate(self.dims, &self.x, &self.adapter()).unwrap()
+    }
+
+    fn expected(&self) -> Vec<T> {
+        let mut y = self.y0.clone();
+        reference::fused_forward(
+            self.dims,
+            &self.x,
+            &self.w,
+            &self.adapter(),
+            self.beta,
+            &mut y,
+        )
+        .unwrap();
         y
     }
 
@@ -65,13 +82,7 @@ impl<T: KernelElement> Case<T> {
     /// to the storage type, so its error is not the per-element bound's.
     #[cfg(feature = "bench")]
     fn atol(&self) -> f64 {
-        let adapter = Adapter {
-            a: &self.a,
-            b: &self.b,
-            rank: self.rank,
-            scale: self.scale,
-        };
-        let t = reference::lora_intermediate(self.dims, &self.x, &adapter).unwrap();
+        let t = self.reference_t();
         let t_max = t.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
         let terms =
             (max_abs(&self.x) * max_abs(&self.w)).max(self.scale as f64 * t_max * max_abs(&self.b));
@@ -109,13 +120,7 @@ impl<T: KernelElement> Case<T> {
 
     /// docs/DESIGN.md section 3's per-element bound ([`forward_bound`]).
     fn bound(&self, want: &[T]) -> Vec<f64> {
-        let adapter = Adapter {
-            a: &self.a,
-            b: &self.b,
-            rank: self.rank,
-            scale: self.scale,
-        };
-        let adapters = vec![Some(adapter); self.dims.m];
+        let adapters = vec![Some(self.adapter()); self.dims.m];
         forward_bound(
             self.dims, &self.x, &self.w, &adapters, self.beta, &self.y0, want,
         )
@@ -123,14 +128,8 @@ impl<T: KernelElement> Case<T> {
 
     /// Per row, the largest |scale * t| (the reference's t).
     fn scaled_t_row_max(&self) -> Vec<f64> {
-        let adapter = Adapter {
-            a: &self.a,
-            b: &self.b,
-            rank: self.rank,
-            scale: self.scale,
-        };
-        let t = reference::lora_intermediate(self.dims, &self.x, &adapter).unwrap();
-        t.chunks(self.rank)
+        self.reference_t()
+            .chunks(self.rank)
             .map(|row| {
                 row.iter()
                     .fold(0f64, |m, v| m.max((self.scale * v).abs() as f64))
@@ -413,13 +412,7 @@ fn forward_saving_t_matches_the_reference_intermediate() {
     use lora_kernels::ops::fused_forward::fused_forward_saving_t;
     for (m, n, k, r) in [(5, 70, 40, 3), (100, 30, 24, 70), (1, 8, 8, 1)] {
         let case = Case::<bf16>::new(Dims::new(m, n, k), r, 0.0, 7);
-        let adapter = Adapter {
-            a: &case.a,
-            b: &case.b,
-            rank: r,
-            scale: case.scale,
-        };
-        let want_t = reference::lora_intermediate(case.dims, &case.x, &adapter).unwrap();
+        let want_t = case.reference_t();
         for dev in devices() {
             let (x, w) = (dev.upload(&case.x).unwrap(), dev.upload(&case.w).unwrap());
             let (a, b) = (dev.upload(&case.a).unwrap(), dev.upload(&case.b).unwrap());

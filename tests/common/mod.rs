@@ -4,6 +4,8 @@
 //! LORA_KERNELS_REQUIRE_GPU=1).
 #![allow(dead_code)]
 
+pub mod adamw_drift;
+
 use std::sync::OnceLock;
 
 use lora_kernels::reference::Adapter;

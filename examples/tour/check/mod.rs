@@ -160,6 +160,9 @@ fn legend() {
     }
 }
 
+// The optimizer's drift model, shared with tests/adamw.rs.
+#[path = "../../../tests/common/adamw_drift.rs"]
+mod adamw_drift;
 mod backward;
 mod forward;
 mod merge;

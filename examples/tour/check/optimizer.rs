@@ -1,5 +1,6 @@
 //! SlotOptimizer::step against reference::adamw_slot_step, over several steps.
 
+use super::adamw_drift::{self, Drift, clip_factor};
 use super::*;
 
 /// The optimizer's slots, (rank, settings): weight decay; rank 1, clipped
@@ -78,88 +79,6 @@ impl<T: Element> Trajectory<T> {
     }
 }
 
-/// Bounds on |kernel - reference| of one parameter's master and moments,
-/// carried from step to step.
-#[derive(Clone, Copy, Default)]
-struct Drift {
-    p: f64,
-    m1: f64,
-    m2: f64,
-}
-
-/// What a step of one slot shares: its settings, its clip factor with the
-/// kernel's relative error in it, and the bias corrections with theirs.
-struct StepTerms {
-    hyper: SlotHyper,
-    clip: f64,
-    clip_err: f64,
-    bias: [f64; 2],
-    bias_err: [f64; 2],
-}
-
-impl StepTerms {
-    fn new(hyper: SlotHyper, step: u32, grad: &[f32]) -> Self {
-        let norm = grad.iter().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
-        let max = hyper.max_grad_norm as f64;
-        let clipped = max > 0.0 && norm > max;
-        // f64, then the reciprocal rounded once to f32.
-        let bias = |beta: f32| (1.0 - (beta as f64).powi(step as i32), U32);
-        let ((b1, e1), (b2, e2)) = (bias(OPT_BETAS.beta1), bias(OPT_BETAS.beta2));
-        StepTerms {
-            hyper,
-            clip: if clipped { max / norm } else { 1.0 },
-            // The norm and the factor are f64: nothing next to f32's u (the
-            // product g c is rounded once, counted in `drift`).
-            clip_err: 0.0,
-            bias: [b1, b2],
-            bias_err: [e1, e2],
-        }
-    }
-
-    /// One step of adamw.cu's f32 arithmetic on one parameter, to first
-    /// order in u: the drift after it, from the drift before it and the
-    /// reference's state before it (w, m1, m2), gradient g and anchor.
-    fn drift(&self, d: Drift, [w, m1, m2, g, anchor]: [f64; 5]) -> Drift {
-        let u = U32;
-        let (b1, b2) = (OPT_BETAS.beta1 as f64, OPT_BETAS.beta2 as f64);
-        let (lr, wd) = (self.hyper.lr as f64, self.hyper.weight_decay as f64);
-        let pull = self.hyper.anchor_pull as f64;
-        // g' = g clip + pull (w - anchor): the clip's error, the pull on the
-        // kernel's own master, the sum; the reference rounds g' to f32 too.
-        let gp = g * self.clip + pull * (w - anchor);
-        let dg = g.abs() * self.clip * (self.clip_err + u)
-            + pull * ((1.0 + u) * d.p + 2.0 * u * (w - anchor).abs())
-            + 2.0 * u * gp.abs();
-        // Moments: two products and a sum each (one more product in m2).
-        let a1 = b1 * m1 + (1.0 - b1) * gp;
-        let a2 = b2 * m2 + (1.0 - b2) * gp * gp;
-        let e1 = b1 * d.m1 + (1.0 - b1) * dg + 2.0 * u * (b1 * m1.abs() + (1.0 - b1) * gp.abs());
-        let e2 = b2 * d.m2
-            + (1.0 - b2) * (2.0 * gp.abs() * dg + dg * dg)
-            + 3.0 * u * (b2 * m2 + (1.0 - b2) * gp * gp);
-        // (a1 (1 / bias1)) / (sqrtf(a2) (1 / sqrt(bias2)) + eps) + wd w.
-        let [bias1, bias2] = self.bias;
-        let mean = a1 / bias1;
-        let d_mean = (e1 + a1.abs() * (self.bias_err[0] + u)) / bias1;
-        let root = (a2 / bias2).sqrt();
-        // a2's error halved by the root, sqrtf, the reciprocal, the product.
-        let rel_root = 0.5 * e2 / a2 + self.bias_err[1] + 2.0 * u;
-        let den = root + OPT_BETAS.eps as f64;
-        let ratio = mean / den;
-        let d_ratio = d_mean / den + ratio.abs() * (rel_root * root / den + 2.0 * u);
-        let update = ratio + wd * w;
-        let d_update = d_ratio + wd * (d.p + u * w.abs()) + u * update.abs();
-        // p - lr update: the product, the difference, and the reference's
-        // own rounding of p, m1, m2 to f32.
-        let p = w - lr * update;
-        Drift {
-            p: d.p + lr * (d_update + u * update.abs()) + 2.0 * u * p.abs(),
-            m1: e1 + u * a1.abs(),
-            m2: e2 + u * a2,
-        }
-    }
-}
-
 /// A slot's parameters (a then b) from pool-layout gradients.
 fn slot_values(cfg: PoolConfig, slot: usize, rank: usize, (ga, gb): (&[f32], &[f32])) -> Vec<f32> {
     let PoolConfig { max_rank, n, k, .. } = cfg;
@@ -215,11 +134,11 @@ fn optimizer<T: KernelElement>(dev: &Device) -> Res<Vec<Row>> {
         }
         for (s, &(rank, hyper)) in slots.iter().enumerate() {
             let grad = slot_values(cfg, s, rank, (&ga, &gb));
-            let terms = StepTerms::new(hyper, step, &grad);
+            let clip = clip_factor(&hyper, &grad);
             let traj = &want[s];
             for (e, d) in drift[s].iter_mut().enumerate() {
                 let state = [traj.p[e], traj.m1[e], traj.m2[e], grad[e], anchors[s][e]];
-                *d = terms.drift(*d, state.map(|v| v as f64));
+                *d = adamw_drift::drift(*d, &OPT_BETAS, &hyper, clip, step, state.map(f64::from));
             }
             let SlotStep::Updated { grad_norm } = want[s].step(step, &grad, &anchors[s])? else {
                 return Err("the reference skipped a finite gradient".into());
