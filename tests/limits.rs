@@ -205,3 +205,53 @@ fn gpu_shrink_units_past_2_pow_31() {
         );
     }
 }
+
+/// AdamW over a slot of more than 2^31 parameters (n + k past i32): with
+/// 32-bit offsets the kernel's element count wrapped. Constant gradients,
+/// so the first step moves every weight by lr exactly as AdamW's first step
+/// does (m1 / bias1 = g, sqrt(m2 / bias2) = |g|). About 45 GB of device
+/// memory: GPU only.
+#[test]
+fn gpu_adamw_past_2_pow_31_parameters() {
+    use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus};
+    let Some(gpu) = gpu() else { return };
+    let (n, k) = (1usize << 30, (1usize << 30) + 8);
+    let cfg = PoolConfig {
+        slots: 1,
+        max_rank: 1,
+        n,
+        k,
+    };
+    let mut pool = AdapterPool::<f16>::new(&gpu, cfg).unwrap();
+    let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
+    let hyper = SlotHyper {
+        lr: 0.125,
+        weight_decay: 0.0,
+        max_grad_norm: 0.0,
+        anchor_pull: 0.0,
+    };
+    let (a, b) = (vec![0.5f32; k], vec![-0.5f32; n]);
+    opt.load_adapter(&mut pool, 0, &a, &b, 1, 1.0, hyper)
+        .unwrap();
+    drop((a, b));
+    let (ga, gb) = (
+        gpu.upload(&vec![1.0f32; k]).unwrap(),
+        gpu.upload(&vec![-1.0f32; n]).unwrap(),
+    );
+    opt.step(&mut pool, &ga, &gb).unwrap();
+    assert!(matches!(
+        opt.statuses().unwrap()[0],
+        SlotStatus::Updated { .. }
+    ));
+    let (a, b) = opt.master(&pool, 0).unwrap();
+    // 0.5 -/+ 0.125 (eps moves it by ~1e-9, below f32's resolution at 0.375).
+    for (what, v, want) in [("a", &a, 0.375f32), ("b", &b, -0.375)] {
+        for i in [0, v.len() / 2, v.len() - 1] {
+            assert!(
+                (v[i] - want).abs() <= 1e-6,
+                "{what}[{i}] = {}, expected {want}",
+                v[i]
+            );
+        }
+    }
+}
