@@ -6,7 +6,7 @@
 //! overflow (skipped whole).
 mod common;
 
-use common::adamw_drift::{Drift, clip_factor, drift};
+use common::adamw_model::{Drift, Trajectory, clip_factor, drift};
 use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::KernelElement;
@@ -48,47 +48,6 @@ fn control_delta(dtype: DType) -> f64 {
         DType::BF16 => 1e-2,
         DType::F16 => 3e-3,
         _ => 1e-4,
-    }
-}
-
-/// One slot's reference trajectory: parameters (a then b), moments, the
-/// storage-type copy, steps taken.
-struct Trajectory<T> {
-    p: Vec<f32>,
-    m1: Vec<f32>,
-    m2: Vec<f32>,
-    working: Vec<T>,
-    steps: u32,
-    hyper: SlotHyper,
-}
-
-impl<T: KernelElement> Trajectory<T> {
-    fn new(p: &[f32], hyper: SlotHyper) -> Self {
-        Trajectory {
-            p: p.to_vec(),
-            m1: vec![0.0; p.len()],
-            m2: vec![0.0; p.len()],
-            working: p.iter().map(|&v| T::from_f32(v)).collect(),
-            steps: 0,
-            hyper,
-        }
-    }
-
-    fn step(&mut self, betas: &AdamWConfig, grad: &[f32], anchor: &[f32]) -> SlotStep {
-        let anchor = (self.hyper.anchor_pull > 0.0).then_some(anchor);
-        let state = AdamWState {
-            p: &mut self.p,
-            m1: &mut self.m1,
-            m2: &mut self.m2,
-            working: &mut self.working,
-        };
-        let outcome =
-            reference::adamw_slot_step(betas, &self.hyper, self.steps + 1, grad, anchor, state)
-                .unwrap();
-        if matches!(outcome, SlotStep::Updated { .. }) {
-            self.steps += 1;
-        }
-        outcome
     }
 }
 
@@ -189,9 +148,13 @@ impl<T: KernelElement> Run<T> {
             }
             let grad = slot_values(cfg, s, self.want[s].p.len() / (cfg.n + cfg.k), (ga, gb));
             let before = self.drift_step(s, &grad);
-            let outcome = self.want[s].step(&self.betas, &grad, &self.anchors[s]);
+            let outcome = self.want[s]
+                .step(&self.betas, &grad, &self.anchors[s])
+                .unwrap();
             for control in &mut self.controls {
-                control[s].step(&self.betas, &grad, &self.anchors[s]);
+                control[s]
+                    .step(&self.betas, &grad, &self.anchors[s])
+                    .unwrap();
             }
             let norm_ok = |got: f32, want: f64| (got as f64 - want).abs() <= ulp::<f32>(want);
             match (outcome, statuses[s]) {

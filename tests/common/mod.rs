@@ -4,7 +4,7 @@
 //! LORA_KERNELS_REQUIRE_GPU=1).
 #![allow(dead_code)]
 
-pub mod adamw_drift;
+pub mod adamw_model;
 
 use std::sync::OnceLock;
 

@@ -71,7 +71,7 @@ use lora_kernels::ops::lora_backward::{
 };
 use lora_kernels::ops::merge::merge;
 use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward_in};
-use lora_kernels::reference::{self, AdamWState, Adapter, BackwardInputs, Gradients, SlotStep};
+use lora_kernels::reference::{self, Adapter, BackwardInputs, Gradients, SlotStep};
 use lora_kernels::{
     AdapterPool, DType, Device, DeviceAdapter, Dims, Element, Error, KernelElement, MergeOp,
     PoolConfig,
@@ -160,9 +160,9 @@ fn legend() {
     }
 }
 
-// The optimizer's drift model, shared with tests/adamw.rs.
-#[path = "../../../tests/common/adamw_drift.rs"]
-mod adamw_drift;
+// The optimizer's reference trajectory and drift model, shared with tests/adamw.rs.
+#[path = "../../../tests/common/adamw_model.rs"]
+mod adamw_model;
 mod backward;
 mod forward;
 mod merge;

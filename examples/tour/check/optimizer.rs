@@ -1,6 +1,6 @@
 //! SlotOptimizer::step against reference::adamw_slot_step, over several steps.
 
-use super::adamw_drift::{self, Drift, clip_factor};
+use super::adamw_model::{self, Drift, Trajectory, clip_factor};
 use super::*;
 
 /// The optimizer's slots, (rank, settings): weight decay; rank 1, clipped
@@ -37,46 +37,6 @@ pub(super) fn optimizer_rows(dev: &Device) -> Res<Vec<Row>> {
     let mut rows = optimizer::<f32>(dev)?;
     rows.extend(optimizer::<bf16>(dev)?);
     Ok(rows)
-}
-
-/// One slot's reference state, stepped by reference::adamw_slot_step.
-struct Trajectory<T> {
-    p: Vec<f32>,
-    m1: Vec<f32>,
-    m2: Vec<f32>,
-    working: Vec<T>,
-    hyper: SlotHyper,
-}
-
-impl<T: Element> Trajectory<T> {
-    fn new(p: Vec<f32>, hyper: SlotHyper) -> Self {
-        let len = p.len();
-        Trajectory {
-            p,
-            m1: vec![0.0; len],
-            m2: vec![0.0; len],
-            working: vec![T::default(); len],
-            hyper,
-        }
-    }
-
-    fn step(&mut self, step: u32, grad: &[f32], anchor: &[f32]) -> Res<SlotStep> {
-        let anchor = (self.hyper.anchor_pull > 0.0).then_some(anchor);
-        let state = AdamWState {
-            p: &mut self.p,
-            m1: &mut self.m1,
-            m2: &mut self.m2,
-            working: &mut self.working,
-        };
-        Ok(reference::adamw_slot_step(
-            &OPT_BETAS,
-            &self.hyper,
-            step,
-            grad,
-            anchor,
-            state,
-        )?)
-    }
 }
 
 /// A slot's parameters (a then b) from pool-layout gradients.
@@ -116,8 +76,8 @@ fn optimizer<T: KernelElement>(dev: &Device) -> Res<Vec<Row>> {
             lr: off::<T>(hyper.lr),
             ..hyper
         };
-        want.push(Trajectory::<T>::new(p.clone(), hyper));
-        control.push(Trajectory::<T>::new(p.clone(), lr_off));
+        want.push(Trajectory::<T>::new(&p, hyper));
+        control.push(Trajectory::<T>::new(&p, lr_off));
         drift.push(vec![Drift::default(); p.len()]);
         anchors.push(p);
     }
@@ -138,12 +98,13 @@ fn optimizer<T: KernelElement>(dev: &Device) -> Res<Vec<Row>> {
             let traj = &want[s];
             for (e, d) in drift[s].iter_mut().enumerate() {
                 let state = [traj.p[e], traj.m1[e], traj.m2[e], grad[e], anchors[s][e]];
-                *d = adamw_drift::drift(*d, &OPT_BETAS, &hyper, clip, step, state.map(f64::from));
+                *d = adamw_model::drift(*d, &OPT_BETAS, &hyper, clip, step, state.map(f64::from));
             }
-            let SlotStep::Updated { grad_norm } = want[s].step(step, &grad, &anchors[s])? else {
+            let SlotStep::Updated { grad_norm } = want[s].step(&OPT_BETAS, &grad, &anchors[s])?
+            else {
                 return Err("the reference skipped a finite gradient".into());
             };
-            control[s].step(step, &grad, &anchors[s])?;
+            control[s].step(&OPT_BETAS, &grad, &anchors[s])?;
             norms.push(match statuses[s] {
                 SlotStatus::Updated { grad_norm } => grad_norm as f64,
                 _ => f64::NAN, // not stepped: fails the row

@@ -1,9 +1,13 @@
-//! A model of kernels/adamw.cu's f32 arithmetic, to first order in u: how far
-//! the kernel's master and moments may drift from the reference's over a run
-//! of steps. Shared by tests/adamw.rs and the tour's optimizer check.
+//! What the optimizer's checks compare against: a slot's reference
+//! trajectory, and a model of kernels/adamw.cu's f32 arithmetic, to first
+//! order in u, bounding how far the kernel's master and moments may drift
+//! from the reference's over a run of steps. Shared by tests/adamw.rs and the
+//! tour's optimizer check.
 #![allow(dead_code)]
 
+use lora_kernels::Element;
 use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper};
+use lora_kernels::reference::{self, AdamWState, SlotStep};
 
 /// f32's unit roundoff.
 const U: f64 = f32::EPSILON as f64 / 2.0;
@@ -73,5 +77,52 @@ pub fn drift(
         p: d.p + lr * (d_update + U * update.abs()) + 2.0 * U * p.abs(),
         m1: e1 + U * a1.abs(),
         m2: e2 + U * a2,
+    }
+}
+
+/// One slot's reference trajectory: parameters (a then b), moments, the
+/// storage-type copy, steps taken.
+pub struct Trajectory<T> {
+    pub p: Vec<f32>,
+    pub m1: Vec<f32>,
+    pub m2: Vec<f32>,
+    pub working: Vec<T>,
+    pub steps: u32,
+    pub hyper: SlotHyper,
+}
+
+impl<T: Element> Trajectory<T> {
+    /// Weights `p` (a then b) at step 0, with settings `hyper`.
+    pub fn new(p: &[f32], hyper: SlotHyper) -> Self {
+        Trajectory {
+            p: p.to_vec(),
+            m1: vec![0.0; p.len()],
+            m2: vec![0.0; p.len()],
+            working: p.iter().map(|&v| T::from_f32(v)).collect(),
+            steps: 0,
+            hyper,
+        }
+    }
+
+    /// One reference step (counted when the slot is updated).
+    pub fn step(
+        &mut self,
+        betas: &AdamWConfig,
+        grad: &[f32],
+        anchor: &[f32],
+    ) -> lora_kernels::Result<SlotStep> {
+        let anchor = (self.hyper.anchor_pull > 0.0).then_some(anchor);
+        let state = AdamWState {
+            p: &mut self.p,
+            m1: &mut self.m1,
+            m2: &mut self.m2,
+            working: &mut self.working,
+        };
+        let outcome =
+            reference::adamw_slot_step(betas, &self.hyper, self.steps + 1, grad, anchor, state)?;
+        if matches!(outcome, SlotStep::Updated { .. }) {
+            self.steps += 1;
+        }
+        Ok(outcome)
     }
 }
