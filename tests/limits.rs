@@ -255,3 +255,44 @@ fn gpu_adamw_past_2_pow_31_parameters() {
         }
     }
 }
+
+/// The backward's da/db grids put the slots on grid.z (at most 65535): a pool
+/// of more slots is refused, naming `slots`, before anything runs.
+#[test]
+fn backward_of_a_pool_past_65535_slots_is_an_error() {
+    use lora_kernels::ops::lora_backward::multi_adapter_backward;
+    let dev = Device::host().unwrap();
+    let cfg = PoolConfig {
+        slots: 65536,
+        max_rank: 1,
+        n: 2,
+        k: 3,
+    };
+    let pool = AdapterPool::<f32>::new(&dev, cfg).unwrap();
+    let m = 2;
+    let mut g = rng(4);
+    let (gy, x, w) = (
+        dev.upload(&random::<f32>(&mut g, m * cfg.n)).unwrap(),
+        dev.upload(&random::<f32>(&mut g, m * cfg.k)).unwrap(),
+        dev.upload(&random::<f32>(&mut g, cfg.n * cfg.k)).unwrap(),
+    );
+    let (t, ids) = (
+        dev.zeros::<f32>(m).unwrap(),
+        dev.upload(&[0i32, -1]).unwrap(),
+    );
+    let mut db = dev.upload(&vec![1.5f32; cfg.slots * cfg.n]).unwrap();
+    let grads = Grads {
+        dx: None,
+        da: None,
+        db: Some((&mut db).into()),
+    };
+    let inputs = DeviceBackwardInputs::new(&gy, &x, &w, &t);
+    let mut scratch = BackwardScratch::new(&dev).unwrap();
+    let opts = BackwardOptions::default();
+    let err = multi_adapter_backward(&pool, m, &ids, inputs, grads, opts, &mut scratch);
+    assert_names(err.unwrap_err(), "slots");
+    assert!(
+        dev.download(&db).unwrap().iter().all(|&v| v == 1.5),
+        "db changed"
+    );
+}
