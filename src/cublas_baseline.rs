@@ -27,9 +27,8 @@ impl CublasBaseline {
             expected: Backend::Cuda,
             actual: Backend::Host,
         })?;
-        // SAFETY: only probes whether the shared library can be loaded (cudarc
-        // panics on first use otherwise).
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        // cudarc panics on first use of a library it cannot load.
+        if !crate::device::cuda_library_present("cublas", "cublas") {
             return Err(Error::NoCublas);
         }
         Ok(CublasBaseline {

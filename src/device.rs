@@ -1,6 +1,6 @@
 //! Where ops run: a CUDA device (through cudarc) or the host runtime.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
@@ -11,14 +11,50 @@ use crate::buffer::{Buffer, Home};
 use crate::error::{Backend, Error, Result};
 use crate::shape::invalid;
 
-/// A CUDA device with one stream, and the kernel modules loaded on it.
+/// A CUDA device: a stream, and the kernels of its CUDA context.
 pub struct CudaDevice {
     stream: Arc<CudaStream>,
+    kernels: Arc<ContextKernels>,
+}
+
+/// What one CUDA context has loaded of this crate: shared by every [`Device`]
+/// on that context, whatever its stream, so that wrapping an engine's stream
+/// on every call ([`Device::from_stream`]) loads nothing twice.
+struct ContextKernels {
+    /// Keeps the context (and so the key it is filed under) alive: a cached
+    /// module is only valid in its context, and a destroyed context's handle
+    /// could be reused by a new one.
+    _context: Arc<CudaContext>,
     compute_capability: (i32, i32),
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Loaded functions with the dynamic shared memory they were opened up to.
     functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
+}
+
+/// Every context's kernels, by the address of the context's driver handle.
+static CONTEXTS: LazyLock<Mutex<HashMap<usize, Arc<ContextKernels>>>> =
+    LazyLock::new(Default::default);
+
+impl ContextKernels {
+    /// The kernels of `ctx`, created (device queried, nothing loaded yet) on
+    /// first use of the context.
+    fn of(ctx: &Arc<CudaContext>) -> Result<Arc<ContextKernels>> {
+        let mut contexts = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
+        let key = ctx.cu_ctx() as usize;
+        if let Some(kernels) = contexts.get(&key) {
+            return Ok(kernels.clone());
+        }
+        let kernels = Arc::new(ContextKernels {
+            _context: ctx.clone(),
+            compute_capability: ctx.compute_capability()?,
+            name: ctx.name()?,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        });
+        contexts.insert(key, kernels.clone());
+        Ok(kernels)
+    }
 }
 
 /// The device an op runs on. Cheap to clone.
@@ -49,8 +85,7 @@ impl Device {
     /// libcuda cannot be loaded (no NVIDIA driver) and [`Error::NoDevice`] when
     /// there is no such GPU, instead of cudarc's panic.
     pub fn cuda(ordinal: usize) -> Result<Self> {
-        // SAFETY: only probes whether the shared library can be loaded.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !cuda_library_present("cuda", "nvcuda") {
             return Err(Error::NoDriver);
         }
         let count = CudaContext::device_count()? as usize;
@@ -61,18 +96,12 @@ impl Device {
         Self::from_stream(ctx.new_stream()?)
     }
 
-    /// Runs ops on a stream the caller owns (an engine's own stream).
+    /// Runs ops on a stream the caller owns (an engine's own stream). Cheap
+    /// after the first call on a context: the kernel modules are loaded once
+    /// per CUDA context and shared by every `Device` on it.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
-        let ctx = stream.context();
-        let compute_capability = ctx.compute_capability()?;
-        let name = ctx.name()?;
-        Ok(Device::Cuda(Arc::new(CudaDevice {
-            stream,
-            compute_capability,
-            name,
-            modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
-        })))
+        let kernels = ContextKernels::of(stream.context())?;
+        Ok(Device::Cuda(Arc::new(CudaDevice { stream, kernels })))
     }
 
     /// The host runtime, or [`Error::HostRuntimeNotBuilt`] without the `host` feature.
@@ -108,10 +137,10 @@ impl Device {
     /// A human-readable name: the GPU's, or "host runtime (CPU)".
     pub fn name(&self) -> String {
         match self {
-            Device::Cuda(d) => format!(
-                "{} (sm_{}{})",
-                d.name, d.compute_capability.0, d.compute_capability.1
-            ),
+            Device::Cuda(d) => {
+                let (major, minor) = d.kernels.compute_capability;
+                format!("{} (sm_{major}{minor})", d.kernels.name)
+            }
             Device::Host(_) => "host runtime (CPU)".into(),
         }
     }
@@ -178,6 +207,34 @@ impl Device {
     }
 }
 
+/// True when CUDA library `name` (`windows_name` on Windows) can be loaded.
+///
+/// cudarc loads the libraries lazily and panics when one is missing, and its
+/// own probe exists only when it loads them at run time; when the build links
+/// them instead (candle's `cuda`), a running binary already has them. The
+/// names tried here are all among those cudarc tries, so a library found here
+/// is one cudarc finds.
+pub(crate) fn cuda_library_present(name: &str, windows_name: &str) -> bool {
+    let major = cudarc::driver::sys::CUDA_VERSION / 1000;
+    let candidates = if cfg!(windows) {
+        vec![
+            format!("{windows_name}.dll"),
+            format!("{name}64_{major}.dll"),
+        ]
+    } else {
+        vec![
+            format!("lib{name}.so"),
+            format!("lib{name}.so.{major}"),
+            format!("lib{name}.so.1"),
+        ]
+    };
+    candidates.iter().any(|lib| {
+        // SAFETY: loading a CUDA library runs only its own initialisers, as
+        // cudarc's loader does with the same names.
+        unsafe { libloading::Library::new(lib) }.is_ok()
+    })
+}
+
 /// The bytes `len` elements of `T` take, or an error naming `name` when that
 /// overflows what one allocation can hold (`isize::MAX` bytes).
 fn byte_len<T>(name: &'static str, len: usize) -> Result<usize> {
@@ -206,7 +263,7 @@ impl CudaDevice {
         &self.stream
     }
 
-    /// Kernel `name` of file `file`, looked up once per device, allowed to use
+    /// Kernel `name` of file `file`, looked up once per context, allowed to use
     /// `dynamic_smem` bytes of dynamic shared memory (above 48 KiB a function
     /// must be opened up explicitly).
     pub(crate) fn function(
@@ -215,7 +272,11 @@ impl CudaDevice {
         name: &'static str,
         dynamic_smem: u32,
     ) -> Result<CudaFunction> {
-        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut functions = self
+            .kernels
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some((f, allowed)) = functions.get(name)
             && *allowed >= dynamic_smem
         {
@@ -232,15 +293,19 @@ impl CudaDevice {
         Ok(f)
     }
 
-    /// The module of kernel file `file`, loaded once per device: the cubin
+    /// The module of kernel file `file`, loaded once per context: the cubin
     /// built for this architecture if there is one, else the PTX (JIT-compiled
     /// by the driver).
     pub(crate) fn module(&self, file: &'static str) -> Result<Arc<CudaModule>> {
-        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let mut modules = self
+            .kernels
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(m) = modules.get(file) {
             return Ok(m.clone());
         }
-        let (major, minor) = self.compute_capability;
+        let (major, minor) = self.kernels.compute_capability;
         let image = crate::launch::image(file).ok_or(Error::KernelsNotBuilt)?;
         // A cubin for sm_XY runs on devices of the same major version with minor >= Y.
         let cubin = image

@@ -46,6 +46,8 @@ extern crate self as lora_kernels;
 
 pub mod adapter_pool;
 pub mod buffer;
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "bench")]
 pub mod cublas_baseline;
 pub mod device;

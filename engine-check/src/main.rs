@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", lora_kernels::kernels_built());
+}
