@@ -74,3 +74,15 @@ pub use ops::merge::MergeOp;
 pub use ops::{DeviceAdapter, KernelElement};
 pub use shape::{Dims, MAX_RANK};
 pub use slot_map::SlotMap;
+
+// Engines share these between threads (docs/DESIGN.md section 13): this stops
+// compiling if one of them stops being `Send + Sync`.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Device>();
+    send_sync::<Buffer<half::bf16>>();
+    send_sync::<AdapterPool<half::bf16>>();
+    send_sync::<SlotMap<u64>>();
+    send_sync::<ops::adamw::SlotOptimizer>();
+    send_sync::<ops::lora_backward::BackwardScratch>();
+};
