@@ -329,3 +329,62 @@ impl CudaDevice {
         Ok(module)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GPU only: every `Device` on one CUDA context shares its kernels,
+    /// whatever the stream, and a launch through either works.
+    #[test]
+    fn devices_on_one_context_share_their_kernels() {
+        let first = match Device::cuda(0) {
+            Ok(dev) if crate::kernels_built() => dev,
+            other => {
+                let why = other
+                    .err()
+                    .map_or("built without nvcc".into(), |e| e.to_string());
+                assert!(
+                    std::env::var("LORA_KERNELS_REQUIRE_GPU").as_deref() != Ok("1"),
+                    "LORA_KERNELS_REQUIRE_GPU=1 but no GPU is usable: {why}"
+                );
+                // Straight to stderr, past the harness's capture, as the
+                // integration tests' skips do.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "note [lib]: devices_on_one_context_share_their_kernels: skipped (needs a GPU): {why}"
+                );
+                return;
+            }
+        };
+        let Device::Cuda(one) = &first else {
+            unreachable!("Device::cuda gives a CUDA device")
+        };
+        let stream = one.stream.context().new_stream().expect("a second stream");
+        let second = Device::from_stream(stream).expect("a device on the second stream");
+        let Device::Cuda(two) = &second else {
+            unreachable!("from_stream gives a CUDA device")
+        };
+        assert!(Arc::ptr_eq(&one.kernels, &two.kernels));
+        assert!(!Arc::ptr_eq(&one.stream, &two.stream));
+        for dev in [&first, &second] {
+            let (x, w) = (
+                dev.upload(&[1.0f32; 4]).unwrap(),
+                dev.upload(&[2.0f32; 4]).unwrap(),
+            );
+            let (a, b) = (
+                dev.upload(&[1.0f32; 2]).unwrap(),
+                dev.upload(&[1.0f32; 2]).unwrap(),
+            );
+            let mut y = dev.zeros::<f32>(4).unwrap();
+            let adapter = crate::DeviceAdapter::new(&a, &b, 1, 1.0);
+            let dims = crate::Dims::new(2, 2, 2);
+            crate::ops::fused_forward::fused_forward(dev, dims, &x, &w, &adapter, 0.0, &mut y)
+                .unwrap();
+            // x w^T = 4, t = 2, s t b^T = 2.
+            assert_eq!(dev.download(&y).unwrap(), vec![6.0; 4]);
+        }
+        assert_eq!(one.kernels.modules.lock().unwrap().len(), 1);
+    }
+}
