@@ -78,12 +78,21 @@ pub(crate) fn operand(
     dev: &candle_core::Device,
 ) -> candle_core::Result<Tensor> {
     if t.dtype() != dtype {
-        return Err(candle_core::Error::UnexpectedDType {
-            msg: name,
-            expected: dtype,
-            got: t.dtype(),
-        });
+        return Err(candle_core::Error::Msg(format!(
+            "operand `{name}` has dtype {:?}, the op takes {dtype:?}",
+            t.dtype()
+        )));
     }
+    on_device(name, t, dev)?;
+    t.contiguous()
+}
+
+/// An error naming the operand unless `t` lives on `dev`.
+pub(crate) fn on_device(
+    name: &str,
+    t: &Tensor,
+    dev: &candle_core::Device,
+) -> candle_core::Result<()> {
     if !t.device().same_device(dev) {
         return Err(candle_core::Error::Msg(format!(
             "operand `{name}` is on {:?}, the op runs on {:?}",
@@ -91,7 +100,18 @@ pub(crate) fn operand(
             dev.location()
         )));
     }
-    t.contiguous()
+    Ok(())
+}
+
+/// The two dims of `t`, which must be a matrix (errors name the operand).
+pub(crate) fn matrix_dims(name: &str, t: &Tensor) -> candle_core::Result<(usize, usize)> {
+    match *t.dims() {
+        [rows, cols] => Ok((rows, cols)),
+        _ => Err(candle_core::Error::Msg(format!(
+            "operand `{name}` must be a matrix [rows, cols], got shape {:?}",
+            t.dims()
+        ))),
+    }
 }
 
 /// Checks that `t` has exactly `dims` (errors name the operand).
