@@ -5,7 +5,7 @@
 //! per-slot loop of single-adapter references.
 mod common;
 
-use common::backward_model::{PoolCase, dx_bound, u_terms};
+use common::pool_model::{PoolCase, dx_bound, u_terms};
 use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::lora_backward::{

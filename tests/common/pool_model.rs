@@ -1,11 +1,11 @@
-//! The multi-adapter backward's test model (shared by the tests of the op
-//! and of its candle form): a pool's adapters, a batch routed to them, the
-//! reference gradients as a per-slot loop of single-adapter references, and
-//! docs/DESIGN.md section 3's per-element bounds of dx, da and db.
+//! A test model of a pool and a batch routed to it (shared by the tests of
+//! the ops and of their candle form): the reference forward (`y`, `t`) and
+//! gradients (a per-slot loop of single-adapter references), with
+//! docs/DESIGN.md section 3's per-element bounds of each.
 use lora_kernels::reference::{self, Adapter, BackwardInputs, Gradients};
 use lora_kernels::{Dims, KernelElement};
 
-use super::{f32_sum_bound, random, rng, split_terms};
+use super::{f32_sum_bound, forward_bound, random, rng, split_terms};
 
 /// Per rank j of a token's adapter: u_j = s sum_c g_c b_cj, and |s| sum_c
 /// |g_c b_cj| (u's own f32 sum, counted term by term).
@@ -231,5 +231,85 @@ impl<T: KernelElement> PoolCase<T> {
                 .collect()
         };
         (dx, f32_bound(&want.1, da_sum), f32_bound(&want.2, db_sum))
+    }
+}
+
+/// The forward side of the model.
+impl<T: KernelElement> PoolCase<T> {
+    /// `reference::multi_adapter_forward`'s `y` (beta = 0): ids of empty
+    /// slots or out of range are served as -1, as the kernels do.
+    pub fn expected_y(&self) -> Vec<T> {
+        let Dims { m, n, k } = self.dims;
+        let (no_a, no_b) = (vec![T::default(); k], vec![T::default(); n]);
+        // An empty slot's stand-in; no token is routed to it.
+        let empty = Adapter {
+            a: &no_a,
+            b: &no_b,
+            rank: 1,
+            scale: 0.0,
+        };
+        let adapters: Vec<Adapter<'_, T>> = self
+            .slots
+            .iter()
+            .map(|(rank, scale, a, b)| match rank {
+                0 => empty,
+                _ => Adapter {
+                    a,
+                    b,
+                    rank: *rank,
+                    scale: *scale,
+                },
+            })
+            .collect();
+        let ids: Vec<i32> = (0..m)
+            .map(|i| self.slot_of(i).map_or(-1, |s| s as i32))
+            .collect();
+        let mut y = vec![T::from_f64(f64::NAN); m * n];
+        reference::multi_adapter_forward(self.dims, &self.x, &self.w, &adapters, &ids, 0.0, &mut y)
+            .unwrap();
+        y
+    }
+
+    /// The bound of each element of `y` ([`forward_bound`], each token with
+    /// its adapter).
+    pub fn y_bounds(&self, want: &[T]) -> Vec<f64> {
+        let adapters: Vec<_> = (0..self.dims.m).map(|i| self.adapter_of(i)).collect();
+        forward_bound(self.dims, &self.x, &self.w, &adapters, 0.0, &[], want)
+    }
+
+    /// The bound of each element of `t` (`[m, max_rank]`, an f32 sum of
+    /// `x a_j` per token and rank; 0 past a token's rank and for tokens
+    /// without an adapter, which must then be exactly 0).
+    pub fn t_bounds(&self) -> Vec<f64> {
+        let (Dims { m, k, .. }, mr) = (self.dims, self.max_rank);
+        let mut abs_sum = vec![0f64; m * mr];
+        for i in 0..m {
+            let Some(ad) = self.adapter_of(i) else {
+                continue;
+            };
+            let xi = &self.x[i * k..(i + 1) * k];
+            for j in 0..ad.rank {
+                let aj = &ad.a[j * k..(j + 1) * k];
+                abs_sum[i * mr + j] = xi
+                    .iter()
+                    .zip(aj)
+                    .map(|(p, q)| (p.to_f64() * q.to_f64()).abs())
+                    .sum();
+            }
+        }
+        self.t
+            .iter()
+            .zip(abs_sum)
+            .map(|(&t, a)| f32_sum_bound::<f32>(t as f64, a))
+            .collect()
+    }
+
+    /// The same case with every slot's scale times `factor` (`t` is unscaled).
+    pub fn with_scales_times(&self, factor: f32) -> Self {
+        let mut off = self.clone();
+        for (_, scale, _, _) in &mut off.slots {
+            *scale *= factor;
+        }
+        off
     }
 }
