@@ -7,8 +7,10 @@
 //!   so the candle path is tested on machines without a GPU.
 //!
 //! Every operand must have the op's dtype (f32, f16 or bf16; `t` and the
-//! adapter gradients are f32) and live on the same candle device; a wrong
-//! dtype, device or shape is a candle error naming the operand. Strided
+//! adapter gradients are f32, slot ids I32 or U32) and live on the same
+//! candle device, where an [`AdapterPool`](crate::AdapterPool) they use must
+//! live too (make it on [`device`]`(&candle_device)`); a wrong dtype, device
+//! or shape is a candle error naming the operand. Strided
 //! tensors (a transpose, a narrow) are made contiguous first, which copies
 //! them. Errors of the ops themselves come back as candle errors carrying the
 //! crate's message.
@@ -17,6 +19,8 @@
 //! the crate's [`Device`] for a candle device, operand checks and the views
 //! the kernels read, and new tensors from the buffers they write.
 pub mod fused_forward;
+pub mod lora_backward;
+pub mod multi_adapter_forward;
 
 use candle_core::op::BackpropOp;
 use candle_core::{DType as CandleDType, Layout, Storage, Tensor, WithDType};
