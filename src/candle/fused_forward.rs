@@ -2,7 +2,7 @@
 //! ([`crate::ops::fused_forward`]).
 use candle_core::{Result, Tensor};
 
-use super::{CandleElement, device, dtype, expect_dims, operand, tensor, view};
+use super::{CandleElement, device, dtype, expect_dims, matrix_dims, operand, tensor, view};
 use crate::ops::DeviceAdapter;
 use crate::ops::fused_forward as op;
 use crate::shape::{Dims, check_rank, elements};
@@ -38,7 +38,7 @@ pub fn fused_forward<T: CandleElement>(
 
 /// The training forward: `y` as [`fused_forward`], and `t = x a^T`
 /// (unscaled, f32, `[m, rank]` with `m` the number of rows of `x`) for
-/// [`crate::candle::lora_backward`].
+/// [`crate::candle::lora_backward::lora_backward`].
 pub fn fused_forward_saving_t<T: CandleElement>(
     x: &Tensor,
     w: &Tensor,
@@ -63,9 +63,8 @@ fn run<T: CandleElement>(
     let ty = dtype::<T>();
     let (x, w) = (operand("x", x, ty, cdev)?, operand("w", w, ty, cdev)?);
     let (a, b) = (operand("a", a, ty, cdev)?, operand("b", b, ty, cdev)?);
-    let (lead, k) = rows_of("x", &x)?;
-    let m = lead.iter().product();
-    let (n, rank) = (w.dims2()?.0, a.dims2()?.0);
+    let Rows { lead, m, k } = rows_of("x", &x)?;
+    let (n, rank) = (matrix_dims("w", &w)?.0, matrix_dims("a", &a)?.0);
     check_rank("a", rank)?;
     expect_dims("w", &w, &[n, k])?;
     expect_dims("a", &a, &[rank, k])?;
@@ -93,17 +92,44 @@ fn run<T: CandleElement>(
         op::fused_forward(&dev, dims, xv, wv, &adapter, 0.0, &mut y)?;
         None
     };
-    let mut y_shape = lead;
-    y_shape.push(n);
-    Ok((tensor(y, &y_shape, cdev)?, t))
+    Ok((tensor(y, &with_last(&lead, n), cdev)?, t))
 }
 
-/// The leading dims (tokens) and the last dim (features) of `x` `[..., k]`.
-pub(crate) fn rows_of(name: &str, x: &Tensor) -> Result<(Vec<usize>, usize)> {
-    match x.dims().split_last() {
-        Some((&k, lead)) => Ok((lead.to_vec(), k)),
-        None => Err(candle_core::Error::Msg(format!(
+/// The tokens of `x` `[..., k]`: one per row, whatever the leading dims.
+pub(crate) struct Rows {
+    /// The leading dims (`y` has them too, with `n` last).
+    pub lead: Vec<usize>,
+    /// The number of tokens: the product of the leading dims.
+    pub m: usize,
+    /// The features of a token: the last dim.
+    pub k: usize,
+}
+
+/// The rows of `x` `[..., k]` (errors name the operand).
+pub(crate) fn rows_of(name: &str, x: &Tensor) -> Result<Rows> {
+    let Some((&k, lead)) = x.dims().split_last() else {
+        return Err(candle_core::Error::Msg(format!(
             "operand `{name}` is a scalar; it needs at least one dim ([..., k])"
-        ))),
-    }
+        )));
+    };
+    let m = lead
+        .iter()
+        .try_fold(1usize, |m, &d| m.checked_mul(d))
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "operand `{name}`: the product of the leading dims {lead:?} overflows usize"
+            ))
+        })?;
+    Ok(Rows {
+        lead: lead.to_vec(),
+        m,
+        k,
+    })
+}
+
+/// `lead` followed by `last`: the shape of an output with `x`'s tokens.
+pub(crate) fn with_last(lead: &[usize], last: usize) -> Vec<usize> {
+    let mut shape = lead.to_vec();
+    shape.push(last);
+    shape
 }

@@ -7,8 +7,10 @@
 //!   so the candle path is tested on machines without a GPU.
 //!
 //! Every operand must have the op's dtype (f32, f16 or bf16; `t` and the
-//! adapter gradients are f32) and live on the same candle device; a wrong
-//! dtype, device or shape is a candle error naming the operand. Strided
+//! adapter gradients are f32, slot ids I32 or U32) and live on the same
+//! candle device, where an [`AdapterPool`](crate::AdapterPool) they use must
+//! live too (make it on [`device`]`(&candle_device)`); a wrong dtype, device
+//! or shape is a candle error naming the operand. Strided
 //! tensors (a transpose, a narrow) are made contiguous first, which copies
 //! them. Errors of the ops themselves come back as candle errors carrying the
 //! crate's message.
@@ -17,6 +19,8 @@
 //! the crate's [`Device`] for a candle device, operand checks and the views
 //! the kernels read, and new tensors from the buffers they write.
 pub mod fused_forward;
+pub mod lora_backward;
+pub mod multi_adapter_forward;
 
 use candle_core::op::BackpropOp;
 use candle_core::{DType as CandleDType, Layout, Storage, Tensor, WithDType};
@@ -78,12 +82,21 @@ pub(crate) fn operand(
     dev: &candle_core::Device,
 ) -> candle_core::Result<Tensor> {
     if t.dtype() != dtype {
-        return Err(candle_core::Error::UnexpectedDType {
-            msg: name,
-            expected: dtype,
-            got: t.dtype(),
-        });
+        return Err(candle_core::Error::Msg(format!(
+            "operand `{name}` has dtype {:?}, the op takes {dtype:?}",
+            t.dtype()
+        )));
     }
+    on_device(name, t, dev)?;
+    t.contiguous()
+}
+
+/// An error naming the operand unless `t` lives on `dev`.
+pub(crate) fn on_device(
+    name: &str,
+    t: &Tensor,
+    dev: &candle_core::Device,
+) -> candle_core::Result<()> {
     if !t.device().same_device(dev) {
         return Err(candle_core::Error::Msg(format!(
             "operand `{name}` is on {:?}, the op runs on {:?}",
@@ -91,7 +104,18 @@ pub(crate) fn operand(
             dev.location()
         )));
     }
-    t.contiguous()
+    Ok(())
+}
+
+/// The two dims of `t`, which must be a matrix (errors name the operand).
+pub(crate) fn matrix_dims(name: &str, t: &Tensor) -> candle_core::Result<(usize, usize)> {
+    match *t.dims() {
+        [rows, cols] => Ok((rows, cols)),
+        _ => Err(candle_core::Error::Msg(format!(
+            "operand `{name}` must be a matrix [rows, cols], got shape {:?}",
+            t.dims()
+        ))),
+    }
 }
 
 /// Checks that `t` has exactly `dims` (errors name the operand).

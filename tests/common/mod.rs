@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod adamw_model;
+pub mod pool_model;
 
 use std::sync::OnceLock;
 
