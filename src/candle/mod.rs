@@ -20,7 +20,10 @@
 //! the kernels read, and new tensors from the buffers they write.
 pub mod fused_forward;
 pub mod lora_backward;
+pub mod lora_linear;
 pub mod multi_adapter_forward;
+
+pub use lora_linear::{LoraLinear, LoraLinearSaved};
 
 use candle_core::op::BackpropOp;
 use candle_core::{DType as CandleDType, Layout, Storage, Tensor, WithDType};
