@@ -5,12 +5,14 @@
 //! isolation between tokens, and errors that name the operand.
 mod common;
 
-use candle_core::{DType as CandleDType, Device as CandleDevice, Tensor};
+use candle_core::{DType as CandleDType, Device as CandleDevice, Tensor, Var};
 use common::pool_model::PoolCase;
 use common::*;
 use half::{bf16, f16};
 use lora_kernels::candle::CandleElement;
-use lora_kernels::candle::fused_forward::{fused_forward, fused_forward_saving_t};
+use lora_kernels::candle::fused_forward::{
+    fused_forward, fused_forward_autograd, fused_forward_saving_t,
+};
 use lora_kernels::candle::lora_backward::{
     BackwardRequest, TensorGrads, lora_backward, multi_adapter_backward,
 };
@@ -291,6 +293,46 @@ fn lora_backward_matches_reference() {
     single_adapter_backward_matches_reference::<f32>();
     single_adapter_backward_matches_reference::<f16>();
     single_adapter_backward_matches_reference::<bf16>();
+}
+
+/// `fused_forward_autograd` in candle's graph: `y` has `fused_forward`'s
+/// bits, and candle's backward of `sum(y * g)` (so `dL/dy = g` exactly)
+/// gives `lora_backward`'s `dx`, and its `da`, `db` rounded to `T`, bit for
+/// bit (both are checked against the reference above).
+fn autograd_matches_the_functions<T: CandleElement>() {
+    for (m, rank, seed) in [(5, 1, 7), (37, 12, 8)] {
+        let case = single::<T>(m, rank, seed);
+        let (ts, (a, b, scale)) = (tensors(&case), adapter_tensors(&case));
+        let var = |t: &Tensor| Var::from_tensor(t).unwrap();
+        let (x_var, a_var, b_var) = (var(&ts.x), var(&a), var(&b));
+        let y = fused_forward_autograd::<T>(&x_var, &ts.w, &a_var, &b_var, scale).unwrap();
+        let (want_y, t) = fused_forward_saving_t::<T>(&ts.x, &ts.w, &a, &b, scale).unwrap();
+        let what = format!("autograd {:?} m={m} r={rank}", dtype_of::<T>());
+        assert_eq!(bits::<T>(&y), bits::<T>(&want_y), "{what}: y");
+
+        let loss = (&y * &ts.g).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let req = BackwardRequest::default();
+        let want = lora_backward::<T>(&ts.g, &ts.x, &ts.w, &t, &a, &b, scale, req).unwrap();
+        let rounded = |g: &Option<Tensor>| g.as_ref().unwrap().to_dtype(ts.x.dtype()).unwrap();
+        for (name, var, want) in [
+            ("dx", &x_var, rounded(&want.dx)),
+            ("da", &a_var, rounded(&want.da)),
+            ("db", &b_var, rounded(&want.db)),
+        ] {
+            let got = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{what}: no {name}"));
+            assert_eq!(bits::<T>(got), bits::<T>(&want), "{what}: {name}");
+        }
+    }
+}
+
+#[test]
+fn autograd_forward_gives_the_functions_gradients() {
+    autograd_matches_the_functions::<f32>();
+    autograd_matches_the_functions::<f16>();
+    autograd_matches_the_functions::<bf16>();
 }
 
 fn pool_backward_matches_reference<T: CandleElement>() {

@@ -1,8 +1,14 @@
 //! The fused forward on candle tensors: `y = x w^T + s (x a^T) b^T`, one launch
 //! ([`crate::ops::fused_forward`]).
+mod autograd;
+
+pub use autograd::fused_forward_autograd;
+
 use candle_core::{Result, Tensor};
 
 use super::{CandleElement, device, dtype, expect_dims, matrix_dims, operand, tensor, view};
+use crate::buffer::{BufRef, Buffer};
+use crate::device::Device;
 use crate::ops::DeviceAdapter;
 use crate::ops::fused_forward as op;
 use crate::shape::{Dims, check_rank, elements};
@@ -59,40 +65,89 @@ fn run<T: CandleElement>(
     scale: f32,
     save_t: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let cdev = x.device();
-    let ty = dtype::<T>();
-    let (x, w) = (operand("x", x, ty, cdev)?, operand("w", w, ty, cdev)?);
-    let (a, b) = (operand("a", a, ty, cdev)?, operand("b", b, ty, cdev)?);
-    let Rows { lead, m, k } = rows_of("x", &x)?;
-    let (n, rank) = (matrix_dims("w", &w)?.0, matrix_dims("a", &a)?.0);
-    check_rank("a", rank)?;
-    expect_dims("w", &w, &[n, k])?;
-    expect_dims("a", &a, &[rank, k])?;
-    expect_dims("b", &b, &[n, rank])?;
-
-    let dev = device(cdev)?;
-    let dims = Dims::new(m, n, k);
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (as_, al) = a.storage_and_layout();
-    let (bs, bl) = b.storage_and_layout();
-    let adapter = DeviceAdapter::new(
+    let c = Checked::new::<T>(x, w, a, b)?;
+    let cdev = c.x.device();
+    let (xs, xl) = c.x.storage_and_layout();
+    let (ws, wl) = c.w.storage_and_layout();
+    let (as_, al) = c.a.storage_and_layout();
+    let (bs, bl) = c.b.storage_and_layout();
+    let views = (
+        view::<T>("x", &xs, xl)?,
+        view::<T>("w", &ws, wl)?,
         view::<T>("a", &as_, al)?,
         view::<T>("b", &bs, bl)?,
-        rank,
-        scale,
     );
-    let (xv, wv) = (view::<T>("x", &xs, xl)?, view::<T>("w", &ws, wl)?);
-    let mut y = dev.zeros::<T>(elements("y", m, n)?)?;
-    let t = if save_t {
-        let mut t = dev.zeros::<f32>(elements("t", m, rank)?)?;
-        op::fused_forward_saving_t(&dev, dims, xv, wv, &adapter, &mut y, &mut t)?;
-        Some(tensor(t, &[m, rank], cdev)?)
-    } else {
-        op::fused_forward(&dev, dims, xv, wv, &adapter, 0.0, &mut y)?;
-        None
-    };
-    Ok((tensor(y, &with_last(&lead, n), cdev)?, t))
+    let (y, t) = c.launch(&device(cdev)?, views, scale, save_t)?;
+    let t = t
+        .map(|t| tensor(t, &[c.dims.m, c.rank], cdev))
+        .transpose()?;
+    Ok((tensor(y, &c.y_shape(), cdev)?, t))
+}
+
+/// The operands of one fused forward, checked (type, device, shapes) and
+/// contiguous, with the sizes they imply.
+struct Checked {
+    x: Tensor,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    /// `x`'s leading dims (one token per row).
+    lead: Vec<usize>,
+    dims: Dims,
+    rank: usize,
+}
+
+/// The kernels' views of (x, w, a, b).
+type Views<'s, T> = (BufRef<'s, T>, BufRef<'s, T>, BufRef<'s, T>, BufRef<'s, T>);
+
+impl Checked {
+    fn new<T: CandleElement>(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> Result<Self> {
+        let cdev = x.device();
+        let ty = dtype::<T>();
+        let (x, w) = (operand("x", x, ty, cdev)?, operand("w", w, ty, cdev)?);
+        let (a, b) = (operand("a", a, ty, cdev)?, operand("b", b, ty, cdev)?);
+        let Rows { lead, m, k } = rows_of("x", &x)?;
+        let (n, rank) = (matrix_dims("w", &w)?.0, matrix_dims("a", &a)?.0);
+        check_rank("a", rank)?;
+        expect_dims("w", &w, &[n, k])?;
+        expect_dims("a", &a, &[rank, k])?;
+        expect_dims("b", &b, &[n, rank])?;
+        let dims = Dims::new(m, n, k);
+        Ok(Checked {
+            x,
+            w,
+            a,
+            b,
+            lead,
+            dims,
+            rank,
+        })
+    }
+
+    fn y_shape(&self) -> Vec<usize> {
+        with_last(&self.lead, self.dims.n)
+    }
+
+    /// Runs the op on `dev` over `views` of (x, w, a, b): `y` and, when
+    /// `save_t`, `t`.
+    fn launch<T: CandleElement>(
+        &self,
+        dev: &Device,
+        (x, w, a, b): Views<'_, T>,
+        scale: f32,
+        save_t: bool,
+    ) -> Result<(Buffer<T>, Option<Buffer<f32>>)> {
+        let Dims { m, n, .. } = self.dims;
+        let adapter = DeviceAdapter::new(a, b, self.rank, scale);
+        let mut y = dev.zeros::<T>(elements("y", m, n)?)?;
+        if !save_t {
+            op::fused_forward(dev, self.dims, x, w, &adapter, 0.0, &mut y)?;
+            return Ok((y, None));
+        }
+        let mut t = dev.zeros::<f32>(elements("t", m, self.rank)?)?;
+        op::fused_forward_saving_t(dev, self.dims, x, w, &adapter, &mut y, &mut t)?;
+        Ok((y, Some(t)))
+    }
 }
 
 /// The tokens of `x` `[..., k]`: one per row, whatever the leading dims.

@@ -141,17 +141,42 @@ pub(crate) fn view<'s, T: CandleElement>(
     storage: &'s Storage,
     layout: &Layout,
 ) -> candle_core::Result<BufRef<'s, T>> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("operand `{name}` is not contiguous")))?;
     match storage {
-        Storage::Cpu(cpu) => Ok(BufRef::Host(&T::cpu_storage_as_slice(cpu)?[start..end])),
+        Storage::Cpu(cpu) => cpu_view(name, cpu, layout),
         #[cfg(feature = "candle-cuda")]
-        Storage::Cuda(cuda) => Ok(BufRef::Cuda(cuda.as_cuda_slice::<T>()?.slice(start..end))),
+        Storage::Cuda(cuda) => cuda_view(name, cuda, layout),
         _ => Err(candle_core::Error::Msg(format!(
             "operand `{name}`: lora-kernels cannot read this storage"
         ))),
     }
+}
+
+/// [`view`] of CPU storage.
+pub(crate) fn cpu_view<'s, T: CandleElement>(
+    name: &'static str,
+    cpu: &'s candle_core::CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<BufRef<'s, T>> {
+    let (start, end) = contiguous(name, layout)?;
+    Ok(BufRef::Host(&T::cpu_storage_as_slice(cpu)?[start..end]))
+}
+
+/// [`view`] of CUDA storage: the tensor's device memory, no copy.
+#[cfg(feature = "candle-cuda")]
+pub(crate) fn cuda_view<'s, T: CandleElement>(
+    name: &'static str,
+    cuda: &'s candle_core::CudaStorage,
+    layout: &Layout,
+) -> candle_core::Result<BufRef<'s, T>> {
+    let (start, end) = contiguous(name, layout)?;
+    Ok(BufRef::Cuda(cuda.as_cuda_slice::<T>()?.slice(start..end)))
+}
+
+/// Where a contiguous layout's elements start and end in its storage.
+fn contiguous(name: &str, layout: &Layout) -> candle_core::Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("operand `{name}` is not contiguous")))
 }
 
 /// A new contiguous tensor of `shape` on `dev` owning `buf` (a buffer the
