@@ -89,17 +89,28 @@ fn forward_and_backward_are_the_pool_functions_on_the_layer() {
     assert_eq!(bits(&y_train), bits(&want_y));
     assert_eq!(bits(&y_train), bits(&y));
 
-    let req = BackwardRequest::default();
-    let got = layer.backward(&saved, &g, req).unwrap();
-    let want = multi_adapter_backward(pool, &g, &x, w, &want_t, &ids, req).unwrap();
-    for (name, got, want) in [
-        ("dx", &got.dx, &want.dx),
-        ("da", &got.da, &want.da),
-        ("db", &got.db, &want.db),
-    ] {
-        let (got, want) = (got.as_ref().unwrap(), want.as_ref().unwrap());
-        assert_eq!(got.dims(), want.dims(), "{name}");
-        assert_eq!(bits(got), bits(want), "{name}");
+    // Twice each way: the layer reuses its scratch between calls, grown by
+    // the deterministic mode's partials.
+    for deterministic in [false, true, false, true] {
+        let req = BackwardRequest {
+            deterministic,
+            ..Default::default()
+        };
+        let got = layer.backward(&saved, &g, req).unwrap();
+        let want = multi_adapter_backward(pool, &g, &x, w, &want_t, &ids, req).unwrap();
+        for (name, got, want) in [
+            ("dx", &got.dx, &want.dx),
+            ("da", &got.da, &want.da),
+            ("db", &got.db, &want.db),
+        ] {
+            let (got, want) = (got.as_ref().unwrap(), want.as_ref().unwrap());
+            assert_eq!(got.dims(), want.dims(), "{name}");
+            assert_eq!(
+                bits(got),
+                bits(want),
+                "{name} deterministic={deterministic}"
+            );
+        }
     }
     // Base-only tokens (id -1) and slots no token used: the adapters' terms
     // are there, so the layer's output differs from the base product.

@@ -170,6 +170,19 @@ pub fn multi_adapter_backward<T: CandleElement>(
     ids: &Tensor,
     req: BackwardRequest,
 ) -> Result<TensorGrads> {
+    let mut scratch = BackwardScratch::new(pool.device())?;
+    multi_adapter_backward_in(pool, (g, x, w, t), ids, req, &mut scratch)
+}
+
+/// [`multi_adapter_backward`] with the caller's scratch (a layer keeps one,
+/// so that its backward does not allocate it on every call).
+pub(crate) fn multi_adapter_backward_in<T: CandleElement>(
+    pool: &AdapterPool<T>,
+    (g, x, w, t): (&Tensor, &Tensor, &Tensor, &Tensor),
+    ids: &Tensor,
+    req: BackwardRequest,
+    scratch: &mut BackwardScratch,
+) -> Result<TensorGrads> {
     let cdev = x.device();
     check_pool_device(pool, "x", cdev)?;
     let inputs = Inputs::checked::<T>(g, x, w, t)?;
@@ -188,9 +201,8 @@ pub fn multi_adapter_backward<T: CandleElement>(
     );
     let mut out = GradBuffers::new(dev, req, &inputs, &da_shape, &db_shape)?;
     inputs.with_views::<T, _>(|dims, views| {
-        let mut scratch = BackwardScratch::new(dev)?;
         let grads = out.grads();
-        op::multi_adapter_backward(pool, dims.m, ids, views, grads, options(req), &mut scratch)?;
+        op::multi_adapter_backward(pool, dims.m, ids, views, grads, options(req), scratch)?;
         Ok(())
     })?;
     out.into_tensors(cdev)

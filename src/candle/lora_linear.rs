@@ -3,10 +3,13 @@
 //! one launch, with a training forward and a backward for the adapters.
 use candle_core::{Result, Tensor};
 
-use super::lora_backward::{BackwardRequest, TensorGrads, multi_adapter_backward};
+use std::sync::Mutex;
+
+use super::lora_backward::{BackwardRequest, TensorGrads, multi_adapter_backward_in};
 use super::multi_adapter_forward::{multi_adapter_forward, multi_adapter_forward_saving_t};
 use super::{CandleElement, device, dtype, expect_dims, matrix_dims, operand};
 use crate::adapter_pool::{AdapterPool, PoolConfig};
+use crate::ops::lora_backward::BackwardScratch;
 
 /// `y = x w^T + s_i (x a_i^T) b_i^T` with `w` `[n, k]` frozen and token `i`'s
 /// adapter taken from slot `ids[i]` of the layer's pool (`-1`: the base only).
@@ -38,6 +41,8 @@ use crate::adapter_pool::{AdapterPool, PoolConfig};
 pub struct LoraLinear<T> {
     weight: Tensor,
     pool: AdapterPool<T>,
+    /// The backward's device scratch, kept between calls.
+    scratch: Mutex<BackwardScratch>,
 }
 
 /// What the training forward keeps for the backward: the input, the
@@ -62,7 +67,12 @@ impl<T: CandleElement> LoraLinear<T> {
             k,
         };
         let pool = AdapterPool::new(&device(weight.device())?, cfg)?;
-        Ok(LoraLinear { weight, pool })
+        let scratch = Mutex::new(BackwardScratch::new(pool.device())?);
+        Ok(LoraLinear {
+            weight,
+            pool,
+            scratch,
+        })
     }
 
     /// The frozen base weight, `[n, k]`.
@@ -134,14 +144,8 @@ impl<T: CandleElement> LoraLinear<T> {
         g: &Tensor,
         req: BackwardRequest,
     ) -> Result<TensorGrads> {
-        multi_adapter_backward(
-            &self.pool,
-            g,
-            &saved.x,
-            &self.weight,
-            &saved.t,
-            &saved.ids,
-            req,
-        )
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let inputs = (g, &saved.x, &self.weight, &saved.t);
+        multi_adapter_backward_in(&self.pool, inputs, &saved.ids, req, &mut scratch)
     }
 }
