@@ -203,6 +203,50 @@ impl<T: KernelElement> AdapterPool<T> {
         check_matrix("b", self.cfg.n, rank, b_len)
     }
 
+    /// Puts an adapter that already lies in device buffers into `slot`: `a`
+    /// at `staged.a_at`, `b` padded to the pool's rows of `max_rank` at
+    /// `staged.b_at`, its scale and rank at `staged.meta_at`. Device-to-device
+    /// copies only (a batched load uploads once for many pools). The caller
+    /// has checked the slot, rank, scale and every weight as [`Self::load`]
+    /// does.
+    pub(crate) fn load_staged(
+        &mut self,
+        slot: usize,
+        rank: usize,
+        staged: &Staged<'_, T>,
+    ) -> Result<()> {
+        let PoolConfig { max_rank, n, k, .. } = self.cfg;
+        let dev = &self.dev;
+        copy(
+            dev,
+            staged.weights,
+            staged.a_at,
+            &mut self.a,
+            slot * max_rank * k,
+            rank * k,
+        )?;
+        copy(
+            dev,
+            staged.weights,
+            staged.b_at,
+            &mut self.b,
+            slot * n * max_rank,
+            n * max_rank,
+        )?;
+        copy(
+            dev,
+            staged.scales,
+            staged.meta_at,
+            &mut self.scales,
+            slot,
+            1,
+        )?;
+        copy(dev, staged.ranks, staged.meta_at, &mut self.ranks, slot, 1)?;
+        self.host_ranks[slot] = rank;
+        self.generations[slot] += 1;
+        Ok(())
+    }
+
     /// Empties `slot` (in stream order); tokens that still name it get the
     /// base model only.
     pub fn evict(&mut self, slot: usize) -> Result<()> {
@@ -236,6 +280,11 @@ impl<T: KernelElement> AdapterPool<T> {
         let b = unpad_rows(&b_rows, max_rank, rank);
         let scale = read(&self.dev, &self.scales, slot, 1)?[0];
         Ok(Some(SlotAdapter { a, b, rank, scale }))
+    }
+
+    /// The scale of `slot`'s adapter (callers pass a valid slot).
+    pub(crate) fn slot_scale(&self, slot: usize) -> Result<f32> {
+        Ok(read(&self.dev, &self.scales, slot, 1)?[0])
     }
 
     /// The rank of the adapter in `slot`, or None when it is empty.
@@ -320,6 +369,20 @@ impl<T: KernelElement> AdapterPool<T> {
     }
 }
 
+/// Adapters uploaded together for [`AdapterPool::load_staged`]: weights,
+/// and per adapter a scale and a rank.
+pub(crate) struct Staged<'a, T> {
+    pub weights: &'a Buffer<T>,
+    pub scales: &'a Buffer<f32>,
+    pub ranks: &'a Buffer<i32>,
+    /// Where this adapter's `a` starts in `weights`.
+    pub a_at: usize,
+    /// Where its padded `b` (`[n][max_rank]`) starts in `weights`.
+    pub b_at: usize,
+    /// Where its scale and rank are in `scales` and `ranks`.
+    pub meta_at: usize,
+}
+
 /// [`Error::NonFinite`] for the first NaN or +/-Inf in `values`.
 pub(crate) fn check_all_finite<T: Element>(operand: &'static str, values: &[T]) -> Result<()> {
     match values.iter().position(|v| !v.to_f32().is_finite()) {
@@ -394,6 +457,35 @@ pub(crate) fn write<T: DeviceRepr + Copy>(
             let mut view = s.slice_mut(at..at + src.len());
             stream.memcpy_htod(src, &mut view)?;
         }
+    }
+    Ok(())
+}
+
+/// Copies `src[src_at..src_at + len]` to `dst[dst_at..]` on the device,
+/// queued on its stream (callers pass ranges inside both buffers, which
+/// belong to `dev`).
+pub(crate) fn copy<T: DeviceRepr + Copy>(
+    dev: &Device,
+    src: &Buffer<T>,
+    src_at: usize,
+    dst: &mut Buffer<T>,
+    dst_at: usize,
+    len: usize,
+) -> Result<()> {
+    match (src, dst) {
+        (Buffer::Host(s), Buffer::Host(d)) => {
+            d[dst_at..dst_at + len].copy_from_slice(&s[src_at..src_at + len])
+        }
+        (Buffer::Cuda(s), Buffer::Cuda(d)) => {
+            let stream = dev
+                .cuda_stream()
+                .expect("a CUDA buffer belongs to a CUDA device");
+            stream.memcpy_dtod(
+                &s.slice(src_at..src_at + len),
+                &mut d.slice_mut(dst_at..dst_at + len),
+            )?;
+        }
+        _ => unreachable!("buffers of one device share its backend"),
     }
     Ok(())
 }

@@ -176,6 +176,28 @@ pub enum Error {
         /// What the runtime reported.
         message: String,
     },
+    /// A PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+    /// is malformed, disagrees with itself or with the pools it is loaded
+    /// into, or asks for something the kernels don't compute.
+    #[error("{file}: `{key}`: {reason}")]
+    Peft {
+        /// The file (adapter_config.json or adapter_model.safetensors, with its
+        /// directory when read from disk).
+        file: String,
+        /// The JSON field or tensor key at fault.
+        key: String,
+        /// What is wrong, and what was expected.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What the operating system reported.
+        #[source]
+        source: std::io::Error,
+    },
     /// An error from the CUDA driver (through cudarc).
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),

@@ -36,6 +36,8 @@
 //! - `host` (default): compile the kernels for the host runtime too, so
 //!   [`Device::host`] works. Turn it off (`default-features = false`) in an
 //!   engine that only launches on GPUs.
+//! - `peft` (default): read and write PEFT adapter directories across a
+//!   whole model ([`peft`]).
 //! - `bench`: cuBLAS baselines of every operation and CUDA-event timing, as
 //!   the tour and the benches use them (not part of the stable API).
 #![warn(missing_docs)]
@@ -56,6 +58,8 @@ pub mod error;
 pub(crate) mod launch;
 pub mod ops;
 pub(crate) mod params;
+#[cfg(feature = "peft")]
+pub mod peft;
 pub mod reference;
 #[cfg(test)]
 mod runtime_selftest;
@@ -85,4 +89,6 @@ const _: () = {
     send_sync::<SlotMap<u64>>();
     send_sync::<ops::adamw::SlotOptimizer>();
     send_sync::<ops::lora_backward::BackwardScratch>();
+    #[cfg(feature = "peft")]
+    send_sync::<peft::AdapterSet<half::bf16>>();
 };

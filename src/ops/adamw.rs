@@ -9,7 +9,7 @@
 //! non-finite weight ever enters the pool.
 //! Kernel: kernels/adamw.cu. Reference: `reference::adamw_slot_step`.
 use super::KernelElement;
-use crate::adapter_pool::{AdapterPool, PoolConfig, check_storable, read, unpad_rows, write};
+use crate::adapter_pool::{AdapterPool, PoolConfig, check_storable, copy, read, unpad_rows, write};
 use crate::buffer::{BufMut, BufRef, Buffer};
 use crate::device::Device;
 use crate::element::DType;
@@ -284,20 +284,15 @@ impl SlotOptimizer {
         self.check_slot(slot)?;
         let PoolConfig { max_rank, n, k, .. } = self.cfg;
         for (part, len) in [(0, max_rank * k), (1, n * max_rank)] {
-            let range = slot * len..(slot + 1) * len;
-            match (&self.master[part], &mut self.anchor[part]) {
-                (Buffer::Host(src), Buffer::Host(dst)) => {
-                    dst[range.clone()].copy_from_slice(&src[range])
-                }
-                (Buffer::Cuda(src), Buffer::Cuda(dst)) => {
-                    let stream = self
-                        .dev
-                        .cuda_stream()
-                        .expect("CUDA buffers belong to a CUDA device");
-                    stream.memcpy_dtod(&src.slice(range.clone()), &mut dst.slice_mut(range))?;
-                }
-                _ => unreachable!("the optimizer's buffers share one backend"),
-            }
+            let at = slot * len;
+            copy(
+                &self.dev,
+                &self.master[part],
+                at,
+                &mut self.anchor[part],
+                at,
+                len,
+            )?;
         }
         Ok(())
     }
