@@ -37,17 +37,26 @@ pub fn lora_scale(alpha: f64, r: usize, use_rslora: bool) -> f32 {
     }) as f32
 }
 
-/// The alpha for which [`lora_scale`] gives back `scale` exactly: `scale * r`
-/// (`scale * sqrt(r)` with rsLoRA), in f64. What a saved config writes so
-/// that PEFT, and this crate reading the file again, compute the slot's scale.
+/// The alpha for which [`lora_scale`] gives back `scale` exactly: the
+/// shortest decimal that does (16 for a scale of `(16 / 3) as f32` at rank
+/// 3, not 16.000000476837158), else `scale * r` (`scale * sqrt(r)` with
+/// rsLoRA) in f64. What a saved config writes, so that PEFT, and this crate
+/// reading the file again, compute the slot's scale; for an adapter that
+/// came from a PEFT file with a short alpha, PEFT's own f64 scale too.
 pub fn alpha_for_scale(scale: f32, r: usize, use_rslora: bool) -> f64 {
-    let r = r as f64;
-    let scale = scale as f64;
-    if use_rslora {
-        scale * r.sqrt()
+    let root = if use_rslora {
+        (r as f64).sqrt()
     } else {
-        scale * r
-    }
+        r as f64
+    };
+    let exact = scale as f64 * root;
+    (0..=9)
+        .map(|digits| {
+            let unit = 10f64.powi(digits);
+            (exact * unit).round() / unit
+        })
+        .find(|&alpha| lora_scale(alpha, r, use_rslora) == scale)
+        .unwrap_or(exact)
 }
 
 /// Which modules an adapter targets (`target_modules`, `exclude_modules`).
@@ -339,7 +348,9 @@ impl Fields<'_> {
             .unwrap_or(8.0);
         let target_modules = match self.get("target_modules") {
             None => {
-                return Err(self.error("target_modules", "missing: which modules carry the adapter"));
+                return Err(
+                    self.error("target_modules", "missing: which modules carry the adapter")
+                );
             }
             Some(v) => self.module_match("target_modules", v)?,
         };
@@ -600,10 +611,20 @@ mod tests {
 
     #[test]
     fn alpha_for_scale_inverts_lora_scale() {
-        for &(scale, r) in &[(2.0f32, 16usize), (0.3, 7), (1.0e-3, 1), (5.5, 256)] {
+        for &(scale, r) in &[
+            (2.0f32, 16usize),
+            (0.3, 7),
+            (1.0e-3, 1),
+            (5.5, 256),
+            (1e-30, 3),
+        ] {
             for rs in [false, true] {
                 assert_eq!(lora_scale(alpha_for_scale(scale, r, rs), r, rs), scale);
             }
         }
+        // Short alphas come back as themselves.
+        assert_eq!(alpha_for_scale((16.0f64 / 3.0) as f32, 3, false), 16.0);
+        assert_eq!(alpha_for_scale((9.0 / 6f64.sqrt()) as f32, 6, true), 9.0);
+        assert_eq!(alpha_for_scale(lora_scale(0.75, 7, false), 7, false), 0.75);
     }
 }

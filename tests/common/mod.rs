@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod adamw_model;
+#[cfg(feature = "peft")]
+pub mod peft_files;
 pub mod pool_model;
 
 use std::sync::OnceLock;

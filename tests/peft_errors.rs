@@ -1,0 +1,2 @@
+//! Bad PEFT input (placeholder filled below).
+mod common;
