@@ -445,3 +445,13 @@ fn check_module<T: KernelElement>(
     }
     Ok(())
 }
+
+impl<T> std::fmt::Debug for AdapterSet<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterSet")
+            .field("device", &self.dev.name())
+            .field("slots", &self.slots)
+            .field("modules", &self.modules.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
