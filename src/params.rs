@@ -13,7 +13,7 @@ mod bindings;
 
 pub use bindings::{
     AdamWParams, BackwardParams, FusedForwardParams, MergeParams, MultiAdapterParams,
-    SelftestParams, SlotOptim,
+    PoolLoadParams, SelftestParams, SlotOptim,
 };
 
 /// Every params struct with the names of all its fields (the list must be
@@ -62,6 +62,7 @@ params_structs! {
         accumulate, deterministic, reduce_len, reduce_out,
     }
     MergeParams { w, a, b, n, k, r, scale, sign }
+    PoolLoadParams { a, b, pool_b, stats, a_len, n, rank, max_rank, pad }
     SlotOptim { lr, weight_decay, max_grad_norm, anchor_pull, active, pad }
     AdamWParams {
         master_a, master_b, m1_a, m1_b, m2_a, m2_b, anchor_a, anchor_b, grad_a, grad_b,

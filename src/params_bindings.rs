@@ -235,6 +235,39 @@ const _: () = {
     ["Offset of field: MergeParams::scale"][::std::mem::offset_of!(MergeParams, scale) - 36usize];
     ["Offset of field: MergeParams::sign"][::std::mem::offset_of!(MergeParams, sign) - 40usize];
 };
+#[doc = " Loading an adapter that lies in device memory into a pool slot\n (kernels/pool_load.cu). The check pass counts the non-finite values of a\n ([rank, k], a_len elements) and b ([n, rank]) into stats (u64[4]: per\n operand the count and the bitwise NOT of the first index, so that\n atomicMax finds the first); the write pass copies b into the slot's rows\n of max_rank (pool_b), zero past rank."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct PoolLoadParams {
+    pub a: u64,
+    pub b: u64,
+    pub pool_b: u64,
+    pub stats: u64,
+    pub a_len: i64,
+    pub n: i32,
+    pub rank: i32,
+    pub max_rank: i32,
+    pub pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of PoolLoadParams"][::std::mem::size_of::<PoolLoadParams>() - 56usize];
+    ["Alignment of PoolLoadParams"][::std::mem::align_of::<PoolLoadParams>() - 8usize];
+    ["Offset of field: PoolLoadParams::a"][::std::mem::offset_of!(PoolLoadParams, a) - 0usize];
+    ["Offset of field: PoolLoadParams::b"][::std::mem::offset_of!(PoolLoadParams, b) - 8usize];
+    ["Offset of field: PoolLoadParams::pool_b"]
+        [::std::mem::offset_of!(PoolLoadParams, pool_b) - 16usize];
+    ["Offset of field: PoolLoadParams::stats"]
+        [::std::mem::offset_of!(PoolLoadParams, stats) - 24usize];
+    ["Offset of field: PoolLoadParams::a_len"]
+        [::std::mem::offset_of!(PoolLoadParams, a_len) - 32usize];
+    ["Offset of field: PoolLoadParams::n"][::std::mem::offset_of!(PoolLoadParams, n) - 40usize];
+    ["Offset of field: PoolLoadParams::rank"]
+        [::std::mem::offset_of!(PoolLoadParams, rank) - 44usize];
+    ["Offset of field: PoolLoadParams::max_rank"]
+        [::std::mem::offset_of!(PoolLoadParams, max_rank) - 48usize];
+    ["Offset of field: PoolLoadParams::pad"][::std::mem::offset_of!(PoolLoadParams, pad) - 52usize];
+};
 #[doc = " Per-slot optimizer settings (kernels/adamw.cu)."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]

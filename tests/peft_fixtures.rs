@@ -17,10 +17,17 @@ use lora_kernels::peft::{AdapterSet, LoadOptions, ModuleSpec, PeftAdapter};
 use lora_kernels::reference::{self, Adapter};
 use safetensors::SafeTensors;
 
+/// The fixture's directory: in the source tree the binary was built from,
+/// else under the current directory (a test binary copied to another
+/// machine, as scripts/gpu-check does, runs from the repository root).
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/peft")
-        .join(case)
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
+    let dir = if built_from.is_dir() {
+        built_from
+    } else {
+        PathBuf::from("tests/fixtures/peft")
+    };
+    dir.join(case)
 }
 
 fn f32s(st: &SafeTensors, key: &str) -> Vec<f32> {

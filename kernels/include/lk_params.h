@@ -73,6 +73,18 @@ typedef struct MergeParams {
     float sign; /* +1 merge, -1 unmerge */
 } MergeParams;
 
+/* Loading an adapter that lies in device memory into a pool slot
+ * (kernels/pool_load.cu). The check pass counts the non-finite values of a
+ * ([rank, k], a_len elements) and b ([n, rank]) into stats (u64[4]: per
+ * operand the count and the bitwise NOT of the first index, so that
+ * atomicMax finds the first); the write pass copies b into the slot's rows
+ * of max_rank (pool_b), zero past rank. */
+typedef struct PoolLoadParams {
+    uint64_t a, b, pool_b, stats;
+    int64_t a_len;
+    int32_t n, rank, max_rank, pad;
+} PoolLoadParams;
+
 /* Per-slot optimizer settings (kernels/adamw.cu). */
 typedef struct SlotOptim {
     float lr;

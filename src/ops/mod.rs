@@ -5,6 +5,7 @@ pub mod fused_forward;
 pub mod lora_backward;
 pub mod merge;
 pub mod multi_adapter_forward;
+pub(crate) mod pool_load;
 mod tiles;
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};

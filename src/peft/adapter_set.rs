@@ -9,8 +9,8 @@ use super::config::{ModuleMatch, peft_error};
 use crate::adapter_pool::{AdapterPool, PoolConfig, Staged, check_storable};
 use crate::device::Device;
 use crate::error::Result;
-use crate::ops::KernelElement;
 use crate::ops::adamw::SlotOptimizer;
+use crate::ops::{DeviceAdapter, KernelElement, pool_load};
 use crate::shape::invalid;
 
 /// How a module's base weight is stored.
@@ -267,6 +267,71 @@ impl<T: KernelElement> AdapterSet<T> {
                 .evict(slot)?;
         }
         self.rslora[slot] = adapter.config.use_rslora;
+        Ok(report)
+    }
+
+    /// Loads adapters that already lie in device memory (e.g. tensors an
+    /// engine read onto the GPU) into `slot`: one [`DeviceAdapter`] per
+    /// module path, copied on the device; the slot is emptied in the pools
+    /// not named. All or nothing: the paths, sizes and devices are checked,
+    /// then one device pass over all modules looks for NaN and Inf (one wait
+    /// for its result), and only then is anything written. A later save
+    /// writes plain (not rsLoRA) alphas.
+    pub fn load_device(
+        &mut self,
+        slot: usize,
+        modules: &[(&str, DeviceAdapter<'_, T>)],
+    ) -> Result<LoadReport> {
+        if slot >= self.slots {
+            return Err(invalid(
+                "slot",
+                slot,
+                format!("the set has {} slots", self.slots),
+            ));
+        }
+        for (i, (path, m)) in modules.iter().enumerate() {
+            let Some((_, pool)) = self.modules.get(*path) else {
+                return Err(invalid(
+                    "modules",
+                    path,
+                    "no pool in the adapter set has this path",
+                ));
+            };
+            if modules[..i].iter().any(|(p, _)| p == path) {
+                return Err(invalid("modules", path, "named twice"));
+            }
+            pool.check_device_load(slot, &m.a, &m.b, m.rank, m.scale)?;
+        }
+        let mut stats = self
+            .dev
+            .zeros::<u64>(modules.len().max(1) * pool_load::STATS_PER_ADAPTER)?;
+        for (i, (path, m)) in modules.iter().enumerate() {
+            let n = self.modules[*path].0.out_features;
+            let at = i * pool_load::STATS_PER_ADAPTER;
+            pool_load::queue_check(&self.dev, &m.a, &m.b, n, m.rank, &mut stats, at)?;
+        }
+        let stats = self.dev.download(&stats)?;
+        for (i, (_, m)) in modules.iter().enumerate() {
+            let at = i * pool_load::STATS_PER_ADAPTER;
+            if let Some((operand, index)) = pool_load::first_non_finite(&stats[at..]) {
+                let src = if operand == "a" { &m.a } else { &m.b };
+                let error = pool_load::non_finite_error(&self.dev, operand, src, index)?;
+                return Err(invalid("modules", modules[i].0, error.to_string()));
+            }
+        }
+        let mut report = LoadReport::default();
+        for (path, m) in modules {
+            let pool = &mut self.modules.get_mut(*path).expect("checked above").1;
+            pool.write_device(slot, &m.a, &m.b, m.rank, m.scale)?;
+            report.loaded.push(path.to_string());
+        }
+        for (path, (_, pool)) in &mut self.modules {
+            if !modules.iter().any(|(p, _)| p == path) {
+                pool.evict(slot)?;
+                report.emptied.push(path.clone());
+            }
+        }
+        self.rslora[slot] = false;
         Ok(report)
     }
 
