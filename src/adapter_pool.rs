@@ -16,7 +16,7 @@ use crate::buffer::{BufRef, Buffer};
 use crate::device::Device;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::ops::{KernelElement, check_operand, pool_load};
+use crate::ops::{DeviceAdapter, KernelElement, check_operand, pool_load};
 use crate::shape::{Dims, check_finite, check_matrix, check_rank, invalid};
 
 /// The shape of a pool: how many slots, their maximum rank, and the layer
@@ -193,49 +193,36 @@ impl<T: KernelElement> AdapterPool<T> {
         rank: usize,
         scale: f32,
     ) -> Result<()> {
-        let (a, b) = (a.into(), b.into());
-        self.check_device_load(slot, &a, &b, rank, scale)?;
+        let ad = DeviceAdapter::new(a, b, rank, scale);
+        self.check_device_load(slot, &ad)?;
         let mut stats = self.dev.zeros::<u64>(pool_load::STATS_PER_ADAPTER)?;
-        pool_load::queue_check(&self.dev, &a, &b, self.cfg.n, rank, &mut stats, 0)?;
+        pool_load::queue_check(&self.dev, &ad.a, &ad.b, self.cfg.n, rank, &mut stats, 0)?;
         if let Some((operand, index)) = pool_load::first_non_finite(&self.dev.download(&stats)?) {
-            let src = if operand == "a" { &a } else { &b };
+            let src = if operand == "a" { &ad.a } else { &ad.b };
             return Err(pool_load::non_finite_error(&self.dev, operand, src, index)?);
         }
-        self.write_device(slot, &a, &b, rank, scale)
+        self.write_device(slot, &ad)
     }
 
     /// What [`Self::load_device`] checks before its device check: the slot,
     /// rank, scale, sizes, and that `a` and `b` live on the pool's device.
-    pub(crate) fn check_device_load(
-        &self,
-        slot: usize,
-        a: &BufRef<'_, T>,
-        b: &BufRef<'_, T>,
-        rank: usize,
-        scale: f32,
-    ) -> Result<()> {
-        self.check_load(slot, a.len(), b.len(), rank, scale)?;
-        check_operand(&self.dev, "a", a, rank, self.cfg.k)?;
-        check_operand(&self.dev, "b", b, self.cfg.n, rank)
+    pub(crate) fn check_device_load(&self, slot: usize, ad: &DeviceAdapter<'_, T>) -> Result<()> {
+        self.check_load(slot, ad.a.len(), ad.b.len(), ad.rank, ad.scale)?;
+        check_operand(&self.dev, "a", &ad.a, ad.rank, self.cfg.k)?;
+        check_operand(&self.dev, "b", &ad.b, self.cfg.n, ad.rank)
     }
 
     /// Writes a device adapter into `slot`; the caller has run every check
     /// of [`Self::load_device`].
-    pub(crate) fn write_device(
-        &mut self,
-        slot: usize,
-        a: &BufRef<'_, T>,
-        b: &BufRef<'_, T>,
-        rank: usize,
-        scale: f32,
-    ) -> Result<()> {
+    pub(crate) fn write_device(&mut self, slot: usize, ad: &DeviceAdapter<'_, T>) -> Result<()> {
         let PoolConfig { max_rank, n, k, .. } = self.cfg;
         let (a_at, b_at) = (slot * max_rank * k, slot * n * max_rank);
-        let shape = (n, rank, max_rank);
+        let shape = (n, ad.rank, max_rank);
+        let (a, b) = (&ad.a, &ad.b);
         pool_load::write(&self.dev, a, b, &mut self.a, a_at, &mut self.b, b_at, shape)?;
-        write(&self.dev, &mut self.scales, slot, &[scale])?;
-        write(&self.dev, &mut self.ranks, slot, &[rank as i32])?;
-        self.host_ranks[slot] = rank;
+        write(&self.dev, &mut self.scales, slot, &[ad.scale])?;
+        write(&self.dev, &mut self.ranks, slot, &[ad.rank as i32])?;
+        self.host_ranks[slot] = ad.rank;
         self.generations[slot] += 1;
         Ok(())
     }

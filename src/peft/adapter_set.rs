@@ -300,7 +300,7 @@ impl<T: KernelElement> AdapterSet<T> {
             if modules[..i].iter().any(|(p, _)| p == path) {
                 return Err(invalid("modules", path, "named twice"));
             }
-            pool.check_device_load(slot, &m.a, &m.b, m.rank, m.scale)?;
+            pool.check_device_load(slot, m)?;
         }
         let mut stats = self
             .dev
@@ -322,7 +322,7 @@ impl<T: KernelElement> AdapterSet<T> {
         let mut report = LoadReport::default();
         for (path, m) in modules {
             let pool = &mut self.modules.get_mut(*path).expect("checked above").1;
-            pool.write_device(slot, &m.a, &m.b, m.rank, m.scale)?;
+            pool.write_device(slot, m)?;
             report.loaded.push(path.to_string());
         }
         for (path, (_, pool)) in &mut self.modules {
