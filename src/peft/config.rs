@@ -21,6 +21,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::shape::invalid;
 
 /// Name of the config file in a PEFT adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -65,9 +66,45 @@ pub enum ModuleMatch {
     /// A list: a path matches an entry it equals or ends with after a `.`.
     Names(Vec<String>),
     /// A regular expression the whole path must match (`re.fullmatch`).
-    Regex(Regex),
+    Regex(FullMatch),
     /// `"all-linear"`: every module.
     AllLinear,
+}
+
+/// A regular expression matched against whole module paths, as Python's
+/// `re.fullmatch` matches them.
+#[derive(Debug, Clone)]
+pub struct FullMatch {
+    pattern: String,
+    regex: Regex,
+}
+
+impl FullMatch {
+    /// Compiles `pattern` (an error if Rust's `regex` can't: look-around and
+    /// back-references are not supported).
+    pub fn new(pattern: &str) -> Result<Self> {
+        let regex = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+            invalid(
+                "pattern",
+                pattern,
+                format!("not a regular expression this crate can match: {e}"),
+            )
+        })?;
+        Ok(FullMatch {
+            pattern: pattern.to_string(),
+            regex,
+        })
+    }
+
+    /// The pattern as given.
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Whether the whole of `path` matches.
+    pub fn is_match(&self, path: &str) -> bool {
+        self.regex.is_match(path)
+    }
 }
 
 impl ModuleMatch {
@@ -89,10 +126,10 @@ pub struct PeftConfig {
     pub lora_alpha: f64,
     /// rsLoRA: scale `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
-    /// Per-module ranks: (pattern, r), in file order.
-    pub rank_pattern: Vec<(String, usize)>,
+    /// Per-module ranks: (pattern, r), in file order ([`Self::rank_pattern`]).
+    rank_pattern: Vec<(String, usize)>,
     /// Per-module alphas: (pattern, alpha), in file order.
-    pub alpha_pattern: Vec<(String, f64)>,
+    alpha_pattern: Vec<(String, f64)>,
     /// `target_modules`.
     pub target_modules: ModuleMatch,
     /// `exclude_modules` (None: none excluded).
@@ -199,6 +236,16 @@ impl PeftConfig {
         serde_json::to_string_pretty(&Value::Object(map)).expect("a JSON map serializes")
     }
 
+    /// `rank_pattern`: (pattern, r), in file order.
+    pub fn rank_pattern(&self) -> &[(String, usize)] {
+        &self.rank_pattern
+    }
+
+    /// `alpha_pattern`: (pattern, alpha), in file order.
+    pub fn alpha_pattern(&self) -> &[(String, f64)] {
+        &self.alpha_pattern
+    }
+
     /// Sets `rank_pattern` (compiling each key as PEFT matches it).
     pub fn set_rank_pattern(&mut self, pattern: Vec<(String, usize)>) -> Result<()> {
         self.rank_regex = compile_patterns("rank_pattern", pattern.iter().map(|p| &p.0), "")?;
@@ -298,11 +345,7 @@ fn layer_index(path: &str, layers_pattern: &[String]) -> Option<u64> {
 fn module_match_json(m: &ModuleMatch) -> Value {
     match m {
         ModuleMatch::Names(names) => names.clone().into(),
-        ModuleMatch::Regex(re) => {
-            let s = re.as_str();
-            // Stored anchored as `^(?:...)$`; PEFT wants the bare pattern.
-            s[4..s.len() - 2].into()
-        }
+        ModuleMatch::Regex(re) => re.pattern().into(),
         ModuleMatch::AllLinear => "all-linear".into(),
     }
 }
@@ -532,13 +575,11 @@ impl Fields<'_> {
     fn module_match(&self, key: &str, v: &Value) -> Result<ModuleMatch> {
         match v {
             Value::String(s) if s == "all-linear" => Ok(ModuleMatch::AllLinear),
-            Value::String(s) => Regex::new(&format!("^(?:{s})$"))
+            Value::String(s) => FullMatch::new(s)
                 .map(ModuleMatch::Regex)
-                .map_err(|e| {
-                    self.error(
-                        key,
-                        &format!("not a regular expression this crate can match: {e}"),
-                    )
+                .map_err(|e| match e {
+                    Error::InvalidArgument { reason, .. } => self.error(key, &reason),
+                    other => other,
                 }),
             Value::Array(_) => Ok(ModuleMatch::Names(self.strings(key)?)),
             _ => Err(self.error(

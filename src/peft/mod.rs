@@ -66,4 +66,4 @@ mod config;
 
 pub use adapter_file::{ModuleAdapter, PeftAdapter, WEIGHTS_FILE};
 pub use adapter_set::{AdapterSet, BaseLayout, LoadOptions, LoadReport, ModuleSpec};
-pub use config::{CONFIG_FILE, ModuleMatch, PeftConfig, alpha_for_scale, lora_scale};
+pub use config::{CONFIG_FILE, FullMatch, ModuleMatch, PeftConfig, alpha_for_scale, lora_scale};
