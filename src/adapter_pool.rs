@@ -201,7 +201,12 @@ impl<T: KernelElement> AdapterPool<T> {
             let src = if operand == "a" { &ad.a } else { &ad.b };
             return Err(pool_load::non_finite_error(&self.dev, operand, src, index)?);
         }
-        self.write_device(slot, &ad)
+        let meta = StagedMeta {
+            scales: &self.dev.upload(&[scale])?,
+            ranks: &self.dev.upload(&[rank as i32])?,
+            at: 0,
+        };
+        self.write_device(slot, &ad, &meta)
     }
 
     /// What [`Self::load_device`] checks before its device check: the slot,
@@ -212,16 +217,24 @@ impl<T: KernelElement> AdapterPool<T> {
         check_operand(&self.dev, "b", &ad.b, self.cfg.n, ad.rank)
     }
 
-    /// Writes a device adapter into `slot`; the caller has run every check
-    /// of [`Self::load_device`].
-    pub(crate) fn write_device(&mut self, slot: usize, ad: &DeviceAdapter<'_, T>) -> Result<()> {
+    /// Writes an adapter that lies on the pool's device into `slot`: `a`
+    /// copied, `b`'s rows padded to `max_rank` (kernels/pool_load.cu), the
+    /// scale and rank copied from `meta`. Device work only, so a batched load
+    /// uploads once for many pools. The caller has run every check of
+    /// [`Self::load_device`] (or of [`Self::load`] on the host values).
+    pub(crate) fn write_device(
+        &mut self,
+        slot: usize,
+        ad: &DeviceAdapter<'_, T>,
+        meta: &StagedMeta<'_>,
+    ) -> Result<()> {
         let PoolConfig { max_rank, n, k, .. } = self.cfg;
         let (a_at, b_at) = (slot * max_rank * k, slot * n * max_rank);
         let shape = (n, ad.rank, max_rank);
         let (a, b) = (&ad.a, &ad.b);
         pool_load::write(&self.dev, a, b, &mut self.a, a_at, &mut self.b, b_at, shape)?;
-        write(&self.dev, &mut self.scales, slot, &[ad.scale])?;
-        write(&self.dev, &mut self.ranks, slot, &[ad.rank as i32])?;
+        copy(&self.dev, meta.scales, meta.at, &mut self.scales, slot, 1)?;
+        copy(&self.dev, meta.ranks, meta.at, &mut self.ranks, slot, 1)?;
         self.host_ranks[slot] = ad.rank;
         self.generations[slot] += 1;
         Ok(())
@@ -249,50 +262,6 @@ impl<T: KernelElement> AdapterPool<T> {
         check_finite("scale", scale)?;
         check_matrix("a", rank, self.cfg.k, a_len)?;
         check_matrix("b", self.cfg.n, rank, b_len)
-    }
-
-    /// Puts an adapter that already lies in device buffers into `slot`: `a`
-    /// at `staged.a_at`, `b` padded to the pool's rows of `max_rank` at
-    /// `staged.b_at`, its scale and rank at `staged.meta_at`. Device-to-device
-    /// copies only (a batched load uploads once for many pools). The caller
-    /// has checked the slot, rank, scale and every weight as [`Self::load`]
-    /// does.
-    pub(crate) fn load_staged(
-        &mut self,
-        slot: usize,
-        rank: usize,
-        staged: &Staged<'_, T>,
-    ) -> Result<()> {
-        let PoolConfig { max_rank, n, k, .. } = self.cfg;
-        let dev = &self.dev;
-        copy(
-            dev,
-            staged.weights,
-            staged.a_at,
-            &mut self.a,
-            slot * max_rank * k,
-            rank * k,
-        )?;
-        copy(
-            dev,
-            staged.weights,
-            staged.b_at,
-            &mut self.b,
-            slot * n * max_rank,
-            n * max_rank,
-        )?;
-        copy(
-            dev,
-            staged.scales,
-            staged.meta_at,
-            &mut self.scales,
-            slot,
-            1,
-        )?;
-        copy(dev, staged.ranks, staged.meta_at, &mut self.ranks, slot, 1)?;
-        self.host_ranks[slot] = rank;
-        self.generations[slot] += 1;
-        Ok(())
     }
 
     /// Empties `slot` (in stream order); tokens that still name it get the
@@ -417,18 +386,12 @@ impl<T: KernelElement> AdapterPool<T> {
     }
 }
 
-/// Adapters uploaded together for [`AdapterPool::load_staged`]: weights,
-/// and per adapter a scale and a rank.
-pub(crate) struct Staged<'a, T> {
-    pub weights: &'a Buffer<T>,
+/// Scales and ranks of many adapters uploaded together (a batched load);
+/// this adapter's are at `at`.
+pub(crate) struct StagedMeta<'a> {
     pub scales: &'a Buffer<f32>,
     pub ranks: &'a Buffer<i32>,
-    /// Where this adapter's `a` starts in `weights`.
-    pub a_at: usize,
-    /// Where its padded `b` (`[n][max_rank]`) starts in `weights`.
-    pub b_at: usize,
-    /// Where its scale and rank are in `scales` and `ranks`.
-    pub meta_at: usize,
+    pub at: usize,
 }
 
 /// [`Error::NonFinite`] for the first NaN or +/-Inf in `values`.

@@ -185,6 +185,15 @@ impl<T> Buffer<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Elements `range` as a read-only operand (callers pass a range inside
+    /// the buffer).
+    pub(crate) fn view(&self, range: std::ops::Range<usize>) -> BufRef<'_, T> {
+        match self {
+            Buffer::Cuda(s) => BufRef::Cuda(s.slice(range)),
+            Buffer::Host(v) => BufRef::Host(&v[range]),
+        }
+    }
 }
 
 #[cfg(test)]

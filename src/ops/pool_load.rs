@@ -4,6 +4,8 @@
 //! check pass on the device counts non-finite weights, the host reads the
 //! counts once and refuses the load if there are any (nothing written), then
 //! `a` is copied as it is and `b`'s rows are padded to the pool's `max_rank`.
+//! The write pass is also how `AdapterSet::load` puts host adapters (checked
+//! on the host, uploaded together unpadded) into each pool.
 //! Kernel: kernels/pool_load.cu. Reference: `AdapterPool::load` from host
 //! slices, which a device load must match bit for bit (tests/pool_load.rs).
 use super::{KernelElement, in_ptr, out_ptr};

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use super::adapter_file::{ModuleAdapter, PeftAdapter, WEIGHTS_FILE};
 use super::config::{ModuleMatch, peft_error};
-use crate::adapter_pool::{AdapterPool, PoolConfig, Staged, check_storable};
+use crate::adapter_pool::{AdapterPool, PoolConfig, StagedMeta, check_storable};
+use crate::buffer::Buffer;
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::adamw::SlotOptimizer;
@@ -319,10 +320,17 @@ impl<T: KernelElement> AdapterSet<T> {
                 return Err(invalid("modules", modules[i].0, error.to_string()));
             }
         }
+        let meta: Vec<(f32, usize)> = modules.iter().map(|(_, m)| (m.scale, m.rank)).collect();
+        let (scales, ranks) = self.upload_meta(&meta)?;
         let mut report = LoadReport::default();
-        for (path, m) in modules {
+        for (i, (path, m)) in modules.iter().enumerate() {
+            let meta = StagedMeta {
+                scales: &scales,
+                ranks: &ranks,
+                at: i,
+            };
             let pool = &mut self.modules.get_mut(*path).expect("checked above").1;
-            pool.write_device(slot, m)?;
+            pool.write_device(slot, m, &meta)?;
             report.loaded.push(path.to_string());
         }
         for (path, (_, pool)) in &mut self.modules {
@@ -335,42 +343,44 @@ impl<T: KernelElement> AdapterSet<T> {
         Ok(report)
     }
 
-    /// One upload of every planned module's weights (`a`, then `b` padded to
-    /// the pool's rows), scales and ranks; then device copies into each pool.
+    /// One upload of every planned module's weights (`a`, then `b`), one of
+    /// their scales and one of their ranks; then device work per pool.
     fn write_planned(&mut self, slot: usize, plan: &[(&str, &ModuleAdapter)]) -> Result<()> {
-        let mut weights: Vec<T> = Vec::new();
-        let mut at = Vec::new();
-        for (path, m) in plan {
-            let max_rank = self.modules[*path].1.config().max_rank;
-            let a_at = weights.len();
-            weights.extend(m.a.iter().map(|&v| T::from_f32(v)));
-            let b_at = weights.len();
-            for row in m.b.chunks(m.rank) {
-                weights.extend(row.iter().map(|&v| T::from_f32(v)));
-                weights.extend(std::iter::repeat_n(T::default(), max_rank - m.rank));
-            }
-            at.push((a_at, b_at));
-        }
-        let scales: Vec<f32> = plan.iter().map(|(_, m)| m.scale).collect();
-        let ranks: Vec<i32> = plan.iter().map(|(_, m)| m.rank as i32).collect();
-        let (weights, scales, ranks) = (
-            self.dev.upload(&weights)?,
-            self.dev.upload(&scales)?,
-            self.dev.upload(&ranks)?,
-        );
-        for (meta_at, ((path, m), (a_at, b_at))) in plan.iter().zip(at).enumerate() {
-            let staged = Staged {
-                weights: &weights,
+        let to_t = |v: &[f32]| v.iter().map(|&e| T::from_f32(e)).collect::<Vec<T>>();
+        let weights: Vec<T> = plan
+            .iter()
+            .flat_map(|(_, m)| [to_t(&m.a), to_t(&m.b)])
+            .flatten()
+            .collect();
+        let weights = self.dev.upload(&weights)?;
+        let meta: Vec<(f32, usize)> = plan.iter().map(|(_, m)| (m.scale, m.rank)).collect();
+        let (scales, ranks) = self.upload_meta(&meta)?;
+        let mut at = 0;
+        for (i, (path, m)) in plan.iter().enumerate() {
+            let (a_end, b_end) = (at + m.a.len(), at + m.a.len() + m.b.len());
+            let ad = DeviceAdapter::new(
+                weights.view(at..a_end),
+                weights.view(a_end..b_end),
+                m.rank,
+                m.scale,
+            );
+            let meta = StagedMeta {
                 scales: &scales,
                 ranks: &ranks,
-                a_at,
-                b_at,
-                meta_at,
+                at: i,
             };
             let pool = &mut self.modules.get_mut(*path).expect("a planned pool").1;
-            pool.load_staged(slot, m.rank, &staged)?;
+            pool.write_device(slot, &ad, &meta)?;
+            at = b_end;
         }
         Ok(())
+    }
+
+    /// Scales and ranks, (scale, rank) per adapter, uploaded in one go each.
+    fn upload_meta(&self, meta: &[(f32, usize)]) -> Result<(Buffer<f32>, Buffer<i32>)> {
+        let scales: Vec<f32> = meta.iter().map(|&(s, _)| s).collect();
+        let ranks: Vec<i32> = meta.iter().map(|&(_, r)| r as i32).collect();
+        Ok((self.dev.upload(&scales)?, self.dev.upload(&ranks)?))
     }
 
     /// Empties `slot` in every pool.
