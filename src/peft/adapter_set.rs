@@ -7,7 +7,6 @@ use std::path::Path;
 use super::adapter_file::{ModuleAdapter, PeftAdapter, WEIGHTS_FILE};
 use super::config::{ModuleMatch, peft_error};
 use crate::adapter_pool::{AdapterPool, PoolConfig, StagedMeta, check_storable};
-use crate::buffer::Buffer;
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::adamw::SlotOptimizer;
@@ -196,13 +195,7 @@ impl<T: KernelElement> AdapterSet<T> {
         options: LoadOptions,
     ) -> Result<LoadReport> {
         let file = format!("{}/{WEIGHTS_FILE}", adapter.source);
-        if slot >= self.slots {
-            return Err(invalid(
-                "slot",
-                slot,
-                format!("the set has {} slots", self.slots),
-            ));
-        }
+        self.check_slot(slot)?;
         let mut report = LoadReport::default();
         if let Some(key) = adapter.modules_to_save_tensors.first() {
             if !options.ignore_modules_to_save {
@@ -256,17 +249,7 @@ impl<T: KernelElement> AdapterSet<T> {
         }
         self.write_planned(slot, &plan)?;
         report.loaded = plan.iter().map(|(p, _)| p.to_string()).collect();
-        report.emptied = (self.modules.keys())
-            .filter(|p| !adapter.modules.contains_key(*p))
-            .cloned()
-            .collect();
-        for path in &report.emptied {
-            self.modules
-                .get_mut(path)
-                .expect("a pool of the set")
-                .1
-                .evict(slot)?;
-        }
+        report.emptied = self.empty_uncovered(slot, |p| adapter.modules.contains_key(p))?;
         self.rslora[slot] = adapter.config.use_rslora;
         Ok(report)
     }
@@ -283,13 +266,7 @@ impl<T: KernelElement> AdapterSet<T> {
         slot: usize,
         modules: &[(&str, DeviceAdapter<'_, T>)],
     ) -> Result<LoadReport> {
-        if slot >= self.slots {
-            return Err(invalid(
-                "slot",
-                slot,
-                format!("the set has {} slots", self.slots),
-            ));
-        }
+        self.check_slot(slot)?;
         for (i, (path, m)) in modules.iter().enumerate() {
             let Some((_, pool)) = self.modules.get(*path) else {
                 return Err(invalid(
@@ -320,71 +297,73 @@ impl<T: KernelElement> AdapterSet<T> {
                 return Err(invalid("modules", modules[i].0, error.to_string()));
             }
         }
-        let meta: Vec<(f32, usize)> = modules.iter().map(|(_, m)| (m.scale, m.rank)).collect();
-        let (scales, ranks) = self.upload_meta(&meta)?;
-        let mut report = LoadReport::default();
-        for (i, (path, m)) in modules.iter().enumerate() {
-            let meta = StagedMeta {
-                scales: &scales,
-                ranks: &ranks,
-                at: i,
-            };
-            let pool = &mut self.modules.get_mut(*path).expect("checked above").1;
-            pool.write_device(slot, m, &meta)?;
-            report.loaded.push(path.to_string());
-        }
-        for (path, (_, pool)) in &mut self.modules {
-            if !modules.iter().any(|(p, _)| p == path) {
-                pool.evict(slot)?;
-                report.emptied.push(path.clone());
-            }
-        }
+        self.write_all(slot, modules)?;
+        let emptied = self.empty_uncovered(slot, |p| modules.iter().any(|(q, _)| *q == p))?;
         self.rslora[slot] = false;
-        Ok(report)
+        Ok(LoadReport {
+            loaded: modules.iter().map(|(p, _)| p.to_string()).collect(),
+            emptied,
+            ..LoadReport::default()
+        })
     }
 
-    /// One upload of every planned module's weights (`a`, then `b`), one of
-    /// their scales and one of their ranks; then device work per pool.
+    /// One upload of every planned module's weights (`a`, then `b`, as `T`),
+    /// then [`Self::write_all`] from that buffer.
     fn write_planned(&mut self, slot: usize, plan: &[(&str, &ModuleAdapter)]) -> Result<()> {
         let to_t = |v: &[f32]| v.iter().map(|&e| T::from_f32(e)).collect::<Vec<T>>();
-        let weights: Vec<T> = plan
-            .iter()
+        let weights: Vec<T> = (plan.iter())
             .flat_map(|(_, m)| [to_t(&m.a), to_t(&m.b)])
             .flatten()
             .collect();
         let weights = self.dev.upload(&weights)?;
-        let meta: Vec<(f32, usize)> = plan.iter().map(|(_, m)| (m.scale, m.rank)).collect();
-        let (scales, ranks) = self.upload_meta(&meta)?;
         let mut at = 0;
-        for (i, (path, m)) in plan.iter().enumerate() {
+        let mut adapters = Vec::with_capacity(plan.len());
+        for (path, m) in plan {
             let (a_end, b_end) = (at + m.a.len(), at + m.a.len() + m.b.len());
-            let ad = DeviceAdapter::new(
-                weights.view(at..a_end),
-                weights.view(a_end..b_end),
-                m.rank,
-                m.scale,
-            );
+            let (a, b) = (weights.view(at..a_end), weights.view(a_end..b_end));
+            adapters.push((*path, DeviceAdapter::new(a, b, m.rank, m.scale)));
+            at = b_end;
+        }
+        self.write_all(slot, &adapters)
+    }
+
+    /// Writes checked adapters on the device into `slot` of their pools: one
+    /// upload of all their scales and one of their ranks, then device work
+    /// per pool.
+    fn write_all(&mut self, slot: usize, modules: &[(&str, DeviceAdapter<'_, T>)]) -> Result<()> {
+        let scales: Vec<f32> = modules.iter().map(|(_, m)| m.scale).collect();
+        let ranks: Vec<i32> = modules.iter().map(|(_, m)| m.rank as i32).collect();
+        let (scales, ranks) = (self.dev.upload(&scales)?, self.dev.upload(&ranks)?);
+        for (at, (path, m)) in modules.iter().enumerate() {
             let meta = StagedMeta {
                 scales: &scales,
                 ranks: &ranks,
-                at: i,
+                at,
             };
-            let pool = &mut self.modules.get_mut(*path).expect("a planned pool").1;
-            pool.write_device(slot, &ad, &meta)?;
-            at = b_end;
+            let pool = &mut self.modules.get_mut(*path).expect("a checked module").1;
+            pool.write_device(slot, m, &meta)?;
         }
         Ok(())
     }
 
-    /// Scales and ranks, (scale, rank) per adapter, uploaded in one go each.
-    fn upload_meta(&self, meta: &[(f32, usize)]) -> Result<(Buffer<f32>, Buffer<i32>)> {
-        let scales: Vec<f32> = meta.iter().map(|&(s, _)| s).collect();
-        let ranks: Vec<i32> = meta.iter().map(|&(_, r)| r as i32).collect();
-        Ok((self.dev.upload(&scales)?, self.dev.upload(&ranks)?))
+    /// Empties `slot` in the pools whose path `covered` rejects (a load's
+    /// adapter has nothing for them), returning their paths.
+    fn empty_uncovered(
+        &mut self,
+        slot: usize,
+        covered: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>> {
+        let mut emptied = Vec::new();
+        for (path, (_, pool)) in &mut self.modules {
+            if !covered(path) {
+                pool.evict(slot)?;
+                emptied.push(path.clone());
+            }
+        }
+        Ok(emptied)
     }
 
-    /// Empties `slot` in every pool.
-    pub fn evict(&mut self, slot: usize) -> Result<()> {
+    fn check_slot(&self, slot: usize) -> Result<()> {
         if slot >= self.slots {
             return Err(invalid(
                 "slot",
@@ -392,6 +371,12 @@ impl<T: KernelElement> AdapterSet<T> {
                 format!("the set has {} slots", self.slots),
             ));
         }
+        Ok(())
+    }
+
+    /// Empties `slot` in every pool.
+    pub fn evict(&mut self, slot: usize) -> Result<()> {
+        self.check_slot(slot)?;
         for (_, pool) in self.modules.values_mut() {
             pool.evict(slot)?;
         }
@@ -445,13 +430,7 @@ impl<T: KernelElement> AdapterSet<T> {
         slot: usize,
         weights: impl Fn(&str, &AdapterPool<T>) -> Result<Option<(Vec<f32>, Vec<f32>, f32)>>,
     ) -> Result<Option<PeftAdapter>> {
-        if slot >= self.slots {
-            return Err(invalid(
-                "slot",
-                slot,
-                format!("the set has {} slots", self.slots),
-            ));
-        }
+        self.check_slot(slot)?;
         let mut modules = BTreeMap::new();
         let mut fan_in_fan_out = false;
         for (path, (spec, pool)) in &self.modules {
