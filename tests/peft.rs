@@ -393,37 +393,45 @@ fn fan_in_fan_out_modules_serve_the_conv1d_product() {
     }
 }
 
+/// A set with every module's adapter in slot 2, loaded through an optimizer
+/// per pool that has taken one step from random gradients.
+fn trained_set(dev: &Device) -> (AdapterSet<bf16>, BTreeMap<String, SlotOptimizer>, Vec<Lora>) {
+    let loras = model_loras(4, Dtype::F32);
+    let mut set = AdapterSet::<bf16>::new(dev, 3, 8, llama_modules()).unwrap();
+    let mut optimizers = BTreeMap::new();
+    for lora in &loras {
+        let pool = set.pool_mut(&lora.path).unwrap();
+        let mut opt = SlotOptimizer::new(pool, AdamWConfig::default()).unwrap();
+        opt.load_adapter(pool, 2, &lora.a, &lora.b, lora.rank, 1.25, TRAIN)
+            .unwrap();
+        let cfg = pool.config();
+        let mut r = rng(lora.rank as u64);
+        let ga = dev
+            .upload(&random::<f32>(&mut r, cfg.slots * cfg.max_rank * cfg.k))
+            .unwrap();
+        let gb = dev
+            .upload(&random::<f32>(&mut r, cfg.slots * cfg.n * cfg.max_rank))
+            .unwrap();
+        opt.step(pool, &ga, &gb).unwrap();
+        optimizers.insert(lora.path.clone(), opt);
+    }
+    (set, optimizers, loras)
+}
+
+const TRAIN: SlotHyper = SlotHyper {
+    lr: 0.01,
+    weight_decay: 0.0,
+    max_grad_norm: 0.0,
+    anchor_pull: 0.0,
+};
+
 /// A trained adapter saved from the optimizer's f32 masters holds exactly
 /// the masters; saved from the pools, their storage-type rounding.
 #[test]
 fn trained_adapters_save_from_masters_and_from_pools() {
     for dev in devices() {
         let dir = temp_dir("masters");
-        let loras = model_loras(4, Dtype::F32);
-        let mut set = AdapterSet::<bf16>::new(&dev, 3, 8, llama_modules()).unwrap();
-        let hyper = SlotHyper {
-            lr: 0.01,
-            weight_decay: 0.0,
-            max_grad_norm: 0.0,
-            anchor_pull: 0.0,
-        };
-        let mut optimizers = BTreeMap::new();
-        for lora in &loras {
-            let pool = set.pool_mut(&lora.path).unwrap();
-            let mut opt = SlotOptimizer::new(pool, AdamWConfig::default()).unwrap();
-            opt.load_adapter(pool, 2, &lora.a, &lora.b, lora.rank, 1.25, hyper)
-                .unwrap();
-            let cfg = pool.config();
-            let mut r = rng(lora.rank as u64);
-            let ga = dev
-                .upload(&random::<f32>(&mut r, cfg.slots * cfg.max_rank * cfg.k))
-                .unwrap();
-            let gb = dev
-                .upload(&random::<f32>(&mut r, cfg.slots * cfg.n * cfg.max_rank))
-                .unwrap();
-            opt.step(pool, &ga, &gb).unwrap();
-            optimizers.insert(lora.path.clone(), opt);
-        }
+        let (set, optimizers, loras) = trained_set(&dev);
         let masters = set.masters(2, |p| optimizers.get(p)).unwrap().unwrap();
         masters.write_dir(dir.join("masters"), DType::F32).unwrap();
         let back = PeftAdapter::read_dir(dir.join("masters")).unwrap();
@@ -443,6 +451,48 @@ fn trained_adapters_save_from_masters_and_from_pools() {
         });
         let err = one_short.unwrap_err().to_string();
         assert!(err.contains("down_proj"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+/// Masters saved in f32 and loaded for training into another slot continue
+/// from the very same weights (masters bit for bit, the pools' rounding
+/// too), with the step count restarted; a missing optimizer is an error
+/// naming the module that changes nothing.
+#[test]
+fn saved_masters_load_for_training_bit_for_bit() {
+    for dev in devices() {
+        let dir = temp_dir("resume");
+        let (mut set, mut optimizers, _) = trained_set(&dev);
+        let saved = set.masters(2, |p| optimizers.get(p)).unwrap().unwrap();
+        saved.write_dir(&dir, DType::F32).unwrap();
+        let back = PeftAdapter::read_dir(&dir).unwrap();
+
+        let mut one_short: BTreeMap<_, _> = std::mem::take(&mut optimizers);
+        let (down, down_opt) = one_short.pop_last().unwrap();
+        let err = set
+            .load_for_training(0, &back, LoadOptions::default(), TRAIN, &mut one_short)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&down), "{err}");
+        assert!(
+            set.adapter(0).unwrap().is_none(),
+            "a failed load wrote slot 0"
+        );
+        one_short.insert(down, down_opt);
+        optimizers = one_short;
+
+        let report = set
+            .load_for_training(0, &back, LoadOptions::default(), TRAIN, &mut optimizers)
+            .unwrap();
+        assert_eq!(report.loaded.len(), optimizers.len());
+        for (path, opt) in &optimizers {
+            let pool = set.pool(path).unwrap();
+            assert_eq!(opt.master(pool, 0).unwrap(), opt.master(pool, 2).unwrap());
+            let (at0, at2) = (pool.adapter(0).unwrap(), pool.adapter(2).unwrap());
+            assert_eq!(at0.unwrap().a, at2.unwrap().a, "{path}");
+            assert_eq!(opt.steps().unwrap()[..], [0, 0, 1], "{path}");
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 }

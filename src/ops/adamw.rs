@@ -222,11 +222,7 @@ impl SlotOptimizer {
         scale: f32,
         hyper: SlotHyper,
     ) -> Result<()> {
-        self.check_pool(pool)?;
-        pool.check_load(slot, a.len(), b.len(), rank, scale)?;
-        check_storable::<T>("a", a)?;
-        check_storable::<T>("b", b)?;
-        hyper.validate()?;
+        self.check_load(pool, slot, (a, b), rank, scale, hyper)?;
         let rounded = |v: &[f32]| v.iter().map(|&e| T::from_f32(e)).collect::<Vec<T>>();
         pool.load(slot, &rounded(a), &rounded(b), rank, scale)?;
         self.trained[slot] = Some(Trained {
@@ -253,6 +249,23 @@ impl SlotOptimizer {
         write(&self.dev, &mut self.step, slot, &[0])?;
         self.host_hyper[slot].active = 1;
         self.set_hyper(slot, hyper)
+    }
+
+    /// Everything [`Self::load_adapter`] checks before it writes.
+    pub(crate) fn check_load<T: KernelElement>(
+        &self,
+        pool: &AdapterPool<T>,
+        slot: usize,
+        (a, b): (&[f32], &[f32]),
+        rank: usize,
+        scale: f32,
+        hyper: SlotHyper,
+    ) -> Result<()> {
+        self.check_pool(pool)?;
+        pool.check_load(slot, a.len(), b.len(), rank, scale)?;
+        check_storable::<T>("a", a)?;
+        check_storable::<T>("b", b)?;
+        hyper.validate()
     }
 
     /// Per-slot learning rate, weight decay, clipping and anchor pull.

@@ -9,7 +9,7 @@ use super::config::{ModuleMatch, peft_error};
 use crate::adapter_pool::{AdapterPool, PoolConfig, StagedMeta, check_storable};
 use crate::device::Device;
 use crate::error::Result;
-use crate::ops::adamw::SlotOptimizer;
+use crate::ops::adamw::{SlotHyper, SlotOptimizer};
 use crate::ops::{DeviceAdapter, KernelElement, pool_load};
 use crate::shape::invalid;
 
@@ -194,6 +194,59 @@ impl<T: KernelElement> AdapterSet<T> {
         adapter: &PeftAdapter,
         options: LoadOptions,
     ) -> Result<LoadReport> {
+        let (plan, report) = self.plan_load(slot, adapter, options)?;
+        self.write_planned(slot, &plan)?;
+        self.finish_load(slot, adapter, &plan, report)
+    }
+
+    /// Loads `adapter` into `slot` for training: as [`Self::load`], but each
+    /// module's weights go in through the [`SlotOptimizer`] of its pool
+    /// (`optimizers`, keyed by module path), whose f32 masters and anchor
+    /// take the file's values exactly (the pool gets them rounded to `T`),
+    /// whose moments and step count restart from zero and which trains the
+    /// slot with `hyper`. A directory saved from
+    /// [`Self::masters`] in f32 so continues from the very weights it was
+    /// saved with (AdamW's moments are not part of a PEFT directory).
+    ///
+    /// All or nothing: besides [`Self::load`]'s checks, every loaded module
+    /// must have its optimizer, made for its pool; on an error nothing
+    /// changed.
+    pub fn load_for_training(
+        &mut self,
+        slot: usize,
+        adapter: &PeftAdapter,
+        options: LoadOptions,
+        hyper: SlotHyper,
+        optimizers: &mut BTreeMap<String, SlotOptimizer>,
+    ) -> Result<LoadReport> {
+        let (plan, report) = self.plan_load(slot, adapter, options)?;
+        for (path, m) in &plan {
+            let opt = optimizers.get(*path).ok_or_else(|| {
+                invalid(
+                    "optimizers",
+                    path,
+                    "no SlotOptimizer for this module's pool",
+                )
+            })?;
+            let pool = &self.modules[*path].1;
+            opt.check_load(pool, slot, (&m.a, &m.b), m.rank, m.scale, hyper)?;
+        }
+        for (path, m) in &plan {
+            let opt = optimizers.get_mut(*path).expect("checked above");
+            let pool = &mut self.modules.get_mut(*path).expect("a planned module").1;
+            opt.load_adapter(pool, slot, &m.a, &m.b, m.rank, m.scale, hyper)?;
+        }
+        self.finish_load(slot, adapter, &plan, report)
+    }
+
+    /// The checks of a load, with nothing changed: the modules to write and
+    /// the report so far.
+    fn plan_load<'a>(
+        &self,
+        slot: usize,
+        adapter: &'a PeftAdapter,
+        options: LoadOptions,
+    ) -> Result<(Vec<(&'a str, &'a ModuleAdapter)>, LoadReport)> {
         let file = format!("{}/{WEIGHTS_FILE}", adapter.source);
         self.check_slot(slot)?;
         let mut report = LoadReport::default();
@@ -247,7 +300,18 @@ impl<T: KernelElement> AdapterSet<T> {
                 "missing: adapter_config.json's target_modules covers this module",
             ));
         }
-        self.write_planned(slot, &plan)?;
+        Ok((plan, report))
+    }
+
+    /// After a load's writes: the slot emptied where the adapter has
+    /// nothing, its rsLoRA flag kept for saving, the report completed.
+    fn finish_load(
+        &mut self,
+        slot: usize,
+        adapter: &PeftAdapter,
+        plan: &[(&str, &ModuleAdapter)],
+        mut report: LoadReport,
+    ) -> Result<LoadReport> {
         report.loaded = plan.iter().map(|(p, _)| p.to_string()).collect();
         report.emptied = self.empty_uncovered(slot, |p| adapter.modules.contains_key(p))?;
         self.rslora[slot] = adapter.config.use_rslora;
