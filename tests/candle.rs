@@ -719,3 +719,76 @@ fn gpu_pool_with_cpu_tensors_is_refused() {
         );
     }
 }
+
+/// The optimizer step on candle gradients is the op's step on the same
+/// values, bit for bit; a gradient of the wrong dtype or shape is an error
+/// naming it that changes nothing.
+#[test]
+fn adamw_step_on_tensors_matches_the_op() {
+    use lora_kernels::candle::adamw::step;
+    use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer};
+    let case = pool_case::<bf16>(5, &MIXED, mixed_ids(5), 17);
+    let cfg = pool(&case).config();
+    let hyper = SlotHyper {
+        lr: 0.01,
+        weight_decay: 0.1,
+        max_grad_norm: 1.0,
+        anchor_pull: 0.0,
+    };
+    let trained = || {
+        let mut pool = pool(&case);
+        let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
+        let (a, b) = (
+            random::<f32>(&mut rng(1), 4 * K),
+            random::<f32>(&mut rng(2), N * 4),
+        );
+        opt.load_adapter(&mut pool, 1, &a, &b, 4, 0.5, hyper)
+            .unwrap();
+        (pool, opt)
+    };
+    let mut r = rng(3);
+    let ga = random::<f32>(&mut r, cfg.slots * cfg.max_rank * K);
+    let gb = random::<f32>(&mut r, cfg.slots * N * cfg.max_rank);
+    let (ga_t, gb_t) = (
+        tensor(&ga, &[cfg.slots, cfg.max_rank, K]),
+        tensor(&gb, &[cfg.slots, N, cfg.max_rank]),
+    );
+
+    let (mut want_pool, mut want_opt) = trained();
+    let dev = want_pool.device().clone();
+    let (ga_d, gb_d) = (dev.upload(&ga).unwrap(), dev.upload(&gb).unwrap());
+    want_opt.step(&mut want_pool, &ga_d, &gb_d).unwrap();
+
+    let (mut pool, mut opt) = trained();
+    let before = opt.master(&pool, 1).unwrap();
+    let bad_shape = tensor(&ga[1..], &[cfg.slots * cfg.max_rank * K - 1]);
+    assert_names(
+        "grad_a",
+        "grad_a [len - 1]",
+        step(&mut opt, &mut pool, &bad_shape, &gb_t),
+    );
+    let bf16_b = gb_t.to_dtype(CandleDType::BF16).unwrap();
+    assert_names(
+        "grad_b",
+        "bf16 grad_b",
+        step(&mut opt, &mut pool, &ga_t, &bf16_b),
+    );
+    assert_eq!(
+        opt.master(&pool, 1).unwrap(),
+        before,
+        "a failed step changed the masters"
+    );
+    assert_eq!(opt.steps().unwrap()[1], 0);
+
+    step(&mut opt, &mut pool, &ga_t, &gb_t).unwrap();
+    assert_eq!(
+        opt.master(&pool, 1).unwrap(),
+        want_opt.master(&want_pool, 1).unwrap()
+    );
+    assert_ne!(opt.master(&pool, 1).unwrap(), before);
+    let (got, want) = (
+        pool.adapter(1).unwrap().unwrap(),
+        want_pool.adapter(1).unwrap().unwrap(),
+    );
+    assert_eq!((got.a, got.b), (want.a, want.b));
+}

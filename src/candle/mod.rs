@@ -18,6 +18,7 @@
 //! This module holds what every candle function shares: the element types,
 //! the crate's [`Device`] for a candle device, operand checks and the views
 //! the kernels read, and new tensors from the buffers they write.
+pub mod adamw;
 pub mod fused_forward;
 pub mod lora_backward;
 pub mod lora_linear;
