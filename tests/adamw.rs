@@ -492,6 +492,91 @@ fn anchors_pull_toward_the_weights_at_the_task_start() {
     );
 }
 
+/// A slot's state moved to another optimizer (masters through
+/// `load_adapter`, the rest through `set_state`) continues bit for bit as
+/// the original does under the same gradients; with fresh moments it does
+/// not. Bad states are refused, naming the part, and change nothing.
+#[test]
+fn saved_state_continues_training_bit_for_bit() {
+    for dev in devices() {
+        let (rank, h) = (3, hyper(2e-2, 0.01, 0.0, 0.5));
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            random(&mut rng(1), rank * CFG.k),
+            random(&mut rng(2), CFG.n * rank),
+        );
+        let mut pool = AdapterPool::<bf16>::new(&dev, CFG).unwrap();
+        let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
+        opt.load_adapter(&mut pool, 2, &a, &b, rank, 1.0, h)
+            .unwrap();
+        for step in 0..3 {
+            let (ga, gb) = gradients(CFG, step, 1.0);
+            opt.step(&mut pool, &ga, &gb).unwrap();
+        }
+        let state = opt.state(&pool, 2).unwrap();
+        assert_eq!(state.step, 3);
+        let (ma, mb) = opt.master(&pool, 2).unwrap();
+
+        // Another pool and optimizer, another slot.
+        let mut pool2 = AdapterPool::<bf16>::new(&dev, CFG).unwrap();
+        let mut opt2 = SlotOptimizer::new(&pool2, AdamWConfig::default()).unwrap();
+        opt2.load_adapter(&mut pool2, 0, &ma, &mb, rank, 1.0, h)
+            .unwrap();
+        let mut bad = state.clone();
+        bad.m1.1.pop();
+        let err = opt2.set_state(&pool2, 0, &bad).unwrap_err().to_string();
+        assert!(err.contains("m1.b"), "{err}");
+        let mut bad = state.clone();
+        bad.m2.0[4] = -1.0;
+        let err = opt2.set_state(&pool2, 0, &bad).unwrap_err().to_string();
+        assert!(err.contains("m2.a"), "{err}");
+        bad = state.clone();
+        bad.anchor.1[0] = f32::NAN;
+        assert!(opt2.set_state(&pool2, 0, &bad).is_err());
+        bad = state.clone();
+        bad.step = -1;
+        assert!(opt2.set_state(&pool2, 0, &bad).is_err());
+        assert_eq!(
+            opt2.state(&pool2, 0).unwrap().step,
+            0,
+            "a refused state changed the slot"
+        );
+        opt2.set_state(&pool2, 0, &state).unwrap();
+        assert_eq!(opt2.state(&pool2, 0).unwrap(), state);
+
+        // The same next gradients for slot 2 of the original and slot 0 of the copy.
+        let move_slot = |(ga, gb): (Vec<f32>, Vec<f32>)| {
+            let (sa, sb) = (CFG.max_rank * CFG.k, CFG.n * CFG.max_rank);
+            let (mut a0, mut b0) = (vec![0f32; ga.len()], vec![0f32; gb.len()]);
+            a0[..sa].copy_from_slice(&ga[2 * sa..3 * sa]);
+            b0[..sb].copy_from_slice(&gb[2 * sb..3 * sb]);
+            (a0, b0)
+        };
+        let mut pool3 = AdapterPool::<bf16>::new(&dev, CFG).unwrap();
+        let mut fresh = SlotOptimizer::new(&pool3, AdamWConfig::default()).unwrap();
+        fresh
+            .load_adapter(&mut pool3, 0, &ma, &mb, rank, 1.0, h)
+            .unwrap();
+        for step in 3..6 {
+            let g = gradients(CFG, step, 1.0);
+            opt.step(&mut pool, &g.0, &g.1).unwrap();
+            let moved = move_slot(g);
+            opt2.step(&mut pool2, &moved.0, &moved.1).unwrap();
+            fresh.step(&mut pool3, &moved.0, &moved.1).unwrap();
+        }
+        let want = opt.master(&pool, 2).unwrap();
+        assert_eq!(opt2.master(&pool2, 0).unwrap(), want);
+        assert_eq!(
+            pool2.adapter(0).unwrap().unwrap().a,
+            pool.adapter(2).unwrap().unwrap().a
+        );
+        assert_ne!(
+            fresh.master(&pool3, 0).unwrap(),
+            want,
+            "fresh moments continued identically"
+        );
+    }
+}
+
 /// On the GPU at a real shape: 8 rank-16 slots of a hidden-4096 layer.
 #[test]
 fn gpu_real_shape_matches_reference() {

@@ -12,7 +12,8 @@ use common::{devices, random, rng};
 use half::{bf16, f16};
 use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer};
 use lora_kernels::peft::{
-    AdapterSet, LoadOptions, ModuleAdapter, ModuleSpec, PeftAdapter, PeftConfig, lora_scale,
+    AdapterSet, LoadOptions, ModuleAdapter, ModuleSpec, PeftAdapter, PeftConfig, STATE_FILE,
+    lora_scale,
 };
 use lora_kernels::{DType, Device, Element, KernelElement};
 use safetensors::Dtype;
@@ -493,6 +494,96 @@ fn saved_masters_load_for_training_bit_for_bit() {
             assert_eq!(at0.unwrap().a, at2.unwrap().a, "{path}");
             assert_eq!(opt.steps().unwrap()[..], [0, 0, 1], "{path}");
         }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+/// A slot saved for training (masters + optimizer state) and loaded back
+/// into another slot continues exactly as the original under the same
+/// gradients. A directory without the state file starts the moments afresh
+/// and says so; a state file with a stray key or a wrong shape is an error
+/// naming the file and key that changes nothing.
+#[test]
+fn saved_training_resumes_exactly() {
+    for dev in devices() {
+        let dir = temp_dir("resume-state");
+        let (mut set, mut optimizers, _) = trained_set(&dev);
+        set.save_for_training(2, &dir, &optimizers).unwrap();
+        let report = set
+            .load_dir_for_training(0, &dir, LoadOptions::default(), TRAIN, &mut optimizers)
+            .unwrap();
+        assert!(report.optimizer_state);
+        for (path, opt) in &mut optimizers {
+            let pool = set.pool_mut(path).unwrap();
+            assert_eq!(
+                opt.state(pool, 0).unwrap(),
+                opt.state(pool, 2).unwrap(),
+                "{path}"
+            );
+            // The same gradient for slots 0 and 2.
+            let cfg = pool.config();
+            let (sa, sb) = (cfg.max_rank * cfg.k, cfg.n * cfg.max_rank);
+            let mut r = rng(9);
+            let (one_a, one_b) = (random::<f32>(&mut r, sa), random::<f32>(&mut r, sb));
+            let ga: Vec<f32> = [&one_a[..], &vec![0.0; sa], &one_a[..]].concat();
+            let gb: Vec<f32> = [&one_b[..], &vec![0.0; sb], &one_b[..]].concat();
+            opt.step(pool, &dev.upload(&ga).unwrap(), &dev.upload(&gb).unwrap())
+                .unwrap();
+            assert_eq!(
+                opt.master(pool, 0).unwrap(),
+                opt.master(pool, 2).unwrap(),
+                "{path}"
+            );
+            assert_eq!(opt.steps().unwrap()[..], [2, 0, 2], "{path}");
+        }
+
+        // Without the state file: fresh moments, reported.
+        let weights_only = dir.join("weights-only");
+        set.masters(2, |p| optimizers.get(p))
+            .unwrap()
+            .unwrap()
+            .write_dir(&weights_only, DType::F32)
+            .unwrap();
+        let report = set
+            .load_dir_for_training(
+                1,
+                &weights_only,
+                LoadOptions::default(),
+                TRAIN,
+                &mut optimizers,
+            )
+            .unwrap();
+        assert!(!report.optimizer_state);
+        assert!(optimizers.values().all(|o| o.steps().unwrap()[1] == 0));
+        set.evict(1).unwrap();
+
+        // A broken state file: nothing changes.
+        let state_path = dir.join(STATE_FILE);
+        let bytes = std::fs::read(&state_path).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut entries: Vec<(String, safetensors::tensor::TensorView)> =
+            tensors.tensors().into_iter().collect();
+        let victim = entries
+            .iter()
+            .position(|(k, _)| k.ends_with("lora_B.exp_avg"))
+            .unwrap();
+        let key = entries[victim].0.clone();
+        let view = &entries[victim].1;
+        let mut shape = view.shape().to_vec();
+        shape.swap(0, 1);
+        let data = view.data().to_vec();
+        let transposed = safetensors::tensor::TensorView::new(view.dtype(), shape, &data).unwrap();
+        entries[victim].1 = transposed;
+        std::fs::write(&state_path, safetensors::serialize(entries, None).unwrap()).unwrap();
+        let err = set
+            .load_dir_for_training(1, &dir, LoadOptions::default(), TRAIN, &mut optimizers)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(STATE_FILE) && err.contains(&key), "{err}");
+        assert!(
+            set.adapter(1).unwrap().is_none(),
+            "a refused load wrote slot 1"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -229,23 +229,12 @@ impl SlotOptimizer {
             rank,
             generation: pool.generation(slot),
         });
-        let PoolConfig { max_rank, n, k, .. } = self.cfg;
-        let mut a_rows = vec![0f32; max_rank * k];
-        a_rows[..rank * k].copy_from_slice(a);
-        let mut b_rows = vec![0f32; n * max_rank];
-        for (dst, src) in b_rows.chunks_mut(max_rank).zip(b.chunks(rank)) {
-            dst[..rank].copy_from_slice(src);
-        }
-        let zeros = (vec![0f32; max_rank * k], vec![0f32; n * max_rank]);
-        let (at, bt) = (slot * max_rank * k, slot * n * max_rank);
-        for [ba, bb] in [&mut self.master, &mut self.anchor] {
-            write(&self.dev, ba, at, &a_rows)?;
-            write(&self.dev, bb, bt, &b_rows)?;
-        }
-        for [ba, bb] in [&mut self.m1, &mut self.m2] {
-            write(&self.dev, ba, at, &zeros.0)?;
-            write(&self.dev, bb, bt, &zeros.1)?;
-        }
+        let (za, zb) = (vec![0f32; rank * self.cfg.k], vec![0f32; self.cfg.n * rank]);
+        let dev = &self.dev;
+        write_pair(dev, self.cfg, &mut self.master, slot, (a, b), rank)?;
+        write_pair(dev, self.cfg, &mut self.anchor, slot, (a, b), rank)?;
+        write_pair(dev, self.cfg, &mut self.m1, slot, (&za, &zb), rank)?;
+        write_pair(dev, self.cfg, &mut self.m2, slot, (&za, &zb), rank)?;
         write(&self.dev, &mut self.step, slot, &[0])?;
         self.host_hyper[slot].active = 1;
         self.set_hyper(slot, hyper)
@@ -450,21 +439,103 @@ impl SlotOptimizer {
         pool: &AdapterPool<T>,
         slot: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rank = self.trained_rank(pool, slot)?;
+        read_pair(&self.dev, self.cfg, &self.master, slot, rank)
+    }
+
+    /// The rest of `slot`'s training state (moments, step count, anchor),
+    /// to save beside its master weights and restore with
+    /// [`Self::set_state`]: training then continues exactly where it stopped.
+    pub fn state<T: KernelElement>(&self, pool: &AdapterPool<T>, slot: usize) -> Result<SlotState> {
+        let rank = self.trained_rank(pool, slot)?;
+        let pair = |bufs| read_pair(&self.dev, self.cfg, bufs, slot, rank);
+        let step = read(&self.dev, &self.step, slot, 1)?[0];
+        Ok(SlotState {
+            step,
+            m1: pair(&self.m1)?,
+            m2: pair(&self.m2)?,
+            anchor: pair(&self.anchor)?,
+        })
+    }
+
+    /// Restores what [`Self::state`] returned into `slot`, which must hold
+    /// an adapter of the same rank put there by [`Self::load_adapter`] (its
+    /// master weights). Checked first, with nothing changed on an error:
+    /// every part's size for that rank, finite values, second moments >= 0,
+    /// a step count >= 0.
+    pub fn set_state<T: KernelElement>(
+        &mut self,
+        pool: &AdapterPool<T>,
+        slot: usize,
+        state: &SlotState,
+    ) -> Result<()> {
+        let rank = self.trained_rank(pool, slot)?;
+        self.check_state(state, rank)?;
+        let dev = &self.dev;
+        write_pair(
+            dev,
+            self.cfg,
+            &mut self.m1,
+            slot,
+            (&state.m1.0, &state.m1.1),
+            rank,
+        )?;
+        write_pair(
+            dev,
+            self.cfg,
+            &mut self.m2,
+            slot,
+            (&state.m2.0, &state.m2.1),
+            rank,
+        )?;
+        let anchor = (&state.anchor.0[..], &state.anchor.1[..]);
+        write_pair(dev, self.cfg, &mut self.anchor, slot, anchor, rank)?;
+        write(dev, &mut self.step, slot, &[state.step])
+    }
+
+    /// What [`Self::set_state`] checks of `state` for an adapter of `rank`.
+    pub(crate) fn check_state(&self, state: &SlotState, rank: usize) -> Result<()> {
+        let (a_len, b_len) = (rank * self.cfg.k, self.cfg.n * rank);
+        if state.step < 0 {
+            return Err(invalid("step", state.step, "must be >= 0"));
+        }
+        let parts = [
+            ("m1.a", &state.m1.0, a_len),
+            ("m1.b", &state.m1.1, b_len),
+            ("m2.a", &state.m2.0, a_len),
+            ("m2.b", &state.m2.1, b_len),
+            ("anchor.a", &state.anchor.0, a_len),
+            ("anchor.b", &state.anchor.1, b_len),
+        ];
+        for (operand, v, len) in parts {
+            if v.len() != len {
+                let why = format!("needs {len} values for an adapter of rank {rank}");
+                return Err(invalid(operand, v.len(), why));
+            }
+            let moment2 = operand.starts_with("m2");
+            if let Some(i) = v
+                .iter()
+                .position(|e| !e.is_finite() || (moment2 && *e < 0.0))
+            {
+                let why = format!(
+                    "value {i} must be finite{}",
+                    if moment2 { " and >= 0" } else { "" }
+                );
+                return Err(invalid(operand, v[i], why));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rank of the adapter [`Self::load_adapter`] put in `slot`.
+    fn trained_rank<T: KernelElement>(&self, pool: &AdapterPool<T>, slot: usize) -> Result<usize> {
         self.check_pool(pool)?;
         self.check_slot(slot)?;
         let Trained { rank, .. } = self.trained[slot].ok_or(Error::EmptySlot {
             token: 0,
             slot: slot as i32,
         })?;
-        let PoolConfig { max_rank, n, k, .. } = self.cfg;
-        let a = read(&self.dev, &self.master[0], slot * max_rank * k, rank * k)?;
-        let b_rows = read(
-            &self.dev,
-            &self.master[1],
-            slot * n * max_rank,
-            n * max_rank,
-        )?;
-        Ok((a, unpad_rows(&b_rows, max_rank, rank)))
+        Ok(rank)
     }
 
     /// An error unless `pool` is the very pool the optimizer was made for
@@ -502,6 +573,56 @@ impl SlotOptimizer {
     fn check_slot(&self, slot: usize) -> Result<()> {
         self.cfg.check_slot(slot)
     }
+}
+
+/// A slot's optimizer state besides its master weights ([`SlotOptimizer::state`]):
+/// each pair is (`a` `[rank, k]`, `b` `[n, rank]`), f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotState {
+    /// Steps taken (AdamW's bias correction depends on it).
+    pub step: i32,
+    /// First moments.
+    pub m1: (Vec<f32>, Vec<f32>),
+    /// Second moments.
+    pub m2: (Vec<f32>, Vec<f32>),
+    /// The anchor the pull draws toward.
+    pub anchor: (Vec<f32>, Vec<f32>),
+}
+
+/// `slot`'s (a, b) in the adapter's own layout from a pool-layout pair of
+/// buffers (`b`'s rows padded to `max_rank`).
+fn read_pair(
+    dev: &Device,
+    cfg: PoolConfig,
+    [ba, bb]: &[Buffer<f32>; 2],
+    slot: usize,
+    rank: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let PoolConfig { max_rank, n, k, .. } = cfg;
+    let a = read(dev, ba, slot * max_rank * k, rank * k)?;
+    let b_rows = read(dev, bb, slot * n * max_rank, n * max_rank)?;
+    Ok((a, unpad_rows(&b_rows, max_rank, rank)))
+}
+
+/// Writes (a `[rank, k]`, b `[n, rank]`) into `slot` of a pool-layout pair
+/// of buffers, zeros past the rank.
+fn write_pair(
+    dev: &Device,
+    cfg: PoolConfig,
+    [ba, bb]: &mut [Buffer<f32>; 2],
+    slot: usize,
+    (a, b): (&[f32], &[f32]),
+    rank: usize,
+) -> Result<()> {
+    let PoolConfig { max_rank, n, k, .. } = cfg;
+    let mut a_rows = vec![0f32; max_rank * k];
+    a_rows[..rank * k].copy_from_slice(a);
+    let mut b_rows = vec![0f32; n * max_rank];
+    for (dst, src) in b_rows.chunks_mut(max_rank).zip(b.chunks(rank)) {
+        dst[..rank].copy_from_slice(src);
+    }
+    write(dev, ba, slot * max_rank * k, &a_rows)?;
+    write(dev, bb, slot * n * max_rank, &b_rows)
 }
 
 /// Elements of the pool layout's `a` (`[slots][max_rank][k]`) and `b`

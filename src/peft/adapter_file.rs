@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// What PEFT prefixes to every module path in the weights file.
-const PREFIX: &str = "base_model.model.";
+pub(super) const PREFIX: &str = "base_model.model.";
 
 /// One module's adapter: `y += scale * (x a^T) b^T`.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,14 +61,8 @@ impl PeftAdapter {
         let dir = dir.as_ref();
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
-        let config = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-            path: config_path.display().to_string(),
-            source,
-        })?;
-        let weights = std::fs::read(&weights_path).map_err(|source| Error::Io {
-            path: weights_path.display().to_string(),
-            source,
-        })?;
+        let config = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
+        let weights = std::fs::read(&weights_path).map_err(io_error(&weights_path))?;
         Self::from_parts(&config, &weights, &dir.display().to_string())
     }
 
@@ -257,21 +251,34 @@ impl PeftAdapter {
     /// Writes the adapter as a PEFT directory (created if missing): each file
     /// is written beside its final name and then renamed over it.
     pub fn write_dir(&self, dir: impl AsRef<Path>, dtype: DType) -> Result<()> {
-        let dir = dir.as_ref();
         let (config, weights) = self.to_parts(dtype)?;
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| Error::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        for (name, bytes) in [(WEIGHTS_FILE, weights), (CONFIG_FILE, config.into_bytes())] {
-            let path = dir.join(name);
-            let partial = dir.join(format!("{name}.partial"));
-            std::fs::write(&partial, bytes).map_err(io(&partial))?;
-            std::fs::rename(&partial, &path).map_err(io(&path))?;
-        }
-        Ok(())
+        write_files(
+            dir.as_ref(),
+            [(WEIGHTS_FILE, weights), (CONFIG_FILE, config.into_bytes())],
+        )
     }
+}
+
+/// Writes `files` into `dir` (created if missing), each beside its final
+/// name and then renamed over it.
+pub(super) fn write_files<'a>(
+    dir: &Path,
+    files: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        let partial = dir.join(format!("{name}.partial"));
+        std::fs::write(&partial, bytes).map_err(io_error(&partial))?;
+        std::fs::rename(&partial, &path).map_err(io_error(&path))?;
+    }
+    Ok(())
+}
+
+/// An I/O error at `path` as the crate's error.
+pub(super) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.display().to_string();
+    move |source| Error::Io { path, source }
 }
 
 /// `<module>.lora_A.weight` or `<module>.lora_A.<adapter>.weight` (and B):
@@ -352,7 +359,7 @@ fn module_adapter(
     })
 }
 
-fn matrix(key: &str, view: &TensorView, file: &str) -> Result<[usize; 2]> {
+pub(super) fn matrix(key: &str, view: &TensorView, file: &str) -> Result<[usize; 2]> {
     match view.shape() {
         &[rows, cols] => Ok([rows, cols]),
         shape => Err(peft_error(
@@ -364,7 +371,7 @@ fn matrix(key: &str, view: &TensorView, file: &str) -> Result<[usize; 2]> {
 }
 
 /// The tensor's values as f32, each checked finite.
-fn decode(key: &str, view: &TensorView, file: &str) -> Result<Vec<f32>> {
+pub(super) fn decode(key: &str, view: &TensorView, file: &str) -> Result<Vec<f32>> {
     let bytes = view.data();
     let values: Vec<f32> = match view.dtype() {
         Dtype::F32 => bytes

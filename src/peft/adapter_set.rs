@@ -4,12 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::adapter_file::{ModuleAdapter, PeftAdapter, WEIGHTS_FILE};
+use super::adapter_file::{ModuleAdapter, PeftAdapter, WEIGHTS_FILE, write_files};
 use super::config::{ModuleMatch, peft_error};
+use super::optimizer_state::{self, STATE_FILE};
 use crate::adapter_pool::{AdapterPool, PoolConfig, StagedMeta, check_storable};
 use crate::device::Device;
+use crate::element::DType;
 use crate::error::Result;
-use crate::ops::adamw::{SlotHyper, SlotOptimizer};
+use crate::ops::adamw::{SlotHyper, SlotOptimizer, SlotState};
 use crate::ops::{DeviceAdapter, KernelElement, pool_load};
 use crate::shape::invalid;
 
@@ -92,9 +94,20 @@ pub struct LoadReport {
     /// Pools the adapter does not cover: their copy of the slot was emptied,
     /// so no earlier adapter's weights stay mixed in.
     pub emptied: Vec<String>,
+    /// Whether the optimizers' state (moments, step counts, anchors) was
+    /// restored from the directory ([`AdapterSet::load_dir_for_training`]).
+    pub optimizer_state: bool,
     /// Things PEFT would warn about (e.g. `fan_in_fan_out` disagreeing with
     /// a module's base layout, which PEFT corrects per module).
     pub warnings: Vec<String>,
+}
+
+/// How a load for training goes in: each module through its optimizer,
+/// with its saved state when there is one.
+struct Training<'a> {
+    hyper: SlotHyper,
+    optimizers: &'a mut BTreeMap<String, SlotOptimizer>,
+    states: Option<&'a BTreeMap<String, SlotState>>,
 }
 
 /// A pool per target projection of a model, all with the same slots.
@@ -219,7 +232,52 @@ impl<T: KernelElement> AdapterSet<T> {
         hyper: SlotHyper,
         optimizers: &mut BTreeMap<String, SlotOptimizer>,
     ) -> Result<LoadReport> {
-        let (plan, report) = self.plan_load(slot, adapter, options)?;
+        let training = Training {
+            hyper,
+            optimizers,
+            states: None,
+        };
+        self.load_training(slot, adapter, options, training)
+    }
+
+    /// Reads a directory and loads it for training
+    /// ([`Self::load_for_training`]). When [`Self::save_for_training`] wrote
+    /// it, its [`STATE_FILE`] restores every module's AdamW moments, step
+    /// count and anchor as well, so training continues exactly where it
+    /// stopped ([`LoadReport::optimizer_state`] says so); a directory without
+    /// one starts them afresh. The state file is checked with the rest
+    /// before anything changes.
+    pub fn load_dir_for_training(
+        &mut self,
+        slot: usize,
+        dir: impl AsRef<Path>,
+        options: LoadOptions,
+        hyper: SlotHyper,
+        optimizers: &mut BTreeMap<String, SlotOptimizer>,
+    ) -> Result<LoadReport> {
+        let adapter = PeftAdapter::read_dir(&dir)?;
+        let states = optimizer_state::read(dir.as_ref(), &adapter)?;
+        let training = Training {
+            hyper,
+            optimizers,
+            states: states.as_ref(),
+        };
+        self.load_training(slot, &adapter, options, training)
+    }
+
+    fn load_training(
+        &mut self,
+        slot: usize,
+        adapter: &PeftAdapter,
+        options: LoadOptions,
+        training: Training<'_>,
+    ) -> Result<LoadReport> {
+        let Training {
+            hyper,
+            optimizers,
+            states,
+        } = training;
+        let (plan, mut report) = self.plan_load(slot, adapter, options)?;
         for (path, m) in &plan {
             let opt = optimizers.get(*path).ok_or_else(|| {
                 invalid(
@@ -230,12 +288,19 @@ impl<T: KernelElement> AdapterSet<T> {
             })?;
             let pool = &self.modules[*path].1;
             opt.check_load(pool, slot, (&m.a, &m.b), m.rank, m.scale, hyper)?;
+            if let Some(state) = states.map(|s| &s[*path]) {
+                opt.check_state(state, m.rank)?;
+            }
         }
         for (path, m) in &plan {
             let opt = optimizers.get_mut(*path).expect("checked above");
             let pool = &mut self.modules.get_mut(*path).expect("a planned module").1;
             opt.load_adapter(pool, slot, &m.a, &m.b, m.rank, m.scale, hyper)?;
+            if let Some(state) = states.map(|s| &s[*path]) {
+                opt.set_state(pool, slot, state)?;
+            }
         }
+        report.optimizer_state = states.is_some();
         self.finish_load(slot, adapter, &plan, report)
     }
 
@@ -478,6 +543,29 @@ impl<T: KernelElement> AdapterSet<T> {
             let scale = pool.slot_scale(slot)?;
             Ok(Some((a, b, scale)))
         })
+    }
+
+    /// Saves `slot` to resume training later: the optimizers' f32 master
+    /// weights as a PEFT directory ([`Self::masters`]; PEFT loads it) and,
+    /// beside them, their moments, step counts and anchors
+    /// ([`STATE_FILE`]), which [`Self::load_dir_for_training`] restores.
+    pub fn save_for_training(
+        &self,
+        slot: usize,
+        dir: impl AsRef<Path>,
+        optimizers: &BTreeMap<String, SlotOptimizer>,
+    ) -> Result<()> {
+        let adapter = self
+            .masters(slot, |path| optimizers.get(path))?
+            .ok_or_else(|| invalid("slot", slot, "holds no adapter in any pool of the set"))?;
+        let mut states = BTreeMap::new();
+        for path in adapter.modules.keys() {
+            let pool = &self.modules[path].1;
+            states.insert(path.clone(), optimizers[path].state(pool, slot)?);
+        }
+        let state_bytes = optimizer_state::to_bytes(&adapter, &states)?;
+        adapter.write_dir(&dir, DType::F32)?;
+        write_files(dir.as_ref(), [(STATE_FILE, state_bytes)])
     }
 
     /// Saves the adapter in `slot` (from the pools) as a PEFT directory,

@@ -63,7 +63,9 @@
 mod adapter_file;
 mod adapter_set;
 mod config;
+mod optimizer_state;
 
 pub use adapter_file::{ModuleAdapter, PeftAdapter, WEIGHTS_FILE};
 pub use adapter_set::{AdapterSet, BaseLayout, LoadOptions, LoadReport, ModuleSpec};
 pub use config::{CONFIG_FILE, FullMatch, ModuleMatch, PeftConfig, alpha_for_scale, lora_scale};
+pub use optimizer_state::STATE_FILE;
