@@ -175,6 +175,8 @@ struct Demo<T> {
     events: Vec<(usize, usize, Event)>,
     out: PathBuf,
     probe: Probe,
+    /// Per slot, whether the optimizers step it (as last set).
+    stepping: Vec<bool>,
     /// Seconds and tokens of serving and of learning, summed over steps.
     serve_s: f64,
     learn_s: f64,
@@ -223,6 +225,7 @@ impl<T: CandleElement> Demo<T> {
             events,
             out: out.to_path_buf(),
             probe: Probe::default(),
+            stepping: vec![true; DEMO.slots],
             serve_s: 0.0,
             learn_s: 0.0,
             served_tokens: 0,
@@ -328,6 +331,7 @@ impl<T: CandleElement> Demo<T> {
                         )?
                     };
                     self.learners[i].slot = Some(slot);
+                    self.stepping[slot] = true; // a load for training activates the slot
                     if event == Event::Rejoin {
                         self.probe.rejoined.push((i, slot));
                     }
@@ -421,10 +425,16 @@ impl<T: CandleElement> Demo<T> {
             return Ok(());
         }
         let start = Instant::now();
+        // Only the slots whose feedback arrived step (an idle slot would
+        // still move with its moments); a slot's flag is written when it
+        // changes.
         for slot in (0..DEMO.slots).filter(|&s| s != self.frozen_slot) {
             let active = trained.contains(&slot);
-            for opt in self.model.optimizers.values_mut() {
-                opt.set_active(slot, active)?;
+            if self.stepping[slot] != active {
+                for opt in self.model.optimizers.values_mut() {
+                    opt.set_active(slot, active)?;
+                }
+                self.stepping[slot] = active;
             }
         }
         // Each learner's loss is its own mean over its tokens, so that what
