@@ -557,33 +557,38 @@ fn saved_training_resumes_exactly() {
         assert!(optimizers.values().all(|o| o.steps().unwrap()[1] == 0));
         set.evict(1).unwrap();
 
-        // A broken state file: nothing changes.
+        // A broken state file (a part with the wrong shape; a stray key):
+        // an error naming file and key, and nothing changes.
         let state_path = dir.join(STATE_FILE);
         let bytes = std::fs::read(&state_path).unwrap();
         let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut entries: Vec<(String, safetensors::tensor::TensorView)> =
-            tensors.tensors().into_iter().collect();
+        let entries = tensors.tensors();
         let victim = entries
             .iter()
             .position(|(k, _)| k.ends_with("lora_B.exp_avg"))
             .unwrap();
-        let key = entries[victim].0.clone();
         let view = &entries[victim].1;
         let mut shape = view.shape().to_vec();
         shape.swap(0, 1);
-        let data = view.data().to_vec();
-        let transposed = safetensors::tensor::TensorView::new(view.dtype(), shape, &data).unwrap();
-        entries[victim].1 = transposed;
-        std::fs::write(&state_path, safetensors::serialize(entries, None).unwrap()).unwrap();
-        let err = set
-            .load_dir_for_training(1, &dir, LoadOptions::default(), TRAIN, &mut optimizers)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(STATE_FILE) && err.contains(&key), "{err}");
-        assert!(
-            set.adapter(1).unwrap().is_none(),
-            "a refused load wrote slot 1"
-        );
+        let transposed =
+            safetensors::tensor::TensorView::new(view.dtype(), shape, view.data()).unwrap();
+        let stray_key = "base_model.model.lm_head.lora_A.exp_avg".to_string();
+        let mut wrong_shape = entries.clone();
+        wrong_shape[victim].1 = transposed;
+        let mut stray = entries.clone();
+        stray.push((stray_key.clone(), entries[0].1.clone()));
+        for (broken, key) in [(wrong_shape, entries[victim].0.clone()), (stray, stray_key)] {
+            std::fs::write(&state_path, safetensors::serialize(broken, None).unwrap()).unwrap();
+            let err = set
+                .load_dir_for_training(1, &dir, LoadOptions::default(), TRAIN, &mut optimizers)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(STATE_FILE) && err.contains(&key), "{err}");
+            assert!(
+                set.adapter(1).unwrap().is_none(),
+                "a refused load wrote slot 1"
+            );
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 }
