@@ -5,13 +5,14 @@
 //! same loop, the users whose feedback arrived train their adapters (a
 //! training forward, the adapters' backward, one fused AdamW launch per
 //! projection over all slots). Users join and leave: their adapters are
-//! saved as PEFT directories, evicted, and loaded again later, continuing
-//! from the weights they were saved with.
+//! saved as PEFT directories with their optimizer state, evicted, and
+//! loaded again later into another slot, continuing exactly where they
+//! stopped.
 //!
 //! Each user teaches a private token mapping and later switches to a new
 //! one. Every user is served twice, as two learners with identical data:
-//! one plain, one with the stability option (a pull toward the adapter as it
-//! was when the task began), so that forgetting is measured with and
+//! one plain, one with the stability option (from its second task on, a
+//! pull toward the adapter as it was when that task began), so that forgetting is measured with and
 //! without it in the same run. A user who never trains, and base-only
 //! traffic, check that nobody else's training changes their outputs (bit
 //! for bit). Printed: per-user loss on the current and earlier tasks over
@@ -23,6 +24,7 @@
 //! model); built with `--features candle-cuda` on a GPU machine the loop
 //! runs on the GPU, and the throughput is measured at Llama-3-8B's
 //! projection shapes. It exits with an error when a check fails.
+mod events;
 mod grad_check;
 mod layers;
 mod model;
@@ -39,12 +41,12 @@ use std::time::Instant;
 use candle_core::Device;
 use half::bf16;
 use lora_kernels::candle::CandleElement;
-use lora_kernels::ops::adamw::SlotHyper;
 use lora_kernels::peft::{LoadOptions, ModuleAdapter, PeftAdapter};
 use lora_kernels::{DType, Element};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use events::Event;
 use model::{Batch, Config, Model, PROJECTIONS};
 use probe::Probe;
 use tasks::{EVAL_SEQ, EVAL_SEQS, Stream};
@@ -78,19 +80,6 @@ const FEEDBACK: f64 = 0.8;
 const BASE_SEQS: usize = 2;
 const LR: f32 = 2e-2;
 const ANCHOR_PULL: f32 = 0.5;
-
-/// What can happen to a user at a step.
-#[derive(Clone, Copy, PartialEq)]
-enum Event {
-    /// Its learners get fresh adapters (PEFT's init: `b = 0`).
-    Join,
-    /// Its learners' adapters are saved (f32 masters) and evicted.
-    Leave,
-    /// Its learners' saved adapters are loaded into free slots.
-    Rejoin,
-    /// The stream moves to its next task (the anchored learner re-anchors).
-    NextTask,
-}
 
 /// One adapter being served and trained: a user's, plain or anchored.
 struct Learner {
@@ -283,109 +272,6 @@ impl<T: CandleElement> Demo<T> {
         self.evaluate(STEPS)?;
         let ok = self.report()?;
         Ok(ok)
-    }
-
-    fn apply(&mut self, step: usize, user: usize, event: Event) -> Res<()> {
-        // The anchored learner pulls toward its anchor once it has an
-        // earlier task to keep (a learner back from a directory anchors at
-        // the weights it was saved with).
-        let pulls = |anchor: bool| anchor && self.users[user].task_at(step) > 0;
-        let hyper = |pull: bool| SlotHyper {
-            lr: LR,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            anchor_pull: if pull { ANCHOR_PULL } else { 0.0 },
-        };
-        let mine: Vec<usize> = (0..self.learners.len())
-            .filter(|&i| self.learners[i].user == user)
-            .collect();
-        for i in mine {
-            let anchor = self.learners[i].anchor;
-            let lname = self.learners[i].name(&self.users);
-            match event {
-                Event::Join | Event::Rejoin => {
-                    let slot = self.free_slot().ok_or("no free slot")?;
-                    let model = &mut self.model;
-                    let report = if event == Event::Join {
-                        // PEFT's init: a random, b zero. Both learners of a
-                        // user start from the same adapter.
-                        let bound = 1.0 / (DEMO.hidden as f32).sqrt();
-                        let rank = self.users[user].rank;
-                        let adapter =
-                            random_adapter(&DEMO, rank, 1000 + user as u64, (bound, 0.0))?;
-                        (model.adapters).load_for_training(
-                            slot,
-                            &adapter,
-                            LoadOptions::default(),
-                            hyper(pulls(anchor)),
-                            &mut model.optimizers,
-                        )?
-                    } else {
-                        let dir = self.learners[i].saved.as_ref().ok_or("nothing saved")?;
-                        (model.adapters).load_dir_for_training(
-                            slot,
-                            dir,
-                            LoadOptions::default(),
-                            hyper(pulls(anchor)),
-                            &mut model.optimizers,
-                        )?
-                    };
-                    self.learners[i].slot = Some(slot);
-                    self.stepping[slot] = true; // a load for training activates the slot
-                    if event == Event::Rejoin {
-                        self.probe.rejoined.push((i, slot));
-                    }
-                    println!(
-                        "step {step:3}: {lname} joins in slot {slot}{}",
-                        if report.optimizer_state {
-                            " (weights and optimizer state from its directory)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                Event::Leave => {
-                    let slot = self.learners[i].slot.take().ok_or("not in a slot")?;
-                    let rows = Probe::rows(&self.model)?;
-                    self.probe.left.push((i, rows[slot].clone()));
-                    let model = &mut self.model;
-                    let dir = self.out.join(format!("adapters/{lname}"));
-                    model
-                        .adapters
-                        .save_for_training(slot, &dir, &model.optimizers)?;
-                    model.adapters.evict(slot)?;
-                    self.learners[i].saved = Some(dir.clone());
-                    println!(
-                        "step {step:3}: {lname} leaves slot {slot}, saved to {}",
-                        dir.display()
-                    );
-                }
-                Event::NextTask => {
-                    let slot = self.learners[i].slot.ok_or("not in a slot")?;
-                    if anchor {
-                        for opt in self.model.optimizers.values_mut() {
-                            opt.set_anchor(slot)?;
-                            opt.set_hyper(slot, hyper(true))?;
-                        }
-                    }
-                    println!(
-                        "step {step:3}: {lname} starts task {}{}",
-                        self.users[user].task_at(step) + 1,
-                        if anchor {
-                            " (anchor: the adapter as it is now)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn free_slot(&self) -> Option<usize> {
-        (0..DEMO.slots)
-            .find(|&s| s != self.frozen_slot && self.learners.iter().all(|l| l.slot != Some(s)))
     }
 
     /// One step: every user's traffic served in one batch (with eve's and
