@@ -5,7 +5,8 @@
 //! backward here is checked against candle's autograd (grad_check.rs).
 use candle_core::{D, DType, Device, Result, Tensor};
 
-const NORM_EPS: f64 = 1e-5;
+/// RMSNorm's epsilon (Llama 3's).
+pub const NORM_EPS: f64 = 1e-5;
 
 /// `y = x / rms(x) * gamma` over the last dim; also `1 / rms(x)` per row,
 /// which the backward needs.

@@ -234,6 +234,13 @@ impl<T: CandleElement> Demo<T> {
             .adapters
             .load_dir(self.frozen_slot, &dir, LoadOptions::default())?;
         println!("eve: a served-only adapter read from {}", dir.display());
+        // What scripts/llama-check.py compares with transformers + PEFT.
+        self.model.export_hf(&self.out)?;
+        Probe::save(
+            &self.model,
+            self.frozen_slot,
+            &self.out.join("probe.safetensors"),
+        )?;
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 //! fixed seed. The training forward keeps what the backward needs; the
 //! backward runs the crate's adapter-gradient kernels for the projections and
 //! layers.rs for the rest, and the fused optimizer steps every pool.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor};
 use lora_kernels::candle::lora_backward::{BackwardRequest, multi_adapter_backward};
@@ -31,6 +32,8 @@ pub const PROJECTIONS: [&str; 7] = [
     "mlp.up_proj",
     "mlp.down_proj",
 ];
+/// Rotary embeddings' base (Llama 2's; Llama 3 uses 500000).
+const ROPE_THETA: f64 = 10000.0;
 const Q: usize = 0;
 const K: usize = 1;
 const V: usize = 2;
@@ -186,7 +189,7 @@ impl<T: CandleElement> Model<T> {
             embed: gaussian(&mut rng, &[cfg.vocab, d], 1.0, dev)?,
             lm_head: gaussian(&mut rng, &[cfg.vocab, d], 1.0 / (d as f32).sqrt(), dev)?,
             final_norm: gain(&mut rng, d, dev)?,
-            rope: Rope::new(cfg.head_dim(), cfg.max_seq, 10000.0, dev)?,
+            rope: Rope::new(cfg.head_dim(), cfg.max_seq, ROPE_THETA, dev)?,
             dev: dev.clone(),
             cfg,
             layers,
@@ -341,6 +344,49 @@ impl<T: CandleElement> Model<T> {
         self.adapters
             .pool(&self.paths[layer][p])
             .expect("a pool per projection")
+    }
+}
+
+impl<T: CandleElement> Model<T> {
+    /// Writes the frozen base as transformers' `LlamaForCausalLM` names its
+    /// parameters (`base.safetensors`, f32) and its `config.json`, so that
+    /// the decoder can be checked against transformers and PEFT
+    /// (scripts/llama-check.py).
+    pub fn export_hf(&self, dir: &Path) -> Result<()> {
+        let mut tensors = HashMap::new();
+        tensors.insert("model.embed_tokens.weight".to_string(), self.embed.clone());
+        tensors.insert("model.norm.weight".to_string(), self.final_norm.clone());
+        tensors.insert("lm_head.weight".to_string(), self.lm_head.clone());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let name = |part: &str| format!("model.layers.{l}.{part}.weight");
+            tensors.insert(name("input_layernorm"), layer.attn_norm.clone());
+            tensors.insert(name("post_attention_layernorm"), layer.mlp_norm.clone());
+            for (p, w) in layer.w.iter().enumerate() {
+                tensors.insert(name(PROJECTIONS[p]), w.to_dtype(DType::F32)?);
+            }
+        }
+        candle_core::safetensors::save(&tensors, dir.join("base.safetensors"))?;
+        let c = &self.cfg;
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab,
+            "hidden_size": c.hidden,
+            "intermediate_size": c.intermediate,
+            "num_hidden_layers": c.layers,
+            "num_attention_heads": c.heads,
+            "num_key_value_heads": c.kv_heads,
+            "max_position_embeddings": c.max_seq,
+            "rms_norm_eps": layers::NORM_EPS,
+            "rope_theta": ROPE_THETA,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "tie_word_embeddings": false,
+            "lora_kernels_dtype": format!("{:?}", <T as lora_kernels::Element>::DTYPE),
+        });
+        std::fs::write(dir.join("config.json"), config.to_string())?;
+        Ok(())
     }
 }
 

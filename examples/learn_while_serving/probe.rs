@@ -1,5 +1,9 @@
 //! The interference check: one fixed sequence served through every slot
 //! and once base-only, compared bit for bit with what it must be.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
 use lora_kernels::candle::CandleElement;
 
 use crate::model::Model;
@@ -28,8 +32,7 @@ impl Probe {
 
     /// The probe's logits' bits: a row per slot, then the base-only row.
     pub fn rows<T: CandleElement>(model: &Model<T>) -> Res<Vec<Vec<u32>>> {
-        let vocab = model.cfg.vocab as u32;
-        let tokens: Vec<u32> = (0..Self::SEQ as u32).map(|t| (t * 7 + 3) % vocab).collect();
+        let tokens = Self::tokens(model.cfg.vocab);
         let mut probe = BatchBuilder::new(Self::SEQ);
         for slot in 0..model.cfg.slots {
             probe.push(&tokens, &tokens, slot as i32);
@@ -44,6 +47,31 @@ impl Probe {
             .chunks(bits.len() / (model.cfg.slots + 1))
             .map(<[u32]>::to_vec)
             .collect())
+    }
+
+    /// Writes the probe's tokens and its rows for the served-only slot and
+    /// the base model (f32 logits) to `path`, for scripts/llama-check.py.
+    pub fn save<T: CandleElement>(model: &Model<T>, frozen: usize, path: &Path) -> Res<()> {
+        let rows = Self::rows(model)?;
+        let vocab = model.cfg.vocab;
+        let logits = |row: &[u32]| {
+            let v: Vec<f32> = row.iter().map(|&b| f32::from_bits(b)).collect();
+            Tensor::from_vec(v, (Self::SEQ, vocab), &candle_core::Device::Cpu)
+        };
+        let tokens = Tensor::from_vec(Self::tokens(vocab), Self::SEQ, &candle_core::Device::Cpu)?;
+        let tensors = HashMap::from([
+            ("tokens".to_string(), tokens),
+            ("served_only".to_string(), logits(&rows[frozen])?),
+            ("base".to_string(), logits(&rows[model.cfg.slots])?),
+        ]);
+        candle_core::safetensors::save(&tensors, path)?;
+        Ok(())
+    }
+
+    fn tokens(vocab: usize) -> Vec<u32> {
+        (0..Self::SEQ as u32)
+            .map(|t| (t * 7 + 3) % vocab as u32)
+            .collect()
     }
 
     pub fn run<T: CandleElement>(
