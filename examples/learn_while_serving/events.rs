@@ -25,8 +25,8 @@ pub enum Event {
 impl<T: CandleElement> Demo<T> {
     pub fn apply(&mut self, step: usize, user: usize, event: Event) -> Res<()> {
         // The anchored learner pulls toward its anchor once it has an
-        // earlier task to keep (a learner back from a directory anchors at
-        // the weights it was saved with).
+        // earlier task to keep (one back from a directory gets its anchor
+        // back with the optimizer state).
         let pulls = |anchor: bool| anchor && self.users[user].task_at(step) > 0;
         let hyper = |pull: bool| SlotHyper {
             lr: LR,

@@ -276,6 +276,11 @@ impl<T: CandleElement> Model<T> {
         })
     }
 
+    /// Whether the model runs on a GPU (candle's CUDA device).
+    pub fn on_gpu(&self) -> bool {
+        self.dev.is_cuda()
+    }
+
     /// The frozen base weight of projection `p` of `layer` (`[out, in]`).
     pub fn weight(&self, layer: usize, p: usize) -> &Tensor {
         &self.layers[layer].w[p]

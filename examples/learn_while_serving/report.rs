@@ -35,16 +35,24 @@ impl<T: CandleElement> Demo<T> {
         }
         ok &= self.report_forgetting();
         ok &= self.probe.report();
-        let serve_tps = self.served_tokens as f64 / self.serve_s;
+        let (serve_ms, learn_ms) = (
+            1e3 * self.serve_s / STEPS as f64,
+            1e3 * self.learn_s / self.learn_steps as f64,
+        );
         println!(
-            "\nthroughput (small model; {} on the host runtime): serving {serve_tps:.0} tokens/s; \
-             a learning step (training forward, backward, optimizer) took {:.1}x a serving step on average",
-            if cfg!(debug_assertions) {
-                "debug build"
+            "\nthe demo's steps ({}, {} build): serving {serve_ms:.1} ms per step ({:.0} tokens/s); \
+             learning from the feedback (training forward, backward, optimizer) {learn_ms:.1} ms more",
+            if self.model.on_gpu() {
+                "GPU"
             } else {
-                "release build"
+                "host runtime, CPU"
             },
-            (self.learn_s / self.learn_steps as f64) / (self.serve_s / STEPS as f64)
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            self.served_tokens as f64 / self.serve_s,
         );
         let png = self.out.join("losses.png");
         plot::losses(
