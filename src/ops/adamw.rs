@@ -471,25 +471,15 @@ impl SlotOptimizer {
     ) -> Result<()> {
         let rank = self.trained_rank(pool, slot)?;
         self.check_state(state, rank)?;
-        let dev = &self.dev;
-        write_pair(
-            dev,
-            self.cfg,
-            &mut self.m1,
-            slot,
-            (&state.m1.0, &state.m1.1),
-            rank,
-        )?;
-        write_pair(
-            dev,
-            self.cfg,
-            &mut self.m2,
-            slot,
-            (&state.m2.0, &state.m2.1),
-            rank,
-        )?;
-        let anchor = (&state.anchor.0[..], &state.anchor.1[..]);
-        write_pair(dev, self.cfg, &mut self.anchor, slot, anchor, rank)?;
+        let (dev, cfg) = (&self.dev, self.cfg);
+        let parts = [
+            (&mut self.m1, &state.m1),
+            (&mut self.m2, &state.m2),
+            (&mut self.anchor, &state.anchor),
+        ];
+        for (bufs, (a, b)) in parts {
+            write_pair(dev, cfg, bufs, slot, (a, b), rank)?;
+        }
         write(dev, &mut self.step, slot, &[state.step])
     }
 
