@@ -6,16 +6,18 @@
 //! fixed seed. The training forward keeps what the backward needs; the
 //! backward runs the crate's adapter-gradient kernels for the projections and
 //! layers.rs for the rest, and the fused optimizer steps every pool.
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor};
-use lora_kernels::candle::lora_backward::{BackwardRequest, multi_adapter_backward};
+use lora_kernels::candle::lora_backward::{BackwardRequest, multi_adapter_backward_with_scratch};
 use lora_kernels::candle::multi_adapter_forward::{
     multi_adapter_forward, multi_adapter_forward_saving_t,
 };
 use lora_kernels::candle::{CandleElement, adamw};
 use lora_kernels::ops::adamw::{AdamWConfig, SlotOptimizer};
+use lora_kernels::ops::lora_backward::BackwardScratch;
 use lora_kernels::peft::{AdapterSet, ModuleSpec};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -107,6 +109,8 @@ pub struct Model<T> {
     pub adapters: AdapterSet<T>,
     /// The fused optimizer of each pool, by the same paths.
     pub optimizers: BTreeMap<String, SlotOptimizer>,
+    /// The projections' backward scratch, kept between steps.
+    scratch: RefCell<BackwardScratch>,
 }
 
 /// A batch: `seqs` sequences of `seq` tokens each (sequence-major), and
@@ -194,6 +198,7 @@ impl<T: CandleElement> Model<T> {
             cfg,
             layers,
             paths,
+            scratch: RefCell::new(BackwardScratch::new(&kernels_dev)?),
             adapters,
             optimizers,
         })
@@ -306,7 +311,15 @@ impl<T: CandleElement> Model<T> {
                     ..BackwardRequest::default()
                 };
                 let g = g.to_dtype(kernel_dtype::<T>())?;
-                let r = multi_adapter_backward(self.pool(l, p), &g, x, &layer.w[p], t, ids, req)?;
+                let mut scratch = self.scratch.borrow_mut();
+                let inputs = (&g, x, &layer.w[p], t);
+                let r = multi_adapter_backward_with_scratch(
+                    self.pool(l, p),
+                    inputs,
+                    ids,
+                    req,
+                    &mut scratch,
+                )?;
                 let (da, db) = (r.da.expect("asked for da"), r.db.expect("asked for db"));
                 grads.insert(self.paths[l][p].clone(), (da, db));
                 r.dx.map(|dx| dx.to_dtype(DType::F32)).transpose()

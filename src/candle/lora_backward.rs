@@ -171,12 +171,14 @@ pub fn multi_adapter_backward<T: CandleElement>(
     req: BackwardRequest,
 ) -> Result<TensorGrads> {
     let mut scratch = BackwardScratch::new(pool.device())?;
-    multi_adapter_backward_in(pool, (g, x, w, t), ids, req, &mut scratch)
+    multi_adapter_backward_with_scratch(pool, (g, x, w, t), ids, req, &mut scratch)
 }
 
-/// [`multi_adapter_backward`] with the caller's scratch (a layer keeps one,
-/// so that its backward does not allocate it on every call).
-pub(crate) fn multi_adapter_backward_in<T: CandleElement>(
+/// [`multi_adapter_backward`] with the caller's scratch: a model that runs
+/// the backward of many projections every step keeps one (made on the
+/// pool's device, [`BackwardScratch::new`]), so that no call allocates it
+/// again. `(g, x, w, t)` are the operands [`multi_adapter_backward`] takes.
+pub fn multi_adapter_backward_with_scratch<T: CandleElement>(
     pool: &AdapterPool<T>,
     (g, x, w, t): (&Tensor, &Tensor, &Tensor, &Tensor),
     ids: &Tensor,

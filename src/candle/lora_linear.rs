@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 
 use std::sync::Mutex;
 
-use super::lora_backward::{BackwardRequest, TensorGrads, multi_adapter_backward_in};
+use super::lora_backward::{BackwardRequest, TensorGrads, multi_adapter_backward_with_scratch};
 use super::multi_adapter_forward::{multi_adapter_forward, multi_adapter_forward_saving_t};
 use super::{CandleElement, device, dtype, expect_dims, matrix_dims, operand};
 use crate::adapter_pool::{AdapterPool, PoolConfig};
@@ -146,6 +146,6 @@ impl<T: CandleElement> LoraLinear<T> {
     ) -> Result<TensorGrads> {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let inputs = (g, &saved.x, &self.weight, &saved.t);
-        multi_adapter_backward_in(&self.pool, inputs, &saved.ids, req, &mut scratch)
+        multi_adapter_backward_with_scratch(&self.pool, inputs, &saved.ids, req, &mut scratch)
     }
 }
