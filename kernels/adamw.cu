@@ -13,7 +13,14 @@
 // The scalars shared by a slot (clip factor, bias corrections) are computed
 // once per block in f64. Reads each gradient three times and p, m1, m2 twice:
 // the price of all-or-nothing without a scratch copy of the slot.
-// Offsets are 64-bit throughout: a pool's element count may pass 2^31.
+//
+// A slot's parameters are runs of the pool layout: a's rank rows (one run of
+// rank * k) and b's n rows (rank values each, max_rank apart). Threads walk
+// them in units of 4 values with 16-byte loads when rank and max_rank are
+// multiples of 4 and every array is aligned for it (the common ranks 8, 16,
+// 32, 64), else one value at a time; positions in b advance by adding, not
+// by dividing. Offsets are 64-bit throughout: a pool's element count may
+// pass 2^31.
 #include "lk_runtime.cuh"
 
 namespace {
@@ -26,18 +33,55 @@ constexpr int SKIPPED_NON_FINITE = 1;
 constexpr int IDLE = 2;
 constexpr int SKIPPED_OVERFLOW = 3;
 
-// Element e of slot s's parameters: the first rank*k are a, then n*rank of b.
+// Where slot s's parameters lie in the pool layout.
 struct SlotParams {
-    size_t a0, b0;  // the slot's offsets in the pool layout
-    size_t rank, k, max_rank;
-    size_t count;
-    __device__ size_t index(size_t e, bool& is_a) const {
-        size_t na = rank * k;
-        is_a = e < na;
-        if (is_a) return a0 + e;
-        size_t f = e - na;
-        return b0 + (f / rank) * max_rank + f % rank;
+    size_t a0, b0;  // the slot's offsets
+    size_t rank, k, n, max_rank;
+};
+
+// Calls f(is_a, i) for every unit of U consecutive parameters of the slot, i
+// the unit's first pool-layout index: a's run, then b's rows. U divides rank
+// and max_rank.
+template <int U, class F>
+__device__ void for_each_unit(const SlotParams& sp, F&& f) {
+    const size_t a_units = sp.rank * sp.k / U;
+    for (size_t q = threadIdx.x; q < a_units; q += THREADS) f(true, sp.a0 + U * q);  // sass-loop: adamw_a
+    // b: row-major over (row, unit in row); the thread's place advances by
+    // THREADS units: drow rows and dcol units, carrying into the row.
+    const size_t per_row = sp.rank / U, drow = THREADS / per_row, dcol = THREADS % per_row;
+    size_t row = threadIdx.x / per_row, col = threadIdx.x % per_row;
+    while (row < sp.n) {  // sass-loop: adamw_b
+        f(false, sp.b0 + row * sp.max_rank + U * col);
+        row += drow;
+        col += dcol;
+        if (col >= per_row) {
+            col -= per_row;
+            ++row;
+        }
     }
+}
+
+template <int U>
+struct Unit {
+    static constexpr int value = U;
+};
+
+// U values at p: one 16-byte access for U = 4 (p 16-byte aligned).
+template <int U>
+struct alignas(4 * U) Floats {
+    float v[U];
+};
+template <int U>
+__device__ __forceinline__ Floats<U> load(uint64_t base, size_t i) {
+    return *reinterpret_cast<const Floats<U>*>(reinterpret_cast<const float*>(base) + i);
+}
+template <int U>
+__device__ __forceinline__ void store(uint64_t base, size_t i, const Floats<U>& v) {
+    *reinterpret_cast<Floats<U>*>(reinterpret_cast<float*>(base) + i) = v;
+}
+template <class T, int U>
+struct alignas(sizeof(T) * U) Values {
+    T v[U];
 };
 
 // What one slot's step shares: the clip factor (f64: for a huge norm it is
@@ -69,22 +113,57 @@ struct NewValues {
     }
 };
 
-// One parameter's step (pool-layout index i): pure, so that the checking pass
-// and the writing pass compute the same values.
+// One parameter's step from its gradient g, weight w, moments m1, m2 and
+// anchor: pure, so that the checking pass and the writing pass compute the
+// same values.
 template <class T>
-__device__ NewValues<T> step_element(const AdamWParams& p, const SlotOptim& h, const StepScalars& c,
-                                     bool is_a, size_t i, float g) {
-    const float w = reinterpret_cast<const float*>(is_a ? p.master_a : p.master_b)[i];
-    const float m1 = reinterpret_cast<const float*>(is_a ? p.m1_a : p.m1_b)[i];
-    const float m2 = reinterpret_cast<const float*>(is_a ? p.m2_a : p.m2_b)[i];
+__device__ NewValues<T> step_element(const AdamWParams& p, const SlotOptim& h, const StepScalars& c, float g,
+                                     float w, float m1, float m2, float anchor) {
     float gc = (float)((double)g * c.clip);
-    if (h.anchor_pull != 0.f && p.anchor_a)
-        gc += h.anchor_pull * (w - reinterpret_cast<const float*>(is_a ? p.anchor_a : p.anchor_b)[i]);
+    if (h.anchor_pull != 0.f && p.anchor_a) gc += h.anchor_pull * (w - anchor);
     const float a1 = p.beta1 * m1 + (1.f - p.beta1) * gc;
     const float a2 = p.beta2 * m2 + (1.f - p.beta2) * gc * gc;  // ((1-b2) g) g: g^2 alone may overflow
     const float root = sqrtf(a2) * c.inv_sqrt_bias2;             // sqrt(a2 / bias2) without overflow
     const float nw = w - h.lr * ((a1 * c.inv_bias1) / (root + p.eps) + h.weight_decay * w);
     return {nw, a1, a2, lk::from_f32<T>(nw)};
+}
+
+// The step of the U parameters from pool-layout index i: computes them
+// (WRITE = false: returns whether all are finite) or also writes them.
+template <class T, int U, bool WRITE>
+__device__ bool step_unit(const AdamWParams& p, const SlotOptim& h, const StepScalars& c, bool is_a, size_t i) {
+    const Floats<U> g = load<U>(is_a ? p.grad_a : p.grad_b, i);
+    Floats<U> w = load<U>(is_a ? p.master_a : p.master_b, i);
+    Floats<U> m1 = load<U>(is_a ? p.m1_a : p.m1_b, i);
+    Floats<U> m2 = load<U>(is_a ? p.m2_a : p.m2_b, i);
+    Floats<U> anchor{};
+    if (h.anchor_pull != 0.f && p.anchor_a) anchor = load<U>(is_a ? p.anchor_a : p.anchor_b, i);
+    Values<T, U> work;
+    bool finite = true;
+    for (int u = 0; u < U; ++u) {
+        const NewValues<T> v = step_element<T>(p, h, c, g.v[u], w.v[u], m1.v[u], m2.v[u], anchor.v[u]);
+        finite = finite && v.finite();
+        w.v[u] = v.w;
+        m1.v[u] = v.m1;
+        m2.v[u] = v.m2;
+        work.v[u] = v.work;
+    }
+    if (WRITE) {
+        store<U>(is_a ? p.master_a : p.master_b, i, w);
+        store<U>(is_a ? p.m1_a : p.m1_b, i, m1);
+        store<U>(is_a ? p.m2_a : p.m2_b, i, m2);
+        *reinterpret_cast<Values<T, U>*>(reinterpret_cast<T*>(is_a ? p.work_a : p.work_b) + i) = work;
+    }
+    return finite;
+}
+
+// Whether every array the step touches allows 16-byte (4-value) accesses.
+template <class T>
+__device__ bool quad_aligned(const AdamWParams& p, size_t max_rank) {
+    if (max_rank % 4 != 0) return false;
+    const uint64_t f32 = p.master_a | p.master_b | p.m1_a | p.m1_b | p.m2_a | p.m2_b | p.grad_a | p.grad_b |
+                         p.anchor_a | p.anchor_b;
+    return f32 % 16 == 0 && (p.work_a | p.work_b) % (4 * sizeof(T)) == 0;
 }
 
 template <class T>
@@ -99,23 +178,26 @@ __device__ void adamw(const AdamWParams& p) {
         if (threadIdx.x == 0) status[s] = IDLE;
         return;
     }
-    const size_t max_rank = p.max_rank, n = p.n, k = p.k;
-    const SlotParams sp{(size_t)s * max_rank * k, (size_t)s * n * max_rank, (size_t)rank, k, max_rank,
-                        (size_t)rank * (k + n)};
-    auto grad = [&](size_t e, bool& is_a, size_t& i) {
-        i = sp.index(e, is_a);
-        return (is_a ? reinterpret_cast<const float*>(p.grad_a) : reinterpret_cast<const float*>(p.grad_b))[i];
+    const size_t max_rank = p.max_rank;
+    const SlotParams sp{(size_t)s * max_rank * p.k, (size_t)s * p.n * max_rank, (size_t)rank, (size_t)p.k,
+                        (size_t)p.n, max_rank};
+    // The same for every thread of the block: which width the passes take.
+    const bool quads = rank % 4 == 0 && quad_aligned<T>(p, max_rank);
+    auto each = [&](auto&& f) {
+        if (quads) for_each_unit<4>(sp, [&](bool is_a, size_t i) { f(Unit<4>(), is_a, i); });
+        else for_each_unit<1>(sp, [&](bool is_a, size_t i) { f(Unit<1>(), is_a, i); });
     };
 
     // 1. The norm (f64: a sum of squares of f32 values cannot overflow it).
     double sq = 0.0, bad = 0.0;
-    for (size_t e = threadIdx.x; e < sp.count; e += THREADS) {
-        bool is_a;
-        size_t i;
-        const float g = grad(e, is_a, i);
-        if (!isfinite(g)) bad = 1.0;
-        else sq += (double)g * g;
-    }
+    each([&](auto unit, bool is_a, size_t i) {
+        constexpr int U = decltype(unit)::value;
+        const Floats<U> g = load<U>(is_a ? p.grad_a : p.grad_b, i);
+        for (int u = 0; u < U; ++u) {
+            if (!isfinite(g.v[u])) bad = 1.0;
+            else sq += (double)g.v[u] * g.v[u];
+        }
+    });
     sq = block_sum(sq, scratch);
     bad = block_sum(bad, scratch);
     const double norm = sqrt(sq);
@@ -133,12 +215,9 @@ __device__ void adamw(const AdamWParams& p) {
 
     // 2. Would the step leave anything non-finite? Then it writes nothing.
     double overflow = 0.0;
-    for (size_t e = threadIdx.x; e < sp.count; e += THREADS) {
-        bool is_a;
-        size_t i;
-        const float g = grad(e, is_a, i);
-        if (!step_element<T>(p, h, c, is_a, i, g).finite()) overflow = 1.0;
-    }
+    each([&](auto unit, bool is_a, size_t i) {
+        if (!step_unit<T, decltype(unit)::value, false>(p, h, c, is_a, i)) overflow = 1.0;
+    });
     overflow = block_sum(overflow, scratch);  // its barriers also order pass 2's reads before pass 3's writes
     if (overflow > 0.0) {
         if (threadIdx.x == 0) {
@@ -149,16 +228,7 @@ __device__ void adamw(const AdamWParams& p) {
     }
 
     // 3. The step. Each element is read and written by the same thread only.
-    for (size_t e = threadIdx.x; e < sp.count; e += THREADS) {
-        bool is_a;
-        size_t i;
-        const float g = grad(e, is_a, i);
-        const NewValues<T> v = step_element<T>(p, h, c, is_a, i, g);
-        reinterpret_cast<float*>(is_a ? p.master_a : p.master_b)[i] = v.w;
-        reinterpret_cast<float*>(is_a ? p.m1_a : p.m1_b)[i] = v.m1;
-        reinterpret_cast<float*>(is_a ? p.m2_a : p.m2_b)[i] = v.m2;
-        reinterpret_cast<T*>(is_a ? p.work_a : p.work_b)[i] = v.work;
-    }
+    each([&](auto unit, bool is_a, size_t i) { step_unit<T, decltype(unit)::value, true>(p, h, c, is_a, i); });
     __syncthreads();  // every thread has read the old step count before it changes
     if (threadIdx.x == 0) {
         reinterpret_cast<int*>(p.step)[s] = t;

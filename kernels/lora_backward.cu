@@ -48,7 +48,7 @@ __device__ void backward_u(const BackwardParams& p) {
         float acc = 0.f;
         if (j < rank) {
             const T* bj = b_pool + (size_t)s * p.n * p.max_rank + j;
-            for (int c = warp; c < p.n; c += WARPS) acc += lk::to_f32(gi[c]) * lk::to_f32(bj[(size_t)c * p.max_rank]);
+            for (int c = warp; c < p.n; c += WARPS) acc += lk::to_f32(gi[c]) * lk::to_f32(bj[(size_t)c * p.max_rank]);  // sass-loop: u
         }
         partial[warp][lane] = acc;
         __syncthreads();
@@ -79,7 +79,7 @@ __device__ void backward_dx(const BackwardParams& p) {
     for (int i = 0; i < TM; ++i)
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
     if (tid < BM) row_slot[tid] = row0 + tid < p.m ? token_slot(p, row0 + tid) : -1;
-    for (int c0 = 0; c0 < p.n; c0 += BC) {
+    for (int c0 = 0; c0 < p.n; c0 += BC) {  // sass-loop: dx_simt
         for (int e = tid; e < BM * BC; e += THREADS) {
             int r = e / BC, c = e % BC;
             gs[r][c] = (row0 + r < p.m && c0 + c < p.n) ? lk::to_f32(g[(size_t)(row0 + r) * p.n + c0 + c]) : 0.f;
@@ -208,7 +208,7 @@ __device__ void backward_db(const BackwardParams& p) {
     for (int j0 = 0; j0 < p.max_rank; j0 += 64) {
         float acc[16];
         for (int jj = 0; jj < 16; ++jj) acc[jj] = 0.f;
-        for (int i = i0; i < i1; ++i) {
+        for (int i = i0; i < i1; ++i) {  // sass-loop: db
             if (token_slot(p, i) != s) continue;
             float gv = lk::to_f32(g[(size_t)i * p.n + c]);
             for (int jj = 0; jj < 16; ++jj) {
@@ -237,7 +237,7 @@ __device__ void backward_da(const BackwardParams& p) {
     for (int j0 = 0; j0 < p.max_rank; j0 += 32) {
         float acc[32];
         for (int jj = 0; jj < 32; ++jj) acc[jj] = 0.f;
-        for (int i = i0; i < i1; ++i) {
+        for (int i = i0; i < i1; ++i) {  // sass-loop: da
             if (token_slot(p, i) != s) continue;
             float xv = lk::to_f32(x[(size_t)i * p.k + q]);
             for (int jj = 0; jj < 32; ++jj)

@@ -128,7 +128,7 @@ __device__ void shrink_block(const MultiAdapterParams& p) {
                     int g = warp + q * WARPS;  // token i0 + g
                     if (g >= GROUP || slot_of[g] != s) continue;
                     const T* xi = x + (size_t)(i0 + g) * p.k + k0;
-                    for (int c = lane; c < len; c += 32) acc[q] += lk::to_f32(xi[c]) * a_row[c];
+                    for (int c = lane; c < len; c += 32) acc[q] += lk::to_f32(xi[c]) * a_row[c];  // sass-loop: shrink
                 }
                 __syncthreads();
             }

@@ -21,6 +21,15 @@ const CFG: PoolConfig = PoolConfig {
     k: 9,
 };
 const RANKS: [usize; 5] = [6, 1, 3, 4, 2];
+/// A pool whose max_rank is a multiple of 4: slots of rank 4 and 8 take the
+/// kernel's 16-byte path, rank 1 the one-value path.
+const QUAD_CFG: PoolConfig = PoolConfig {
+    slots: 5,
+    max_rank: 8,
+    n: 11,
+    k: 9,
+};
+const QUAD_RANKS: [usize; 5] = [8, 1, 4, 8, 4];
 
 fn hyper(lr: f32, weight_decay: f32, max_grad_norm: f32, anchor_pull: f32) -> SlotHyper {
     SlotHyper {
@@ -295,15 +304,21 @@ fn gradients(cfg: PoolConfig, seed: u64, scale: f32) -> (Vec<f32>, Vec<f32>) {
 }
 
 fn every_slot_matches_the_reference<T: KernelElement>() {
+    for (cfg, ranks) in [(CFG, RANKS), (QUAD_CFG, QUAD_RANKS)] {
+        every_slot_matches_the_reference_in::<T>(cfg, &ranks);
+    }
+}
+
+fn every_slot_matches_the_reference_in<T: KernelElement>(cfg: PoolConfig, ranks: &[usize]) {
     for dev in devices() {
-        let mut run = Run::<T>::new(&dev, CFG, &RANKS, &hypers(), 0.05);
+        let mut run = Run::<T>::new(&dev, cfg, ranks, &hypers(), 0.05);
         run.set_active(1, false); // slot 1 sits out the first two steps
         for step in 0..4u64 {
             if step == 2 {
                 run.set_active(1, true);
             }
-            let (mut ga, gb) = gradients(CFG, 100 + step, 3.0);
-            ga[4 * CFG.max_rank * CFG.k + 2] = f32::NAN; // slot 4's gradient is poisoned
+            let (mut ga, gb) = gradients(cfg, 100 + step, 3.0);
+            ga[4 * cfg.max_rank * cfg.k + 2] = f32::NAN; // slot 4's gradient is poisoned
             run.step(&ga, &gb);
         }
         let steps = run.opt.steps().unwrap();
@@ -405,9 +420,16 @@ fn huge_gradients_clip_and_report_a_finite_norm() {
 /// huge lr makes the weights pass it; slot 3: the f16 copy passes 65504.
 #[test]
 fn an_overflowing_step_is_skipped_and_changes_nothing() {
+    // Ranks 2 take the one-value path, ranks 4 the 16-byte path (one value
+    // of four overflowing must skip the slot too).
+    overflowing_step_in(2, [2, 1, 2, 2]);
+    overflowing_step_in(4, [4, 1, 4, 4]);
+}
+
+fn overflowing_step_in(max_rank: usize, ranks: [usize; 4]) {
     let cfg = PoolConfig {
         slots: 4,
-        max_rank: 2,
+        max_rank,
         n: 5,
         k: 4,
     };
@@ -418,7 +440,7 @@ fn an_overflowing_step_is_skipped_and_changes_nothing() {
         hyper(1e6, 0.0, 0.0, 0.0),
     ];
     for dev in devices() {
-        let mut run = Run::<f16>::new(&dev, cfg, &[2, 1, 2, 2], &hypers, 0.05);
+        let mut run = Run::<f16>::new(&dev, cfg, &ranks, &hypers, 0.05);
         let before = run.kernel_state();
         let (mut ga, gb) = gradients(cfg, 3, 1.0);
         ga[cfg.max_rank * cfg.k + 1] = 1e21; // slot 1
@@ -436,7 +458,7 @@ fn an_overflowing_step_is_skipped_and_changes_nothing() {
         assert_eq!(run.opt.steps().unwrap(), vec![1, 0, 0, 0]);
         // Slots 1..4 bit for bit as before (slot 0 stepped, and comes first).
         let after = run.kernel_state();
-        let slot0 = 2 * (cfg.n + cfg.k);
+        let slot0 = ranks[0] * (cfg.n + cfg.k);
         assert_eq!(
             after.0[slot0..],
             before.0[slot0..],

@@ -54,7 +54,7 @@ __device__ __forceinline__ void fma_tiles(const Smem<C>& s, int len, Acc<C>& acc
 template <class T, class C>
 __device__ void base_product(const Smem<C>& s, const T* __restrict__ x, const T* __restrict__ w, int m, int n,
                              int k, int row0, int col0, Acc<C>& acc) {
-    for (int k0 = 0; k0 < k; k0 += C::BK) {
+    for (int k0 = 0; k0 < k; k0 += C::BK) {  // sass-loop: simt_mainloop
         for (int e = threadIdx.x; e < C::BM * C::BK; e += C::THREADS) {
             int r = e / C::BK, c = e % C::BK, gr = row0 + r, gc = k0 + c;
             s.lhs[r * C::LD + c] = (gr < m && gc < k) ? to_f32(x[(size_t)gr * k + gc]) : 0.f;

@@ -59,34 +59,67 @@ __host__ __device__ constexpr int smem_elems(int shrink_rows) {
 }
 
 // Copies rows [row0, row0 + rows) x columns [col0, col0 + WIDTH) of a
-// row-major [nrows, ncols] matrix into smem (row stride LD). Out-of-range
-// elements are zero. ALIGNED: 16-byte cp.async (ncols % 8 == 0 and a 16-byte
-// aligned base); otherwise element by element (the tail path for unaligned k).
-template <class T, int THREADS, int WIDTH, int LD, bool ALIGNED>
-__device__ __forceinline__ void load_rows(T* smem, const T* g, int nrows, int ncols, int row0, int rows, int col0) {
-    constexpr int CHUNKS = WIDTH / 8;  // 16-byte chunks per row
+// row-major [nrows, ncols] matrix into smem (row stride LD) element by
+// element; out-of-range elements are zero. The path for k that is not a
+// multiple of 8 or a base that is not 16-byte aligned (16-byte copies:
+// TileCopy).
+template <class T, int THREADS, int WIDTH, int LD>
+__device__ __forceinline__ void load_rows_any(T* smem, const T* g, int nrows, int ncols, int row0, int rows,
+                                              int col0) {
+    constexpr int CHUNKS = WIDTH / 8;  // 8-element chunks per row
     for (int e = threadIdx.x; e < rows * CHUNKS; e += THREADS) {
         int r = e / CHUNKS, c = (e % CHUNKS) * 8;
         int gr = row0 + r, gc = col0 + c;
         T* dst = smem + r * LD + c;
-        if (ALIGNED) {
-            int valid = (gr < nrows) ? ncols - gc : 0;
-            valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
-            // A chunk that reads nothing still needs a valid address.
-            const T* src = valid > 0 ? g + (size_t)gr * ncols + gc : g;
-            cp_async_16(dst, src, 2u * valid);
-        } else {
-            for (int i = 0; i < 8; ++i)
-                dst[i] = (gr < nrows && gc + i < ncols) ? g[(size_t)gr * ncols + gc + i] : from_f32<T>(0.f);
-        }
+        for (int i = 0; i < 8; ++i)
+            dst[i] = (gr < nrows && gc + i < ncols) ? g[(size_t)gr * ncols + gc + i] : from_f32<T>(0.f);
     }
 }
 
-// The pipeline's tiles: BK columns wide, row stride LDS.
-template <class T, class C, bool ALIGNED>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int nrows, int ncols, int row0, int rows, int col0) {
-    load_rows<T, C::THREADS, C::BK, C::LDS, ALIGNED>(smem, g, nrows, ncols, row0, rows, col0);
-}
+// One thread's 16-byte cp.async copies of a tile (up to MAXROWS rows x WIDTH
+// columns, row stride LD in smem) of a row-major [nrows, ncols] matrix whose
+// ncols % 8 == 0 and base is 16-byte aligned, as the tile moves along the
+// matrix from one k-tile to the next. The chunks are dealt to the threads
+// row-major, so a thread keeps one column and rows row, row + RSTEP, ...:
+// its address, smem offset and stride are computed once, and a k-tile costs
+// per chunk an address add, a predicate and the copy (the index arithmetic
+// redone for every chunk of every k-tile cost ~37 instructions per copy).
+// Chunks outside the matrix copy 0 bytes (zero fill) from its base.
+template <class T, int THREADS, int WIDTH, int LD, int MAXROWS>
+struct TileCopy {
+    static constexpr int CHUNKS = WIDTH / 8;        // 16-byte chunks per row
+    static constexpr int RSTEP = THREADS / CHUNKS;  // rows between a thread's chunks
+    static constexpr int N = (MAXROWS + RSTEP - 1) / RSTEP;
+    static_assert(sizeof(T) == 2 && THREADS % CHUNKS == 0, "16-bit elements, whole rows per thread group");
+    // Addresses as integers: g may be null (an operand the launch skips),
+    // and pointer arithmetic on null is undefined in C++ (the host runtime).
+    const T* g;
+    uintptr_t src;  // the thread's first chunk with the tile at (row0, col0)
+    size_t stride;  // bytes between a thread's chunks: RSTEP rows
+    int row, col;   // the first chunk's place in the tile
+    int dst;        // and in smem
+
+    __device__ TileCopy(const T* g_, int ncols, int row0, int col0)
+        : g(g_), stride((size_t)RSTEP * ncols * sizeof(T)), row(threadIdx.x / CHUNKS),
+          col(threadIdx.x % CHUNKS * 8), dst(row * LD + col) {
+        src = reinterpret_cast<uintptr_t>(g) + ((size_t)(row0 + row) * ncols + col0 + col) * sizeof(T);
+    }
+
+    // The tile moved by `shift` elements from (row0, col0): its first `rows`
+    // rows, of which those below row_limit and columns below col_limit exist
+    // (both counted from the tile's corner).
+    __device__ __forceinline__ void copy(T* smem, size_t shift, int row_limit, int col_limit, int rows) const {
+        const uintptr_t p = src + shift * sizeof(T);
+        const bool col_ok = col < col_limit;
+        for (int i = 0; i < N; ++i) {
+            const int r = row + i * RSTEP;
+            if (rows < MAXROWS && r >= rows) break;  // folds away for a full tile
+            const bool ok = col_ok && r < row_limit;
+            const T* chunk = ok ? reinterpret_cast<const T*>(p + i * stride) : g;
+            cp_async_16(smem + dst + i * RSTEP * LD, chunk, ok ? 16u : 0u);
+        }
+    }
+};
 
 // Which adapters a block's rows use: row_slot[BM] (filled by the caller, -1 =
 // none) becomes distinct[1..distinct[0]], each slot once, in row order.
@@ -134,21 +167,30 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
     const int stage_elems = (C::BM + C::BN + rp) * C::LDS;
     const int ktiles = (k + C::BK - 1) / C::BK;
 
+    const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BM> xcopy(x, k, row0, 0);
+    const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BN> wcopy(w, k, col0, 0);
+    const TileCopy<T, C::THREADS, C::BK, C::LDS, RC> acopy(a, k, 0, 0);
     auto load_stage = [&](int stage, int kt) {
         T* xs = smem + stage * stage_elems;
         T* ws = xs + C::BM * C::LDS;
         T* as = ws + C::BN * C::LDS;
         int kc = kt * C::BK;
-        load_tile<T, C, ALIGNED>(xs, x, m, k, row0, C::BM, kc);
-        if (w) load_tile<T, C, ALIGNED>(ws, w, n, k, col0, C::BN, kc);
-        if (rp) load_tile<T, C, ALIGNED>(as, a, rc, k, 0, rp, kc);
+        if constexpr (ALIGNED) {
+            xcopy.copy(xs, kc, m - row0, k - kc, C::BM);
+            if (w) wcopy.copy(ws, kc, n - col0, k - kc, C::BN);
+            if (rp) acopy.copy(as, kc, rc, k - kc, rp);
+        } else {
+            load_rows_any<T, C::THREADS, C::BK, C::LDS>(xs, x, m, k, row0, C::BM, kc);
+            if (w) load_rows_any<T, C::THREADS, C::BK, C::LDS>(ws, w, n, k, col0, C::BN, kc);
+            if (rp) load_rows_any<T, C::THREADS, C::BK, C::LDS>(as, a, rc, k, 0, rp, kc);
+        }
     };
 
     for (int s = 0; s < C::STAGES - 1; ++s) {
         if (s < ktiles) load_stage(s, s);
         cp_async_commit();
     }
-    for (int kt = 0; kt < ktiles; ++kt) {
+    for (int kt = 0; kt < ktiles; ++kt) {  // sass-loop: mainloop
         cp_async_wait<C::STAGES - 2>();
         __syncthreads();  // tile kt landed for all threads; stage (kt-1) is free
         int next = kt + C::STAGES - 1;
@@ -195,17 +237,25 @@ __device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int k
     const int wm = warp / C::WN, wn = warp % C::WN;
     const int stage_elems = C::BM * C::LDS + C::BK * LDB;
     const int ktiles = (kdim + C::BK - 1) / C::BK;
+    const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BM> acopy(a, kdim, row0, 0);
+    const TileCopy<T, C::THREADS, C::BN, LDB, C::BK> bcopy(b, n, 0, col0);  // moves down b's rows
     auto load_stage = [&](int stage, int kt) {
         T* as = smem + stage * stage_elems;
         T* bs = as + C::BM * C::LDS;
-        load_tile<T, C, ALIGNED>(as, a, m, kdim, row0, C::BM, kt * C::BK);
-        load_rows<T, C::THREADS, C::BN, LDB, ALIGNED>(bs, b, kdim, n, kt * C::BK, C::BK, col0);
+        const int kc = kt * C::BK;
+        if constexpr (ALIGNED) {
+            acopy.copy(as, kc, m - row0, kdim - kc, C::BM);
+            bcopy.copy(bs, (size_t)kc * n, kdim - kc, n - col0, C::BK);
+        } else {
+            load_rows_any<T, C::THREADS, C::BK, C::LDS>(as, a, m, kdim, row0, C::BM, kc);
+            load_rows_any<T, C::THREADS, C::BN, LDB>(bs, b, kdim, n, kc, C::BK, col0);
+        }
     };
     for (int s = 0; s < C::STAGES - 1; ++s) {
         if (s < ktiles) load_stage(s, s);
         cp_async_commit();
     }
-    for (int kt = 0; kt < ktiles; ++kt) {
+    for (int kt = 0; kt < ktiles; ++kt) {  // sass-loop: mainloop_bt
         cp_async_wait<C::STAGES - 2>();
         __syncthreads();
         int next = kt + C::STAGES - 1;
@@ -387,7 +437,7 @@ __device__ void expand_mma(const ExpandTiles<T, C, KMAJOR>& e, int rp, Accumulat
     constexpr int LDB = C::BN + 8;  // k-major weight rows
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp / C::WN, wn = warp % C::WN;
-    for (int kk = 0; kk < rp; kk += 16) {
+    for (int kk = 0; kk < rp; kk += 16) {  // sass-loop: expand
         uint32_t hf[C::MT][4], lf[C::MT][4];
         for (int i = 0; i < C::MT; ++i) {
             int off = (wm * C::WTM + i * 16 + lane % 16) * C::LDT + kk + (lane / 16) * 8;

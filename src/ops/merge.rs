@@ -24,6 +24,9 @@ kernel!(MERGE_BF16 = lk_merge_bf16 in "merge": MergeParams;);
 /// Threads per block at most (one column each); fewer for small k, rounded
 /// to whole warps.
 const MAX_THREADS: usize = 256;
+/// Rows of `w` per block (ROWS in kernels/merge.cu): each load of `a` feeds
+/// this many rows.
+const ROWS_PER_BLOCK: usize = 8;
 /// CUDA's limit on grid.y: beyond it the kernel strides over column chunks.
 const MAX_GRID_Y: usize = 65535;
 
@@ -92,14 +95,19 @@ pub fn merge<'a, T: KernelElement>(
     };
     let threads = k.next_multiple_of(32).min(MAX_THREADS);
     let launch = LaunchDims {
-        grid: [n as u32, k.div_ceil(threads).min(MAX_GRID_Y) as u32, 1],
+        grid: [
+            n.div_ceil(ROWS_PER_BLOCK) as u32,
+            k.div_ceil(threads).min(MAX_GRID_Y) as u32,
+            1,
+        ],
         block: [threads as u32, 1, 1],
         dynamic_smem_bytes: 0,
     };
     // SAFETY: w holds n*k, a r*k and b n*r elements on `dev` (checked above);
-    // n and k are in 1..=i32::MAX (Dims::validate), so grid.x = n is within
-    // CUDA's 2^31 - 1 and grid.y within 1..=65535; block x handles row x
-    // only, its threads stride over columns (grid.y * threads apart) while
-    // q < k, with 64-bit offsets; the pointer guards live past the launch.
+    // n and k are in 1..=i32::MAX (Dims::validate), so grid.x = n / 8
+    // (rounded up) is within CUDA's 2^31 - 1 and grid.y within 1..=65535;
+    // block x handles rows 8x .. min(8x + 8, n) only, its threads stride over
+    // columns (grid.y * threads apart) while q < k, with 64-bit offsets; the
+    // pointer guards live past the launch.
     unsafe { kernel.launch(dev, launch, &params) }
 }
