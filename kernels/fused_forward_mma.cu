@@ -27,7 +27,9 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp / C::WN, wn = warp % C::WN;
     const int group = lane / 4, quad = lane % 4;
-    const int row0 = blockIdx.y * C::BM, col0 = blockIdx.x * C::BN;
+    int tm, tn;
+    lk::grouped_tile(tm, tn);
+    const int row0 = tm * C::BM, col0 = tn * C::BN;
 
     LK_SHARED(int, guard_state, [C::BM + 2]);
     lk::ExpandGuard<C> guard(guard_state);
@@ -64,8 +66,8 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
         lk::ExpandTiles<T, C> e(smem);
         guard.next();
         values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
-        // The first column of blocks also saves t for the backward pass.
-        if (p.t_out && blockIdx.x == 0)
+        // The first column of tiles also saves t for the backward pass.
+        if (p.t_out && col0 == 0)
             each_t([&](int row, int col, float t) {
                 if (col < rc && row0 + row < p.m)
                     reinterpret_cast<float*>(p.t_out)[(size_t)(row0 + row) * p.r + r0 + col] = t;

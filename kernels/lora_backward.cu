@@ -132,7 +132,9 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
     LK_SHARED(int, guard_state, [C::BM + 2]);
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
     const float* u = reinterpret_cast<const float*>(p.u);
-    const int row0 = blockIdx.y * C::BM, col0 = blockIdx.x * C::BN;
+    int tm, tn;
+    lk::grouped_tile(tm, tn);
+    const int row0 = tm * C::BM, col0 = tn * C::BN;
     constexpr int LDB = C::BN + 8;
 
     lk::ExpandGuard<C> guard(guard_state);

@@ -6,24 +6,30 @@
 //
 // The grid has two kinds of block, and the launch shape depends only on m, n,
 // k and the pool's shape, never on the ids (CUDA-graph capture stays valid):
-// - the first `shrink_blocks` blocks compute t[i, :rank] = x[i,:] a[s_i]^T (f32;
-//   units of 8 tokens x one rank row, each adapter's row loaded once per unit
-//   and shared by its tokens, a token costing its own rank), then raise
-//   counters[0];
+// - the first `shrink_blocks` blocks do shrink work: t[i, :rank] =
+//   x[i,:] a[s_i]^T (f32; a warp per unit of one token and 4 rank rows, a
+//   token costing its own rank), and check the segment table;
 // - the other blocks each own a BM x BN tile of y: they run the base product
 //   (f16/bf16 on tensor cores, lk_tile_gemm.cuh; f32 on SIMT tiles,
-//   lk_simt_tile.cuh, as tensor cores take no f32), then wait for counters[0]
-//   (by then long reached: the shrink is a small fraction of the work) and
-//   expand, once per distinct adapter among their rows, so tokens of the same
-//   adapter share each load of its b tile. The last of them resets the
-//   counters to 0.
+//   lk_simt_tile.cuh, as tensor cores take no f32), then wait until all
+//   shrink work is done (by then it usually is: the shrink is a small
+//   fraction of the work) and expand, once per distinct adapter among their
+//   rows, so tokens of the same adapter share each load of its b tile.
+// Shrink work is claimed, not assigned: warps take items from a counter
+// (counters[0]) and count the items they finish (counters[1]), and a tile
+// block takes what is left unclaimed before it waits. CUDA does not promise that
+// blocks start in index order, so a tile block must never wait for work
+// assigned to a block that has not started (it may hold the SM that block
+// needs); a claimed item is held by a running warp, so a tile block waits
+// only for work in progress. The last block to finish (counters[4]) resets
+// the counters to 0.
 // An id outside -1..slots-1 never reads outside the pool: it is treated as -1
-// and counted (by the shrink blocks, once per token, in counters[3]; the last
-// tile block adds the launch's count to *bad_ids).
+// and counted (by the shrink, once per token, in counters[3]; the last block
+// adds the launch's count to *bad_ids).
 // The segment table lives on the device and is checked there, without a host
-// round trip (CUDA-graph capture stays valid): the shrink blocks check it
-// cooperatively (offsets[0] == 0, offsets[segments] == m, non-decreasing) and
-// raise counters[2] before their counters[0] increment; tile blocks read the
+// round trip (CUDA-graph capture stays valid): shrink item e also checks
+// entry e (offsets[0] == 0, offsets[segments] == m, non-decreasing) and
+// raises counters[2] before the item counts as done; tile blocks read the
 // flag after their wait and then serve every token as -1 (base model only),
 // and the launch counts all m tokens as bad. The t rows the shrink wrote with
 // such a table are unspecified (routing by a binary search of a malformed
@@ -36,7 +42,7 @@
 namespace {
 
 // The counters (MultiAdapterParams): 0 between launches.
-enum Counter { SHRINK_DONE = 0, TILES_DONE = 1, BAD_TABLE = 2, BAD_IDS = 3 };
+enum Counter { CLAIMED = 0, ITEMS_DONE = 1, BAD_TABLE = 2, BAD_IDS = 3, BLOCKS_DONE = 4 };
 
 // The raw slot id of token i (per-token ids, or a binary search of the
 // segments: always a segment in 0..segments-1, even in a malformed table).
@@ -51,19 +57,16 @@ __device__ __forceinline__ int raw_slot(const MultiAdapterParams& p, int i) {
     return reinterpret_cast<const int*>(p.seg_slots)[lo];
 }
 
-// The shrink blocks' share of checking the segment table (if any): entry e
-// of 0..segments checks offsets[0] == 0 (e = 0), offsets[e - 1] <= offsets[e]
-// and offsets[segments] == m (e = segments); a failure raises BAD_TABLE.
-// Together these put every offset in 0..m, in order.
-__device__ void check_segment_table(const MultiAdapterParams& p, int threads) {
-    if (p.segments == 0) return;
+// Checks entry e of 0..segments of the segment table (if any): offsets[0] ==
+// 0 (e = 0), offsets[e - 1] <= offsets[e] and offsets[segments] == m (e =
+// segments); a failure raises BAD_TABLE. Together these put every offset in
+// 0..m, in order.
+__device__ void check_segment_entry(const MultiAdapterParams& p, int64_t e) {
+    if (p.segments == 0 || e > p.segments) return;
     const int* off = reinterpret_cast<const int*>(p.seg_offsets);
-    const int64_t stride = (int64_t)p.shrink_blocks * threads;
-    for (int64_t e = (int64_t)blockIdx.x * threads + threadIdx.x; e <= p.segments; e += stride) {
-        bool ok = e == 0 ? off[0] == 0 : off[e - 1] <= off[e];
-        if (e == p.segments) ok = ok && off[e] == p.m;
-        if (!ok) atomicExch(reinterpret_cast<unsigned*>(p.counters) + BAD_TABLE, 1u);
-    }
+    bool ok = e == 0 ? off[0] == 0 : off[e - 1] <= off[e];
+    if (e == p.segments) ok = ok && off[e] == p.m;
+    if (!ok) atomicExch(reinterpret_cast<unsigned*>(p.counters) + BAD_TABLE, 1u);
 }
 
 __device__ __forceinline__ bool out_of_range(const MultiAdapterParams& p, int id) { return id < -1 || id >= p.slots; }
@@ -75,102 +78,159 @@ __device__ __forceinline__ int token_slot(const MultiAdapterParams& p, int i) {
     return reinterpret_cast<const int*>(p.slot_rank)[id] > 0 ? id : -1;
 }
 
-// Shrink work is split into units (a group of GROUP consecutive tokens, one
-// rank row j): a unit loads row j of each distinct adapter among its tokens
-// once, in chunks through shared memory, and every token of that adapter
-// dots its x row with it, so tokens of one adapter share each load of `a`,
-// and a token costs its own rank (rows j >= its rank are skipped).
-constexpr int GROUP = 8;
-constexpr int KCHUNK = 512;
+// Shrink work: units of one token i and SHRINK_ROWS rank rows j0.., a warp
+// each. The warp streams x[i,:] and those rows of its adapter's `a` over k,
+// 8 values per lane per step (one 16-byte load each when ALIGNED), with an
+// accumulator per row, then reduces them with shuffles: no shared memory and
+// no barriers, and each step's loads depend on nothing before them. A token
+// costs its own rank: units past it do nothing.
+constexpr int SHRINK_ROWS = 4;
+constexpr int KSTEP = 32 * 8;  // values of k a warp takes per step
 
-template <class T, class C, bool ALIGNED>
-__device__ void shrink_block(const MultiAdapterParams& p) {
-    const T* x = reinterpret_cast<const T*>(p.x);
-    const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
-    float* t = reinterpret_cast<float*>(p.t);
-    LK_SHARED(float, a_row, [KCHUNK]);
-    LK_SHARED(int, slot_of, [GROUP]);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    constexpr int WARPS = C::THREADS / 32;
-    constexpr int PER_WARP = (GROUP + WARPS - 1) / WARPS;  // tokens each warp dots
-    unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
-    check_segment_table(p, C::THREADS);
-    const int64_t groups = (p.m + GROUP - 1) / GROUP;
-    const int64_t units = groups * p.max_rank;  // up to 2^28 * 256
-    for (int64_t unit = blockIdx.x; unit < units; unit += p.shrink_blocks) {
-        const int i0 = (int)(unit / p.max_rank) * GROUP, j = (int)(unit % p.max_rank);
-        __syncthreads();  // slot_of and a_row of the previous unit are no longer read
-        if (threadIdx.x < GROUP) {
-            int i = i0 + threadIdx.x, s = -1;
-            if (i < p.m) {
-                if (j == 0 && out_of_range(p, raw_slot(p, i))) atomicAdd(counters + BAD_IDS, 1u);
-                s = token_slot(p, i);
-                if (s >= 0 && j >= reinterpret_cast<const int*>(p.slot_rank)[s]) s = -1;  // past its rank
-            }
-            slot_of[threadIdx.x] = s;
+// Values c .. c + 7 of row p (f16/bf16, ALIGNED: 16-byte aligned, c % 8 == 0
+// and k % 8 == 0) or values c, c + 32, .., c + 224 (any: element loads,
+// coalesced across the warp); 0 past k.
+template <class T, bool ALIGNED>
+__device__ __forceinline__ void load8(float (&v)[8], const T* row, int k, int k0, int lane) {
+    if constexpr (ALIGNED) {
+        const int c = k0 + lane * 8;
+        if (c < k) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(row + c);  // one 16-byte load
+            T h[8];
+            memcpy(h, &raw, sizeof(h));  // not a pointer cast: that breaks C++'s aliasing rules on the host
+            for (int e = 0; e < 8; ++e) v[e] = lk::to_f32(h[e]);
+        } else {
+            for (int e = 0; e < 8; ++e) v[e] = 0.f;
         }
-        __syncthreads();
-        // Each distinct adapter of the group, in token order (the first token
-        // of each adapter stands for it).
-        for (int lead = 0; lead < GROUP; ++lead) {
-            const int s = slot_of[lead];
-            bool first = s >= 0;
-            for (int e = 0; e < lead && first; ++e) first = slot_of[e] != s;
-            if (!first) continue;
-            const T* aj = a_pool + ((size_t)s * p.max_rank + j) * p.k;
-            float acc[PER_WARP];
-            for (int q = 0; q < PER_WARP; ++q) acc[q] = 0.f;
-            for (int k0 = 0; k0 < p.k; k0 += KCHUNK) {
-                const int len = p.k - k0 < KCHUNK ? p.k - k0 : KCHUNK;
-                for (int c = threadIdx.x; c < len; c += C::THREADS) a_row[c] = lk::to_f32(aj[k0 + c]);
-                __syncthreads();
-                for (int q = 0; q < PER_WARP; ++q) {
-                    int g = warp + q * WARPS;  // token i0 + g
-                    if (g >= GROUP || slot_of[g] != s) continue;
-                    const T* xi = x + (size_t)(i0 + g) * p.k + k0;
-                    for (int c = lane; c < len; c += 32) acc[q] += lk::to_f32(xi[c]) * a_row[c];  // sass-loop: shrink
-                }
-                __syncthreads();
-            }
-            for (int q = 0; q < PER_WARP; ++q) {
-                int g = warp + q * WARPS;
-                if (g >= GROUP || slot_of[g] != s) continue;
-                float v = acc[q];
-                for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
-                if (lane == 0) t[(size_t)(i0 + g) * p.max_rank + j] = v;
-            }
+    } else {
+        for (int e = 0; e < 8; ++e) {
+            const int c = k0 + lane + 32 * e;
+            v[e] = c < k ? lk::to_f32(row[c]) : 0.f;
         }
-    }
-    __syncthreads();  // every t, table check and bad-id count of this block is done
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(counters + SHRINK_DONE, 1u);
     }
 }
 
-// Called by every thread of a tile block after its base product: thread 0
-// waits until every shrink block has written its t and checked its part of
-// the segment table (SHRINK_DONE), reads whether the table is malformed, and
-// the last tile block to get here adds the launch's bad ids to *bad_ids (m
-// for a malformed table) and resets the counters for the next launch; then
-// row_slot gets the slot of each of the tile's BM rows (-1: none, or every
-// row with a malformed table) and distinct the distinct adapters among them
-// (distinct[0] = count). Every t read after this (collect_distinct ends with
-// a barrier) sees the shrink's writes (load_cg).
-template <int BM, int THREADS>
+// Shrink unit u (token u / row_groups, rank rows from (u % row_groups) *
+// SHRINK_ROWS), by a whole warp. LEAN: one row and one value per lane at a
+// time (few registers: the tile blocks' rare share, which must not raise
+// their kernel's register count); else every row at once, 8 values per lane.
+template <class T, bool ALIGNED, bool LEAN>
+__device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int lane) {
+    const T* x = reinterpret_cast<const T*>(p.x);
+    const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
+    float* t = reinterpret_cast<float*>(p.t);
+    const int row_groups = (p.max_rank + SHRINK_ROWS - 1) / SHRINK_ROWS;
+    const int i = (int)(unit / row_groups), j0 = (int)(unit % row_groups) * SHRINK_ROWS;
+    if (j0 == 0 && lane == 0 && out_of_range(p, raw_slot(p, i)))
+        atomicAdd(reinterpret_cast<unsigned*>(p.counters) + BAD_IDS, 1u);
+    const int s = token_slot(p, i);
+    if (s < 0) return;
+    const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+    if (j0 >= rank) return;  // past its rank
+    const int rows = rank - j0 < SHRINK_ROWS ? rank - j0 : SHRINK_ROWS;
+    const T* xi = x + (size_t)i * p.k;
+    const T* aj = a_pool + ((size_t)s * p.max_rank + j0) * p.k;
+    float* ti = t + (size_t)i * p.max_rank + j0;
+    if constexpr (LEAN) {
+#pragma unroll 1
+        for (int q = 0; q < rows; ++q) {
+            float v = 0.f;
+#pragma unroll 1
+            for (int c = lane; c < p.k; c += 32) v += lk::to_f32(xi[c]) * lk::to_f32(aj[(size_t)q * p.k + c]);
+            for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+            if (lane == 0) ti[q] = v;
+        }
+    } else {
+        float acc[SHRINK_ROWS];
+        for (int q = 0; q < SHRINK_ROWS; ++q) acc[q] = 0.f;
+        // Not unrolled: one step already has 5 independent loads.
+#pragma unroll 1
+        for (int k0 = 0; k0 < p.k; k0 += KSTEP) {  // sass-loop: shrink
+            float xv[8];
+            load8<T, ALIGNED>(xv, xi, p.k, k0, lane);
+            for (int q = 0; q < SHRINK_ROWS; ++q) {
+                if (q >= rows) break;
+                float av[8];
+                load8<T, ALIGNED>(av, aj + (size_t)q * p.k, p.k, k0, lane);
+                for (int e = 0; e < 8; ++e) acc[q] += xv[e] * av[e];
+            }
+        }
+        for (int q = 0; q < SHRINK_ROWS; ++q) {
+            float v = acc[q];
+            for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+            if (lane == 0 && q < rows) ti[q] = v;
+        }
+    }
+}
+
+// Items of shrink work: item e is unit e (if e < m * row_groups) and the
+// check of table entry e (if e <= segments). src/ops bounds it below 2^31.
+__device__ __forceinline__ unsigned shrink_items(const MultiAdapterParams& p) {
+    const int64_t units = (int64_t)p.m * ((p.max_rank + SHRINK_ROWS - 1) / SHRINK_ROWS);
+    const int64_t entries = p.segments == 0 ? 0 : (int64_t)p.segments + 1;
+    return (unsigned)(units > entries ? units : entries);
+}
+
+// Every warp of the block claims CLAIM items at a time until none are left,
+// does them, and counts them done (after a fence: lane 0 makes every write
+// of an item). Called by shrink blocks, and by tile blocks before they wait.
+template <class T, bool ALIGNED, bool LEAN>
+__device__ void shrink_work(const MultiAdapterParams& p) {
+    constexpr unsigned CLAIM = 4;
+    unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
+    const int lane = threadIdx.x % 32;
+    const unsigned items = shrink_items(p);
+    const int64_t units = (int64_t)p.m * ((p.max_rank + SHRINK_ROWS - 1) / SHRINK_ROWS);
+    for (;;) {
+        unsigned first = 0;
+        if (lane == 0) first = atomicAdd(counters + CLAIMED, CLAIM);
+        first = __shfl_sync(0xFFFFFFFFu, first, 0);
+        if (first >= items) return;
+        const unsigned last = items - first < CLAIM ? items : first + CLAIM;
+        for (unsigned e = first; e < last; ++e) {
+            if (lane == 0) check_segment_entry(p, e);
+            if (e < units) shrink_unit<T, ALIGNED, LEAN>(p, e, lane);
+        }
+        if (lane == 0) {
+            __threadfence();
+            atomicAdd(counters + ITEMS_DONE, last - first);
+        }
+    }
+}
+
+// The end of a block's use of the counters: the last block of the launch
+// adds its bad ids to *bad_ids (m for a malformed table) and resets them.
+__device__ void finish_block(const MultiAdapterParams& p) {
+    __syncthreads();  // every thread of the block is done with the counters
+    if (threadIdx.x != 0) return;
+    unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
+    __threadfence();
+    if (atomicAdd(counters + BLOCKS_DONE, 1u) != gridDim.x - 1) return;
+    __threadfence();  // every block's counter updates are in before these reads
+    const bool bad_table = atomicAdd(counters + BAD_TABLE, 0u) != 0;
+    const unsigned bad = bad_table ? (unsigned)p.m : atomicAdd(counters + BAD_IDS, 0u);
+    atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), bad);
+    for (int c = CLAIMED; c <= BLOCKS_DONE; ++c) atomicExch(counters + c, 0u);
+}
+
+// Called by every thread of a tile block after its base product: its warps
+// take any shrink work still unclaimed (rarely any; the lean form, which
+// keeps the tile kernel's registers at what its base product needs), then
+// thread 0 waits until every shrink item is done
+// (ITEMS_DONE: all of t written, the whole segment table checked) and reads
+// whether the table is malformed; then row_slot gets the slot of each of the
+// tile's BM rows (-1: none, or every row with a malformed table) and
+// distinct the distinct adapters among them (distinct[0] = count). Every t
+// read after this (collect_distinct ends with a barrier) sees the shrink's
+// writes (load_cg).
+template <class T, int BM, int THREADS>
 __device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0, int* row_slot, int* distinct) {
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     LK_SHARED(int, bad_table, [1]);
+    shrink_work<T, false, true>(p);
     if (threadIdx.x == 0) {
-        lk::wait_counter_at_least(counters + SHRINK_DONE, (unsigned)p.shrink_blocks);
+        lk::wait_counter_at_least(counters + ITEMS_DONE, shrink_items(p));
         bad_table[0] = *reinterpret_cast<volatile unsigned*>(counters + BAD_TABLE) != 0;
-        __threadfence();  // the flag is read before this block counts as done (and it is reset)
-        const unsigned tiles = gridDim.x - p.shrink_blocks;
-        if (atomicAdd(counters + TILES_DONE, 1u) == tiles - 1) {
-            const unsigned bad = bad_table[0] ? (unsigned)p.m : atomicExch(counters + BAD_IDS, 0u);
-            atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), bad);
-            for (int c = SHRINK_DONE; c <= BAD_IDS; ++c) atomicExch(counters + c, 0u);
-        }
     }
     __syncthreads();  // bad_table is set
     const bool base_only = bad_table[0];
@@ -188,9 +248,10 @@ __device__ void base_block(const MultiAdapterParams& p) {
     LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
     LK_SHARED(int, guard_state, [C::BM + 2]);
 
-    const int tiles_n = (p.n + C::BN - 1) / C::BN;
-    const int tile = blockIdx.x - p.shrink_blocks;
-    const int row0 = (tile / tiles_n) * C::BM, col0 = (tile % tiles_n) * C::BN;
+    const int tiles_m = (p.m + C::BM - 1) / C::BM, tiles_n = (p.n + C::BN - 1) / C::BN;
+    int tm, tn;
+    lk::grouped_tile((int64_t)blockIdx.x - p.shrink_blocks, tiles_m, tiles_n, tm, tn);
+    const int row0 = tm * C::BM, col0 = tn * C::BN;
 
     lk::ExpandGuard<C> guard(guard_state);
     lk::Accumulators<C> r;
@@ -198,7 +259,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
     lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
                                 p.m, p.n, p.k, 0, 0, row0, col0, r);
 
-    wait_and_collect_adapters<C::BM, C::THREADS>(p, row0, row_slot, distinct);
+    wait_and_collect_adapters<T, C::BM, C::THREADS>(p, row0, row_slot, distinct);
 
     lk::ExpandTiles<T, C> e(smem);
     for (int d = 1; d <= distinct[0]; ++d) {
@@ -259,7 +320,7 @@ __device__ void simt_tile_block(const MultiAdapterParams& p) {
     lk::simt::base_product<T, C>(sm, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), p.m, p.n,
                                  p.k, row0, col0, acc);
 
-    wait_and_collect_adapters<C::BM, C::THREADS>(p, row0, row_slot, distinct);
+    wait_and_collect_adapters<T, C::BM, C::THREADS>(p, row0, row_slot, distinct);
 
     for (int d = 1; d <= distinct[0]; ++d) {
         const int s = distinct[d];
@@ -288,16 +349,18 @@ __device__ void simt_tile_block(const MultiAdapterParams& p) {
 
 template <class T, class C, bool ALIGNED>
 __device__ void multi_adapter_forward(const MultiAdapterParams& p) {
-    if ((int)blockIdx.x < p.shrink_blocks) shrink_block<T, C, ALIGNED>(p);
+    if ((int)blockIdx.x < p.shrink_blocks) shrink_work<T, ALIGNED, false>(p);
     else base_block<T, C, ALIGNED>(p);
+    finish_block(p);
 }
 
-// f32: shrink blocks of the SIMT tile's block size, then SIMT tile blocks
-// (element loads only: the shrink's loads are scalar for every type).
+// f32: shrink blocks of the SIMT tile's block size (element loads), then
+// SIMT tile blocks.
 template <class T>
 __device__ void multi_adapter_forward_simt(const MultiAdapterParams& p) {
-    if ((int)blockIdx.x < p.shrink_blocks) shrink_block<T, lk::simt::Tiles, false>(p);
+    if ((int)blockIdx.x < p.shrink_blocks) shrink_work<T, false, false>(p);
     else simt_tile_block<T>(p);
+    finish_block(p);
 }
 
 }  // namespace

@@ -62,7 +62,7 @@ pub struct SlotAdapter<T> {
 }
 
 /// Scratch the multi-adapter kernel uses: the f32 intermediate `t`
-/// (`[tokens][max_rank]`, grown on demand), four launch counters (0 between
+/// (`[tokens][max_rank]`, grown on demand), five launch counters (0 between
 /// launches: kernels/multi_adapter_forward.cu) and the count of out-of-range
 /// ids seen on the device.
 pub(crate) struct Scratch {
@@ -138,7 +138,7 @@ impl<T: KernelElement> AdapterPool<T> {
             generations: vec![0; cfg.slots],
             scratch: Mutex::new(Scratch {
                 t: dev.zeros(0)?,
-                counters: dev.zeros(4)?,
+                counters: dev.zeros(5)?,
                 bad_ids: dev.zeros(1)?,
             }),
             cfg,

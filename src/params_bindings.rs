@@ -50,7 +50,7 @@ const _: () = {
     ["Offset of field: FusedForwardParams::beta"]
         [::std::mem::offset_of!(FusedForwardParams, beta) - 68usize];
 };
-#[doc = " Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses\n adapter slot slot(i) of a pool, or none:\n   y[i,:] = x[i,:] w^T + scale[s] (x[i,:] a[s]^T) b[s]^T  (+ beta * y)\n slot(i) = token_slots[i] (segments == 0), or seg_slots[j] for the segment j\n with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are\n treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],\n b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks\n (0 = empty slot). t is a [m][max_rank] f32 workspace, counters four u32\n that are 0 before and after every launch (shrink blocks done, tile blocks\n done, malformed-segment-table flag, bad ids seen). A segment table that is\n not non-decreasing from 0 to m is caught on the device: every token is\n then served as -1 and m tokens are counted in *bad_ids."]
+#[doc = " Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses\n adapter slot slot(i) of a pool, or none:\n   y[i,:] = x[i,:] w^T + scale[s] (x[i,:] a[s]^T) b[s]^T  (+ beta * y)\n slot(i) = token_slots[i] (segments == 0), or seg_slots[j] for the segment j\n with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are\n treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],\n b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks\n (0 = empty slot). t is a [m][max_rank] f32 workspace, counters five u32\n that are 0 before and after every launch (shrink items claimed, shrink\n items done, malformed-segment-table flag, bad ids seen, blocks finished).\n A segment table that is not non-decreasing from 0 to m is caught on the\n device: every token is then served as -1 and m tokens are counted in\n *bad_ids."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct MultiAdapterParams {
@@ -73,7 +73,7 @@ pub struct MultiAdapterParams {
     pub max_rank: i32,
     pub slots: i32,
     pub segments: i32,
-    #[doc = " the first shrink_blocks blocks compute t"]
+    #[doc = " the first shrink_blocks blocks work on t"]
     pub shrink_blocks: i32,
     pub beta: f32,
 }

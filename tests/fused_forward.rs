@@ -261,6 +261,9 @@ fn tile_edges_in_every_regime() {
         (128, 128, 32, 64),
         (129, 129, 33, 65),
         (127, 8, 8, 256),
+        // More than 8 row tiles at prefill (grouped tile order: a full group
+        // of 8 and a partial one) over several column tiles.
+        (1100, 260, 16, 4),
     ];
     for (m, n, k, r) in shapes {
         let case = Case::<bf16>::new(Dims::new(m, n, k), r, 0.0, (m * n + k) as u64);

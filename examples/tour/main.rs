@@ -13,12 +13,15 @@
 //! cuBLAS loop), the backward (training.rs: beside cuBLAS's unfused backward)
 //! and the optimizer step: each row gives the floor and the ratios (docs/DESIGN.md
 //! section 4), printed and written as JSON to `$LORA_KERNELS_BENCH_JSON`
-//! (default target/bench-tour.json).
+//! (default target/bench-tour.json). Last, with or without a GPU, the static
+//! counts of every kernel's machine code that `scripts/sass-check` wrote
+//! (sass.rs).
 mod check;
 #[path = "../common/mod.rs"]
 mod common;
 mod fused;
 mod multi;
+mod sass;
 mod training;
 
 use cudarc::driver::CudaSlice;
@@ -57,6 +60,7 @@ fn main() -> Res<()> {
     let checks_passed = check::section(gpu.as_ref())?;
     let Some(dev) = gpu else {
         check::no_timings();
+        sass::section(3);
         return finish(checks_passed);
     };
     let blas = CublasBaseline::new(&dev)?;
@@ -90,6 +94,7 @@ fn main() -> Res<()> {
         .unwrap_or_else(|_| "target/bench-tour.json".into());
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("\n   written: {path}");
+    sass::section(3);
     finish(checks_passed)
 }
 

@@ -25,17 +25,18 @@ typedef struct FusedForwardParams {
  * with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are
  * treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],
  * b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks
- * (0 = empty slot). t is a [m][max_rank] f32 workspace, counters four u32
- * that are 0 before and after every launch (shrink blocks done, tile blocks
- * done, malformed-segment-table flag, bad ids seen). A segment table that is
- * not non-decreasing from 0 to m is caught on the device: every token is
- * then served as -1 and m tokens are counted in *bad_ids. */
+ * (0 = empty slot). t is a [m][max_rank] f32 workspace, counters five u32
+ * that are 0 before and after every launch (shrink items claimed, shrink
+ * items done, malformed-segment-table flag, bad ids seen, blocks finished).
+ * A segment table that is not non-decreasing from 0 to m is caught on the
+ * device: every token is then served as -1 and m tokens are counted in
+ * *bad_ids. */
 typedef struct MultiAdapterParams {
     uint64_t x, w, a_pool, b_pool, slot_rank, slot_scale;
     uint64_t token_slots, seg_offsets, seg_slots;
     uint64_t t, counters, bad_ids, y;
     int32_t m, n, k, max_rank, slots, segments;
-    int32_t shrink_blocks; /* the first shrink_blocks blocks compute t */
+    int32_t shrink_blocks; /* the first shrink_blocks blocks work on t */
     float beta;
 } MultiAdapterParams;
 

@@ -121,6 +121,27 @@ struct TileCopy {
     }
 };
 
+// The tile (row tile tm, column tile tn) that block number `id` of a
+// tiles_m x tiles_n grid owns, in grouped order: consecutive blocks walk
+// down TILE_GROUP row tiles of one column of tiles before the next column.
+// The blocks in flight then share a few column tiles of w and row tiles of x
+// in L2; a column-fastest order streams all of w from DRAM once per row of
+// tiles when w is larger than L2 (an MLP's 4096 x 14336 weight).
+constexpr int TILE_GROUP = 8;
+__device__ __forceinline__ void grouped_tile(int64_t id, int tiles_m, int tiles_n, int& tm, int& tn) {
+    const int64_t per_group = (int64_t)TILE_GROUP * tiles_n;
+    const int64_t first_m = id / per_group * TILE_GROUP;
+    const int64_t rows = tiles_m - first_m < TILE_GROUP ? tiles_m - first_m : TILE_GROUP;
+    const int64_t in_group = id % per_group;
+    tm = (int)(first_m + in_group % rows);
+    tn = (int)(in_group / rows);
+}
+
+// The same for a block of a 2-D grid (x: column tiles, y: row tiles).
+__device__ __forceinline__ void grouped_tile(int& tm, int& tn) {
+    grouped_tile((int64_t)blockIdx.y * gridDim.x + blockIdx.x, (int)gridDim.y, (int)gridDim.x, tm, tn);
+}
+
 // Which adapters a block's rows use: row_slot[BM] (filled by the caller, -1 =
 // none) becomes distinct[1..distinct[0]], each slot once, in row order.
 // Call from every thread; it synchronizes before and after.

@@ -41,8 +41,9 @@ kernel!(SIMT_F32 = lk_multi_adapter_simt_f32 in "multi_adapter_forward": MultiAd
 
 /// At most this many blocks compute the shrink (each then takes several units).
 const MAX_SHRINK_BLOCKS: usize = 4096;
-/// Tokens per shrink unit (`GROUP` in the kernel).
-const SHRINK_GROUP: usize = 8;
+/// Rank rows per shrink unit of one token, a warp each (`SHRINK_ROWS` in
+/// the kernel).
+const SHRINK_ROWS: usize = 4;
 
 /// Which adapter each token uses.
 pub enum Routing<'a> {
@@ -190,8 +191,24 @@ fn launch<T: KernelElement>(
     if m == 0 {
         return Ok(());
     }
-    // Shrink units: groups of tokens x rank rows (the kernel strides over them).
-    let shrink_blocks = (m.div_ceil(SHRINK_GROUP) * cfg.max_rank).min(MAX_SHRINK_BLOCKS);
+    // Shrink units: tokens x groups of rank rows, a warp each, claimed by
+    // the warps from a 32-bit counter together with the table entries.
+    let shrink_units = m * cfg.max_rank.div_ceil(SHRINK_ROWS);
+    let shrink_items = shrink_units.max(if segments == 0 { 0 } else { segments + 1 });
+    if shrink_items > i32::MAX as usize {
+        return Err(invalid(
+            "m",
+            m,
+            format!(
+                "the shrink has {shrink_items} work items (tokens x ceil(max_rank / {SHRINK_ROWS}), \
+                 or segments + 1), more than {}: split the batch",
+                i32::MAX
+            ),
+        ));
+    }
+    let shrink_blocks = shrink_units
+        .div_ceil(shape.threads as usize / 32)
+        .min(MAX_SHRINK_BLOCKS);
     let tile_blocks = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
     let blocks = grid("m", m, [shrink_blocks + tile_blocks, 1, 1])?;
     pool.reserve_tokens(m)?;
@@ -267,8 +284,10 @@ fn launch<T: KernelElement>(
         // slot ids read on the device are range-checked there before any pool
         // access, and the segment table only inside 0..=segments (its values
         // are checked on the device before any tile block uses them); t holds
-        // m * max_rank f32 (reserve_tokens above) and the four counters are 0
-        // between launches (zeroed at creation, reset by each launch); the
+        // m * max_rank f32 (reserve_tokens above) and the five counters are 0
+        // between launches (zeroed at creation, reset by each launch), with
+        // fewer than 2^31 shrink items for their 32-bit claim counter (checked
+        // above); the
         // grid is shrink_blocks + the tiles covering m x n (within CUDA's
         // limit, checked above), with
         // the block size and dynamic shared memory of the kernel `select`
