@@ -239,6 +239,8 @@ __device__ void adamw(const AdamWParams& p) {
 
 }  // namespace
 
-LK_KERNEL(lk_adamw_f32, AdamWParams, adamw<float>)
-LK_KERNEL(lk_adamw_f16, AdamWParams, adamw<__half>)
-LK_KERNEL(lk_adamw_bf16, AdamWParams, adamw<__nv_bfloat16>)
+// Two blocks per SM (at most 64 registers): a memory-bound kernel needs the
+// warps to keep enough loads in flight.
+LK_KERNEL_BOUNDED(lk_adamw_f32, AdamWParams, adamw<float>, THREADS, 2)
+LK_KERNEL_BOUNDED(lk_adamw_f16, AdamWParams, adamw<__half>, THREADS, 2)
+LK_KERNEL_BOUNDED(lk_adamw_bf16, AdamWParams, adamw<__nv_bfloat16>, THREADS, 2)

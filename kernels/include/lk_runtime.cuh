@@ -20,6 +20,9 @@
         const Params p = *params;                                                              \
         return ::lk_host::launch(*launch, [&p] { body(p); });                                  \
     }
+// The same, for a kernel whose registers must let `blocks` blocks of
+// `threads` share an SM (__launch_bounds__ on the device).
+#define LK_KERNEL_BOUNDED(name, Params, body, threads, blocks) LK_KERNEL(name, Params, body)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,6 +33,8 @@
     type* name = reinterpret_cast<type*>(name##_bytes)
 #define LK_KERNEL(name, Params, body) \
     extern "C" __global__ void name(const Params p) { body(p); }
+#define LK_KERNEL_BOUNDED(name, Params, body, threads, blocks) \
+    extern "C" __global__ void __launch_bounds__(threads, blocks) name(const Params p) { body(p); }
 #endif
 
 #include "lk_params.h"
