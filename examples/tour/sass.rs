@@ -48,11 +48,14 @@ pub fn section(number: usize) {
             loops
                 .iter()
                 .map(|(loop_name, c)| {
-                    let mut parts = vec![format!(
-                        "{} / {} per 16 B",
-                        show(&c["instr_per_16B"]),
-                        show(&c["overhead_per_16B"])
-                    )];
+                    let mut parts = Vec::new();
+                    if !c["instr_per_16B"].is_null() {
+                        parts.push(format!(
+                            "{} / {} per 16 B",
+                            show(&c["instr_per_16B"]),
+                            show(&c["overhead_per_16B"])
+                        ));
+                    }
                     if c["mma"].as_u64().unwrap_or(0) > 0 {
                         parts.push(format!("{} B/mma", show(&c["ldsm_bytes_per_mma"])));
                     } else if !c["fma_per_load"].is_null() {
