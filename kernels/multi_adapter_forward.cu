@@ -110,6 +110,14 @@ __device__ __forceinline__ void load8(float (&v)[8], const T* row, int k, int k0
     }
 }
 
+// Units per token (groups of SHRINK_ROWS rank rows), and units in all.
+__device__ __forceinline__ int shrink_row_groups(const MultiAdapterParams& p) {
+    return (p.max_rank + SHRINK_ROWS - 1) / SHRINK_ROWS;
+}
+__device__ __forceinline__ int64_t shrink_units(const MultiAdapterParams& p) {
+    return (int64_t)p.m * shrink_row_groups(p);
+}
+
 // Shrink unit u (token u / row_groups, rank rows from (u % row_groups) *
 // SHRINK_ROWS), by a whole warp. LEAN: one row and one value per lane at a
 // time (few registers: the tile blocks' rare share, which must not raise
@@ -119,7 +127,7 @@ __device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int lane)
     const T* x = reinterpret_cast<const T*>(p.x);
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
     float* t = reinterpret_cast<float*>(p.t);
-    const int row_groups = (p.max_rank + SHRINK_ROWS - 1) / SHRINK_ROWS;
+    const int row_groups = shrink_row_groups(p);
     const int i = (int)(unit / row_groups), j0 = (int)(unit % row_groups) * SHRINK_ROWS;
     if (j0 == 0 && lane == 0 && out_of_range(p, raw_slot(p, i)))
         atomicAdd(reinterpret_cast<unsigned*>(p.counters) + BAD_IDS, 1u);
@@ -166,7 +174,7 @@ __device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int lane)
 // Items of shrink work: item e is unit e (if e < m * row_groups) and the
 // check of table entry e (if e <= segments). src/ops bounds it below 2^31.
 __device__ __forceinline__ unsigned shrink_items(const MultiAdapterParams& p) {
-    const int64_t units = (int64_t)p.m * ((p.max_rank + SHRINK_ROWS - 1) / SHRINK_ROWS);
+    const int64_t units = shrink_units(p);
     const int64_t entries = p.segments == 0 ? 0 : (int64_t)p.segments + 1;
     return (unsigned)(units > entries ? units : entries);
 }
@@ -180,7 +188,7 @@ __device__ void shrink_work(const MultiAdapterParams& p) {
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     const int lane = threadIdx.x % 32;
     const unsigned items = shrink_items(p);
-    const int64_t units = (int64_t)p.m * ((p.max_rank + SHRINK_ROWS - 1) / SHRINK_ROWS);
+    const int64_t units = shrink_units(p);
     for (;;) {
         unsigned first = 0;
         if (lane == 0) first = atomicAdd(counters + CLAIMED, CLAIM);
