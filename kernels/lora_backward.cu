@@ -5,9 +5,11 @@
 //   2. lk_backward_dx: dx = g w + u a, base and low-rank in one accumulator
 //      (tensor cores for f16/bf16: lk_backward_dx_mma_*; SIMT for f32)
 //   3. lk_backward_db / lk_backward_da: the reductions over tokens, split
-//      into `splits` token ranges; then lk_backward_reduce (deterministic:
-//      fixed order, no float atomics) when splits > 1.
-#include "lk_tile_gemm.cuh"
+//      into `splits` token ranges (tensor cores for f16/bf16:
+//      lk_backward_{db,da}_mma_*, lk_token_gemm.cuh; SIMT for f32); then
+//      lk_backward_reduce (deterministic: fixed order, no float atomics)
+//      when splits > 1.
+#include "lk_token_gemm.cuh"
 
 namespace {
 
@@ -183,15 +185,117 @@ __device__ __forceinline__ int range_end(const BackwardParams& p, int i0) {
     return end < p.m ? (int)end : p.m;
 }
 
-// Where a token-range result goes: straight into the gradient (one range,
-// or atomics), or into this range's partials for lk_backward_reduce.
-__device__ __forceinline__ void emit(const BackwardParams& p, float* grad, size_t len, size_t idx, float v) {
-    if (p.splits == 1) {
-        grad[idx] = p.accumulate ? grad[idx] + v : v;
-    } else if (p.deterministic) {
-        reinterpret_cast<float*>(p.partials)[(size_t)blockIdx.y * len + idx] = v;
-    } else {
-        atomicAdd(grad + idx, v);  // the caller zeroed grad unless accumulating
+// Where a block's token-range results go: straight into the gradient (one
+// range: written, or added in accumulate mode; several ranges: atomics into
+// a gradient the caller zeroed unless accumulating), or into this range's
+// partials for lk_backward_reduce. Decided once per block.
+struct Emitter {
+    float* dst;
+    bool atomic, add;
+    __device__ Emitter(const BackwardParams& p, float* grad, size_t len)
+        : dst(p.splits > 1 && p.deterministic ? reinterpret_cast<float*>(p.partials) + (size_t)blockIdx.y * len : grad),
+          atomic(p.splits > 1 && !p.deterministic), add(p.splits == 1 && p.accumulate) {}
+    __device__ __forceinline__ void put(size_t idx, float v) const {
+        if (atomic)
+            atomicAdd(dst + idx, v);
+        else
+            dst[idx] = add ? dst[idx] + v : v;
+    }
+};
+
+// The tokens i in [w0, w1) with token_slots[i] == s, in token order, into
+// list; returns how many (the same in every thread). Every thread calls it;
+// it ends with a barrier.
+__device__ int collect_tokens(const BackwardParams& p, int s, int64_t w0, int64_t w1, int* list, int* warp_counts) {
+    const int* ids = reinterpret_cast<const int*>(p.token_slots);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int total = 0;
+    for (int64_t base = w0; base < w1; base += lk::tok::THREADS) {
+        const int64_t i = base + threadIdx.x;
+        const bool match = i < w1 && ids[i] == s;
+        const unsigned ballot = __ballot_sync(0xFFFFFFFFu, match);
+        if (lane == 0) warp_counts[warp] = __popc(ballot);
+        __syncthreads();
+        int offset = total;
+        for (int w = 0; w < lk::tok::WARPS; ++w) {
+            if (w < warp) offset += warp_counts[w];
+            total += warp_counts[w];
+        }
+        if (match) list[offset + __popc(ballot & ((1u << lane) - 1u))] = (int)i;
+        __syncthreads();  // before warp_counts is written again
+    }
+    return total;
+}
+
+// db (DB) or da on tensor cores, with lk_token_gemm.cuh:
+//   db[s][c, j] = s * sum_i t[i, j] g[i, c]      da[s][j, q] = sum_i u[i, j] x[i, q]
+// over the tokens i of the block's range (y) that train its slot (z), 128
+// columns c or q per block (x), each 32-rank chunk of the slot's rank one
+// pass over those tokens. A pool block finds its tokens a window at a time.
+template <class T, bool DB, bool ALIGNED>
+__device__ void backward_reduce_mma(const BackwardParams& p) {
+    namespace tok = lk::tok;
+    LK_DYNAMIC_SHARED(unsigned char, smem);
+    LK_SHARED(int, list, [tok::WINDOW]);
+    LK_SHARED(int, warp_counts, [tok::WARPS]);
+    LK_SHARED(int, flagged, [1]);  // the last rank chunk (r0 + 1) that met a non-finite value
+    const int s = blockIdx.z, col0 = blockIdx.x * tok::BN;
+    const int ncols = DB ? p.n : p.k;
+    const float* L = reinterpret_cast<const float*>(DB ? p.t : p.u);
+    const T* big = reinterpret_cast<const T*>(DB ? p.g : p.x);
+    const int rank = slot_rank(p, s);
+    const float scale = DB ? slot_scale(p, s) : 1.f;
+    const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
+    if (threadIdx.x == 0) flagged[0] = 0;  // published by the first pass's barriers
+
+    // Calls f(count, token_at) for the range's tokens of slot s: all of them
+    // for a single adapter, a window of the range at a time for a pool.
+    auto each_window = [&](auto&& f) {
+        if (!p.token_slots) {
+            f(i1 - i0, [&](int pos) { return i0 + pos; });
+            return;
+        }
+        for (int64_t w0 = i0; w0 < i1; w0 += tok::WINDOW) {
+            const int64_t w1 = i1 - w0 < tok::WINDOW ? i1 : w0 + tok::WINDOW;
+            const int count = collect_tokens(p, s, w0, w1, list, warp_counts);
+            f(count, [&](int pos) { return list[pos]; });
+        }
+    };
+    for (int r0 = 0; r0 < p.max_rank; r0 += tok::RANKS) {
+        const int rc = rank - r0 >= tok::RANKS ? tok::RANKS : (rank > r0 ? rank - r0 : 0);
+        const int rp = (rc + 15) / 16 * 16;
+        tok::Acc acc;
+        acc.clear();
+        if (rp > 0) {
+            bool bad = false;
+            each_window([&](int count, auto token_at) {
+                bad |= tok::pass<T, ALIGNED>(smem, L, p.max_rank, r0, rc, rp, big, ncols, col0, count, token_at, acc);
+            });
+            if (bad || tok::any_nonfinite(acc)) flagged[0] = r0 + 1;
+            __syncthreads();
+            if (flagged[0] == r0 + 1) {  // the whole block takes the slow path
+                acc.clear();
+                each_window([&](int count, auto token_at) {
+                    tok::recompute(L, p.max_rank, r0, rc, big, ncols, col0, count, token_at, acc);
+                });
+            }
+        }
+        const int rows = p.max_rank - r0 < tok::RANKS ? p.max_rank - r0 : tok::RANKS;
+        const Emitter out(p, reinterpret_cast<float*>(DB ? p.db : p.da), (size_t)p.slots * p.max_rank * ncols);
+#pragma unroll
+        for (int i = 0; i < tok::RT; ++i)
+#pragma unroll
+            for (int j = 0; j < tok::NT; ++j)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int row = tok::acc_row(i, q), col = col0 + tok::acc_col(j, q);
+                    if (row >= rows || col >= ncols) continue;
+                    const int jr = r0 + row;
+                    const float v = jr < rank ? scale * acc.total(i, j, q) : 0.f;  // 0 past the slot's rank
+                    const size_t idx = DB ? ((size_t)s * p.n + col) * p.max_rank + jr
+                                          : ((size_t)s * p.max_rank + jr) * p.k + col;
+                    out.put(idx, v);
+                }
     }
 }
 
@@ -205,7 +309,7 @@ __device__ void backward_db(const BackwardParams& p) {
     const int rank = slot_rank(p, s);
     const float scale = slot_scale(p, s);
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
-    const size_t len = (size_t)p.slots * p.n * p.max_rank;
+    const Emitter out(p, reinterpret_cast<float*>(p.db), (size_t)p.slots * p.n * p.max_rank);
     if (c >= p.n) return;
     for (int j0 = 0; j0 < p.max_rank; j0 += 64) {
         float acc[16];
@@ -220,7 +324,7 @@ __device__ void backward_db(const BackwardParams& p) {
         }
         for (int jj = 0; jj < 16; ++jj) {
             int j = j0 + jg + 4 * jj;
-            if (j < p.max_rank) emit(p, reinterpret_cast<float*>(p.db), len, ((size_t)s * p.n + c) * p.max_rank + j, j < rank ? scale * acc[jj] : 0.f);
+            if (j < p.max_rank) out.put(((size_t)s * p.n + c) * p.max_rank + j, j < rank ? scale * acc[jj] : 0.f);
         }
     }
 }
@@ -234,7 +338,7 @@ __device__ void backward_da(const BackwardParams& p) {
     const int s = blockIdx.z, q = blockIdx.x * THREADS + threadIdx.x;
     const int rank = slot_rank(p, s);
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
-    const size_t len = (size_t)p.slots * p.max_rank * p.k;
+    const Emitter out(p, reinterpret_cast<float*>(p.da), (size_t)p.slots * p.max_rank * p.k);
     if (q >= p.k) return;
     for (int j0 = 0; j0 < p.max_rank; j0 += 32) {
         float acc[32];
@@ -246,7 +350,7 @@ __device__ void backward_da(const BackwardParams& p) {
                 if (j0 + jj < rank) acc[jj] += u[(size_t)i * p.max_rank + j0 + jj] * xv;
         }
         for (int jj = 0; jj < 32 && j0 + jj < p.max_rank; ++jj)
-            emit(p, reinterpret_cast<float*>(p.da), len, ((size_t)s * p.max_rank + j0 + jj) * p.k + q, acc[jj]);
+            out.put(((size_t)s * p.max_rank + j0 + jj) * p.k + q, acc[jj]);
     }
 }
 
@@ -265,12 +369,24 @@ __device__ void backward_reduce(const BackwardParams& p) {
 
 #define LK_BACKWARD(tname, T)                                                     \
     LK_KERNEL(lk_backward_u_##tname, BackwardParams, backward_u<T>)             \
-    LK_KERNEL(lk_backward_dx_##tname, BackwardParams, backward_dx<T>)           \
-    LK_KERNEL(lk_backward_db_##tname, BackwardParams, backward_db<T>)           \
-    LK_KERNEL(lk_backward_da_##tname, BackwardParams, backward_da<T>)
+    LK_KERNEL(lk_backward_dx_##tname, BackwardParams, backward_dx<T>)
 LK_BACKWARD(f32, float)
 LK_BACKWARD(f16, __half)
 LK_BACKWARD(bf16, __nv_bfloat16)
+LK_KERNEL(lk_backward_db_f32, BackwardParams, backward_db<float>)
+LK_KERNEL(lk_backward_da_f32, BackwardParams, backward_da<float>)
+
+// __launch_bounds__: three 128-thread blocks per SM, so registers stay at or
+// below 168 (at 128, for four, they spill).
+#define LK_REDUCE_MMA_KERNEL(name, T, DB, ALIGNED) \
+    LK_KERNEL_BOUNDED(name, BackwardParams, (backward_reduce_mma<T, DB, ALIGNED>), 128, 3)
+#define LK_BACKWARD_REDUCE_MMA(tname, T)                                           \
+    LK_REDUCE_MMA_KERNEL(lk_backward_db_mma_##tname##_aligned, T, true, true)      \
+    LK_REDUCE_MMA_KERNEL(lk_backward_db_mma_##tname##_any, T, true, false)         \
+    LK_REDUCE_MMA_KERNEL(lk_backward_da_mma_##tname##_aligned, T, false, true)     \
+    LK_REDUCE_MMA_KERNEL(lk_backward_da_mma_##tname##_any, T, false, false)
+LK_BACKWARD_REDUCE_MMA(f16, __half)
+LK_BACKWARD_REDUCE_MMA(bf16, __nv_bfloat16)
 
 #define LK_BACKWARD_DX_MMA(regime, Cfg, tname, T)                                              \
     LK_KERNEL(lk_backward_dx_##regime##_##tname##_aligned, BackwardParams,                  \

@@ -624,6 +624,82 @@ fn infinite_a_gives_the_references_infinities_and_nans() {
     }
 }
 
+/// Non-finite values in g, then in x: +Inf, -Inf and NaN. Each reduction
+/// meets them in its gathered operand (g for db, x for da), where only the
+/// columns they sit in turn non-finite, and in its f32 one (u = s g b for
+/// da, t = x a^T for db), where a whole row does. On the tensor-core path
+/// those are the two halves of the slow path (kernels/include/lk_token_gemm.cuh).
+/// Every element of dx, da and db is the reference's.
+#[test]
+fn infinite_g_or_x_give_the_references_infinities_and_nans() {
+    fn check<T: KernelElement>(m: usize, rank: usize, in_g: bool) {
+        let (n, k, inf) = (37, 45, f64::INFINITY);
+        let mut case = Case::<T>::new(Dims::new(m, n, k), rank, 12);
+        let (v, len) = if in_g {
+            (&mut case.g, n)
+        } else {
+            (&mut case.x, k)
+        };
+        v[len + 4] = T::from_f64(inf);
+        v[(m - 1) * len + 4] = T::from_f64(-inf);
+        v[(m / 2) * len + 30] = T::from_f64(f64::NAN);
+        let scale = case.scale;
+        let case = case.rescaled(scale, 1.0); // t from the new x
+        let want = case.expected(false, &case.prior(1));
+        // g's columns are db's rows, x's columns da's.
+        let (cols, rows) = if in_g {
+            (&want.2, &want.1)
+        } else {
+            (&want.1, &want.2)
+        };
+        assert!(cols.iter().any(|v| v.is_nan()) && cols.iter().any(|v| v.is_finite()));
+        assert!(rows.iter().any(|v| !v.is_finite()));
+        check_data(&case, &case.prior(1), false, false).unwrap();
+    }
+    for (m, rank) in [(9, 5), (70, 40)] {
+        for in_g in [true, false] {
+            check::<f32>(m, rank, in_g);
+            check::<f16>(m, rank, in_g);
+            check::<bf16>(m, rank, in_g);
+        }
+    }
+}
+
+/// The reductions' tensor-core tiles at their edges: several 128-column
+/// tiles with a partial last one, a row length that allows 16-byte copies
+/// and one that does not (n for db, k for da), several token ranges of
+/// several 32-token tiles, ranks 1, 16 and 33 (two rank passes).
+#[test]
+fn reductions_cover_column_tiles_and_both_copy_paths() {
+    for (m, n, k) in [(300, 264, 260), (200, 130, 136)] {
+        for rank in [1, 16, 33] {
+            for deterministic in [false, true] {
+                check_case::<bf16>(Dims::new(m, n, k), rank, 31, false, deterministic).unwrap();
+                check_case::<f16>(Dims::new(m, n, k), rank, 32, true, deterministic).unwrap();
+            }
+        }
+    }
+}
+
+/// A pool whose token range is longer than a block's token window (512): 264
+/// slots make one range the whole batch; slot 0 takes most of the 1100 tokens
+/// (many 32-token tiles in each window), the rest are spread over the other
+/// slots, -1 and an out-of-range id.
+#[test]
+fn pool_reductions_walk_their_tokens_window_by_window() {
+    let slots = 264;
+    let ranks: Vec<usize> = (0..slots).map(|s| [16, 3, 0, 1][s % 4]).collect();
+    let ids: Vec<i32> = (0..1100)
+        .map(|i| match i % 10 {
+            0..=6 => 0,
+            7 => -1,
+            8 => (i * 7 % slots) as i32,
+            _ => [1, 5, 300][i % 3],
+        })
+        .collect();
+    PoolCase::<bf16>::new(Dims::new(1100, 26, 19), 16, &ranks, ids, 41).check("windows");
+}
+
 /// On the GPU: cuBLAS's unfused backward (the benchmark baseline) and ours
 /// agree with the reference on the same rounded inputs.
 #[cfg(feature = "bench")] // the cuBLAS baseline is behind the `bench` feature

@@ -8,7 +8,7 @@
 //! [`lora_backward`] trains one adapter; [`multi_adapter_backward`] trains
 //! every adapter of a pool that a batch uses, each token's gradient going to
 //! its own slot, in the same launches.
-use super::tiles::{DECODE, MmaTiles, PREFILL};
+use super::tiles::{DECODE, MmaTiles, PREFILL, TOKEN_GEMM};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef, Buffer, Home, check_home};
@@ -26,11 +26,15 @@ kernel!(DX_F32 = lk_backward_dx_f32 in "lora_backward": BackwardParams;);
 kernel!(DX_F16 = lk_backward_dx_f16 in "lora_backward": BackwardParams;);
 kernel!(DX_BF16 = lk_backward_dx_bf16 in "lora_backward": BackwardParams;);
 kernel!(DB_F32 = lk_backward_db_f32 in "lora_backward": BackwardParams;);
-kernel!(DB_F16 = lk_backward_db_f16 in "lora_backward": BackwardParams;);
-kernel!(DB_BF16 = lk_backward_db_bf16 in "lora_backward": BackwardParams;);
 kernel!(DA_F32 = lk_backward_da_f32 in "lora_backward": BackwardParams;);
-kernel!(DA_F16 = lk_backward_da_f16 in "lora_backward": BackwardParams;);
-kernel!(DA_BF16 = lk_backward_da_bf16 in "lora_backward": BackwardParams;);
+kernel!(DB_MMA_F16_ALIGNED = lk_backward_db_mma_f16_aligned in "lora_backward": BackwardParams;);
+kernel!(DB_MMA_F16_ANY = lk_backward_db_mma_f16_any in "lora_backward": BackwardParams;);
+kernel!(DB_MMA_BF16_ALIGNED = lk_backward_db_mma_bf16_aligned in "lora_backward": BackwardParams;);
+kernel!(DB_MMA_BF16_ANY = lk_backward_db_mma_bf16_any in "lora_backward": BackwardParams;);
+kernel!(DA_MMA_F16_ALIGNED = lk_backward_da_mma_f16_aligned in "lora_backward": BackwardParams;);
+kernel!(DA_MMA_F16_ANY = lk_backward_da_mma_f16_any in "lora_backward": BackwardParams;);
+kernel!(DA_MMA_BF16_ALIGNED = lk_backward_da_mma_bf16_aligned in "lora_backward": BackwardParams;);
+kernel!(DA_MMA_BF16_ANY = lk_backward_da_mma_bf16_any in "lora_backward": BackwardParams;);
 kernel!(REDUCE = lk_backward_reduce in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_F16_ALIGNED = lk_backward_dx_decode_f16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_F16_ANY = lk_backward_dx_decode_f16_any in "lora_backward": BackwardParams;);
@@ -44,7 +48,6 @@ kernel!(DX_PREFILL_BF16_ANY = lk_backward_dx_prefill_bf16_any in "lora_backward"
 const THREADS: u32 = 256;
 /// Enough blocks to fill a large GPU; token ranges are split until reached.
 const TARGET_BLOCKS: usize = 264;
-const MIN_TOKENS_PER_SPLIT: usize = 16;
 const MAX_SPLITS: usize = 64;
 
 /// How the backward pass writes its gradients.
@@ -323,23 +326,25 @@ fn run<T: KernelElement>(
     if let Some(db) = &grads.db {
         check_output(dev, "db", db, slots * n, max_rank)?;
     }
-    // Token ranges for the da/db reductions: enough blocks to fill the GPU.
-    let base_blocks = slots * n.div_ceil(64).max(k.div_ceil(THREADS as usize));
-    let want = TARGET_BLOCKS
-        .div_ceil(base_blocks)
-        .min(MAX_SPLITS)
-        .min(m.div_ceil(MIN_TOKENS_PER_SPLIT))
-        .max(1);
-    let tokens_per_split = m.div_ceil(want).max(1);
-    let splits = m.div_ceil(tokens_per_split).max(1);
+    // Token ranges of the db and da reductions, each sized from its own grid.
+    let (db_k, da_k) = (Reduction::db(T::DTYPE), Reduction::da(T::DTYPE));
+    let db_split = db_k.split(m, slots * n.div_ceil(db_k.cols));
+    let da_split = da_k.split(m, slots * k.div_ceil(da_k.cols));
     let len_db = elements("db", slots * n, max_rank)?;
     let len_da = elements("da", slots * max_rank, k)?;
-    let partials = if splits > 1 && opts.deterministic {
-        elements("partials", splits, len_db.max(len_da))?
-    } else {
-        0
+    let partials_of = |split: TokenSplit, len: usize, wanted: bool| {
+        if wanted && split.splits > 1 && opts.deterministic {
+            elements("partials", split.splits, len)
+        } else {
+            Ok(0)
+        }
     };
-    let grids = Grids::new::<T>(dims, splits, slots)?;
+    let partials = partials_of(db_split, len_db, grads.db.is_some())?.max(partials_of(
+        da_split,
+        len_da,
+        grads.da.is_some(),
+    )?);
+    let grids = Grids::new::<T>(dims, slots, (&db_k, db_split), (&da_k, da_split))?;
     scratch.reserve(dev, elements("u", m, max_rank)?, partials)?;
     if m == 0 {
         // No tokens: the gradients of this batch are zero.
@@ -351,8 +356,12 @@ fn run<T: KernelElement>(
         return Ok(());
     }
     // Atomics add into the gradient: it starts from zero unless accumulating.
-    if splits > 1 && !opts.deterministic && !opts.accumulate {
-        for buf in [grads.da.as_mut(), grads.db.as_mut()].into_iter().flatten() {
+    for (buf, split) in [(grads.da.as_mut(), da_split), (grads.db.as_mut(), db_split)] {
+        if let Some(buf) = buf
+            && split.splits > 1
+            && !opts.deterministic
+            && !opts.accumulate
+        {
             zero(dev, buf)?;
         }
     }
@@ -397,8 +406,8 @@ fn run<T: KernelElement>(
         slots: slots as i32,
         uniform_rank: pool.uniform.0 as i32,
         uniform_scale: pool.uniform.1,
-        splits: splits as i32,
-        tokens_per_split: tokens_per_split as i32,
+        splits: 1,
+        tokens_per_split: m as i32,
         accumulate: opts.accumulate as i32,
         deterministic: opts.deterministic as i32,
         reduce_len: 0,
@@ -414,13 +423,16 @@ fn run<T: KernelElement>(
     // SAFETY (every launch below): all operands were checked above to live on
     // `dev` with the sizes the kernels index: g m*n, x m*k, w n*k, the pool's
     // a slots*max_rank*k and b slots*n*max_rank, t m*max_rank, dx m*k, da and
-    // db the pool layout; u holds m*max_rank and the partials splits*len
-    // (reserve above); slot ids are range-checked on the device before any
-    // pool access; grids follow the kernels' tiles (u: a block per token, dx:
-    // 64 columns x 32 rows, or the tensor-core tiles with their block size and
-    // shared memory, 16-byte loads only when n, k and the bases allow; db: 64
-    // columns, da: 256 columns, y: token ranges, z: slots), all within CUDA's
-    // grid limits (Grids::new); the pointer guards live until after the launches.
+    // db the pool layout; u holds m*max_rank and the partials each wanted
+    // reduction's splits*len (reserve above); slot ids are range-checked on
+    // the device before any pool access; grids follow the kernels' tiles (u: a
+    // block per token, dx: 64 columns x 32 rows, or the tensor-core tiles with
+    // their block size and shared memory, 16-byte loads only when n, k and
+    // the bases allow; db, da: Reduction's columns, block size and shared
+    // memory, 16-byte copies only when the gathered operand allows, y: the
+    // reduction's own token ranges, passed in its params, z: slots), all
+    // within CUDA's grid limits (Grids::new); the pointer guards live until
+    // after the launches.
     unsafe {
         kernels.u.launch(dev, simt(grids.u), &params)?;
         if pdx != 0 {
@@ -440,12 +452,16 @@ fn run<T: KernelElement>(
             }
         }
         if pdb != 0 {
-            kernels.db.launch(dev, simt(grids.db), &params)?;
-            reduce(dev, &params, splits, opts, pdb, len_db)?;
+            let aligned = n.is_multiple_of(8) && pg.is_multiple_of(16);
+            let p = db_split.params(&params);
+            db_k.kernel(aligned).launch(dev, db_k.dims(grids.db), &p)?;
+            reduce(dev, &p, opts, pdb, len_db)?;
         }
         if pda != 0 {
-            kernels.da.launch(dev, simt(grids.da), &params)?;
-            reduce(dev, &params, splits, opts, pda, len_da)?;
+            let aligned = k.is_multiple_of(8) && px.is_multiple_of(16);
+            let p = da_split.params(&params);
+            da_k.kernel(aligned).launch(dev, da_k.dims(grids.da), &p)?;
+            reduce(dev, &p, opts, pda, len_da)?;
         }
     }
     Ok(())
@@ -461,7 +477,12 @@ struct Grids {
 }
 
 impl Grids {
-    fn new<T: KernelElement>(dims: Dims, splits: usize, slots: usize) -> Result<Self> {
+    fn new<T: KernelElement>(
+        dims: Dims,
+        slots: usize,
+        (db, db_split): (&Reduction, TokenSplit),
+        (da, da_split): (&Reduction, TokenSplit),
+    ) -> Result<Self> {
         let Dims { m, n, k } = dims;
         // dx: the tensor-core tiles for f16/bf16 (alignment picks only the
         // entry point, not the tile), 64 columns x 32 rows on SIMT.
@@ -469,13 +490,121 @@ impl Grids {
         Ok(Grids {
             u: grid("m", m, [m, 1, 1])?,
             dx: grid("m", m, [k.div_ceil(dx_cols), m.div_ceil(dx_rows), 1])?,
-            db: grid("slots", slots, [n.div_ceil(64), splits, slots])?,
+            db: grid(
+                "slots",
+                slots,
+                [n.div_ceil(db.cols), db_split.splits, slots],
+            )?,
             da: grid(
                 "slots",
                 slots,
-                [k.div_ceil(THREADS as usize), splits, slots],
+                [k.div_ceil(da.cols), da_split.splits, slots],
             )?,
         })
+    }
+}
+
+/// How a reduction over tokens (db or da) cuts the batch into ranges, one
+/// per grid row: enough blocks to fill a large GPU, each range long enough
+/// to be worth a block.
+#[derive(Clone, Copy)]
+struct TokenSplit {
+    tokens_per_split: usize,
+    splits: usize,
+}
+
+impl TokenSplit {
+    /// The launch's parameters with this split.
+    fn params(self, params: &BackwardParams) -> BackwardParams {
+        BackwardParams {
+            splits: self.splits as i32,
+            tokens_per_split: self.tokens_per_split as i32,
+            ..*params
+        }
+    }
+}
+
+/// The kernel of one reduction over tokens and its block shape: tensor cores
+/// for f16/bf16 (kernels/include/lk_token_gemm.cuh), SIMT for f32.
+struct Reduction {
+    aligned: &'static Kernel<BackwardParams>,
+    any: &'static Kernel<BackwardParams>,
+    /// Columns of g (db) or x (da) per block.
+    cols: usize,
+    threads: u32,
+    smem: u32,
+    /// The shortest token range worth its own blocks.
+    min_tokens: usize,
+}
+
+impl Reduction {
+    fn tensor_cores(
+        aligned: &'static Kernel<BackwardParams>,
+        any: &'static Kernel<BackwardParams>,
+    ) -> Self {
+        Reduction {
+            aligned,
+            any,
+            cols: TOKEN_GEMM.bn,
+            threads: TOKEN_GEMM.threads,
+            smem: TOKEN_GEMM.smem_bytes(),
+            min_tokens: 2 * TOKEN_GEMM.bk,
+        }
+    }
+
+    fn simt(kernel: &'static Kernel<BackwardParams>, cols: usize) -> Self {
+        Reduction {
+            aligned: kernel,
+            any: kernel,
+            cols,
+            threads: THREADS,
+            smem: 0,
+            min_tokens: 16,
+        }
+    }
+
+    fn db(dtype: DType) -> Self {
+        match dtype {
+            DType::F16 => Self::tensor_cores(&DB_MMA_F16_ALIGNED, &DB_MMA_F16_ANY),
+            DType::BF16 => Self::tensor_cores(&DB_MMA_BF16_ALIGNED, &DB_MMA_BF16_ANY),
+            _ => Self::simt(&DB_F32, 64),
+        }
+    }
+
+    fn da(dtype: DType) -> Self {
+        match dtype {
+            DType::F16 => Self::tensor_cores(&DA_MMA_F16_ALIGNED, &DA_MMA_F16_ANY),
+            DType::BF16 => Self::tensor_cores(&DA_MMA_BF16_ALIGNED, &DA_MMA_BF16_ANY),
+            _ => Self::simt(&DA_F32, THREADS as usize),
+        }
+    }
+
+    /// Token ranges for `m` tokens when one range takes `blocks_per_range` blocks.
+    fn split(&self, m: usize, blocks_per_range: usize) -> TokenSplit {
+        let want = TARGET_BLOCKS
+            .div_ceil(blocks_per_range.max(1))
+            .min(MAX_SPLITS)
+            .min(m.div_ceil(self.min_tokens))
+            .max(1);
+        let tokens_per_split = m.div_ceil(want).max(1);
+        TokenSplit {
+            tokens_per_split,
+            splits: m.div_ceil(tokens_per_split).max(1),
+        }
+    }
+
+    /// The entry point: 16-byte copies need the gathered operand's row
+    /// length a multiple of 8 and its base 16-byte aligned.
+    fn kernel(&self, aligned: bool) -> &'static Kernel<BackwardParams> {
+        if aligned { self.aligned } else { self.any }
+    }
+
+    fn dims(&self, grid: [u32; 3]) -> LaunchDims {
+        LaunchDims {
+            grid,
+            block: [self.threads, 1, 1],
+            dynamic_smem_bytes: self.smem,
+        }
     }
 }
 
@@ -483,17 +612,16 @@ impl Grids {
 /// mode with several token ranges); nothing to do otherwise.
 ///
 /// # Safety
-/// `params.partials` holds `splits * len` f32 written by the last reduction
+/// `params.partials` holds `params.splits * len` f32 written by the last reduction
 /// kernel and `out` points to `len` f32 on `dev`.
 unsafe fn reduce(
     dev: &Device,
     params: &BackwardParams,
-    splits: usize,
     opts: BackwardOptions,
     out: u64,
     len: usize,
 ) -> Result<()> {
-    if splits == 1 || !opts.deterministic {
+    if params.splits == 1 || !opts.deterministic {
         return Ok(());
     }
     let p = BackwardParams {
@@ -547,8 +675,6 @@ fn dx_mma(
 struct BackwardKernels {
     u: &'static Kernel<BackwardParams>,
     dx: &'static Kernel<BackwardParams>,
-    db: &'static Kernel<BackwardParams>,
-    da: &'static Kernel<BackwardParams>,
 }
 
 fn kernels_for(dtype: DType) -> BackwardKernels {
@@ -556,20 +682,14 @@ fn kernels_for(dtype: DType) -> BackwardKernels {
         DType::F16 => BackwardKernels {
             u: &U_F16,
             dx: &DX_F16,
-            db: &DB_F16,
-            da: &DA_F16,
         },
         DType::BF16 => BackwardKernels {
             u: &U_BF16,
             dx: &DX_BF16,
-            db: &DB_BF16,
-            da: &DA_BF16,
         },
         _ => BackwardKernels {
             u: &U_F32,
             dx: &DX_F32,
-            db: &DB_F32,
-            da: &DA_F32,
         },
     }
 }

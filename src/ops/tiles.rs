@@ -25,6 +25,36 @@ pub(crate) const PREFILL: MmaTiles = MmaTiles {
     stages: 4,
 };
 
+/// The backward's reductions over tokens on tensor cores (`lk::tok` in
+/// kernels/include/lk_token_gemm.cuh): a block of `threads` owns a
+/// `ranks`-rank chunk times `bn` columns and walks its tokens `bk` at a time.
+pub(crate) struct TokenGemmTiles {
+    pub ranks: usize,
+    pub bn: usize,
+    pub bk: usize,
+    pub threads: u32,
+    pub stages: usize,
+}
+
+pub(crate) const TOKEN_GEMM: TokenGemmTiles = TokenGemmTiles {
+    ranks: 32,
+    bn: 128,
+    bk: 32,
+    threads: 128,
+    stages: 4,
+};
+
+impl TokenGemmTiles {
+    /// Dynamic shared memory of a launch: the pipeline's tiles of the
+    /// gathered operand, and two tiles of the f32 operand as three bf16
+    /// parts (`SMEM_BYTES` in the kernel).
+    pub fn smem_bytes(&self) -> u32 {
+        let gathered = self.stages * self.bk * (self.bn + 8);
+        let parts = 2 * 3 * self.ranks * (self.bk + 8);
+        ((gathered + parts) * 2) as u32
+    }
+}
+
 /// The SIMT kernels' tile (`lk::simt::Tiles` in
 /// kernels/include/lk_simt_tile.cuh): a block of `threads` owns a `bm x bn`
 /// tile of `y`; their shared memory is all static.
