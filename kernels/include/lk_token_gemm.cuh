@@ -26,6 +26,8 @@
 // Inf or NaN), which the caller checks; a flagged block recomputes its tile
 // in plain f32 (`recompute`), product by product as the reference forms them.
 #pragma once
+#include <type_traits>
+
 #include "lk_tile_gemm.cuh"
 
 namespace lk {
@@ -41,9 +43,13 @@ constexpr int LTOK = BK / (THREADS / RANKS);              // tokens of L per thr
 constexpr int WINDOW = 512;                              // a pool block's token list, built this many at a time
 constexpr int BIG_BYTES = STAGES * BK * LDB * 2;
 constexpr int L_BUF = PARTS * RANKS * LDL;               // 16-bit elements of one L tile (3 parts)
-constexpr int SMEM_BYTES = BIG_BYTES + 2 * L_BUF * 2;    // B stages + two L tiles: 50 KiB; src/ops mirrors it
+constexpr int SMEM_BYTES = BIG_BYTES + 2 * L_BUF * 2;    // B stages + two L tiles: 49 KiB; src/ops mirrors it
 static_assert(THREADS % RANKS == 0 && BK % (THREADS / RANKS) == 0 && LTOK % 8 == 0, "L tile per thread");
 static_assert(THREADS % (BN / 8) == 0 && BK % (THREADS / (BN / 8)) == 0, "B tile copies: whole rows per thread group");
+
+// f16 B enters as two bf16 parts (bf16 B as it is).
+template <class T>
+constexpr bool two_b_parts = std::is_same<T, __half>::value;
 
 using Tile = float[RT][NT][4];
 
@@ -207,7 +213,7 @@ __device__ bool pass(unsigned char* smem, const float* L, int ldl, int r0, int r
                             true);
 #pragma unroll
                 for (int h = 0; h < 4; ++h) {
-                    if constexpr (NeedsRangeScaling<T>::value)  // f16: exact bf16 hi + lo
+                    if constexpr (two_b_parts<T>)  // exact bf16 hi + lo
                         split_f16_pair(r[h], bh[j + h / 2][h % 2], bl[j + h / 2][h % 2]);
                     else
                         bh[j + h / 2][h % 2] = r[h];
@@ -225,7 +231,7 @@ __device__ bool pass(unsigned char* smem, const float* L, int ldl, int r0, int r
 #pragma unroll
                     for (int j = 0; j < NT; ++j) {
                         mma_m16n8k16(hi_part[i][j], af, bh[j], hi_part[i][j], __nv_bfloat16());
-                        if constexpr (NeedsRangeScaling<T>::value)
+                        if constexpr (two_b_parts<T>)
                             mma_m16n8k16(acc.small[i][j], af, bl[j], acc.small[i][j], __nv_bfloat16());
                     }
                 }

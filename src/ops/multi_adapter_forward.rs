@@ -287,14 +287,12 @@ fn launch<T: KernelElement>(
         // m * max_rank f32 (reserve_tokens above) and the five counters are 0
         // between launches (zeroed at creation, reset by each launch), with
         // fewer than 2^31 shrink items for their 32-bit claim counter (checked
-        // above); the
-        // grid is shrink_blocks + the tiles covering m x n (within CUDA's
-        // limit, checked above), with
-        // the block size and dynamic shared memory of the kernel `select`
-        // gives for this regime and type (tile_shape above: tensor-core tiles
-        // for f16/bf16, SIMT tiles with static shared memory only for f32);
-        // 16-byte loads only when k and the bases allow; the pointer guards
-        // live until after the launch.
+        // above); the grid is shrink_blocks + the tiles covering m x n (within
+        // CUDA's limit, checked above), with the block size and dynamic shared
+        // memory of the kernel `select` gives for this regime and type
+        // (tile_shape above: tensor-core tiles for f16/bf16, SIMT tiles with
+        // static shared memory only for f32); 16-byte loads only when k and
+        // the bases allow; the pointer guards live until after the launch.
         unsafe { kernel.launch(dev, launch, &params) }
     };
     drop(scratch);
