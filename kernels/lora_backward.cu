@@ -1,7 +1,9 @@
 // Adapter backward for a pool of adapters (a single adapter is a pool of one
-// slot), BackwardParams in lk_params.h. Plain SIMT, f32 accumulation; the
-// base weight stays frozen. Launch order (src/ops/lora_backward.rs):
-//   1. lk_backward_u:  u = s g b (per token, at its adapter's own rank)
+// slot), BackwardParams in lk_params.h. f32 accumulation; the base weight
+// stays frozen. Launch order (src/ops/lora_backward.rs):
+//   1. lk_backward_u:  u = s g b (per token, at its adapter's own rank;
+//      tensor cores for f16/bf16: lk_backward_u_mma_*, lk_gather_gemm.cuh;
+//      SIMT for f32)
 //   2. lk_backward_dx: dx = g w + u a, base and low-rank in one accumulator
 //      (tensor cores for f16/bf16: lk_backward_dx_mma_*; SIMT for f32)
 //   3. lk_backward_db / lk_backward_da: the reductions over tokens, split
@@ -9,6 +11,7 @@
 //      lk_backward_{db,da}_mma_*, lk_token_gemm.cuh; SIMT for f32); then
 //      lk_backward_reduce (deterministic: fixed order, no float atomics)
 //      when splits > 1.
+#include "lk_gather_gemm.cuh"
 #include "lk_token_gemm.cuh"
 
 namespace {
@@ -227,6 +230,59 @@ __device__ int collect_tokens(const BackwardParams& p, int s, int64_t w0, int64_
     return total;
 }
 
+// Calls f(count, token_at) for the tokens of [i0, i1) that use slot s, in
+// token order, token_at(pos) the token at list position pos: all of them at
+// once for a single adapter, WINDOW of the range at a time for a pool (list
+// and warp_counts: the block's shared arrays for collect_tokens).
+template <class F>
+__device__ void each_token_window(const BackwardParams& p, int s, int i0, int i1, int* list, int* warp_counts, F&& f) {
+    if (!p.token_slots) {
+        f(i1 - i0, [&](int pos) { return i0 + pos; });
+        return;
+    }
+    for (int64_t w0 = i0; w0 < i1; w0 += lk::tok::WINDOW) {
+        const int64_t w1 = i1 - w0 < lk::tok::WINDOW ? i1 : w0 + lk::tok::WINDOW;
+        const int count = collect_tokens(p, s, w0, w1, list, warp_counts);
+        f(count, [&](int pos) { return list[pos]; });
+    }
+}
+
+// u[i, j] = s * sum_c g[i, c] b[s][c, j] on tensor cores (lk_gather_gemm.cuh):
+// a block takes the tokens of its range (y) that use its slot (z), 32 at a
+// time, each tile one pass over n per 64-rank chunk. Only the columns below
+// each token's rank are written, and only for tokens that train a slot: dx
+// and da never read the rest.
+template <class T, bool ALIGNED>
+__device__ void backward_u_mma(const BackwardParams& p) {
+    namespace ga = lk::gather;
+    static_assert(ga::THREADS == lk::tok::THREADS, "collect_tokens counts the block's warps");
+    LK_DYNAMIC_SHARED(T, smem);
+    LK_SHARED(int, list, [lk::tok::WINDOW]);
+    LK_SHARED(int, warp_counts, [lk::tok::WARPS]);
+    const int s = blockIdx.z, rank = slot_rank(p, s);
+    if (rank <= 0) return;  // an empty slot: no token trains it
+    const float scale = slot_scale(p, s);
+    const T* g = reinterpret_cast<const T*>(p.g);
+    const T* b = reinterpret_cast<const T*>(p.b_pool) + (size_t)s * p.n * p.max_rank;
+    float* u = reinterpret_cast<float*>(p.u);
+    const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
+    each_token_window(p, s, i0, i1, list, warp_counts, [&](int count, auto token_at) {
+        for (int first = 0; first < count; first += ga::BM) {
+            const int rows = count - first < ga::BM ? count - first : ga::BM;
+            auto at = [&](int pos) { return token_at(first + pos); };
+            for (int r0 = 0; r0 < rank; r0 += ga::RANKS) {
+                const int rc = rank - r0 < ga::RANKS ? rank - r0 : ga::RANKS;
+                const int rp = (rc + 15) / 16 * 16;
+                ga::Tile acc;
+                ga::tile<T, ALIGNED>(smem, g, p.n, b, p.max_rank, r0, rp, rows, at, acc);
+                ga::reduce(smem, acc, rows, rp, [&](int pos, int j, float sum) {
+                    if (j < rc) u[(size_t)at(pos) * p.max_rank + r0 + j] = scale * sum;
+                });
+            }
+        }
+    });
+}
+
 // db (DB) or da on tensor cores, with lk_token_gemm.cuh:
 //   db[s][c, j] = s * sum_i t[i, j] g[i, c]      da[s][j, q] = sum_i u[i, j] x[i, q]
 // over the tokens i of the block's range (y) that train its slot (z), 128
@@ -248,19 +304,7 @@ __device__ void backward_reduce_mma(const BackwardParams& p) {
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
     if (threadIdx.x == 0) flagged[0] = 0;  // published by the first pass's barriers
 
-    // Calls f(count, token_at) for the range's tokens of slot s: all of them
-    // for a single adapter, a window of the range at a time for a pool.
-    auto each_window = [&](auto&& f) {
-        if (!p.token_slots) {
-            f(i1 - i0, [&](int pos) { return i0 + pos; });
-            return;
-        }
-        for (int64_t w0 = i0; w0 < i1; w0 += tok::WINDOW) {
-            const int64_t w1 = i1 - w0 < tok::WINDOW ? i1 : w0 + tok::WINDOW;
-            const int count = collect_tokens(p, s, w0, w1, list, warp_counts);
-            f(count, [&](int pos) { return list[pos]; });
-        }
-    };
+    auto each_window = [&](auto&& f) { each_token_window(p, s, i0, i1, list, warp_counts, f); };
     for (int r0 = 0; r0 < p.max_rank; r0 += tok::RANKS) {
         const int rc = rank - r0 >= tok::RANKS ? tok::RANKS : (rank > r0 ? rank - r0 : 0);
         const int rp = (rc + 15) / 16 * 16;
@@ -367,12 +411,9 @@ __device__ void backward_reduce(const BackwardParams& p) {
 
 }  // namespace
 
-#define LK_BACKWARD(tname, T)                                                     \
-    LK_KERNEL(lk_backward_u_##tname, BackwardParams, backward_u<T>)             \
-    LK_KERNEL(lk_backward_dx_##tname, BackwardParams, backward_dx<T>)
-LK_BACKWARD(f32, float)
-LK_BACKWARD(f16, __half)
-LK_BACKWARD(bf16, __nv_bfloat16)
+// f32 on SIMT (tensor cores take no f32); f16/bf16 run u and dx on tensor cores below.
+LK_KERNEL(lk_backward_u_f32, BackwardParams, backward_u<float>)
+LK_KERNEL(lk_backward_dx_f32, BackwardParams, backward_dx<float>)
 LK_KERNEL(lk_backward_db_f32, BackwardParams, backward_db<float>)
 LK_KERNEL(lk_backward_da_f32, BackwardParams, backward_da<float>)
 
@@ -387,6 +428,15 @@ LK_KERNEL(lk_backward_da_f32, BackwardParams, backward_da<float>)
     LK_REDUCE_MMA_KERNEL(lk_backward_da_mma_##tname##_any, T, false, false)
 LK_BACKWARD_REDUCE_MMA(f16, __half)
 LK_BACKWARD_REDUCE_MMA(bf16, __nv_bfloat16)
+
+// Four 128-thread blocks per SM (54 KiB of shared memory each): registers at
+// or below 128.
+#define LK_U_MMA_KERNEL(name, T, ALIGNED) \
+    LK_KERNEL_BOUNDED(name, BackwardParams, (backward_u_mma<T, ALIGNED>), 128, 4)
+LK_U_MMA_KERNEL(lk_backward_u_mma_f16_aligned, __half, true)
+LK_U_MMA_KERNEL(lk_backward_u_mma_f16_any, __half, false)
+LK_U_MMA_KERNEL(lk_backward_u_mma_bf16_aligned, __nv_bfloat16, true)
+LK_U_MMA_KERNEL(lk_backward_u_mma_bf16_any, __nv_bfloat16, false)
 
 #define LK_BACKWARD_DX_MMA(regime, Cfg, tname, T)                                              \
     LK_KERNEL(lk_backward_dx_##regime##_##tname##_aligned, BackwardParams,                  \

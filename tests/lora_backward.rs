@@ -700,6 +700,31 @@ fn pool_reductions_walk_their_tokens_window_by_window() {
     PoolCase::<bf16>::new(Dims::new(1100, 26, 19), 16, &ranks, ids, 41).check("windows");
 }
 
+/// u = s g b's tensor-core tiles at their edges (dx and da carry u): n past
+/// a 64-wide stage with 16-byte copies (n = 264, rank 72, so b's second
+/// 64-rank chunk is 8 wide) and without (n = 130, rank 70); several 32-token
+/// tiles per block in a pool whose one token range is the whole batch, with
+/// 16-byte copies of gathered g rows (n = 72, max_rank 72).
+#[test]
+fn u_tiles_cover_rank_chunks_token_tiles_and_both_copy_paths() {
+    for (n, rank) in [(264, 72), (130, 70)] {
+        check_case::<bf16>(Dims::new(100, n, 24), rank, 51, false, false).unwrap();
+        check_case::<f16>(Dims::new(100, n, 24), rank, 52, true, true).unwrap();
+    }
+    let slots = 264;
+    let ranks: Vec<usize> = (0..slots).map(|s| [72, 8, 0, 1, 33][s % 5]).collect();
+    let ids: Vec<i32> = (0..300)
+        .map(|i| {
+            if i % 4 == 3 {
+                (i * 11 % slots) as i32
+            } else {
+                0
+            }
+        })
+        .collect();
+    PoolCase::<f16>::new(Dims::new(300, 72, 19), 72, &ranks, ids, 53).check("u tiles");
+}
+
 /// On the GPU: cuBLAS's unfused backward (the benchmark baseline) and ours
 /// agree with the reference on the same rounded inputs.
 #[cfg(feature = "bench")] // the cuBLAS baseline is behind the `bench` feature

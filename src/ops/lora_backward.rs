@@ -8,7 +8,7 @@
 //! [`lora_backward`] trains one adapter; [`multi_adapter_backward`] trains
 //! every adapter of a pool that a batch uses, each token's gradient going to
 //! its own slot, in the same launches.
-use super::tiles::{DECODE, MmaTiles, PREFILL, TOKEN_GEMM};
+use super::tiles::{DECODE, GATHER_GEMM, MmaTiles, PREFILL, TOKEN_GEMM};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef, Buffer, Home, check_home};
@@ -20,11 +20,7 @@ use crate::params::BackwardParams;
 use crate::shape::{Dims, elements};
 
 kernel!(U_F32 = lk_backward_u_f32 in "lora_backward": BackwardParams;);
-kernel!(U_F16 = lk_backward_u_f16 in "lora_backward": BackwardParams;);
-kernel!(U_BF16 = lk_backward_u_bf16 in "lora_backward": BackwardParams;);
 kernel!(DX_F32 = lk_backward_dx_f32 in "lora_backward": BackwardParams;);
-kernel!(DX_F16 = lk_backward_dx_f16 in "lora_backward": BackwardParams;);
-kernel!(DX_BF16 = lk_backward_dx_bf16 in "lora_backward": BackwardParams;);
 kernel!(DB_F32 = lk_backward_db_f32 in "lora_backward": BackwardParams;);
 kernel!(DA_F32 = lk_backward_da_f32 in "lora_backward": BackwardParams;);
 kernel!(DB_MMA_F16_ALIGNED = lk_backward_db_mma_f16_aligned in "lora_backward": BackwardParams;);
@@ -35,6 +31,10 @@ kernel!(DA_MMA_F16_ALIGNED = lk_backward_da_mma_f16_aligned in "lora_backward": 
 kernel!(DA_MMA_F16_ANY = lk_backward_da_mma_f16_any in "lora_backward": BackwardParams;);
 kernel!(DA_MMA_BF16_ALIGNED = lk_backward_da_mma_bf16_aligned in "lora_backward": BackwardParams;);
 kernel!(DA_MMA_BF16_ANY = lk_backward_da_mma_bf16_any in "lora_backward": BackwardParams;);
+kernel!(U_MMA_F16_ALIGNED = lk_backward_u_mma_f16_aligned in "lora_backward": BackwardParams;);
+kernel!(U_MMA_F16_ANY = lk_backward_u_mma_f16_any in "lora_backward": BackwardParams;);
+kernel!(U_MMA_BF16_ALIGNED = lk_backward_u_mma_bf16_aligned in "lora_backward": BackwardParams;);
+kernel!(U_MMA_BF16_ANY = lk_backward_u_mma_bf16_any in "lora_backward": BackwardParams;);
 kernel!(REDUCE = lk_backward_reduce in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_F16_ALIGNED = lk_backward_dx_decode_f16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_F16_ANY = lk_backward_dx_decode_f16_any in "lora_backward": BackwardParams;);
@@ -327,9 +327,14 @@ fn run<T: KernelElement>(
         check_output(dev, "db", db, slots * n, max_rank)?;
     }
     // Token ranges of the db and da reductions, each sized from its own grid.
-    let (db_k, da_k) = (Reduction::db(T::DTYPE), Reduction::da(T::DTYPE));
+    let (db_k, da_k) = (RangeKernel::db(T::DTYPE), RangeKernel::da(T::DTYPE));
     let db_split = db_k.split(m, slots * n.div_ceil(db_k.cols));
     let da_split = da_k.split(m, slots * k.div_ceil(da_k.cols));
+    // u: tensor cores for f16/bf16, a range of tokens per block row for every slot.
+    let u_k = RangeKernel::u(T::DTYPE).map(|u| {
+        let split = u.split(m, slots);
+        (u, split)
+    });
     let len_db = elements("db", slots * n, max_rank)?;
     let len_da = elements("da", slots * max_rank, k)?;
     let partials_of = |split: TokenSplit, len: usize, wanted: bool| {
@@ -344,7 +349,13 @@ fn run<T: KernelElement>(
         len_da,
         grads.da.is_some(),
     )?);
-    let grids = Grids::new::<T>(dims, slots, (&db_k, db_split), (&da_k, da_split))?;
+    let grids = Grids::new::<T>(
+        dims,
+        slots,
+        u_k.as_ref().map(|(_, split)| *split),
+        (&db_k, db_split),
+        (&da_k, da_split),
+    )?;
     scratch.reserve(dev, elements("u", m, max_rank)?, partials)?;
     if m == 0 {
         // No tokens: the gradients of this batch are zero.
@@ -413,7 +424,6 @@ fn run<T: KernelElement>(
         reduce_len: 0,
         reduce_out: 0,
     };
-    let kernels = kernels_for(T::DTYPE);
     let block = [THREADS, 1, 1];
     let simt = |grid: [u32; 3]| LaunchDims {
         grid,
@@ -425,16 +435,27 @@ fn run<T: KernelElement>(
     // a slots*max_rank*k and b slots*n*max_rank, t m*max_rank, dx m*k, da and
     // db the pool layout; u holds m*max_rank and the partials each wanted
     // reduction's splits*len (reserve above); slot ids are range-checked on
-    // the device before any pool access; grids follow the kernels' tiles (u: a
-    // block per token, dx: 64 columns x 32 rows, or the tensor-core tiles with
-    // their block size and shared memory, 16-byte loads only when n, k and
-    // the bases allow; db, da: Reduction's columns, block size and shared
-    // memory, 16-byte copies only when the gathered operand allows, y: the
-    // reduction's own token ranges, passed in its params, z: slots), all
-    // within CUDA's grid limits (Grids::new); the pointer guards live until
-    // after the launches.
+    // the device before any pool access; grids follow the kernels' tiles (u:
+    // a block per token on SIMT, or RangeKernel's block size and shared
+    // memory with a token range per grid row and a slot per layer, 16-byte
+    // copies only when n, max_rank and the bases of g and b allow; dx: 64
+    // columns x 32 rows, or the tensor-core tiles with their block size and
+    // shared memory, 16-byte loads only when n, k and the bases allow; db,
+    // da: RangeKernel's columns, block size and shared memory, 16-byte copies
+    // only when the gathered operand allows, y: the reduction's own token
+    // ranges, passed in its params, z: slots), all within CUDA's grid limits
+    // (Grids::new); the pointer guards live until after the launches.
     unsafe {
-        kernels.u.launch(dev, simt(grids.u), &params)?;
+        match &u_k {
+            Some((u, split)) => {
+                let aligned = n.is_multiple_of(8)
+                    && max_rank.is_multiple_of(8)
+                    && [pg, pb].iter().all(|p| p.is_multiple_of(16));
+                u.kernel(aligned)
+                    .launch(dev, u.dims(grids.u), &split.params(&params))?;
+            }
+            None => U_F32.launch(dev, simt(grids.u), &params)?,
+        }
         if pdx != 0 {
             let aligned = n.is_multiple_of(8)
                 && k.is_multiple_of(8)
@@ -448,7 +469,7 @@ fn run<T: KernelElement>(
                     };
                     kernel.launch(dev, dims, &params)?;
                 }
-                None => kernels.dx.launch(dev, simt(grids.dx), &params)?,
+                None => DX_F32.launch(dev, simt(grids.dx), &params)?,
             }
         }
         if pdb != 0 {
@@ -480,15 +501,20 @@ impl Grids {
     fn new<T: KernelElement>(
         dims: Dims,
         slots: usize,
-        (db, db_split): (&Reduction, TokenSplit),
-        (da, da_split): (&Reduction, TokenSplit),
+        u_split: Option<TokenSplit>,
+        (db, db_split): (&RangeKernel, TokenSplit),
+        (da, da_split): (&RangeKernel, TokenSplit),
     ) -> Result<Self> {
         let Dims { m, n, k } = dims;
         // dx: the tensor-core tiles for f16/bf16 (alignment picks only the
         // entry point, not the tile), 64 columns x 32 rows on SIMT.
         let (dx_rows, dx_cols) = dx_mma(T::DTYPE, m, false).map_or((32, 64), |(_, t)| (t.bm, t.bn));
         Ok(Grids {
-            u: grid("m", m, [m, 1, 1])?,
+            // u: a block per token on SIMT, or tensor-core token ranges x slots.
+            u: match u_split {
+                Some(split) => grid("slots", slots, [1, split.splits, slots])?,
+                None => grid("m", m, [m, 1, 1])?,
+            },
             dx: grid("m", m, [k.div_ceil(dx_cols), m.div_ceil(dx_rows), 1])?,
             db: grid(
                 "slots",
@@ -504,7 +530,7 @@ impl Grids {
     }
 }
 
-/// How a reduction over tokens (db or da) cuts the batch into ranges, one
+/// How a `RangeKernel` (u, db or da) cuts the batch into token ranges, one
 /// per grid row: enough blocks to fill a large GPU, each range long enough
 /// to be worth a block.
 #[derive(Clone, Copy)]
@@ -524,42 +550,50 @@ impl TokenSplit {
     }
 }
 
-/// The kernel of one reduction over tokens and its block shape: tensor cores
-/// for f16/bf16 (kernels/include/lk_token_gemm.cuh), SIMT for f32.
-struct Reduction {
+/// A kernel whose blocks each take one range of tokens (grid y) of one slot
+/// (grid z), and its block shape: the reductions over tokens db and da
+/// (tensor cores for f16/bf16: kernels/include/lk_token_gemm.cuh; SIMT for
+/// f32) and the tensor-core u (kernels/include/lk_gather_gemm.cuh).
+struct RangeKernel {
     aligned: &'static Kernel<BackwardParams>,
     any: &'static Kernel<BackwardParams>,
-    /// Columns of g (db) or x (da) per block.
+    /// Columns of g (db) or x (da) per block (grid x); u's blocks take all
+    /// of b's columns.
     cols: usize,
     threads: u32,
     smem: u32,
     /// The shortest token range worth its own blocks.
     min_tokens: usize,
+    /// The most ranges: db and da keep a partial per range in deterministic
+    /// mode; u writes each token's row once and needs none.
+    max_splits: usize,
 }
 
-impl Reduction {
+impl RangeKernel {
     fn tensor_cores(
         aligned: &'static Kernel<BackwardParams>,
         any: &'static Kernel<BackwardParams>,
     ) -> Self {
-        Reduction {
+        RangeKernel {
             aligned,
             any,
             cols: TOKEN_GEMM.bn,
             threads: TOKEN_GEMM.threads,
             smem: TOKEN_GEMM.smem_bytes(),
             min_tokens: 2 * TOKEN_GEMM.bk,
+            max_splits: MAX_SPLITS,
         }
     }
 
     fn simt(kernel: &'static Kernel<BackwardParams>, cols: usize) -> Self {
-        Reduction {
+        RangeKernel {
             aligned: kernel,
             any: kernel,
             cols,
             threads: THREADS,
             smem: 0,
             min_tokens: 16,
+            max_splits: MAX_SPLITS,
         }
     }
 
@@ -579,11 +613,33 @@ impl Reduction {
         }
     }
 
+    /// u on tensor cores for f16/bf16: a tile of 32 tokens per range at
+    /// least; None for f32 (the SIMT kernel, a block per token).
+    fn u(dtype: DType) -> Option<Self> {
+        let (aligned, any): (
+            &'static Kernel<BackwardParams>,
+            &'static Kernel<BackwardParams>,
+        ) = match dtype {
+            DType::F16 => (&U_MMA_F16_ALIGNED, &U_MMA_F16_ANY),
+            DType::BF16 => (&U_MMA_BF16_ALIGNED, &U_MMA_BF16_ANY),
+            _ => return None,
+        };
+        Some(RangeKernel {
+            aligned,
+            any,
+            cols: 0,
+            threads: GATHER_GEMM.threads,
+            smem: GATHER_GEMM.smem_bytes(),
+            min_tokens: GATHER_GEMM.bm,
+            max_splits: usize::MAX,
+        })
+    }
+
     /// Token ranges for `m` tokens when one range takes `blocks_per_range` blocks.
     fn split(&self, m: usize, blocks_per_range: usize) -> TokenSplit {
         let want = TARGET_BLOCKS
             .div_ceil(blocks_per_range.max(1))
-            .min(MAX_SPLITS)
+            .min(self.max_splits)
             .min(m.div_ceil(self.min_tokens))
             .max(1);
         let tokens_per_split = m.div_ceil(want).max(1);
@@ -593,8 +649,8 @@ impl Reduction {
         }
     }
 
-    /// The entry point: 16-byte copies need the gathered operand's row
-    /// length a multiple of 8 and its base 16-byte aligned.
+    /// The entry point: 16-byte copies need the row length of every operand
+    /// copied that way a multiple of 8 and its base 16-byte aligned.
     fn kernel(&self, aligned: bool) -> &'static Kernel<BackwardParams> {
         if aligned { self.aligned } else { self.any }
     }
@@ -670,26 +726,4 @@ fn dx_mma(
         _ => return None,
     };
     Some((kernel, if decode { &DECODE } else { &PREFILL }))
-}
-
-struct BackwardKernels {
-    u: &'static Kernel<BackwardParams>,
-    dx: &'static Kernel<BackwardParams>,
-}
-
-fn kernels_for(dtype: DType) -> BackwardKernels {
-    match dtype {
-        DType::F16 => BackwardKernels {
-            u: &U_F16,
-            dx: &DX_F16,
-        },
-        DType::BF16 => BackwardKernels {
-            u: &U_BF16,
-            dx: &DX_BF16,
-        },
-        _ => BackwardKernels {
-            u: &U_F32,
-            dx: &DX_F32,
-        },
-    }
 }

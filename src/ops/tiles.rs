@@ -55,6 +55,34 @@ impl TokenGemmTiles {
     }
 }
 
+/// The backward's `u = s g b` on tensor cores (`lk::gather` in
+/// kernels/include/lk_gather_gemm.cuh): a block of `threads` takes `bm`
+/// tokens times `ranks` columns of `b`, the reduction over `n` `bk` at a time.
+pub(crate) struct GatherGemmTiles {
+    pub bm: usize,
+    pub ranks: usize,
+    pub bk: usize,
+    pub threads: u32,
+    pub stages: usize,
+}
+
+pub(crate) const GATHER_GEMM: GatherGemmTiles = GatherGemmTiles {
+    bm: 32,
+    ranks: 64,
+    bk: 64,
+    threads: 128,
+    stages: 4,
+};
+
+impl GatherGemmTiles {
+    /// Dynamic shared memory of a launch: the pipeline's stages of gathered
+    /// `g` rows and `b` rows (`SMEM_BYTES` in the kernel).
+    pub fn smem_bytes(&self) -> u32 {
+        let stage = self.bm * (self.bk + 8) + self.bk * (self.ranks + 8);
+        (self.stages * stage * 2) as u32
+    }
+}
+
 /// The SIMT kernels' tile (`lk::simt::Tiles` in
 /// kernels/include/lk_simt_tile.cuh): a block of `threads` owns a `bm x bn`
 /// tile of `y`; their shared memory is all static.
