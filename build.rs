@@ -10,7 +10,10 @@
 //! `LORA_KERNELS_PTXAS_VERBOSE=1` prints ptxas's register/spill report as
 //! cargo warnings; `LORA_KERNELS_LINEINFO=1` adds source line info (for ncu);
 //! `LORA_KERNELS_EMBED_PTX=0` leaves the PTX out (cubins only: smaller
-//! binaries for a known GPU, as scripts/gpu-check builds them).
+//! binaries for a known GPU, as scripts/gpu-check builds them);
+//! `LORA_KERNELS_BUILD_CACHE=DIR` keeps the compiled kernels in DIR, keyed by
+//! the kernel sources, nvcc and the options, so another build of the same
+//! kernels (other features or profile, the packaged crate) skips nvcc.
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -52,7 +55,7 @@ fn main() {
         Some(nvcc) => {
             // A reinstalled or upgraded nvcc rebuilds the kernels.
             println!("cargo:rerun-if-changed={}", nvcc.display());
-            Some(compile_device(&nvcc, &sources, &out_dir))
+            Some(compile_device_cached(&nvcc, &sources, &out_dir))
         }
         None => {
             if env::var("LORA_KERNELS_REQUIRE_NVCC").as_deref() == Ok("1") {
@@ -123,6 +126,93 @@ fn cuda_archs() -> Vec<String> {
 /// One kernel file's compiled forms: (stem, ptx path, [(sm, cubin path)]).
 type Image = (String, PathBuf, Vec<(u32, PathBuf)>);
 
+/// compile_device, through the build cache when `LORA_KERNELS_BUILD_CACHE`
+/// names one (a verbose build always compiles: it prints ptxas's report).
+fn compile_device_cached(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image> {
+    let verbose = env::var("LORA_KERNELS_PTXAS_VERBOSE").as_deref() == Ok("1");
+    let Some(cache) = env::var_os("LORA_KERNELS_BUILD_CACHE").filter(|_| !verbose) else {
+        return compile_device(nvcc, sources, out_dir);
+    };
+    let entry = Path::new(&cache).join(format!("kernels-{:016x}", device_key(nvcc)));
+    let archs = cuda_archs();
+    let images: Vec<Image> = sources
+        .iter()
+        .map(|src| image_paths(src, out_dir, &archs))
+        .collect();
+    let files = || {
+        images
+            .iter()
+            .flat_map(|(_, ptx, cubins)| std::iter::once(ptx).chain(cubins.iter().map(|(_, c)| c)))
+    };
+    let name = |path: &Path| path.file_name().unwrap().to_owned();
+    // A hit: every file of the entry copied into OUT_DIR.
+    if files().all(|f| fs::copy(entry.join(name(f)), f).is_ok()) {
+        return images;
+    }
+    let compiled = compile_device(nvcc, sources, out_dir);
+    // Store (best effort): a complete folder renamed into place, so a build
+    // never sees half an entry.
+    let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
+    let stored = fs::create_dir_all(&tmp).is_ok()
+        && files().all(|f| fs::copy(f, tmp.join(name(f))).is_ok())
+        && fs::rename(&tmp, &entry).is_ok();
+    if !stored {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    compiled
+}
+
+/// The build cache's key for the device kernels: everything nvcc's output
+/// depends on (the kernel sources, nvcc itself, the archs and options).
+fn device_key(nvcc: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    "lora-kernels device v1".hash(&mut h);
+    nvcc.hash(&mut h);
+    let version = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| o.stdout);
+    version.unwrap_or_default().hash(&mut h);
+    cuda_archs().hash(&mut h);
+    env::var("LORA_KERNELS_LINEINFO").ok().hash(&mut h);
+    // The kernel files and every header they may include (the host
+    // runtime's too: the same tree).
+    let kernels = Path::new("kernels");
+    let mut files = list_files(kernels, "cu");
+    files.extend(list_files(&kernels.join("include"), ""));
+    files.extend(list_files(&kernels.join("host"), ""));
+    files.sort();
+    for file in files {
+        file.hash(&mut h);
+        fs::read(&file).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Where compile_file writes a source's compiled forms in `out_dir`.
+fn image_paths(src: &Path, out_dir: &Path, archs: &[String]) -> Image {
+    let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+    let ptx = out_dir.join(format!("{stem}.ptx"));
+    let cubins = archs
+        .iter()
+        .map(|arch| {
+            (
+                arch_sm(arch),
+                out_dir.join(format!("{stem}.sm_{arch}.cubin")),
+            )
+        })
+        .collect();
+    (stem, ptx, cubins)
+}
+
+// "90a" enables Hopper-only instructions; it is still compute capability 9.0.
+fn arch_sm(arch: &str) -> u32 {
+    arch.trim_end_matches('a').parse().unwrap_or_else(|_| {
+        panic!("LORA_KERNELS_CUDA_ARCHS: `{arch}` is not a number like 80, 90 or 90a")
+    })
+}
+
 fn compile_device(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image> {
     let verbose = env::var("LORA_KERNELS_PTXAS_VERBOSE").as_deref() == Ok("1");
     let archs = cuda_archs();
@@ -139,26 +229,18 @@ fn compile_device(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image
 }
 
 fn compile_file(nvcc: &Path, src: &Path, out_dir: &Path, archs: &[String], verbose: bool) -> Image {
-    let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-    let ptx = out_dir.join(format!("{stem}.ptx"));
-    run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], &ptx, false);
-    let mut cubins = Vec::new();
-    for arch in archs {
-        // "90a" enables Hopper-only instructions; it is still compute capability 9.0.
-        let sm: u32 = arch.trim_end_matches('a').parse().unwrap_or_else(|_| {
-            panic!("LORA_KERNELS_CUDA_ARCHS: `{arch}` is not a number like 80, 90 or 90a")
-        });
-        let cubin = out_dir.join(format!("{stem}.sm_{arch}.cubin"));
+    let image = image_paths(src, out_dir, archs);
+    run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], &image.1, false);
+    for (arch, (_, cubin)) in archs.iter().zip(&image.2) {
         run_nvcc(
             nvcc,
             src,
             &["-cubin", &format!("-arch=sm_{arch}")],
-            &cubin,
+            cubin,
             verbose,
         );
-        cubins.push((sm, cubin));
     }
-    (stem, ptx, cubins)
+    image
 }
 
 fn run_nvcc(nvcc: &Path, src: &Path, mode: &[&str], out: &Path, verbose: bool) {
