@@ -1,6 +1,9 @@
 // Adapter backward for a pool of adapters (a single adapter is a pool of one
 // slot), BackwardParams in lk_params.h. f32 accumulation; the base weight
 // stays frozen. Launch order (src/ops/lora_backward.rs):
+//   0. lk_backward_first_tokens, for a pool larger than the batch only: each
+//      slot's first token, so u, db and da run a grid layer per token
+//      (block_slot) instead of one per slot
 //   1. lk_backward_u:  u = s g b (per token, at its adapter's own rank;
 //      tensor cores for f16/bf16: lk_backward_u_mma_*, lk_gather_gemm.cuh;
 //      SIMT for f32)
@@ -30,6 +33,25 @@ __device__ __forceinline__ int slot_rank(const BackwardParams& p, int s) {
 }
 __device__ __forceinline__ float slot_scale(const BackwardParams& p, int s) {
     return p.token_slots ? reinterpret_cast<const float*>(p.slot_scale)[s] : p.uniform_scale;
+}
+
+// The slot a block of u, da or db works for, or -1 (the block has nothing
+// to do): its layer's (z), or, with a layer per token (p.first_token), token
+// z's slot when z is that slot's first token, so every slot the batch uses
+// gets one layer of blocks and no other slot any.
+__device__ __forceinline__ int block_slot(const BackwardParams& p) {
+    if (!p.first_token) return blockIdx.z;
+    const int i = blockIdx.z, s = token_slot(p, i);
+    return s >= 0 && reinterpret_cast<const int*>(p.first_token)[s] == p.m - i ? s : -1;
+}
+
+// first_token[s] = m - (the first token of slot s), 0 for a slot no token
+// uses: the largest m - i over its tokens i (the caller zeroed it).
+__device__ void backward_first_tokens(const BackwardParams& p) {
+    const int64_t i = (int64_t)blockIdx.x * THREADS + threadIdx.x;
+    if (i >= p.m) return;
+    const int s = token_slot(p, (int)i);
+    if (s >= 0) atomicMax(reinterpret_cast<int*>(p.first_token) + s, (int)(p.m - i));
 }
 
 // u[i, j] = s * sum_c g[i, c] b[s][c, j]: one block per token; lanes take
@@ -259,7 +281,9 @@ __device__ void backward_u_mma(const BackwardParams& p) {
     LK_DYNAMIC_SHARED(T, smem);
     LK_SHARED(int, list, [lk::tok::WINDOW]);
     LK_SHARED(int, warp_counts, [lk::tok::WARPS]);
-    const int s = blockIdx.z, rank = slot_rank(p, s);
+    const int s = block_slot(p);
+    if (s < 0) return;
+    const int rank = slot_rank(p, s);
     if (rank <= 0) return;  // an empty slot: no token trains it
     const float scale = slot_scale(p, s);
     const T* g = reinterpret_cast<const T*>(p.g);
@@ -295,7 +319,8 @@ __device__ void backward_reduce_mma(const BackwardParams& p) {
     LK_SHARED(int, list, [tok::WINDOW]);
     LK_SHARED(int, warp_counts, [tok::WARPS]);
     LK_SHARED(int, flagged, [1]);  // the last rank chunk (r0 + 1) that met a non-finite value
-    const int s = blockIdx.z, col0 = blockIdx.x * tok::BN;
+    const int s = block_slot(p), col0 = blockIdx.x * tok::BN;
+    if (s < 0) return;
     const int ncols = DB ? p.n : p.k;
     const float* L = reinterpret_cast<const float*>(DB ? p.t : p.u);
     const T* big = reinterpret_cast<const T*>(DB ? p.g : p.x);
@@ -349,7 +374,8 @@ template <class T>
 __device__ void backward_db(const BackwardParams& p) {
     const T* g = reinterpret_cast<const T*>(p.g);
     const float* t = reinterpret_cast<const float*>(p.t);
-    const int s = blockIdx.z, c = blockIdx.x * 64 + threadIdx.x % 64, jg = threadIdx.x / 64;
+    const int s = block_slot(p), c = blockIdx.x * 64 + threadIdx.x % 64, jg = threadIdx.x / 64;
+    if (s < 0) return;
     const int rank = slot_rank(p, s);
     const float scale = slot_scale(p, s);
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
@@ -379,7 +405,8 @@ template <class T>
 __device__ void backward_da(const BackwardParams& p) {
     const T* x = reinterpret_cast<const T*>(p.x);
     const float* u = reinterpret_cast<const float*>(p.u);
-    const int s = blockIdx.z, q = blockIdx.x * THREADS + threadIdx.x;
+    const int s = block_slot(p), q = blockIdx.x * THREADS + threadIdx.x;
+    if (s < 0) return;
     const int rank = slot_rank(p, s);
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
     const Emitter out(p, reinterpret_cast<float*>(p.da), (size_t)p.slots * p.max_rank * p.k);
@@ -447,3 +474,4 @@ LK_BACKWARD_DX_MMA(decode, lk::DecodeTiles, bf16, __nv_bfloat16)
 LK_BACKWARD_DX_MMA(prefill, lk::PrefillTiles, f16, __half)
 LK_BACKWARD_DX_MMA(prefill, lk::PrefillTiles, bf16, __nv_bfloat16)
 LK_KERNEL(lk_backward_reduce, BackwardParams, backward_reduce)
+LK_KERNEL(lk_backward_first_tokens, BackwardParams, backward_first_tokens)

@@ -58,7 +58,7 @@ params_structs! {
     }
     BackwardParams {
         g, x, w, a_pool, b_pool, slot_rank, slot_scale, token_slots, t, u, dx, da, db, partials,
-        m, n, k, max_rank, slots, uniform_rank, uniform_scale, splits, tokens_per_split,
+        first_token, m, n, k, max_rank, slots, uniform_rank, uniform_scale, splits, tokens_per_split,
         accumulate, deterministic, reduce_len, reduce_out,
     }
     MergeParams { w, a, b, n, k, r, scale, sign }

@@ -124,7 +124,7 @@ const _: () = {
     ["Offset of field: MultiAdapterParams::beta"]
         [::std::mem::offset_of!(MultiAdapterParams, beta) - 132usize];
 };
-#[doc = " Adapter backward (kernels/lora_backward.cu), for a pool of adapters laid\n out as in MultiAdapterParams; a single adapter is a pool of one slot with\n max_rank = r. With g = dL/dy, t = x a^T saved by the forward pass:\n   u  = s g b           [m][max_rank] f32 (scratch)\n   dx = g w + u a       [m][k]       (storage type)\n   db = s g^T t         [slots][n][max_rank] f32\n   da = u^T x           [slots][max_rank][k] f32\n dx, da, db are optional (0 = skip). token_slots == 0: every token uses slot\n 0 with uniform_rank and uniform_scale. The token reductions of da/db run in\n `splits` ranges of tokens_per_split tokens; with splits > 1 each writes f32\n partials ([splits][len]) that lk_backward_reduce sums in a fixed order, or\n (deterministic == 0) adds them with atomics."]
+#[doc = " Adapter backward (kernels/lora_backward.cu), for a pool of adapters laid\n out as in MultiAdapterParams; a single adapter is a pool of one slot with\n max_rank = r. With g = dL/dy, t = x a^T saved by the forward pass:\n   u  = s g b           [m][max_rank] f32 (scratch)\n   dx = g w + u a       [m][k]       (storage type)\n   db = s g^T t         [slots][n][max_rank] f32\n   da = u^T x           [slots][max_rank][k] f32\n dx, da, db are optional (0 = skip). token_slots == 0: every token uses slot\n 0 with uniform_rank and uniform_scale. The token reductions of da/db run in\n `splits` ranges of tokens_per_split tokens; with splits > 1 each writes f32\n partials ([splits][len]) that lk_backward_reduce sums in a fixed order, or\n (deterministic == 0) adds them with atomics. The grid of u, da and db has a\n layer (z) per slot, or, when first_token != 0 (a pool larger than the\n batch), a layer per token: layer i works for token i's slot when i is that\n slot's first token (first_token: m - the first token of each\n slot, 0 for none, from lk_backward_first_tokens; i32 [slots])."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct BackwardParams {
@@ -142,6 +142,7 @@ pub struct BackwardParams {
     pub da: u64,
     pub db: u64,
     pub partials: u64,
+    pub first_token: u64,
     pub m: i32,
     pub n: i32,
     pub k: i32,
@@ -162,7 +163,7 @@ pub struct BackwardParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BackwardParams"][::std::mem::size_of::<BackwardParams>() - 176usize];
+    ["Size of BackwardParams"][::std::mem::size_of::<BackwardParams>() - 184usize];
     ["Alignment of BackwardParams"][::std::mem::align_of::<BackwardParams>() - 8usize];
     ["Offset of field: BackwardParams::g"][::std::mem::offset_of!(BackwardParams, g) - 0usize];
     ["Offset of field: BackwardParams::x"][::std::mem::offset_of!(BackwardParams, x) - 8usize];
@@ -184,29 +185,31 @@ const _: () = {
     ["Offset of field: BackwardParams::db"][::std::mem::offset_of!(BackwardParams, db) - 96usize];
     ["Offset of field: BackwardParams::partials"]
         [::std::mem::offset_of!(BackwardParams, partials) - 104usize];
-    ["Offset of field: BackwardParams::m"][::std::mem::offset_of!(BackwardParams, m) - 112usize];
-    ["Offset of field: BackwardParams::n"][::std::mem::offset_of!(BackwardParams, n) - 116usize];
-    ["Offset of field: BackwardParams::k"][::std::mem::offset_of!(BackwardParams, k) - 120usize];
+    ["Offset of field: BackwardParams::first_token"]
+        [::std::mem::offset_of!(BackwardParams, first_token) - 112usize];
+    ["Offset of field: BackwardParams::m"][::std::mem::offset_of!(BackwardParams, m) - 120usize];
+    ["Offset of field: BackwardParams::n"][::std::mem::offset_of!(BackwardParams, n) - 124usize];
+    ["Offset of field: BackwardParams::k"][::std::mem::offset_of!(BackwardParams, k) - 128usize];
     ["Offset of field: BackwardParams::max_rank"]
-        [::std::mem::offset_of!(BackwardParams, max_rank) - 124usize];
+        [::std::mem::offset_of!(BackwardParams, max_rank) - 132usize];
     ["Offset of field: BackwardParams::slots"]
-        [::std::mem::offset_of!(BackwardParams, slots) - 128usize];
+        [::std::mem::offset_of!(BackwardParams, slots) - 136usize];
     ["Offset of field: BackwardParams::uniform_rank"]
-        [::std::mem::offset_of!(BackwardParams, uniform_rank) - 132usize];
+        [::std::mem::offset_of!(BackwardParams, uniform_rank) - 140usize];
     ["Offset of field: BackwardParams::uniform_scale"]
-        [::std::mem::offset_of!(BackwardParams, uniform_scale) - 136usize];
+        [::std::mem::offset_of!(BackwardParams, uniform_scale) - 144usize];
     ["Offset of field: BackwardParams::splits"]
-        [::std::mem::offset_of!(BackwardParams, splits) - 140usize];
+        [::std::mem::offset_of!(BackwardParams, splits) - 148usize];
     ["Offset of field: BackwardParams::tokens_per_split"]
-        [::std::mem::offset_of!(BackwardParams, tokens_per_split) - 144usize];
+        [::std::mem::offset_of!(BackwardParams, tokens_per_split) - 152usize];
     ["Offset of field: BackwardParams::accumulate"]
-        [::std::mem::offset_of!(BackwardParams, accumulate) - 148usize];
+        [::std::mem::offset_of!(BackwardParams, accumulate) - 156usize];
     ["Offset of field: BackwardParams::deterministic"]
-        [::std::mem::offset_of!(BackwardParams, deterministic) - 152usize];
+        [::std::mem::offset_of!(BackwardParams, deterministic) - 160usize];
     ["Offset of field: BackwardParams::reduce_len"]
-        [::std::mem::offset_of!(BackwardParams, reduce_len) - 160usize];
+        [::std::mem::offset_of!(BackwardParams, reduce_len) - 168usize];
     ["Offset of field: BackwardParams::reduce_out"]
-        [::std::mem::offset_of!(BackwardParams, reduce_out) - 168usize];
+        [::std::mem::offset_of!(BackwardParams, reduce_out) - 176usize];
 };
 #[doc = " Merge / unmerge (kernels/merge.cu): w[n][k] <- w + sign * scale * b a,\n accumulated in f32 and rounded once to the storage type."]
 #[repr(C)]

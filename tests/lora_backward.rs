@@ -443,7 +443,14 @@ fn deterministic_mode_is_bit_identical_run_to_run() {
 }
 
 impl<T: KernelElement> PoolCase<T> {
-    fn run(&self, dev: &Device, deterministic: bool) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+    /// All three gradients; `prior`: da and db start at this value and the
+    /// run accumulates onto them (else they start as NaN and are written).
+    fn run(
+        &self,
+        dev: &Device,
+        deterministic: bool,
+        prior: Option<f32>,
+    ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
         let Dims { m, n, k } = self.dims;
         let cfg = PoolConfig {
             slots: self.slots.len(),
@@ -461,11 +468,12 @@ impl<T: KernelElement> PoolCase<T> {
         let (gd, xd, wd) = (up(&self.g), up(&self.x), up(&self.w));
         let (idd, td) = (dev.upload(&self.ids).unwrap(), dev.upload(&self.t).unwrap());
         let mut dx = dev.upload(&vec![T::from_f64(f64::NAN); m * k]).unwrap();
+        let start = prior.unwrap_or(f32::NAN);
         let mut da = dev
-            .upload(&vec![f32::NAN; self.slots.len() * self.max_rank * k])
+            .upload(&vec![start; self.slots.len() * self.max_rank * k])
             .unwrap();
         let mut db = dev
-            .upload(&vec![f32::NAN; self.slots.len() * n * self.max_rank])
+            .upload(&vec![start; self.slots.len() * n * self.max_rank])
             .unwrap();
         let grads = Grads {
             dx: Some((&mut dx).into()),
@@ -474,7 +482,7 @@ impl<T: KernelElement> PoolCase<T> {
         };
         let mut scratch = BackwardScratch::new(dev).unwrap();
         let opts = BackwardOptions {
-            accumulate: false,
+            accumulate: prior.is_some(),
             deterministic,
         };
         let inputs = DeviceBackwardInputs::new(&gd, &xd, &wd, &td);
@@ -493,7 +501,7 @@ impl<T: KernelElement> PoolCase<T> {
         let (bdx, bda, bdb) = self.bounds(&want);
         for dev in devices() {
             for deterministic in [false, true] {
-                let got = self.run(&dev, deterministic);
+                let got = self.run(&dev, deterministic, None);
                 let what = format!(
                     "{what} {:?} on {} (deterministic {deterministic})",
                     T::DTYPE,
@@ -723,6 +731,62 @@ fn u_tiles_cover_rank_chunks_token_tiles_and_both_copy_paths() {
         })
         .collect();
     PoolCase::<f16>::new(Dims::new(300, 72, 19), 72, &ranks, ids, 53).check("u tiles");
+}
+
+/// A pool larger than the batch (300 slots, 40 tokens): u, da and db get a
+/// grid layer per token, each slot the batch uses at its first token's
+/// layer (slot 5 trained by five tokens; the empty slot 2, -1 and an id
+/// out of range as well), with and without 16-byte copies. Every other
+/// slot's gradient is written as zeros, or left bit for bit as it was when
+/// accumulating (five layers working for slot 5 would add its gradient five
+/// times).
+#[test]
+fn pool_larger_than_the_batch_gets_a_layer_per_token() {
+    let slots = 300;
+    let ranks: Vec<usize> = (0..slots).map(|s| [16, 3, 0, 1, 8][s % 5]).collect();
+    let ids: Vec<i32> = (0..40)
+        .map(|i| match i % 8 {
+            0 => 5,
+            1 => -1,
+            2 => 300,
+            3 => 2,
+            _ => (i * 37 % slots) as i32,
+        })
+        .collect();
+    PoolCase::<f16>::new(Dims::new(40, 72, 24), 16, &ranks, ids.clone(), 62).check("pool > batch");
+    let case = PoolCase::<bf16>::new(Dims::new(40, 26, 19), 16, &ranks, ids, 61);
+    let want = case.check("pool > batch");
+    let (_, bda, bdb) = case.bounds(&want);
+    let (mr, Dims { n, k, .. }) = (case.max_rank, case.dims);
+    let trained: Vec<bool> = (0..slots)
+        .map(|s| (0..40).any(|i| case.slot_of(i) == Some(s)))
+        .collect();
+    let prior = 0.5f32;
+    for dev in devices() {
+        for deterministic in [false, true] {
+            let got = case.run(&dev, deterministic, Some(prior));
+            let grads = [
+                ("da", &got.1, &want.1, &bda, mr * k),
+                ("db", &got.2, &want.2, &bdb, n * mr),
+            ];
+            for (name, got, want, bound, per_slot) in grads {
+                for (e, &v) in got.iter().enumerate() {
+                    let expect = prior as f64 + want[e] as f64;
+                    let ok = if trained[e / per_slot] {
+                        (v as f64 - expect).abs() <= bound[e] + expect.abs() * f32::EPSILON as f64
+                    } else {
+                        v.to_bits() == prior.to_bits()
+                    };
+                    assert!(
+                        ok,
+                        "{name}[{e}] (slot {}) = {v}, want {expect} on {} (deterministic {deterministic})",
+                        e / per_slot,
+                        dev.name()
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// On the GPU: cuBLAS's unfused backward (the benchmark baseline) and ours

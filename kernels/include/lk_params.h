@@ -51,10 +51,14 @@ typedef struct MultiAdapterParams {
  * 0 with uniform_rank and uniform_scale. The token reductions of da/db run in
  * `splits` ranges of tokens_per_split tokens; with splits > 1 each writes f32
  * partials ([splits][len]) that lk_backward_reduce sums in a fixed order, or
- * (deterministic == 0) adds them with atomics. */
+ * (deterministic == 0) adds them with atomics. The grid of u, da and db has a
+ * layer (z) per slot, or, when first_token != 0 (a pool larger than the
+ * batch), a layer per token: layer i works for token i's slot when i is that
+ * slot's first token (first_token: m - the first token of each
+ * slot, 0 for none, from lk_backward_first_tokens; i32 [slots]). */
 typedef struct BackwardParams {
     uint64_t g, x, w, a_pool, b_pool, slot_rank, slot_scale, token_slots, t;
-    uint64_t u, dx, da, db, partials;
+    uint64_t u, dx, da, db, partials, first_token;
     int32_t m, n, k, max_rank, slots;
     int32_t uniform_rank;
     float uniform_scale;

@@ -18,6 +18,7 @@ use crate::error::Result;
 use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::BackwardParams;
 use crate::shape::{Dims, elements};
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
 kernel!(U_F32 = lk_backward_u_f32 in "lora_backward": BackwardParams;);
 kernel!(DX_F32 = lk_backward_dx_f32 in "lora_backward": BackwardParams;);
@@ -36,6 +37,7 @@ kernel!(U_MMA_F16_ANY = lk_backward_u_mma_f16_any in "lora_backward": BackwardPa
 kernel!(U_MMA_BF16_ALIGNED = lk_backward_u_mma_bf16_aligned in "lora_backward": BackwardParams;);
 kernel!(U_MMA_BF16_ANY = lk_backward_u_mma_bf16_any in "lora_backward": BackwardParams;);
 kernel!(REDUCE = lk_backward_reduce in "lora_backward": BackwardParams;);
+kernel!(FIRST_TOKENS = lk_backward_first_tokens in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_F16_ALIGNED = lk_backward_dx_decode_f16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_F16_ANY = lk_backward_dx_decode_f16_any in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_BF16_ALIGNED = lk_backward_dx_decode_bf16_aligned in "lora_backward": BackwardParams;);
@@ -77,6 +79,9 @@ pub struct Grads<'a, T> {
 pub struct BackwardScratch {
     u: Buffer<f32>,
     partials: Buffer<f32>,
+    /// Each slot's first token (`first_token` in the kernels), for a pool
+    /// larger than the batch.
+    first: Buffer<i32>,
     home: Home,
 }
 
@@ -86,6 +91,7 @@ impl BackwardScratch {
         Ok(BackwardScratch {
             u: dev.zeros(0)?,
             partials: dev.zeros(0)?,
+            first: dev.zeros(0)?,
             home: dev.home(),
         })
     }
@@ -96,12 +102,15 @@ impl BackwardScratch {
         check_home("scratch", dev.home(), self.home)
     }
 
-    fn reserve(&mut self, dev: &Device, u: usize, partials: usize) -> Result<()> {
+    fn reserve(&mut self, dev: &Device, u: usize, partials: usize, first: usize) -> Result<()> {
         if self.u.len() < u {
             self.u = dev.zeros(u)?;
         }
         if self.partials.len() < partials {
             self.partials = dev.zeros(partials)?;
+        }
+        if self.first.len() < first {
+            self.first = dev.zeros(first)?;
         }
         Ok(())
     }
@@ -326,13 +335,26 @@ fn run<T: KernelElement>(
     if let Some(db) = &grads.db {
         check_output(dev, "db", db, slots * n, max_rank)?;
     }
+    // The grid layers (z) of u, db and da: one per slot, or, for a pool
+    // larger than the batch, one per token (each slot the batch uses gets
+    // the layer of its first token), so no block is launched for the slots
+    // no token uses. Those take the whole batch as one token range.
+    let by_token = pool.ids.is_some() && m < slots;
+    let layers = if by_token { ("m", m) } else { ("slots", slots) };
+    let split = |kernel: &RangeKernel, blocks_per_layer: usize| {
+        if by_token {
+            TokenSplit::whole(m)
+        } else {
+            kernel.split(m, slots * blocks_per_layer)
+        }
+    };
     // Token ranges of the db and da reductions, each sized from its own grid.
     let (db_k, da_k) = (RangeKernel::db(T::DTYPE), RangeKernel::da(T::DTYPE));
-    let db_split = db_k.split(m, slots * n.div_ceil(db_k.cols));
-    let da_split = da_k.split(m, slots * k.div_ceil(da_k.cols));
-    // u: tensor cores for f16/bf16, a range of tokens per block row for every slot.
+    let db_split = split(&db_k, n.div_ceil(db_k.cols));
+    let da_split = split(&da_k, k.div_ceil(da_k.cols));
+    // u: tensor cores for f16/bf16, a range of tokens per block row for every layer.
     let u_k = RangeKernel::u(T::DTYPE).map(|u| {
-        let split = u.split(m, slots);
+        let split = split(&u, 1);
         (u, split)
     });
     let len_db = elements("db", slots * n, max_rank)?;
@@ -351,12 +373,13 @@ fn run<T: KernelElement>(
     )?);
     let grids = Grids::new::<T>(
         dims,
-        slots,
+        layers,
         u_k.as_ref().map(|(_, split)| *split),
         (&db_k, db_split),
         (&da_k, da_split),
     )?;
-    scratch.reserve(dev, elements("u", m, max_rank)?, partials)?;
+    let first_len = if by_token { slots } else { 0 };
+    scratch.reserve(dev, elements("u", m, max_rank)?, partials, first_len)?;
     if m == 0 {
         // No tokens: the gradients of this batch are zero.
         if !opts.accumulate {
@@ -366,11 +389,11 @@ fn run<T: KernelElement>(
         }
         return Ok(());
     }
-    // Atomics add into the gradient: it starts from zero unless accumulating.
+    // Atomics add into the gradient, and with a layer per token no block
+    // writes the slots no token uses: it starts from zero unless accumulating.
     for (buf, split) in [(grads.da.as_mut(), da_split), (grads.db.as_mut(), db_split)] {
         if let Some(buf) = buf
-            && split.splits > 1
-            && !opts.deterministic
+            && (by_token || (split.splits > 1 && !opts.deterministic))
             && !opts.accumulate
         {
             zero(dev, buf)?;
@@ -392,6 +415,11 @@ fn run<T: KernelElement>(
     );
     let (pu, _g10) = out_ptr(dev, &mut u);
     let (ppart, _g11) = out_ptr(dev, &mut part);
+    let mut first = BufMut::from(&mut scratch.first);
+    if by_token {
+        zero(dev, &mut first)?;
+    }
+    let (pfirst, _g15) = out_ptr(dev, &mut first);
     let (pdx, _g12) = grads.dx.as_mut().map_or((0, None), |b| out_ptr(dev, b));
     let (pda, _g13) = grads.da.as_mut().map_or((0, None), |b| out_ptr(dev, b));
     let (pdb, _g14) = grads.db.as_mut().map_or((0, None), |b| out_ptr(dev, b));
@@ -410,6 +438,7 @@ fn run<T: KernelElement>(
         da: pda,
         db: pdb,
         partials: ppart,
+        first_token: if by_token { pfirst } else { 0 },
         m: m as i32,
         n: n as i32,
         k: k as i32,
@@ -433,19 +462,29 @@ fn run<T: KernelElement>(
     // SAFETY (every launch below): all operands were checked above to live on
     // `dev` with the sizes the kernels index: g m*n, x m*k, w n*k, the pool's
     // a slots*max_rank*k and b slots*n*max_rank, t m*max_rank, dx m*k, da and
-    // db the pool layout; u holds m*max_rank and the partials each wanted
-    // reduction's splits*len (reserve above); slot ids are range-checked on
-    // the device before any pool access; grids follow the kernels' tiles (u:
-    // a block per token on SIMT, or RangeKernel's block size and shared
-    // memory with a token range per grid row and a slot per layer, 16-byte
-    // copies only when n, max_rank and the bases of g and b allow; dx: 64
-    // columns x 32 rows, or the tensor-core tiles with their block size and
-    // shared memory, 16-byte loads only when n, k and the bases allow; db,
-    // da: RangeKernel's columns, block size and shared memory, 16-byte copies
-    // only when the gathered operand allows, y: the reduction's own token
-    // ranges, passed in its params, z: slots), all within CUDA's grid limits
-    // (Grids::new); the pointer guards live until after the launches.
+    // db the pool layout; u holds m*max_rank, the partials each wanted
+    // reduction's splits*len and, with a layer per token, first_token `slots`
+    // i32 (reserve above); slot ids are range-checked on the device before
+    // any pool or first_token access; grids follow the kernels' tiles
+    // (first tokens: a thread per token; u: a block per token on SIMT, or
+    // RangeKernel's block size and shared memory with a token range per grid
+    // row, 16-byte copies only when n, max_rank and the bases of g and b
+    // allow; dx: 64 columns x 32 rows, or the tensor-core tiles with their
+    // block size and shared memory, 16-byte loads only when n, k and the
+    // bases allow; db, da: RangeKernel's columns, block size and shared
+    // memory, 16-byte copies only when the gathered operand allows, y: the
+    // reduction's own token ranges, passed in its params; z of u, db and da:
+    // slots, or tokens when first_token is set), all within CUDA's grid
+    // limits (Grids::new); the pointer guards live until after the launches.
     unsafe {
+        if by_token {
+            // first_token holds `slots` zeros (zeroed above).
+            FIRST_TOKENS.launch(
+                dev,
+                simt([m.div_ceil(THREADS as usize) as u32, 1, 1]),
+                &params,
+            )?;
+        }
         match &u_k {
             Some((u, split)) => {
                 let aligned = n.is_multiple_of(8)
@@ -498,9 +537,11 @@ struct Grids {
 }
 
 impl Grids {
+    /// `layers`: the grid's z extent of u, db and da, named for errors
+    /// (`slots`, or `m` with a layer per token).
     fn new<T: KernelElement>(
         dims: Dims,
-        slots: usize,
+        (name, layers): (&'static str, usize),
         u_split: Option<TokenSplit>,
         (db, db_split): (&RangeKernel, TokenSplit),
         (da, da_split): (&RangeKernel, TokenSplit),
@@ -510,22 +551,14 @@ impl Grids {
         // entry point, not the tile), 64 columns x 32 rows on SIMT.
         let (dx_rows, dx_cols) = dx_mma(T::DTYPE, m, false).map_or((32, 64), |(_, t)| (t.bm, t.bn));
         Ok(Grids {
-            // u: a block per token on SIMT, or tensor-core token ranges x slots.
+            // u: a block per token on SIMT, or tensor-core token ranges x layers.
             u: match u_split {
-                Some(split) => grid("slots", slots, [1, split.splits, slots])?,
+                Some(split) => grid(name, layers, [1, split.splits, layers])?,
                 None => grid("m", m, [m, 1, 1])?,
             },
             dx: grid("m", m, [k.div_ceil(dx_cols), m.div_ceil(dx_rows), 1])?,
-            db: grid(
-                "slots",
-                slots,
-                [n.div_ceil(db.cols), db_split.splits, slots],
-            )?,
-            da: grid(
-                "slots",
-                slots,
-                [k.div_ceil(da.cols), da_split.splits, slots],
-            )?,
+            db: grid(name, layers, [n.div_ceil(db.cols), db_split.splits, layers])?,
+            da: grid(name, layers, [k.div_ceil(da.cols), da_split.splits, layers])?,
         })
     }
 }
@@ -540,6 +573,14 @@ struct TokenSplit {
 }
 
 impl TokenSplit {
+    /// The whole batch as one range.
+    fn whole(m: usize) -> Self {
+        TokenSplit {
+            tokens_per_split: m.max(1),
+            splits: 1,
+        }
+    }
+
     /// The launch's parameters with this split.
     fn params(self, params: &BackwardParams) -> BackwardParams {
         BackwardParams {
@@ -694,9 +735,12 @@ unsafe fn reduce(
     unsafe { REDUCE.launch(dev, dims, &p) }
 }
 
-fn zero(dev: &Device, buf: &mut BufMut<'_, f32>) -> Result<()> {
+fn zero<E: DeviceRepr + ValidAsZeroBits + Default + Clone>(
+    dev: &Device,
+    buf: &mut BufMut<'_, E>,
+) -> Result<()> {
     match (dev, buf) {
-        (_, BufMut::Host(s)) => s.fill(0.0),
+        (_, BufMut::Host(s)) => s.fill(E::default()),
         (Device::Cuda(_), BufMut::Cuda(v)) => {
             let stream = dev.cuda_stream().expect("a CUDA device has a stream");
             stream.memset_zeros(v)?;
