@@ -632,6 +632,33 @@ fn infinite_a_gives_the_references_infinities_and_nans() {
     }
 }
 
+/// Infinite weights in `b`, which only u = s g b reads (on tensor cores for
+/// f16 and bf16): +Inf and -Inf in b, at rank 0 and at the last rank (the
+/// second 64-rank chunk at rank 70), one of them past the first 64-wide
+/// stage of n; a row of g that is all zeros (0 * Inf = NaN in u). Every
+/// element of dx, da and db is the reference's.
+#[test]
+fn infinite_b_gives_the_references_infinities_and_nans() {
+    fn check<T: KernelElement>(m: usize) {
+        let (n, k, inf) = (70, 45, f64::INFINITY);
+        for rank in [5, 70] {
+            let mut case = Case::<T>::new(Dims::new(m, n, k), rank, 19);
+            case.b[3 * rank] = T::from_f64(inf);
+            case.b[66 * rank + rank - 1] = T::from_f64(-inf);
+            case.g[2 * n..3 * n].fill(T::from_f64(0.0));
+            let want = case.expected(false, &case.prior(1));
+            let dx_has = |p: fn(f64) -> bool| want.0.iter().any(|v| p(v.to_f64()));
+            assert!(dx_has(f64::is_nan) && dx_has(f64::is_infinite));
+            assert!(want.1.iter().any(|v| v.is_nan()));
+            check_data(&case, &case.prior(1), false, false).unwrap();
+        }
+    }
+    for m in [9, 70] {
+        check::<f16>(m);
+        check::<bf16>(m);
+    }
+}
+
 /// Non-finite values in g, then in x: +Inf, -Inf and NaN. Each reduction
 /// meets them in its gathered operand (g for db, x for da), where only the
 /// columns they sit in turn non-finite, and in its f32 one (u = s g b for
