@@ -256,43 +256,69 @@ fn gpu_adamw_past_2_pow_31_parameters() {
     }
 }
 
-/// The backward's da/db grids put the slots on grid.z (at most 65535): a pool
-/// of more slots is refused, naming `slots`, before anything runs.
+/// The backward's u/da/db grids have a layer (grid.z, at most 65535) per
+/// slot, or per token for a pool larger than the batch. A pool of 65536
+/// slots trains a batch of 2 tokens (slot 0's db written, every other slot's
+/// zeroed); past 65535 layers the call is refused before anything runs,
+/// naming `slots` (a batch as large as the pool) or `m` (a batch of 65536
+/// tokens in a larger pool).
 #[test]
-fn backward_of_a_pool_past_65535_slots_is_an_error() {
+fn backward_grid_layers_past_65535_are_errors() {
     use lora_kernels::ops::lora_backward::multi_adapter_backward;
     let dev = Device::host().unwrap();
-    let cfg = PoolConfig {
-        slots: 65536,
-        max_rank: 1,
-        n: 2,
-        k: 3,
+    let (n, k, scale) = (2, 3, 2.0f32);
+    let run = |slots: usize, ids: &[i32]| {
+        let cfg = PoolConfig {
+            slots,
+            max_rank: 1,
+            n,
+            k,
+        };
+        let mut pool = AdapterPool::<f32>::new(&dev, cfg).unwrap();
+        pool.load(0, &[0.5f32; 3], &[0.25f32; 2], 1, scale).unwrap();
+        let m = ids.len();
+        let mut g = rng(4);
+        let (gy, x, w, t) = (
+            random::<f32>(&mut g, m * n),
+            dev.upload(&random::<f32>(&mut g, m * k)).unwrap(),
+            dev.upload(&random::<f32>(&mut g, n * k)).unwrap(),
+            random::<f32>(&mut g, m),
+        );
+        let (gd, td, idd) = (
+            dev.upload(&gy).unwrap(),
+            dev.upload(&t).unwrap(),
+            dev.upload(ids).unwrap(),
+        );
+        let mut db = dev.upload(&vec![1.5f32; slots * n]).unwrap();
+        let grads = Grads {
+            dx: None,
+            da: None,
+            db: Some((&mut db).into()),
+        };
+        let inputs = DeviceBackwardInputs::new(&gd, &x, &w, &td);
+        let mut scratch = BackwardScratch::new(&dev).unwrap();
+        let opts = BackwardOptions::default();
+        let result = multi_adapter_backward(&pool, m, &idd, inputs, grads, opts, &mut scratch);
+        (result, dev.download(&db).unwrap(), gy, t)
     };
-    let pool = AdapterPool::<f32>::new(&dev, cfg).unwrap();
-    let m = 2;
-    let mut g = rng(4);
-    let (gy, x, w) = (
-        dev.upload(&random::<f32>(&mut g, m * cfg.n)).unwrap(),
-        dev.upload(&random::<f32>(&mut g, m * cfg.k)).unwrap(),
-        dev.upload(&random::<f32>(&mut g, cfg.n * cfg.k)).unwrap(),
-    );
-    let (t, ids) = (
-        dev.zeros::<f32>(m).unwrap(),
-        dev.upload(&[0i32, -1]).unwrap(),
-    );
-    let mut db = dev.upload(&vec![1.5f32; cfg.slots * cfg.n]).unwrap();
-    let grads = Grads {
-        dx: None,
-        da: None,
-        db: Some((&mut db).into()),
-    };
-    let inputs = DeviceBackwardInputs::new(&gy, &x, &w, &t);
-    let mut scratch = BackwardScratch::new(&dev).unwrap();
-    let opts = BackwardOptions::default();
-    let err = multi_adapter_backward(&pool, m, &ids, inputs, grads, opts, &mut scratch);
-    assert_names(err.unwrap_err(), "slots");
+    // Token 0 trains slot 0, token 1 nothing: db[0][c] = scale g[0][c] t[0].
+    let (result, db, gy, t) = run(65536, &[0, -1]);
+    result.unwrap();
+    for (c, &v) in db[..n].iter().enumerate() {
+        let want = scale * gy[c] * t[0];
+        assert!(
+            (v - want).abs() <= 1e-6 * want.abs(),
+            "db[0][{c}] = {v}, want {want}"
+        );
+    }
     assert!(
-        dev.download(&db).unwrap().iter().all(|&v| v == 1.5),
-        "db changed"
+        db[n..].iter().all(|&v| v == 0.0),
+        "untrained slots not zeroed"
     );
+    for (slots, m, name) in [(65536, 65536, "slots"), (65537, 65536, "m")] {
+        let ids: Vec<i32> = (0..m).collect();
+        let (result, db, ..) = run(slots, &ids);
+        assert_names(result.unwrap_err(), name);
+        assert!(db.iter().all(|&v| v == 1.5), "db changed");
+    }
 }
