@@ -9,8 +9,9 @@
 // accumulators) costs no extra pass over x. After the k-loop, scale * t goes
 // to shared memory as a hi/lo pair of storage-type values and the expand
 // t b^T runs as extra k-steps over the rank into the same accumulator as the
-// base product. Ranks above RC = 64 take extra passes over k, one per chunk of
-// 64 (x is re-read, w is not). lk::expand keeps f16's hi finite for any
+// base product; b's tile is prefetched into L2 while the k-loop runs. Ranks
+// above RC = 64 take extra passes over k, one per chunk of 64 (x is re-read,
+// w is not). lk::expand keeps f16's hi finite for any
 // finite scale * t and gives Inf and NaN weights their exact products.
 #include "lk_tile_gemm.cuh"
 
@@ -39,9 +40,15 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
         const int rc = p.r - r0 < lk::RC ? p.r - r0 : lk::RC;
         const int rp = (rc + 15) / 16 * 16;
         lk::zero<C>(r.tacc);
+        // b's tile for this chunk goes to L2 while the k-loop runs.
+        auto prefetch_b = [&] {
+            const int rows = lk::min_int(C::BN, p.n - col0);
+            for (int i = threadIdx.x; i < rows; i += C::THREADS)
+                lk::prefetch_span(b + (size_t)(col0 + i) * p.r + r0, rc);
+        };
         // The first pass also computes the base product x w^T.
         lk::mainloop<T, C, ALIGNED>(smem, x, r0 == 0 ? w : nullptr, a + (size_t)r0 * p.k, p.m, p.n, p.k, rc, rp,
-                                    row0, col0, r);
+                                    row0, col0, r, prefetch_b);
 
         // f(row, col, t) for each element of t this thread holds: rank
         // columns rc..rp are exact zeros (never x * 0: an Inf in x would give NaN).

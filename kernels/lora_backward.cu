@@ -148,7 +148,8 @@ __device__ void backward_dx(const BackwardParams& p) {
 
 // dx = g w + u a on tensor cores: a BM x BN tile of dx per block, the base
 // product over n as a k-major GEMM (lk_tile_gemm.cuh), then u a as extra
-// k-steps over each distinct adapter's ranks among the block's rows (u as a
+// k-steps over each distinct adapter's ranks among the block's rows (their a
+// tiles prefetched into L2 during the k-loop; u as a
 // hi + lo pair, like t in the forward, with lk::expand's range scaling and
 // exact non-finite products), all in one accumulator.
 template <class T, class C, bool ALIGNED>
@@ -167,10 +168,23 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
     lk::ExpandGuard<C> guard(guard_state);
     lk::Accumulators<C> r;
     lk::zero<C>(r.acc);
+    // Once the first k-tiles are on their way: the rows' adapters, and their
+    // a tiles (rank rows x this block's columns) into L2 for the expand, a run
+    // of rows with the same adapter asking once.
+    auto prefetch_a = [&] {
+        for (int i = threadIdx.x; i < C::BM; i += C::THREADS)
+            row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
+        __syncthreads();
+        const int span = lk::min_int(C::BN, p.k - col0);
+        for (int e = threadIdx.x; e < C::BM * p.max_rank; e += C::THREADS) {
+            const int i = e / p.max_rank, j = e % p.max_rank, s = row_slot[i];
+            if (s < 0 || (i > 0 && row_slot[i - 1] == s) || j >= slot_rank(p, s)) continue;
+            lk::prefetch_span(a_pool + ((size_t)s * p.max_rank + j) * p.k + col0, span);
+        }
+    };
     // dx[m, k] = g[m, n] w[n, k]: the reduction runs over n.
     lk::mainloop_bt<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.g), reinterpret_cast<const T*>(p.w), p.m, p.k,
-                                   p.n, row0, col0, r);
-    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
+                                   p.n, row0, col0, r, prefetch_a);
     lk::collect_distinct<C::BM>(row_slot, distinct);
     lk::ExpandTiles<T, C, true> e(smem);
     for (int d = 1; d <= distinct[0]; ++d) {

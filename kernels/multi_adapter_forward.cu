@@ -14,7 +14,8 @@
 //   lk_simt_tile.cuh, as tensor cores take no f32), then wait until all
 //   shrink work is done (by then it usually is: the shrink is a small
 //   fraction of the work) and expand, once per distinct adapter among their
-//   rows, so tokens of the same adapter share each load of its b tile.
+//   rows, so tokens of the same adapter share each load of its b tile (the
+//   b tiles are prefetched into L2 while the base product runs).
 // Shrink work is claimed, not assigned: warps take items from a counter
 // (counters[0]) and count the items they finish (counters[1]), and a tile
 // block takes what is left unclaimed before it waits. CUDA does not promise that
@@ -264,8 +265,24 @@ __device__ void base_block(const MultiAdapterParams& p) {
     lk::ExpandGuard<C> guard(guard_state);
     lk::Accumulators<C> r;
     lk::zero<C>(r.acc);
+    // Once the first k-tiles are on their way: the b tiles of the adapters
+    // among the block's rows go to L2 for the expand, a run of rows with the
+    // same adapter asking once (a malformed segment table still names slots
+    // of the pool, and wait_and_collect_adapters sets row_slot again).
+    auto prefetch_b = [&] {
+        for (int i = threadIdx.x; i < C::BM; i += C::THREADS)
+            row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
+        __syncthreads();
+        const int rows = lk::min_int(C::BN, p.n - col0);
+        for (int e = threadIdx.x; e < C::BM * rows; e += C::THREADS) {
+            const int i = e / rows, j = e % rows, s = row_slot[i];
+            if (s < 0 || (i > 0 && row_slot[i - 1] == s)) continue;
+            const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+            lk::prefetch_span(b_pool + ((size_t)s * p.n + col0 + j) * p.max_rank, rank);
+        }
+    };
     lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
-                                p.m, p.n, p.k, 0, 0, row0, col0, r);
+                                p.m, p.n, p.k, 0, 0, row0, col0, r, prefetch_b);
 
     wait_and_collect_adapters<T, C::BM, C::THREADS>(p, row0, row_slot, distinct);
 

@@ -103,15 +103,21 @@ __device__ void selftest_warp_reduce(const SelftestParams& p) {
 }
 
 // cp.async staging: each thread copies 16 bytes (4 floats) into shared memory,
-// the last thread's copy zero-fills past p.n. Variant 5 forgets the wait.
+// the last thread's copy zero-fills past p.n, and every eighth thread (t % 8
+// == 7) issues its copy through cp_async_16_if with issue = false, so its
+// chunk keeps the -1s stored before. Variant 5 forgets the wait.
 __device__ void selftest_cp_async(const SelftestParams& p) {
     const float* in = reinterpret_cast<const float*>(p.input);
     float* out = reinterpret_cast<float*>(p.out);
     LK_SHARED(float, buf, [128]);
     const int t = threadIdx.x;  // 32 threads x 4 floats
+    for (int i = 0; i < 4; ++i) buf[4 * t + i] = -1.f;
+    __syncthreads();
     int valid = p.n - 4 * t;
     valid = valid < 0 ? 0 : (valid > 4 ? 4 : valid);
-    lk::cp_async_16(&buf[4 * t], in + 4 * (valid > 0 ? t : 0), 4u * valid);
+    const float* src = in + 4 * (valid > 0 ? t : 0);
+    if (t % 2 == 0) lk::cp_async_16(&buf[4 * t], src, 4u * valid);
+    else lk::cp_async_16_if(t % 8 != 7, &buf[4 * t], src, 4u * valid);
     lk::cp_async_commit();
     if (p.variant != 5) lk::cp_async_wait<0>();
     __syncthreads();

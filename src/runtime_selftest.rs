@@ -81,7 +81,8 @@ pub fn warp_reduce(dev: &Device, input: &[f32], warps: usize, variant: i32) -> R
 }
 
 /// Stages `input[..n]` (n <= 128, rest zero-filled) through cp.async and
-/// returns it rotated left by 4.
+/// returns it rotated left by 4; the 16-byte chunks 7, 15, 23 and 31 are
+/// copies not issued (`cp_async_16_if`) and read -1.
 pub fn cp_async(dev: &Device, input: &[f32], variant: i32) -> Result<Vec<f32>> {
     if input.len() > 128 {
         return Err(crate::shape::invalid(

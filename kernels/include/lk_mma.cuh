@@ -67,6 +67,16 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, unsign
     unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
 }
+// The same, issued only if `issue` (a predicated instruction, no branch:
+// a copy under a branch costs the loop convergence barriers); otherwise
+// smem keeps what it holds.
+__device__ __forceinline__ void cp_async_16_if(bool issue, void* smem, const void* gmem, unsigned src_bytes) {
+    unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n @p cp.async.cg.shared.global [%1], [%2], 16, %3;\n}\n" ::"r"(
+            (int)issue),
+        "r"(addr), "l"(gmem), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -166,6 +176,9 @@ inline void ldmatrix_x2(uint32_t (&r)[2], const void* row, bool trans) {
 }
 inline void cp_async_16(void* smem, const void* gmem, unsigned src_bytes) {
     ::lk_host::async_copy(smem, gmem, 16, src_bytes);
+}
+inline void cp_async_16_if(bool issue, void* smem, const void* gmem, unsigned src_bytes) {
+    if (issue) ::lk_host::async_copy(smem, gmem, 16, src_bytes);
 }
 inline void cp_async_commit() { ::lk_host::async_commit(); }
 template <int N>

@@ -67,4 +67,14 @@ __device__ __forceinline__ T load_cg(const T* p) {
 #endif
 }
 
+// Asks for the 128-byte line holding p to be brought into L2, without
+// waiting for it: a hint, for data the block loads later (a no-op on the host).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifdef LK_HOST
+    (void)p;
+#else
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
 }  // namespace lk

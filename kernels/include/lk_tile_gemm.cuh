@@ -84,7 +84,10 @@ __device__ __forceinline__ void load_rows_any(T* smem, const T* g, int nrows, in
 // its address, smem offset and stride are computed once, and a k-tile costs
 // per chunk an address add, a predicate and the copy (the index arithmetic
 // redone for every chunk of every k-tile cost ~37 instructions per copy).
-// Chunks outside the matrix copy 0 bytes (zero fill) from its base.
+// Chunks past the matrix's columns copy 0 bytes (zero fill) from its base;
+// rows past its end are either zero-filled the same way or, when they are
+// the same in every k-tile, zeroed once by the caller (zero_rows) and never
+// touched again: a decode tile of 1 token in 16 rows issues 1 copy in 16.
 template <class T, int THREADS, int WIDTH, int LD, int MAXROWS>
 struct TileCopy {
     static constexpr int CHUNKS = WIDTH / 8;        // 16-byte chunks per row
@@ -105,21 +108,56 @@ struct TileCopy {
         src = reinterpret_cast<uintptr_t>(g) + ((size_t)(row0 + row) * ncols + col0 + col) * sizeof(T);
     }
 
-    // The tile moved by `shift` elements from (row0, col0): its first `rows`
-    // rows, of which those below row_limit and columns below col_limit exist
-    // (both counted from the tile's corner).
-    __device__ __forceinline__ void copy(T* smem, size_t shift, int row_limit, int col_limit, int rows) const {
+    // The tile moved by `shift` elements from (row0, col0): rows below
+    // `live` are copied, their columns from col_limit on zero-filled (both
+    // counted from the tile's corner). The other rows are zero-filled too
+    // (ZERO_TAIL: they change from one k-tile to the next) or left alone.
+    template <bool ZERO_TAIL>
+    __device__ __forceinline__ void copy(T* smem, size_t shift, int live, int col_limit) const {
         const uintptr_t p = src + shift * sizeof(T);
         const bool col_ok = col < col_limit;
         for (int i = 0; i < N; ++i) {
             const int r = row + i * RSTEP;
-            if (rows < MAXROWS && r >= rows) break;  // folds away for a full tile
-            const bool ok = col_ok && r < row_limit;
+            if (MAXROWS % RSTEP != 0 && r >= MAXROWS) break;  // folds away when RSTEP divides the tile
+            const bool ok = col_ok && r < live;
             const T* chunk = ok ? reinterpret_cast<const T*>(p + i * stride) : g;
-            cp_async_16(smem + dst + i * RSTEP * LD, chunk, ok ? 16u : 0u);
+            cp_async_16_if(ZERO_TAIL || r < live, smem + dst + i * RSTEP * LD, chunk, ok ? 16u : 0u);
         }
     }
 };
+
+// Zeroes rows [from, to) (WIDTH elements each, row stride LD) of the same
+// tile in each of `stages` pipeline stages, stage_elems apart: the rows a
+// k-loop's TileCopy leaves alone. Plain stores, made visible to the MMAs by
+// the k-loop's first barrier.
+template <class T, int THREADS, int WIDTH, int LD>
+__device__ void zero_rows(T* tile, int stages, int stage_elems, int from, int to) {
+    const int per_stage = (to - from) * WIDTH;
+    for (int e = threadIdx.x; e < stages * per_stage; e += THREADS) {
+        const int s = e / per_stage, r = from + e % per_stage / WIDTH, c = e % WIDTH;
+        tile[s * stage_elems + r * LD + c] = from_f32<T>(0.f);
+    }
+}
+
+// Prefetches (lk::prefetch_l2) the lines of first[0 .. span): part of a
+// weight tile the block loads only after its k-loop, which then finds it in
+// L2 instead of waiting on DRAM.
+template <class T>
+__device__ void prefetch_span(const T* first, int span) {
+    if (span <= 0) return;
+    const char* bytes = reinterpret_cast<const char*>(first);
+    const size_t size = (size_t)span * sizeof(T);
+    for (size_t o = 0; o < size; o += 128) prefetch_l2(bytes + o);
+    prefetch_l2(bytes + size - 1);  // the last line, when the span starts mid-line
+}
+
+// A k-loop's hook that does nothing (see mainloop's `early`).
+struct NoHook {
+    __device__ void operator()() const {}
+};
+
+// The smaller of a and b.
+__device__ __forceinline__ int min_int(int a, int b) { return a < b ? a : b; }
 
 // The tile (row tile tm, column tile tn) that block number `id` of a
 // tiles_m x tiles_n grid owns, in grouped order: consecutive blocks walk
@@ -178,11 +216,14 @@ __device__ __forceinline__ void zero(float (&v)[C::MT][N][4]) {
 // One pass over k for the block's rows [row0, row0 + BM):
 //   w != nullptr: acc  += x w[col0 .. col0 + BN)^T
 //   rp > 0:       tacc += x a^T for the first rp rows of `a` (rc of them real)
-// The t n8-tiles are dealt round-robin to the warps of a block row. Ends with
+// The t n8-tiles are dealt round-robin to the warps of a block row.
+// early() runs in every thread once the first stages' copies are issued (it
+// may synchronize): work that waits on global memory, such as prefetching
+// the weights of the expand, overlaps the pipeline's first loads. Ends with
 // the pipeline drained and a barrier, so the caller may reuse shared memory.
-template <class T, class C, bool ALIGNED>
+template <class T, class C, bool ALIGNED, class Early = NoHook>
 __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int n, int k, int rc, int rp,
-                         int row0, int col0, Accumulators<C>& r) {
+                         int row0, int col0, Accumulators<C>& r, Early early = {}) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp / C::WN, wn = warp % C::WN;
     const int stage_elems = (C::BM + C::BN + rp) * C::LDS;
@@ -191,15 +232,24 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
     const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BM> xcopy(x, k, row0, 0);
     const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BN> wcopy(w, k, col0, 0);
     const TileCopy<T, C::THREADS, C::BK, C::LDS, RC> acopy(a, k, 0, 0);
+    // The rows of x that exist (a decode tile of one token has 1 of 16):
+    // those that don't, and a's padding rows rc..rp, are zeros in every
+    // stage and never copied. w's missing rows (the last column tile only)
+    // are zero-filled with each copy: a branch per copy would cost more.
+    const int xrows = min_int(C::BM, m - row0);
+    if constexpr (ALIGNED) {
+        zero_rows<T, C::THREADS, C::BK, C::LDS>(smem, C::STAGES, stage_elems, xrows, C::BM);
+        zero_rows<T, C::THREADS, C::BK, C::LDS>(smem + (C::BM + C::BN) * C::LDS, C::STAGES, stage_elems, rc, rp);
+    }
     auto load_stage = [&](int stage, int kt) {
         T* xs = smem + stage * stage_elems;
         T* ws = xs + C::BM * C::LDS;
         T* as = ws + C::BN * C::LDS;
         int kc = kt * C::BK;
         if constexpr (ALIGNED) {
-            xcopy.copy(xs, kc, m - row0, k - kc, C::BM);
-            if (w) wcopy.copy(ws, kc, n - col0, k - kc, C::BN);
-            if (rp) acopy.copy(as, kc, rc, k - kc, rp);
+            xcopy.template copy<false>(xs, kc, xrows, k - kc);
+            if (w) wcopy.template copy<true>(ws, kc, n - col0, k - kc);
+            if (rp) acopy.template copy<false>(as, kc, rc, k - kc);
         } else {
             load_rows_any<T, C::THREADS, C::BK, C::LDS>(xs, x, m, k, row0, C::BM, kc);
             if (w) load_rows_any<T, C::THREADS, C::BK, C::LDS>(ws, w, n, k, col0, C::BN, kc);
@@ -211,6 +261,7 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
         if (s < ktiles) load_stage(s, s);
         cp_async_commit();
     }
+    early();
     for (int kt = 0; kt < ktiles; ++kt) {  // sass-loop: mainloop
         cp_async_wait<C::STAGES - 2>();
         __syncthreads();  // tile kt landed for all threads; stage (kt-1) is free
@@ -247,12 +298,12 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
 
 // acc += A B over a k-major B: A = a [m, kdim] row-major (tokens x reduction),
 // B = b [kdim, n] row-major (reduction x columns), the block's tile at rows
-// row0.., columns col0.. (the backward's dx = g w). Same pipeline as mainloop;
-// B fragments come from ldmatrix.trans of [BK][BN + 8] tiles. Ends drained
-// and after a barrier.
-template <class T, class C, bool ALIGNED>
+// row0.., columns col0.. (the backward's dx = g w). Same pipeline and early()
+// as mainloop; B fragments come from ldmatrix.trans of [BK][BN + 8] tiles.
+// Ends drained and after a barrier.
+template <class T, class C, bool ALIGNED, class Early = NoHook>
 __device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int kdim, int row0, int col0,
-                            Accumulators<C>& r) {
+                            Accumulators<C>& r, Early early = {}) {
     constexpr int LDB = C::BN + 8;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp / C::WN, wn = warp % C::WN;
@@ -260,13 +311,17 @@ __device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int k
     const int ktiles = (kdim + C::BK - 1) / C::BK;
     const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BM> acopy(a, kdim, row0, 0);
     const TileCopy<T, C::THREADS, C::BN, LDB, C::BK> bcopy(b, n, 0, col0);  // moves down b's rows
+    // a's rows past m are zeros in every stage; b's rows past kdim (the
+    // last k-tile's) are zero-filled by their copies.
+    const int arows = min_int(C::BM, m - row0);
+    if constexpr (ALIGNED) zero_rows<T, C::THREADS, C::BK, C::LDS>(smem, C::STAGES, stage_elems, arows, C::BM);
     auto load_stage = [&](int stage, int kt) {
         T* as = smem + stage * stage_elems;
         T* bs = as + C::BM * C::LDS;
         const int kc = kt * C::BK;
         if constexpr (ALIGNED) {
-            acopy.copy(as, kc, m - row0, kdim - kc, C::BM);
-            bcopy.copy(bs, (size_t)kc * n, kdim - kc, n - col0, C::BK);
+            acopy.template copy<false>(as, kc, arows, kdim - kc);
+            bcopy.template copy<true>(bs, (size_t)kc * n, kdim - kc, n - col0);
         } else {
             load_rows_any<T, C::THREADS, C::BK, C::LDS>(as, a, m, kdim, row0, C::BM, kc);
             load_rows_any<T, C::THREADS, C::BN, LDB>(bs, b, kdim, n, kc, C::BK, col0);
@@ -276,6 +331,7 @@ __device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int k
         if (s < ktiles) load_stage(s, s);
         cp_async_commit();
     }
+    early();
     for (int kt = 0; kt < ktiles; ++kt) {  // sass-loop: mainloop_bt
         cp_async_wait<C::STAGES - 2>();
         __syncthreads();
