@@ -25,8 +25,9 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
     const T* __restrict__ b = reinterpret_cast<const T*>(p.b);
     LK_DYNAMIC_SHARED(T, smem);
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp / C::WN, wn = warp % C::WN;
+    const int lane = threadIdx.x % 32;
+    const lk::WarpPlace<C> at;
+    const int wm = at.wm, wn = at.wn;
     const int group = lane / 4, quad = lane % 4;
     int tm, tn;
     lk::grouped_tile(tm, tn);
@@ -50,9 +51,11 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
         lk::mainloop<T, C, ALIGNED>(smem, x, r0 == 0 ? w : nullptr, a + (size_t)r0 * p.k, p.m, p.n, p.k, rc, rp,
                                     row0, col0, r, prefetch_b);
 
-        // f(row, col, t) for each element of t this thread holds: rank
-        // columns rc..rp are exact zeros (never x * 0: an Inf in x would give NaN).
+        // f(row, col, t) for each element of t this thread holds (the
+        // owner warps hold the sums, see lk::sum_k_slices): rank columns
+        // rc..rp are exact zeros (never x * 0: an Inf in x would give NaN).
         auto each_t = [&](auto&& f) {
+            if (!at.owner()) return;
             for (int i = 0; i < C::MT; ++i)
                 for (int j = 0; j < C::TNT; ++j) {
                     int tile = j * C::WN + wn;

@@ -9,20 +9,47 @@ namespace lk {
 
 constexpr int RC = 64;  // rank handled per pass (shrink rows per stage, expand k-steps)
 
-template <int BM_, int BN_, int BK_, int WM_, int WN_, int STAGES_>
+// A block of WM x WN warps per k slice and KSPLIT k slices: the warps of
+// slice ks take the 16-wide steps ks, ks + KSPLIT, ... of every k-tile, and
+// after the k-loop their sums go to the slice-0 warp of the same piece of
+// the tile (sum_k_slices), which alone runs the expand and stores. More
+// slices keep more warps issuing copies and MMAs on a tile too small to
+// give each its own piece.
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int STAGES_, int KSPLIT_ = 1>
 struct TileConfig {
     static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, STAGES = STAGES_;
-    static constexpr int THREADS = 32 * WM * WN;
+    static constexpr int KSPLIT = KSPLIT_;
+    static constexpr int PIECES = WM * WN;  // warps per k slice
+    static constexpr int THREADS = 32 * PIECES * KSPLIT;
     static constexpr int WTM = BM / WM, WTN = BN / WN;  // warp tile
     static constexpr int MT = WTM / 16, NT = WTN / 8;   // mma tiles per warp
     static constexpr int TNT = (RC / 8 + WN - 1) / WN;  // t n8-tiles per warp (max)
     static constexpr int LDS = BK + 8;                   // smem row stride: 16B rows, no ldmatrix conflicts
     static constexpr int LDT = RC + 8;                   // row stride of the t and b tiles
-    static_assert(WTM % 16 == 0 && WTN % 8 == 0 && BK % 16 == 0, "tile shape");
+    static_assert(WTM % 16 == 0 && WTN % 8 == 0 && BK % (16 * KSPLIT) == 0, "tile shape");
 };
 
-using DecodeTiles = TileConfig<16, 32, 64, 1, 2, 6>;
+// Decode: 2 warps per k slice and 2 slices, so the block's 4 warps cover the
+// SM's 4 schedulers (n = 4096 gives 128 blocks: about one per SM).
+using DecodeTiles = TileConfig<16, 32, 64, 1, 2, 6, 2>;
 using PrefillTiles = TileConfig<128, 128, 32, 2, 4, 4>;
+
+// Where the calling warp works: its piece (wm, wn) of the block tile and its
+// k slice ks (TileConfig).
+template <class C>
+struct WarpPlace {
+    int wm, wn, ks;
+    __device__ WarpPlace() {
+        const int warp = threadIdx.x / 32;
+        // One slice: constants the compiler folds (it does not know warp < PIECES).
+        const int piece = C::KSPLIT == 1 ? warp : warp % C::PIECES;
+        wm = piece / C::WN;
+        wn = piece % C::WN;
+        ks = C::KSPLIT == 1 ? 0 : warp / C::PIECES;
+    }
+    // Whether this warp holds the tile's sums after sum_k_slices.
+    __device__ bool owner() const { return C::KSPLIT == 1 || ks == 0; }
+};
 
 // Elements of an expand step's weight tile: [BN][LDT] rows of b for the
 // forward, or [RC][BN + 8] rows of a k-major B (the backward's dx = g w + u a,
@@ -213,6 +240,41 @@ __device__ __forceinline__ void zero(float (&v)[C::MT][N][4]) {
             for (int q = 0; q < 4; ++q) v[i][j][q] = 0.f;
 }
 
+// After a k-loop of a TileConfig with several k slices: each owner warp
+// (slice 0) adds the partial sums of the warps of the other slices that
+// share its piece of the tile, in slice order (the same bits every run),
+// through `scratch` (shared memory of the drained pipeline: call after the
+// k-loop's last barrier). acc if `base`, tacc if `shrink`. The other warps
+// keep their partial sums and store nothing afterwards. Ends with a barrier.
+template <class C>
+__device__ void sum_k_slices(float* scratch, bool base, bool shrink, Accumulators<C>& r) {
+    if constexpr (C::KSPLIT > 1) {
+        constexpr int NA = C::MT * C::NT * 4, PER = NA + C::MT * C::TNT * 4;  // values per thread
+        static_assert((C::KSPLIT - 1) * C::PIECES * PER * 32 * 4 <= C::STAGES * (C::BM + C::BN) * C::LDS * 2,
+                      "the partial sums fit in the pipeline's shared memory");
+        const WarpPlace<C> at;
+        const int lane = threadIdx.x % 32, piece = at.wm * C::WN + at.wn;
+        // Value v of slice ks's partial for this piece and lane: lanes adjacent (no bank conflicts).
+        auto at_slice = [&](int ks, int v) { return (((ks - 1) * C::PIECES + piece) * PER + v) * 32 + lane; };
+        // f(value index, accumulator) over the parts being summed.
+        auto each = [&](auto&& f) {
+            for (int i = 0; i < C::MT; ++i) {
+                if (base)
+                    for (int j = 0; j < C::NT; ++j)
+                        for (int q = 0; q < 4; ++q) f((i * C::NT + j) * 4 + q, r.acc[i][j][q]);
+                if (shrink)
+                    for (int j = 0; j < C::TNT; ++j)
+                        for (int q = 0; q < 4; ++q) f(NA + (i * C::TNT + j) * 4 + q, r.tacc[i][j][q]);
+            }
+        };
+        if (!at.owner()) each([&](int v, float& x) { scratch[at_slice(at.ks, v)] = x; });
+        __syncthreads();
+        if (at.owner())
+            for (int ks = 1; ks < C::KSPLIT; ++ks) each([&](int v, float& x) { x += scratch[at_slice(ks, v)]; });
+        __syncthreads();  // before the caller reuses shared memory
+    }
+}
+
 // One pass over k for the block's rows [row0, row0 + BM):
 //   w != nullptr: acc  += x w[col0 .. col0 + BN)^T
 //   rp > 0:       tacc += x a^T for the first rp rows of `a` (rc of them real)
@@ -224,8 +286,9 @@ __device__ __forceinline__ void zero(float (&v)[C::MT][N][4]) {
 template <class T, class C, bool ALIGNED, class Early = NoHook>
 __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int n, int k, int rc, int rp,
                          int row0, int col0, Accumulators<C>& r, Early early = {}) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp / C::WN, wn = warp % C::WN;
+    const int lane = threadIdx.x % 32;
+    const WarpPlace<C> at;
+    const int wm = at.wm, wn = at.wn;
     const int stage_elems = (C::BM + C::BN + rp) * C::LDS;
     const int ktiles = (k + C::BK - 1) / C::BK;
 
@@ -272,7 +335,8 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
         const T* xs = smem + (kt % C::STAGES) * stage_elems;
         const T* ws = xs + C::BM * C::LDS;
         const T* as = ws + C::BN * C::LDS;
-        for (int kk = 0; kk < C::BK; kk += 16) {
+        for (int step = 0; step < C::BK / (16 * C::KSPLIT); ++step) {
+            const int kk = (step * C::KSPLIT + at.ks) * 16;
             uint32_t af[C::MT][4];
             for (int i = 0; i < C::MT; ++i)
                 ldmatrix_x4(af[i], xs + (wm * C::WTM + i * 16 + lane % 16) * C::LDS + kk + (lane / 16) * 8, false);
@@ -294,6 +358,7 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
     }
     cp_async_wait<0>();
     __syncthreads();
+    sum_k_slices<C>(reinterpret_cast<float*>(smem), w != nullptr, rp > 0, r);
 }
 
 // acc += A B over a k-major B: A = a [m, kdim] row-major (tokens x reduction),
@@ -305,8 +370,9 @@ template <class T, class C, bool ALIGNED, class Early = NoHook>
 __device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int kdim, int row0, int col0,
                             Accumulators<C>& r, Early early = {}) {
     constexpr int LDB = C::BN + 8;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp / C::WN, wn = warp % C::WN;
+    const int lane = threadIdx.x % 32;
+    const WarpPlace<C> at;
+    const int wm = at.wm, wn = at.wn;
     const int stage_elems = C::BM * C::LDS + C::BK * LDB;
     const int ktiles = (kdim + C::BK - 1) / C::BK;
     const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BM> acopy(a, kdim, row0, 0);
@@ -340,7 +406,8 @@ __device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int k
         cp_async_commit();
         const T* as = smem + (kt % C::STAGES) * stage_elems;
         const T* bs = as + C::BM * C::LDS;
-        for (int kk = 0; kk < C::BK; kk += 16) {
+        for (int step = 0; step < C::BK / (16 * C::KSPLIT); ++step) {
+            const int kk = (step * C::KSPLIT + at.ks) * 16;
             uint32_t af[C::MT][4];
             for (int i = 0; i < C::MT; ++i)
                 ldmatrix_x4(af[i], as + (wm * C::WTM + i * 16 + lane % 16) * C::LDS + kk + (lane / 16) * 8, false);
@@ -354,6 +421,7 @@ __device__ void mainloop_bt(T* smem, const T* a, const T* b, int m, int n, int k
     }
     cp_async_wait<0>();
     __syncthreads();
+    sum_k_slices<C>(reinterpret_cast<float*>(smem), true, false, r);
 }
 
 // ---- The expand: acc += v W over a rank chunk, v = scale * t (forward) or u (dx) ----
@@ -492,8 +560,10 @@ __device__ bool scale_split_rows(const ExpandTiles<T, C, KMAJOR>& e, const Expan
 // Multiplies the accumulators of each scaled row by 2^(sign * e).
 template <class C>
 __device__ void scale_rows(const ExpandGuard<C>& g, int sign, Accumulators<C>& r) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp / C::WN, group = lane / 4;
+    const WarpPlace<C> at;
+    if (!at.owner()) return;
+    const int lane = threadIdx.x % 32;
+    const int wm = at.wm, group = lane / 4;
 #pragma unroll
     for (int i = 0; i < C::MT; ++i)
 #pragma unroll
@@ -512,8 +582,10 @@ __device__ void scale_rows(const ExpandGuard<C>& g, int sign, Accumulators<C>& r
 template <class T, class C, bool KMAJOR>
 __device__ void expand_mma(const ExpandTiles<T, C, KMAJOR>& e, int rp, Accumulators<C>& r) {
     constexpr int LDB = C::BN + 8;  // k-major weight rows
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp / C::WN, wn = warp % C::WN;
+    const WarpPlace<C> at;
+    if (!at.owner()) return;  // the other k slices' warps hold no sums
+    const int lane = threadIdx.x % 32;
+    const int wm = at.wm, wn = at.wn;
     for (int kk = 0; kk < rp; kk += 16) {  // sass-loop: expand
         uint32_t hf[C::MT][4], lf[C::MT][4];
         for (int i = 0; i < C::MT; ++i) {
@@ -541,8 +613,10 @@ __device__ void expand_mma(const ExpandTiles<T, C, KMAJOR>& e, int rp, Accumulat
 template <class T, class C, bool KMAJOR, class Weight>
 __device__ void add_nonfinite_products(const ExpandTiles<T, C, KMAJOR>& e, int rc, Weight weight,
                                        Accumulators<C>& r) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp / C::WN, wn = warp % C::WN;
+    const WarpPlace<C> at;
+    if (!at.owner()) return;  // the other k slices' warps hold no sums
+    const int lane = threadIdx.x % 32;
+    const int wm = at.wm, wn = at.wn;
     const int group = lane / 4, quad = lane % 4;
     // Ranks outermost: the accumulator loops unroll and acc stays in registers.
     for (int k = 0; k < rc; ++k) {
@@ -585,8 +659,10 @@ __device__ void expand(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>&
 // (even NaN) in y does not leak in.
 template <class T, class C>
 __device__ void store_y(T* y, int m, int n, int row0, int col0, float beta, const Accumulators<C>& r) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp / C::WN, wn = warp % C::WN;
+    const WarpPlace<C> at;
+    if (!at.owner()) return;  // the other k slices' warps hold no sums
+    const int lane = threadIdx.x % 32;
+    const int wm = at.wm, wn = at.wn;
     const int group = lane / 4, quad = lane % 4;
     for (int i = 0; i < C::MT; ++i)
         for (int j = 0; j < C::NT; ++j)

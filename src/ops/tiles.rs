@@ -14,7 +14,8 @@ pub(crate) const DECODE: MmaTiles = MmaTiles {
     bm: 16,
     bn: 32,
     bk: 64,
-    threads: 64,
+    // 2 warps per k slice, 2 k slices (`KSPLIT` in the kernels).
+    threads: 128,
     stages: 6,
 };
 pub(crate) const PREFILL: MmaTiles = MmaTiles {
