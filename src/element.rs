@@ -24,6 +24,15 @@ impl DType {
             DType::F64 => "f64",
         }
     }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
 }
 
 /// A storage element: converts to f64 exactly and from f64 with one rounding.

@@ -22,6 +22,7 @@ mod common;
 mod fused;
 mod multi;
 mod sass;
+mod traffic;
 mod training;
 
 use cudarc::driver::CudaSlice;
@@ -61,6 +62,7 @@ fn main() -> Res<()> {
     let Some(dev) = gpu else {
         check::no_timings();
         sass::section(3);
+        traffic::section(4);
         return finish(checks_passed);
     };
     let blas = CublasBaseline::new(&dev)?;
@@ -95,6 +97,7 @@ fn main() -> Res<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("\n   written: {path}");
     sass::section(3);
+    traffic::section(4);
     finish(checks_passed)
 }
 

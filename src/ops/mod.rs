@@ -7,6 +7,7 @@ pub mod merge;
 pub mod multi_adapter_forward;
 pub(crate) mod pool_load;
 mod tiles;
+pub mod traffic;
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
 

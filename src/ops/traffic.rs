@@ -1,0 +1,184 @@
+//! Static models of the global-memory traffic of the operations' launches:
+//! the bytes their blocks read and write, computed from the tile plans the
+//! ops launch (no GPU needed), beside the least any kernel must move. The
+//! ratio says how much a kernel re-reads: `x` once per column tile, `w` once
+//! per row tile, the rows of `a` in every block. Re-reads mostly come from L2,
+//! not DRAM, so this is not a time; the tour prints it next to the measured
+//! times on a GPU machine and alone without one.
+use super::fused_forward::{Regime, regime_for};
+use super::tiles::{DECODE, PREFILL, RANK_CHUNK, SIMT};
+use crate::element::DType;
+use crate::shape::Dims;
+
+/// Bytes a launch moves by its tile plan, and the floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes its blocks read from global memory (L2 or DRAM) and write.
+    pub requested: u64,
+    /// Every operand read once and every result written once.
+    pub floor: u64,
+}
+
+impl Traffic {
+    /// `requested / floor`: 1 is a kernel that reads nothing twice.
+    pub fn ratio(&self) -> f64 {
+        self.requested as f64 / self.floor.max(1) as f64
+    }
+}
+
+/// The block tile (rows, columns) of a forward regime.
+fn tile(regime: Regime) -> (u64, u64) {
+    let (bm, bn) = match regime {
+        Regime::Simt => (SIMT.bm, SIMT.bn),
+        Regime::Decode => (DECODE.bm, DECODE.bn),
+        Regime::Prefill => (PREFILL.bm, PREFILL.bn),
+    };
+    (bm as u64, bn as u64)
+}
+
+/// `y`'s bytes: written, and read first when `beta` is not 0.
+fn y_bytes(m: u64, n: u64, beta: bool, e: u64) -> u64 {
+    m * n * e * if beta { 2 } else { 1 }
+}
+
+/// [`super::fused_forward::fused_forward`] of `dims` at rank `r` in the
+/// regime it picks for `dtype`. On tensor cores every block reads its rows
+/// of `x` once per 64 ranks, its columns of `w`, the rank rows of `a` and its
+/// rows of `b`; the SIMT kernel (f32) reads a row of `x` and of `a` from
+/// global memory for every entry of its `t` tile.
+pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic {
+    let e = dtype.size() as u64;
+    let (m, n, k, r) = (dims.m as u64, dims.n as u64, dims.k as u64, r as u64);
+    let regime = regime_for(dtype, dims.m);
+    let (bm, bn) = tile(regime);
+    let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
+    let ab = match regime {
+        Regime::Simt => {
+            // Base product: x and w tiles; shrink: x and a rows per t entry.
+            let shrink = tiles_n * m * r * 2 * k;
+            tiles_n * m * k + shrink + tiles_m * n * r
+        }
+        _ => {
+            let passes = r.div_ceil(RANK_CHUNK as u64).max(1);
+            tiles_n * m * k * passes + tiles_m * tiles_n * r * k + tiles_m * n * r
+        }
+    };
+    Traffic {
+        requested: e * (tiles_m * n * k + ab) + y_bytes(m, n, beta, e),
+        floor: e * (m * k + n * k + r * k + n * r) + y_bytes(m, n, beta, e),
+    }
+}
+
+/// [`super::multi_adapter_forward::multi_adapter_forward`] of `dims` with
+/// token `i` on slot `ids[i]` (-1: none) of a pool whose slot `s` has rank
+/// `slot_ranks[s]` (0: empty) and rank capacity `max_rank`. The shrink reads
+/// each token's `x` row once per 4 ranks and its adapter's rank rows, writing
+/// `t` (f32); every tile block reads its rows of `x`, its columns of `w`, and
+/// per distinct adapter among its rows those rows' `t` and its rows of `b`.
+/// The floor reads `x`, `w` and each distinct adapter once.
+pub fn multi_adapter_forward(
+    dtype: DType,
+    dims: Dims,
+    slot_ranks: &[usize],
+    ids: &[i32],
+    beta: bool,
+) -> Traffic {
+    let e = dtype.size() as u64;
+    let (m, n, k) = (dims.m as u64, dims.n as u64, dims.k as u64);
+    let (bm, bn) = tile(regime_for(dtype, dims.m));
+    let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
+    let rank_of = |id: i32| {
+        usize::try_from(id)
+            .ok()
+            .and_then(|s| slot_ranks.get(s))
+            .map_or(0, |&r| r as u64)
+    };
+    let token_ranks: Vec<u64> = ids.iter().map(|&id| rank_of(id)).collect();
+    let shrink: u64 = token_ranks
+        .iter()
+        .map(|&r| e * (r.div_ceil(4) * k + r * k) + 4 * r)
+        .sum();
+    // Per row tile: its distinct adapters' b rows, and its rows' t per column tile.
+    let mut expand = 0;
+    for rows in ids.chunks(bm as usize) {
+        let mut seen: Vec<i32> = rows.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        let b_rows: u64 = seen.iter().map(|&id| rank_of(id)).sum();
+        let t: u64 = rows.iter().map(|&id| rank_of(id)).sum();
+        expand += e * n * b_rows + tiles_n * 4 * t;
+    }
+    let mut distinct: Vec<i32> = ids.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let adapters: u64 = distinct.iter().map(|&id| rank_of(id) * (k + n)).sum();
+    Traffic {
+        requested: e * (tiles_n * m * k + tiles_m * n * k)
+            + shrink
+            + expand
+            + y_bytes(m, n, beta, e),
+        floor: e * (m * k + n * k + adapters) + y_bytes(m, n, beta, e),
+    }
+}
+
+/// One [`super::adamw::SlotOptimizer::step`] over `trained` parameters
+/// (the active slots' `rank (k + n)` each) with storage type `dtype`:
+/// the norm pass reads the f32 gradient, the checking pass the gradient,
+/// master, both moments (and the anchor when pulling), and the writing pass
+/// reads them again and writes master, moments and the storage copy. The
+/// floor reads each once and writes each once.
+pub fn adamw_step(dtype: DType, trained: usize, anchored: bool) -> Traffic {
+    let p = trained as u64;
+    let reads = 4 * if anchored { 5 } else { 4 }; // g, master, m1, m2 (, anchor): f32
+    let writes = 3 * 4 + dtype.size() as u64; // master, m1, m2, storage copy
+    Traffic {
+        requested: p * (4 + 2 * reads + writes),
+        floor: p * (reads + writes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_decode_token_reads_w_once_and_a_per_column_tile() {
+        // m = 1, n = k = 4096, r = 16, bf16: 128 column tiles of 32.
+        let t = fused_forward(DType::BF16, Dims::new(1, 4096, 4096), 16, false);
+        let (w, a, b, x, y) = (4096 * 4096, 16 * 4096, 4096 * 16, 4096, 4096);
+        assert_eq!(t.floor, 2 * (w + a + b + x + y));
+        assert_eq!(t.requested, 2 * (w + 128 * a + b + 128 * x + y));
+    }
+
+    #[test]
+    fn prefill_reads_x_per_column_tile_and_w_per_row_tile() {
+        let t = fused_forward(DType::F16, Dims::new(4096, 4096, 4096), 64, true);
+        let (tiles, mk, nk) = (32, 4096 * 4096, 4096 * 4096);
+        let want = 2 * (tiles * mk + tiles * nk + tiles * tiles * 64 * 4096 + tiles * 4096 * 64)
+            + 2 * 2 * 4096 * 4096;
+        assert_eq!(t.requested, want);
+        // Ranks past 64 read x once more per 64.
+        let t65 = fused_forward(DType::F16, Dims::new(4096, 4096, 4096), 65, true);
+        assert!(t65.requested > t.requested + 2 * tiles * mk);
+    }
+
+    #[test]
+    fn multi_adapter_floor_counts_each_distinct_adapter_once() {
+        let dims = Dims::new(4, 64, 32);
+        let ranks = [8, 16, 0];
+        // Slot 2 is empty and -1 is no adapter: neither moves adapter bytes.
+        let t = multi_adapter_forward(DType::BF16, dims, &ranks, &[0, 1, 0, -1], false);
+        let (x, w, y) = (4 * 32, 64 * 32, 4 * 64);
+        assert_eq!(t.floor, 2 * (x + w + (8 + 16) * (32 + 64) + y));
+        let with_empty = multi_adapter_forward(DType::BF16, dims, &ranks, &[0, 1, 2, -1], false);
+        assert!(with_empty.requested < t.requested);
+        assert!(t.ratio() > 1.0);
+    }
+
+    #[test]
+    fn adamw_reads_the_gradient_three_times() {
+        let t = adamw_step(DType::BF16, 1000, false);
+        assert_eq!(t.floor, 1000 * (16 + 14));
+        assert_eq!(t.requested, 1000 * (4 + 32 + 14));
+    }
+}
