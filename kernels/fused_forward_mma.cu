@@ -101,5 +101,7 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
     LK_KERNEL(lk_fused_forward_##regime##_##tname##_any, FusedForwardParams, (fused_forward_mma<T, Cfg, false>))
 LK_FUSED_MMA(decode, lk::DecodeTiles, f16, __half)
 LK_FUSED_MMA(decode, lk::DecodeTiles, bf16, __nv_bfloat16)
+LK_FUSED_MMA(decode_wide, lk::DecodeWideTiles, f16, __half)
+LK_FUSED_MMA(decode_wide, lk::DecodeWideTiles, bf16, __nv_bfloat16)
 LK_FUSED_MMA(prefill, lk::PrefillTiles, f16, __half)
 LK_FUSED_MMA(prefill, lk::PrefillTiles, bf16, __nv_bfloat16)

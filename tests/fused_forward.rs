@@ -174,7 +174,11 @@ impl<T: KernelElement> Case<T> {
 /// term. With uniform data, the low-rank term is `s sqrt(r / 3)` = 1.5 times
 /// the base term here.
 fn negative_control<T: KernelElement>(regime: Regime, off: f32) {
-    let case = Case::<T>::new(Dims::new(19, 37, 45), 12, 0.0, 1);
+    negative_control_at::<T>(19, regime, off);
+}
+
+fn negative_control_at<T: KernelElement>(m: usize, regime: Regime, off: f32) {
+    let case = Case::<T>::new(Dims::new(m, 37, 45), 12, 0.0, 1);
     assert_eq!(case.scale, 0.75);
     for dev in devices() {
         case.check_with_control(&dev, regime, off);
@@ -190,6 +194,9 @@ fn negative_control_per_type_and_regime() {
         negative_control::<f16>(regime, 3e-3);
         negative_control::<bf16>(regime, 1e-2);
     }
+    // Decode's 16-row tiles (m <= 16; m = 19 above takes its 64-row tiles).
+    negative_control_at::<f16>(5, Regime::Decode, 3e-3);
+    negative_control_at::<bf16>(5, Regime::Decode, 1e-2);
 }
 
 type CaseSpec = (Dims, usize, bool, u64);
@@ -258,6 +265,10 @@ fn tile_edges_in_every_regime() {
         (1, 1, 1, 1),
         (16, 32, 64, 16),
         (17, 33, 65, 17),
+        // Decode's 64-row tiles: full, one row short (16-byte path), and two of them.
+        (64, 32, 64, 16),
+        (63, 31, 72, 64),
+        (65, 40, 24, 3),
         (128, 128, 32, 64),
         (129, 129, 33, 65),
         (127, 8, 8, 256),

@@ -6,8 +6,9 @@
 use serde_json::Value;
 
 /// One kernel per row: the bf16 (16-byte copy) variant of each operation.
-const KERNELS: [&str; 13] = [
+const KERNELS: [&str; 14] = [
     "lk_fused_forward_decode_bf16_aligned",
+    "lk_fused_forward_decode_wide_bf16_aligned",
     "lk_fused_forward_prefill_bf16_aligned",
     "lk_multi_adapter_decode_bf16_aligned",
     "lk_multi_adapter_prefill_bf16_aligned",

@@ -32,6 +32,10 @@ struct TileConfig {
 // Decode: 2 warps per k slice and 2 slices, so the block's 4 warps cover the
 // SM's 4 schedulers (n = 4096 gives 128 blocks: about one per SM).
 using DecodeTiles = TileConfig<16, 32, 64, 1, 2, 6, 2>;
+// The fused forward's decode for 16 < m <= 64: one block covers all the
+// rows, so each column tile of w (and all of a) is loaded once, not once per
+// 16 rows; 4 warps of 16 rows each.
+using DecodeWideTiles = TileConfig<64, 32, 64, 4, 1, 5>;
 using PrefillTiles = TileConfig<128, 128, 32, 2, 4, 4>;
 
 // Where the calling warp works: its piece (wm, wn) of the block tile and its

@@ -11,7 +11,7 @@ use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::FusedForwardParams;
 use crate::shape::{Dims, check_finite, invalid};
 
-use super::tiles::{DECODE, PREFILL, SIMT};
+use super::tiles::{DECODE_WIDE, PREFILL, SIMT, fused_decode_tiles};
 
 kernel!(SIMT_F32 = lk_fused_forward_simt_f32 in "fused_forward_simt": FusedForwardParams;);
 kernel!(SIMT_F16 = lk_fused_forward_simt_f16 in "fused_forward_simt": FusedForwardParams;);
@@ -22,6 +22,10 @@ kernel!(DECODE_BF16_ALIGNED = lk_fused_forward_decode_bf16_aligned in "fused_for
 kernel!(DECODE_BF16_ANY = lk_fused_forward_decode_bf16_any in "fused_forward_mma": FusedForwardParams;);
 kernel!(PREFILL_F16_ALIGNED = lk_fused_forward_prefill_f16_aligned in "fused_forward_mma": FusedForwardParams;);
 kernel!(PREFILL_F16_ANY = lk_fused_forward_prefill_f16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_WIDE_F16_ALIGNED = lk_fused_forward_decode_wide_f16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_WIDE_F16_ANY = lk_fused_forward_decode_wide_f16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_WIDE_BF16_ALIGNED = lk_fused_forward_decode_wide_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_WIDE_BF16_ANY = lk_fused_forward_decode_wide_bf16_any in "fused_forward_mma": FusedForwardParams;);
 kernel!(PREFILL_BF16_ALIGNED = lk_fused_forward_prefill_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
 kernel!(PREFILL_BF16_ANY = lk_fused_forward_prefill_bf16_any in "fused_forward_mma": FusedForwardParams;);
 
@@ -30,7 +34,8 @@ kernel!(PREFILL_BF16_ANY = lk_fused_forward_prefill_bf16_any in "fused_forward_m
 pub enum Regime {
     /// Plain SIMT, any storage type (the only one for f32).
     Simt,
-    /// Tensor cores, 16-row tiles: small m, bandwidth-bound (streams w once per 16 rows).
+    /// Tensor cores, small m, bandwidth-bound: 16-row tiles up to m = 16, above
+    /// that 64-row tiles (one block covers m <= 64, so `w` streams once).
     Decode,
     /// Tensor cores, 128 x 128 tiles: large m, compute-bound.
     Prefill,
@@ -231,13 +236,19 @@ fn select(
             return Ok((kernel, launch));
         }
         Regime::Decode => {
-            let kernel = match (bf16, aligned) {
-                (false, true) => &DECODE_F16_ALIGNED,
-                (false, false) => &DECODE_F16_ANY,
-                (true, true) => &DECODE_BF16_ALIGNED,
-                (true, false) => &DECODE_BF16_ANY,
+            let tiles = fused_decode_tiles(dims.m);
+            let wide = tiles.bm == DECODE_WIDE.bm;
+            let kernel = match (wide, bf16, aligned) {
+                (false, false, true) => &DECODE_F16_ALIGNED,
+                (false, false, false) => &DECODE_F16_ANY,
+                (false, true, true) => &DECODE_BF16_ALIGNED,
+                (false, true, false) => &DECODE_BF16_ANY,
+                (true, false, true) => &DECODE_WIDE_F16_ALIGNED,
+                (true, false, false) => &DECODE_WIDE_F16_ANY,
+                (true, true, true) => &DECODE_WIDE_BF16_ALIGNED,
+                (true, true, false) => &DECODE_WIDE_BF16_ANY,
             };
-            (kernel, &DECODE)
+            (kernel, tiles)
         }
         Regime::Prefill => {
             let kernel = match (bf16, aligned) {

@@ -18,6 +18,25 @@ pub(crate) const DECODE: MmaTiles = MmaTiles {
     threads: 128,
     stages: 6,
 };
+/// The fused forward's decode tiles for `16 < m` (`DecodeWideTiles`): one
+/// block covers up to 64 rows, so `w` and `a` are read once per column tile.
+pub(crate) const DECODE_WIDE: MmaTiles = MmaTiles {
+    bm: 64,
+    bn: 32,
+    bk: 64,
+    threads: 128,
+    stages: 5,
+};
+
+/// The fused forward's decode tiles for `m` rows: 16-row tiles up to 16.
+pub(crate) fn fused_decode_tiles(m: usize) -> &'static MmaTiles {
+    if m <= DECODE.bm {
+        &DECODE
+    } else {
+        &DECODE_WIDE
+    }
+}
+
 pub(crate) const PREFILL: MmaTiles = MmaTiles {
     bm: 128,
     bn: 128,

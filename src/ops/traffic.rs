@@ -6,7 +6,7 @@
 //! not DRAM, so this is not a time; the tour prints it next to the measured
 //! times on a GPU machine and alone without one.
 use super::fused_forward::{Regime, regime_for};
-use super::tiles::{DECODE, PREFILL, RANK_CHUNK, SIMT};
+use super::tiles::{DECODE, PREFILL, RANK_CHUNK, SIMT, fused_decode_tiles};
 use crate::element::DType;
 use crate::shape::Dims;
 
@@ -26,10 +26,12 @@ impl Traffic {
     }
 }
 
-/// The block tile (rows, columns) of a forward regime.
-fn tile(regime: Regime) -> (u64, u64) {
+/// The block tile (rows, columns) of a forward regime; `fused`: the fused
+/// forward's (its decode tiles depend on m).
+fn tile(regime: Regime, m: usize, fused: bool) -> (u64, u64) {
     let (bm, bn) = match regime {
         Regime::Simt => (SIMT.bm, SIMT.bn),
+        Regime::Decode if fused => (fused_decode_tiles(m).bm, fused_decode_tiles(m).bn),
         Regime::Decode => (DECODE.bm, DECODE.bn),
         Regime::Prefill => (PREFILL.bm, PREFILL.bn),
     };
@@ -50,7 +52,7 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
     let e = dtype.size() as u64;
     let (m, n, k, r) = (dims.m as u64, dims.n as u64, dims.k as u64, r as u64);
     let regime = regime_for(dtype, dims.m);
-    let (bm, bn) = tile(regime);
+    let (bm, bn) = tile(regime, dims.m, true);
     let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
     let ab = match regime {
         Regime::Simt => {
@@ -85,7 +87,7 @@ pub fn multi_adapter_forward(
 ) -> Traffic {
     let e = dtype.size() as u64;
     let (m, n, k) = (dims.m as u64, dims.n as u64, dims.k as u64);
-    let (bm, bn) = tile(regime_for(dtype, dims.m));
+    let (bm, bn) = tile(regime_for(dtype, dims.m), dims.m, false);
     let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
     let rank_of = |id: i32| {
         usize::try_from(id)
@@ -148,6 +150,19 @@ mod tests {
         let (w, a, b, x, y) = (4096 * 4096, 16 * 4096, 4096 * 16, 4096, 4096);
         assert_eq!(t.floor, 2 * (w + a + b + x + y));
         assert_eq!(t.requested, 2 * (w + 128 * a + b + 128 * x + y));
+    }
+
+    #[test]
+    fn decode_up_to_64_rows_reads_w_and_a_once_per_column_tile() {
+        let t = fused_forward(DType::BF16, Dims::new(64, 4096, 4096), 16, false);
+        let (w, a, b, x, y) = (4096 * 4096, 16 * 4096, 4096 * 16, 64 * 4096, 64 * 4096);
+        assert_eq!(t.requested, 2 * (w + 128 * a + b + 128 * x + y));
+        // 17 rows take the same single row of 64-row tiles; 16 rows their own tile.
+        let t17 = fused_forward(DType::BF16, Dims::new(17, 4096, 4096), 16, false);
+        assert_eq!(
+            t17.requested,
+            2 * (w + 128 * a + b + 128 * 17 * 4096 + 17 * 4096)
+        );
     }
 
     #[test]
