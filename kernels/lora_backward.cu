@@ -5,7 +5,8 @@
 //      slot's first token, so u, db and da run a grid layer per token
 //      (block_slot) instead of one per slot
 //   1. lk_backward_u:  u = s g b (per token, at its adapter's own rank;
-//      tensor cores for f16/bf16: lk_backward_u_mma_*, lk_gather_gemm.cuh;
+//      tensor cores for f16/bf16: lk_backward_u_mma_*, lk_gather_gemm.cuh,
+//      with few tokens over several ranges of n and lk_backward_u_sum;
 //      SIMT for f32)
 //   2. lk_backward_dx: dx = g w + u a, base and low-rank in one accumulator
 //      (tensor cores for f16/bf16: lk_backward_dx_mma_*; SIMT for f32)
@@ -283,11 +284,15 @@ __device__ void each_token_window(const BackwardParams& p, int s, int i0, int i1
     }
 }
 
-// u[i, j] = s * sum_c g[i, c] b[s][c, j] on tensor cores (lk_gather_gemm.cuh):
-// a block takes the tokens of its range (y) that use its slot (z), 32 at a
-// time, each tile one pass over n per 64-rank chunk. Only the columns below
-// each token's rank are written, and only for tokens that train a slot: dx
-// and da never read the rest.
+// sum_c g[i, c] b[s][c, j] on tensor cores (lk_gather_gemm.cuh), into the
+// partial of the block's range of columns c (grid x), which
+// lk_backward_u_sum scales and adds up in range order into u: a block takes
+// the tokens of its token range (y) that use its slot (z), 32 at a time,
+// each tile one pass over its columns per 64-rank chunk. Only the columns
+// below each token's rank are written, and only for tokens that train a
+// slot: dx and da never read the rest. Several ranges of n are for few
+// tokens (decode), which would leave one block streaming all of b with a
+// single pipeline in flight; there is one range otherwise.
 template <class T, bool ALIGNED>
 __device__ void backward_u_mma(const BackwardParams& p) {
     namespace ga = lk::gather;
@@ -299,11 +304,14 @@ __device__ void backward_u_mma(const BackwardParams& p) {
     if (s < 0) return;
     const int rank = slot_rank(p, s);
     if (rank <= 0) return;  // an empty slot: no token trains it
-    const float scale = slot_scale(p, s);
     const T* g = reinterpret_cast<const T*>(p.g);
     const T* b = reinterpret_cast<const T*>(p.b_pool) + (size_t)s * p.n * p.max_rank;
-    float* u = reinterpret_cast<float*>(p.u);
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
+    // This block's columns [c0, c1) of n: whole 64-column stages, the last range shorter.
+    const int per = ((p.n + (int)gridDim.x - 1) / (int)gridDim.x + ga::BK - 1) / ga::BK * ga::BK;
+    const int c0 = (int)blockIdx.x * per < p.n ? (int)blockIdx.x * per : p.n;
+    const int c1 = p.n - c0 < per ? p.n : c0 + per;
+    float* out = reinterpret_cast<float*>(p.partials) + (size_t)blockIdx.x * p.m * p.max_rank;
     each_token_window(p, s, i0, i1, list, warp_counts, [&](int count, auto token_at) {
         for (int first = 0; first < count; first += ga::BM) {
             const int rows = count - first < ga::BM ? count - first : ga::BM;
@@ -312,9 +320,10 @@ __device__ void backward_u_mma(const BackwardParams& p) {
                 const int rc = rank - r0 < ga::RANKS ? rank - r0 : ga::RANKS;
                 const int rp = (rc + 15) / 16 * 16;
                 ga::Tile acc;
-                ga::tile<T, ALIGNED>(smem, g, p.n, b, p.max_rank, r0, rp, rows, at, acc);
+                // An empty range (c0 == c1) writes zeros: the sum reads every range.
+                ga::tile<T, ALIGNED>(smem, g, p.n, c0, c1, b, p.max_rank, r0, rp, rows, at, acc);
                 ga::reduce(smem, acc, rows, rp, [&](int pos, int j, float sum) {
-                    if (j < rc) u[(size_t)at(pos) * p.max_rank + r0 + j] = scale * sum;
+                    if (j < rc) out[(size_t)at(pos) * p.max_rank + r0 + j] = sum;
                 });
             }
         }
@@ -450,8 +459,26 @@ __device__ void backward_reduce(const BackwardParams& p) {
     }
 }
 
+// u[i, j] = s * (the sum over the `splits` column ranges, in order, of
+// their partials) for each token i that trains a slot and j below its rank:
+// the entries dx and da read (lk_backward_u_mma wrote those partials; with
+// one range this only scales them).
+__device__ void backward_u_sum(const BackwardParams& p) {
+    const size_t len = (size_t)p.m * p.max_rank;
+    const size_t e = (size_t)blockIdx.x * THREADS + threadIdx.x;
+    if (e >= len) return;
+    const int i = (int)(e / p.max_rank), j = (int)(e % p.max_rank);
+    const int s = token_slot(p, i);
+    if (s < 0 || j >= slot_rank(p, s)) return;
+    const float* partials = reinterpret_cast<const float*>(p.partials);
+    float sum = 0.f;
+    for (int r = 0; r < p.splits; ++r) sum += partials[(size_t)r * len + e];
+    reinterpret_cast<float*>(p.u)[e] = slot_scale(p, s) * sum;
+}
+
 }  // namespace
 
+LK_KERNEL(lk_backward_u_sum, BackwardParams, backward_u_sum)
 // f32 on SIMT (tensor cores take no f32); f16/bf16 run u and dx on tensor cores below.
 LK_KERNEL(lk_backward_u_f32, BackwardParams, backward_u<float>)
 LK_KERNEL(lk_backward_dx_f32, BackwardParams, backward_dx<float>)

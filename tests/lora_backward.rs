@@ -760,6 +760,28 @@ fn u_tiles_cover_rank_chunks_token_tiles_and_both_copy_paths() {
     PoolCase::<f16>::new(Dims::new(300, 72, 19), 72, &ranks, ids, 53).check("u tiles");
 }
 
+/// Few tokens over a long n (decode): u reduces over several ranges of n in
+/// separate blocks and adds their partials in range order (the last range
+/// shorter, both copy paths, two rank chunks), for one adapter and a pool;
+/// bit for bit the same run to run.
+#[test]
+fn decode_u_sums_ranges_of_n_in_order() {
+    for (m, n, rank) in [(1, 1000, 16), (3, 999, 70), (2, 520, 1)] {
+        check_case::<bf16>(Dims::new(m, n, 24), rank, 71, false, true).unwrap();
+        check_case::<f16>(Dims::new(m, n, 24), rank, 72, true, false).unwrap();
+    }
+    let ids = vec![2, -1, 0, 2];
+    let case = PoolCase::<bf16>::new(Dims::new(4, 776, 24), 24, &[24, 0, 5], ids, 73);
+    case.check("decode u");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for dev in devices() {
+        let (first, again) = (case.run(&dev, true, None), case.run(&dev, true, None));
+        assert_eq!(first.0, again.0, "dx on {}", dev.name());
+        assert_eq!(bits(&first.1), bits(&again.1), "da on {}", dev.name());
+        assert_eq!(bits(&first.2), bits(&again.2), "db on {}", dev.name());
+    }
+}
+
 /// A pool larger than the batch (300 slots, 40 tokens): u, da and db get a
 /// grid layer per token, each slot the batch uses at its first token's
 /// layer (slot 5 trained by five tokens; the empty slot 2, -1 and an id

@@ -3,8 +3,8 @@
 //
 //     D[pos, j] = sum over c of A[token_at(pos), c] * B[c, r0 + j]
 //
-// with A = g ([m, kdim], kdim = n) and B = one slot's b ([kdim, ldb],
-// ldb = max_rank). A tile is BM = 32 tokens of the list (M) times a RANKS =
+// over c in [c0, c1), with A = g ([m, lda], lda = n) and B = one slot's b
+// ([n, ldb], ldb = max_rank). A tile is BM = 32 tokens of the list (M) times a RANKS =
 // 64 chunk of b's columns (N); the reduction over c (K) runs BK = 64 at a
 // time through a STAGES-deep cp.async pipeline, and each of the four warps
 // takes its own 16-wide slice of every stage (split-K inside the block), so
@@ -17,7 +17,7 @@
 // is the f32 accumulation, as in the reference (DESIGN.md section 3). A
 // non-finite operand gives what IEEE products give: Inf * 0 = NaN where
 // the reference forms it too; padding (rows past the list, columns past b's
-// width, c past kdim) is zero-filled and only ever meets its own discarded
+// width, c past c1) is zero-filled and only ever meets its own discarded
 // outputs or other zeros.
 #pragma once
 #include "lk_tile_gemm.cuh"
@@ -43,12 +43,14 @@ constexpr int A_CHUNKS = BM * BK / 8 / THREADS, B_CHUNKS = BK * RANKS / 8 / THRE
 
 // acc = this warp's share of the tile D[0 .. count, 0 .. rp) (count <= BM
 // tokens, rp = the chunk's rc columns rounded up to 16; columns past rc are
-// read but their sums are never used). Ends drained and after a barrier.
+// read but their sums are never used), over the reduction's [c0, c1): the
+// columns of A's rows (lda apart) and rows of B. Ends drained and after a
+// barrier.
 template <class T, bool ALIGNED, class TokenAt>
-__device__ void tile(T* smem, const T* a, int kdim, const T* b, int ldb, int r0, int rp, int count,
+__device__ void tile(T* smem, const T* a, int lda, int c0, int c1, const T* b, int ldb, int r0, int rp, int count,
                      TokenAt token_at, Tile& acc) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int ktiles = (kdim + BK - 1) / BK;
+    const int ktiles = (c1 - c0 + BK - 1) / BK;
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -67,7 +69,7 @@ __device__ void tile(T* smem, const T* a, int kdim, const T* b, int ldb, int r0,
     for (int i = 0; i < A_CHUNKS; ++i) {
         const int r = row + 16 * i;
         aok[i] = r < count;
-        asrc[i] = reinterpret_cast<uintptr_t>(a) + (aok[i] ? ((size_t)token_at(r) * kdim + col) * sizeof(T) : 0);
+        asrc[i] = reinterpret_cast<uintptr_t>(a) + (aok[i] ? ((size_t)token_at(r) * lda + col) * sizeof(T) : 0);
     }
     const uintptr_t bsrc = reinterpret_cast<uintptr_t>(b) + ((size_t)row * ldb + r0 + col) * sizeof(T);
     const size_t bstep = (size_t)16 * ldb * sizeof(T);  // 16 rows of b: between a thread's B chunks
@@ -76,9 +78,9 @@ __device__ void tile(T* smem, const T* a, int kdim, const T* b, int ldb, int r0,
     auto load_stage = [&](int stage, int kt) {
         T* as = smem + stage * STAGE_ELEMS;
         T* bs = as + BM * LDA;
-        const int kc = kt * BK;
+        const int kc = c0 + kt * BK;
         if constexpr (ALIGNED) {
-            const bool acol_ok = kc + col < kdim;
+            const bool acol_ok = kc + col < c1;
 #pragma unroll
             for (int i = 0; i < A_CHUNKS; ++i) {
                 const bool ok = aok[i] && acol_ok;
@@ -89,7 +91,7 @@ __device__ void tile(T* smem, const T* a, int kdim, const T* b, int ldb, int r0,
                 const uintptr_t p = bsrc + (size_t)kc * ldb * sizeof(T);
 #pragma unroll
                 for (int i = 0; i < B_CHUNKS; ++i) {
-                    const bool ok = bcol_ok && kc + row + 16 * i < kdim;
+                    const bool ok = bcol_ok && kc + row + 16 * i < c1;
                     const T* src = ok ? reinterpret_cast<const T*>(p + i * bstep) : b;
                     cp_async_16(bs + (row + 16 * i) * LDB + col, src, ok ? 16u : 0u);
                 }
@@ -97,11 +99,11 @@ __device__ void tile(T* smem, const T* a, int kdim, const T* b, int ldb, int r0,
         } else {
             for (int e = tid; e < BM * BK; e += THREADS) {
                 const int r = e / BK, c = e % BK;
-                as[r * LDA + c] = r < count && kc + c < kdim ? a[(size_t)token_at(r) * kdim + kc + c] : from_f32<T>(0.f);
+                as[r * LDA + c] = r < count && kc + c < c1 ? a[(size_t)token_at(r) * lda + kc + c] : from_f32<T>(0.f);
             }
             for (int e = tid; e < BK * rp; e += THREADS) {
                 const int r = e / rp, c = e % rp;
-                bs[r * LDB + c] = kc + r < kdim && c < bcols ? b[(size_t)(kc + r) * ldb + r0 + c] : from_f32<T>(0.f);
+                bs[r * LDB + c] = kc + r < c1 && c < bcols ? b[(size_t)(kc + r) * ldb + r0 + c] : from_f32<T>(0.f);
             }
         }
     };

@@ -37,6 +37,7 @@ kernel!(U_MMA_F16_ANY = lk_backward_u_mma_f16_any in "lora_backward": BackwardPa
 kernel!(U_MMA_BF16_ALIGNED = lk_backward_u_mma_bf16_aligned in "lora_backward": BackwardParams;);
 kernel!(U_MMA_BF16_ANY = lk_backward_u_mma_bf16_any in "lora_backward": BackwardParams;);
 kernel!(REDUCE = lk_backward_reduce in "lora_backward": BackwardParams;);
+kernel!(U_SUM = lk_backward_u_sum in "lora_backward": BackwardParams;);
 kernel!(FIRST_TOKENS = lk_backward_first_tokens in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_F16_ALIGNED = lk_backward_dx_decode_f16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_F16_ANY = lk_backward_dx_decode_f16_any in "lora_backward": BackwardParams;);
@@ -51,6 +52,19 @@ const THREADS: u32 = 256;
 /// Enough blocks to fill a large GPU; token ranges are split until reached.
 const TARGET_BLOCKS: usize = 264;
 const MAX_SPLITS: usize = 64;
+/// The fewest columns of n a range of the tensor-core u takes: its
+/// pipeline's 4 stages of 64.
+const U_MIN_COLS: usize = 256;
+
+/// Ranges of n the tensor-core u reduces over in separate blocks (grid x)
+/// when its token ranges and layers (`blocks`) are too few to fill the GPU,
+/// as with a decode batch: each range keeps its own pipeline in flight.
+fn u_column_ranges(n: usize, blocks: usize) -> usize {
+    TARGET_BLOCKS
+        .div_ceil(blocks.max(1))
+        .min(n.div_ceil(U_MIN_COLS))
+        .max(1)
+}
 
 /// How the backward pass writes its gradients.
 #[derive(Debug, Clone, Copy, Default)]
@@ -352,11 +366,22 @@ fn run<T: KernelElement>(
     let (db_k, da_k) = (RangeKernel::db(T::DTYPE), RangeKernel::da(T::DTYPE));
     let db_split = split(&db_k, n.div_ceil(db_k.cols));
     let da_split = split(&da_k, k.div_ceil(da_k.cols));
-    // u: tensor cores for f16/bf16, a range of tokens per block row for every layer.
+    // u: tensor cores for f16/bf16, a range of tokens per block row for every
+    // layer, and with few of those a range of n per block column.
     let u_k = RangeKernel::u(T::DTYPE).map(|u| {
         let split = split(&u, 1);
         (u, split)
     });
+    let u_cols = u_k
+        .as_ref()
+        .map_or(1, |(_, split)| u_column_ranges(n, split.splits * layers.1));
+    // The tensor-core u writes a partial per column range, which u_sum scales
+    // and adds into u; a single range is written into u itself.
+    let u_partials = if u_cols > 1 {
+        elements("partials", u_cols, m * max_rank)?
+    } else {
+        0
+    };
     let len_db = elements("db", slots * n, max_rank)?;
     let len_da = elements("da", slots * max_rank, k)?;
     let partials_of = |split: TokenSplit, len: usize, wanted: bool| {
@@ -366,15 +391,14 @@ fn run<T: KernelElement>(
             Ok(0)
         }
     };
-    let partials = partials_of(db_split, len_db, grads.db.is_some())?.max(partials_of(
-        da_split,
-        len_da,
-        grads.da.is_some(),
-    )?);
+    let partials = partials_of(db_split, len_db, grads.db.is_some())?
+        .max(partials_of(da_split, len_da, grads.da.is_some())?)
+        .max(u_partials);
     let grids = Grids::new::<T>(
         dims,
+        max_rank,
         layers,
-        u_k.as_ref().map(|(_, split)| *split),
+        u_k.as_ref().map(|(_, split)| (*split, u_cols)),
         (&db_k, db_split),
         (&da_k, da_split),
     )?;
@@ -462,14 +486,18 @@ fn run<T: KernelElement>(
     // SAFETY (every launch below): all operands were checked above to live on
     // `dev` with the sizes the kernels index: g m*n, x m*k, w n*k, the pool's
     // a slots*max_rank*k and b slots*n*max_rank, t m*max_rank, dx m*k, da and
-    // db the pool layout; u holds m*max_rank, the partials each wanted
-    // reduction's splits*len and, with a layer per token, first_token `slots`
+    // db the pool layout; u holds m*max_rank, the partials u_cols*m*max_rank
+    // for a tensor-core u of several column ranges (one range: u itself)
+    // and each wanted reduction's splits*len and, with
+    // a layer per token, first_token `slots`
     // i32 (reserve above); slot ids are range-checked on the device before
     // any pool or first_token access; grids follow the kernels' tiles
     // (first tokens: a thread per token; u: a block per token on SIMT, or
     // RangeKernel's block size and shared memory with a token range per grid
-    // row, 16-byte copies only when n, max_rank and the bases of g and b
-    // allow; dx: 64 columns x 32 rows, or the tensor-core tiles with their
+    // row and a range of n per grid column, each writing its own partial,
+    // 16-byte copies only when n, max_rank and the bases of g and b allow;
+    // u_sum: a thread per element of u; dx: 64 columns x 32 rows, or the
+    // tensor-core tiles with their
     // block size and shared memory, 16-byte loads only when n, k and the
     // bases allow; db, da: RangeKernel's columns, block size and shared
     // memory, 16-byte copies only when the gathered operand allows, y: the
@@ -490,8 +518,16 @@ fn run<T: KernelElement>(
                 let aligned = n.is_multiple_of(8)
                     && max_rank.is_multiple_of(8)
                     && [pg, pb].iter().all(|p| p.is_multiple_of(16));
+                // The column ranges' partials (u_cols * m * max_rank, reserved
+                // above; one range: u itself, scaled in place) into u.
+                let p = BackwardParams {
+                    splits: u_cols as i32,
+                    partials: if u_cols > 1 { ppart } else { pu },
+                    ..params
+                };
                 u.kernel(aligned)
-                    .launch(dev, u.dims(grids.u), &split.params(&params))?;
+                    .launch(dev, u.dims(grids.u), &split.params(&p))?;
+                U_SUM.launch(dev, simt(grids.u_sum), &p)?;
             }
             None => U_F32.launch(dev, simt(grids.u), &params)?,
         }
@@ -531,6 +567,8 @@ fn run<T: KernelElement>(
 /// them runs (a call that fails changes nothing).
 struct Grids {
     u: [u32; 3],
+    /// lk_backward_u_sum: a thread per element of u.
+    u_sum: [u32; 3],
     dx: [u32; 3],
     db: [u32; 3],
     da: [u32; 3],
@@ -541,8 +579,9 @@ impl Grids {
     /// (`slots`, or `m` with a layer per token).
     fn new<T: KernelElement>(
         dims: Dims,
+        max_rank: usize,
         (name, layers): (&'static str, usize),
-        u_split: Option<TokenSplit>,
+        u_split: Option<(TokenSplit, usize)>,
         (db, db_split): (&RangeKernel, TokenSplit),
         (da, da_split): (&RangeKernel, TokenSplit),
     ) -> Result<Self> {
@@ -551,11 +590,13 @@ impl Grids {
         // entry point, not the tile), 64 columns x 32 rows on SIMT.
         let (dx_rows, dx_cols) = dx_mma(T::DTYPE, m, false).map_or((32, 64), |(_, t)| (t.bm, t.bn));
         Ok(Grids {
-            // u: a block per token on SIMT, or tensor-core token ranges x layers.
+            // u: a block per token on SIMT, or tensor-core column ranges x
+            // token ranges x layers.
             u: match u_split {
-                Some(split) => grid(name, layers, [1, split.splits, layers])?,
+                Some((split, cols)) => grid(name, layers, [cols, split.splits, layers])?,
                 None => grid("m", m, [m, 1, 1])?,
             },
+            u_sum: grid("m", m, [(m * max_rank).div_ceil(THREADS as usize), 1, 1])?,
             dx: grid("m", m, [k.div_ceil(dx_cols), m.div_ceil(dx_rows), 1])?,
             db: grid(name, layers, [n.div_ceil(db.cols), db_split.splits, layers])?,
             da: grid(name, layers, [k.div_ceil(da.cols), da_split.splits, layers])?,
