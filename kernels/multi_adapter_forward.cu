@@ -7,8 +7,12 @@
 // The grid has two kinds of block, and the launch shape depends only on m, n,
 // k and the pool's shape, never on the ids (CUDA-graph capture stays valid):
 // - the first `shrink_blocks` blocks do shrink work: t[i, :rank] =
-//   x[i,:] a[s_i]^T (f32; a warp per unit of one token and 4 rank rows, a
-//   token costing its own rank), and check the segment table;
+//   x[i,:] a[s_i]^T (f32), a warp per unit, a token costing its own rank,
+//   and check the segment table. Decode (few tokens, often as many adapters):
+//   a unit is one token and 4 rank rows on SIMT lanes, so a handful of tokens
+//   still spread over many warps. Prefill: a unit is 16 tokens and 32 rank
+//   rows on tensor cores, one pass per distinct adapter among the 16, so x is
+//   read once per 32 ranks, not once per 4;
 // - the other blocks each own a BM x BN tile of y: they run the base product
 //   (f16/bf16 on tensor cores, lk_tile_gemm.cuh; f32 on SIMT tiles,
 //   lk_simt_tile.cuh, as tensor cores take no f32), then wait until all
@@ -37,6 +41,7 @@
 // table stays inside the table and the pool, but names arbitrary segments).
 // The counters make the pool's launches one at a time: use a pool from one stream.
 // Counts that can pass 2^31 (shrink units, table entries) are 64-bit.
+#include "lk_mma.cuh"
 #include "lk_simt_tile.cuh"
 #include "lk_tile_gemm.cuh"
 
@@ -79,13 +84,24 @@ __device__ __forceinline__ int token_slot(const MultiAdapterParams& p, int i) {
     return reinterpret_cast<const int*>(p.slot_rank)[id] > 0 ? id : -1;
 }
 
-// Shrink work: units of one token i and SHRINK_ROWS rank rows j0.., a warp
+// Shrink work is cut into units of TOKENS tokens and RANKS rank rows, a
+// warp each: SimtShrink at decode, MmaShrink at prefill.
+struct SimtShrink {
+    static constexpr int TOKENS = 1, RANKS = 4;
+    static constexpr bool MMA = false;
+};
+struct MmaShrink {
+    static constexpr int TOKENS = 16, RANKS = 32;
+    static constexpr bool MMA = true;
+};
+
+// SIMT units: one token i and SimtShrink::RANKS rank rows j0.., a warp
 // each. The warp streams x[i,:] and those rows of its adapter's `a` over k,
 // 8 values per lane per step (one 16-byte load each when ALIGNED), with an
 // accumulator per row, then reduces them with shuffles: no shared memory and
 // no barriers, and each step's loads depend on nothing before them. A token
 // costs its own rank: units past it do nothing.
-constexpr int SHRINK_ROWS = 4;
+constexpr int SHRINK_ROWS = SimtShrink::RANKS;
 constexpr int KSTEP = 32 * 8;  // values of k a warp takes per step
 
 // Values c .. c + 7 of row p (f16/bf16, ALIGNED: 16-byte aligned, c % 8 == 0
@@ -111,24 +127,28 @@ __device__ __forceinline__ void load8(float (&v)[8], const T* row, int k, int k0
     }
 }
 
-// Units per token (groups of SHRINK_ROWS rank rows), and units in all.
+// Units per group of S::TOKENS tokens (groups of S::RANKS rank rows), and
+// units in all (src/ops computes the same count).
+template <class S>
 __device__ __forceinline__ int shrink_row_groups(const MultiAdapterParams& p) {
-    return (p.max_rank + SHRINK_ROWS - 1) / SHRINK_ROWS;
+    return (p.max_rank + S::RANKS - 1) / S::RANKS;
 }
+template <class S>
 __device__ __forceinline__ int64_t shrink_units(const MultiAdapterParams& p) {
-    return (int64_t)p.m * shrink_row_groups(p);
+    return (int64_t)((p.m + S::TOKENS - 1) / S::TOKENS) * shrink_row_groups<S>(p);
 }
 
 // Shrink unit u (token u / row_groups, rank rows from (u % row_groups) *
 // SHRINK_ROWS), by a whole warp. LEAN: one row and one value per lane at a
-// time (few registers: the tile blocks' rare share, which must not raise
-// their kernel's register count); else every row at once, 8 values per lane.
+// time (few registers: the tile blocks' rare share, taken while their
+// accumulators are live, which must not raise their kernel's register
+// count); else every row at once, 8 values per lane.
 template <class T, bool ALIGNED, bool LEAN>
 __device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int lane) {
     const T* x = reinterpret_cast<const T*>(p.x);
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
     float* t = reinterpret_cast<float*>(p.t);
-    const int row_groups = shrink_row_groups(p);
+    const int row_groups = shrink_row_groups<SimtShrink>(p);
     const int i = (int)(unit / row_groups), j0 = (int)(unit % row_groups) * SHRINK_ROWS;
     if (j0 == 0 && lane == 0 && out_of_range(p, raw_slot(p, i)))
         atomicAdd(reinterpret_cast<unsigned*>(p.counters) + BAD_IDS, 1u);
@@ -149,47 +169,147 @@ __device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int lane)
             for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
             if (lane == 0) ti[q] = v;
         }
-    } else {
-        float acc[SHRINK_ROWS];
-        for (int q = 0; q < SHRINK_ROWS; ++q) acc[q] = 0.f;
-        // Not unrolled: one step already has 5 independent loads.
+        return;
+    }
+    float acc[SHRINK_ROWS];
+    for (int q = 0; q < SHRINK_ROWS; ++q) acc[q] = 0.f;
+    // Not unrolled: one step already has 5 independent loads.
 #pragma unroll 1
-        for (int k0 = 0; k0 < p.k; k0 += KSTEP) {  // sass-loop: shrink
-            float xv[8];
-            load8<T, ALIGNED>(xv, xi, p.k, k0, lane);
-            for (int q = 0; q < SHRINK_ROWS; ++q) {
-                if (q >= rows) break;
-                float av[8];
-                load8<T, ALIGNED>(av, aj + (size_t)q * p.k, p.k, k0, lane);
-                for (int e = 0; e < 8; ++e) acc[q] += xv[e] * av[e];
-            }
-        }
+    for (int k0 = 0; k0 < p.k; k0 += KSTEP) {  // sass-loop: shrink
+        float xv[8];
+        load8<T, ALIGNED>(xv, xi, p.k, k0, lane);
         for (int q = 0; q < SHRINK_ROWS; ++q) {
-            float v = acc[q];
-            for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
-            if (lane == 0 && q < rows) ti[q] = v;
+            if (q >= rows) break;
+            float av[8];
+            load8<T, ALIGNED>(av, aj + (size_t)q * p.k, p.k, k0, lane);
+            for (int e = 0; e < 8; ++e) acc[q] += xv[e] * av[e];
+        }
+    }
+    for (int q = 0; q < SHRINK_ROWS; ++q) {
+        float v = acc[q];
+        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+        if (lane == 0 && q < rows) ti[q] = v;
+    }
+}
+
+// Values c .. c + 7 of a row, packed two per register in the order the
+// 16-bit halves of an mma fragment hold them (lower half first); zeros when
+// !live and past k. ALIGNED: one 16-byte load (c % 8 == 0, k % 8 == 0).
+template <class T, bool ALIGNED>
+__device__ __forceinline__ void load_k8(uint32_t (&w)[4], const T* row, int k, int c, bool live) {
+    if constexpr (ALIGNED) {
+        uint4 raw{0u, 0u, 0u, 0u};
+        if (live && c < k) raw = *reinterpret_cast<const uint4*>(row + c);
+        memcpy(w, &raw, sizeof(w));
+    } else {
+        T h[8];
+        for (int e = 0; e < 8; ++e) h[e] = live && c + e < k ? row[c + e] : lk::from_f32<T>(0.f);
+        memcpy(w, h, sizeof(w));
+    }
+}
+
+// Tensor-core unit u: tokens i0 = (u / row_groups) * 16 .. i0 + 15 and
+// rank rows j0 = (u % row_groups) * 32 .. j0 + 31, by a whole warp with
+// mma.m16n8k16 (f32 accumulators: t rows x 4 n-tiles of 8 ranks). One pass
+// per distinct adapter s among the 16 tokens: rows of other adapters (and
+// past m) load zeros and are not stored, so one token's values never reach
+// another's t, and a token's x row is loaded in its adapter's pass only.
+// The fragments come straight from global memory, with no shared memory or
+// barrier: for each 32 values of k, lane (group g, quad q) loads values
+// 8q .. 8q + 7 of x rows g and g + 8 and of a's rank rows g, 8 + g, ..
+// (16 bytes each) and uses its first 4 as the fragment's k columns 2q, 2q + 1,
+// 8 + 2q, 9 + 2q of one k16 step and its last 4 for the next. That permutes
+// the k order the same way in A (x) and B (a^T), which a dot product over k
+// does not see.
+template <class T, bool ALIGNED, bool LEAN>
+__device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int lane) {
+    constexpr int NT = MmaShrink::RANKS / 8;  // n-tiles of 8 ranks
+    constexpr int NP = LEAN ? 1 : NT;         // n-tiles per sweep over k
+    const T* x = reinterpret_cast<const T*>(p.x);
+    const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
+    float* t = reinterpret_cast<float*>(p.t);
+    const int row_groups = shrink_row_groups<MmaShrink>(p);
+    const int i0 = (int)(unit / row_groups) * MmaShrink::TOKENS, j0 = (int)(unit % row_groups) * MmaShrink::RANKS;
+    const int g = lane / 4, q = lane % 4;
+    // Lane l < 16 holds token i0 + l's slot (-1: none, or past m).
+    const bool token = lane < MmaShrink::TOKENS && i0 + lane < p.m;
+    if (j0 == 0 && token && out_of_range(p, raw_slot(p, i0 + lane)))
+        atomicAdd(reinterpret_cast<unsigned*>(p.counters) + BAD_IDS, 1u);
+    const int mine = token ? token_slot(p, i0 + lane) : -1;
+    bool pending = mine >= 0;
+    for (;;) {
+        // The adapter of the first token not served yet, for the whole warp.
+        const unsigned waiting = __ballot_sync(0xFFFFFFFFu, pending);
+        if (waiting == 0) return;
+        int first = 0;
+        while (!(waiting >> first & 1u)) ++first;
+        const int s = __shfl_sync(0xFFFFFFFFu, mine, first);
+        pending = pending && mine != s;
+        const bool lo = __shfl_sync(0xFFFFFFFFu, mine, g) == s;      // row g is s's
+        const bool hi = __shfl_sync(0xFFFFFFFFu, mine, g + 8) == s;  // row g + 8 is s's
+        const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+        if (j0 >= rank) continue;  // past its rank: nothing to do for s
+        const int live_ranks = rank - j0;
+        const T* x_lo = x + (size_t)(i0 + g) * p.k;  // dereferenced only when lo (i0 + g < m)
+        const T* x_hi = x + (size_t)(i0 + g + 8) * p.k;
+        const T* a_rows = a_pool + ((size_t)s * p.max_rank + j0 + g) * p.k;  // n-tile n: + 8 n rows
+#pragma unroll 1
+        for (int n0 = 0; n0 < NT && 8 * n0 < live_ranks; n0 += NP) {
+            float acc[NP][4];
+            for (int n = 0; n < NP; ++n)
+                for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll 1
+            for (int k0 = 0; k0 < p.k; k0 += 32) {  // sass-loop: shrink_mma
+                const int c = k0 + 8 * q;
+                uint32_t xl[4], xh[4], av[NP][4];
+                load_k8<T, ALIGNED>(xl, x_lo, p.k, c, lo);
+                load_k8<T, ALIGNED>(xh, x_hi, p.k, c, hi);
+                for (int n = 0; n < NP; ++n)
+                    load_k8<T, ALIGNED>(av[n], a_rows + (size_t)8 * (n0 + n) * p.k, p.k, c,
+                                        8 * (n0 + n) + g < live_ranks);
+                for (int half = 0; half < 2; ++half) {
+                    const uint32_t frag_a[4] = {xl[2 * half], xh[2 * half], xl[2 * half + 1], xh[2 * half + 1]};
+                    for (int n = 0; n < NP; ++n) {
+                        if (8 * (n0 + n) >= live_ranks) break;  // the same for the whole warp
+                        const uint32_t frag_b[2] = {av[n][2 * half], av[n][2 * half + 1]};
+                        lk::mma_m16n8k16(acc[n], frag_a, frag_b, acc[n], T());
+                    }
+                }
+            }
+            // acc[n][e]: row g + 8 (e / 2), rank j0 + 8 (n0 + n) + 2 q + e % 2.
+            for (int n = 0; n < NP; ++n)
+                for (int e = 0; e < 4; ++e) {
+                    const int row = g + 8 * (e / 2), j = 8 * (n0 + n) + 2 * q + e % 2;
+                    if ((e < 2 ? lo : hi) && j < live_ranks)
+                        t[(size_t)(i0 + row) * p.max_rank + j0 + j] = acc[n][e];
+                }
         }
     }
 }
 
-// Items of shrink work: item e is unit e (if e < m * row_groups) and the
-// check of table entry e (if e <= segments). src/ops bounds it below 2^31.
+// Items of shrink work: item e is unit e (if e < units) and the check of
+// table entry e (if e <= segments). src/ops bounds it below 2^31.
+template <class S>
 __device__ __forceinline__ unsigned shrink_items(const MultiAdapterParams& p) {
-    const int64_t units = shrink_units(p);
+    const int64_t units = shrink_units<S>(p);
     const int64_t entries = p.segments == 0 ? 0 : (int64_t)p.segments + 1;
     return (unsigned)(units > entries ? units : entries);
 }
 
 // Every warp of the block claims CLAIM items at a time until none are left,
-// does them, and counts them done (after a fence: lane 0 makes every write
-// of an item). Called by shrink blocks, and by tile blocks before they wait.
-template <class T, bool ALIGNED, bool LEAN>
+// does them, and counts them done (every lane fences its writes of t before
+// lane 0 counts). Called by shrink blocks, and by tile blocks before they
+// wait (LEAN: the units' lean forms, which keep the tile kernel's registers at
+// what its base product needs: its accumulators are live). When it returns,
+// every item is claimed: what a tile block then waits for is held by running
+// warps.
+template <class T, class S, bool ALIGNED, bool LEAN>
 __device__ void shrink_work(const MultiAdapterParams& p) {
     constexpr unsigned CLAIM = 4;
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     const int lane = threadIdx.x % 32;
-    const unsigned items = shrink_items(p);
-    const int64_t units = shrink_units(p);
+    const unsigned items = shrink_items<S>(p);
+    const int64_t units = shrink_units<S>(p);
     for (;;) {
         unsigned first = 0;
         if (lane == 0) first = atomicAdd(counters + CLAIMED, CLAIM);
@@ -198,12 +318,13 @@ __device__ void shrink_work(const MultiAdapterParams& p) {
         const unsigned last = items - first < CLAIM ? items : first + CLAIM;
         for (unsigned e = first; e < last; ++e) {
             if (lane == 0) check_segment_entry(p, e);
-            if (e < units) shrink_unit<T, ALIGNED, LEAN>(p, e, lane);
+            if (e >= units) continue;
+            if constexpr (S::MMA) shrink_unit_mma<T, ALIGNED, LEAN>(p, e, lane);
+            else shrink_unit<T, ALIGNED && !LEAN, LEAN>(p, e, lane);
         }
-        if (lane == 0) {
-            __threadfence();
-            atomicAdd(counters + ITEMS_DONE, last - first);
-        }
+        __threadfence();
+        __syncwarp();
+        if (lane == 0) atomicAdd(counters + ITEMS_DONE, last - first);
     }
 }
 
@@ -223,8 +344,7 @@ __device__ void finish_block(const MultiAdapterParams& p) {
 }
 
 // Called by every thread of a tile block after its base product: its warps
-// take any shrink work still unclaimed (rarely any; the lean form, which
-// keeps the tile kernel's registers at what its base product needs), then
+// take any shrink work still unclaimed (rarely any), in the lean forms, then
 // thread 0 waits until every shrink item is done
 // (ITEMS_DONE: all of t written, the whole segment table checked) and reads
 // whether the table is malformed; then row_slot gets the slot of each of the
@@ -232,13 +352,13 @@ __device__ void finish_block(const MultiAdapterParams& p) {
 // distinct the distinct adapters among them (distinct[0] = count). Every t
 // read after this (collect_distinct ends with a barrier) sees the shrink's
 // writes (load_cg).
-template <class T, int BM, int THREADS>
+template <class T, class S, bool ALIGNED, int BM, int THREADS>
 __device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0, int* row_slot, int* distinct) {
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     LK_SHARED(int, bad_table, [1]);
-    shrink_work<T, false, true>(p);
+    shrink_work<T, S, ALIGNED, true>(p);
     if (threadIdx.x == 0) {
-        lk::wait_counter_at_least(counters + ITEMS_DONE, shrink_items(p));
+        lk::wait_counter_at_least(counters + ITEMS_DONE, shrink_items<S>(p));
         bad_table[0] = *reinterpret_cast<volatile unsigned*>(counters + BAD_TABLE) != 0;
     }
     __syncthreads();  // bad_table is set
@@ -248,7 +368,7 @@ __device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0,
     lk::collect_distinct<BM>(row_slot, distinct);
 }
 
-template <class T, class C, bool ALIGNED>
+template <class T, class C, class S, bool ALIGNED>
 __device__ void base_block(const MultiAdapterParams& p) {
     const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
     const float* t = reinterpret_cast<const float*>(p.t);
@@ -284,7 +404,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
     lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
                                 p.m, p.n, p.k, 0, 0, row0, col0, r, prefetch_b);
 
-    wait_and_collect_adapters<T, C::BM, C::THREADS>(p, row0, row_slot, distinct);
+    wait_and_collect_adapters<T, S, ALIGNED, C::BM, C::THREADS>(p, row0, row_slot, distinct);
 
     lk::ExpandTiles<T, C> e(smem);
     for (int d = 1; d <= distinct[0]; ++d) {
@@ -345,7 +465,7 @@ __device__ void simt_tile_block(const MultiAdapterParams& p) {
     lk::simt::base_product<T, C>(sm, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), p.m, p.n,
                                  p.k, row0, col0, acc);
 
-    wait_and_collect_adapters<T, C::BM, C::THREADS>(p, row0, row_slot, distinct);
+    wait_and_collect_adapters<T, SimtShrink, false, C::BM, C::THREADS>(p, row0, row_slot, distinct);
 
     for (int d = 1; d <= distinct[0]; ++d) {
         const int s = distinct[d];
@@ -372,10 +492,10 @@ __device__ void simt_tile_block(const MultiAdapterParams& p) {
     lk::simt::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, acc);
 }
 
-template <class T, class C, bool ALIGNED>
+template <class T, class C, class S, bool ALIGNED>
 __device__ void multi_adapter_forward(const MultiAdapterParams& p) {
-    if ((int)blockIdx.x < p.shrink_blocks) shrink_work<T, ALIGNED, false>(p);
-    else base_block<T, C, ALIGNED>(p);
+    if ((int)blockIdx.x < p.shrink_blocks) shrink_work<T, S, ALIGNED, false>(p);
+    else base_block<T, C, S, ALIGNED>(p);
     finish_block(p);
 }
 
@@ -383,7 +503,7 @@ __device__ void multi_adapter_forward(const MultiAdapterParams& p) {
 // SIMT tile blocks.
 template <class T>
 __device__ void multi_adapter_forward_simt(const MultiAdapterParams& p) {
-    if ((int)blockIdx.x < p.shrink_blocks) shrink_work<T, false, false>(p);
+    if ((int)blockIdx.x < p.shrink_blocks) shrink_work<T, SimtShrink, false, false>(p);
     else simt_tile_block<T>(p);
     finish_block(p);
 }
@@ -391,12 +511,13 @@ __device__ void multi_adapter_forward_simt(const MultiAdapterParams& p) {
 }  // namespace
 
 // Entry points as in fused_forward_mma.cu: <regime>_<type>_<aligned|any>.
-#define LK_MULTI(regime, Cfg, tname, T)                                                                         \
+#define LK_MULTI(regime, Cfg, Shrink, tname, T)                                                                 \
     LK_KERNEL(lk_multi_adapter_##regime##_##tname##_aligned, MultiAdapterParams,                               \
-              (multi_adapter_forward<T, Cfg, true>))                                                            \
-    LK_KERNEL(lk_multi_adapter_##regime##_##tname##_any, MultiAdapterParams, (multi_adapter_forward<T, Cfg, false>))
-LK_MULTI(decode, lk::DecodeTiles, f16, __half)
-LK_MULTI(decode, lk::DecodeTiles, bf16, __nv_bfloat16)
-LK_MULTI(prefill, lk::PrefillTiles, f16, __half)
-LK_MULTI(prefill, lk::PrefillTiles, bf16, __nv_bfloat16)
+              (multi_adapter_forward<T, Cfg, Shrink, true>))                                                    \
+    LK_KERNEL(lk_multi_adapter_##regime##_##tname##_any, MultiAdapterParams,                                   \
+              (multi_adapter_forward<T, Cfg, Shrink, false>))
+LK_MULTI(decode, lk::DecodeTiles, SimtShrink, f16, __half)
+LK_MULTI(decode, lk::DecodeTiles, SimtShrink, bf16, __nv_bfloat16)
+LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, f16, __half)
+LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, bf16, __nv_bfloat16)
 LK_KERNEL(lk_multi_adapter_simt_f32, MultiAdapterParams, multi_adapter_forward_simt<float>)

@@ -146,9 +146,11 @@ fn gpu_backward_scratch_from_another_device_is_an_error() {
     );
 }
 
-/// The multi-adapter shrink at more than 2^31 units (tokens / 8 x max_rank):
-/// with 32-bit unit counts the shrink ran no unit and `t` kept stale values.
-/// About 66 GB of device memory (t is m x 256 f32): GPU only.
+/// The multi-adapter shrink writing `t` past 2^31 entries (m x max_rank):
+/// the last token's row sits past any 32-bit offset, and the token count
+/// times the SIMT units per token (m x 64) would pass the op's 2^31 item
+/// limit, which the prefill's units of 16 tokens and 32 ranks (m / 2 of them)
+/// stay under. About 66 GB of device memory (t is m x 256 f32): GPU only.
 #[test]
 fn gpu_shrink_units_past_2_pow_31() {
     let Some(gpu) = gpu() else { return };

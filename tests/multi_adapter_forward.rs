@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use lora_kernels::ops::fused_forward::Regime;
+use lora_kernels::ops::fused_forward::{Regime, regime_for};
 use lora_kernels::ops::multi_adapter_forward::{
     Routing, check_segments, multi_adapter_forward, multi_adapter_forward_in,
 };
@@ -660,39 +660,42 @@ fn gpu_real_shapes_match_reference() {
 
 /// The training forward saves each token's t = x a^T (its own rank's columns,
 /// f32 sums: the per-element bound over sum_k |x a|); every other entry of t
-/// is left as it was.
-fn saving_t_case<T: KernelElement>() {
-    use lora_kernels::ops::multi_adapter_forward::multi_adapter_forward_saving_t;
-    let fx = Fixture::<T>::new(30, 24, 9, &[3, 9, 0, 1], 31);
-    let m = 20;
-    let x: Vec<T> = random(&mut rng(32), m * 24);
-    let ids: Vec<i32> = (0..m as i32)
-        .map(|i| [0, 1, -1, 3, 1][i as usize % 5])
-        .collect();
+/// is left as it was. `m` picks the regime, and so the shrink: SIMT units of
+/// one token at decode, tensor-core units of 16 tokens at prefill. Each case
+/// runs twice: as launched, and with no shrink blocks (the tile blocks then
+/// take every shrink item, in their lean forms).
+fn saving_t_case<T: KernelElement>(m: usize, (n, k): (usize, usize), ranks: &[usize], ids: &[i32]) {
+    use lora_kernels::ops::multi_adapter_forward::{
+        multi_adapter_forward_saving_t, saving_t_without_shrink_blocks,
+    };
+    let max_rank = *ranks.iter().max().unwrap();
+    let fx = Fixture::<T>::new(n, k, max_rank, ranks, 31 + k as u64);
+    let x: Vec<T> = random(&mut rng(32), m * k);
     const UNTOUCHED: f32 = 7.0;
-    for dev in devices() {
+    for (dev, shrink_blocks) in devices()
+        .into_iter()
+        .flat_map(|d| [(d.clone(), true), (d, false)])
+    {
         let pool = fx.pool(&dev);
         let (xd, wd, idd) = (
             dev.upload(&x).unwrap(),
             dev.upload(&fx.w).unwrap(),
-            dev.upload(&ids).unwrap(),
+            dev.upload(ids).unwrap(),
         );
-        let y0 = vec![T::from_f64(f64::NAN); m * 30];
+        let y0 = vec![T::from_f64(f64::NAN); m * n];
         let mut y = dev.upload(&y0).unwrap();
-        let mut t = dev.upload(&vec![UNTOUCHED; m * 9]).unwrap();
-        multi_adapter_forward_saving_t(
-            &pool,
-            m,
-            &xd,
-            &wd,
-            &Routing::Tokens((&idd).into()),
-            &mut y,
-            &mut t,
-        )
+        let mut t = dev.upload(&vec![UNTOUCHED; m * max_rank]).unwrap();
+        let routing = Routing::Tokens((&idd).into());
+        if shrink_blocks {
+            multi_adapter_forward_saving_t(&pool, m, &xd, &wd, &routing, &mut y, &mut t)
+        } else {
+            let regime = regime_for(T::DTYPE, m);
+            saving_t_without_shrink_blocks(regime, &pool, m, &xd, &wd, &routing, &mut y, &mut t)
+        }
         .unwrap();
         let t = dev.download(&t).unwrap();
         for (i, &id) in ids.iter().enumerate() {
-            let row = &t[i * 9..(i + 1) * 9];
+            let row = &t[i * max_rank..(i + 1) * max_rank];
             let Some((a, b, r, scale)) = fx.routed(id) else {
                 assert!(
                     row.iter().all(|&v| v == UNTOUCHED),
@@ -706,23 +709,31 @@ fn saving_t_case<T: KernelElement>() {
                 rank: *r,
                 scale: *scale,
             };
-            let xi = &x[i * 24..(i + 1) * 24];
-            let want = reference::lora_intermediate(Dims::new(1, 30, 24), xi, &adapter).unwrap();
+            let xi = &x[i * k..(i + 1) * k];
+            let want = reference::lora_intermediate(Dims::new(1, n, k), xi, &adapter).unwrap();
             let bound: Vec<f64> = (0..*r)
                 .map(|j| {
                     let abs_sum = xi
                         .iter()
-                        .zip(&a[j * 24..(j + 1) * 24])
+                        .zip(&a[j * k..(j + 1) * k])
                         .map(|(p, q)| (p.to_f64() * q.to_f64()).abs())
                         .sum();
                     f32_sum_bound::<f32>(want[j] as f64, abs_sum)
                 })
                 .collect();
-            let what = format!("{:?} t of token {i} on {}", T::DTYPE, dev.name());
+            let what = format!(
+                "{:?} m={m} k={k} shrink blocks {shrink_blocks}: t of token {i} on {}",
+                T::DTYPE,
+                dev.name()
+            );
             compare_within(&what, &row[..*r], &want, &bound).unwrap();
             assert!(row[*r..].iter().all(|&v| v == UNTOUCHED), "{what}: {row:?}");
         }
-        let what = format!("{:?} y on {}", T::DTYPE, dev.name());
+        let what = format!(
+            "{:?} m={m} k={k} shrink blocks {shrink_blocks}: y on {}",
+            T::DTYPE,
+            dev.name()
+        );
         fx.compare(&what, &dev.download(&y).unwrap(), &x, &ids, 0.0, &y0)
             .unwrap();
     }
@@ -730,8 +741,31 @@ fn saving_t_case<T: KernelElement>() {
 
 #[test]
 fn forward_saving_t_matches_the_reference_intermediate() {
-    saving_t_case::<bf16>();
-    saving_t_case::<f32>();
+    let ids: Vec<i32> = (0..20).map(|i| [0, 1, -1, 3, 1][i % 5]).collect();
+    saving_t_case::<bf16>(20, (30, 24), &[3, 9, 0, 1], &ids);
+    saving_t_case::<f32>(20, (30, 24), &[3, 9, 0, 1], &ids);
+}
+
+/// The prefill shrink's units of 16 tokens and 32 ranks: 90 tokens (the
+/// last unit has 10), a run of one adapter across a unit's edge, units with
+/// six distinct adapters and with none, ranks 1, 3, 16, 40 and 70 (one to
+/// three units of 32 ranks), k = 72 (16-byte loads, a k-step of 32 cut at
+/// 8) and k = 45 (element loads, cut inside a 16-byte chunk).
+#[test]
+fn prefill_shrink_serves_each_adapter_of_a_16_token_unit() {
+    let ranks = [3, 40, 0, 1, 70, 16];
+    let ids: Vec<i32> = (0..90)
+        .map(|i| match i {
+            0..=19 => 4,
+            20..=47 => [0, 1, -1, 3, 4, 5, 1][i % 7],
+            48..=63 => -1,
+            _ => [5, 5, 1, 0][i % 4],
+        })
+        .collect();
+    for k in [72, 45] {
+        saving_t_case::<bf16>(90, (30, k), &ranks, &ids);
+        saving_t_case::<f16>(90, (30, k), &ranks, &ids);
+    }
 }
 
 /// Negative control, per type: the same check against a reference whose

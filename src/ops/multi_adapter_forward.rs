@@ -41,9 +41,15 @@ kernel!(SIMT_F32 = lk_multi_adapter_simt_f32 in "multi_adapter_forward": MultiAd
 
 /// At most this many blocks compute the shrink (each then takes several units).
 const MAX_SHRINK_BLOCKS: usize = 4096;
-/// Rank rows per shrink unit of one token, a warp each (`SHRINK_ROWS` in
-/// the kernel).
-const SHRINK_ROWS: usize = 4;
+/// Tokens and rank rows of one shrink unit, a warp each (`SimtShrink` and
+/// `MmaShrink` in the kernel): one token and 4 ranks on SIMT lanes at decode
+/// and in f32, 16 tokens and 32 ranks on tensor cores at prefill.
+fn shrink_unit(regime: Regime) -> (usize, usize) {
+    match regime {
+        Regime::Prefill => (16, 32),
+        Regime::Decode | Regime::Simt => (1, 4),
+    }
+}
 
 /// Which adapter each token uses.
 pub enum Routing<'a> {
@@ -120,6 +126,35 @@ pub fn multi_adapter_forward_in<'a, T: KernelElement>(
         routing,
         beta,
         (y.into(), None),
+        true,
+    )
+}
+
+/// For tests: [`multi_adapter_forward_saving_t`] in a chosen regime, launched
+/// with no shrink blocks, so the tile blocks take every shrink item in the
+/// lean forms they use for what they find unclaimed (on a GPU, tile blocks
+/// that start before the shrink blocks do).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // the op's operands plus the regime
+pub fn saving_t_without_shrink_blocks<'a, T: KernelElement>(
+    regime: Regime,
+    pool: &AdapterPool<T>,
+    m: usize,
+    x: impl Into<BufRef<'a, T>>,
+    w: impl Into<BufRef<'a, T>>,
+    routing: &Routing<'_>,
+    y: impl Into<BufMut<'a, T>>,
+    t: impl Into<BufMut<'a, f32>>,
+) -> Result<()> {
+    launch(
+        regime,
+        pool,
+        m,
+        (x.into(), w.into()),
+        routing,
+        0.0,
+        (y.into(), Some(t.into())),
+        false,
     )
 }
 
@@ -145,9 +180,13 @@ pub fn multi_adapter_forward_saving_t<'a, T: KernelElement>(
         routing,
         0.0,
         (y.into(), Some(t.into())),
+        true,
     )
 }
 
+/// `with_shrink_blocks`: false only for tests (every shrink item then falls
+/// to the tile blocks).
+#[allow(clippy::too_many_arguments)] // the op's operands plus the launch form
 fn launch<T: KernelElement>(
     regime: Regime,
     pool: &AdapterPool<T>,
@@ -156,6 +195,7 @@ fn launch<T: KernelElement>(
     routing: &Routing<'_>,
     beta: f32,
     (mut y, mut t_out): (BufMut<'_, T>, Option<BufMut<'_, f32>>),
+    with_shrink_blocks: bool,
 ) -> Result<()> {
     let dev = pool.device();
     let cfg = pool.config();
@@ -191,24 +231,30 @@ fn launch<T: KernelElement>(
     if m == 0 {
         return Ok(());
     }
-    // Shrink units: tokens x groups of rank rows, a warp each, claimed by
-    // the warps from a 32-bit counter together with the table entries.
-    let shrink_units = m * cfg.max_rank.div_ceil(SHRINK_ROWS);
+    // Shrink units: groups of tokens x groups of rank rows, a warp each,
+    // claimed by the warps from a 32-bit counter together with the table
+    // entries.
+    let (unit_tokens, unit_ranks) = shrink_unit(regime);
+    let shrink_units = m.div_ceil(unit_tokens) * cfg.max_rank.div_ceil(unit_ranks);
     let shrink_items = shrink_units.max(if segments == 0 { 0 } else { segments + 1 });
     if shrink_items > i32::MAX as usize {
         return Err(invalid(
             "m",
             m,
             format!(
-                "the shrink has {shrink_items} work items (tokens x ceil(max_rank / {SHRINK_ROWS}), \
-                 or segments + 1), more than {}: split the batch",
+                "the shrink has {shrink_items} work items (ceil(m / {unit_tokens}) x \
+                 ceil(max_rank / {unit_ranks}), or segments + 1), more than {}: split the batch",
                 i32::MAX
             ),
         ));
     }
-    let shrink_blocks = shrink_units
-        .div_ceil(shape.threads as usize / 32)
-        .min(MAX_SHRINK_BLOCKS);
+    let shrink_blocks = if with_shrink_blocks {
+        shrink_units
+            .div_ceil(shape.threads as usize / 32)
+            .min(MAX_SHRINK_BLOCKS)
+    } else {
+        0
+    };
     let tile_blocks = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
     let blocks = grid("m", m, [shrink_blocks + tile_blocks, 1, 1])?;
     pool.reserve_tokens(m)?;

@@ -73,11 +73,14 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
 
 /// [`super::multi_adapter_forward::multi_adapter_forward`] of `dims` with
 /// token `i` on slot `ids[i]` (-1: none) of a pool whose slot `s` has rank
-/// `slot_ranks[s]` (0: empty) and rank capacity `max_rank`. The shrink reads
-/// each token's `x` row once per 4 ranks and its adapter's rank rows, writing
-/// `t` (f32); every tile block reads its rows of `x`, its columns of `w`, and
-/// per distinct adapter among its rows those rows' `t` and its rows of `b`.
-/// The floor reads `x`, `w` and each distinct adapter once.
+/// `slot_ranks[s]` (0: empty) and rank capacity `max_rank`. The shrink
+/// writes `t` (f32); at decode it reads each token's `x` row once per 4 ranks
+/// and its adapter's rank rows, at prefill (tensor cores, 16 tokens a unit)
+/// each token's `x` row once per 32 ranks and, per group of 16 tokens, each
+/// distinct adapter's rank rows. Every tile block reads its rows of `x`, its
+/// columns of `w`, and per distinct adapter among its rows those rows' `t`
+/// and its rows of `b`. The floor reads `x`, `w` and each distinct adapter
+/// once.
 pub fn multi_adapter_forward(
     dtype: DType,
     dims: Dims,
@@ -87,7 +90,8 @@ pub fn multi_adapter_forward(
 ) -> Traffic {
     let e = dtype.size() as u64;
     let (m, n, k) = (dims.m as u64, dims.n as u64, dims.k as u64);
-    let (bm, bn) = tile(regime_for(dtype, dims.m), dims.m, false);
+    let regime = regime_for(dtype, dims.m);
+    let (bm, bn) = tile(regime, dims.m, false);
     let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
     let rank_of = |id: i32| {
         usize::try_from(id)
@@ -95,25 +99,32 @@ pub fn multi_adapter_forward(
             .and_then(|s| slot_ranks.get(s))
             .map_or(0, |&r| r as u64)
     };
-    let token_ranks: Vec<u64> = ids.iter().map(|&id| rank_of(id)).collect();
-    let shrink: u64 = token_ranks
-        .iter()
-        .map(|&r| e * (r.div_ceil(4) * k + r * k) + 4 * r)
-        .sum();
+    // x rows, a rows and t writes of the shrink.
+    let shrink: u64 = match regime {
+        Regime::Prefill => ids
+            .chunks(16)
+            .flat_map(|group| {
+                distinct(group).into_iter().map(move |id| {
+                    let tokens = group.iter().filter(|&&other| other == id).count() as u64;
+                    (tokens, rank_of(id))
+                })
+            })
+            .map(|(tokens, r)| e * (tokens * r.div_ceil(32) * k + r * k) + 4 * tokens * r)
+            .sum(),
+        Regime::Decode | Regime::Simt => ids
+            .iter()
+            .map(|&id| rank_of(id))
+            .map(|r| e * (r.div_ceil(4) * k + r * k) + 4 * r)
+            .sum(),
+    };
     // Per row tile: its distinct adapters' b rows, and its rows' t per column tile.
     let mut expand = 0;
     for rows in ids.chunks(bm as usize) {
-        let mut seen: Vec<i32> = rows.to_vec();
-        seen.sort_unstable();
-        seen.dedup();
-        let b_rows: u64 = seen.iter().map(|&id| rank_of(id)).sum();
+        let b_rows: u64 = distinct(rows).iter().map(|&id| rank_of(id)).sum();
         let t: u64 = rows.iter().map(|&id| rank_of(id)).sum();
         expand += e * n * b_rows + tiles_n * 4 * t;
     }
-    let mut distinct: Vec<i32> = ids.to_vec();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let adapters: u64 = distinct.iter().map(|&id| rank_of(id) * (k + n)).sum();
+    let adapters: u64 = distinct(ids).iter().map(|&id| rank_of(id) * (k + n)).sum();
     Traffic {
         requested: e * (tiles_n * m * k + tiles_m * n * k)
             + shrink
@@ -121,6 +132,14 @@ pub fn multi_adapter_forward(
             + y_bytes(m, n, beta, e),
         floor: e * (m * k + n * k + adapters) + y_bytes(m, n, beta, e),
     }
+}
+
+/// The distinct ids among `ids`, in increasing order.
+fn distinct(ids: &[i32]) -> Vec<i32> {
+    let mut seen = ids.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    seen
 }
 
 /// One [`super::adamw::SlotOptimizer::step`] over `trained` parameters
@@ -188,6 +207,27 @@ mod tests {
         let with_empty = multi_adapter_forward(DType::BF16, dims, &ranks, &[0, 1, 2, -1], false);
         assert!(with_empty.requested < t.requested);
         assert!(t.ratio() > 1.0);
+    }
+
+    #[test]
+    fn multi_adapter_prefill_shrink_reads_x_once_per_32_ranks() {
+        // 128 tokens (prefill), k = 64, n = 32: one row tile, one column tile.
+        let dims = Dims::new(128, 32, 64);
+        let (m, n, k) = (128, 32, 64);
+        let base = 2 * (m * k + n * k + m * n);
+        // All tokens on slot 0 (rank 40): each token's x row twice (ranks
+        // 0..32 and 32..40), a's 40 rows once per group of 16 tokens.
+        let one = multi_adapter_forward(DType::BF16, dims, &[40], &[0; 128], false);
+        let shrink = 2 * (2 * m * k + 8 * 40 * k) + 4 * m * 40;
+        let expand = 2 * n * 40 + 4 * m * 40;
+        assert_eq!(one.requested, base + shrink + expand);
+        // Tokens alternating between two rank-8 slots: each group of 16 reads
+        // both adapters' a rows, and each token's x row once.
+        let ids: Vec<i32> = (0..128).map(|i| i % 2).collect();
+        let two = multi_adapter_forward(DType::BF16, dims, &[8, 8], &ids, false);
+        let shrink = 2 * (m * k + 8 * 2 * 8 * k) + 4 * m * 8;
+        let expand = 2 * n * 16 + 4 * m * 8;
+        assert_eq!(two.requested, base + shrink + expand);
     }
 
     #[test]
