@@ -220,7 +220,8 @@ __device__ __forceinline__ void load_k8(uint32_t (&w)[4], const T* row, int k, i
 // (16 bytes each) and uses its first 4 as the fragment's k columns 2q, 2q + 1,
 // 8 + 2q, 9 + 2q of one k16 step and its last 4 for the next. That permutes
 // the k order the same way in A (x) and B (a^T), which a dot product over k
-// does not see.
+// does not see. LEAN (the tile blocks' share): one n-tile of 8 ranks per
+// sweep over k, re-reading x per sweep, with a quarter of the registers.
 template <class T, bool ALIGNED, bool LEAN>
 __device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int lane) {
     constexpr int NT = MmaShrink::RANKS / 8;  // n-tiles of 8 ranks

@@ -501,6 +501,10 @@ fn bad_ids_case<T: KernelElement>(regimes: &[Regime]) {
         assert_eq!(pool.bad_id_count().unwrap(), 0);
         for &regime in regimes {
             fx.check(&dev, Some(regime), &x, &ids, 0.0).unwrap();
+            // Each regime's shrink counts the 3 ids out of range (99, -7, MIN).
+            let _ = run(&pool, Some(regime), &x, &fx.w, &ids, 0.0, &y0).unwrap();
+            assert_eq!(pool.bad_id_count().unwrap(), 3, "{regime:?}");
+            pool.reset_bad_id_count().unwrap();
         }
         let _ = run(&pool, None, &x, &fx.w, &ids, 0.0, &y0).unwrap();
         assert_eq!(pool.bad_id_count().unwrap(), 3);
@@ -690,7 +694,11 @@ fn saving_t_case<T: KernelElement>(m: usize, (n, k): (usize, usize), ranks: &[us
             multi_adapter_forward_saving_t(&pool, m, &xd, &wd, &routing, &mut y, &mut t)
         } else {
             let regime = regime_for(T::DTYPE, m);
-            saving_t_without_shrink_blocks(regime, &pool, m, &xd, &wd, &routing, &mut y, &mut t)
+            let (operands, outputs) = (
+                ((&xd).into(), (&wd).into()),
+                ((&mut y).into(), (&mut t).into()),
+            );
+            saving_t_without_shrink_blocks(regime, &pool, m, operands, &routing, outputs)
         }
         .unwrap();
         let t = dev.download(&t).unwrap();
@@ -734,7 +742,7 @@ fn saving_t_case<T: KernelElement>(m: usize, (n, k): (usize, usize), ranks: &[us
             T::DTYPE,
             dev.name()
         );
-        fx.compare(&what, &dev.download(&y).unwrap(), &x, &ids, 0.0, &y0)
+        fx.compare(&what, &dev.download(&y).unwrap(), &x, ids, 0.0, &y0)
             .unwrap();
     }
 }

@@ -24,7 +24,7 @@ pub fn section(number: usize) {
             );
         }
     }
-    for (tokens, adapters) in [(1usize, 1usize), (64, 8), (64, 64), (256, 64)] {
+    for (tokens, adapters) in [(1usize, 1usize), (64, 8), (64, 64), (256, 64), (4096, 16)] {
         let ranks = vec![16; adapters];
         let ids: Vec<i32> = (0..tokens)
             .map(|i| (i * adapters / tokens) as i32)

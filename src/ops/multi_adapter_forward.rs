@@ -118,16 +118,8 @@ pub fn multi_adapter_forward_in<'a, T: KernelElement>(
     beta: f32,
     y: impl Into<BufMut<'a, T>>,
 ) -> Result<()> {
-    launch(
-        regime,
-        pool,
-        m,
-        (x.into(), w.into()),
-        routing,
-        beta,
-        (y.into(), None),
-        true,
-    )
+    let (operands, outputs) = ((x.into(), w.into()), (y.into(), None));
+    launch(regime, pool, m, operands, routing, beta, outputs, true)
 }
 
 /// For tests: [`multi_adapter_forward_saving_t`] in a chosen regime, launched
@@ -135,27 +127,15 @@ pub fn multi_adapter_forward_in<'a, T: KernelElement>(
 /// lean forms they use for what they find unclaimed (on a GPU, tile blocks
 /// that start before the shrink blocks do).
 #[doc(hidden)]
-#[allow(clippy::too_many_arguments)] // the op's operands plus the regime
-pub fn saving_t_without_shrink_blocks<'a, T: KernelElement>(
+pub fn saving_t_without_shrink_blocks<T: KernelElement>(
     regime: Regime,
     pool: &AdapterPool<T>,
     m: usize,
-    x: impl Into<BufRef<'a, T>>,
-    w: impl Into<BufRef<'a, T>>,
+    (x, w): (BufRef<'_, T>, BufRef<'_, T>),
     routing: &Routing<'_>,
-    y: impl Into<BufMut<'a, T>>,
-    t: impl Into<BufMut<'a, f32>>,
+    (y, t): (BufMut<'_, T>, BufMut<'_, f32>),
 ) -> Result<()> {
-    launch(
-        regime,
-        pool,
-        m,
-        (x.into(), w.into()),
-        routing,
-        0.0,
-        (y.into(), Some(t.into())),
-        false,
-    )
+    launch(regime, pool, m, (x, w), routing, 0.0, (y, Some(t)), false)
 }
 
 /// The forward pass of training: as [`multi_adapter_forward`] (beta = 0),
@@ -171,15 +151,15 @@ pub fn multi_adapter_forward_saving_t<'a, T: KernelElement>(
     y: impl Into<BufMut<'a, T>>,
     t: impl Into<BufMut<'a, f32>>,
 ) -> Result<()> {
-    let regime = regime_for(T::DTYPE, m);
+    let (operands, outputs) = ((x.into(), w.into()), (y.into(), Some(t.into())));
     launch(
-        regime,
+        regime_for(T::DTYPE, m),
         pool,
         m,
-        (x.into(), w.into()),
+        operands,
         routing,
         0.0,
-        (y.into(), Some(t.into())),
+        outputs,
         true,
     )
 }
