@@ -242,9 +242,7 @@ __device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int l
         // The adapter of the first token not served yet, for the whole warp.
         const unsigned waiting = __ballot_sync(0xFFFFFFFFu, pending);
         if (waiting == 0) return;
-        int first = 0;
-        while (!(waiting >> first & 1u)) ++first;
-        const int s = __shfl_sync(0xFFFFFFFFu, mine, first);
+        const int s = __shfl_sync(0xFFFFFFFFu, mine, __ffs((int)waiting) - 1);
         pending = pending && mine != s;
         const bool lo = __shfl_sync(0xFFFFFFFFu, mine, g) == s;      // row g is s's
         const bool hi = __shfl_sync(0xFFFFFFFFu, mine, g + 8) == s;  // row g + 8 is s's

@@ -44,7 +44,7 @@ const MAX_SHRINK_BLOCKS: usize = 4096;
 /// Tokens and rank rows of one shrink unit, a warp each (`SimtShrink` and
 /// `MmaShrink` in the kernel): one token and 4 ranks on SIMT lanes at decode
 /// and in f32, 16 tokens and 32 ranks on tensor cores at prefill.
-fn shrink_unit(regime: Regime) -> (usize, usize) {
+pub(crate) fn shrink_unit(regime: Regime) -> (usize, usize) {
     match regime {
         Regime::Prefill => (16, 32),
         Regime::Decode | Regime::Simt => (1, 4),

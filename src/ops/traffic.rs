@@ -6,6 +6,7 @@
 //! not DRAM, so this is not a time; the tour prints it next to the measured
 //! times on a GPU machine and alone without one.
 use super::fused_forward::{Regime, regime_for};
+use super::multi_adapter_forward::shrink_unit;
 use super::tiles::{DECODE, PREFILL, RANK_CHUNK, SIMT, fused_decode_tiles};
 use crate::element::DType;
 use crate::shape::Dims;
@@ -99,24 +100,20 @@ pub fn multi_adapter_forward(
             .and_then(|s| slot_ranks.get(s))
             .map_or(0, |&r| r as u64)
     };
-    // x rows, a rows and t writes of the shrink.
-    let shrink: u64 = match regime {
-        Regime::Prefill => ids
-            .chunks(16)
-            .flat_map(|group| {
-                distinct(group).into_iter().map(move |id| {
-                    let tokens = group.iter().filter(|&&other| other == id).count() as u64;
-                    (tokens, rank_of(id))
-                })
+    // x rows, a rows and t writes of the shrink: per unit of `tokens` tokens
+    // and per distinct adapter among them, its tokens' x rows once per
+    // `ranks` ranks and the adapter's rank rows once.
+    let (tokens, ranks) = shrink_unit(regime);
+    let shrink: u64 = ids
+        .chunks(tokens)
+        .flat_map(|unit| {
+            distinct(unit).into_iter().map(move |id| {
+                let own = unit.iter().filter(|&&other| other == id).count() as u64;
+                (own, rank_of(id))
             })
-            .map(|(tokens, r)| e * (tokens * r.div_ceil(32) * k + r * k) + 4 * tokens * r)
-            .sum(),
-        Regime::Decode | Regime::Simt => ids
-            .iter()
-            .map(|&id| rank_of(id))
-            .map(|r| e * (r.div_ceil(4) * k + r * k) + 4 * r)
-            .sum(),
-    };
+        })
+        .map(|(own, r)| e * (own * r.div_ceil(ranks as u64) * k + r * k) + 4 * own * r)
+        .sum();
     // Per row tile: its distinct adapters' b rows, and its rows' t per column tile.
     let mut expand = 0;
     for rows in ids.chunks(bm as usize) {
