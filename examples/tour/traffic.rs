@@ -1,6 +1,7 @@
 //! The tour's second static section: the bytes each operation's launch
 //! moves by its tile plan against the least any kernel must move
 //! (`lora_kernels::ops::traffic`), at the shapes the timed tables use.
+use lora_kernels::ops::lora_backward::BackwardOptions;
 use lora_kernels::ops::traffic::{self, Traffic};
 use lora_kernels::{DType, Dims};
 
@@ -42,6 +43,7 @@ pub fn section(number: usize) {
             t,
         );
     }
+    backward_rows(n, k);
     let slots = 1000;
     let t = traffic::adamw_step(DType::BF16, slots * 16 * (n + k), false);
     row(
@@ -49,10 +51,67 @@ pub fn section(number: usize) {
         format!("{slots} slots, r 16, n {n}, k {k}"),
         t,
     );
-    println!(
-        "   prefill is bound by its MMAs, not these bytes: x re-read per column tile and w per row tile          is a GEMM's tiling, served mostly by L2"
+    row(
+        "merge bf16",
+        format!("n {n}, k {k}, r 16"),
+        traffic::merge(DType::BF16, n, k, 16),
     );
-    println!("   model: src/ops/traffic.rs");
+    println!(
+        "   prefill is bound by its MMAs, not these bytes: x (or g) re-read per column tile and w per row tile \
+         is a GEMM's tiling, served mostly by L2"
+    );
+    println!(
+        "   a pool's gradients hold every slot: those not trained are written as zeros (accumulate skips them)"
+    );
+    println!("   model: src/ops/traffic/");
+}
+
+/// The backward (dx, da, db) of one adapter, and of a pool's adapters as a
+/// learn-while-serving step trains them, with its launches' shares.
+fn backward_rows(n: usize, k: usize) {
+    let deterministic = BackwardOptions {
+        accumulate: false,
+        deterministic: true,
+    };
+    let mut cases: Vec<(String, Dims, Vec<usize>, Vec<i32>)> = Vec::new();
+    for m in [16usize, 4096] {
+        for r in [16usize, 64] {
+            cases.push((
+                format!("m {m}, one adapter r {r}"),
+                Dims::new(m, n, k),
+                vec![r],
+                Vec::new(),
+            ));
+        }
+    }
+    for (tokens, slots) in [(256usize, 256usize), (64, 1000)] {
+        let ids = (0..tokens).map(|i| (i % slots) as i32).collect();
+        cases.push((
+            format!("{tokens} tokens, pool of {slots} r 16"),
+            Dims::new(tokens, n, k),
+            vec![16; slots],
+            ids,
+        ));
+    }
+    for (shape, dims, ranks, ids) in cases {
+        let max_rank = ranks.iter().copied().max().unwrap_or(0);
+        let ids = (!ids.is_empty()).then_some(ids.as_slice());
+        let Some(t) =
+            traffic::lora_backward(DType::BF16, dims, &ranks, max_rank, ids, deterministic)
+        else {
+            continue;
+        };
+        row("backward bf16 (determ.)", shape, t.total);
+        let mb = |b: u64| b as f64 / 1e6;
+        println!(
+            "   {:<26} of which u {:.1}, dx {:.1}, db {:.1}, da {:.1} MB",
+            "",
+            mb(t.u),
+            mb(t.dx),
+            mb(t.db),
+            mb(t.da)
+        );
+    }
 }
 
 fn row(op: &str, shape: String, t: Traffic) {

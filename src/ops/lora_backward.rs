@@ -349,32 +349,16 @@ fn run<T: KernelElement>(
     if let Some(db) = &grads.db {
         check_output(dev, "db", db, slots * n, max_rank)?;
     }
-    // The grid layers (z) of u, db and da: one per slot, or, for a pool
-    // larger than the batch, one per token (each slot the batch uses gets
-    // the layer of its first token), so no block is launched for the slots
-    // no token uses. Those take the whole batch as one token range.
-    let by_token = pool.ids.is_some() && m < slots;
+    let Plan {
+        by_token,
+        u: u_plan,
+        db: db_split,
+        da: da_split,
+    } = plan(T::DTYPE, dims, slots, pool.ids.is_some());
     let layers = if by_token { ("m", m) } else { ("slots", slots) };
-    let split = |kernel: &RangeKernel, blocks_per_layer: usize| {
-        if by_token {
-            TokenSplit::whole(m)
-        } else {
-            kernel.split(m, slots * blocks_per_layer)
-        }
-    };
-    // Token ranges of the db and da reductions, each sized from its own grid.
     let (db_k, da_k) = (RangeKernel::db(T::DTYPE), RangeKernel::da(T::DTYPE));
-    let db_split = split(&db_k, n.div_ceil(db_k.cols));
-    let da_split = split(&da_k, k.div_ceil(da_k.cols));
-    // u: tensor cores for f16/bf16, a range of tokens per block row for every
-    // layer, and with few of those a range of n per block column.
-    let u_k = RangeKernel::u(T::DTYPE).map(|u| {
-        let split = split(&u, 1);
-        (u, split)
-    });
-    let u_cols = u_k
-        .as_ref()
-        .map_or(1, |(_, split)| u_column_ranges(n, split.splits * layers.1));
+    let u_k = RangeKernel::u(T::DTYPE);
+    let u_cols = u_plan.map_or(1, |(_, cols)| cols);
     // The tensor-core u writes a partial per column range, which u_sum scales
     // and adds into u; a single range is written into u itself.
     let u_partials = if u_cols > 1 {
@@ -398,7 +382,7 @@ fn run<T: KernelElement>(
         dims,
         max_rank,
         layers,
-        u_k.as_ref().map(|(_, split)| (*split, u_cols)),
+        u_plan,
         (&db_k, db_split),
         (&da_k, da_split),
     )?;
@@ -513,8 +497,8 @@ fn run<T: KernelElement>(
                 &params,
             )?;
         }
-        match &u_k {
-            Some((u, split)) => {
+        match (&u_k, u_plan) {
+            (Some(u), Some((split, _))) => {
                 let aligned = n.is_multiple_of(8)
                     && max_rank.is_multiple_of(8)
                     && [pg, pb].iter().all(|p| p.is_multiple_of(16));
@@ -529,7 +513,7 @@ fn run<T: KernelElement>(
                     .launch(dev, u.dims(grids.u), &split.params(&p))?;
                 U_SUM.launch(dev, simt(grids.u_sum), &p)?;
             }
-            None => U_F32.launch(dev, simt(grids.u), &params)?,
+            _ => U_F32.launch(dev, simt(grids.u), &params)?,
         }
         if pdx != 0 {
             let aligned = n.is_multiple_of(8)
@@ -561,6 +545,51 @@ fn run<T: KernelElement>(
         }
     }
     Ok(())
+}
+
+/// How the launches of a backward cut their work: [`run`] launches by it and
+/// `ops::traffic` models it, so the two cannot disagree.
+#[derive(Clone, Copy)]
+pub(crate) struct Plan {
+    /// The grid layers (z) of u, db and da are the batch's tokens (each slot
+    /// the batch uses gets the layer of its first token), not the slots: a
+    /// pool larger than the batch, so no block is launched for the slots no
+    /// token uses. Those take the whole batch as one token range.
+    pub by_token: bool,
+    /// The tensor-core u (f16/bf16): its token ranges and ranges of n. None
+    /// on SIMT (f32: a block per token).
+    pub u: Option<(TokenSplit, usize)>,
+    /// Token ranges of the db and da reductions, each sized from its own grid.
+    pub db: TokenSplit,
+    pub da: TokenSplit,
+}
+
+/// The plan for `dims` over a pool of `slots` slots (`pool`: tokens carry
+/// slot ids; a single adapter is one slot without ids).
+pub(crate) fn plan(dtype: DType, dims: Dims, slots: usize, pool: bool) -> Plan {
+    let Dims { m, n, k } = dims;
+    let by_token = pool && m < slots;
+    let layers = if by_token { m } else { slots };
+    let split = |kernel: &RangeKernel, blocks_per_layer: usize| {
+        if by_token {
+            TokenSplit::whole(m)
+        } else {
+            kernel.split(m, slots * blocks_per_layer)
+        }
+    };
+    let (db_k, da_k) = (RangeKernel::db(dtype), RangeKernel::da(dtype));
+    // u: a range of tokens per block row for every layer, and with few of
+    // those a range of n per block column.
+    let u = RangeKernel::u(dtype).map(|u| {
+        let split = split(&u, 1);
+        (split, u_column_ranges(n, split.splits * layers))
+    });
+    Plan {
+        by_token,
+        u,
+        db: split(&db_k, n.div_ceil(db_k.cols)),
+        da: split(&da_k, k.div_ceil(da_k.cols)),
+    }
 }
 
 /// The grids of the launches, checked against CUDA's limits before any of
@@ -608,9 +637,9 @@ impl Grids {
 /// per grid row: enough blocks to fill a large GPU, each range long enough
 /// to be worth a block.
 #[derive(Clone, Copy)]
-struct TokenSplit {
-    tokens_per_split: usize,
-    splits: usize,
+pub(crate) struct TokenSplit {
+    pub tokens_per_split: usize,
+    pub splits: usize,
 }
 
 impl TokenSplit {
@@ -793,7 +822,7 @@ fn zero<E: DeviceRepr + ValidAsZeroBits + Default + Clone>(
 
 /// The tensor-core dx kernel and its tiles for f16/bf16 (decode tiles up to
 /// m = 64, as the forward); None for f32 (SIMT).
-fn dx_mma(
+pub(crate) fn dx_mma(
     dtype: DType,
     m: usize,
     aligned: bool,

@@ -30,6 +30,16 @@ const ROWS_PER_BLOCK: usize = 8;
 /// CUDA's limit on grid.y: beyond it the kernel strides over column chunks.
 const MAX_GRID_Y: usize = 65535;
 
+/// Threads per block for rows of `k` columns: a column each.
+fn threads_for(k: usize) -> usize {
+    k.next_multiple_of(32).min(MAX_THREADS)
+}
+
+/// The block tile (rows of `w`, columns) of a launch over `k` columns.
+pub(crate) fn block_tile(k: usize) -> (usize, usize) {
+    (ROWS_PER_BLOCK, threads_for(k))
+}
+
 /// Whether to fold an adapter into the base weight or take it back out
 /// ([`merge`] on a device, `reference::merge` on the CPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +103,7 @@ pub fn merge<'a, T: KernelElement>(
         DType::BF16 => &MERGE_BF16,
         _ => &MERGE_F32,
     };
-    let threads = k.next_multiple_of(32).min(MAX_THREADS);
+    let threads = threads_for(k);
     let launch = LaunchDims {
         grid: [
             n.div_ceil(ROWS_PER_BLOCK) as u32,

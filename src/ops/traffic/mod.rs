@@ -5,6 +5,15 @@
 //! per row tile, the rows of `a` in every block. Re-reads mostly come from L2,
 //! not DRAM, so this is not a time; the tour prints it next to the measured
 //! times on a GPU machine and alone without one.
+//!
+//! Every operation has its model: the forwards here, the backward in
+//! `backward.rs`, the optimizer step and merge at the end. Where an op
+//! decides its launch shape at run time (token ranges, column ranges), the
+//! model calls the same function.
+mod backward;
+
+pub use backward::{BackwardTraffic, lora_backward};
+
 use super::fused_forward::{Regime, regime_for};
 use super::multi_adapter_forward::shrink_unit;
 use super::tiles::{DECODE, PREFILL, RANK_CHUNK, SIMT, fused_decode_tiles};
@@ -155,6 +164,22 @@ pub fn adamw_step(dtype: DType, trained: usize, anchored: bool) -> Traffic {
     }
 }
 
+/// [`super::merge::merge`] (or unmerge) of a rank-`r` adapter into `w`
+/// (`[n, k]`): `w` read and written once; each block of 8 rows reads `a`'s
+/// rank rows over its columns and its rows of `b` once per chunk of columns.
+/// The floor reads `a` and `b` once.
+pub fn merge(dtype: DType, n: usize, k: usize, r: usize) -> Traffic {
+    let e = dtype.size() as u64;
+    let (rows, cols) = super::merge::block_tile(k);
+    let (n, k, r) = (n as u64, k as u64, r as u64);
+    let a = n.div_ceil(rows as u64) * r * k;
+    let b = k.div_ceil(cols as u64) * n * r;
+    Traffic {
+        requested: e * (2 * n * k + a + b),
+        floor: e * (2 * n * k + r * k + n * r),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +257,14 @@ mod tests {
         let t = adamw_step(DType::BF16, 1000, false);
         assert_eq!(t.floor, 1000 * (16 + 14));
         assert_eq!(t.requested, 1000 * (4 + 32 + 14));
+    }
+
+    #[test]
+    fn merge_reads_a_once_per_8_rows() {
+        // n = k = 4096, r = 16: 512 blocks of 8 rows, columns in chunks of 256.
+        let t = merge(DType::BF16, 4096, 4096, 16);
+        let (w, a, b) = (4096 * 4096, 16 * 4096, 4096 * 16);
+        assert_eq!(t.floor, 2 * (2 * w + a + b));
+        assert_eq!(t.requested, 2 * (2 * w + 512 * a + 16 * b));
     }
 }
