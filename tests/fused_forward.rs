@@ -7,7 +7,9 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use lora_kernels::ops::fused_forward::{Regime, fused_forward, fused_forward_in};
+use lora_kernels::ops::fused_forward::{
+    Regime, fused_forward, fused_forward_in, fused_forward_tiled,
+};
 use lora_kernels::reference;
 use lora_kernels::reference::Adapter;
 use lora_kernels::{Device, DeviceAdapter, Dims, HostSchedule, KernelElement};
@@ -536,4 +538,108 @@ fn infinite_b_gives_the_references_infinities_and_nans() {
         check::<f16>(regime, dims);
         check::<bf16>(regime, dims);
     }
+}
+
+/// A prefill block takes `col_tiles` column tiles side by side and computes
+/// `t` once for them (one chunk of ranks; above, every tile recomputes it).
+/// The reused `t` is the same f32 sum, so `y` and the saved `t` match the
+/// one-tile blocks bit for bit, for any count (the last block of a row short
+/// of it), and the one-tile blocks match the reference. Shapes: 3 to 5
+/// column tiles of 128, rows off the 128-row tile, k on and off the 16-byte
+/// path, rank 1, exactly one chunk (64), and two chunks (65); both thread
+/// schedules (a missing barrier between a block's tiles shows under one).
+#[test]
+fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
+    fn run<T: KernelElement>(
+        dev: &Device,
+        case: &Case<T>,
+        col_tiles: usize,
+    ) -> lora_kernels::Result<(Vec<T>, Vec<f32>)> {
+        let (x, w) = (dev.upload(&case.x)?, dev.upload(&case.w)?);
+        let (a, b) = (dev.upload(&case.a)?, dev.upload(&case.b)?);
+        let mut y = dev.upload(&case.y0)?;
+        let mut t = dev.upload(&vec![f32::NAN; case.dims.m * case.rank])?;
+        fused_forward_tiled(
+            Regime::Prefill,
+            col_tiles,
+            dev,
+            case.dims,
+            ((&x).into(), (&w).into()),
+            &DeviceAdapter::new(&a, &b, case.rank, case.scale),
+            case.beta,
+            ((&mut y).into(), Some((&mut t).into())),
+        )?;
+        Ok((dev.download(&y)?, dev.download(&t)?))
+    }
+    fn check<T: KernelElement>(
+        dev: &Device,
+        (m, n, k, r): (usize, usize, usize, usize),
+        beta: f32,
+    ) {
+        let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m + n + k + r) as u64);
+        let (y1, t1) = run(dev, &case, 1).unwrap();
+        let want = case.expected();
+        let what = format!("{:?} m={m} n={n} k={k} r={r} one tile per block", T::DTYPE);
+        compare_within(&what, &y1, &want, &case.bound(&want)).unwrap();
+        for col_tiles in [2, 3, 7] {
+            let (y, t) = run(dev, &case, col_tiles).unwrap();
+            let same = |p: &[T], q: &[T]| {
+                p.iter()
+                    .zip(q)
+                    .all(|(u, v)| u.to_f64().to_bits() == v.to_f64().to_bits())
+            };
+            assert!(
+                same(&y, &y1),
+                "{what}: y with {col_tiles} tiles per block differs"
+            );
+            assert!(
+                t.iter().zip(&t1).all(|(u, v)| u.to_bits() == v.to_bits()),
+                "{what}: t with {col_tiles} tiles per block differs"
+            );
+        }
+    }
+    let shapes = [
+        (70, 300, 72, 16),
+        (150, 520, 45, 1),
+        (129, 390, 40, 64),
+        (65, 260, 24, 65),
+    ];
+    for (i, shape) in shapes.into_iter().enumerate() {
+        let beta = if i == 2 { 0.5 } else { 0.0 };
+        for dev in devices() {
+            check::<bf16>(&dev, shape, beta);
+            check::<f16>(&dev, shape, beta);
+        }
+    }
+    let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
+    check::<bf16>(&reverse, (70, 300, 72, 16), 0.0);
+
+    // No tiles per block is an error, and the failed call writes nothing.
+    let case = Case::<bf16>::new(Dims::new(70, 300, 72), 4, 0.5, 3);
+    let host = Device::host().unwrap();
+    let (x, w) = (host.upload(&case.x).unwrap(), host.upload(&case.w).unwrap());
+    let (a, b) = (host.upload(&case.a).unwrap(), host.upload(&case.b).unwrap());
+    let mut y = host.upload(&case.y0).unwrap();
+    let err = fused_forward_tiled(
+        Regime::Prefill,
+        0,
+        &host,
+        case.dims,
+        ((&x).into(), (&w).into()),
+        &DeviceAdapter::new(&a, &b, case.rank, case.scale),
+        case.beta,
+        ((&mut y).into(), None),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            lora_kernels::Error::InvalidArgument {
+                name: "col_tiles",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(host.download(&y).unwrap(), case.y0);
 }

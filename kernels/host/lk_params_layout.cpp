@@ -20,7 +20,7 @@ const FieldLayout kLayouts[] = {
     LK_FIELD(FusedForwardParams, a), LK_FIELD(FusedForwardParams, b), LK_FIELD(FusedForwardParams, y),
     LK_FIELD(FusedForwardParams, m), LK_FIELD(FusedForwardParams, n), LK_FIELD(FusedForwardParams, k),
     LK_FIELD(FusedForwardParams, t_out), LK_FIELD(FusedForwardParams, r), LK_FIELD(FusedForwardParams, scale),
-    LK_FIELD(FusedForwardParams, beta),
+    LK_FIELD(FusedForwardParams, beta), LK_FIELD(FusedForwardParams, col_tiles), LK_FIELD(FusedForwardParams, pad),
     LK_STRUCT(BackwardParams), LK_FIELD(BackwardParams, g), LK_FIELD(BackwardParams, x), LK_FIELD(BackwardParams, w),
     LK_FIELD(BackwardParams, a_pool), LK_FIELD(BackwardParams, b_pool), LK_FIELD(BackwardParams, slot_rank),
     LK_FIELD(BackwardParams, slot_scale), LK_FIELD(BackwardParams, token_slots), LK_FIELD(BackwardParams, t),

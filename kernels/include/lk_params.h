@@ -16,6 +16,8 @@ typedef struct FusedForwardParams {
     int32_t m, n, k, r;
     float scale;
     float beta; /* 0: y is written without being read */
+    int32_t col_tiles; /* prefill: column tiles per block, side by side (t computed once for them) */
+    int32_t pad;
 } FusedForwardParams;
 
 /* Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses

@@ -77,4 +77,16 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
+// Hides p's value from the compiler, so that what the code derives from it
+// (row pointers, bounds) is computed where it is used instead of hoisted out
+// of an enclosing loop and held in registers across it (a no-op on the host).
+template <class T>
+__device__ __forceinline__ void opaque(T*& p) {
+#ifdef LK_HOST
+    (void)p;
+#else
+    asm volatile("" : "+l"(p));
+#endif
+}
+
 }  // namespace lk

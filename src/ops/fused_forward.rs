@@ -11,7 +11,7 @@ use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::FusedForwardParams;
 use crate::shape::{Dims, check_finite, invalid};
 
-use super::tiles::{DECODE_WIDE, PREFILL, SIMT, fused_decode_tiles};
+use super::tiles::{DECODE_WIDE, PREFILL, PREFILL_COL_TILES, SIMT, fused_decode_tiles};
 
 kernel!(SIMT_F32 = lk_fused_forward_simt_f32 in "fused_forward_simt": FusedForwardParams;);
 kernel!(SIMT_F16 = lk_fused_forward_simt_f16 in "fused_forward_simt": FusedForwardParams;);
@@ -114,6 +114,7 @@ pub fn fused_forward_in<'a, T: KernelElement>(
 ) -> Result<()> {
     launch(
         regime,
+        None,
         dev,
         dims,
         (x.into(), w.into()),
@@ -138,6 +139,7 @@ pub fn fused_forward_saving_t<'a, T: KernelElement>(
     let regime = regime_for(T::DTYPE, dims.m);
     launch(
         regime,
+        None,
         dev,
         dims,
         (x.into(), w.into()),
@@ -147,8 +149,39 @@ pub fn fused_forward_saving_t<'a, T: KernelElement>(
     )
 }
 
+/// The fused forward in a chosen regime with `col_tiles` column tiles per
+/// prefill block (the decode and SIMT kernels take one tile per block and
+/// ignore it), saving `t` when given: for tests, and for tuning on a GPU
+/// machine. An error for `col_tiles == 0`.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // the op's operands plus the launch form
+pub fn fused_forward_tiled<T: KernelElement>(
+    regime: Regime,
+    col_tiles: usize,
+    dev: &Device,
+    dims: Dims,
+    (x, w): (BufRef<'_, T>, BufRef<'_, T>),
+    adapter: &DeviceAdapter<'_, T>,
+    beta: f32,
+    (y, t): (BufMut<'_, T>, Option<BufMut<'_, f32>>),
+) -> Result<()> {
+    launch(
+        regime,
+        Some(col_tiles),
+        dev,
+        dims,
+        (x, w),
+        adapter,
+        beta,
+        (y, t),
+    )
+}
+
+/// `col_tiles`: column tiles per prefill block (None: [`PREFILL_COL_TILES`]).
+#[allow(clippy::too_many_arguments)] // the op's operands plus the launch form
 fn launch<T: KernelElement>(
     regime: Regime,
+    col_tiles: Option<usize>,
     dev: &Device,
     dims: Dims,
     (x, w): (BufRef<'_, T>, BufRef<'_, T>),
@@ -164,6 +197,14 @@ fn launch<T: KernelElement>(
     check_output(dev, "y", &y, dims.m, dims.n)?;
     if let Some(t) = &t_out {
         check_output(dev, "t", t, dims.m, adapter.rank)?;
+    }
+    let col_tiles = col_tiles.unwrap_or(PREFILL_COL_TILES);
+    if col_tiles == 0 || col_tiles > i32::MAX as usize {
+        return Err(invalid(
+            "col_tiles",
+            col_tiles,
+            "column tiles per block: 1 ..= i32::MAX",
+        ));
     }
     if dims.m == 0 {
         return Ok(());
@@ -194,14 +235,18 @@ fn launch<T: KernelElement>(
         r: adapter.rank as i32,
         scale: adapter.scale,
         beta,
+        col_tiles: col_tiles as i32,
+        pad: 0,
     };
     // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
     let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
-    let (kernel, launch) = select(regime, T::DTYPE, aligned, dims, adapter.rank)?;
+    let (kernel, launch) = select(regime, T::DTYPE, aligned, dims, adapter.rank, col_tiles)?;
     // SAFETY: every operand was checked above to live on `dev`'s backend with
     // exactly the element count the kernel indexes (x m*k, w n*k, a r*k, b n*r,
     // y m*n, t m*r when saved); m, n, k, r fit i32 (Dims::validate, check_rank); `select` gives
-    // the grid covering m x n with the kernel's tile (within CUDA's grid
+    // the grid covering m x n with the kernel's tile (a prefill block
+    // covering col_tiles >= 1 tiles side by side, the last block of a row
+    // stopping at n; within CUDA's grid
     // limits, else it returned an error), its block size and its shared
     // memory for this rank; the 16-byte path is taken only when k and
     // the bases allow it; the pointer guards (_g*) live until after the launch
@@ -217,11 +262,15 @@ fn select(
     aligned: bool,
     dims: Dims,
     rank: usize,
+    col_tiles: usize,
 ) -> Result<(&'static Kernel<FusedForwardParams>, LaunchDims)> {
-    let grid =
-        |bm: usize, bn: usize| grid("m", dims.m, [dims.n.div_ceil(bn), dims.m.div_ceil(bm), 1]);
+    // `per_block` column tiles of `bn` per block.
+    let grid = |bm: usize, bn: usize, per_block: usize| {
+        let x = dims.n.div_ceil(bn).div_ceil(per_block);
+        grid("m", dims.m, [x, dims.m.div_ceil(bm), 1])
+    };
     let bf16 = dtype == DType::BF16;
-    let (kernel, tiles) = match regime {
+    let (kernel, tiles, per_block) = match regime {
         Regime::Simt => {
             let kernel = match dtype {
                 DType::F16 => &SIMT_F16,
@@ -229,7 +278,7 @@ fn select(
                 _ => &SIMT_F32,
             };
             let launch = LaunchDims {
-                grid: grid(SIMT.bm, SIMT.bn)?,
+                grid: grid(SIMT.bm, SIMT.bn, 1)?,
                 block: [SIMT.threads, 1, 1],
                 dynamic_smem_bytes: 0,
             };
@@ -248,7 +297,7 @@ fn select(
                 (true, true, true) => &DECODE_WIDE_BF16_ALIGNED,
                 (true, true, false) => &DECODE_WIDE_BF16_ANY,
             };
-            (kernel, tiles)
+            (kernel, tiles, 1)
         }
         Regime::Prefill => {
             let kernel = match (bf16, aligned) {
@@ -257,11 +306,11 @@ fn select(
                 (true, true) => &PREFILL_BF16_ALIGNED,
                 (true, false) => &PREFILL_BF16_ANY,
             };
-            (kernel, &PREFILL)
+            (kernel, &PREFILL, col_tiles)
         }
     };
     let launch = LaunchDims {
-        grid: grid(tiles.bm, tiles.bn)?,
+        grid: grid(tiles.bm, tiles.bn, per_block)?,
         block: [tiles.threads, 1, 1],
         dynamic_smem_bytes: tiles.smem_bytes(tiles.shrink_rows(rank)),
     };

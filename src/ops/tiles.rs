@@ -45,6 +45,14 @@ pub(crate) const PREFILL: MmaTiles = MmaTiles {
     stages: 4,
 };
 
+/// Column tiles a fused prefill block takes side by side (`col_tiles` in
+/// kernels/fused_forward_mma.cu): the first computes the shrink `t = x a^T`
+/// and the others reuse it (ranks up to [`RANK_CHUNK`]), so the shrink's MMAs
+/// and its loads of `a` are spent once per 2 tiles. More would cut them
+/// further but leave fewer, longer blocks for the last wave: a value to
+/// settle by timing on a GPU.
+pub(crate) const PREFILL_COL_TILES: usize = 2;
+
 /// The backward's reductions over tokens on tensor cores (`lk::tok` in
 /// kernels/include/lk_token_gemm.cuh): a block of `threads` owns a
 /// `ranks`-rank chunk times `bn` columns and walks its tokens `bk` at a time.

@@ -16,7 +16,7 @@ pub use backward::{BackwardTraffic, lora_backward};
 
 use super::fused_forward::{Regime, regime_for};
 use super::multi_adapter_forward::shrink_unit;
-use super::tiles::{DECODE, PREFILL, RANK_CHUNK, SIMT, fused_decode_tiles};
+use super::tiles::{DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles};
 use crate::element::DType;
 use crate::shape::Dims;
 
@@ -54,9 +54,10 @@ fn y_bytes(m: u64, n: u64, beta: bool, e: u64) -> u64 {
 }
 
 /// [`super::fused_forward::fused_forward`] of `dims` at rank `r` in the
-/// regime it picks for `dtype`. On tensor cores every block reads its rows
-/// of `x` once per 64 ranks, its columns of `w`, the rank rows of `a` and its
-/// rows of `b`; the SIMT kernel (f32) reads a row of `x` and of `a` from
+/// regime it picks for `dtype`. On tensor cores every tile reads its rows
+/// of `x` once per 64 ranks, its columns of `w`, the rank rows of `a` (at
+/// prefill with one chunk of ranks, once per block of 2 tiles) and its rows
+/// of `b`; the SIMT kernel (f32) reads a row of `x` and of `a` from
 /// global memory for every entry of its `t` tile.
 pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic {
     let e = dtype.size() as u64;
@@ -72,7 +73,14 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
         }
         _ => {
             let passes = r.div_ceil(RANK_CHUNK as u64).max(1);
-            tiles_n * m * k * passes + tiles_m * tiles_n * r * k + tiles_m * n * r
+            // Prefill blocks of PREFILL_COL_TILES tiles read a's rows once
+            // for them all (one chunk of ranks).
+            let shrinks = if regime == Regime::Prefill && passes == 1 {
+                tiles_n.div_ceil(PREFILL_COL_TILES as u64)
+            } else {
+                tiles_n
+            };
+            tiles_n * m * k * passes + tiles_m * shrinks * r * k + tiles_m * n * r
         }
     };
     Traffic {
@@ -210,12 +218,16 @@ mod tests {
     fn prefill_reads_x_per_column_tile_and_w_per_row_tile() {
         let t = fused_forward(DType::F16, Dims::new(4096, 4096, 4096), 64, true);
         let (tiles, mk, nk) = (32, 4096 * 4096, 4096 * 4096);
-        let want = 2 * (tiles * mk + tiles * nk + tiles * tiles * 64 * 4096 + tiles * 4096 * 64)
-            + 2 * 2 * 4096 * 4096;
+        // a's 64 rows once per block of 2 column tiles.
+        let a = tiles * (tiles / 2) * 64 * 4096;
+        let want = 2 * (tiles * mk + tiles * nk + a + tiles * 4096 * 64) + 2 * 2 * 4096 * 4096;
         assert_eq!(t.requested, want);
-        // Ranks past 64 read x once more per 64.
+        // Ranks past 64 read x once more per 64, and every tile reads a.
         let t65 = fused_forward(DType::F16, Dims::new(4096, 4096, 4096), 65, true);
-        assert!(t65.requested > t.requested + 2 * tiles * mk);
+        let a65 = tiles * tiles * 65 * 4096;
+        let want65 =
+            2 * (2 * tiles * mk + tiles * nk + a65 + tiles * 4096 * 65) + 2 * 2 * 4096 * 4096;
+        assert_eq!(t65.requested, want65);
     }
 
     #[test]
