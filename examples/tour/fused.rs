@@ -2,7 +2,7 @@
 //! beside cuBLAS base-only and cuBLAS unfused LoRA.
 use half::{bf16, f16};
 use lora_kernels::cublas_baseline::CublasBaseline;
-use lora_kernels::ops::fused_forward::{fused_forward, regime_for};
+use lora_kernels::ops::fused_forward::{Regime, fused_forward, fused_forward_tiled, regime_for};
 use lora_kernels::timing::time_on_stream;
 use lora_kernels::{Device, DeviceAdapter, Dims, KernelElement};
 use serde_json::json;
@@ -145,4 +145,71 @@ where
         "floor_us": floor_us, "ours_over_base": ours.median_us / base.median_us,
         "ours_over_unfused": ours.median_us / unfused.median_us, "pct_of_floor": 100.0 * floor_us / ours.median_us,
     }))
+}
+
+/// Prefill blocks of 1, 2 and 4 column tiles (`t` computed once per block):
+/// the count `PREFILL_COL_TILES` should take, timed beside cuBLAS base-only.
+pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
+    println!(
+        "\n   fused prefill, column tiles per block (t computed once per block), bf16, m 4096"
+    );
+    println!(
+        "   {:>5} {:>5} {:>3} {:>6} {:>10} {:>10} {:>9} {:>9}",
+        "n", "k", "r", "tiles", "ours us", "base us", "ours/base", "vs 1 tile"
+    );
+    let (m, mut rows) = (4096usize, Vec::new());
+    for (n, k) in [(4096usize, 4096usize), (14336, 4096)] {
+        let mut inputs = Inputs::<bf16>::new(dev, n, k, m)?;
+        let copies = inputs.ws.len();
+        let dims = Dims::new(m, n, k);
+        let x = inputs.x.slice(..m * k);
+        let mut i = 0;
+        let base = time_on_stream(dev, WARMUP, RUNS, || {
+            i += 1;
+            blas.base(
+                dims,
+                &x,
+                &inputs.ws[i % copies],
+                &mut inputs.y.slice_mut(..m * n),
+            )
+        })?;
+        for r in [16usize, 64] {
+            let stream = dev.cuda_stream().expect("a CUDA device");
+            let a = stream.clone_htod(&data::<bf16>(r * k, 3))?;
+            let b = stream.clone_htod(&data::<bf16>(n * r, 4))?;
+            let mut one_tile = None;
+            for col_tiles in [1usize, 2, 4] {
+                let ours = time_on_stream(dev, WARMUP, RUNS, || {
+                    i += 1;
+                    fused_forward_tiled(
+                        Regime::Prefill,
+                        col_tiles,
+                        dev,
+                        dims,
+                        (
+                            inputs.x.slice(..m * k).into(),
+                            (&inputs.ws[i % copies]).into(),
+                        ),
+                        &DeviceAdapter::new(&a, &b, r, 0.5),
+                        0.0,
+                        (inputs.y.slice_mut(..m * n).into(), None),
+                    )
+                })?;
+                let first = *one_tile.get_or_insert(ours.median_us);
+                println!(
+                    "   {n:>5} {k:>5} {r:>3} {col_tiles:>6} {:>10.1} {:>10.1} {:>9.3} {:>9.3}",
+                    ours.median_us,
+                    base.median_us,
+                    ours.median_us / base.median_us,
+                    ours.median_us / first
+                );
+                rows.push(json!({
+                    "dtype": "bf16", "m": m, "n": n, "k": k, "r": r, "col_tiles": col_tiles,
+                    "ours_us": ours.median_us, "cublas_base_us": base.median_us,
+                    "ours_over_base": ours.median_us / base.median_us,
+                }));
+            }
+        }
+    }
+    Ok(rows)
 }

@@ -78,6 +78,7 @@ fn main() -> Res<()> {
          floor = max(bytes / copy bandwidth, flops / GEMM rate)"
     );
     let fused_rows = fused::table(&dev, &blas, ceilings)?;
+    let col_tiles_rows = fused::col_tiles_table(&dev, &blas)?;
     let multi_rows = multi::table(&dev, &blas, ceilings)?;
     let backward_rows = training::backward_table(&dev, &blas, ceilings)?;
     let optimizer = training::optimizer_table(&dev, ceilings)?;
@@ -88,6 +89,7 @@ fn main() -> Res<()> {
         "warmup": WARMUP,
         "runs": RUNS,
         "fused_forward": fused_rows,
+        "fused_prefill_col_tiles": col_tiles_rows,
         "multi_adapter_forward": multi_rows,
         "backward": backward_rows,
         "optimizer": optimizer,
