@@ -95,11 +95,7 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
                     if (col < rc && row0 + row < p.m)
                         reinterpret_cast<float*>(p.t_out)[(size_t)(row0 + row) * p.r + r0 + col] = t;
                 });
-            for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
-                int row = i / rp, col = i % rp, gn = col0 + row;
-                T v = (gn < p.n && col < rc) ? b[(size_t)gn * p.r + r0 + col] : lk::from_f32<T>(0.f);
-                e.ws[row * C::LDT + col] = lk::finite_weight(v, guard);
-            }
+            lk::load_b_rows(e, guard, b, p.r, p.n, col0, r0, rc, rp);
             // Ends with a barrier: the next tile's k-loop may refill shared memory.
             lk::expand(e, guard, rc, rp, values, weight, r);
         }

@@ -430,11 +430,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
             };
             guard.next();
             values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
-            for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
-                int row = i / rp, col = i % rp, gn = col0 + row;
-                T v = (gn < p.n && col < rc) ? b[(size_t)gn * p.max_rank + r0 + col] : lk::from_f32<T>(0.f);
-                e.ws[row * C::LDT + col] = lk::finite_weight(v, guard);
-            }
+            lk::load_b_rows(e, guard, b, p.max_rank, p.n, col0, r0, rc, rp);
             lk::expand(e, guard, rc, rp, values, weight, r);
         }
     }

@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use lora_kernels::cublas_baseline::CublasBaseline;
 use lora_kernels::ops::fused_forward::{Regime, fused_forward, fused_forward_tiled, regime_for};
-use lora_kernels::timing::time_on_stream;
+use lora_kernels::timing::{Timing, time_on_stream};
 use lora_kernels::{Device, DeviceAdapter, Dims, KernelElement};
 use serde_json::json;
 
@@ -89,7 +89,6 @@ where
     );
     let mut t = stream.alloc_zeros::<T>(m * r)?;
     let (scale, copies) = (0.5, inputs.ws.len());
-    let x = inputs.x.slice(..m * k);
     let mut i = 0;
     let ours = time_on_stream(dev, WARMUP, RUNS, || {
         i += 1;
@@ -104,15 +103,8 @@ where
             inputs.y.slice_mut(..m * n),
         )
     })?;
-    let base = time_on_stream(dev, WARMUP, RUNS, || {
-        i += 1;
-        blas.base(
-            dims,
-            &x,
-            &inputs.ws[i % copies],
-            &mut inputs.y.slice_mut(..m * n),
-        )
-    })?;
+    let base = time_base(dev, blas, inputs, dims, &mut i)?;
+    let x = inputs.x.slice(..m * k);
     let unfused = time_on_stream(dev, WARMUP, RUNS, || {
         i += 1;
         let y = &mut inputs.y.slice_mut(..m * n);
@@ -162,17 +154,8 @@ pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_jso
         let mut inputs = Inputs::<bf16>::new(dev, n, k, m)?;
         let copies = inputs.ws.len();
         let dims = Dims::new(m, n, k);
-        let x = inputs.x.slice(..m * k);
         let mut i = 0;
-        let base = time_on_stream(dev, WARMUP, RUNS, || {
-            i += 1;
-            blas.base(
-                dims,
-                &x,
-                &inputs.ws[i % copies],
-                &mut inputs.y.slice_mut(..m * n),
-            )
-        })?;
+        let base = time_base(dev, blas, &mut inputs, dims, &mut i)?;
         for r in [16usize, 64] {
             let stream = dev.cuda_stream().expect("a CUDA device");
             let a = stream.clone_htod(&data::<bf16>(r * k, 3))?;
@@ -212,4 +195,30 @@ pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_jso
         }
     }
     Ok(rows)
+}
+
+/// cuBLAS base-only `x w^T` at `dims`, rotating the copies of `w` (`i`
+/// counts the calls across timings).
+fn time_base<T: KernelElement>(
+    dev: &Device,
+    blas: &CublasBaseline,
+    inputs: &mut Inputs<T>,
+    dims: Dims,
+    i: &mut usize,
+) -> Res<Timing>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let Dims { m, n, k } = dims;
+    let copies = inputs.ws.len();
+    let x = inputs.x.slice(..m * k);
+    Ok(time_on_stream(dev, WARMUP, RUNS, || {
+        *i += 1;
+        blas.base(
+            dims,
+            &x,
+            &inputs.ws[*i % copies],
+            &mut inputs.y.slice_mut(..m * n),
+        )
+    })?)
 }

@@ -531,6 +531,18 @@ __device__ __forceinline__ T finite_weight(T w, const ExpandGuard<C>& g) {
     return from_f32<T>(0.f);
 }
 
+// The forward's weight tile of one rank chunk: rows col0 .. col0 + BN of b
+// ([n][ldb]), ranks r0 .. r0 + rc of each, zeros past n and from rc to rp.
+template <class T, class C>
+__device__ void load_b_rows(const ExpandTiles<T, C>& e, const ExpandGuard<C>& guard, const T* b, int ldb, int n,
+                            int col0, int r0, int rc, int rp) {
+    for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
+        const int row = i / rp, col = i % rp, gn = col0 + row;
+        const T v = (gn < n && col < rc) ? b[(size_t)gn * ldb + r0 + col] : from_f32<T>(0.f);
+        e.ws[row * C::LDT + col] = finite_weight(v, guard);
+    }
+}
+
 // The f16 range case, after the split and a barrier: if the split raised the
 // range flag, row_exp gets each row's e and the rows with e > 0 are split
 // again as v / 2^e. `values(f)` calls f(row, col, v) for each element this
