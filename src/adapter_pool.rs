@@ -300,6 +300,7 @@ impl<T: KernelElement> AdapterPool<T> {
     }
 
     /// The scale of `slot`'s adapter (callers pass a valid slot).
+    #[cfg(feature = "peft")]
     pub(crate) fn slot_scale(&self, slot: usize) -> Result<f32> {
         Ok(read(&self.dev, &self.scales, slot, 1)?[0])
     }

@@ -188,6 +188,7 @@ impl<T> Buffer<T> {
 
     /// Elements `range` as a read-only operand (callers pass a range inside
     /// the buffer).
+    #[cfg(feature = "peft")]
     pub(crate) fn view(&self, range: std::ops::Range<usize>) -> BufRef<'_, T> {
         match self {
             Buffer::Cuda(s) => BufRef::Cuda(s.slice(range)),
