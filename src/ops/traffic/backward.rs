@@ -1,6 +1,6 @@
 //! The backward's launches (src/ops/lora_backward.rs) on tensor cores: `u`,
 //! `dx`, `db` and `da` with their reductions, by the plan the op launches.
-use super::Traffic;
+use super::{Traffic, distinct};
 use crate::element::DType;
 use crate::ops::lora_backward::{BackwardOptions, Plan, TokenSplit, dx_mma, plan};
 use crate::ops::tiles::{GATHER_GEMM, TOKEN_GEMM};
@@ -28,8 +28,9 @@ pub struct BackwardTraffic {
 /// [`crate::ops::lora_backward::multi_adapter_backward`] computing `dx`,
 /// `da` and `db` for token `i` on slot `ids[i]` (-1: none) of a pool whose
 /// slot `s` has rank `slot_ranks[s]` (0: empty) and rank capacity
-/// `max_rank` (`ids` holds `dims.m` ids); with `ids` None, [`crate::ops::lora_backward::lora_backward`]
-/// of one adapter (`slot_ranks = [r]`, `max_rank = r`). None for f32, whose
+/// `max_rank` (`ids` holds `dims.m` ids); with `ids` None,
+/// [`crate::ops::lora_backward::lora_backward`] of one adapter
+/// (`slot_ranks = [r]`, `max_rank = r`). None for f32, whose
 /// SIMT kernels this does not model. The ids, ranks and scales the kernels
 /// look up are not counted.
 ///
@@ -175,10 +176,7 @@ impl<'a> Batch<'a> {
 
     /// The distinct slots trained by the tokens in `rows`, in increasing order.
     fn distinct_slots(&self, rows: std::ops::Range<usize>) -> impl Iterator<Item = usize> {
-        let mut seen: Vec<usize> = self.slot[rows].iter().flatten().copied().collect();
-        seen.sort_unstable();
-        seen.dedup();
-        seen.into_iter()
+        distinct(self.slot[rows].iter().flatten().copied()).into_iter()
     }
 
     /// (slot, its tokens in the range) for every block layer and token

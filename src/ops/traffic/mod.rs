@@ -124,7 +124,7 @@ pub fn multi_adapter_forward(
     let shrink: u64 = ids
         .chunks(tokens)
         .flat_map(|unit| {
-            distinct(unit).into_iter().map(move |id| {
+            distinct(unit.iter().copied()).into_iter().map(move |id| {
                 let own = unit.iter().filter(|&&other| other == id).count() as u64;
                 (own, rank_of(id))
             })
@@ -134,11 +134,17 @@ pub fn multi_adapter_forward(
     // Per row tile: its distinct adapters' b rows, and its rows' t per column tile.
     let mut expand = 0;
     for rows in ids.chunks(bm as usize) {
-        let b_rows: u64 = distinct(rows).iter().map(|&id| rank_of(id)).sum();
+        let b_rows: u64 = distinct(rows.iter().copied())
+            .iter()
+            .map(|&id| rank_of(id))
+            .sum();
         let t: u64 = rows.iter().map(|&id| rank_of(id)).sum();
         expand += e * n * b_rows + tiles_n * 4 * t;
     }
-    let adapters: u64 = distinct(ids).iter().map(|&id| rank_of(id) * (k + n)).sum();
+    let adapters: u64 = distinct(ids.iter().copied())
+        .iter()
+        .map(|&id| rank_of(id) * (k + n))
+        .sum();
     Traffic {
         requested: e * (tiles_n * m * k + tiles_m * n * k)
             + shrink
@@ -148,9 +154,9 @@ pub fn multi_adapter_forward(
     }
 }
 
-/// The distinct ids among `ids`, in increasing order.
-fn distinct(ids: &[i32]) -> Vec<i32> {
-    let mut seen = ids.to_vec();
+/// The distinct values among `items`, in increasing order.
+fn distinct<T: Ord + Copy>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut seen: Vec<T> = items.into_iter().collect();
     seen.sort_unstable();
     seen.dedup();
     seen
