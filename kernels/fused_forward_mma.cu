@@ -117,7 +117,8 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
 // Entry points: <regime>_<type>_<aligned|any>. "aligned": k % 8 == 0 and x, w, a
 // 16-byte aligned (16-byte cp.async); "any": element loads, every shape.
 // Prefill blocks take p.col_tiles tiles; decode blocks one (n / BN blocks
-// are about the SM count there).
+// are about the SM count there). decode_deep and decode_wide_deep: the
+// decode tiles with deeper pipelines (more bytes of w in flight per SM).
 #define LK_FUSED_MMA(regime, Cfg, tiles, tname, T)                                                          \
     LK_KERNEL(lk_fused_forward_##regime##_##tname##_aligned, FusedForwardParams,                            \
               (fused_forward_mma<T, Cfg, true, tiles>))                                                     \
@@ -126,5 +127,9 @@ LK_FUSED_MMA(decode, lk::DecodeTiles, false, f16, __half)
 LK_FUSED_MMA(decode, lk::DecodeTiles, false, bf16, __nv_bfloat16)
 LK_FUSED_MMA(decode_wide, lk::DecodeWideTiles, false, f16, __half)
 LK_FUSED_MMA(decode_wide, lk::DecodeWideTiles, false, bf16, __nv_bfloat16)
+LK_FUSED_MMA(decode_deep, lk::DecodeDeepTiles, false, f16, __half)
+LK_FUSED_MMA(decode_deep, lk::DecodeDeepTiles, false, bf16, __nv_bfloat16)
+LK_FUSED_MMA(decode_wide_deep, lk::DecodeWideDeepTiles, false, f16, __half)
+LK_FUSED_MMA(decode_wide_deep, lk::DecodeWideDeepTiles, false, bf16, __nv_bfloat16)
 LK_FUSED_MMA(prefill, lk::PrefillTiles, true, f16, __half)
 LK_FUSED_MMA(prefill, lk::PrefillTiles, true, bf16, __nv_bfloat16)

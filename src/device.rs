@@ -2,7 +2,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
@@ -26,11 +26,16 @@ struct ContextKernels {
     /// could be reused by a new one.
     _context: Arc<CudaContext>,
     compute_capability: (i32, i32),
+    /// Shared memory one block may opt in to (static and dynamic), bytes.
+    max_block_smem: usize,
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Loaded functions with the dynamic shared memory they were opened up to.
     functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
 }
+
+/// Shared memory a block of sm_90 may opt in to (227 KiB).
+pub(crate) const SM90_MAX_BLOCK_SMEM: usize = 227 * 1024;
 
 /// Every context's kernels, by the address of the context's driver handle.
 static CONTEXTS: LazyLock<Mutex<HashMap<usize, Arc<ContextKernels>>>> =
@@ -48,6 +53,9 @@ impl ContextKernels {
         let kernels = Arc::new(ContextKernels {
             _context: ctx.clone(),
             compute_capability: ctx.compute_capability()?,
+            max_block_smem: ctx.attribute(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )? as usize,
             name: ctx.name()?,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -142,6 +150,16 @@ impl Device {
                 format!("{} (sm_{major}{minor})", d.kernels.name)
             }
             Device::Host(_) => "host runtime (CPU)".into(),
+        }
+    }
+
+    /// The most shared memory (static and dynamic, bytes) a block may opt in
+    /// to: the GPU's, or on the host runtime sm_90's 227 KiB (its kernels
+    /// are the sm_90 build's source). Launches pick their pipeline depth by it.
+    pub(crate) fn max_block_smem(&self) -> usize {
+        match self {
+            Device::Cuda(d) => d.kernels.max_block_smem,
+            Device::Host(_) => SM90_MAX_BLOCK_SMEM,
         }
     }
 

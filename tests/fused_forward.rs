@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::fused_forward::{
-    Regime, fused_forward, fused_forward_in, fused_forward_tiled,
+    LaunchForm, Regime, fused_forward, fused_forward_in, fused_forward_tuned,
 };
 use lora_kernels::reference;
 use lora_kernels::reference::Adapter;
@@ -106,6 +106,30 @@ impl<T: KernelElement> Case<T> {
         dev.download(&y)
     }
 
+    /// Runs the op in `regime` and launch `form`, saving `t`: `(y, t)`.
+    fn run_tuned(
+        &self,
+        dev: &Device,
+        regime: Regime,
+        form: LaunchForm,
+    ) -> lora_kernels::Result<(Vec<T>, Vec<f32>)> {
+        let (x, w) = (dev.upload(&self.x)?, dev.upload(&self.w)?);
+        let (a, b) = (dev.upload(&self.a)?, dev.upload(&self.b)?);
+        let mut y = dev.upload(&self.y0)?;
+        let mut t = dev.upload(&vec![f32::NAN; self.dims.m * self.rank])?;
+        fused_forward_tuned(
+            regime,
+            form,
+            dev,
+            self.dims,
+            ((&x).into(), (&w).into()),
+            &DeviceAdapter::new(&a, &b, self.rank, self.scale),
+            self.beta,
+            ((&mut y).into(), Some((&mut t).into())),
+        )?;
+        Ok((dev.download(&y)?, dev.download(&t)?))
+    }
+
     fn check(&self, dev: &Device, regime: Option<Regime>) -> Result<(), String> {
         let got = self.run(dev, regime).map_err(|e| e.to_string())?;
         let Dims { m, n, k } = self.dims;
@@ -168,6 +192,14 @@ impl<T: KernelElement> Case<T> {
             ..*self
         }
     }
+}
+
+/// Whether two outputs are the same bits, element by element.
+fn same_bits<T: KernelElement>(p: &[T], q: &[T]) -> bool {
+    p.len() == q.len()
+        && p.iter()
+            .zip(q)
+            .all(|(u, v)| u.to_f64().to_bits() == v.to_f64().to_bits())
 }
 
 /// Negative control, per type and regime: the kernel's output checked against
@@ -540,6 +572,67 @@ fn infinite_b_gives_the_references_infinities_and_nans() {
     }
 }
 
+/// The decode kernels' deep pipelines (more stages of `w` in flight, where
+/// the device's blocks may take the shared memory) only issue the copies
+/// further ahead: the k-steps are the same, so `y` and the saved `t` match the
+/// base pipelines bit for bit, and the base ones match the reference. Shapes:
+/// the 16-row and the 64-row decode tiles, k with more k-tiles than the deep
+/// ring's stages (it wraps) and with one k-tile (fewer than its stages), on
+/// and off the 16-byte path, ranks 1, 3, 16, 64 and 65 (two chunks), column
+/// counts off the 32-column tile; both thread schedules.
+#[test]
+fn decode_pipelines_of_either_depth_agree_bit_for_bit() {
+    fn check<T: KernelElement>(
+        dev: &Device,
+        (m, n, k, r): (usize, usize, usize, usize),
+        beta: f32,
+    ) {
+        let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m * n + k + r) as u64);
+        let depth = |deep_decode| LaunchForm {
+            deep_decode,
+            ..LaunchForm::default()
+        };
+        let (y0, t0) = case
+            .run_tuned(dev, Regime::Decode, depth(Some(false)))
+            .unwrap();
+        let want = case.expected();
+        let what = format!(
+            "{:?} m={m} n={n} k={k} r={r} base decode pipeline",
+            T::DTYPE
+        );
+        compare_within(&what, &y0, &want, &case.bound(&want)).unwrap();
+        for deep in [Some(true), None] {
+            let (y, t) = case.run_tuned(dev, Regime::Decode, depth(deep)).unwrap();
+            assert!(
+                same_bits(&y, &y0),
+                "{what}: y with deep_decode {deep:?} differs"
+            );
+            assert!(
+                t.iter().zip(&t0).all(|(u, v)| u.to_bits() == v.to_bits()),
+                "{what}: t with deep_decode {deep:?} differs"
+            );
+        }
+    }
+    let shapes = [
+        (1, 70, 840, 16),
+        (16, 96, 45, 1),
+        (5, 40, 1000, 64),
+        (17, 70, 776, 65),
+        (64, 33, 837, 3),
+        (40, 64, 40, 16),
+    ];
+    for (i, shape) in shapes.into_iter().enumerate() {
+        let beta = if i == 2 { 0.5 } else { 0.0 };
+        for dev in devices() {
+            check::<bf16>(&dev, shape, beta);
+            check::<f16>(&dev, shape, beta);
+        }
+    }
+    let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
+    check::<bf16>(&reverse, (1, 70, 840, 16), 0.0);
+    check::<f16>(&reverse, (17, 70, 776, 65), 0.0);
+}
+
 /// A prefill block takes `col_tiles` column tiles side by side and computes
 /// `t` once for them (one chunk of ranks; above, every tile recomputes it).
 /// The reused `t` is the same f32 sum, so `y` and the saved `t` match the
@@ -550,46 +643,26 @@ fn infinite_b_gives_the_references_infinities_and_nans() {
 /// schedules (a missing barrier between a block's tiles shows under one).
 #[test]
 fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
-    fn run<T: KernelElement>(
-        dev: &Device,
-        case: &Case<T>,
-        col_tiles: usize,
-    ) -> lora_kernels::Result<(Vec<T>, Vec<f32>)> {
-        let (x, w) = (dev.upload(&case.x)?, dev.upload(&case.w)?);
-        let (a, b) = (dev.upload(&case.a)?, dev.upload(&case.b)?);
-        let mut y = dev.upload(&case.y0)?;
-        let mut t = dev.upload(&vec![f32::NAN; case.dims.m * case.rank])?;
-        fused_forward_tiled(
-            Regime::Prefill,
-            col_tiles,
-            dev,
-            case.dims,
-            ((&x).into(), (&w).into()),
-            &DeviceAdapter::new(&a, &b, case.rank, case.scale),
-            case.beta,
-            ((&mut y).into(), Some((&mut t).into())),
-        )?;
-        Ok((dev.download(&y)?, dev.download(&t)?))
-    }
     fn check<T: KernelElement>(
         dev: &Device,
         (m, n, k, r): (usize, usize, usize, usize),
         beta: f32,
     ) {
         let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m + n + k + r) as u64);
-        let (y1, t1) = run(dev, &case, 1).unwrap();
+        let tiles = |col_tiles| LaunchForm {
+            col_tiles,
+            ..LaunchForm::default()
+        };
+        let (y1, t1) = case.run_tuned(dev, Regime::Prefill, tiles(1)).unwrap();
         let want = case.expected();
         let what = format!("{:?} m={m} n={n} k={k} r={r} one tile per block", T::DTYPE);
         compare_within(&what, &y1, &want, &case.bound(&want)).unwrap();
         for col_tiles in [2, 3, 7] {
-            let (y, t) = run(dev, &case, col_tiles).unwrap();
-            let same = |p: &[T], q: &[T]| {
-                p.iter()
-                    .zip(q)
-                    .all(|(u, v)| u.to_f64().to_bits() == v.to_f64().to_bits())
-            };
+            let (y, t) = case
+                .run_tuned(dev, Regime::Prefill, tiles(col_tiles))
+                .unwrap();
             assert!(
-                same(&y, &y1),
+                same_bits(&y, &y1),
                 "{what}: y with {col_tiles} tiles per block differs"
             );
             assert!(
@@ -620,9 +693,12 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
     let (x, w) = (host.upload(&case.x).unwrap(), host.upload(&case.w).unwrap());
     let (a, b) = (host.upload(&case.a).unwrap(), host.upload(&case.b).unwrap());
     let mut y = host.upload(&case.y0).unwrap();
-    let err = fused_forward_tiled(
+    let err = fused_forward_tuned(
         Regime::Prefill,
-        0,
+        LaunchForm {
+            col_tiles: 0,
+            ..LaunchForm::default()
+        },
         &host,
         case.dims,
         ((&x).into(), (&w).into()),

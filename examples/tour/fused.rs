@@ -2,7 +2,9 @@
 //! beside cuBLAS base-only and cuBLAS unfused LoRA.
 use half::{bf16, f16};
 use lora_kernels::cublas_baseline::CublasBaseline;
-use lora_kernels::ops::fused_forward::{Regime, fused_forward, fused_forward_tiled, regime_for};
+use lora_kernels::ops::fused_forward::{
+    LaunchForm, Regime, fused_forward, fused_forward_tuned, regime_for,
+};
 use lora_kernels::timing::{Timing, time_on_stream};
 use lora_kernels::{Device, DeviceAdapter, Dims, KernelElement};
 use serde_json::json;
@@ -142,55 +144,102 @@ where
 /// Prefill blocks of 1, 2 and 4 column tiles (`t` computed once per block):
 /// the count `PREFILL_COL_TILES` should take, timed beside cuBLAS base-only.
 pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
+    println!("\n   fused prefill, column tiles per block (t computed once per block), bf16");
+    let tiles = |col_tiles| LaunchForm {
+        col_tiles,
+        ..LaunchForm::default()
+    };
+    let forms = [("1", tiles(1)), ("2", tiles(2)), ("4", tiles(4))];
+    forms_table(dev, blas, Regime::Prefill, &[4096], &forms, "col_tiles")
+}
+
+/// The fused decode's base and deep pipelines (stages of `w` in flight),
+/// timed beside cuBLAS base-only: whether the deep ones pay, and by how much.
+pub fn decode_depth_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
     println!(
-        "\n   fused prefill, column tiles per block (t computed once per block), bf16, m 4096"
+        "\n   fused decode, pipeline depth (base: 5 stages of w in flight, deep: 11; 64 rows: 4 / 8), bf16"
     );
+    let depth = |deep| LaunchForm {
+        deep_decode: Some(deep),
+        ..LaunchForm::default()
+    };
+    let forms = [("base", depth(false)), ("deep", depth(true))];
+    forms_table(dev, blas, Regime::Decode, &[1, 16, 64], &forms, "pipeline")
+}
+
+/// The fused forward in `regime` at each of `ms` tokens, in each launch form
+/// of `forms` (labelled under `key` in the JSON), at n = k = 4096 and
+/// 4096 -> 14336 (and n = 1024 at decode: few column tiles), ranks 16 and
+/// 64, beside cuBLAS base-only. A form the device can't launch prints why.
+fn forms_table(
+    dev: &Device,
+    blas: &CublasBaseline,
+    regime: Regime,
+    ms: &[usize],
+    forms: &[(&str, LaunchForm)],
+    key: &str,
+) -> Res<Vec<serde_json::Value>> {
     println!(
-        "   {:>5} {:>5} {:>3} {:>6} {:>10} {:>10} {:>9} {:>9}",
-        "n", "k", "r", "tiles", "ours us", "base us", "ours/base", "vs 1 tile"
+        "   {:>5} {:>5} {:>5} {:>3} {:>8} {:>10} {:>10} {:>9} {:>9}",
+        "m", "n", "k", "r", key, "ours us", "base us", "ours/base", "vs first"
     );
-    let (m, mut rows) = (4096usize, Vec::new());
-    for (n, k) in [(4096usize, 4096usize), (14336, 4096)] {
-        let mut inputs = Inputs::<bf16>::new(dev, n, k, m)?;
+    let mut shapes = vec![(4096usize, 4096usize), (14336, 4096)];
+    if regime == Regime::Decode {
+        shapes.push((1024, 4096));
+    }
+    let max_m = ms.iter().copied().max().unwrap_or(1);
+    let mut rows = Vec::new();
+    for (n, k) in shapes {
+        let mut inputs = Inputs::<bf16>::new(dev, n, k, max_m)?;
         let copies = inputs.ws.len();
-        let dims = Dims::new(m, n, k);
         let mut i = 0;
-        let base = time_base(dev, blas, &mut inputs, dims, &mut i)?;
-        for r in [16usize, 64] {
-            let stream = dev.cuda_stream().expect("a CUDA device");
-            let a = stream.clone_htod(&data::<bf16>(r * k, 3))?;
-            let b = stream.clone_htod(&data::<bf16>(n * r, 4))?;
-            let mut one_tile = None;
-            for col_tiles in [1usize, 2, 4] {
-                let ours = time_on_stream(dev, WARMUP, RUNS, || {
-                    i += 1;
-                    fused_forward_tiled(
-                        Regime::Prefill,
-                        col_tiles,
-                        dev,
-                        dims,
-                        (
-                            inputs.x.slice(..m * k).into(),
-                            (&inputs.ws[i % copies]).into(),
-                        ),
-                        &DeviceAdapter::new(&a, &b, r, 0.5),
-                        0.0,
-                        (inputs.y.slice_mut(..m * n).into(), None),
-                    )
-                })?;
-                let first = *one_tile.get_or_insert(ours.median_us);
-                println!(
-                    "   {n:>5} {k:>5} {r:>3} {col_tiles:>6} {:>10.1} {:>10.1} {:>9.3} {:>9.3}",
-                    ours.median_us,
-                    base.median_us,
-                    ours.median_us / base.median_us,
-                    ours.median_us / first
-                );
-                rows.push(json!({
-                    "dtype": "bf16", "m": m, "n": n, "k": k, "r": r, "col_tiles": col_tiles,
-                    "ours_us": ours.median_us, "cublas_base_us": base.median_us,
-                    "ours_over_base": ours.median_us / base.median_us,
-                }));
+        for &m in ms {
+            let dims = Dims::new(m, n, k);
+            let base = time_base(dev, blas, &mut inputs, dims, &mut i)?;
+            for r in [16usize, 64] {
+                let stream = dev.cuda_stream().expect("a CUDA device");
+                let a = stream.clone_htod(&data::<bf16>(r * k, 3))?;
+                let b = stream.clone_htod(&data::<bf16>(n * r, 4))?;
+                let adapter = DeviceAdapter::new(&a, &b, r, 0.5);
+                let mut first = None;
+                for &(label, form) in forms {
+                    let mut run = |i: usize| {
+                        fused_forward_tuned(
+                            regime,
+                            form,
+                            dev,
+                            dims,
+                            (
+                                inputs.x.slice(..m * k).into(),
+                                (&inputs.ws[i % copies]).into(),
+                            ),
+                            &adapter,
+                            0.0,
+                            (inputs.y.slice_mut(..m * n).into(), None),
+                        )
+                    };
+                    if let Err(e) = run(0) {
+                        println!("   {m:>5} {n:>5} {k:>5} {r:>3} {label:>8} not launched: {e}");
+                        continue;
+                    }
+                    let ours = time_on_stream(dev, WARMUP, RUNS, || {
+                        i += 1;
+                        run(i)
+                    })?;
+                    let first_us = *first.get_or_insert(ours.median_us);
+                    println!(
+                        "   {m:>5} {n:>5} {k:>5} {r:>3} {label:>8} {:>10.1} {:>10.1} {:>9.3} {:>9.3}",
+                        ours.median_us,
+                        base.median_us,
+                        ours.median_us / base.median_us,
+                        ours.median_us / first_us
+                    );
+                    rows.push(json!({
+                        "dtype": "bf16", "m": m, "n": n, "k": k, "r": r, key: label,
+                        "ours_us": ours.median_us, "cublas_base_us": base.median_us,
+                        "ours_over_base": ours.median_us / base.median_us,
+                    }));
+                }
             }
         }
     }

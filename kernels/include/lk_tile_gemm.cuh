@@ -36,6 +36,16 @@ using DecodeTiles = TileConfig<16, 32, 64, 1, 2, 6, 2>;
 // rows, so each column tile of w (and all of a) is loaded once, not once per
 // 16 rows; 4 warps of 16 rows each.
 using DecodeWideTiles = TileConfig<64, 32, 64, 4, 1, 5>;
+// The same tiles with deeper pipelines, for GPUs whose blocks may take the
+// shared memory (the launch picks them where they fit, src/ops/tiles.rs):
+// at decode the n / 32 blocks are about one per SM, so the stages a block
+// keeps in flight are all that the SM streams of w. 11 stages of 32 rows x
+// 64 columns are 44 KB of w in flight (the base tiles: 20 KB), past the
+// ~29 KB per SM that covering DRAM latency at 4.8 TB/s over 132 SMs takes
+// (docs/DESIGN.md section 8). Only the copies run further ahead: the
+// k-steps, and so every sum, are the base tiles'.
+using DecodeDeepTiles = TileConfig<16, 32, 64, 1, 2, 12, 2>;
+using DecodeWideDeepTiles = TileConfig<64, 32, 64, 4, 1, 9>;
 using PrefillTiles = TileConfig<128, 128, 32, 2, 4, 4>;
 
 // Where the calling warp works: its piece (wm, wn) of the block tile and its

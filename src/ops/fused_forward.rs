@@ -11,7 +11,9 @@ use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::FusedForwardParams;
 use crate::shape::{Dims, check_finite, invalid};
 
-use super::tiles::{DECODE_WIDE, PREFILL, PREFILL_COL_TILES, SIMT, fused_decode_tiles};
+use super::tiles::{
+    DECODE_WIDE, PREFILL, PREFILL_COL_TILES, SIMT, STATIC_SMEM_MARGIN, fused_decode_tiles,
+};
 
 kernel!(SIMT_F32 = lk_fused_forward_simt_f32 in "fused_forward_simt": FusedForwardParams;);
 kernel!(SIMT_F16 = lk_fused_forward_simt_f16 in "fused_forward_simt": FusedForwardParams;);
@@ -20,12 +22,20 @@ kernel!(DECODE_F16_ALIGNED = lk_fused_forward_decode_f16_aligned in "fused_forwa
 kernel!(DECODE_F16_ANY = lk_fused_forward_decode_f16_any in "fused_forward_mma": FusedForwardParams;);
 kernel!(DECODE_BF16_ALIGNED = lk_fused_forward_decode_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
 kernel!(DECODE_BF16_ANY = lk_fused_forward_decode_bf16_any in "fused_forward_mma": FusedForwardParams;);
-kernel!(PREFILL_F16_ALIGNED = lk_fused_forward_prefill_f16_aligned in "fused_forward_mma": FusedForwardParams;);
-kernel!(PREFILL_F16_ANY = lk_fused_forward_prefill_f16_any in "fused_forward_mma": FusedForwardParams;);
 kernel!(DECODE_WIDE_F16_ALIGNED = lk_fused_forward_decode_wide_f16_aligned in "fused_forward_mma": FusedForwardParams;);
 kernel!(DECODE_WIDE_F16_ANY = lk_fused_forward_decode_wide_f16_any in "fused_forward_mma": FusedForwardParams;);
 kernel!(DECODE_WIDE_BF16_ALIGNED = lk_fused_forward_decode_wide_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
 kernel!(DECODE_WIDE_BF16_ANY = lk_fused_forward_decode_wide_bf16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_DEEP_F16_ALIGNED = lk_fused_forward_decode_deep_f16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_DEEP_F16_ANY = lk_fused_forward_decode_deep_f16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_DEEP_BF16_ALIGNED = lk_fused_forward_decode_deep_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_DEEP_BF16_ANY = lk_fused_forward_decode_deep_bf16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_WIDE_DEEP_F16_ALIGNED = lk_fused_forward_decode_wide_deep_f16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_WIDE_DEEP_F16_ANY = lk_fused_forward_decode_wide_deep_f16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_WIDE_DEEP_BF16_ALIGNED = lk_fused_forward_decode_wide_deep_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(DECODE_WIDE_DEEP_BF16_ANY = lk_fused_forward_decode_wide_deep_bf16_any in "fused_forward_mma": FusedForwardParams;);
+kernel!(PREFILL_F16_ALIGNED = lk_fused_forward_prefill_f16_aligned in "fused_forward_mma": FusedForwardParams;);
+kernel!(PREFILL_F16_ANY = lk_fused_forward_prefill_f16_any in "fused_forward_mma": FusedForwardParams;);
 kernel!(PREFILL_BF16_ALIGNED = lk_fused_forward_prefill_bf16_aligned in "fused_forward_mma": FusedForwardParams;);
 kernel!(PREFILL_BF16_ANY = lk_fused_forward_prefill_bf16_any in "fused_forward_mma": FusedForwardParams;);
 
@@ -35,7 +45,9 @@ pub enum Regime {
     /// Plain SIMT, any storage type (the only one for f32).
     Simt,
     /// Tensor cores, small m, bandwidth-bound: 16-row tiles up to m = 16, above
-    /// that 64-row tiles (one block covers m <= 64, so `w` streams once).
+    /// that 64-row tiles (one block covers m <= 64, so `w` streams once); deep
+    /// pipelines (more of `w` in flight) where the device's blocks may have
+    /// their shared memory, with the same results.
     Decode,
     /// Tensor cores, 128 x 128 tiles: large m, compute-bound.
     Prefill,
@@ -114,7 +126,7 @@ pub fn fused_forward_in<'a, T: KernelElement>(
 ) -> Result<()> {
     launch(
         regime,
-        None,
+        LaunchForm::default(),
         dev,
         dims,
         (x.into(), w.into()),
@@ -139,7 +151,7 @@ pub fn fused_forward_saving_t<'a, T: KernelElement>(
     let regime = regime_for(T::DTYPE, dims.m);
     launch(
         regime,
-        None,
+        LaunchForm::default(),
         dev,
         dims,
         (x.into(), w.into()),
@@ -149,15 +161,37 @@ pub fn fused_forward_saving_t<'a, T: KernelElement>(
     )
 }
 
-/// The fused forward in a chosen regime with `col_tiles` column tiles per
-/// prefill block (the decode and SIMT kernels take one tile per block and
-/// ignore it), saving `t` when given: for tests, and for tuning on a GPU
-/// machine. An error for `col_tiles == 0`.
+/// How a fused forward launch is formed beyond its regime: for tests, and
+/// for tuning on a GPU machine ([`fused_forward_tuned`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchForm {
+    /// Column tiles per prefill block (decode and SIMT blocks take one): 1 or more.
+    pub col_tiles: usize,
+    /// The decode pipeline: `None` takes the deep one where the device lets
+    /// a block have its shared memory, `Some(deep)` forces a choice (an
+    /// error where the deep one does not fit).
+    pub deep_decode: Option<bool>,
+}
+
+impl Default for LaunchForm {
+    /// What [`fused_forward`] launches.
+    fn default() -> Self {
+        LaunchForm {
+            col_tiles: PREFILL_COL_TILES,
+            deep_decode: None,
+        }
+    }
+}
+
+/// The fused forward in a chosen regime and launch form, saving `t` when
+/// given: for tests, and for tuning on a GPU machine. An error for
+/// `col_tiles == 0`, and for a deep decode pipeline the device can't fit.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)] // the op's operands plus the launch form
-pub fn fused_forward_tiled<T: KernelElement>(
+pub fn fused_forward_tuned<T: KernelElement>(
     regime: Regime,
-    col_tiles: usize,
+    form: LaunchForm,
     dev: &Device,
     dims: Dims,
     (x, w): (BufRef<'_, T>, BufRef<'_, T>),
@@ -165,23 +199,13 @@ pub fn fused_forward_tiled<T: KernelElement>(
     beta: f32,
     (y, t): (BufMut<'_, T>, Option<BufMut<'_, f32>>),
 ) -> Result<()> {
-    launch(
-        regime,
-        Some(col_tiles),
-        dev,
-        dims,
-        (x, w),
-        adapter,
-        beta,
-        (y, t),
-    )
+    launch(regime, form, dev, dims, (x, w), adapter, beta, (y, t))
 }
 
-/// `col_tiles`: column tiles per prefill block (None: [`PREFILL_COL_TILES`]).
 #[allow(clippy::too_many_arguments)] // the op's operands plus the launch form
 fn launch<T: KernelElement>(
     regime: Regime,
-    col_tiles: Option<usize>,
+    form: LaunchForm,
     dev: &Device,
     dims: Dims,
     (x, w): (BufRef<'_, T>, BufRef<'_, T>),
@@ -198,7 +222,7 @@ fn launch<T: KernelElement>(
     if let Some(t) = &t_out {
         check_output(dev, "t", t, dims.m, adapter.rank)?;
     }
-    let col_tiles = col_tiles.unwrap_or(PREFILL_COL_TILES);
+    let col_tiles = form.col_tiles;
     if col_tiles == 0 || col_tiles > i32::MAX as usize {
         return Err(invalid(
             "col_tiles",
@@ -240,7 +264,15 @@ fn launch<T: KernelElement>(
     };
     // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
     let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
-    let (kernel, launch) = select(regime, T::DTYPE, aligned, dims, adapter.rank, col_tiles)?;
+    let (kernel, launch) = select(
+        regime,
+        T::DTYPE,
+        aligned,
+        dims,
+        adapter.rank,
+        form,
+        dev.max_block_smem(),
+    )?;
     // SAFETY: every operand was checked above to live on `dev`'s backend with
     // exactly the element count the kernel indexes (x m*k, w n*k, a r*k, b n*r,
     // y m*n, t m*r when saved); m, n, k, r fit i32 (Dims::validate, check_rank); `select` gives
@@ -248,21 +280,25 @@ fn launch<T: KernelElement>(
     // covering col_tiles >= 1 tiles side by side, the last block of a row
     // stopping at n; within CUDA's grid
     // limits, else it returned an error), its block size and its shared
-    // memory for this rank; the 16-byte path is taken only when k and
+    // memory for this rank (a deep decode pipeline only within the device's
+    // per-block limit); the 16-byte path is taken only when k and
     // the bases allow it; the pointer guards (_g*) live until after the launch
     // is queued.
     unsafe { kernel.launch(dev, launch, &params) }
 }
 
-/// The kernel entry point and launch shape for a regime, type and alignment;
-/// an error when m needs more row tiles than grid.y takes.
+/// The kernel entry point and launch shape for a regime, type and alignment
+/// on a device whose blocks may take `max_smem` bytes of shared memory; an
+/// error when m needs more row tiles than grid.y takes, or when a forced deep
+/// decode pipeline does not fit.
 fn select(
     regime: Regime,
     dtype: DType,
     aligned: bool,
     dims: Dims,
     rank: usize,
-    col_tiles: usize,
+    form: LaunchForm,
+    max_smem: usize,
 ) -> Result<(&'static Kernel<FusedForwardParams>, LaunchDims)> {
     // `per_block` column tiles of `bn` per block.
     let grid = |bm: usize, bn: usize, per_block: usize| {
@@ -285,17 +321,42 @@ fn select(
             return Ok((kernel, launch));
         }
         Regime::Decode => {
-            let tiles = fused_decode_tiles(dims.m);
+            let deep_tiles = fused_decode_tiles(dims.m, true);
+            let need =
+                deep_tiles.smem_bytes(deep_tiles.shrink_rows(rank)) as usize + STATIC_SMEM_MARGIN;
+            let deep = match form.deep_decode {
+                None => need <= max_smem,
+                Some(true) if need > max_smem => {
+                    return Err(invalid(
+                        "deep_decode",
+                        true,
+                        format!(
+                            "the deep decode pipeline takes {need} bytes of shared memory per block at \
+                             rank {rank}; this device allows {max_smem}"
+                        ),
+                    ));
+                }
+                Some(deep) => deep,
+            };
+            let tiles = fused_decode_tiles(dims.m, deep);
             let wide = tiles.bm == DECODE_WIDE.bm;
-            let kernel = match (wide, bf16, aligned) {
-                (false, false, true) => &DECODE_F16_ALIGNED,
-                (false, false, false) => &DECODE_F16_ANY,
-                (false, true, true) => &DECODE_BF16_ALIGNED,
-                (false, true, false) => &DECODE_BF16_ANY,
-                (true, false, true) => &DECODE_WIDE_F16_ALIGNED,
-                (true, false, false) => &DECODE_WIDE_F16_ANY,
-                (true, true, true) => &DECODE_WIDE_BF16_ALIGNED,
-                (true, true, false) => &DECODE_WIDE_BF16_ANY,
+            let kernel = match (wide, deep, bf16, aligned) {
+                (false, false, false, true) => &DECODE_F16_ALIGNED,
+                (false, false, false, false) => &DECODE_F16_ANY,
+                (false, false, true, true) => &DECODE_BF16_ALIGNED,
+                (false, false, true, false) => &DECODE_BF16_ANY,
+                (true, false, false, true) => &DECODE_WIDE_F16_ALIGNED,
+                (true, false, false, false) => &DECODE_WIDE_F16_ANY,
+                (true, false, true, true) => &DECODE_WIDE_BF16_ALIGNED,
+                (true, false, true, false) => &DECODE_WIDE_BF16_ANY,
+                (false, true, false, true) => &DECODE_DEEP_F16_ALIGNED,
+                (false, true, false, false) => &DECODE_DEEP_F16_ANY,
+                (false, true, true, true) => &DECODE_DEEP_BF16_ALIGNED,
+                (false, true, true, false) => &DECODE_DEEP_BF16_ANY,
+                (true, true, false, true) => &DECODE_WIDE_DEEP_F16_ALIGNED,
+                (true, true, false, false) => &DECODE_WIDE_DEEP_F16_ANY,
+                (true, true, true, true) => &DECODE_WIDE_DEEP_BF16_ALIGNED,
+                (true, true, true, false) => &DECODE_WIDE_DEEP_BF16_ANY,
             };
             (kernel, tiles, 1)
         }
@@ -306,7 +367,7 @@ fn select(
                 (true, true) => &PREFILL_BF16_ALIGNED,
                 (true, false) => &PREFILL_BF16_ANY,
             };
-            (kernel, &PREFILL, col_tiles)
+            (kernel, &PREFILL, form.col_tiles)
         }
     };
     let launch = LaunchDims {
@@ -315,4 +376,96 @@ fn select(
         dynamic_smem_bytes: tiles.smem_bytes(tiles.shrink_rows(rank)),
     };
     Ok((kernel, launch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::SM90_MAX_BLOCK_SMEM;
+
+    /// Shared memory a block of sm_80 may opt in to (163 KiB).
+    const SM80: usize = 163 * 1024;
+    /// ... and of sm_86 / sm_89 (99 KiB).
+    const SM86: usize = 99 * 1024;
+
+    fn decode(
+        m: usize,
+        rank: usize,
+        deep: Option<bool>,
+        max_smem: usize,
+    ) -> Result<(&'static str, u32)> {
+        let form = LaunchForm {
+            deep_decode: deep,
+            ..LaunchForm::default()
+        };
+        let dims = Dims::new(m, 4096, 4096);
+        let (kernel, launch) = select(
+            Regime::Decode,
+            DType::BF16,
+            true,
+            dims,
+            rank,
+            form,
+            max_smem,
+        )?;
+        Ok((kernel.name, launch.dynamic_smem_bytes))
+    }
+
+    /// The deep decode pipelines where the device's blocks may take their
+    /// shared memory, the base ones elsewhere; a forced deep pipeline that
+    /// does not fit is an error naming what it takes and what the device allows.
+    #[test]
+    fn decode_depth_follows_the_devices_shared_memory() {
+        let name = |m, r, max| decode(m, r, None, max).unwrap().0;
+        // sm_90 fits every rank's deep pipelines (one chunk of 64 ranks per stage).
+        for r in [1, 16, 64, 200] {
+            assert_eq!(
+                name(1, r, SM90_MAX_BLOCK_SMEM),
+                "lk_fused_forward_decode_deep_bf16_aligned"
+            );
+            assert_eq!(
+                name(64, r, SM90_MAX_BLOCK_SMEM),
+                "lk_fused_forward_decode_wide_deep_bf16_aligned"
+            );
+        }
+        // sm_80: 12 stages of 16 + 32 + 48 rows fit, of 16 + 32 + 64 don't.
+        assert_eq!(
+            name(16, 48, SM80),
+            "lk_fused_forward_decode_deep_bf16_aligned"
+        );
+        assert_eq!(name(16, 49, SM80), "lk_fused_forward_decode_bf16_aligned");
+        assert_eq!(
+            name(17, 32, SM80),
+            "lk_fused_forward_decode_wide_deep_bf16_aligned"
+        );
+        assert_eq!(
+            name(17, 33, SM80),
+            "lk_fused_forward_decode_wide_bf16_aligned"
+        );
+        // sm_86: the base pipelines only.
+        assert_eq!(name(1, 1, SM86), "lk_fused_forward_decode_bf16_aligned");
+        assert_eq!(
+            name(64, 1, SM86),
+            "lk_fused_forward_decode_wide_bf16_aligned"
+        );
+
+        // The deep pipeline's shared memory: 12 stages of (16 + 32 + 16) rows of 72.
+        assert_eq!(decode(1, 16, None, SM80).unwrap().1, 12 * 64 * 72 * 2);
+        // Forcing either depth where it fits.
+        assert_eq!(
+            decode(1, 16, Some(false), SM90_MAX_BLOCK_SMEM).unwrap().0,
+            "lk_fused_forward_decode_bf16_aligned"
+        );
+        assert_eq!(
+            decode(1, 64, Some(true), SM90_MAX_BLOCK_SMEM).unwrap().1,
+            12 * 112 * 72 * 2
+        );
+        let err = decode(1, 64, Some(true), SM80).unwrap_err().to_string();
+        assert!(
+            err.contains("deep_decode")
+                && err.contains("194048")
+                && err.contains(&SM80.to_string()),
+            "{err}"
+        );
+    }
 }

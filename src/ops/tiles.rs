@@ -28,14 +28,33 @@ pub(crate) const DECODE_WIDE: MmaTiles = MmaTiles {
     stages: 5,
 };
 
-/// The fused forward's decode tiles for `m` rows: 16-row tiles up to 16.
-pub(crate) fn fused_decode_tiles(m: usize) -> &'static MmaTiles {
-    if m <= DECODE.bm {
-        &DECODE
-    } else {
-        &DECODE_WIDE
+/// [`DECODE`] with a deeper pipeline (`DecodeDeepTiles`): 11 stages of `w`
+/// in flight instead of 5, for GPUs whose blocks may take the shared memory.
+pub(crate) const DECODE_DEEP: MmaTiles = MmaTiles {
+    stages: 12,
+    ..DECODE
+};
+/// [`DECODE_WIDE`] with a deeper pipeline (`DecodeWideDeepTiles`).
+pub(crate) const DECODE_WIDE_DEEP: MmaTiles = MmaTiles {
+    stages: 9,
+    ..DECODE_WIDE
+};
+
+/// The fused forward's decode tiles for `m` rows: 16-row tiles up to 16,
+/// with the deeper pipeline if `deep`.
+pub(crate) fn fused_decode_tiles(m: usize, deep: bool) -> &'static MmaTiles {
+    match (m <= DECODE.bm, deep) {
+        (true, false) => &DECODE,
+        (true, true) => &DECODE_DEEP,
+        (false, false) => &DECODE_WIDE,
+        (false, true) => &DECODE_WIDE_DEEP,
     }
 }
+
+/// Static shared memory the tensor-core kernels keep beside their dynamic
+/// shared memory, at most (ptxas: 80 bytes for the 16-row decode tiles, 272
+/// for the 64-row ones): a launch's choice of pipeline counts it.
+pub(crate) const STATIC_SMEM_MARGIN: usize = 512;
 
 pub(crate) const PREFILL: MmaTiles = MmaTiles {
     bm: 128,

@@ -41,7 +41,11 @@ impl Traffic {
 fn tile(regime: Regime, m: usize, fused: bool) -> (u64, u64) {
     let (bm, bn) = match regime {
         Regime::Simt => (SIMT.bm, SIMT.bn),
-        Regime::Decode if fused => (fused_decode_tiles(m).bm, fused_decode_tiles(m).bn),
+        Regime::Decode if fused => {
+            // The pipeline's depth moves no byte: the shape is the same.
+            let tiles = fused_decode_tiles(m, false);
+            (tiles.bm, tiles.bn)
+        }
         Regime::Decode => (DECODE.bm, DECODE.bn),
         Regime::Prefill => (PREFILL.bm, PREFILL.bn),
     };
