@@ -42,6 +42,16 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
     LK_SHARED(int, guard_state, [C::BM + 2]);
     lk::ExpandGuard<C> guard(guard_state);
     lk::Accumulators<C> r;
+    // Split-K (decode blocks, p.k_splits > 1, ranks of one chunk): block z of
+    // a tile runs the k-loop over split z of the k-tiles, and the tile's last
+    // block to finish adds the splits' sums up (lk::gather_k_splits) and runs
+    // the expand and the store.
+    const int splits = TILES ? 1 : p.k_splits;
+    const int split = TILES ? 0 : (int)blockIdx.z;
+    const int ktiles = (p.k + C::BK - 1) / C::BK;
+    const int kt_begin = (int)((int64_t)split * ktiles / splits);
+    const int kt_end = (int)((int64_t)(split + 1) * ktiles / splits);
+    const int64_t tile_id = (int64_t)tm * gridDim.x + tgroup;
     // The tile at col0; shrink: compute t (else the owner warps' r.tacc
     // still holds it from the block's previous tile, one chunk of ranks).
     auto run_tile = [&](int col0, bool shrink) {
@@ -63,7 +73,12 @@ __device__ void fused_forward_mma(const FusedForwardParams& p) {
             // The first pass also computes the base product x w^T; a tile
             // that reuses t loads no rows of a.
             lk::mainloop<T, C, ALIGNED>(smem, xt, r0 == 0 ? w : nullptr, a + (size_t)r0 * p.k, p.m, p.n, p.k,
-                                        shrink ? rc : 0, shrink ? rp : 0, row0, col0, r, prefetch_b);
+                                        shrink ? rc : 0, shrink ? rp : 0, row0, col0, r, prefetch_b, kt_begin,
+                                        kt_end);
+            if (splits > 1 && !lk::gather_k_splits<C>(reinterpret_cast<float*>(p.partials),
+                                                      reinterpret_cast<unsigned*>(p.counters) + tile_id, tile_id, split,
+                                                      splits, p.m - row0, shrink, rp, r))
+                return;
             // f(row, col, t) for each element of t this thread holds (the
             // owner warps hold the sums, see lk::sum_k_slices): rank columns
             // rc..rp are exact zeros (never x * 0: an Inf in x would give NaN).

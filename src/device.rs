@@ -4,7 +4,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
 
 use crate::buffer::{Buffer, Home};
@@ -32,10 +32,43 @@ struct ContextKernels {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Loaded functions with the dynamic shared memory they were opened up to.
     functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
+    /// Streaming multiprocessors.
+    sm_count: usize,
+    /// The split-K workspace of each stream that has used one, by the
+    /// address of the stream's handle ([`Device::split_k_scratch`]). Kept
+    /// while the context lives: a CUDA graph captured with it may still run.
+    split_scratch: Mutex<HashMap<usize, Arc<CudaSlice<f32>>>>,
+}
+
+/// A split-K launch's workspace ([`Device::split_k_scratch`]).
+pub(crate) enum SplitScratch {
+    /// The stream's own, kept between launches.
+    Cuda(Arc<CudaSlice<f32>>),
+    /// The host runtime's, one per thread (its launches run on the calling
+    /// thread, one at a time), lent to a launch and given back on drop: kept
+    /// between launches like a stream's, so a launch that leaves a counter
+    /// behind fails the next one there too.
+    Host(Vec<f32>),
+}
+
+thread_local! {
+    /// This thread's host-runtime split-K workspace, while no launch holds it.
+    static HOST_SPLIT_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Drop for SplitScratch {
+    fn drop(&mut self) {
+        if let SplitScratch::Host(v) = self {
+            let v = std::mem::take(v);
+            HOST_SPLIT_SCRATCH.with(|s| *s.borrow_mut() = v);
+        }
+    }
 }
 
 /// Shared memory a block of sm_90 may opt in to (227 KiB).
 pub(crate) const SM90_MAX_BLOCK_SMEM: usize = 227 * 1024;
+/// The streaming multiprocessors the host runtime counts: an H100 / H200 SXM's.
+pub(crate) const HOST_SM_COUNT: usize = 132;
 
 /// Every context's kernels, by the address of the context's driver handle.
 static CONTEXTS: LazyLock<Mutex<HashMap<usize, Arc<ContextKernels>>>> =
@@ -59,6 +92,9 @@ impl ContextKernels {
             name: ctx.name()?,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            sm_count: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+                as usize,
+            split_scratch: Mutex::new(HashMap::new()),
         });
         contexts.insert(key, kernels.clone());
         Ok(kernels)
@@ -161,6 +197,54 @@ impl Device {
             Device::Cuda(d) => d.kernels.max_block_smem,
             Device::Host(_) => SM90_MAX_BLOCK_SMEM,
         }
+    }
+
+    /// Streaming multiprocessors: the GPU's, or [`HOST_SM_COUNT`] on the host
+    /// runtime. Launches size their split-K by it.
+    pub(crate) fn sm_count(&self) -> usize {
+        match self {
+            Device::Cuda(d) => d.kernels.sm_count,
+            Device::Host(_) => HOST_SM_COUNT,
+        }
+    }
+
+    /// The split-K workspace for a launch on this device: `len` f32 values,
+    /// whose counters (the launch's choice) are 0 between launches, as the
+    /// split-K kernels leave them. On a GPU it is the stream's own, allocated
+    /// zeroed on the stream's first split-K launch and kept (launches on one
+    /// stream run one at a time, so they can share it); None while the
+    /// stream is being captured into a CUDA graph without one yet (an
+    /// allocation can't be captured: the launch then runs without split-K),
+    /// or when it is smaller than `len`. On the host runtime the thread's own.
+    pub(crate) fn split_k_scratch(&self, len: usize) -> Result<Option<SplitScratch>> {
+        let d = match self {
+            Device::Host(_) => {
+                let mut v = HOST_SPLIT_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+                if v.len() < len {
+                    v = host_vec("scratch", len)?;
+                    v.resize(len, 0.0);
+                }
+                return Ok(Some(SplitScratch::Host(v)));
+            }
+            Device::Cuda(d) => d,
+        };
+        let key = d.stream.cu_stream() as usize;
+        let mut scratch = d
+            .kernels
+            .split_scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = scratch.get(&key) {
+            return Ok((s.len() >= len).then(|| SplitScratch::Cuda(s.clone())));
+        }
+        let capturing = d.stream.capture_status()?
+            != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        if capturing {
+            return Ok(None);
+        }
+        let s = Arc::new(d.stream.alloc_zeros::<f32>(len)?);
+        scratch.insert(key, s.clone());
+        Ok(Some(SplitScratch::Cuda(s)))
     }
 
     /// The CUDA stream ops are queued on (None on the host runtime): use it

@@ -22,11 +22,16 @@ pub struct FusedForwardParams {
     pub beta: f32,
     #[doc = " prefill: column tiles per block, side by side (t computed once for them)"]
     pub col_tiles: i32,
-    pub pad: i32,
+    #[doc = " decode: blocks per tile, each over its range of k (split-K; 1: none)"]
+    pub k_splits: i32,
+    #[doc = " split-K only: f32 partial sums, [tiles][k_splits][values per block], and one\n u32 counter per tile, 0 between launches (the last block of a tile resets it)"]
+    pub partials: u64,
+    #[doc = " split-K only: f32 partial sums, [tiles][k_splits][values per block], and one\n u32 counter per tile, 0 between launches (the last block of a tile resets it)"]
+    pub counters: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FusedForwardParams"][::std::mem::size_of::<FusedForwardParams>() - 80usize];
+    ["Size of FusedForwardParams"][::std::mem::size_of::<FusedForwardParams>() - 96usize];
     ["Alignment of FusedForwardParams"][::std::mem::align_of::<FusedForwardParams>() - 8usize];
     ["Offset of field: FusedForwardParams::x"]
         [::std::mem::offset_of!(FusedForwardParams, x) - 0usize];
@@ -54,8 +59,12 @@ const _: () = {
         [::std::mem::offset_of!(FusedForwardParams, beta) - 68usize];
     ["Offset of field: FusedForwardParams::col_tiles"]
         [::std::mem::offset_of!(FusedForwardParams, col_tiles) - 72usize];
-    ["Offset of field: FusedForwardParams::pad"]
-        [::std::mem::offset_of!(FusedForwardParams, pad) - 76usize];
+    ["Offset of field: FusedForwardParams::k_splits"]
+        [::std::mem::offset_of!(FusedForwardParams, k_splits) - 76usize];
+    ["Offset of field: FusedForwardParams::partials"]
+        [::std::mem::offset_of!(FusedForwardParams, partials) - 80usize];
+    ["Offset of field: FusedForwardParams::counters"]
+        [::std::mem::offset_of!(FusedForwardParams, counters) - 88usize];
 };
 #[doc = " Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses\n adapter slot slot(i) of a pool, or none:\n   y[i,:] = x[i,:] w^T + scale[s] (x[i,:] a[s]^T) b[s]^T  (+ beta * y)\n slot(i) = token_slots[i] (segments == 0), or seg_slots[j] for the segment j\n with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are\n treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],\n b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks\n (0 = empty slot). t is a [m][max_rank] f32 workspace, counters five u32\n that are 0 before and after every launch (shrink items claimed, shrink\n items done, malformed-segment-table flag, bad ids seen, blocks finished).\n A segment table that is not non-decreasing from 0 to m is caught on the\n device: every token is then served as -1 and m tokens are counted in\n *bad_ids."]
 #[repr(C)]

@@ -130,6 +130,28 @@ impl<T: KernelElement> Case<T> {
         Ok((dev.download(&y)?, dev.download(&t)?))
     }
 
+    /// Runs the case in `regime` in the `first` launch form and checks `y`
+    /// against the reference, then in each of `others`, which must give the
+    /// same `y` and saved `t`, bit for bit.
+    fn forms_agree(
+        &self,
+        dev: &Device,
+        regime: Regime,
+        first: (&str, LaunchForm),
+        others: &[(&str, LaunchForm)],
+    ) {
+        let Dims { m, n, k } = self.dims;
+        let what = format!("{:?} m={m} n={n} k={k} r={}", T::DTYPE, self.rank);
+        let run0 = self.run_tuned(dev, regime, first.1).unwrap();
+        let want = self.expected();
+        let label = format!("{what}, {}", first.0);
+        compare_within(&label, &run0.0, &want, &self.bound(&want)).unwrap();
+        for (name, form) in others {
+            let run = self.run_tuned(dev, regime, *form).unwrap();
+            assert_same_run(&format!("{what}, {name} against {}", first.0), &run, &run0);
+        }
+    }
+
     fn check(&self, dev: &Device, regime: Option<Regime>) -> Result<(), String> {
         let got = self.run(dev, regime).map_err(|e| e.to_string())?;
         let Dims { m, n, k } = self.dims;
@@ -169,6 +191,23 @@ impl<T: KernelElement> Case<T> {
         )
     }
 
+    /// The per-element bound of `t` = x a^T, an f32 sum over k: over
+    /// sum_k |x a_j| (docs/DESIGN.md section 3).
+    fn t_bound(&self) -> Vec<f64> {
+        let (want_t, r, k) = (self.reference_t(), self.rank, self.dims.k);
+        (0..self.dims.m * r)
+            .map(|e| {
+                let (i, j) = (e / r, e % r);
+                let abs_sum = self.x[i * k..(i + 1) * k]
+                    .iter()
+                    .zip(&self.a[j * k..(j + 1) * k])
+                    .map(|(p, q)| (p.to_f64() * q.to_f64()).abs())
+                    .sum();
+                f32_sum_bound::<f32>(want_t[e] as f64, abs_sum)
+            })
+            .collect()
+    }
+
     /// Per row, the largest |scale * t| (the reference's t).
     fn scaled_t_row_max(&self) -> Vec<f64> {
         self.reference_t()
@@ -200,6 +239,38 @@ fn same_bits<T: KernelElement>(p: &[T], q: &[T]) -> bool {
         && p.iter()
             .zip(q)
             .all(|(u, v)| u.to_f64().to_bits() == v.to_f64().to_bits())
+}
+
+/// Asserts that a run's `y` and saved `t` are the same bits as another's.
+fn assert_same_run<T: KernelElement>(
+    what: &str,
+    (y, t): &(Vec<T>, Vec<f32>),
+    (y0, t0): &(Vec<T>, Vec<f32>),
+) {
+    assert!(same_bits(y, y0), "{what}: y differs");
+    assert!(
+        t.len() == t0.len() && t.iter().zip(t0).all(|(u, v)| u.to_bits() == v.to_bits()),
+        "{what}: t differs"
+    );
+}
+
+/// A shape: (m, n, k, r).
+type Shape = (usize, usize, usize, usize);
+
+/// Runs a check at every shape on every device, in bf16 and f16, with
+/// beta 0.5 at the third shape and 0 at the others.
+fn every_shape_and_type(
+    shapes: &[Shape],
+    bf16_check: fn(&Device, Shape, f32),
+    f16_check: fn(&Device, Shape, f32),
+) {
+    for (i, &shape) in shapes.iter().enumerate() {
+        let beta = if i == 2 { 0.5 } else { 0.0 };
+        for dev in devices() {
+            bf16_check(&dev, shape, beta);
+            f16_check(&dev, shape, beta);
+        }
+    }
 }
 
 /// Negative control, per type and regime: the kernel's output checked against
@@ -484,19 +555,13 @@ fn forward_saving_t_matches_the_reference_intermediate() {
                 &mut t,
             )
             .unwrap();
-            // t is an f32 sum over k: the per-element bound over sum_k |x a_j|.
-            let t_bound: Vec<f64> = (0..m * r)
-                .map(|e| {
-                    let (i, j) = (e / r, e % r);
-                    let abs_sum = case.x[i * k..(i + 1) * k]
-                        .iter()
-                        .zip(&case.a[j * k..(j + 1) * k])
-                        .map(|(p, q)| (p.to_f64() * q.to_f64()).abs())
-                        .sum();
-                    f32_sum_bound::<f32>(want_t[e] as f64, abs_sum)
-                })
-                .collect();
-            compare_within("saved t", &dev.download(&t).unwrap(), &want_t, &t_bound).unwrap();
+            compare_within(
+                "saved t",
+                &dev.download(&t).unwrap(),
+                &want_t,
+                &case.t_bound(),
+            )
+            .unwrap();
             let want = case.expected();
             compare_within("y", &dev.download(&y).unwrap(), &want, &case.bound(&want)).unwrap();
         }
@@ -582,36 +647,14 @@ fn infinite_b_gives_the_references_infinities_and_nans() {
 /// counts off the 32-column tile; both thread schedules.
 #[test]
 fn decode_pipelines_of_either_depth_agree_bit_for_bit() {
-    fn check<T: KernelElement>(
-        dev: &Device,
-        (m, n, k, r): (usize, usize, usize, usize),
-        beta: f32,
-    ) {
+    fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
         let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m * n + k + r) as u64);
         let depth = |deep_decode| LaunchForm {
             deep_decode,
             ..LaunchForm::default()
         };
-        let (y0, t0) = case
-            .run_tuned(dev, Regime::Decode, depth(Some(false)))
-            .unwrap();
-        let want = case.expected();
-        let what = format!(
-            "{:?} m={m} n={n} k={k} r={r} base decode pipeline",
-            T::DTYPE
-        );
-        compare_within(&what, &y0, &want, &case.bound(&want)).unwrap();
-        for deep in [Some(true), None] {
-            let (y, t) = case.run_tuned(dev, Regime::Decode, depth(deep)).unwrap();
-            assert!(
-                same_bits(&y, &y0),
-                "{what}: y with deep_decode {deep:?} differs"
-            );
-            assert!(
-                t.iter().zip(&t0).all(|(u, v)| u.to_bits() == v.to_bits()),
-                "{what}: t with deep_decode {deep:?} differs"
-            );
-        }
+        let others = [("deep", depth(Some(true))), ("default", depth(None))];
+        case.forms_agree(dev, Regime::Decode, ("base", depth(Some(false))), &others);
     }
     let shapes = [
         (1, 70, 840, 16),
@@ -621,16 +664,94 @@ fn decode_pipelines_of_either_depth_agree_bit_for_bit() {
         (64, 33, 837, 3),
         (40, 64, 40, 16),
     ];
-    for (i, shape) in shapes.into_iter().enumerate() {
-        let beta = if i == 2 { 0.5 } else { 0.0 };
-        for dev in devices() {
-            check::<bf16>(&dev, shape, beta);
-            check::<f16>(&dev, shape, beta);
-        }
-    }
+    every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
     let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
     check::<bf16>(&reverse, (1, 70, 840, 16), 0.0);
     check::<f16>(&reverse, (17, 70, 776, 65), 0.0);
+}
+
+/// Split-K at decode: the blocks of a tile each sum their range of k and the
+/// last to finish adds the ranges up in split order, then runs the expand.
+/// Every split count gives `y` and the saved `t` within their per-element
+/// bounds, the same bits on a second run (the counters are back at 0 and the
+/// sum's order is fixed whichever block ends last), and `y` is written once
+/// (it starts as NaN with beta 0; beta 0.5 reads it once). Shapes: the
+/// 16-row and 64-row decode tiles, k on and off the 16-byte path and off the
+/// 64-wide k-tile, ranges of unequal length, ranks 1, 16 and 64; the host's
+/// workspace is kept per thread like a stream's, so every launch here reuses
+/// the previous one's counters. Forced counts the launch can't take are
+/// errors that change nothing.
+#[test]
+fn decode_split_k_matches_reference_for_every_split_count() {
+    fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
+        let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m + n * k + r) as u64);
+        let (want, want_t) = (case.expected(), case.reference_t());
+        let (bound, t_bound) = (case.bound(&want), case.t_bound());
+        let ktiles = k.div_ceil(64);
+        for splits in [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))] {
+            let form = LaunchForm {
+                k_splits: splits,
+                ..LaunchForm::default()
+            };
+            let what = format!("{:?} m={m} n={n} k={k} r={r} k_splits {splits:?}", T::DTYPE);
+            let run = case.run_tuned(dev, Regime::Decode, form).unwrap();
+            compare_within(&what, &run.0, &want, &bound).unwrap();
+            compare_within(&format!("{what}: t"), &run.1, &want_t, &t_bound).unwrap();
+            let again = case.run_tuned(dev, Regime::Decode, form).unwrap();
+            assert_same_run(&format!("{what}, a second run"), &again, &run);
+        }
+    }
+    let shapes = [
+        (1, 70, 840, 16),
+        (16, 96, 1000, 1),
+        (5, 40, 2050, 64),
+        (17, 70, 776, 16),
+        (64, 33, 837, 3),
+    ];
+    every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
+    let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
+    check::<bf16>(&reverse, (1, 70, 840, 16), 0.0);
+
+    // Counts past the k-tiles, a split of a rank above 64 or of a prefill
+    // launch, and 0: errors naming k_splits, y unchanged.
+    let host = Device::host().unwrap();
+    for (m, k, r, splits, regime) in [
+        (1, 840, 16, 15, Regime::Decode),
+        (1, 840, 65, 2, Regime::Decode),
+        (1, 840, 16, 0, Regime::Decode),
+        (100, 840, 16, 2, Regime::Prefill),
+    ] {
+        let case = Case::<bf16>::new(Dims::new(m, 70, k), r, 0.5, 5);
+        let form = LaunchForm {
+            k_splits: Some(splits),
+            ..LaunchForm::default()
+        };
+        let (x, w) = (host.upload(&case.x).unwrap(), host.upload(&case.w).unwrap());
+        let (a, b) = (host.upload(&case.a).unwrap(), host.upload(&case.b).unwrap());
+        let mut y = host.upload(&case.y0).unwrap();
+        let err = fused_forward_tuned(
+            regime,
+            form,
+            &host,
+            case.dims,
+            ((&x).into(), (&w).into()),
+            &DeviceAdapter::new(&a, &b, r, case.scale),
+            case.beta,
+            ((&mut y).into(), None),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                lora_kernels::Error::InvalidArgument {
+                    name: "k_splits",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(same_bits(&host.download(&y).unwrap(), &case.y0));
+    }
 }
 
 /// A prefill block takes `col_tiles` column tiles side by side and computes
@@ -643,33 +764,18 @@ fn decode_pipelines_of_either_depth_agree_bit_for_bit() {
 /// schedules (a missing barrier between a block's tiles shows under one).
 #[test]
 fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
-    fn check<T: KernelElement>(
-        dev: &Device,
-        (m, n, k, r): (usize, usize, usize, usize),
-        beta: f32,
-    ) {
+    fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
         let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m + n + k + r) as u64);
         let tiles = |col_tiles| LaunchForm {
             col_tiles,
             ..LaunchForm::default()
         };
-        let (y1, t1) = case.run_tuned(dev, Regime::Prefill, tiles(1)).unwrap();
-        let want = case.expected();
-        let what = format!("{:?} m={m} n={n} k={k} r={r} one tile per block", T::DTYPE);
-        compare_within(&what, &y1, &want, &case.bound(&want)).unwrap();
-        for col_tiles in [2, 3, 7] {
-            let (y, t) = case
-                .run_tuned(dev, Regime::Prefill, tiles(col_tiles))
-                .unwrap();
-            assert!(
-                same_bits(&y, &y1),
-                "{what}: y with {col_tiles} tiles per block differs"
-            );
-            assert!(
-                t.iter().zip(&t1).all(|(u, v)| u.to_bits() == v.to_bits()),
-                "{what}: t with {col_tiles} tiles per block differs"
-            );
-        }
+        let others = [
+            ("2 tiles", tiles(2)),
+            ("3 tiles", tiles(3)),
+            ("7 tiles", tiles(7)),
+        ];
+        case.forms_agree(dev, Regime::Prefill, ("1 tile", tiles(1)), &others);
     }
     let shapes = [
         (70, 300, 72, 16),
@@ -677,13 +783,7 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
         (129, 390, 40, 64),
         (65, 260, 24, 65),
     ];
-    for (i, shape) in shapes.into_iter().enumerate() {
-        let beta = if i == 2 { 0.5 } else { 0.0 };
-        for dev in devices() {
-            check::<bf16>(&dev, shape, beta);
-            check::<f16>(&dev, shape, beta);
-        }
-    }
+    every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
     let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
     check::<bf16>(&reverse, (70, 300, 72, 16), 0.0);
 

@@ -154,17 +154,24 @@ pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_jso
 }
 
 /// The fused decode's base and deep pipelines (stages of `w` in flight),
-/// timed beside cuBLAS base-only: whether the deep ones pay, and by how much.
-pub fn decode_depth_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
+/// without split-K, and the default launch (deep, and split-K where the
+/// tiles are fewer than the SMs: n = 1024), timed beside cuBLAS base-only.
+pub fn decode_launch_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
     println!(
-        "\n   fused decode, pipeline depth (base: 5 stages of w in flight, deep: 11; 64 rows: 4 / 8), bf16"
+        "\n   fused decode: pipeline depth (base: 5 stages of w in flight, deep: 11; 64 rows: 4 / 8), \
+         no split-K; default: deep + split-K where the tiles leave SMs idle; bf16"
     );
-    let depth = |deep| LaunchForm {
+    let form = |deep| LaunchForm {
         deep_decode: Some(deep),
+        k_splits: Some(1),
         ..LaunchForm::default()
     };
-    let forms = [("base", depth(false)), ("deep", depth(true))];
-    forms_table(dev, blas, Regime::Decode, &[1, 16, 64], &forms, "pipeline")
+    let forms = [
+        ("base", form(false)),
+        ("deep", form(true)),
+        ("default", LaunchForm::default()),
+    ];
+    forms_table(dev, blas, Regime::Decode, &[1, 16, 64], &forms, "launch")
 }
 
 /// The fused forward in `regime` at each of `ms` tokens, in each launch form

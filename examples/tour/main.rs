@@ -79,7 +79,7 @@ fn main() -> Res<()> {
     );
     let fused_rows = fused::table(&dev, &blas, ceilings)?;
     let col_tiles_rows = fused::col_tiles_table(&dev, &blas)?;
-    let depth_rows = fused::decode_depth_table(&dev, &blas)?;
+    let depth_rows = fused::decode_launch_table(&dev, &blas)?;
     let multi_rows = multi::table(&dev, &blas, ceilings)?;
     let backward_rows = training::backward_table(&dev, &blas, ceilings)?;
     let optimizer = training::optimizer_table(&dev, ceilings)?;
@@ -91,7 +91,7 @@ fn main() -> Res<()> {
         "runs": RUNS,
         "fused_forward": fused_rows,
         "fused_prefill_col_tiles": col_tiles_rows,
-        "fused_decode_pipeline_depth": depth_rows,
+        "fused_decode_launch": depth_rows,
         "multi_adapter_forward": multi_rows,
         "backward": backward_rows,
         "optimizer": optimizer,

@@ -25,6 +25,15 @@ pub fn section(number: usize) {
             );
         }
     }
+    // A GQA k/v projection: 32 column tiles, split-K across 4 blocks each.
+    for m in [1usize, 16] {
+        let t = traffic::fused_forward(DType::BF16, Dims::new(m, 1024, k), 16, false);
+        row(
+            "fused forward bf16",
+            format!("m {m}, n 1024, k {k}, r 16 (split-K)"),
+            t,
+        );
+    }
     for (tokens, adapters) in [(1usize, 1usize), (64, 8), (64, 64), (256, 64), (4096, 16)] {
         let ranks = vec![16; adapters];
         let ids: Vec<i32> = (0..tokens)

@@ -17,7 +17,10 @@ typedef struct FusedForwardParams {
     float scale;
     float beta; /* 0: y is written without being read */
     int32_t col_tiles; /* prefill: column tiles per block, side by side (t computed once for them) */
-    int32_t pad;
+    int32_t k_splits;  /* decode: blocks per tile, each over its range of k (split-K; 1: none) */
+    /* split-K only: f32 partial sums, [tiles][k_splits][values per block], and one
+     * u32 counter per tile, 0 between launches (the last block of a tile resets it) */
+    uint64_t partials, counters;
 } FusedForwardParams;
 
 /* Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses

@@ -289,22 +289,73 @@ __device__ void sum_k_slices(float* scratch, bool base, bool shrink, Accumulator
     }
 }
 
+// Split-K across blocks: the `splits` blocks of one output tile each ran the
+// k-loop over their own range of k-tiles (split `split` of them). Each
+// block's owner warps (sum_k_slices) store their partial sums (acc, and tacc
+// if `shrink`) to its slot of `partials` (`tile * splits + split`, lanes
+// adjacent), then the block counts itself in at `*counter` (0 between
+// launches). The last block of the tile to arrive adds every slot's sums
+// (its own included) in split order, the same bits whichever block is last,
+// into its accumulators, resets the counter for the next launch and returns
+// true; the others return false and are done. Only the tile's `rows` rows
+// that exist and t's first `rp` rank columns travel: the others are sums of
+// the zero-filled rows of x and a, never stored. Call from every thread.
+template <class C>
+__device__ bool gather_k_splits(float* partials, unsigned* counter, int64_t tile, int split, int splits, int rows,
+                                bool shrink, int rp, Accumulators<C>& r) {
+    constexpr int NA = C::MT * C::NT * 4, PER = NA + C::MT * C::TNT * 4;  // values per thread
+    constexpr int OWNERS = C::PIECES * 32;                                  // owner threads
+    static_assert(PER * OWNERS == C::BM * (C::BN + RC), "a slot's size, as split_k_values in src/ops/tiles.rs");
+    LK_SHARED(int, is_last, [1]);
+    const WarpPlace<C> at;
+    const int lane = threadIdx.x % 32;
+    const int owner = (at.wm * C::WN + at.wn) * 32 + lane;
+    auto at_slot = [&](int z, int v) { return ((tile * splits + z) * PER + v) * OWNERS + owner; };
+    // f(value index, accumulator) over the values that travel.
+    auto each = [&](auto&& f) {
+        for (int i = 0; i < C::MT; ++i)
+            for (int q = 0; q < 4; ++q) {
+                if (at.wm * C::WTM + i * 16 + lane / 4 + 8 * (q >> 1) >= rows) continue;
+                for (int j = 0; j < C::NT; ++j) f((i * C::NT + j) * 4 + q, r.acc[i][j][q]);
+                if (shrink)
+                    for (int j = 0; j < C::TNT; ++j)
+                        if ((j * C::WN + at.wn) * 8 < rp) f(NA + (i * C::TNT + j) * 4 + q, r.tacc[i][j][q]);
+            }
+    };
+    if (at.owner()) each([&](int v, float& x) { partials[at_slot(split, v)] = x; });
+    __threadfence();  // the partials are visible before the count that announces them
+    __syncthreads();
+    if (threadIdx.x == 0) is_last[0] = atomicAdd(counter, 1u) == (unsigned)splits - 1;
+    __syncthreads();
+    if (!is_last[0]) return false;
+    __threadfence();  // every other block's partials are in before these reads
+    if (at.owner()) {
+        each([&](int v, float& x) { x = load_cg(partials + at_slot(0, v)); });
+        for (int z = 1; z < splits; ++z) each([&](int v, float& x) { x += load_cg(partials + at_slot(z, v)); });
+    }
+    if (threadIdx.x == 0) atomicExch(counter, 0u);
+    return true;
+}
+
 // One pass over k for the block's rows [row0, row0 + BM):
 //   w != nullptr: acc  += x w[col0 .. col0 + BN)^T
 //   rp > 0:       tacc += x a^T for the first rp rows of `a` (rc of them real)
-// The t n8-tiles are dealt round-robin to the warps of a block row.
-// early() runs in every thread once the first stages' copies are issued (it
-// may synchronize): work that waits on global memory, such as prefetching
-// the weights of the expand, overlaps the pipeline's first loads. Ends with
-// the pipeline drained and a barrier, so the caller may reuse shared memory.
+// over the k-tiles [kt_begin, kt_end) (all of k by default; split-K blocks
+// take a range each). The t n8-tiles are dealt round-robin to the warps of a
+// block row. early() runs in every thread once the first stages' copies are
+// issued (it may synchronize): work that waits on global memory, such as
+// prefetching the weights of the expand, overlaps the pipeline's first
+// loads. Ends with the pipeline drained and a barrier, so the caller may
+// reuse shared memory.
 template <class T, class C, bool ALIGNED, class Early = NoHook>
 __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int n, int k, int rc, int rp,
-                         int row0, int col0, Accumulators<C>& r, Early early = {}) {
+                         int row0, int col0, Accumulators<C>& r, Early early = {}, int kt_begin = 0,
+                         int kt_end = 1 << 30) {
     const int lane = threadIdx.x % 32;
     const WarpPlace<C> at;
     const int wm = at.wm, wn = at.wn;
     const int stage_elems = (C::BM + C::BN + rp) * C::LDS;
-    const int ktiles = (k + C::BK - 1) / C::BK;
+    const int ktiles = min_int((k + C::BK - 1) / C::BK, kt_end) - kt_begin;
 
     const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BM> xcopy(x, k, row0, 0);
     const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BN> wcopy(w, k, col0, 0);
@@ -322,7 +373,7 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
         T* xs = smem + stage * stage_elems;
         T* ws = xs + C::BM * C::LDS;
         T* as = ws + C::BN * C::LDS;
-        int kc = kt * C::BK;
+        int kc = (kt_begin + kt) * C::BK;
         if constexpr (ALIGNED) {
             xcopy.template copy<false>(xs, kc, xrows, k - kc);
             if (w) wcopy.template copy<true>(ws, kc, n - col0, k - kc);

@@ -1,8 +1,11 @@
 //! Fused forward: `y = x w^T + s (x a^T) b^T (+ beta y)` in one launch.
 //! Kernels: kernels/fused_forward_simt.cu (any type, the plain reference
-//! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores, a decode
-//! and a prefill tile shape). Reference: `reference::fused_forward`.
-use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
+//! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores: decode
+//! tiles of two pipeline depths, split-K for a small `n`, and a prefill tile
+//! shape). Reference: `reference::fused_forward`.
+use super::{
+    DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr, scratch_ptr,
+};
 use crate::buffer::{BufMut, BufRef};
 use crate::device::Device;
 use crate::element::DType;
@@ -12,7 +15,8 @@ use crate::params::FusedForwardParams;
 use crate::shape::{Dims, check_finite, invalid};
 
 use super::tiles::{
-    DECODE_WIDE, PREFILL, PREFILL_COL_TILES, SIMT, STATIC_SMEM_MARGIN, fused_decode_tiles,
+    DECODE, DECODE_WIDE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, STATIC_SMEM_MARGIN,
+    decode_k_splits, fused_decode_tiles, split_k_counters_at, split_k_scratch_len,
 };
 
 kernel!(SIMT_F32 = lk_fused_forward_simt_f32 in "fused_forward_simt": FusedForwardParams;);
@@ -68,6 +72,12 @@ pub fn regime_for(dtype: DType, m: usize) -> Regime {
 /// The fused forward on `dev`, in the regime [`regime_for`] picks: tensor cores
 /// for f16/bf16 (decode tiles up to m = 64, prefill tiles above), SIMT for f32.
 /// With `beta == 0`, `y` is only written, never read.
+///
+/// At decode, where `n` gives fewer column tiles than the GPU has SMs, the
+/// k-loop is split across blocks (split-K) through a workspace that `dev`'s
+/// stream keeps: a CUDA graph that captured such a launch must not run
+/// concurrently with other work of that stream, and a launch captured before
+/// the stream's first split-K launch runs unsplit (docs/DESIGN.md section 13).
 ///
 /// ```
 /// use half::bf16;
@@ -172,6 +182,12 @@ pub struct LaunchForm {
     /// a block have its shared memory, `Some(deep)` forces a choice (an
     /// error where the deep one does not fit).
     pub deep_decode: Option<bool>,
+    /// Decode blocks per output tile, each over its range of `k` (split-K):
+    /// `None` splits where the tiles are fewer than the SMs (docs/DESIGN.md
+    /// section 11), `Some(1)` never. Ranks above 64 and the other regimes take no split;
+    /// a launch that can't have a workspace (a stream being captured before
+    /// its first split-K launch) runs without.
+    pub k_splits: Option<usize>,
 }
 
 impl Default for LaunchForm {
@@ -180,6 +196,7 @@ impl Default for LaunchForm {
         LaunchForm {
             col_tiles: PREFILL_COL_TILES,
             deep_decode: None,
+            k_splits: None,
         }
     }
 }
@@ -246,6 +263,29 @@ fn launch<T: KernelElement>(
     let (pb, _gb) = in_ptr(dev, &adapter.b);
     let (py, _gy) = out_ptr(dev, &mut y);
     let (pt, _gt) = t_out.as_mut().map_or((0, None), |t| out_ptr(dev, t));
+    // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
+    let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
+    let (kernel, mut launch) = select(
+        regime,
+        T::DTYPE,
+        aligned,
+        dims,
+        adapter.rank,
+        form,
+        dev.max_block_smem(),
+    )?;
+    let sm_count = dev.sm_count();
+    let tiles = launch.grid[0] as usize * launch.grid[1] as usize;
+    let mut splits = k_splits(regime, dims, adapter.rank, form.k_splits, tiles, sm_count)?;
+    let mut scratch = match splits {
+        1 => None,
+        _ => dev.split_k_scratch(split_k_scratch_len(sm_count))?,
+    };
+    if scratch.is_none() {
+        splits = 1;
+    }
+    launch.grid[2] = splits as u32;
+    let (ps, _gs) = scratch.as_mut().map_or((0, None), |s| scratch_ptr(dev, s));
     let params = FusedForwardParams {
         x: px,
         w: pw,
@@ -260,19 +300,14 @@ fn launch<T: KernelElement>(
         scale: adapter.scale,
         beta,
         col_tiles: col_tiles as i32,
-        pad: 0,
+        k_splits: splits as i32,
+        partials: ps,
+        counters: if ps == 0 {
+            0
+        } else {
+            ps + 4 * split_k_counters_at(sm_count) as u64
+        },
     };
-    // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
-    let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
-    let (kernel, launch) = select(
-        regime,
-        T::DTYPE,
-        aligned,
-        dims,
-        adapter.rank,
-        form,
-        dev.max_block_smem(),
-    )?;
     // SAFETY: every operand was checked above to live on `dev`'s backend with
     // exactly the element count the kernel indexes (x m*k, w n*k, a r*k, b n*r,
     // y m*n, t m*r when saved); m, n, k, r fit i32 (Dims::validate, check_rank); `select` gives
@@ -282,9 +317,50 @@ fn launch<T: KernelElement>(
     // limits, else it returned an error), its block size and its shared
     // memory for this rank (a deep decode pipeline only within the device's
     // per-block limit); the 16-byte path is taken only when k and
-    // the bases allow it; the pointer guards (_g*) live until after the launch
-    // is queued.
+    // the bases allow it; split-K (grid.z = splits > 1: decode, one chunk of
+    // ranks, splits <= k-tiles, tiles x splits <= sm_count, `k_splits`) has
+    // a workspace of split_k_scratch_len(sm_count) values, partial sums
+    // first and the counters, zero between launches, at split_k_counters_at;
+    // the pointer guards (_g*) live until after the launch is queued.
     unsafe { kernel.launch(dev, launch, &params) }
+}
+
+/// Blocks per tile (split-K) for a launch of `tiles` tiles on `sm_count`
+/// SMs: `forced` (checked), or [`decode_k_splits`] at decode with one chunk
+/// of ranks, else 1.
+fn k_splits(
+    regime: Regime,
+    dims: Dims,
+    rank: usize,
+    forced: Option<usize>,
+    tiles: usize,
+    sm_count: usize,
+) -> Result<usize> {
+    let ktiles = dims.k.div_ceil(DECODE.bk);
+    let splittable = regime == Regime::Decode && rank <= RANK_CHUNK;
+    let Some(splits) = forced else {
+        return Ok(if splittable {
+            decode_k_splits(tiles, ktiles, sm_count)
+        } else {
+            1
+        });
+    };
+    let most = if splittable {
+        ktiles.min(sm_count / tiles.max(1))
+    } else {
+        1
+    };
+    if splits == 0 || splits > most {
+        return Err(invalid(
+            "k_splits",
+            splits,
+            format!(
+                "1 ..= {most}: split-K takes decode launches of ranks up to {RANK_CHUNK}, at most \
+                 one split per k-tile ({ktiles}) and {sm_count} blocks ({tiles} tiles)"
+            ),
+        ));
+    }
+    Ok(splits)
 }
 
 /// The kernel entry point and launch shape for a regime, type and alignment
@@ -409,6 +485,45 @@ mod tests {
             max_smem,
         )?;
         Ok((kernel.name, launch.dynamic_smem_bytes))
+    }
+
+    /// Split-K where a decode launch's tiles are fewer than the SMs: enough
+    /// splits to give each SM a block, at most 8 and at least 4 k-tiles each;
+    /// none for ranks above 64, at prefill or where the tiles fill the GPU.
+    #[test]
+    fn decode_splits_k_where_the_tiles_leave_sms_idle() {
+        let auto = |regime, m, n: usize, k, r| {
+            let tiles = n.div_ceil(32);
+            k_splits(regime, Dims::new(m, n, k), r, None, tiles, 132).unwrap()
+        };
+        assert_eq!(auto(Regime::Decode, 1, 1024, 4096, 16), 4); // 32 tiles
+        assert_eq!(auto(Regime::Decode, 64, 2048, 4096, 64), 2); // 64 tiles
+        assert_eq!(auto(Regime::Decode, 1, 512, 4096, 16), 8); // 16 tiles, 8 at most
+        assert_eq!(auto(Regime::Decode, 1, 512, 1024, 16), 4); // 16 k-tiles: 4 each
+        assert_eq!(auto(Regime::Decode, 1, 4096, 4096, 16), 1); // 128 tiles
+        assert_eq!(auto(Regime::Decode, 1, 14336, 4096, 16), 1);
+        assert_eq!(auto(Regime::Decode, 1, 1024, 4096, 65), 1); // two chunks of ranks
+        assert_eq!(auto(Regime::Decode, 1, 1024, 200, 16), 1); // 4 k-tiles
+        assert_eq!(auto(Regime::Prefill, 100, 1024, 4096, 16), 1);
+        // Forced: up to one split per k-tile and one block per SM.
+        let forced = |splits, tiles, k| {
+            k_splits(
+                Regime::Decode,
+                Dims::new(1, 1024, k),
+                16,
+                Some(splits),
+                tiles,
+                132,
+            )
+        };
+        assert_eq!(forced(64, 2, 4096).unwrap(), 64);
+        assert!(forced(65, 2, 4096).is_err());
+        assert!(forced(5, 32, 4096).is_err()); // 160 blocks
+        assert!(forced(0, 32, 4096).is_err());
+        // The workspace holds the partial sums of up to one block per SM of
+        // the largest decode tile, then a counter per tile.
+        assert_eq!(split_k_counters_at(132), 132 * 64 * (32 + 64));
+        assert_eq!(split_k_scratch_len(132), 132 * 64 * 96 + 132);
     }
 
     /// The deep decode pipelines where the device's blocks may take their

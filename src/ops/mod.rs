@@ -12,7 +12,7 @@ pub mod traffic;
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
 
 use crate::buffer::{BufMut, BufRef, check_home};
-use crate::device::Device;
+use crate::device::{Device, SplitScratch};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::{check_finite, check_matrix, check_rank, invalid};
@@ -134,5 +134,23 @@ pub(crate) fn out_ptr<'s, T>(
         }
         (_, BufMut::Host(s)) => (s.as_mut_ptr() as u64, None),
         (Device::Host(_), BufMut::Cuda(_)) => unreachable!("backend checked by validation"),
+    }
+}
+
+/// The address of a split-K workspace ([`Device::split_k_scratch`]) for a
+/// launch on `dev`, with the guard [`in_ptr`] gives.
+pub(crate) fn scratch_ptr<'s>(
+    dev: &'s Device,
+    scratch: &'s mut SplitScratch,
+) -> (u64, Option<SyncOnDrop<'s>>) {
+    match (dev, scratch) {
+        (Device::Cuda(d), SplitScratch::Cuda(s)) => {
+            let (p, guard) = s.device_ptr(d.stream());
+            (p, Some(guard))
+        }
+        (_, SplitScratch::Host(v)) => (v.as_mut_ptr() as u64, None),
+        (Device::Host(_), SplitScratch::Cuda(_)) => {
+            unreachable!("the host runtime's scratch is host memory")
+        }
     }
 }

@@ -16,7 +16,9 @@ pub use backward::{BackwardTraffic, lora_backward};
 
 use super::fused_forward::{Regime, regime_for};
 use super::multi_adapter_forward::shrink_unit;
-use super::tiles::{DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles};
+use super::tiles::{
+    DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, decode_k_splits, fused_decode_tiles,
+};
 use crate::element::DType;
 use crate::shape::Dims;
 
@@ -62,7 +64,10 @@ fn y_bytes(m: u64, n: u64, beta: bool, e: u64) -> u64 {
 /// of `x` once per 64 ranks, its columns of `w`, the rank rows of `a` (at
 /// prefill with one chunk of ranks, once per block of 2 tiles) and its rows
 /// of `b`; the SIMT kernel (f32) reads a row of `x` and of `a` from
-/// global memory for every entry of its `t` tile.
+/// global memory for every entry of its `t` tile. A decode launch split
+/// across blocks (split-K, on a GPU of [`SPLIT_K_MODEL_SMS`] SMs) also writes
+/// each block's f32 partial sums of its existing rows (`y`'s columns and `t`'s
+/// first ranks, rounded up to 16) and reads them back in the tile's last block.
 pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic {
     let e = dtype.size() as u64;
     let (m, n, k, r) = (dims.m as u64, dims.n as u64, dims.k as u64, r as u64);
@@ -87,11 +92,26 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
             tiles_n * m * k * passes + tiles_m * shrinks * r * k + tiles_m * n * r
         }
     };
+    let splits = match regime {
+        Regime::Decode if r <= RANK_CHUNK as u64 => decode_k_splits(
+            (tiles_m * tiles_n) as usize,
+            dims.k.div_ceil(DECODE.bk),
+            SPLIT_K_MODEL_SMS,
+        ) as u64,
+        _ => 1,
+    };
+    let partials = match splits {
+        1 => 0,
+        _ => 2 * 4 * tiles_m * tiles_n * splits * m.min(bm) * (bn + r.div_ceil(16) * 16),
+    };
     Traffic {
-        requested: e * (tiles_m * n * k + ab) + y_bytes(m, n, beta, e),
+        requested: e * (tiles_m * n * k + ab) + y_bytes(m, n, beta, e) + partials,
         floor: e * (m * k + n * k + r * k + n * r) + y_bytes(m, n, beta, e),
     }
 }
+
+/// The SMs of the GPU the model sizes split-K for: an H100 / H200 SXM's.
+pub const SPLIT_K_MODEL_SMS: usize = 132;
 
 /// [`super::multi_adapter_forward::multi_adapter_forward`] of `dims` with
 /// token `i` on slot `ids[i]` (-1: none) of a pool whose slot `s` has rank
@@ -221,6 +241,23 @@ mod tests {
         assert_eq!(
             t17.requested,
             2 * (w + 128 * a + b + 128 * 17 * 4096 + 17 * 4096)
+        );
+    }
+
+    #[test]
+    fn decode_split_k_adds_the_partial_sums_of_the_existing_rows() {
+        // n = 1024: 32 column tiles, 4 blocks each on 132 SMs; every block
+        // writes one row of 32 columns and 16 ranks, the last reads all 4.
+        let split = fused_forward(DType::BF16, Dims::new(1, 1024, 4096), 16, false);
+        let e = 2u64;
+        let base = e * (32 * 4096 + 1024 * 4096 + 32 * 16 * 4096 + 1024 * 16) + e * 1024;
+        assert_eq!(split.requested, base + 2 * 4 * 32 * 4 * (32 + 16));
+        // Two chunks of ranks take no split.
+        let two = fused_forward(DType::BF16, Dims::new(1, 1024, 4096), 65, false);
+        let x = e * 32 * 4096 * 2;
+        assert_eq!(
+            two.requested,
+            x + e * (1024 * 4096 + 32 * 65 * 4096 + 1024 * 65) + e * 1024
         );
     }
 
