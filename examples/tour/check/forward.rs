@@ -1,6 +1,10 @@
-//! fused_forward and fused_forward_saving_t: every regime, both load paths, a rank above 64.
+//! fused_forward and fused_forward_saving_t: every regime, both load paths, a rank above 64,
+//! split-K at decode.
 
 use super::*;
+
+/// A k long enough for split-K at decode (16 k-tiles of 64).
+const K_SPLIT: usize = 1000;
 
 pub(super) fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
     let mut rows = Vec::new();
@@ -22,6 +26,15 @@ pub(super) fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
     // Several column tiles of 128: a prefill block's second tile reuses its first one's t.
     let dims = Dims::new(M_PREFILL, 300, K_ALIGNED);
     rows.extend(fused::<bf16>(dev, Regime::Prefill, dims, 16, plain)?);
+    // 16 k-tiles: decode launches split the k-loop across blocks (split-K:
+    // 3 per column tile at n = 45, on 132 SMs or the host runtime), 16- and
+    // 64-row tiles, both load paths.
+    for m in [M_SMALL, M_DECODE] {
+        let dims = Dims::new(m, N, K_SPLIT);
+        rows.extend(fused::<bf16>(dev, Regime::Decode, dims, 16, plain)?);
+    }
+    let dims = Dims::new(M_SMALL, N, K_SPLIT + 1);
+    rows.extend(fused::<f16>(dev, Regime::Decode, dims, 16, plain)?);
     // beta != 0: the kernels read the old y (with beta 0 they never do).
     let beta = Forward::Beta(0.5);
     rows.extend(fused::<f32>(
