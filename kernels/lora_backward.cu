@@ -512,6 +512,10 @@ LK_U_MMA_KERNEL(lk_backward_u_mma_bf16_any, __nv_bfloat16, false)
     LK_KERNEL(lk_backward_dx_##regime##_##tname##_any, BackwardParams, (backward_dx_mma<T, Cfg, false>))
 LK_BACKWARD_DX_MMA(decode, lk::DecodeTiles, f16, __half)
 LK_BACKWARD_DX_MMA(decode, lk::DecodeTiles, bf16, __nv_bfloat16)
+// Up to 16 tokens: one row of blocks, about one per SM; the deep pipeline
+// keeps twice the bytes of w in flight (89 KiB: every GPU from sm_80).
+LK_BACKWARD_DX_MMA(decode_deep, lk::DecodeDeepTiles, f16, __half)
+LK_BACKWARD_DX_MMA(decode_deep, lk::DecodeDeepTiles, bf16, __nv_bfloat16)
 LK_BACKWARD_DX_MMA(prefill, lk::PrefillTiles, f16, __half)
 LK_BACKWARD_DX_MMA(prefill, lk::PrefillTiles, bf16, __nv_bfloat16)
 LK_KERNEL(lk_backward_reduce, BackwardParams, backward_reduce)

@@ -513,6 +513,11 @@ __device__ void multi_adapter_forward_simt(const MultiAdapterParams& p) {
               (multi_adapter_forward<T, Cfg, Shrink, false>))
 LK_MULTI(decode, lk::DecodeTiles, SimtShrink, f16, __half)
 LK_MULTI(decode, lk::DecodeTiles, SimtShrink, bf16, __nv_bfloat16)
+// A batch of up to 16 tokens has one row of tile blocks, about one per SM:
+// the deep pipeline keeps twice the bytes of w in flight (81 KiB of shared
+// memory: every GPU from sm_80 fits it).
+LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, f16, __half)
+LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, bf16, __nv_bfloat16)
 LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, f16, __half)
 LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, bf16, __nv_bfloat16)
 LK_KERNEL(lk_multi_adapter_simt_f32, MultiAdapterParams, multi_adapter_forward_simt<float>)

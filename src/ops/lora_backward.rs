@@ -8,7 +8,7 @@
 //! [`lora_backward`] trains one adapter; [`multi_adapter_backward`] trains
 //! every adapter of a pool that a batch uses, each token's gradient going to
 //! its own slot, in the same launches.
-use super::tiles::{DECODE, GATHER_GEMM, MmaTiles, PREFILL, TOKEN_GEMM};
+use super::tiles::{DECODE, DECODE_DEEP, GATHER_GEMM, MmaTiles, PREFILL, TOKEN_GEMM};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef, Buffer, Home, check_home};
@@ -43,6 +43,10 @@ kernel!(DX_DECODE_F16_ALIGNED = lk_backward_dx_decode_f16_aligned in "lora_backw
 kernel!(DX_DECODE_F16_ANY = lk_backward_dx_decode_f16_any in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_BF16_ALIGNED = lk_backward_dx_decode_bf16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_BF16_ANY = lk_backward_dx_decode_bf16_any in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_DEEP_F16_ALIGNED = lk_backward_dx_decode_deep_f16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_DEEP_F16_ANY = lk_backward_dx_decode_deep_f16_any in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_DEEP_BF16_ALIGNED = lk_backward_dx_decode_deep_bf16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_DEEP_BF16_ANY = lk_backward_dx_decode_deep_bf16_any in "lora_backward": BackwardParams;);
 kernel!(DX_PREFILL_F16_ALIGNED = lk_backward_dx_prefill_f16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_PREFILL_F16_ANY = lk_backward_dx_prefill_f16_any in "lora_backward": BackwardParams;);
 kernel!(DX_PREFILL_BF16_ALIGNED = lk_backward_dx_prefill_bf16_aligned in "lora_backward": BackwardParams;);
@@ -821,14 +825,21 @@ fn zero<E: DeviceRepr + ValidAsZeroBits + Default + Clone>(
 }
 
 /// The tensor-core dx kernel and its tiles for f16/bf16 (decode tiles up to
-/// m = 64, as the forward); None for f32 (SIMT).
+/// m = 64, as the forward; up to m = 16, one row of blocks about one per SM,
+/// with the deep pipeline: twice the bytes of `w` in flight, 89 KiB of shared
+/// memory, which every GPU from sm_80 fits); None for f32 (SIMT).
 pub(crate) fn dx_mma(
     dtype: DType,
     m: usize,
     aligned: bool,
 ) -> Option<(&'static Kernel<BackwardParams>, &'static MmaTiles)> {
     let decode = m <= super::fused_forward::DECODE_MAX_M;
+    let deep = m <= DECODE.bm;
     let kernel = match (dtype, decode, aligned) {
+        (DType::F16, true, true) if deep => &DX_DECODE_DEEP_F16_ALIGNED,
+        (DType::F16, true, false) if deep => &DX_DECODE_DEEP_F16_ANY,
+        (DType::BF16, true, true) if deep => &DX_DECODE_DEEP_BF16_ALIGNED,
+        (DType::BF16, true, false) if deep => &DX_DECODE_DEEP_BF16_ANY,
         (DType::F16, true, true) => &DX_DECODE_F16_ALIGNED,
         (DType::F16, true, false) => &DX_DECODE_F16_ANY,
         (DType::BF16, true, true) => &DX_DECODE_BF16_ALIGNED,
@@ -839,5 +850,10 @@ pub(crate) fn dx_mma(
         (DType::BF16, false, false) => &DX_PREFILL_BF16_ANY,
         _ => return None,
     };
-    Some((kernel, if decode { &DECODE } else { &PREFILL }))
+    let tiles = match (decode, deep) {
+        (true, true) => &DECODE_DEEP,
+        (true, false) => &DECODE,
+        _ => &PREFILL,
+    };
+    Some((kernel, tiles))
 }

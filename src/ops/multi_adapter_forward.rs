@@ -19,7 +19,7 @@
 //! [`multi_adapter_forward_saving_t`] are unspecified. Tables built on the
 //! host should be checked with [`check_segments`] (clear errors).
 use super::fused_forward::{Regime, regime_for};
-use super::tiles::{DECODE, MmaTiles, PREFILL, SIMT};
+use super::tiles::{DECODE, DECODE_DEEP, MmaTiles, PREFILL, SIMT};
 use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
@@ -33,6 +33,10 @@ kernel!(DECODE_F16_ALIGNED = lk_multi_adapter_decode_f16_aligned in "multi_adapt
 kernel!(DECODE_F16_ANY = lk_multi_adapter_decode_f16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_BF16_ALIGNED = lk_multi_adapter_decode_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_BF16_ANY = lk_multi_adapter_decode_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_DEEP_F16_ALIGNED = lk_multi_adapter_decode_deep_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_DEEP_F16_ANY = lk_multi_adapter_decode_deep_f16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_DEEP_BF16_ALIGNED = lk_multi_adapter_decode_deep_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_DEEP_BF16_ANY = lk_multi_adapter_decode_deep_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_F16_ALIGNED = lk_multi_adapter_prefill_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_F16_ANY = lk_multi_adapter_prefill_f16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_BF16_ALIGNED = lk_multi_adapter_prefill_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
@@ -181,7 +185,7 @@ fn launch<T: KernelElement>(
     let cfg = pool.config();
     let dims = Dims::new(m, cfg.n, cfg.k);
     dims.validate()?;
-    let shape = tile_shape(regime, T::DTYPE)?;
+    let shape = tile_shape(regime, T::DTYPE, deep_decode(regime, dims.m))?;
     check_operand(dev, "x", &x, m, cfg.k)?;
     check_operand(dev, "w", &w, cfg.n, cfg.k)?;
     check_finite("beta", beta)?;
@@ -302,7 +306,7 @@ fn launch<T: KernelElement>(
             block: [shape.threads, 1, 1],
             dynamic_smem_bytes: shape.smem_bytes,
         };
-        let kernel = select(regime, T::DTYPE, aligned);
+        let kernel = select(regime, T::DTYPE, aligned, deep_decode(regime, dims.m));
         // SAFETY: x, w, y and the routing buffers were checked above to live on
         // the pool's device with the element counts the kernel indexes (x m*k,
         // w n*k, y m*n, ids m or segments + 1 offsets and segments slots); the
@@ -334,7 +338,15 @@ struct TileShape {
     smem_bytes: u32,
 }
 
-fn tile_shape(regime: Regime, dtype: DType) -> Result<TileShape> {
+/// Whether a launch takes the deep decode pipeline: at decode with one row
+/// of tile blocks (m <= 16), about one block per SM, where the pipeline's
+/// stages are all the bytes of `w` an SM has in flight. Its 81 KiB of shared
+/// memory fit every GPU from sm_80; its k-steps are the base pipeline's.
+fn deep_decode(regime: Regime, m: usize) -> bool {
+    regime == Regime::Decode && m <= DECODE.bm
+}
+
+fn tile_shape(regime: Regime, dtype: DType, deep: bool) -> Result<TileShape> {
     let mma = |tiles: &MmaTiles| TileShape {
         bm: tiles.bm,
         bn: tiles.bn,
@@ -342,6 +354,7 @@ fn tile_shape(regime: Regime, dtype: DType) -> Result<TileShape> {
         smem_bytes: tiles.smem_bytes(0),
     };
     match (regime, dtype) {
+        (Regime::Decode, DType::F16 | DType::BF16) if deep => Ok(mma(&DECODE_DEEP)),
         (Regime::Decode, DType::F16 | DType::BF16) => Ok(mma(&DECODE)),
         (Regime::Prefill, DType::F16 | DType::BF16) => Ok(mma(&PREFILL)),
         (Regime::Simt, DType::F32) => Ok(TileShape {
@@ -366,10 +379,19 @@ fn tile_shape(regime: Regime, dtype: DType) -> Result<TileShape> {
 }
 
 /// The entry point for a regime and type (a pair `tile_shape` accepted).
-fn select(regime: Regime, dtype: DType, aligned: bool) -> &'static Kernel<MultiAdapterParams> {
+fn select(
+    regime: Regime,
+    dtype: DType,
+    aligned: bool,
+    deep: bool,
+) -> &'static Kernel<MultiAdapterParams> {
     let bf16 = dtype == DType::BF16;
     match (regime, bf16, aligned) {
         (Regime::Simt, _, _) => &SIMT_F32,
+        (Regime::Decode, false, true) if deep => &DECODE_DEEP_F16_ALIGNED,
+        (Regime::Decode, false, false) if deep => &DECODE_DEEP_F16_ANY,
+        (Regime::Decode, true, true) if deep => &DECODE_DEEP_BF16_ALIGNED,
+        (Regime::Decode, true, false) if deep => &DECODE_DEEP_BF16_ANY,
         (Regime::Decode, false, true) => &DECODE_F16_ALIGNED,
         (Regime::Decode, false, false) => &DECODE_F16_ANY,
         (Regime::Decode, true, true) => &DECODE_BF16_ALIGNED,
