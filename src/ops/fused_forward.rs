@@ -184,9 +184,10 @@ pub struct LaunchForm {
     pub deep_decode: Option<bool>,
     /// Decode blocks per output tile, each over its range of `k` (split-K):
     /// `None` splits where the tiles are fewer than the SMs (docs/DESIGN.md
-    /// section 11), `Some(1)` never. Ranks above 64 and the other regimes take no split;
-    /// a launch that can't have a workspace (a stream being captured before
-    /// its first split-K launch) runs without.
+    /// section 11), `Some(1)` never, `Some(s)` in `s` (an error past one
+    /// split per k-tile or one block per SM). Ranks above 64 and the other
+    /// regimes take no split; a launch that can't have a workspace (a stream
+    /// being captured before its first split-K launch) runs unsplit.
     pub k_splits: Option<usize>,
 }
 
@@ -203,7 +204,8 @@ impl Default for LaunchForm {
 
 /// The fused forward in a chosen regime and launch form, saving `t` when
 /// given: for tests, and for tuning on a GPU machine. An error for
-/// `col_tiles == 0`, and for a deep decode pipeline the device can't fit.
+/// `col_tiles == 0`, for a deep decode pipeline the device can't fit, and
+/// for a split count the launch can't take.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)] // the op's operands plus the launch form
 pub fn fused_forward_tuned<T: KernelElement>(
