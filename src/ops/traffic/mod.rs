@@ -110,8 +110,9 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
     }
 }
 
-/// The SMs of the GPU the model sizes split-K for: an H100 / H200 SXM's.
-pub const SPLIT_K_MODEL_SMS: usize = 132;
+/// The SMs of the GPU the model sizes split-K for: an H100 / H200 SXM's,
+/// as many as the host runtime counts.
+pub const SPLIT_K_MODEL_SMS: usize = crate::device::HOST_SM_COUNT;
 
 /// [`super::multi_adapter_forward::multi_adapter_forward`] of `dims` with
 /// token `i` on slot `ids[i]` (-1: none) of a pool whose slot `s` has rank
