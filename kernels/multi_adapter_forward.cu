@@ -19,7 +19,9 @@
 //   shrink work is done (by then it usually is: the shrink is a small
 //   fraction of the work) and expand, once per distinct adapter among their
 //   rows, so tokens of the same adapter share each load of its b tile (the
-//   b tiles are prefetched into L2 while the base product runs).
+//   b tiles are prefetched into L2 while the base product runs). At decode
+//   a tile may be split along k over p.k_splits blocks (split-K, where the
+//   tiles alone would leave SMs idle: a small n); its last block expands.
 // Shrink work is claimed, not assigned: warps take items from a counter
 // (counters[0]) and count the items they finish (counters[1]), and a tile
 // block takes what is left unclaimed before it waits. CUDA does not promise that
@@ -367,7 +369,13 @@ __device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0,
     lk::collect_distinct<BM>(row_slot, distinct);
 }
 
-template <class T, class C, class S, bool ALIGNED>
+// SPLITK: whether p.k_splits is read (decode). Split-K: the k_splits blocks
+// of a tile (adjacent block indices) each run the base product over their
+// range of k-tiles, and the tile's last block to finish adds their sums up
+// (lk::gather_k_splits) and alone waits for the shrink, expands and stores;
+// the others are done once their sums are in. A tile's wait thus never
+// depends on a block that has not started either.
+template <class T, class C, class S, bool ALIGNED, bool SPLITK>
 __device__ void base_block(const MultiAdapterParams& p) {
     const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
     const float* t = reinterpret_cast<const float*>(p.t);
@@ -377,8 +385,15 @@ __device__ void base_block(const MultiAdapterParams& p) {
     LK_SHARED(int, guard_state, [C::BM + 2]);
 
     const int tiles_m = (p.m + C::BM - 1) / C::BM, tiles_n = (p.n + C::BN - 1) / C::BN;
+    const int splits = SPLITK ? p.k_splits : 1;
+    const int64_t block = (int64_t)blockIdx.x - p.shrink_blocks;
+    const int64_t tile_id = block / splits;
+    const int split = (int)(block % splits);
+    const int ktiles = (p.k + C::BK - 1) / C::BK;
+    const int kt_begin = (int)((int64_t)split * ktiles / splits);
+    const int kt_end = (int)((int64_t)(split + 1) * ktiles / splits);
     int tm, tn;
-    lk::grouped_tile((int64_t)blockIdx.x - p.shrink_blocks, tiles_m, tiles_n, tm, tn);
+    lk::grouped_tile(tile_id, tiles_m, tiles_n, tm, tn);
     const int row0 = tm * C::BM, col0 = tn * C::BN;
 
     lk::ExpandGuard<C> guard(guard_state);
@@ -387,8 +402,10 @@ __device__ void base_block(const MultiAdapterParams& p) {
     // Once the first k-tiles are on their way: the b tiles of the adapters
     // among the block's rows go to L2 for the expand, a run of rows with the
     // same adapter asking once (a malformed segment table still names slots
-    // of the pool, and wait_and_collect_adapters sets row_slot again).
+    // of the pool, and wait_and_collect_adapters sets row_slot again). One
+    // block of a split tile asks: the tiles land in L2, which every SM reads.
     auto prefetch_b = [&] {
+        if (split != 0) return;
         for (int i = threadIdx.x; i < C::BM; i += C::THREADS)
             row_slot[i] = row0 + i < p.m ? token_slot(p, row0 + i) : -1;
         __syncthreads();
@@ -401,7 +418,11 @@ __device__ void base_block(const MultiAdapterParams& p) {
         }
     };
     lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
-                                p.m, p.n, p.k, 0, 0, row0, col0, r, prefetch_b);
+                                p.m, p.n, p.k, 0, 0, row0, col0, r, prefetch_b, kt_begin, kt_end);
+    if (splits > 1 && !lk::gather_k_splits<C>(reinterpret_cast<float*>(p.partials),
+                                              reinterpret_cast<unsigned*>(p.split_counters) + tile_id, tile_id,
+                                              split, splits, p.m - row0, false, 0, r))
+        return;
 
     wait_and_collect_adapters<T, S, ALIGNED, C::BM, C::THREADS>(p, row0, row_slot, distinct);
 
@@ -487,10 +508,10 @@ __device__ void simt_tile_block(const MultiAdapterParams& p) {
     lk::simt::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, acc);
 }
 
-template <class T, class C, class S, bool ALIGNED>
+template <class T, class C, class S, bool ALIGNED, bool SPLITK>
 __device__ void multi_adapter_forward(const MultiAdapterParams& p) {
     if ((int)blockIdx.x < p.shrink_blocks) shrink_work<T, S, ALIGNED, false>(p);
-    else base_block<T, C, S, ALIGNED>(p);
+    else base_block<T, C, S, ALIGNED, SPLITK>(p);
     finish_block(p);
 }
 
@@ -506,18 +527,19 @@ __device__ void multi_adapter_forward_simt(const MultiAdapterParams& p) {
 }  // namespace
 
 // Entry points as in fused_forward_mma.cu: <regime>_<type>_<aligned|any>.
-#define LK_MULTI(regime, Cfg, Shrink, tname, T)                                                                 \
+// Decode tiles may be split along k (split-K: a small n leaves SMs idle).
+#define LK_MULTI(regime, Cfg, Shrink, splitk, tname, T)                                                         \
     LK_KERNEL(lk_multi_adapter_##regime##_##tname##_aligned, MultiAdapterParams,                               \
-              (multi_adapter_forward<T, Cfg, Shrink, true>))                                                    \
+              (multi_adapter_forward<T, Cfg, Shrink, true, splitk>))                                            \
     LK_KERNEL(lk_multi_adapter_##regime##_##tname##_any, MultiAdapterParams,                                   \
-              (multi_adapter_forward<T, Cfg, Shrink, false>))
-LK_MULTI(decode, lk::DecodeTiles, SimtShrink, f16, __half)
-LK_MULTI(decode, lk::DecodeTiles, SimtShrink, bf16, __nv_bfloat16)
+              (multi_adapter_forward<T, Cfg, Shrink, false, splitk>))
+LK_MULTI(decode, lk::DecodeTiles, SimtShrink, true, f16, __half)
+LK_MULTI(decode, lk::DecodeTiles, SimtShrink, true, bf16, __nv_bfloat16)
 // A batch of up to 16 tokens has one row of tile blocks, about one per SM:
 // the deep pipeline keeps twice the bytes of w in flight (81 KiB of shared
 // memory: every GPU from sm_80 fits it).
-LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, f16, __half)
-LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, bf16, __nv_bfloat16)
-LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, f16, __half)
-LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, bf16, __nv_bfloat16)
+LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, true, f16, __half)
+LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, true, bf16, __nv_bfloat16)
+LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, false, f16, __half)
+LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, false, bf16, __nv_bfloat16)
 LK_KERNEL(lk_multi_adapter_simt_f32, MultiAdapterParams, multi_adapter_forward_simt<float>)

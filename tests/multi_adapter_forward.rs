@@ -670,7 +670,7 @@ fn gpu_real_shapes_match_reference() {
 /// take every shrink item, in their lean forms).
 fn saving_t_case<T: KernelElement>(m: usize, (n, k): (usize, usize), ranks: &[usize], ids: &[i32]) {
     use lora_kernels::ops::multi_adapter_forward::{
-        multi_adapter_forward_saving_t, saving_t_without_shrink_blocks,
+        LaunchForm, multi_adapter_forward_saving_t, multi_adapter_forward_tuned,
     };
     let max_rank = *ranks.iter().max().unwrap();
     let fx = Fixture::<T>::new(n, k, max_rank, ranks, 31 + k as u64);
@@ -694,11 +694,15 @@ fn saving_t_case<T: KernelElement>(m: usize, (n, k): (usize, usize), ranks: &[us
             multi_adapter_forward_saving_t(&pool, m, &xd, &wd, &routing, &mut y, &mut t)
         } else {
             let regime = regime_for(T::DTYPE, m);
+            let form = LaunchForm {
+                shrink_blocks: false,
+                ..LaunchForm::default()
+            };
             let (operands, outputs) = (
                 ((&xd).into(), (&wd).into()),
-                ((&mut y).into(), (&mut t).into()),
+                ((&mut y).into(), Some((&mut t).into())),
             );
-            saving_t_without_shrink_blocks(regime, &pool, m, operands, &routing, outputs)
+            multi_adapter_forward_tuned(regime, form, &pool, m, operands, &routing, 0.0, outputs)
         }
         .unwrap();
         let t = dev.download(&t).unwrap();
@@ -773,6 +777,139 @@ fn prefill_shrink_serves_each_adapter_of_a_16_token_unit() {
     for k in [72, 45] {
         saving_t_case::<bf16>(90, (30, k), &ranks, &ids);
         saving_t_case::<f16>(90, (30, k), &ranks, &ids);
+    }
+}
+
+/// The op in a launch form: what it returned, and `y` (from `y0`) after it.
+#[allow(clippy::too_many_arguments)] // a fixture's launch, spelled out
+fn run_form<T: KernelElement>(
+    pool: &AdapterPool<T>,
+    regime: Regime,
+    form: lora_kernels::ops::multi_adapter_forward::LaunchForm,
+    x: &[T],
+    w: &[T],
+    ids: &[i32],
+    beta: f32,
+    y0: &[T],
+) -> (lora_kernels::Result<()>, Vec<T>) {
+    use lora_kernels::ops::multi_adapter_forward::multi_adapter_forward_tuned;
+    let dev = pool.device();
+    let upload = |v| dev.upload(v).unwrap();
+    let (xd, wd, idd, mut y) = (upload(x), upload(w), dev.upload(ids).unwrap(), upload(y0));
+    let routing = Routing::Tokens((&idd).into());
+    let operands = ((&xd).into(), (&wd).into());
+    let outputs = ((&mut y).into(), None);
+    let done = multi_adapter_forward_tuned(
+        regime,
+        form,
+        pool,
+        ids.len(),
+        operands,
+        &routing,
+        beta,
+        outputs,
+    );
+    (done, dev.download(&y).unwrap())
+}
+
+/// Split-K at decode: the tile blocks of a tile each sum their range of k,
+/// and the last to finish adds the ranges up in split order, then alone
+/// waits for the shrink and expands. Every split count, with and without
+/// shrink blocks (the last blocks then take every shrink item), gives `y`
+/// within its per-element bound and the same bits on a second run (the
+/// counters are back at 0), `y` is written once (NaN with beta 0), and every
+/// block, split or not, counts in: the launch's out-of-range id (99) is
+/// counted once per launch. Shapes: one and several row tiles, k on and off
+/// the 16-byte path and off the 64-wide k-tile, ranges of unequal length,
+/// ranks 1 to 64 and empty slots, n off the 32-column tile. Forced counts the
+/// launch can't take are errors that change nothing.
+#[test]
+fn decode_split_k_matches_reference_for_every_split_count() {
+    use lora_kernels::ops::multi_adapter_forward::LaunchForm;
+    fn check<T: KernelElement>(dev: &Device, (m, n, k): (usize, usize, usize), beta: f32) {
+        let ranks = [16, 1, 0, 64, 3];
+        let fx = Fixture::<T>::new(n, k, 64, &ranks, (m * n + k) as u64);
+        let x: Vec<T> = random(&mut rng(k as u64), m * k);
+        let ids: Vec<i32> = (0..m as i32)
+            .map(|i| [3, 0, -1, 99, 1, 4, 3, 2][i as usize % 8])
+            .collect();
+        let bad = ids.iter().filter(|&&id| id == 99).count() as u32;
+        let y0: Vec<T> = match beta {
+            0.0 => vec![T::from_f64(f64::NAN); m * n],
+            _ => random(&mut rng(3), m * n),
+        };
+        let pool = fx.pool(dev);
+        let ktiles = k.div_ceil(64);
+        let forms = [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))]
+            .into_iter()
+            .flat_map(|k_splits| {
+                [true, false].map(|shrink_blocks| LaunchForm {
+                    shrink_blocks,
+                    k_splits,
+                })
+            });
+        for form in forms {
+            let what = format!(
+                "{:?} m={m} n={n} k={k} beta={beta} {form:?} on {}",
+                T::DTYPE,
+                dev.name()
+            );
+            let run = || run_form(&pool, Regime::Decode, form, &x, &fx.w, &ids, beta, &y0);
+            let (done, got) = run();
+            done.unwrap();
+            fx.compare(&what, &got, &x, &ids, beta, &y0).unwrap();
+            let again = run().1;
+            let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&again), bits(&got), "{what}: a second run");
+            assert_eq!(pool.bad_id_count().unwrap(), 2 * bad, "{what}");
+            pool.reset_bad_id_count().unwrap();
+        }
+    }
+    for dev in devices() {
+        for (shape, beta) in [
+            ((1, 70, 840), 0.0),
+            ((16, 96, 1000), 0.5),
+            ((5, 40, 2050), 0.0),
+            ((40, 33, 777), 0.5),
+        ] {
+            check::<bf16>(&dev, shape, beta);
+            check::<f16>(&dev, shape, beta);
+        }
+    }
+
+    // Counts past the k-tiles (14) or one block per SM (64 tokens: 12 tiles),
+    // a split at prefill, and 0: errors naming k_splits, y unchanged.
+    let host = Device::host().unwrap();
+    let fx = Fixture::<bf16>::new(70, 840, 16, &[16], 5);
+    let pool = fx.pool(&host);
+    for (m, splits, regime) in [
+        (1, 15, Regime::Decode),
+        (1, 0, Regime::Decode),
+        (64, 12, Regime::Decode),
+        (100, 2, Regime::Prefill),
+    ] {
+        let x: Vec<bf16> = random(&mut rng(6), m * 840);
+        let y0: Vec<bf16> = random(&mut rng(7), m * 70);
+        let form = LaunchForm {
+            k_splits: Some(splits),
+            ..LaunchForm::default()
+        };
+        let (done, y) = run_form(&pool, regime, form, &x, &fx.w, &vec![0; m], 0.5, &y0);
+        let err = done.unwrap_err();
+        assert!(
+            y.iter().zip(&y0).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{err}: y changed"
+        );
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    name: "k_splits",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }
 

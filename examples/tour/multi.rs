@@ -38,9 +38,15 @@ pub fn table(
         "% floor"
     );
     let mut rows = Vec::new();
-    for (n, k) in [(4096usize, 4096usize), (14336, 4096)] {
+    // n = 1024: a GQA model's k / v projection, whose few column tiles
+    // leave SMs idle at decode (split-K).
+    for (n, k, batches) in [
+        (4096usize, 4096usize, &[1usize, 16, 64, 256][..]),
+        (14336, 4096, &[1, 16, 64, 256]),
+        (1024, 4096, &[1, 16]),
+    ] {
         let mut inputs = Inputs::<bf16>::new(dev, n, k, 256)?;
-        for tokens in [1usize, 16, 64, 256] {
+        for &tokens in batches {
             for distinct in [1usize, 8, 64, tokens] {
                 if distinct > tokens || (distinct == tokens && [1, 8, 64].contains(&tokens)) {
                     continue; // "all" duplicates one of the fixed counts

@@ -11,7 +11,7 @@ pub fn section(number: usize) {
          re-reads mostly from L2; floor: each operand once; no GPU needed)"
     );
     println!(
-        "   {:<26} {:<34} {:>12} {:>10} {:>6}",
+        "   {:<26} {:<46} {:>12} {:>10} {:>6}",
         "op", "shape", "requested MB", "floor MB", "ratio"
     );
     let (n, k) = (4096, 4096);
@@ -34,7 +34,14 @@ pub fn section(number: usize) {
             t,
         );
     }
-    for (tokens, adapters) in [(1usize, 1usize), (64, 8), (64, 64), (256, 64), (4096, 16)] {
+    // The same k/v projection served to many users: split-K again.
+    let batches = [(1usize, 1usize), (64, 8), (64, 64), (256, 64), (4096, 16)];
+    let kv = [(1, 1), (16, 16)];
+    for (n, tokens, adapters) in batches
+        .map(|(t, a)| (n, t, a))
+        .into_iter()
+        .chain(kv.map(|(t, a)| (1024, t, a)))
+    {
         let ranks = vec![16; adapters];
         let ids: Vec<i32> = (0..tokens)
             .map(|i| (i * adapters / tokens) as i32)
@@ -46,9 +53,10 @@ pub fn section(number: usize) {
             &ids,
             false,
         );
+        let split = if n == 1024 { ", n 1024 (split-K)" } else { "" };
         row(
             "multi-adapter bf16",
-            format!("{tokens} tokens, {adapters} adapters r 16"),
+            format!("{tokens} tokens, {adapters} adapters r 16{split}"),
             t,
         );
     }
@@ -125,7 +133,7 @@ fn backward_rows(n: usize, k: usize) {
 
 fn row(op: &str, shape: String, t: Traffic) {
     println!(
-        "   {op:<26} {shape:<34} {:>12.2} {:>10.2} {:>6.2}",
+        "   {op:<26} {shape:<46} {:>12.2} {:>10.2} {:>6.2}",
         t.requested as f64 / 1e6,
         t.floor as f64 / 1e6,
         t.ratio()

@@ -44,6 +44,8 @@ const FieldLayout kLayouts[] = {
     LK_FIELD(MultiAdapterParams, m), LK_FIELD(MultiAdapterParams, n), LK_FIELD(MultiAdapterParams, k),
     LK_FIELD(MultiAdapterParams, max_rank), LK_FIELD(MultiAdapterParams, slots), LK_FIELD(MultiAdapterParams, segments),
     LK_FIELD(MultiAdapterParams, shrink_blocks), LK_FIELD(MultiAdapterParams, beta),
+    LK_FIELD(MultiAdapterParams, k_splits), LK_FIELD(MultiAdapterParams, pad),
+    LK_FIELD(MultiAdapterParams, partials), LK_FIELD(MultiAdapterParams, split_counters),
     LK_STRUCT(MergeParams), LK_FIELD(MergeParams, w), LK_FIELD(MergeParams, a), LK_FIELD(MergeParams, b), LK_FIELD(MergeParams, n), LK_FIELD(MergeParams, k), LK_FIELD(MergeParams, r), LK_FIELD(MergeParams, scale), LK_FIELD(MergeParams, sign),
     LK_STRUCT(PoolLoadParams), LK_FIELD(PoolLoadParams, a), LK_FIELD(PoolLoadParams, b),
     LK_FIELD(PoolLoadParams, pool_b), LK_FIELD(PoolLoadParams, stats), LK_FIELD(PoolLoadParams, a_len),

@@ -356,10 +356,13 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
     const int wm = at.wm, wn = at.wn;
     const int stage_elems = (C::BM + C::BN + rp) * C::LDS;
     const int ktiles = min_int((k + C::BK - 1) / C::BK, kt_end) - kt_begin;
+    // The copies start at the range's first column k0: a k-tile's shift
+    // from there is the same for every block (the compiler folds it).
+    const int k0 = kt_begin * C::BK, krange = k - k0;
 
-    const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BM> xcopy(x, k, row0, 0);
-    const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BN> wcopy(w, k, col0, 0);
-    const TileCopy<T, C::THREADS, C::BK, C::LDS, RC> acopy(a, k, 0, 0);
+    const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BM> xcopy(x, k, row0, k0);
+    const TileCopy<T, C::THREADS, C::BK, C::LDS, C::BN> wcopy(w, k, col0, k0);
+    const TileCopy<T, C::THREADS, C::BK, C::LDS, RC> acopy(a, k, 0, k0);
     // The rows of x that exist (a decode tile of one token has 1 of 16):
     // those that don't, and a's padding rows rc..rp, are zeros in every
     // stage and never copied. w's missing rows (the last column tile only)
@@ -373,15 +376,15 @@ __device__ void mainloop(T* smem, const T* x, const T* w, const T* a, int m, int
         T* xs = smem + stage * stage_elems;
         T* ws = xs + C::BM * C::LDS;
         T* as = ws + C::BN * C::LDS;
-        int kc = (kt_begin + kt) * C::BK;
+        const int kc = kt * C::BK;  // from k0
         if constexpr (ALIGNED) {
-            xcopy.template copy<false>(xs, kc, xrows, k - kc);
-            if (w) wcopy.template copy<true>(ws, kc, n - col0, k - kc);
-            if (rp) acopy.template copy<false>(as, kc, rc, k - kc);
+            xcopy.template copy<false>(xs, kc, xrows, krange - kc);
+            if (w) wcopy.template copy<true>(ws, kc, n - col0, krange - kc);
+            if (rp) acopy.template copy<false>(as, kc, rc, krange - kc);
         } else {
-            load_rows_any<T, C::THREADS, C::BK, C::LDS>(xs, x, m, k, row0, C::BM, kc);
-            if (w) load_rows_any<T, C::THREADS, C::BK, C::LDS>(ws, w, n, k, col0, C::BN, kc);
-            if (rp) load_rows_any<T, C::THREADS, C::BK, C::LDS>(as, a, rc, k, 0, rp, kc);
+            load_rows_any<T, C::THREADS, C::BK, C::LDS>(xs, x, m, k, row0, C::BM, k0 + kc);
+            if (w) load_rows_any<T, C::THREADS, C::BK, C::LDS>(ws, w, n, k, col0, C::BN, k0 + kc);
+            if (rp) load_rows_any<T, C::THREADS, C::BK, C::LDS>(as, a, rc, k, 0, rp, k0 + kc);
         }
     };
 

@@ -3,9 +3,8 @@
 //! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores: decode
 //! tiles of two pipeline depths, split-K for a small `n`, and a prefill tile
 //! shape). Reference: `reference::fused_forward`.
-use super::{
-    DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr, scratch_ptr,
-};
+use super::split_k::{self, workspace, workspace_ptrs};
+use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::buffer::{BufMut, BufRef};
 use crate::device::Device;
 use crate::element::DType;
@@ -16,7 +15,7 @@ use crate::shape::{Dims, check_finite, invalid};
 
 use super::tiles::{
     DECODE, DECODE_WIDE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, STATIC_SMEM_MARGIN,
-    decode_k_splits, fused_decode_tiles, split_k_counters_at, split_k_scratch_len,
+    fused_decode_tiles,
 };
 
 kernel!(SIMT_F32 = lk_fused_forward_simt_f32 in "fused_forward_simt": FusedForwardParams;);
@@ -278,16 +277,10 @@ fn launch<T: KernelElement>(
     )?;
     let sm_count = dev.sm_count();
     let tiles = launch.grid[0] as usize * launch.grid[1] as usize;
-    let mut splits = k_splits(regime, dims, adapter.rank, form.k_splits, tiles, sm_count)?;
-    let mut scratch = match splits {
-        1 => None,
-        _ => dev.split_k_scratch(split_k_scratch_len(sm_count))?,
-    };
-    if scratch.is_none() {
-        splits = 1;
-    }
+    let splits = k_splits(regime, dims, adapter.rank, form.k_splits, tiles, sm_count)?;
+    let (splits, mut scratch) = workspace(dev, splits)?;
     launch.grid[2] = splits as u32;
-    let (ps, _gs) = scratch.as_mut().map_or((0, None), |s| scratch_ptr(dev, s));
+    let (partials, counters, _gs) = workspace_ptrs(dev, &mut scratch);
     let params = FusedForwardParams {
         x: px,
         w: pw,
@@ -303,12 +296,8 @@ fn launch<T: KernelElement>(
         beta,
         col_tiles: col_tiles as i32,
         k_splits: splits as i32,
-        partials: ps,
-        counters: if ps == 0 {
-            0
-        } else {
-            ps + 4 * split_k_counters_at(sm_count) as u64
-        },
+        partials,
+        counters,
     };
     // SAFETY: every operand was checked above to live on `dev`'s backend with
     // exactly the element count the kernel indexes (x m*k, w n*k, a r*k, b n*r,
@@ -328,8 +317,8 @@ fn launch<T: KernelElement>(
 }
 
 /// Blocks per tile (split-K) for a launch of `tiles` tiles on `sm_count`
-/// SMs: `forced` (checked), or [`decode_k_splits`] at decode with one chunk
-/// of ranks, else 1.
+/// SMs: `forced` (checked), or split where the SMs would idle at decode with
+/// one chunk of ranks (the tile's last block expands one chunk), else 1.
 fn k_splits(
     regime: Regime,
     dims: Dims,
@@ -338,31 +327,14 @@ fn k_splits(
     tiles: usize,
     sm_count: usize,
 ) -> Result<usize> {
-    let ktiles = dims.k.div_ceil(DECODE.bk);
-    let splittable = regime == Regime::Decode && rank <= RANK_CHUNK;
-    let Some(splits) = forced else {
-        return Ok(if splittable {
-            decode_k_splits(tiles, ktiles, sm_count)
-        } else {
-            1
-        });
-    };
-    let most = if splittable {
-        ktiles.min(sm_count / tiles.max(1))
-    } else {
-        1
-    };
-    if splits == 0 || splits > most {
-        return Err(invalid(
-            "k_splits",
-            splits,
-            format!(
-                "1 ..= {most}: split-K takes decode launches of ranks up to {RANK_CHUNK}, at most \
-                 one split per k-tile ({ktiles}) and {sm_count} blocks ({tiles} tiles)"
-            ),
-        ));
-    }
-    Ok(splits)
+    split_k::k_splits(
+        regime == Regime::Decode && rank <= RANK_CHUNK,
+        &format!("decode launches of ranks up to {RANK_CHUNK}"),
+        forced,
+        tiles,
+        dims.k.div_ceil(DECODE.bk),
+        sm_count,
+    )
 }
 
 /// The kernel entry point and launch shape for a regime, type and alignment
@@ -522,10 +494,6 @@ mod tests {
         assert!(forced(65, 2, 4096).is_err());
         assert!(forced(5, 32, 4096).is_err()); // 160 blocks
         assert!(forced(0, 32, 4096).is_err());
-        // The workspace holds the partial sums of up to one block per SM of
-        // the largest decode tile, then a counter per tile.
-        assert_eq!(split_k_counters_at(132), 132 * 64 * (32 + 64));
-        assert_eq!(split_k_scratch_len(132), 132 * 64 * 96 + 132);
     }
 
     /// The deep decode pipelines where the device's blocks may take their

@@ -6,6 +6,7 @@ pub mod lora_backward;
 pub mod merge;
 pub mod multi_adapter_forward;
 pub(crate) mod pool_load;
+mod split_k;
 mod tiles;
 pub mod traffic;
 

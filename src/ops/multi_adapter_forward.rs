@@ -18,7 +18,16 @@
 //! [`AdapterPool::bad_id_count`], and the `t` rows of
 //! [`multi_adapter_forward_saving_t`] are unspecified. Tables built on the
 //! host should be checked with [`check_segments`] (clear errors).
+//!
+//! At decode, where `n` gives fewer column tiles than the GPU has SMs (a GQA
+//! model's k and v projections), each tile's k-loop is split across blocks
+//! through a workspace of the stream, as in
+//! [`fused_forward`](super::fused_forward::fused_forward): a CUDA graph that
+//! captured such a launch must not run beside its stream's own work, and a
+//! stream captured before its first split launch runs it unsplit
+//! (docs/DESIGN.md section 13).
 use super::fused_forward::{Regime, regime_for};
+use super::split_k;
 use super::tiles::{DECODE, DECODE_DEEP, MmaTiles, PREFILL, SIMT};
 use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
@@ -123,23 +132,54 @@ pub fn multi_adapter_forward_in<'a, T: KernelElement>(
     y: impl Into<BufMut<'a, T>>,
 ) -> Result<()> {
     let (operands, outputs) = ((x.into(), w.into()), (y.into(), None));
-    launch(regime, pool, m, operands, routing, beta, outputs, true)
+    let form = LaunchForm::default();
+    launch(regime, form, pool, m, operands, routing, beta, outputs)
 }
 
-/// For tests: [`multi_adapter_forward_saving_t`] in a chosen regime, launched
-/// with no shrink blocks, so the tile blocks take every shrink item in the
-/// lean forms they use for what they find unclaimed (on a GPU, tile blocks
-/// that start before the shrink blocks do).
+/// How a multi-adapter launch is formed beyond its regime: for tests, and
+/// for tuning on a GPU machine ([`multi_adapter_forward_tuned`]).
 #[doc(hidden)]
-pub fn saving_t_without_shrink_blocks<T: KernelElement>(
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchForm {
+    /// Whether the grid has shrink blocks. Without them the tile blocks take
+    /// every shrink item, in the lean forms they use for what they find
+    /// unclaimed (on a GPU, tile blocks that start before the shrink blocks do).
+    pub shrink_blocks: bool,
+    /// Decode tile blocks per output tile, each over its range of `k`
+    /// (split-K): `None` splits where the tiles are fewer than the SMs,
+    /// `Some(1)` never, `Some(s)` in `s` (an error past one split per k-tile
+    /// or one tile block per SM). Prefill and SIMT launches take no split; a
+    /// launch that can't have a workspace (a stream being captured before
+    /// its first split-K launch) runs unsplit.
+    pub k_splits: Option<usize>,
+}
+
+impl Default for LaunchForm {
+    /// What [`multi_adapter_forward`] launches.
+    fn default() -> Self {
+        LaunchForm {
+            shrink_blocks: true,
+            k_splits: None,
+        }
+    }
+}
+
+/// The multi-adapter forward in a chosen regime and launch form, saving `t`
+/// when given (as [`multi_adapter_forward_saving_t`]): for tests, and for
+/// tuning on a GPU machine. An error for a split count the launch can't take.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // the op's operands plus the launch form
+pub fn multi_adapter_forward_tuned<T: KernelElement>(
     regime: Regime,
+    form: LaunchForm,
     pool: &AdapterPool<T>,
     m: usize,
     (x, w): (BufRef<'_, T>, BufRef<'_, T>),
     routing: &Routing<'_>,
-    (y, t): (BufMut<'_, T>, BufMut<'_, f32>),
+    beta: f32,
+    (y, t): (BufMut<'_, T>, Option<BufMut<'_, f32>>),
 ) -> Result<()> {
-    launch(regime, pool, m, (x, w), routing, 0.0, (y, Some(t)), false)
+    launch(regime, form, pool, m, (x, w), routing, beta, (y, t))
 }
 
 /// The forward pass of training: as [`multi_adapter_forward`] (beta = 0),
@@ -156,30 +196,21 @@ pub fn multi_adapter_forward_saving_t<'a, T: KernelElement>(
     t: impl Into<BufMut<'a, f32>>,
 ) -> Result<()> {
     let (operands, outputs) = ((x.into(), w.into()), (y.into(), Some(t.into())));
-    launch(
-        regime_for(T::DTYPE, m),
-        pool,
-        m,
-        operands,
-        routing,
-        0.0,
-        outputs,
-        true,
-    )
+    let regime = regime_for(T::DTYPE, m);
+    let form = LaunchForm::default();
+    launch(regime, form, pool, m, operands, routing, 0.0, outputs)
 }
 
-/// `with_shrink_blocks`: false only for tests (every shrink item then falls
-/// to the tile blocks).
 #[allow(clippy::too_many_arguments)] // the op's operands plus the launch form
 fn launch<T: KernelElement>(
     regime: Regime,
+    form: LaunchForm,
     pool: &AdapterPool<T>,
     m: usize,
     (x, w): (BufRef<'_, T>, BufRef<'_, T>),
     routing: &Routing<'_>,
     beta: f32,
     (mut y, mut t_out): (BufMut<'_, T>, Option<BufMut<'_, f32>>),
-    with_shrink_blocks: bool,
 ) -> Result<()> {
     let dev = pool.device();
     let cfg = pool.config();
@@ -232,15 +263,25 @@ fn launch<T: KernelElement>(
             ),
         ));
     }
-    let shrink_blocks = if with_shrink_blocks {
+    let shrink_blocks = if form.shrink_blocks {
         shrink_units
             .div_ceil(shape.threads as usize / 32)
             .min(MAX_SHRINK_BLOCKS)
     } else {
         0
     };
-    let tile_blocks = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
-    let blocks = grid("m", m, [shrink_blocks + tile_blocks, 1, 1])?;
+    let tiles = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
+    let sm_count = dev.sm_count();
+    let splits = split_k::k_splits(
+        regime == Regime::Decode,
+        "decode launches",
+        form.k_splits,
+        tiles,
+        cfg.k.div_ceil(DECODE.bk),
+        sm_count,
+    )?;
+    let (splits, mut split_scratch) = split_k::workspace(dev, splits)?;
+    let blocks = grid("m", m, [shrink_blocks + tiles * splits, 1, 1])?;
     pool.reserve_tokens(m)?;
     let mut scratch = pool.scratch();
     let aligned;
@@ -275,6 +316,7 @@ fn launch<T: KernelElement>(
         };
         let (pc, _gc) = out_ptr(dev, &mut counters);
         let (pbad, _gbad) = out_ptr(dev, &mut bad);
+        let (partials, split_counters, _gsplit) = split_k::workspace_ptrs(dev, &mut split_scratch);
         let (py, _gy) = out_ptr(dev, &mut y);
         aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
         let params = MultiAdapterParams {
@@ -300,6 +342,10 @@ fn launch<T: KernelElement>(
             segments: segments as i32,
             shrink_blocks: shrink_blocks as i32,
             beta,
+            k_splits: splits as i32,
+            pad: 0,
+            partials,
+            split_counters,
         };
         let launch = LaunchDims {
             grid: blocks,
@@ -317,8 +363,12 @@ fn launch<T: KernelElement>(
         // m * max_rank f32 (reserve_tokens above) and the five counters are 0
         // between launches (zeroed at creation, reset by each launch), with
         // fewer than 2^31 shrink items for their 32-bit claim counter (checked
-        // above); the grid is shrink_blocks + the tiles covering m x n (within
-        // CUDA's limit, checked above), with the block size and dynamic shared
+        // above); the grid is shrink_blocks + the tiles covering m x n, times
+        // `splits` blocks each (within CUDA's limit, checked above; split-K:
+        // decode only, splits <= k-tiles and tiles x splits <= sm_count, with
+        // a workspace of split_k_scratch_len(sm_count) values, partial sums
+        // first, then the counters, zero between launches, at
+        // split_k_counters_at), with the block size and dynamic shared
         // memory of the kernel `select` gives for this regime and type
         // (tile_shape above: tensor-core tiles for f16/bf16, SIMT tiles with
         // static shared memory only for f32); 16-byte loads only when k and

@@ -51,42 +51,6 @@ pub(crate) fn fused_decode_tiles(m: usize, deep: bool) -> &'static MmaTiles {
     }
 }
 
-/// Split-K at decode (`lk::gather_k_splits`): the f32 values one block of a
-/// tile leaves for the tile's last block, its base sums and its `t` sums:
-/// `bm x (bn + 64)`.
-pub(crate) fn split_k_values(tiles: &MmaTiles) -> usize {
-    tiles.bm * (tiles.bn + RANK_CHUNK)
-}
-
-/// Most blocks a decode tile's k-loop is split across.
-pub(crate) const MAX_K_SPLITS: usize = 8;
-/// Fewest k-tiles a split takes: its pipeline fills before it drains.
-pub(crate) const MIN_KTILES_PER_SPLIT: usize = 4;
-
-/// Blocks per tile for a decode launch of `tiles` tiles over `ktiles`
-/// k-tiles on `sm_count` SMs: enough to give every SM a block when the tiles
-/// are fewer than the SMs (a small `n`), within [`MAX_K_SPLITS`] and
-/// [`MIN_KTILES_PER_SPLIT`]; 1 (no split) when the tiles already fill the GPU.
-/// The blocks (`tiles x splits`) then never pass `sm_count`.
-pub(crate) fn decode_k_splits(tiles: usize, ktiles: usize, sm_count: usize) -> usize {
-    (sm_count / tiles.max(1))
-        .min(MAX_K_SPLITS)
-        .min(ktiles / MIN_KTILES_PER_SPLIT)
-        .max(1)
-}
-
-/// The split-K workspace of a device with `sm_count` SMs, in f32 values:
-/// the partial sums of up to `sm_count` blocks of the largest decode tile,
-/// then a counter per tile (fewer than `sm_count`) at [`split_k_counters_at`].
-pub(crate) fn split_k_scratch_len(sm_count: usize) -> usize {
-    split_k_counters_at(sm_count) + sm_count
-}
-
-/// Where the counters start in the split-K workspace (f32 values).
-pub(crate) fn split_k_counters_at(sm_count: usize) -> usize {
-    sm_count * split_k_values(&DECODE_WIDE).max(split_k_values(&DECODE))
-}
-
 /// Static shared memory the tensor-core kernels keep beside their dynamic
 /// shared memory, at most (ptxas: 96 bytes for the 16-row decode tiles, 288
 /// for the 64-row ones): a launch's choice of pipeline counts it.

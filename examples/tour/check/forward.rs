@@ -3,9 +3,6 @@
 
 use super::*;
 
-/// A k long enough for split-K at decode (16 k-tiles of 64).
-const K_SPLIT: usize = 1000;
-
 pub(super) fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
     let mut rows = Vec::new();
     let (simt, plain) = (Regime::Simt, Forward::Plain);

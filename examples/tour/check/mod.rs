@@ -93,6 +93,10 @@ const N_ALIGNED: usize = 40;
 const K_ALIGNED: usize = 72;
 /// Element loads.
 const K_ANY: usize = 70;
+/// A k long enough for split-K at decode (16 k-tiles of 64): at n = 45 the
+/// decode launches split each tile's k-loop across blocks (on 132 SMs or the
+/// host runtime).
+const K_SPLIT: usize = 1000;
 
 /// f32's unit roundoff: every kernel accumulates in f32.
 const U32: f64 = f32::EPSILON as f64 / 2.0;

@@ -1,4 +1,4 @@
-//! multi_adapter_forward: token ids and segments, Decode, Prefill and SIMT, from one pool of mixed ranks.
+//! multi_adapter_forward: token ids and segments, Decode (split-K too), Prefill and SIMT, from one pool of mixed ranks.
 
 use super::*;
 
@@ -124,6 +124,20 @@ pub(super) fn multi_rows(dev: &Device) -> Res<Vec<Row>> {
             rows.push(multi::<bf16>(dev, regime, Dims::new(m, N, k), segmented)?);
         }
     }
+    // Split-K at decode: 16 k-tiles over 2 columns of tiles (3 row tiles at
+    // 37 tokens, 1 at 5), both load paths and both routings.
+    rows.push(multi::<bf16>(
+        dev,
+        Regime::Decode,
+        Dims::new(M_DECODE, N, K_SPLIT),
+        false,
+    )?);
+    rows.push(multi::<f16>(
+        dev,
+        Regime::Decode,
+        Dims::new(M_SMALL, N, K_SPLIT + 1),
+        true,
+    )?);
     Ok(rows)
 }
 

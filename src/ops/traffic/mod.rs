@@ -16,9 +16,8 @@ pub use backward::{BackwardTraffic, lora_backward};
 
 use super::fused_forward::{Regime, regime_for};
 use super::multi_adapter_forward::shrink_unit;
-use super::tiles::{
-    DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, decode_k_splits, fused_decode_tiles,
-};
+use super::split_k::decode_k_splits;
+use super::tiles::{DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles};
 use crate::element::DType;
 use crate::shape::Dims;
 
@@ -92,18 +91,13 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
             tiles_n * m * k * passes + tiles_m * shrinks * r * k + tiles_m * n * r
         }
     };
-    let splits = match regime {
-        Regime::Decode if r <= RANK_CHUNK as u64 => decode_k_splits(
-            (tiles_m * tiles_n) as usize,
-            dims.k.div_ceil(DECODE.bk),
-            SPLIT_K_MODEL_SMS,
-        ) as u64,
-        _ => 1,
-    };
-    let partials = match splits {
-        1 => 0,
-        _ => 2 * 4 * tiles_m * tiles_n * splits * m.min(bm) * (bn + r.div_ceil(16) * 16),
-    };
+    let splittable = regime == Regime::Decode && r <= RANK_CHUNK as u64;
+    let partials = split_partials(
+        splittable,
+        dims,
+        tiles_m * tiles_n,
+        bn + r.div_ceil(16) * 16,
+    );
     Traffic {
         requested: e * (tiles_m * n * k + ab) + y_bytes(m, n, beta, e) + partials,
         floor: e * (m * k + n * k + r * k + n * r) + y_bytes(m, n, beta, e),
@@ -114,6 +108,24 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
 /// as many as the host runtime counts.
 pub const SPLIT_K_MODEL_SMS: usize = crate::device::HOST_SM_COUNT;
 
+/// Bytes of split-K's partial sums in a launch of `tiles` decode tiles
+/// (split where `splittable`): every block of a split tile writes
+/// `per_row` f32 values for each of its rows that exist (all of them
+/// together: `m` per column of tiles) and the tile's last block reads them
+/// all back.
+fn split_partials(splittable: bool, dims: Dims, tiles: u64, per_row: u64) -> u64 {
+    if !splittable {
+        return 0;
+    }
+    let ktiles = dims.k.div_ceil(DECODE.bk);
+    let splits = decode_k_splits(tiles as usize, ktiles, SPLIT_K_MODEL_SMS) as u64;
+    let columns = dims.n.div_ceil(DECODE.bn) as u64;
+    match splits {
+        1 => 0,
+        _ => 2 * 4 * columns * splits * dims.m as u64 * per_row,
+    }
+}
+
 /// [`super::multi_adapter_forward::multi_adapter_forward`] of `dims` with
 /// token `i` on slot `ids[i]` (-1: none) of a pool whose slot `s` has rank
 /// `slot_ranks[s]` (0: empty) and rank capacity `max_rank`. The shrink
@@ -122,8 +134,9 @@ pub const SPLIT_K_MODEL_SMS: usize = crate::device::HOST_SM_COUNT;
 /// each token's `x` row once per 32 ranks and, per group of 16 tokens, each
 /// distinct adapter's rank rows. Every tile block reads its rows of `x`, its
 /// columns of `w`, and per distinct adapter among its rows those rows' `t`
-/// and its rows of `b`. The floor reads `x`, `w` and each distinct adapter
-/// once.
+/// and its rows of `b`. A decode launch split across blocks (split-K) also
+/// writes and reads back each block's f32 sums of its existing rows. The
+/// floor reads `x`, `w` and each distinct adapter once.
 pub fn multi_adapter_forward(
     dtype: DType,
     dims: Dims,
@@ -170,10 +183,12 @@ pub fn multi_adapter_forward(
         .iter()
         .map(|&id| rank_of(id) * (k + n))
         .sum();
+    let splits = split_partials(regime == Regime::Decode, dims, tiles_m * tiles_n, bn);
     Traffic {
         requested: e * (tiles_n * m * k + tiles_m * n * k)
             + shrink
             + expand
+            + splits
             + y_bytes(m, n, beta, e),
         floor: e * (m * k + n * k + adapters) + y_bytes(m, n, beta, e),
     }
@@ -310,6 +325,27 @@ mod tests {
         let shrink = 2 * (m * k + 8 * 2 * 8 * k) + 4 * m * 8;
         let expand = 2 * n * 16 + 4 * m * 8;
         assert_eq!(two.requested, base + shrink + expand);
+    }
+
+    #[test]
+    fn multi_adapter_decode_split_k_adds_the_partial_sums_of_the_existing_rows() {
+        // n = 1024: 32 column tiles of 32, 4 blocks each on 132 SMs; every
+        // block writes its row of 32 sums, the last reads all 4. n = 4096
+        // (128 tiles) takes no split.
+        let ids = [0];
+        let split =
+            multi_adapter_forward(DType::BF16, Dims::new(1, 1024, 4096), &[16], &ids, false);
+        let (x, w, y) = (32 * 4096, 1024 * 4096, 1024);
+        let shrink = 2 * (4 * 4096 + 16 * 4096) + 4 * 16;
+        let expand = 2 * 1024 * 16 + 32 * 4 * 16;
+        assert_eq!(
+            split.requested,
+            2 * (x + w + y) + shrink + expand + 2 * 4 * 32 * 4 * 32
+        );
+        let wide = multi_adapter_forward(DType::BF16, Dims::new(1, 4096, 4096), &[16], &ids, false);
+        let (x, w, y) = (128 * 4096, 4096 * 4096, 4096);
+        let expand = 2 * 4096 * 16 + 128 * 4 * 16;
+        assert_eq!(wide.requested, 2 * (x + w + y) + shrink + expand);
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! Split-K at decode. A decode launch has about one tile block per 32
+//! columns of `y`: where a small `n` (a GQA model's k and v projections)
+//! leaves SMs idle, each tile's k-loop is split across several blocks, each
+//! over its own range of k-tiles, and the tile's last block to finish adds
+//! their partial sums up in split order (`lk::gather_k_splits` in
+//! kernels/include/lk_tile_gemm.cuh): the same bits whichever block is last.
+//! The fused forward and the multi-adapter forward split this way. Partial
+//! sums and counters live in a workspace per stream
+//! (`Device::split_k_scratch`, docs/DESIGN.md section 13).
+use cudarc::driver::SyncOnDrop;
+
+use super::scratch_ptr;
+use super::tiles::{DECODE, DECODE_WIDE, MmaTiles, RANK_CHUNK};
+use crate::device::{Device, SplitScratch};
+use crate::error::Result;
+use crate::shape::invalid;
+
+/// The f32 values one block of a
+/// tile leaves for the tile's last block, its base sums and its `t` sums:
+/// `bm x (bn + 64)`.
+pub(crate) fn split_k_values(tiles: &MmaTiles) -> usize {
+    tiles.bm * (tiles.bn + RANK_CHUNK)
+}
+
+/// Most blocks a decode tile's k-loop is split across.
+pub(crate) const MAX_K_SPLITS: usize = 8;
+/// Fewest k-tiles a split takes: its pipeline fills before it drains.
+pub(crate) const MIN_KTILES_PER_SPLIT: usize = 4;
+
+/// Blocks per tile for a decode launch of `tiles` tiles over `ktiles`
+/// k-tiles on `sm_count` SMs: enough to give every SM a block when the tiles
+/// are fewer than the SMs (a small `n`), within [`MAX_K_SPLITS`] and
+/// [`MIN_KTILES_PER_SPLIT`]; 1 (no split) when the tiles already fill the GPU.
+/// The blocks (`tiles x splits`) then never pass `sm_count`.
+pub(crate) fn decode_k_splits(tiles: usize, ktiles: usize, sm_count: usize) -> usize {
+    (sm_count / tiles.max(1))
+        .min(MAX_K_SPLITS)
+        .min(ktiles / MIN_KTILES_PER_SPLIT)
+        .max(1)
+}
+
+/// The split-K workspace of a device with `sm_count` SMs, in f32 values:
+/// the partial sums of up to `sm_count` blocks of the largest decode tile,
+/// then a counter per tile (fewer than `sm_count`) at [`split_k_counters_at`].
+pub(crate) fn split_k_scratch_len(sm_count: usize) -> usize {
+    split_k_counters_at(sm_count) + sm_count
+}
+
+/// Where the counters start in the split-K workspace (f32 values).
+pub(crate) fn split_k_counters_at(sm_count: usize) -> usize {
+    sm_count * split_k_values(&DECODE_WIDE).max(split_k_values(&DECODE))
+}
+
+/// Blocks per tile for a launch of `tiles` tiles over `ktiles` k-tiles on
+/// `sm_count` SMs: `forced` (checked: at most one split per k-tile and one
+/// block per SM), else [`decode_k_splits`] where the launch is
+/// `splittable`, else 1. `rule` says which launches split, for the error.
+pub(crate) fn k_splits(
+    splittable: bool,
+    rule: &str,
+    forced: Option<usize>,
+    tiles: usize,
+    ktiles: usize,
+    sm_count: usize,
+) -> Result<usize> {
+    let Some(splits) = forced else {
+        return Ok(if splittable {
+            decode_k_splits(tiles, ktiles, sm_count)
+        } else {
+            1
+        });
+    };
+    let most = if splittable {
+        ktiles.min(sm_count / tiles.max(1))
+    } else {
+        1
+    };
+    if splits == 0 || splits > most {
+        return Err(invalid(
+            "k_splits",
+            splits,
+            format!(
+                "1 ..= {most}: split-K takes {rule}, at most one split per k-tile ({ktiles}) \
+                 and {sm_count} blocks ({tiles} tiles)"
+            ),
+        ));
+    }
+    Ok(splits)
+}
+
+/// The workspace for a launch that wants `splits` blocks per tile, and the
+/// splits it can take: none needed for 1; without one (a stream being
+/// captured before its first split-K launch: an allocation can't be
+/// captured) the launch runs unsplit.
+pub(crate) fn workspace(dev: &Device, splits: usize) -> Result<(usize, Option<SplitScratch>)> {
+    if splits == 1 {
+        return Ok((1, None));
+    }
+    let scratch = dev.split_k_scratch(split_k_scratch_len(dev.sm_count()))?;
+    Ok((if scratch.is_some() { splits } else { 1 }, scratch))
+}
+
+/// The addresses of a workspace's partial sums and of its counters (0 and 0
+/// without one), and the guard that keeps them valid until the launch is queued.
+pub(crate) fn workspace_ptrs<'s>(
+    dev: &'s Device,
+    scratch: &'s mut Option<SplitScratch>,
+) -> (u64, u64, Option<SyncOnDrop<'s>>) {
+    match scratch {
+        None => (0, 0, None),
+        Some(s) => {
+            let (p, guard) = scratch_ptr(dev, s);
+            (p, p + 4 * split_k_counters_at(dev.sm_count()) as u64, guard)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Enough splits to give each SM a block, at most 8 and at least 4
+    /// k-tiles each; forced counts up to one split per k-tile and one block
+    /// per SM.
+    #[test]
+    fn splits_give_idle_sms_a_block() {
+        assert_eq!(decode_k_splits(32, 64, 132), 4);
+        assert_eq!(decode_k_splits(16, 64, 132), 8); // 8 at most
+        assert_eq!(decode_k_splits(16, 16, 132), 4); // 4 k-tiles each
+        assert_eq!(decode_k_splits(128, 64, 132), 1);
+        assert_eq!(decode_k_splits(0, 64, 132), 8); // no tiles: never divides by 0
+        let forced = |splits, tiles| k_splits(true, "decode", Some(splits), tiles, 64, 132);
+        assert_eq!(forced(64, 2).unwrap(), 64);
+        assert!(forced(65, 2).is_err()); // past one split per k-tile
+        assert!(forced(5, 32).is_err()); // 160 blocks
+        assert!(forced(0, 32).is_err());
+        let err = k_splits(false, "decode launches", Some(2), 32, 64, 132).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("1 ..= 1: split-K takes decode launches"),
+            "{err}"
+        );
+        assert_eq!(k_splits(false, "", None, 1, 64, 132).unwrap(), 1);
+    }
+
+    /// The workspace holds the partial sums of up to one block per SM of the
+    /// largest decode tile, then a counter per tile.
+    #[test]
+    fn workspace_fits_a_block_per_sm() {
+        assert_eq!(split_k_counters_at(132), 132 * 64 * (32 + 64));
+        assert_eq!(split_k_scratch_len(132), 132 * 64 * 96 + 132);
+    }
+}
