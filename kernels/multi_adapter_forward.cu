@@ -10,7 +10,8 @@
 //   x[i,:] a[s_i]^T (f32), a warp per unit, a token costing its own rank,
 //   and check the segment table. Decode (few tokens, often as many adapters):
 //   a unit is one token and 4 rank rows on SIMT lanes, so a handful of tokens
-//   still spread over many warps. Prefill: a unit is 16 tokens and 32 rank
+//   still spread over many warps (and over chunks of k, when the units alone
+//   are too few: shrink_unit). Prefill: a unit is 16 tokens and 32 rank
 //   rows on tensor cores, one pass per distinct adapter among the 16, so x is
 //   read once per 32 ranks, not once per 4;
 // - the other blocks each own a BM x BN tile of y: they run the base product
@@ -87,7 +88,7 @@ __device__ __forceinline__ int token_slot(const MultiAdapterParams& p, int i) {
 }
 
 // Shrink work is cut into units of TOKENS tokens and RANKS rank rows, a
-// warp each: SimtShrink at decode, MmaShrink at prefill.
+// warp each: SimtShrink at decode and in f32, MmaShrink at prefill.
 struct SimtShrink {
     static constexpr int TOKENS = 1, RANKS = 4;
     static constexpr bool MMA = false;
@@ -98,34 +99,47 @@ struct MmaShrink {
 };
 
 // SIMT units: one token i and SimtShrink::RANKS rank rows j0.., a warp
-// each. The warp streams x[i,:] and those rows of its adapter's `a` over k,
-// 8 values per lane per step (one 16-byte load each when ALIGNED), with an
-// accumulator per row, then reduces them with shuffles: no shared memory and
-// no barriers, and each step's loads depend on nothing before them. A token
-// costs its own rank: units past it do nothing.
+// each. The warp streams x[i,:] and those rows of its adapter's `a` over
+// its range of k, 8 values per lane per step (one 16-byte load each when
+// ALIGNED), with an accumulator per row, then reduces them with shuffles:
+// no shared memory and no barriers, and each step's loads depend on nothing
+// before them. A token costs its own rank: units past it do nothing.
+//
+// A warp waits a memory round trip per step it cannot overlap, and a batch
+// of a few tokens has few units (one token at rank 16: 4), so k is cut into
+// p.shrink_chunks chunks of whole KCHUNK-value pieces (src/ops picks the
+// count: 1 when the units alone fill the GPU), an item each. Each chunk
+// stores its sums to p.unit_partials and counts itself in at the unit's
+// counter; the unit's last chunk to arrive adds the chunks' sums in chunk
+// order (the same bits whichever arrives last), writes t and resets the
+// counter. No chunk waits for another.
 constexpr int SHRINK_ROWS = SimtShrink::RANKS;
 constexpr int KSTEP = 32 * 8;  // values of k a warp takes per step
+constexpr int DEPTH = 4;       // steps of the 16-byte path issued together
+constexpr int KCHUNK = DEPTH * KSTEP;
 
-// Values c .. c + 7 of row p (f16/bf16, ALIGNED: 16-byte aligned, c % 8 == 0
-// and k % 8 == 0) or values c, c + 32, .., c + 224 (any: element loads,
-// coalesced across the warp); 0 past k.
-template <class T, bool ALIGNED>
-__device__ __forceinline__ void load8(float (&v)[8], const T* row, int k, int k0, int lane) {
-    if constexpr (ALIGNED) {
-        const int c = k0 + lane * 8;
-        if (c < k) {
-            const uint4 raw = *reinterpret_cast<const uint4*>(row + c);  // one 16-byte load
-            T h[8];
-            memcpy(h, &raw, sizeof(h));  // not a pointer cast: that breaks C++'s aliasing rules on the host
-            for (int e = 0; e < 8; ++e) v[e] = lk::to_f32(h[e]);
-        } else {
-            for (int e = 0; e < 8; ++e) v[e] = 0.f;
-        }
-    } else {
-        for (int e = 0; e < 8; ++e) {
-            const int c = k0 + lane + 32 * e;
-            v[e] = c < k ? lk::to_f32(row[c]) : 0.f;
-        }
+// Values c .. c + 7 of a row as they are stored (one 16-byte load: the row
+// 16-byte aligned, c % 8 == 0, k % 8 == 0), zeros past k; widen8 makes them f32.
+template <class T>
+__device__ __forceinline__ uint4 load16(const T* row, int k, int c) {
+    uint4 raw{0u, 0u, 0u, 0u};
+    if (c < k) raw = *reinterpret_cast<const uint4*>(row + c);
+    return raw;
+}
+template <class T>
+__device__ __forceinline__ void widen8(float (&v)[8], uint4 raw) {
+    T h[8];
+    memcpy(h, &raw, sizeof(h));  // not a pointer cast: that breaks C++'s aliasing rules on the host
+    for (int e = 0; e < 8; ++e) v[e] = lk::to_f32(h[e]);
+}
+
+// Values c, c + 32, .., c + 224 of a row (element loads, coalesced across
+// the warp), c = k0 + lane; 0 from `end` on.
+template <class T>
+__device__ __forceinline__ void load8_any(float (&v)[8], const T* row, int end, int k0, int lane) {
+    for (int e = 0; e < 8; ++e) {
+        const int c = k0 + lane + 32 * e;
+        v[e] = c < end ? lk::to_f32(row[c]) : 0.f;
     }
 }
 
@@ -140,19 +154,45 @@ __device__ __forceinline__ int64_t shrink_units(const MultiAdapterParams& p) {
     return (int64_t)((p.m + S::TOKENS - 1) / S::TOKENS) * shrink_row_groups<S>(p);
 }
 
-// Shrink unit u (token u / row_groups, rank rows from (u % row_groups) *
-// SHRINK_ROWS), by a whole warp. LEAN: one row and one value per lane at a
-// time (few registers: the tile blocks' rare share, taken while their
-// accumulators are live, which must not raise their kernel's register
-// count); else every row at once, 8 values per lane.
+// The end of SIMT chunk `chunk` of `unit`, whose sums of its `rows` rows
+// lane 0 stored at part[chunk * SHRINK_ROWS ..] (several chunks) or in t
+// (one): the unit's last chunk adds them up into t (ti). Call from every
+// lane of the warp.
+__device__ void finish_chunk(const MultiAdapterParams& p, int64_t unit, int chunk, int rows, const float* part,
+                             float* ti, int lane) {
+    const int chunks = p.shrink_chunks;
+    if (chunks == 1) return;
+    unsigned* counter = reinterpret_cast<unsigned*>(p.unit_counters) + unit;
+    unsigned last = 0;
+    if (lane == 0) {
+        __threadfence();  // the sums are visible before the count that announces them
+        last = atomicAdd(counter, 1u) == (unsigned)chunks - 1;
+    }
+    if (!__shfl_sync(0xFFFFFFFFu, last, 0)) return;
+    __threadfence();  // every other chunk's sums are in before these reads
+    if (lane < rows) {
+        float v = lk::load_cg(part + lane);
+        for (int c = 1; c < chunks; ++c) v += lk::load_cg(part + c * SHRINK_ROWS + lane);
+        ti[lane] = v;
+    }
+    if (lane == 0) atomicExch(counter, 0u);
+}
+
+// Shrink item: chunk `chunk` of unit `unit` (token unit / row_groups, rank
+// rows from (unit % row_groups) * SHRINK_ROWS), by a whole warp. LEAN: one
+// row and one value per lane at a time (few registers: the tile blocks'
+// rare share, taken while their accumulators are live, which must not raise
+// their kernel's register count); else every row at once, 8 values per
+// lane, and on the 16-byte path DEPTH steps' loads issued before any is used
+// (rows past `rows` load the last row again: it exists, and is never stored).
 template <class T, bool ALIGNED, bool LEAN>
-__device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int lane) {
+__device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int chunk, int lane) {
     const T* x = reinterpret_cast<const T*>(p.x);
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
     float* t = reinterpret_cast<float*>(p.t);
     const int row_groups = shrink_row_groups<SimtShrink>(p);
     const int i = (int)(unit / row_groups), j0 = (int)(unit % row_groups) * SHRINK_ROWS;
-    if (j0 == 0 && lane == 0 && out_of_range(p, raw_slot(p, i)))
+    if (chunk == 0 && j0 == 0 && lane == 0 && out_of_range(p, raw_slot(p, i)))
         atomicAdd(reinterpret_cast<unsigned*>(p.counters) + BAD_IDS, 1u);
     const int s = token_slot(p, i);
     if (s < 0) return;
@@ -162,36 +202,63 @@ __device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int lane)
     const T* xi = x + (size_t)i * p.k;
     const T* aj = a_pool + ((size_t)s * p.max_rank + j0) * p.k;
     float* ti = t + (size_t)i * p.max_rank + j0;
+    // This chunk's values of k (its share of the KCHUNK pieces: none is
+    // empty, as src/ops takes at most one chunk per piece), and where its
+    // sums go.
+    const int pieces = (p.k + KCHUNK - 1) / KCHUNK;
+    const int kb = (int)((int64_t)chunk * pieces / p.shrink_chunks) * KCHUNK;
+    const int ke = lk::min_int(p.k, (int)((int64_t)(chunk + 1) * pieces / p.shrink_chunks) * KCHUNK);
+    float* part = reinterpret_cast<float*>(p.unit_partials) + unit * p.shrink_chunks * SHRINK_ROWS;
+    float* sums = p.shrink_chunks == 1 ? ti : part + chunk * SHRINK_ROWS;
     if constexpr (LEAN) {
 #pragma unroll 1
         for (int q = 0; q < rows; ++q) {
             float v = 0.f;
 #pragma unroll 1
-            for (int c = lane; c < p.k; c += 32) v += lk::to_f32(xi[c]) * lk::to_f32(aj[(size_t)q * p.k + c]);
+            for (int c = kb + lane; c < ke; c += 32) v += lk::to_f32(xi[c]) * lk::to_f32(aj[(size_t)q * p.k + c]);
             for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
-            if (lane == 0) ti[q] = v;
+            if (lane == 0) sums[q] = v;
         }
-        return;
-    }
-    float acc[SHRINK_ROWS];
-    for (int q = 0; q < SHRINK_ROWS; ++q) acc[q] = 0.f;
-    // Not unrolled: one step already has 5 independent loads.
+    } else {
+        float acc[SHRINK_ROWS];
+        for (int q = 0; q < SHRINK_ROWS; ++q) acc[q] = 0.f;
 #pragma unroll 1
-    for (int k0 = 0; k0 < p.k; k0 += KSTEP) {  // sass-loop: shrink
-        float xv[8];
-        load8<T, ALIGNED>(xv, xi, p.k, k0, lane);
+        for (int k0 = kb; k0 < ke; k0 += ALIGNED ? KCHUNK : KSTEP) {  // sass-loop: shrink
+            if constexpr (ALIGNED) {
+                uint4 xr[DEPTH], ar[DEPTH][SHRINK_ROWS];
+                for (int d = 0; d < DEPTH; ++d) {
+                    const int c = k0 + d * KSTEP + lane * 8;
+                    xr[d] = load16(xi, ke, c);
+                    for (int q = 0; q < SHRINK_ROWS; ++q)
+                        ar[d][q] = load16(aj + (size_t)lk::min_int(q, rows - 1) * p.k, ke, c);
+                }
+                for (int d = 0; d < DEPTH; ++d) {
+                    float xv[8];
+                    widen8<T>(xv, xr[d]);
+                    for (int q = 0; q < SHRINK_ROWS; ++q) {
+                        float av[8];
+                        widen8<T>(av, ar[d][q]);
+                        for (int e = 0; e < 8; ++e) acc[q] += xv[e] * av[e];
+                    }
+                }
+            } else {
+                float xv[8];
+                load8_any<T>(xv, xi, ke, k0, lane);
+                for (int q = 0; q < SHRINK_ROWS; ++q) {
+                    if (q >= rows) break;
+                    float av[8];
+                    load8_any<T>(av, aj + (size_t)q * p.k, ke, k0, lane);
+                    for (int e = 0; e < 8; ++e) acc[q] += xv[e] * av[e];
+                }
+            }
+        }
         for (int q = 0; q < SHRINK_ROWS; ++q) {
-            if (q >= rows) break;
-            float av[8];
-            load8<T, ALIGNED>(av, aj + (size_t)q * p.k, p.k, k0, lane);
-            for (int e = 0; e < 8; ++e) acc[q] += xv[e] * av[e];
+            float v = acc[q];
+            for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+            if (lane == 0 && q < rows) sums[q] = v;
         }
     }
-    for (int q = 0; q < SHRINK_ROWS; ++q) {
-        float v = acc[q];
-        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
-        if (lane == 0 && q < rows) ti[q] = v;
-    }
+    finish_chunk(p, unit, chunk, rows, part, ti, lane);
 }
 
 // Values c .. c + 7 of a row, packed two per register in the order the
@@ -288,40 +355,49 @@ __device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int l
     }
 }
 
-// Items of shrink work: item e is unit e (if e < units) and the check of
+// Pieces of shrink work: SIMT units times their chunks of k (chunk e /
+// units of unit e % units), or tensor-core units (whole k).
+template <class S>
+__device__ __forceinline__ int64_t shrink_pieces(const MultiAdapterParams& p) {
+    return shrink_units<S>(p) * (S::MMA ? 1 : p.shrink_chunks);
+}
+
+// Items of shrink work: item e is piece e (if e < pieces) and the check of
 // table entry e (if e <= segments). src/ops bounds it below 2^31.
 template <class S>
 __device__ __forceinline__ unsigned shrink_items(const MultiAdapterParams& p) {
-    const int64_t units = shrink_units<S>(p);
+    const int64_t pieces = shrink_pieces<S>(p);
     const int64_t entries = p.segments == 0 ? 0 : (int64_t)p.segments + 1;
-    return (unsigned)(units > entries ? units : entries);
+    return (unsigned)(pieces > entries ? pieces : entries);
 }
 
-// Every warp of the block claims CLAIM items at a time until none are left,
+// Every warp of the block claims `claim` items at a time until none are left,
 // does them, and counts them done (every lane fences its writes of t before
 // lane 0 counts). Called by shrink blocks, and by tile blocks before they
 // wait (LEAN: the units' lean forms, which keep the tile kernel's registers at
 // what its base product needs: its accumulators are live). When it returns,
 // every item is claimed: what a tile block then waits for is held by running
-// warps.
+// warps. Items are claimed 4 at a time (fewer atomics on one counter when
+// there are many), one at a time when k is cut into chunks: there are few
+// then, and each should have a warp of its own.
 template <class T, class S, bool ALIGNED, bool LEAN>
 __device__ void shrink_work(const MultiAdapterParams& p) {
-    constexpr unsigned CLAIM = 4;
+    const unsigned claim = S::MMA || p.shrink_chunks == 1 ? 4u : 1u;
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     const int lane = threadIdx.x % 32;
     const unsigned items = shrink_items<S>(p);
-    const int64_t units = shrink_units<S>(p);
+    const int64_t units = shrink_units<S>(p), pieces = shrink_pieces<S>(p);
     for (;;) {
         unsigned first = 0;
-        if (lane == 0) first = atomicAdd(counters + CLAIMED, CLAIM);
+        if (lane == 0) first = atomicAdd(counters + CLAIMED, claim);
         first = __shfl_sync(0xFFFFFFFFu, first, 0);
         if (first >= items) return;
-        const unsigned last = items - first < CLAIM ? items : first + CLAIM;
+        const unsigned last = items - first < claim ? items : first + claim;
         for (unsigned e = first; e < last; ++e) {
             if (lane == 0) check_segment_entry(p, e);
-            if (e >= units) continue;
+            if (e >= pieces) continue;
             if constexpr (S::MMA) shrink_unit_mma<T, ALIGNED, LEAN>(p, e, lane);
-            else shrink_unit<T, ALIGNED && !LEAN, LEAN>(p, e, lane);
+            else shrink_unit<T, ALIGNED && !LEAN, LEAN>(p, e % units, (int)(e / units), lane);
         }
         __threadfence();
         __syncwarp();

@@ -16,6 +16,7 @@ use crate::buffer::{BufRef, Buffer};
 use crate::device::Device;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::ops::multi_adapter_forward::{chunked_shrink_partials, chunked_shrink_units};
 use crate::ops::{DeviceAdapter, KernelElement, check_operand, pool_load};
 use crate::shape::{Dims, check_finite, check_matrix, check_rank, invalid};
 
@@ -63,12 +64,16 @@ pub struct SlotAdapter<T> {
 
 /// Scratch the multi-adapter kernel uses: the f32 intermediate `t`
 /// (`[tokens][max_rank]`, grown on demand), five launch counters (0 between
-/// launches: kernels/multi_adapter_forward.cu) and the count of out-of-range
-/// ids seen on the device.
+/// launches: kernels/multi_adapter_forward.cu), the count of out-of-range
+/// ids seen on the device, and the sums and counters of shrink units cut
+/// into chunks of k (sized for the device:
+/// `ops::multi_adapter_forward::shrink_chunks`).
 pub(crate) struct Scratch {
     pub t: Buffer<f32>,
     pub counters: Buffer<u32>,
     pub bad_ids: Buffer<u32>,
+    pub unit_partials: Buffer<f32>,
+    pub unit_counters: Buffer<u32>,
 }
 
 /// Adapters of many users for one linear layer, on one device: what
@@ -140,6 +145,8 @@ impl<T: KernelElement> AdapterPool<T> {
                 t: dev.zeros(0)?,
                 counters: dev.zeros(5)?,
                 bad_ids: dev.zeros(1)?,
+                unit_partials: dev.zeros(chunked_shrink_partials(dev.sm_count()))?,
+                unit_counters: dev.zeros(chunked_shrink_units(dev.sm_count()))?,
             }),
             cfg,
         })

@@ -54,8 +54,8 @@ params_structs! {
     FusedForwardParams { x, w, a, b, y, t_out, m, n, k, r, scale, beta, col_tiles, k_splits, partials, counters }
     MultiAdapterParams {
         x, w, a_pool, b_pool, slot_rank, slot_scale, token_slots, seg_offsets, seg_slots,
-        t, counters, bad_ids, y, m, n, k, max_rank, slots, segments, shrink_blocks, beta, k_splits, pad,
-        partials, split_counters,
+        t, counters, bad_ids, y, m, n, k, max_rank, slots, segments, shrink_blocks, beta, k_splits,
+        shrink_chunks, partials, split_counters, unit_partials, unit_counters,
     }
     BackwardParams {
         g, x, w, a_pool, b_pool, slot_rank, slot_scale, token_slots, t, u, dx, da, db, partials,

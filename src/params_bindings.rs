@@ -94,15 +94,20 @@ pub struct MultiAdapterParams {
     pub beta: f32,
     #[doc = " decode: tile blocks per tile, each over its range of k (split-K; 1: none)"]
     pub k_splits: i32,
-    pub pad: i32,
+    #[doc = " SIMT shrink units: pieces of k each unit is cut into (1: none)"]
+    pub shrink_chunks: i32,
     #[doc = " split-K only, as in FusedForwardParams: f32 partial sums and a u32 counter per tile"]
     pub partials: u64,
     #[doc = " split-K only, as in FusedForwardParams: f32 partial sums and a u32 counter per tile"]
     pub split_counters: u64,
+    #[doc = " shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a u32 counter\n per unit, 0 between launches (the unit's last chunk resets it)"]
+    pub unit_partials: u64,
+    #[doc = " shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a u32 counter\n per unit, 0 between launches (the unit's last chunk resets it)"]
+    pub unit_counters: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MultiAdapterParams"][::std::mem::size_of::<MultiAdapterParams>() - 160usize];
+    ["Size of MultiAdapterParams"][::std::mem::size_of::<MultiAdapterParams>() - 176usize];
     ["Alignment of MultiAdapterParams"][::std::mem::align_of::<MultiAdapterParams>() - 8usize];
     ["Offset of field: MultiAdapterParams::x"]
         [::std::mem::offset_of!(MultiAdapterParams, x) - 0usize];
@@ -148,12 +153,16 @@ const _: () = {
         [::std::mem::offset_of!(MultiAdapterParams, beta) - 132usize];
     ["Offset of field: MultiAdapterParams::k_splits"]
         [::std::mem::offset_of!(MultiAdapterParams, k_splits) - 136usize];
-    ["Offset of field: MultiAdapterParams::pad"]
-        [::std::mem::offset_of!(MultiAdapterParams, pad) - 140usize];
+    ["Offset of field: MultiAdapterParams::shrink_chunks"]
+        [::std::mem::offset_of!(MultiAdapterParams, shrink_chunks) - 140usize];
     ["Offset of field: MultiAdapterParams::partials"]
         [::std::mem::offset_of!(MultiAdapterParams, partials) - 144usize];
     ["Offset of field: MultiAdapterParams::split_counters"]
         [::std::mem::offset_of!(MultiAdapterParams, split_counters) - 152usize];
+    ["Offset of field: MultiAdapterParams::unit_partials"]
+        [::std::mem::offset_of!(MultiAdapterParams, unit_partials) - 160usize];
+    ["Offset of field: MultiAdapterParams::unit_counters"]
+        [::std::mem::offset_of!(MultiAdapterParams, unit_counters) - 168usize];
 };
 #[doc = " Adapter backward (kernels/lora_backward.cu), for a pool of adapters laid\n out as in MultiAdapterParams; a single adapter is a pool of one slot with\n max_rank = r. With g = dL/dy, t = x a^T saved by the forward pass:\n   u  = s g b           [m][max_rank] f32 (scratch)\n   dx = g w + u a       [m][k]       (storage type)\n   db = s g^T t         [slots][n][max_rank] f32\n   da = u^T x           [slots][max_rank][k] f32\n dx, da, db are optional (0 = skip). token_slots == 0: every token uses slot\n 0 with uniform_rank and uniform_scale. The token reductions of da/db run in\n `splits` ranges of tokens_per_split tokens; with splits > 1 each writes f32\n partials ([splits][len]) that lk_backward_reduce sums in a fixed order, or\n (deterministic == 0) adds them with atomics. The grid of u, da and db has a\n layer (z) per slot, or, when first_token != 0 (a pool larger than the\n batch), a layer per token: layer i works for token i's slot when i is that\n slot's first token (first_token: m - the first token of each\n slot, 0 for none, from lk_backward_first_tokens; i32 [slots])."]
 #[repr(C)]

@@ -758,6 +758,40 @@ fn forward_saving_t_matches_the_reference_intermediate() {
     saving_t_case::<f32>(20, (30, 24), &[3, 9, 0, 1], &ids);
 }
 
+/// A few tokens make few SIMT shrink units, so each is cut into chunks of
+/// `k` (whole 1024-value pieces, an item each) whose sums the unit's last
+/// chunk adds up: `t` and `y` match the reference with and without shrink
+/// blocks (the tile blocks' lean forms). On 132 SMs (the host runtime's
+/// count): k = 1000 one chunk; 2050 three (element loads, the last piece
+/// cut short); 5000 four chunks over five pieces (one takes two); 6144 six.
+/// Ranks 1, 3, 16 and 64, tokens without an adapter; f32 takes the same
+/// units (element loads).
+#[test]
+fn decode_shrink_cuts_k_into_chunks() {
+    let ranks = [16, 1, 0, 64, 3];
+    for (m, k) in [(1, 1000), (3, 2050), (7, 5000), (2, 6144)] {
+        let ids: Vec<i32> = (0..m).map(|i| [3, 0, -1, 1, 4, 2, 3][i % 7]).collect();
+        saving_t_case::<bf16>(m, (40, k), &ranks, &ids);
+        saving_t_case::<f16>(m, (40, k), &ranks, &ids);
+    }
+    let ids = [3, 4, -1];
+    saving_t_case::<f32>(3, (40, 2050), &ranks, &ids);
+    // Launches one after another on one pool, each with new tokens: every
+    // launch's last chunks find their counters back at 0 (else t would keep
+    // the previous launch's values).
+    let fx = Fixture::<bf16>::new(40, 6144, 64, &ranks, 8);
+    for dev in devices() {
+        let pool = fx.pool(&dev);
+        for seed in 0..3 {
+            let x: Vec<bf16> = random(&mut rng(seed), 2 * 6144);
+            let (ids, y0) = ([3, 0], vec![bf16::NAN; 80]);
+            let got = run(&pool, Some(Regime::Decode), &x, &fx.w, &ids, 0.0, &y0).unwrap();
+            let what = format!("launch {seed} on {}", dev.name());
+            fx.compare(&what, &got, &x, &ids, 0.0, &y0).unwrap();
+        }
+    }
+}
+
 /// The prefill shrink's units of 16 tokens and 32 ranks: 90 tokens (the
 /// last unit has 10), a run of one adapter across a unit's edge, units with
 /// six distinct adapters and with none, ranks 1, 3, 16, 40 and 70 (one to

@@ -64,6 +64,37 @@ pub(crate) fn shrink_unit(regime: Regime) -> (usize, usize) {
     }
 }
 
+/// Values of `k` in one piece of a SIMT shrink unit's chunks (`KCHUNK` in
+/// the kernel: 4 steps of 256, whose loads a warp issues together).
+const SHRINK_KCHUNK: usize = 1024;
+/// SIMT shrink pieces (units times chunks) per SM that cutting `k` aims for.
+const SHRINK_PIECES_PER_SM: usize = 4;
+
+/// Chunks of `k` each SIMT shrink unit (decode, f32) is cut into, an item
+/// each: a unit's warp waits a memory round trip per step it can't overlap,
+/// and a few tokens make few units (one token at rank 16: 4 warps for the
+/// whole GPU), so `k` is cut until the pieces give each of `sm_count` SMs
+/// about 4 warps, at most one chunk per 1024 values. 1 at prefill (units of
+/// 16 tokens on tensor cores) and where the units alone are that many.
+pub(crate) fn shrink_chunks(regime: Regime, units: usize, k: usize, sm_count: usize) -> usize {
+    match regime {
+        Regime::Prefill => 1,
+        Regime::Decode | Regime::Simt => {
+            (SHRINK_PIECES_PER_SM * sm_count / units.max(1)).clamp(1, k.div_ceil(SHRINK_KCHUNK))
+        }
+    }
+}
+
+/// Shrink units cut into chunks at most (several chunks each, so fewer than
+/// the pieces [`shrink_chunks`] aims for), and their f32 sums at most (4 rank
+/// rows per piece): the pool's scratch for them.
+pub(crate) fn chunked_shrink_units(sm_count: usize) -> usize {
+    SHRINK_PIECES_PER_SM * sm_count
+}
+pub(crate) fn chunked_shrink_partials(sm_count: usize) -> usize {
+    4 * chunked_shrink_units(sm_count)
+}
+
 /// Which adapter each token uses.
 pub enum Routing<'a> {
     /// One slot id per token (`m` of them, `i32` on the device), `-1` = base only.
@@ -251,7 +282,10 @@ fn launch<T: KernelElement>(
     // entries.
     let (unit_tokens, unit_ranks) = shrink_unit(regime);
     let shrink_units = m.div_ceil(unit_tokens) * cfg.max_rank.div_ceil(unit_ranks);
-    let shrink_items = shrink_units.max(if segments == 0 { 0 } else { segments + 1 });
+    let sm_count = dev.sm_count();
+    let chunks = shrink_chunks(regime, shrink_units, cfg.k, sm_count);
+    let pieces = shrink_units * chunks;
+    let shrink_items = pieces.max(if segments == 0 { 0 } else { segments + 1 });
     if shrink_items > i32::MAX as usize {
         return Err(invalid(
             "m",
@@ -264,14 +298,13 @@ fn launch<T: KernelElement>(
         ));
     }
     let shrink_blocks = if form.shrink_blocks {
-        shrink_units
+        pieces
             .div_ceil(shape.threads as usize / 32)
             .min(MAX_SHRINK_BLOCKS)
     } else {
         0
     };
     let tiles = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
-    let sm_count = dev.sm_count();
     let splits = split_k::k_splits(
         regime == Regime::Decode,
         "decode launches",
@@ -309,6 +342,10 @@ fn launch<T: KernelElement>(
             BufMut::from(&mut scratch.counters),
             BufMut::from(&mut scratch.bad_ids),
         );
+        let (mut unit_partials, mut unit_counters) = (
+            BufMut::from(&mut scratch.unit_partials),
+            BufMut::from(&mut scratch.unit_counters),
+        );
         // The caller's t when it wants it saved, else the pool's scratch.
         let (pt, _gt) = match t_out.as_mut() {
             Some(t_out) => out_ptr(dev, t_out),
@@ -316,6 +353,8 @@ fn launch<T: KernelElement>(
         };
         let (pc, _gc) = out_ptr(dev, &mut counters);
         let (pbad, _gbad) = out_ptr(dev, &mut bad);
+        let (pup, _gup) = out_ptr(dev, &mut unit_partials);
+        let (puc, _guc) = out_ptr(dev, &mut unit_counters);
         let (partials, split_counters, _gsplit) = split_k::workspace_ptrs(dev, &mut split_scratch);
         let (py, _gy) = out_ptr(dev, &mut y);
         aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
@@ -343,9 +382,11 @@ fn launch<T: KernelElement>(
             shrink_blocks: shrink_blocks as i32,
             beta,
             k_splits: splits as i32,
-            pad: 0,
+            shrink_chunks: chunks as i32,
             partials,
             split_counters,
+            unit_partials: pup,
+            unit_counters: puc,
         };
         let launch = LaunchDims {
             grid: blocks,
@@ -363,7 +404,11 @@ fn launch<T: KernelElement>(
         // m * max_rank f32 (reserve_tokens above) and the five counters are 0
         // between launches (zeroed at creation, reset by each launch), with
         // fewer than 2^31 shrink items for their 32-bit claim counter (checked
-        // above); the grid is shrink_blocks + the tiles covering m x n, times
+        // above); shrink units cut into chunks > 1 of k (at most one per
+        // 1024 values) are fewer than chunked_shrink_units(sm_count), their
+        // pieces fewer than chunked_shrink_partials / 4 (shrink_chunks), the
+        // pool's scratch sizes (AdapterPool::new), and their counters are 0
+        // between launches; the grid is shrink_blocks + the tiles covering m x n, times
         // `splits` blocks each (within CUDA's limit, checked above; split-K:
         // decode only, splits <= k-tiles and tiles x splits <= sm_count, with
         // a workspace of split_k_scratch_len(sm_count) values, partial sums
@@ -463,4 +508,33 @@ pub fn check_segments<T: KernelElement>(
 ) -> Result<()> {
     let ids = crate::reference::segment_ids(m, offsets, slots)?;
     pool.check_ids(&ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A few tokens' SIMT units are cut into chunks of k until the pieces
+    /// give each SM about 4 warps, at most one per 1024 values; prefill and
+    /// many units take none. The pieces of cut units always fit the pool's
+    /// scratch for them.
+    #[test]
+    fn few_shrink_units_cut_k_into_chunks() {
+        assert_eq!(shrink_chunks(Regime::Decode, 4, 4096, 132), 4); // one token, rank 16
+        assert_eq!(shrink_chunks(Regime::Decode, 16, 14336, 132), 14);
+        assert_eq!(shrink_chunks(Regime::Decode, 256, 4096, 132), 2);
+        assert_eq!(shrink_chunks(Regime::Decode, 1024, 4096, 132), 1); // 64 tokens, rank 64
+        assert_eq!(shrink_chunks(Regime::Decode, 4, 1000, 132), 1); // one piece
+        assert_eq!(shrink_chunks(Regime::Simt, 3, 2050, 132), 3);
+        assert_eq!(shrink_chunks(Regime::Prefill, 4, 4096, 132), 1);
+        for sm_count in [1, 16, 132] {
+            for units in 1..2000 {
+                let chunks = shrink_chunks(Regime::Decode, units, 1 << 20, sm_count);
+                if chunks > 1 {
+                    assert!(units < chunked_shrink_units(sm_count));
+                    assert!(4 * units * chunks <= chunked_shrink_partials(sm_count));
+                }
+            }
+        }
+    }
 }

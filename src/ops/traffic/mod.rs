@@ -15,7 +15,7 @@ mod backward;
 pub use backward::{BackwardTraffic, lora_backward};
 
 use super::fused_forward::{Regime, regime_for};
-use super::multi_adapter_forward::shrink_unit;
+use super::multi_adapter_forward::{shrink_chunks, shrink_unit};
 use super::split_k::decode_k_splits;
 use super::tiles::{DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles};
 use crate::element::DType;
@@ -132,7 +132,8 @@ fn split_partials(splittable: bool, dims: Dims, tiles: u64, per_row: u64) -> u64
 /// writes `t` (f32); at decode it reads each token's `x` row once per 4 ranks
 /// and its adapter's rank rows, at prefill (tensor cores, 16 tokens a unit)
 /// each token's `x` row once per 32 ranks and, per group of 16 tokens, each
-/// distinct adapter's rank rows. Every tile block reads its rows of `x`, its
+/// distinct adapter's rank rows (a few tokens' units cut into chunks of `k`
+/// also write and read back each chunk's sums). Every tile block reads its rows of `x`, its
 /// columns of `w`, and per distinct adapter among its rows those rows' `t`
 /// and its rows of `b`. A decode launch split across blocks (split-K) also
 /// writes and reads back each block's f32 sums of its existing rows. The
@@ -169,6 +170,15 @@ pub fn multi_adapter_forward(
         })
         .map(|(own, r)| e * (own * r.div_ceil(ranks as u64) * k + r * k) + 4 * own * r)
         .sum();
+    // Units cut into chunks of k (few tokens): each chunk writes its sums of
+    // the unit's rows and the unit's last chunk reads them all back.
+    let max_rank = slot_ranks.iter().copied().max().unwrap_or(0);
+    let units = dims.m.div_ceil(tokens) * max_rank.div_ceil(ranks);
+    let chunks = shrink_chunks(regime, units, dims.k, SPLIT_K_MODEL_SMS) as u64;
+    let chunk_sums = match chunks {
+        1 => 0,
+        _ => 2 * 4 * chunks * ids.iter().map(|&id| rank_of(id)).sum::<u64>(),
+    };
     // Per row tile: its distinct adapters' b rows, and its rows' t per column tile.
     let mut expand = 0;
     for rows in ids.chunks(bm as usize) {
@@ -187,6 +197,7 @@ pub fn multi_adapter_forward(
     Traffic {
         requested: e * (tiles_n * m * k + tiles_m * n * k)
             + shrink
+            + chunk_sums
             + expand
             + splits
             + y_bytes(m, n, beta, e),
@@ -336,7 +347,8 @@ mod tests {
         let split =
             multi_adapter_forward(DType::BF16, Dims::new(1, 1024, 4096), &[16], &ids, false);
         let (x, w, y) = (32 * 4096, 1024 * 4096, 1024);
-        let shrink = 2 * (4 * 4096 + 16 * 4096) + 4 * 16;
+        // One token at rank 16: 4 units, each cut into 4 chunks of k.
+        let shrink = 2 * (4 * 4096 + 16 * 4096) + 4 * 16 + 2 * 4 * 4 * 16;
         let expand = 2 * 1024 * 16 + 32 * 4 * 16;
         assert_eq!(
             split.requested,
