@@ -277,6 +277,11 @@ __device__ __forceinline__ void load_k8(uint32_t (&w)[4], const T* row, int k, i
     }
 }
 
+// k-steps of 32 whose loads a tensor-core unit's warp issues together on the
+// 16-byte path (18 per lane): the warp waits a memory round trip per group of
+// steps, not per step (more would take the kernel's registers past 136).
+constexpr int MMA_DEPTH = 3;
+
 // Tensor-core unit u: tokens i0 = (u / row_groups) * 16 .. i0 + 15 and
 // rank rows j0 = (u % row_groups) * 32 .. j0 + 31, by a whole warp with
 // mma.m16n8k16 (f32 accumulators: t rows x 4 n-tiles of 8 ranks). One pass
@@ -295,6 +300,7 @@ template <class T, bool ALIGNED, bool LEAN>
 __device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int lane) {
     constexpr int NT = MmaShrink::RANKS / 8;  // n-tiles of 8 ranks
     constexpr int NP = LEAN ? 1 : NT;         // n-tiles per sweep over k
+    constexpr int MD = LEAN || !ALIGNED ? 1 : MMA_DEPTH;  // k-steps of 32 whose loads go together
     const T* x = reinterpret_cast<const T*>(p.x);
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
     float* t = reinterpret_cast<float*>(p.t);
@@ -327,22 +333,26 @@ __device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int l
             for (int n = 0; n < NP; ++n)
                 for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 #pragma unroll 1
-            for (int k0 = 0; k0 < p.k; k0 += 32) {  // sass-loop: shrink_mma
-                const int c = k0 + 8 * q;
-                uint32_t xl[4], xh[4], av[NP][4];
-                load_k8<T, ALIGNED>(xl, x_lo, p.k, c, lo);
-                load_k8<T, ALIGNED>(xh, x_hi, p.k, c, hi);
-                for (int n = 0; n < NP; ++n)
-                    load_k8<T, ALIGNED>(av[n], a_rows + (size_t)8 * (n0 + n) * p.k, p.k, c,
-                                        8 * (n0 + n) + g < live_ranks);
-                for (int half = 0; half < 2; ++half) {
-                    const uint32_t frag_a[4] = {xl[2 * half], xh[2 * half], xl[2 * half + 1], xh[2 * half + 1]};
-                    for (int n = 0; n < NP; ++n) {
-                        if (8 * (n0 + n) >= live_ranks) break;  // the same for the whole warp
-                        const uint32_t frag_b[2] = {av[n][2 * half], av[n][2 * half + 1]};
-                        lk::mma_m16n8k16(acc[n], frag_a, frag_b, acc[n], T());
-                    }
+            for (int k0 = 0; k0 < p.k; k0 += 32 * MD) {  // sass-loop: shrink_mma
+                uint32_t xl[MD][4], xh[MD][4], av[MD][NP][4];
+                for (int d = 0; d < MD; ++d) {
+                    const int c = k0 + 32 * d + 8 * q;
+                    load_k8<T, ALIGNED>(xl[d], x_lo, p.k, c, lo);
+                    load_k8<T, ALIGNED>(xh[d], x_hi, p.k, c, hi);
+                    for (int n = 0; n < NP; ++n)
+                        load_k8<T, ALIGNED>(av[d][n], a_rows + (size_t)8 * (n0 + n) * p.k, p.k, c,
+                                            8 * (n0 + n) + g < live_ranks);
                 }
+                for (int d = 0; d < MD; ++d)
+                    for (int half = 0; half < 2; ++half) {
+                        const uint32_t frag_a[4] = {xl[d][2 * half], xh[d][2 * half], xl[d][2 * half + 1],
+                                                    xh[d][2 * half + 1]};
+                        for (int n = 0; n < NP; ++n) {
+                            if (8 * (n0 + n) >= live_ranks) break;  // the same for the whole warp
+                            const uint32_t frag_b[2] = {av[d][n][2 * half], av[d][n][2 * half + 1]};
+                            lk::mma_m16n8k16(acc[n], frag_a, frag_b, acc[n], T());
+                        }
+                    }
             }
             // acc[n][e]: row g + 8 (e / 2), rank j0 + 8 (n0 + n) + 2 q + e % 2.
             for (int n = 0; n < NP; ++n)

@@ -796,7 +796,9 @@ fn decode_shrink_cuts_k_into_chunks() {
 /// last unit has 10), a run of one adapter across a unit's edge, units with
 /// six distinct adapters and with none, ranks 1, 3, 16, 40 and 70 (one to
 /// three units of 32 ranks), k = 72 (16-byte loads, a k-step of 32 cut at
-/// 8) and k = 45 (element loads, cut inside a 16-byte chunk).
+/// 8), k = 200 (16-byte loads, two groups of 3 k-steps whose loads go
+/// together, and a third cut at 8) and k = 45 (element loads, cut inside a
+/// 16-byte chunk).
 #[test]
 fn prefill_shrink_serves_each_adapter_of_a_16_token_unit() {
     let ranks = [3, 40, 0, 1, 70, 16];
@@ -808,7 +810,7 @@ fn prefill_shrink_serves_each_adapter_of_a_16_token_unit() {
             _ => [5, 5, 1, 0][i % 4],
         })
         .collect();
-    for k in [72, 45] {
+    for k in [72, 200, 45] {
         saving_t_case::<bf16>(90, (30, k), &ranks, &ids);
         saving_t_case::<f16>(90, (30, k), &ranks, &ids);
     }
