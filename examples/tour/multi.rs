@@ -3,8 +3,10 @@
 //! engines run today. Floor bytes: w, x, y and each distinct adapter once.
 use half::bf16;
 use lora_kernels::cublas_baseline::{AdapterRows, CublasBaseline};
-use lora_kernels::ops::fused_forward::regime_for;
-use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward};
+use lora_kernels::ops::fused_forward::{Regime, regime_for};
+use lora_kernels::ops::multi_adapter_forward::{
+    LaunchForm, Routing, multi_adapter_forward, multi_adapter_forward_tuned,
+};
 use lora_kernels::timing::time_on_stream;
 use lora_kernels::{AdapterPool, DType, Device, Dims, PoolConfig};
 use serde_json::json;
@@ -23,7 +25,7 @@ pub fn table(
         "\n   multi-adapter forward, bf16: ours (one launch) vs cuBLAS base-only and a per-adapter cuBLAS loop"
     );
     println!(
-        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10}",
         "n",
         "k",
         "tokens",
@@ -35,7 +37,8 @@ pub fn table(
         "floor us",
         "ours/base",
         "loop/ours",
-        "% floor"
+        "% floor",
+        "unsplit/ours"
     );
     let mut rows = Vec::new();
     // n = 1024: a GQA model's k / v projection, whose few column tiles
@@ -115,6 +118,33 @@ fn measure(
         let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
         multi_adapter_forward(&pool, m, x, &inputs.ws[i % copies], &routing, 0.0, y)
     })?;
+    // At n = 1024 the decode launches split each tile's k-loop (split-K):
+    // the same launch unsplit, timed beside it, says what the split gains.
+    let regime = regime_for(DType::BF16, m);
+    let unsplit = if n == 1024 && regime == Regime::Decode {
+        let form = LaunchForm {
+            k_splits: Some(1),
+            ..LaunchForm::default()
+        };
+        let timing = time_on_stream(dev, WARMUP, RUNS, || {
+            i += 1;
+            let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
+            let operands = (x.into(), (&inputs.ws[i % copies]).into());
+            multi_adapter_forward_tuned(
+                regime,
+                form,
+                &pool,
+                m,
+                operands,
+                &routing,
+                0.0,
+                (y.into(), None),
+            )
+        })?;
+        Some(timing.median_us)
+    } else {
+        None
+    };
     let base = time_on_stream(dev, WARMUP, RUNS, || {
         i += 1;
         let (x, mut y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
@@ -152,8 +182,9 @@ fn measure(
             .sum::<f64>();
     let floor_us = ceilings.floor_us(bytes, flops);
     let rank_label = rank.map_or("mixed".to_string(), |r| r.to_string());
+    let split_gain = unsplit.map_or("-".to_string(), |u| format!("{:.2}", u / ours.median_us));
     println!(
-        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}%",
+        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}% {split_gain:>12}",
         ours.median_us,
         base.median_us,
         looped.median_us,
@@ -163,7 +194,7 @@ fn measure(
     );
     Ok(json!({
         "n": n, "k": k, "tokens": m, "adapters": distinct, "rank": rank_label,
-        "regime": format!("{:?}", regime_for(DType::BF16, m)),
+        "regime": format!("{regime:?}"), "unsplit_us": unsplit,
         "ours_us": ours.median_us, "cublas_base_us": base.median_us, "cublas_per_adapter_loop_us": looped.median_us,
         "floor_us": floor_us, "ours_over_base": ours.median_us / base.median_us,
         "loop_over_ours": looped.median_us / ours.median_us, "pct_of_floor": 100.0 * floor_us / ours.median_us,
