@@ -115,7 +115,7 @@ struct MmaShrink {
 // counter. No chunk waits for another.
 constexpr int SHRINK_ROWS = SimtShrink::RANKS;
 constexpr int KSTEP = 32 * 8;  // values of k a warp takes per step
-constexpr int DEPTH = 4;       // steps of the 16-byte path issued together
+constexpr int DEPTH = 4;       // steps of the 16-byte path per loop pass
 constexpr int KCHUNK = DEPTH * KSTEP;
 
 // Values c .. c + 7 of a row as they are stored (one 16-byte load: the row
@@ -183,8 +183,10 @@ __device__ void finish_chunk(const MultiAdapterParams& p, int64_t unit, int chun
 // row and one value per lane at a time (few registers: the tile blocks'
 // rare share, taken while their accumulators are live, which must not raise
 // their kernel's register count); else every row at once, 8 values per
-// lane, and on the 16-byte path DEPTH steps' loads issued before any is used
-// (rows past `rows` load the last row again: it exists, and is never stored).
+// lane, and on the 16-byte path DEPTH steps per loop pass, their loads
+// written before any use (ptxas issues about 6 of the 20 ahead of the first
+// FMA and interleaves the rest, for registers: hence the chunks as well).
+// Rows past `rows` load the last row again: it exists, and is never stored.
 template <class T, bool ALIGNED, bool LEAN>
 __device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int chunk, int lane) {
     const T* x = reinterpret_cast<const T*>(p.x);

@@ -65,7 +65,7 @@ pub(crate) fn shrink_unit(regime: Regime) -> (usize, usize) {
 }
 
 /// Values of `k` in one piece of a SIMT shrink unit's chunks (`KCHUNK` in
-/// the kernel: 4 steps of 256, whose loads a warp issues together).
+/// the kernel: 4 steps of 256, one pass of the warp's 16-byte loop).
 const SHRINK_KCHUNK: usize = 1024;
 /// SIMT shrink pieces (units times chunks) per SM that cutting `k` aims for.
 const SHRINK_PIECES_PER_SM: usize = 4;
