@@ -329,7 +329,7 @@ fn k_splits(
 ) -> Result<usize> {
     split_k::k_splits(
         regime == Regime::Decode && rank <= RANK_CHUNK,
-        &format!("decode launches of ranks up to {RANK_CHUNK}"),
+        format_args!("decode launches of ranks up to {RANK_CHUNK}"),
         forced,
         tiles,
         dims.k.div_ceil(DECODE.bk),

@@ -307,7 +307,7 @@ fn launch<T: KernelElement>(
     let tiles = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
     let splits = split_k::k_splits(
         regime == Regime::Decode,
-        "decode launches",
+        format_args!("decode launches"),
         form.k_splits,
         tiles,
         cfg.k.div_ceil(DECODE.bk),

@@ -54,10 +54,11 @@ pub(crate) fn split_k_counters_at(sm_count: usize) -> usize {
 /// Blocks per tile for a launch of `tiles` tiles over `ktiles` k-tiles on
 /// `sm_count` SMs: `forced` (checked: at most one split per k-tile and one
 /// block per SM), else [`decode_k_splits`] where the launch is
-/// `splittable`, else 1. `rule` says which launches split, for the error.
+/// `splittable`, else 1. `rule` says which launches split, for the error
+/// (formatted only then: launches pay no allocation for it).
 pub(crate) fn k_splits(
     splittable: bool,
-    rule: &str,
+    rule: std::fmt::Arguments<'_>,
     forced: Option<usize>,
     tiles: usize,
     ktiles: usize,
@@ -129,18 +130,23 @@ mod tests {
         assert_eq!(decode_k_splits(16, 16, 132), 4); // 4 k-tiles each
         assert_eq!(decode_k_splits(128, 64, 132), 1);
         assert_eq!(decode_k_splits(0, 64, 132), 8); // no tiles: never divides by 0
-        let forced = |splits, tiles| k_splits(true, "decode", Some(splits), tiles, 64, 132);
+        let forced =
+            |splits, tiles| k_splits(true, format_args!("decode"), Some(splits), tiles, 64, 132);
         assert_eq!(forced(64, 2).unwrap(), 64);
         assert!(forced(65, 2).is_err()); // past one split per k-tile
         assert!(forced(5, 32).is_err()); // 160 blocks
         assert!(forced(0, 32).is_err());
-        let err = k_splits(false, "decode launches", Some(2), 32, 64, 132).unwrap_err();
+        let err =
+            k_splits(false, format_args!("decode launches"), Some(2), 32, 64, 132).unwrap_err();
         assert!(
             err.to_string()
                 .contains("1 ..= 1: split-K takes decode launches"),
             "{err}"
         );
-        assert_eq!(k_splits(false, "", None, 1, 64, 132).unwrap(), 1);
+        assert_eq!(
+            k_splits(false, format_args!(""), None, 1, 64, 132).unwrap(),
+            1
+        );
     }
 
     /// The workspace holds the partial sums of up to one block per SM of the
