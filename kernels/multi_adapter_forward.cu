@@ -43,6 +43,9 @@
 // such a table are unspecified (routing by a binary search of a malformed
 // table stays inside the table and the pool, but names arbitrary segments).
 // The counters make the pool's launches one at a time: use a pool from one stream.
+// The fused forward's decode (one adapter for every token) runs here too, in
+// the uniform mode of MultiAdapterParams: t is then computed once for the
+// launch instead of in every column tile (each of which would read all of a).
 // Counts that can pass 2^31 (shrink units, table entries) are 64-bit.
 #include "lk_mma.cuh"
 #include "lk_simt_tile.cuh"
@@ -53,9 +56,20 @@ namespace {
 // The counters (MultiAdapterParams): 0 between launches.
 enum Counter { CLAIMED = 0, ITEMS_DONE = 1, BAD_TABLE = 2, BAD_IDS = 3, BLOCKS_DONE = 4 };
 
+// One adapter for every token (MultiAdapterParams): slot 0, its rank and
+// scale taken from the parameters; no ids or pool tables are read.
+__device__ __forceinline__ bool uniform(const MultiAdapterParams& p) { return p.slot_rank == 0; }
+__device__ __forceinline__ int rank_of(const MultiAdapterParams& p, int s) {
+    return uniform(p) ? p.uniform_rank : reinterpret_cast<const int*>(p.slot_rank)[s];
+}
+__device__ __forceinline__ float scale_of(const MultiAdapterParams& p, int s) {
+    return uniform(p) ? p.uniform_scale : reinterpret_cast<const float*>(p.slot_scale)[s];
+}
+
 // The raw slot id of token i (per-token ids, or a binary search of the
 // segments: always a segment in 0..segments-1, even in a malformed table).
 __device__ __forceinline__ int raw_slot(const MultiAdapterParams& p, int i) {
+    if (uniform(p)) return 0;
     if (p.segments == 0) return reinterpret_cast<const int*>(p.token_slots)[i];
     const int* off = reinterpret_cast<const int*>(p.seg_offsets);
     int lo = 0, hi = p.segments - 1;
@@ -84,7 +98,7 @@ __device__ __forceinline__ bool out_of_range(const MultiAdapterParams& p, int id
 __device__ __forceinline__ int token_slot(const MultiAdapterParams& p, int i) {
     int id = raw_slot(p, i);
     if (id < 0 || id >= p.slots) return -1;
-    return reinterpret_cast<const int*>(p.slot_rank)[id] > 0 ? id : -1;
+    return rank_of(p, id) > 0 ? id : -1;
 }
 
 // Shrink work is cut into units of TOKENS tokens and RANKS rank rows, a
@@ -198,7 +212,7 @@ __device__ void shrink_unit(const MultiAdapterParams& p, int64_t unit, int chunk
         atomicAdd(reinterpret_cast<unsigned*>(p.counters) + BAD_IDS, 1u);
     const int s = token_slot(p, i);
     if (s < 0) return;
-    const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+    const int rank = rank_of(p, s);
     if (j0 >= rank) return;  // past its rank
     const int rows = rank - j0 < SHRINK_ROWS ? rank - j0 : SHRINK_ROWS;
     const T* xi = x + (size_t)i * p.k;
@@ -323,7 +337,7 @@ __device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int l
         pending = pending && mine != s;
         const bool lo = __shfl_sync(0xFFFFFFFFu, mine, g) == s;      // row g is s's
         const bool hi = __shfl_sync(0xFFFFFFFFu, mine, g + 8) == s;  // row g + 8 is s's
-        const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+        const int rank = rank_of(p, s);
         if (j0 >= rank) continue;  // past its rank: nothing to do for s
         const int live_ranks = rank - j0;
         const T* x_lo = x + (size_t)(i0 + g) * p.k;  // dereferenced only when lo (i0 + g < m)
@@ -428,7 +442,7 @@ __device__ void finish_block(const MultiAdapterParams& p) {
     __threadfence();  // every block's counter updates are in before these reads
     const bool bad_table = atomicAdd(counters + BAD_TABLE, 0u) != 0;
     const unsigned bad = bad_table ? (unsigned)p.m : atomicAdd(counters + BAD_IDS, 0u);
-    atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), bad);
+    if (p.bad_ids != 0) atomicAdd(reinterpret_cast<unsigned*>(p.bad_ids), bad);
     for (int c = CLAIMED; c <= BLOCKS_DONE; ++c) atomicExch(counters + c, 0u);
 }
 
@@ -501,7 +515,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
         for (int e = threadIdx.x; e < C::BM * rows; e += C::THREADS) {
             const int i = e / rows, j = e % rows, s = row_slot[i];
             if (s < 0 || (i > 0 && row_slot[i - 1] == s)) continue;
-            const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
+            const int rank = rank_of(p, s);
             lk::prefetch_span(b_pool + ((size_t)s * p.n + col0 + j) * p.max_rank, rank);
         }
     };
@@ -517,8 +531,8 @@ __device__ void base_block(const MultiAdapterParams& p) {
     lk::ExpandTiles<T, C> e(smem);
     for (int d = 1; d <= distinct[0]; ++d) {
         const int s = distinct[d];
-        const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
-        const float scale = reinterpret_cast<const float*>(p.slot_scale)[s];
+        const int rank = rank_of(p, s);
+        const float scale = scale_of(p, s);
         const T* b = b_pool + (size_t)s * p.n * p.max_rank;
         for (int r0 = 0; r0 < rank; r0 += lk::RC) {
             const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
@@ -573,8 +587,8 @@ __device__ void simt_tile_block(const MultiAdapterParams& p) {
 
     for (int d = 1; d <= distinct[0]; ++d) {
         const int s = distinct[d];
-        const int rank = reinterpret_cast<const int*>(p.slot_rank)[s];
-        const float scale = reinterpret_cast<const float*>(p.slot_scale)[s];
+        const int rank = rank_of(p, s);
+        const float scale = scale_of(p, s);
         for (int r0 = 0; r0 < rank; r0 += C::BK) {
             const int rc = rank - r0 < C::BK ? rank - r0 : C::BK;
             for (int i = threadIdx.x; i < C::BM * rc; i += C::THREADS) {

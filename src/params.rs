@@ -55,7 +55,8 @@ params_structs! {
     MultiAdapterParams {
         x, w, a_pool, b_pool, slot_rank, slot_scale, token_slots, seg_offsets, seg_slots,
         t, counters, bad_ids, y, m, n, k, max_rank, slots, segments, shrink_blocks, beta, k_splits,
-        shrink_chunks, partials, split_counters, unit_partials, unit_counters,
+        shrink_chunks, partials, split_counters, unit_partials, unit_counters, uniform_rank,
+        uniform_scale,
     }
     BackwardParams {
         g, x, w, a_pool, b_pool, slot_rank, slot_scale, token_slots, t, u, dx, da, db, partials,

@@ -66,7 +66,7 @@ const _: () = {
     ["Offset of field: FusedForwardParams::counters"]
         [::std::mem::offset_of!(FusedForwardParams, counters) - 88usize];
 };
-#[doc = " Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses\n adapter slot slot(i) of a pool, or none:\n   y[i,:] = x[i,:] w^T + scale[s] (x[i,:] a[s]^T) b[s]^T  (+ beta * y)\n slot(i) = token_slots[i] (segments == 0), or seg_slots[j] for the segment j\n with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are\n treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],\n b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks\n (0 = empty slot). t is a [m][max_rank] f32 workspace, counters five u32\n that are 0 before and after every launch (shrink items claimed, shrink\n items done, malformed-segment-table flag, bad ids seen, blocks finished).\n A segment table that is not non-decreasing from 0 to m is caught on the\n device: every token is then served as -1 and m tokens are counted in\n *bad_ids."]
+#[doc = " Multi-adapter forward (kernels/multi_adapter_forward.cu): token i uses\n adapter slot slot(i) of a pool, or none:\n   y[i,:] = x[i,:] w^T + scale[s] (x[i,:] a[s]^T) b[s]^T  (+ beta * y)\n slot(i) = token_slots[i] (segments == 0), or seg_slots[j] for the segment j\n with seg_offsets[j] <= i < seg_offsets[j + 1]. Ids outside -1..slots-1 are\n treated as -1 and counted in *bad_ids. a_pool is [slots][max_rank][k],\n b_pool [slots][n][max_rank]; slot s uses its first slot_rank[s] ranks\n (0 = empty slot). t is a [m][max_rank] f32 workspace, counters five u32\n that are 0 before and after every launch (shrink items claimed, shrink\n items done, malformed-segment-table flag, bad ids seen, blocks finished).\n A segment table that is not non-decreasing from 0 to m is caught on the\n device: every token is then served as -1 and m tokens are counted in\n *bad_ids. bad_ids == 0: not counted.\n One adapter for every token (slot_rank == 0: the fused forward's decode,\n which runs on this kernel to compute t once, not in every column tile):\n a_pool and b_pool hold the one adapter, every token uses slot 0 with\n uniform_rank and uniform_scale, and no ids are read (slots = 1,\n segments = 0, max_rank = uniform_rank)."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct MultiAdapterParams {
@@ -104,10 +104,13 @@ pub struct MultiAdapterParams {
     pub unit_partials: u64,
     #[doc = " shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a u32 counter\n per unit, 0 between launches (the unit's last chunk resets it)"]
     pub unit_counters: u64,
+    #[doc = " slot_rank == 0 only"]
+    pub uniform_rank: i32,
+    pub uniform_scale: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of MultiAdapterParams"][::std::mem::size_of::<MultiAdapterParams>() - 176usize];
+    ["Size of MultiAdapterParams"][::std::mem::size_of::<MultiAdapterParams>() - 184usize];
     ["Alignment of MultiAdapterParams"][::std::mem::align_of::<MultiAdapterParams>() - 8usize];
     ["Offset of field: MultiAdapterParams::x"]
         [::std::mem::offset_of!(MultiAdapterParams, x) - 0usize];
@@ -163,6 +166,10 @@ const _: () = {
         [::std::mem::offset_of!(MultiAdapterParams, unit_partials) - 160usize];
     ["Offset of field: MultiAdapterParams::unit_counters"]
         [::std::mem::offset_of!(MultiAdapterParams, unit_counters) - 168usize];
+    ["Offset of field: MultiAdapterParams::uniform_rank"]
+        [::std::mem::offset_of!(MultiAdapterParams, uniform_rank) - 176usize];
+    ["Offset of field: MultiAdapterParams::uniform_scale"]
+        [::std::mem::offset_of!(MultiAdapterParams, uniform_scale) - 180usize];
 };
 #[doc = " Adapter backward (kernels/lora_backward.cu), for a pool of adapters laid\n out as in MultiAdapterParams; a single adapter is a pool of one slot with\n max_rank = r. With g = dL/dy, t = x a^T saved by the forward pass:\n   u  = s g b           [m][max_rank] f32 (scratch)\n   dx = g w + u a       [m][k]       (storage type)\n   db = s g^T t         [slots][n][max_rank] f32\n   da = u^T x           [slots][max_rank][k] f32\n dx, da, db are optional (0 = skip). token_slots == 0: every token uses slot\n 0 with uniform_rank and uniform_scale. The token reductions of da/db run in\n `splits` ranges of tokens_per_split tokens; with splits > 1 each writes f32\n partials ([splits][len]) that lk_backward_reduce sums in a fixed order, or\n (deterministic == 0) adds them with atomics. The grid of u, da and db has a\n layer (z) per slot, or, when first_token != 0 (a pool larger than the\n batch), a layer per token: layer i works for token i's slot when i is that\n slot's first token (first_token: m - the first token of each\n slot, 0 for none, from lk_backward_first_tokens; i32 [slots])."]
 #[repr(C)]

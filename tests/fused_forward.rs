@@ -299,7 +299,9 @@ fn negative_control_per_type_and_regime() {
         negative_control::<f16>(regime, 3e-3);
         negative_control::<bf16>(regime, 1e-2);
     }
-    // Decode's 16-row tiles (m <= 16; m = 19 above takes its 64-row tiles).
+    // Decode's 16-row tiles (m <= 16; m = 19 above takes its 64-row tiles),
+    // here with the shared shrink (the default; the fused kernel's own:
+    // one_adapter_decode_matches_reference).
     negative_control_at::<f16>(5, Regime::Decode, 3e-3);
     negative_control_at::<bf16>(5, Regime::Decode, 1e-2);
 }
@@ -637,10 +639,12 @@ fn infinite_b_gives_the_references_infinities_and_nans() {
     }
 }
 
-/// The decode kernels' deep pipelines (more stages of `w` in flight, where
-/// the device's blocks may take the shared memory) only issue the copies
-/// further ahead: the k-steps are the same, so `y` and the saved `t` match the
-/// base pipelines bit for bit, and the base ones match the reference. Shapes:
+/// The fused decode kernels' deep pipelines (more stages of `w` in flight,
+/// where the device's blocks may take the shared memory) only issue the
+/// copies further ahead: the k-steps are the same, so `y` and the saved `t`
+/// match the base pipelines bit for bit, and the base ones match the
+/// reference (the fused kernel's own shrink, also where the dispatcher would
+/// take the shared one: [`one_adapter_decode_matches_reference`]). Shapes:
 /// the 16-row and the 64-row decode tiles, k with more k-tiles than the deep
 /// ring's stages (it wraps) and with one k-tile (fewer than its stages), on
 /// and off the 16-byte path, ranks 1, 3, 16, 64 and 65 (two chunks), column
@@ -651,6 +655,7 @@ fn decode_pipelines_of_either_depth_agree_bit_for_bit() {
         let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m * n + k + r) as u64);
         let depth = |deep_decode| LaunchForm {
             deep_decode,
+            shared_shrink: Some(false),
             ..LaunchForm::default()
         };
         let others = [("deep", depth(Some(true))), ("default", depth(None))];
@@ -671,7 +676,9 @@ fn decode_pipelines_of_either_depth_agree_bit_for_bit() {
 }
 
 /// Split-K at decode: the blocks of a tile each sum their range of k and the
-/// last to finish adds the ranges up in split order, then runs the expand.
+/// last to finish adds the ranges up in split order, then runs the expand;
+/// on the fused kernel and on the shared shrink's (the multi-adapter kernel,
+/// the default for up to 16 tokens and ranks up to 64).
 /// Every split count gives `y` and the saved `t` within their per-element
 /// bounds, the same bits on a second run (the counters are back at 0 and the
 /// sum's order is fixed whichever block ends last), and `y` is written once
@@ -688,12 +695,20 @@ fn decode_split_k_matches_reference_for_every_split_count() {
         let (want, want_t) = (case.expected(), case.reference_t());
         let (bound, t_bound) = (case.bound(&want), case.t_bound());
         let ktiles = k.div_ceil(64);
-        for splits in [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))] {
+        let splits = [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))];
+        for (splits, shared_shrink) in splits
+            .into_iter()
+            .flat_map(|s| [(s, Some(false)), (s, None)])
+        {
             let form = LaunchForm {
                 k_splits: splits,
+                shared_shrink,
                 ..LaunchForm::default()
             };
-            let what = format!("{:?} m={m} n={n} k={k} r={r} k_splits {splits:?}", T::DTYPE);
+            let what = format!(
+                "{:?} m={m} n={n} k={k} r={r} k_splits {splits:?} shared_shrink {shared_shrink:?}",
+                T::DTYPE
+            );
             let run = case.run_tuned(dev, Regime::Decode, form).unwrap();
             compare_within(&what, &run.0, &want, &bound).unwrap();
             compare_within(&format!("{what}: t"), &run.1, &want_t, &t_bound).unwrap();
@@ -745,6 +760,125 @@ fn decode_split_k_matches_reference_for_every_split_count() {
                 err,
                 lora_kernels::Error::InvalidArgument {
                     name: "k_splits",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(same_bits(&host.download(&y).unwrap(), &case.y0));
+    }
+}
+
+/// Decode launches of up to 16 tokens at ranks up to 64 compute `t` once, on
+/// the multi-adapter kernel with every token on the one adapter (the shared
+/// shrink, the default there), instead of in every column tile. `y` and the
+/// saved `t` are within their bounds on either shrink, and a reference with
+/// the scale off by 1% (bf16) or 0.3% (f16) fails the shared shrink's `y`.
+/// Shapes: 1, 3, 5 and 16 tokens; ranks 1, 3, 16 and 64; k off the 16-byte
+/// path (45) and on it, with 1 to 5 chunks of 1024 values (a few tokens'
+/// shrink units cut k into chunks: a second run gives the same bits, so
+/// their counters are back at 0); both thread schedules (in reverse the tile
+/// blocks start first and take the shrink work themselves). Asking for the
+/// shared shrink where it doesn't apply (17 tokens, rank 65, prefill) is an
+/// error naming `shared_shrink` that changes nothing.
+#[test]
+fn one_adapter_decode_matches_reference() {
+    fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
+        let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (3 * m + n + k + r) as u64);
+        let (want, want_t) = (case.expected(), case.reference_t());
+        let (bound, t_bound) = (case.bound(&want), case.t_bound());
+        for shared_shrink in [Some(true), Some(false)] {
+            let form = LaunchForm {
+                shared_shrink,
+                ..LaunchForm::default()
+            };
+            let what = format!(
+                "{:?} m={m} n={n} k={k} r={r} shared_shrink {shared_shrink:?}",
+                T::DTYPE
+            );
+            let run = case.run_tuned(dev, Regime::Decode, form).unwrap();
+            compare_within(&what, &run.0, &want, &bound).unwrap();
+            compare_within(&format!("{what}: t"), &run.1, &want_t, &t_bound).unwrap();
+            let again = case.run_tuned(dev, Regime::Decode, form).unwrap();
+            assert_same_run(&format!("{what}, a second run"), &again, &run);
+        }
+        // The default is the shared shrink.
+        let shared = LaunchForm {
+            shared_shrink: Some(true),
+            ..LaunchForm::default()
+        };
+        let run = case.run_tuned(dev, Regime::Decode, shared).unwrap();
+        let default = case
+            .run_tuned(dev, Regime::Decode, LaunchForm::default())
+            .unwrap();
+        assert_same_run(
+            &format!("{:?} m={m} r={r}: the default", T::DTYPE),
+            &default,
+            &run,
+        );
+    }
+    let shapes = [
+        (1, 70, 840, 16),
+        (16, 96, 45, 1),
+        (5, 40, 1000, 64),
+        (1, 40, 2050, 16),
+        (3, 33, 4104, 3),
+    ];
+    every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
+    let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
+    check::<bf16>(&reverse, (1, 40, 2050, 16), 0.0);
+    check::<f16>(&reverse, (5, 40, 1000, 64), 0.5);
+
+    // Negative controls: the shared shrink's y against a reference with the
+    // scale off.
+    fn control<T: KernelElement>(off: f32) {
+        let case = Case::<T>::new(Dims::new(5, 37, 45), 12, 0.0, 1);
+        let shared = LaunchForm {
+            shared_shrink: Some(true),
+            ..LaunchForm::default()
+        };
+        for dev in devices() {
+            let got = case.run_tuned(&dev, Regime::Decode, shared).unwrap().0;
+            let want = case.expected();
+            compare_within("shared shrink", &got, &want, &case.bound(&want)).unwrap();
+            let wrong = case.with_scale_times(1.0 + off);
+            let want = wrong.expected();
+            compare_within("control", &got, &want, &wrong.bound(&want))
+                .expect_err("a reference with the scale off must fail the check");
+        }
+    }
+    control::<bf16>(1e-2);
+    control::<f16>(3e-3);
+
+    let host = Device::host().unwrap();
+    for (m, r, regime) in [
+        (17, 16, Regime::Decode),
+        (1, 65, Regime::Decode),
+        (100, 16, Regime::Prefill),
+    ] {
+        let case = Case::<bf16>::new(Dims::new(m, 70, 64), r, 0.5, 5);
+        let (x, w) = (host.upload(&case.x).unwrap(), host.upload(&case.w).unwrap());
+        let (a, b) = (host.upload(&case.a).unwrap(), host.upload(&case.b).unwrap());
+        let mut y = host.upload(&case.y0).unwrap();
+        let err = fused_forward_tuned(
+            regime,
+            LaunchForm {
+                shared_shrink: Some(true),
+                ..LaunchForm::default()
+            },
+            &host,
+            case.dims,
+            ((&x).into(), (&w).into()),
+            &DeviceAdapter::new(&a, &b, r, case.scale),
+            case.beta,
+            ((&mut y).into(), None),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                lora_kernels::Error::InvalidArgument {
+                    name: "shared_shrink",
                     ..
                 }
             ),

@@ -47,6 +47,7 @@ const FieldLayout kLayouts[] = {
     LK_FIELD(MultiAdapterParams, k_splits), LK_FIELD(MultiAdapterParams, shrink_chunks),
     LK_FIELD(MultiAdapterParams, partials), LK_FIELD(MultiAdapterParams, split_counters),
     LK_FIELD(MultiAdapterParams, unit_partials), LK_FIELD(MultiAdapterParams, unit_counters),
+    LK_FIELD(MultiAdapterParams, uniform_rank), LK_FIELD(MultiAdapterParams, uniform_scale),
     LK_STRUCT(MergeParams), LK_FIELD(MergeParams, w), LK_FIELD(MergeParams, a), LK_FIELD(MergeParams, b), LK_FIELD(MergeParams, n), LK_FIELD(MergeParams, k), LK_FIELD(MergeParams, r), LK_FIELD(MergeParams, scale), LK_FIELD(MergeParams, sign),
     LK_STRUCT(PoolLoadParams), LK_FIELD(PoolLoadParams, a), LK_FIELD(PoolLoadParams, b),
     LK_FIELD(PoolLoadParams, pool_b), LK_FIELD(PoolLoadParams, stats), LK_FIELD(PoolLoadParams, a_len),

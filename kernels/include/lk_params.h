@@ -35,7 +35,12 @@ typedef struct FusedForwardParams {
  * items done, malformed-segment-table flag, bad ids seen, blocks finished).
  * A segment table that is not non-decreasing from 0 to m is caught on the
  * device: every token is then served as -1 and m tokens are counted in
- * *bad_ids. */
+ * *bad_ids. bad_ids == 0: not counted.
+ * One adapter for every token (slot_rank == 0: the fused forward's decode,
+ * which runs on this kernel to compute t once, not in every column tile):
+ * a_pool and b_pool hold the one adapter, every token uses slot 0 with
+ * uniform_rank and uniform_scale, and no ids are read (slots = 1,
+ * segments = 0, max_rank = uniform_rank). */
 typedef struct MultiAdapterParams {
     uint64_t x, w, a_pool, b_pool, slot_rank, slot_scale;
     uint64_t token_slots, seg_offsets, seg_slots;
@@ -50,6 +55,8 @@ typedef struct MultiAdapterParams {
     /* shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a u32 counter
      * per unit, 0 between launches (the unit's last chunk resets it) */
     uint64_t unit_partials, unit_counters;
+    int32_t uniform_rank; /* slot_rank == 0 only */
+    float uniform_scale;
 } MultiAdapterParams;
 
 /* Adapter backward (kernels/lora_backward.cu), for a pool of adapters laid

@@ -3,6 +3,7 @@
 //! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores: decode
 //! tiles of two pipeline depths, split-K for a small `n`, and a prefill tile
 //! shape). Reference: `reference::fused_forward`.
+use super::multi_adapter_forward::{OneAdapter, one_adapter_decode, one_adapter_decode_fits};
 use super::split_k::{self, workspace, workspace_ptrs};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::buffer::{BufMut, BufRef};
@@ -188,6 +189,14 @@ pub struct LaunchForm {
     /// regimes take no split; a launch that can't have a workspace (a stream
     /// being captured before its first split-K launch) runs unsplit.
     pub k_splits: Option<usize>,
+    /// Where a decode launch of up to 16 tokens at ranks up to 64 computes
+    /// `t = x a^T`: `None` or `Some(true)` once for the launch, on the
+    /// multi-adapter kernel with every token on the one adapter
+    /// (`Some(true)` elsewhere is an error; `deep_decode` is then the
+    /// multi-adapter kernel's own choice); `Some(false)` in every column
+    /// tile of the fused kernel, each reading all of `a`. A stream being
+    /// captured before it has its decode workspace runs the fused kernel.
+    pub shared_shrink: Option<bool>,
 }
 
 impl Default for LaunchForm {
@@ -197,6 +206,7 @@ impl Default for LaunchForm {
             col_tiles: PREFILL_COL_TILES,
             deep_decode: None,
             k_splits: None,
+            shared_shrink: None,
         }
     }
 }
@@ -264,6 +274,27 @@ fn launch<T: KernelElement>(
     let (pb, _gb) = in_ptr(dev, &adapter.b);
     let (py, _gy) = out_ptr(dev, &mut y);
     let (pt, _gt) = t_out.as_mut().map_or((0, None), |t| out_ptr(dev, t));
+    if shared_shrink(regime, form, dims, adapter.rank)? {
+        let ops = OneAdapter {
+            x: px,
+            w: pw,
+            a: pa,
+            b: pb,
+            y: py,
+            t: pt,
+            rank: adapter.rank,
+            scale: adapter.scale,
+        };
+        // SAFETY: the operands were checked above to live on `dev`'s backend
+        // with the element counts the kernel indexes (x m*k, w n*k, a r*k, b
+        // n*r, y m*n, t m*r when saved), dims are valid and the type is
+        // f16/bf16 (Decode above), the rank is 1..=64 and m <= 16
+        // (shared_shrink), and the pointer guards (_g*) live until after the
+        // launch is queued.
+        if unsafe { one_adapter_decode::<T>(dev, dims, ops, beta, form.k_splits) }? {
+            return Ok(());
+        }
+    }
     // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
     let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
     let (kernel, mut launch) = select(
@@ -314,6 +345,26 @@ fn launch<T: KernelElement>(
     // first and the counters, zero between launches, at split_k_counters_at;
     // the pointer guards (_g*) live until after the launch is queued.
     unsafe { kernel.launch(dev, launch, &params) }
+}
+
+/// Whether a launch computes `t` once on the multi-adapter kernel
+/// ([`LaunchForm::shared_shrink`]): where asked or by default at decode with
+/// one row of tiles and one chunk of ranks; an error where asked elsewhere.
+fn shared_shrink(regime: Regime, form: LaunchForm, dims: Dims, rank: usize) -> Result<bool> {
+    let fits = regime == Regime::Decode && one_adapter_decode_fits(dims.m, rank);
+    match form.shared_shrink {
+        Some(true) if !fits => Err(invalid(
+            "shared_shrink",
+            true,
+            format!(
+                "the shared shrink takes decode launches of up to {} tokens at ranks up to \
+                 {RANK_CHUNK}, not {regime:?} with m = {} at rank {rank}",
+                DECODE.bm, dims.m
+            ),
+        )),
+        Some(asked) => Ok(asked),
+        None => Ok(fits),
+    }
 }
 
 /// Blocks per tile (split-K) for a launch of `tiles` tiles on `sm_count`

@@ -27,11 +27,12 @@
 //! stream captured before its first split launch runs it unsplit
 //! (docs/DESIGN.md section 13).
 use super::fused_forward::{Regime, regime_for};
-use super::split_k;
+use super::split_k::{self, SharedShrink};
 use super::tiles::{DECODE, DECODE_DEEP, MmaTiles, PREFILL, SIMT};
-use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
+use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr, scratch_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
+use crate::device::Device;
 use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::launch::{Kernel, LaunchDims, kernel};
@@ -247,7 +248,7 @@ fn launch<T: KernelElement>(
     let cfg = pool.config();
     let dims = Dims::new(m, cfg.n, cfg.k);
     dims.validate()?;
-    let shape = tile_shape(regime, T::DTYPE, deep_decode(regime, dims.m))?;
+    tile_shape(regime, T::DTYPE, deep_decode(regime, dims.m))?;
     check_operand(dev, "x", &x, m, cfg.k)?;
     check_operand(dev, "w", &w, cfg.n, cfg.k)?;
     check_finite("beta", beta)?;
@@ -277,43 +278,19 @@ fn launch<T: KernelElement>(
     if m == 0 {
         return Ok(());
     }
-    // Shrink units: groups of tokens x groups of rank rows, a warp each,
-    // claimed by the warps from a 32-bit counter together with the table
-    // entries.
-    let (unit_tokens, unit_ranks) = shrink_unit(regime);
-    let shrink_units = m.div_ceil(unit_tokens) * cfg.max_rank.div_ceil(unit_ranks);
-    let sm_count = dev.sm_count();
-    let chunks = shrink_chunks(regime, shrink_units, cfg.k, sm_count);
-    let pieces = shrink_units * chunks;
-    let shrink_items = pieces.max(if segments == 0 { 0 } else { segments + 1 });
-    if shrink_items > i32::MAX as usize {
-        return Err(invalid(
-            "m",
-            m,
-            format!(
-                "the shrink has {shrink_items} work items (ceil(m / {unit_tokens}) x \
-                 ceil(max_rank / {unit_ranks}), or segments + 1), more than {}: split the batch",
-                i32::MAX
-            ),
-        ));
-    }
-    let shrink_blocks = if form.shrink_blocks {
-        pieces
-            .div_ceil(shape.threads as usize / 32)
-            .min(MAX_SHRINK_BLOCKS)
-    } else {
-        0
-    };
-    let tiles = m.div_ceil(shape.bm) * cfg.n.div_ceil(shape.bn);
-    let splits = split_k::k_splits(
-        regime == Regime::Decode,
-        format_args!("decode launches"),
-        form.k_splits,
-        tiles,
-        cfg.k.div_ceil(DECODE.bk),
-        sm_count,
+    let form = (form.shrink_blocks, form.k_splits);
+    let plan = Plan::new(
+        regime,
+        T::DTYPE,
+        form,
+        dims,
+        cfg.max_rank,
+        segments,
+        dev.sm_count(),
     )?;
-    let (splits, mut split_scratch) = split_k::workspace(dev, splits)?;
+    let (shape, chunks, shrink_blocks, tiles) =
+        (plan.shape, plan.chunks, plan.shrink_blocks, plan.tiles);
+    let (splits, mut split_scratch) = split_k::workspace(dev, plan.splits)?;
     let blocks = grid("m", m, [shrink_blocks + tiles * splits, 1, 1])?;
     pool.reserve_tokens(m)?;
     let mut scratch = pool.scratch();
@@ -387,13 +364,15 @@ fn launch<T: KernelElement>(
             split_counters,
             unit_partials: pup,
             unit_counters: puc,
+            uniform_rank: 0,
+            uniform_scale: 0.0,
         };
         let launch = LaunchDims {
             grid: blocks,
             block: [shape.threads, 1, 1],
             dynamic_smem_bytes: shape.smem_bytes,
         };
-        let kernel = select(regime, T::DTYPE, aligned, deep_decode(regime, dims.m));
+        let kernel = select(regime, T::DTYPE, aligned, plan.deep);
         // SAFETY: x, w, y and the routing buffers were checked above to live on
         // the pool's device with the element counts the kernel indexes (x m*k,
         // w n*k, y m*n, ids m or segments + 1 offsets and segments slots); the
@@ -424,8 +403,207 @@ fn launch<T: KernelElement>(
     launched
 }
 
+/// A launch's shape, from the batch and the adapters' rank capacity alone
+/// (never from the ids): the pool's launches and the one-adapter decode.
+struct Plan {
+    shape: TileShape,
+    /// The deep decode pipeline (m <= 16 at decode).
+    deep: bool,
+    /// Chunks of `k` per SIMT shrink unit ([`shrink_chunks`]).
+    chunks: usize,
+    shrink_blocks: usize,
+    /// Output tiles, and the blocks each wants (split-K) if it gets a workspace.
+    tiles: usize,
+    splits: usize,
+}
+
+impl Plan {
+    /// An error for a regime and type with no kernel; `form`: whether the grid has shrink blocks, and a forced split count
+    /// ([`LaunchForm`]); `segments`: the table's length (0: ids per token).
+    /// An error for a forced split the launch can't take, and for a batch
+    /// whose shrink items pass a 32-bit claim counter.
+    fn new(
+        regime: Regime,
+        dtype: DType,
+        (with_shrink_blocks, k_splits): (bool, Option<usize>),
+        dims: Dims,
+        max_rank: usize,
+        segments: usize,
+        sm_count: usize,
+    ) -> Result<Plan> {
+        let deep = deep_decode(regime, dims.m);
+        let shape = tile_shape(regime, dtype, deep)?;
+        // Shrink units: groups of tokens x groups of rank rows, a warp each,
+        // claimed by the warps from a 32-bit counter together with the table
+        // entries.
+        let (unit_tokens, unit_ranks) = shrink_unit(regime);
+        let shrink_units = dims.m.div_ceil(unit_tokens) * max_rank.div_ceil(unit_ranks);
+        let chunks = shrink_chunks(regime, shrink_units, dims.k, sm_count);
+        let pieces = shrink_units * chunks;
+        let shrink_items = pieces.max(if segments == 0 { 0 } else { segments + 1 });
+        if shrink_items > i32::MAX as usize {
+            return Err(invalid(
+                "m",
+                dims.m,
+                format!(
+                    "the shrink has {shrink_items} work items (ceil(m / {unit_tokens}) x \
+                     ceil(max_rank / {unit_ranks}), or segments + 1), more than {}: split the batch",
+                    i32::MAX
+                ),
+            ));
+        }
+        let shrink_blocks = if with_shrink_blocks {
+            pieces
+                .div_ceil(shape.threads as usize / 32)
+                .min(MAX_SHRINK_BLOCKS)
+        } else {
+            0
+        };
+        let tiles = dims.m.div_ceil(shape.bm) * dims.n.div_ceil(shape.bn);
+        let splits = split_k::k_splits(
+            regime == Regime::Decode,
+            format_args!("decode launches"),
+            k_splits,
+            tiles,
+            dims.k.div_ceil(DECODE.bk),
+            sm_count,
+        )?;
+        Ok(Plan {
+            shape,
+            deep,
+            chunks,
+            shrink_blocks,
+            tiles,
+            splits,
+        })
+    }
+}
+
+/// The device addresses of a one-adapter decode's operands
+/// ([`one_adapter_decode`]).
+pub(crate) struct OneAdapter {
+    pub x: u64,
+    pub w: u64,
+    pub a: u64,
+    pub b: u64,
+    pub y: u64,
+    /// Where to save `t` (`[m, rank]` f32), or 0.
+    pub t: u64,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// Whether the fused forward's decode of `m` tokens at `rank` can run on this
+/// kernel ([`one_adapter_decode`]): one row of decode tiles, one chunk of ranks.
+pub(crate) fn one_adapter_decode_fits(m: usize, rank: usize) -> bool {
+    m <= DECODE.bm && rank <= SharedShrink::T_VALUES / DECODE.bm
+}
+
+/// The fused forward's decode (`y = x w^T + scale (x a^T) b^T (+ beta y)`,
+/// every token on one adapter) on the multi-adapter kernel, in its uniform
+/// mode: `t` is computed once for the launch by the shrink's warps (cut into
+/// chunks of `k` when they are few), where the fused kernel computes it in
+/// every column tile, each reading all of `a` (at n = 4096, 128 times).
+/// The shrink's state lives in the stream's decode workspace; a stream being
+/// captured before it has one launches nothing and gets `Ok(false)` (the
+/// caller runs the fused kernel). `k_splits` as in [`LaunchForm`].
+///
+/// # Safety
+/// `dims` passed `Dims::validate`, `one_adapter_decode_fits(dims.m, rank)`,
+/// `rank >= 1`, `T` is f16 or bf16, and the addresses are of buffers that
+/// live on `dev`'s backend until the launch is queued, with the element
+/// counts the kernel indexes: x `m k`, w `n k`, a `rank k`, b `n rank`, y
+/// `m n`, t (when not 0) `m rank` f32.
+pub(crate) unsafe fn one_adapter_decode<T: KernelElement>(
+    dev: &Device,
+    dims: Dims,
+    ops: OneAdapter,
+    beta: f32,
+    k_splits: Option<usize>,
+) -> Result<bool> {
+    let plan = Plan::new(
+        Regime::Decode,
+        T::DTYPE,
+        (true, k_splits),
+        dims,
+        ops.rank,
+        0,
+        dev.sm_count(),
+    )?;
+    let Some(mut scratch) = dev.split_k_scratch(split_k::split_k_scratch_len(dev.sm_count()))?
+    else {
+        return Ok(false);
+    };
+    let blocks = grid(
+        "m",
+        dims.m,
+        [plan.shrink_blocks + plan.tiles * plan.splits, 1, 1],
+    )?;
+    let (base, _guard) = scratch_ptr(dev, &mut scratch);
+    let shrink = SharedShrink::in_workspace(base, dev.sm_count());
+    let partials = base;
+    let split_counters = base + 4 * split_k::split_k_counters_at(dev.sm_count()) as u64;
+    let aligned =
+        dims.k.is_multiple_of(8) && [ops.x, ops.w, ops.a].iter().all(|p| p.is_multiple_of(16));
+    let params = MultiAdapterParams {
+        x: ops.x,
+        w: ops.w,
+        a_pool: ops.a,
+        b_pool: ops.b,
+        // 0: every token on slot 0, rank and scale below (uniform mode).
+        slot_rank: 0,
+        slot_scale: 0,
+        token_slots: 0,
+        seg_offsets: 0,
+        seg_slots: 0,
+        t: if ops.t != 0 { ops.t } else { shrink.t },
+        counters: shrink.counters,
+        bad_ids: 0,
+        y: ops.y,
+        m: dims.m as i32,
+        n: dims.n as i32,
+        k: dims.k as i32,
+        max_rank: ops.rank as i32,
+        slots: 1,
+        segments: 0,
+        shrink_blocks: plan.shrink_blocks as i32,
+        beta,
+        k_splits: plan.splits as i32,
+        shrink_chunks: plan.chunks as i32,
+        partials,
+        split_counters,
+        unit_partials: shrink.unit_partials,
+        unit_counters: shrink.unit_counters,
+        uniform_rank: ops.rank as i32,
+        uniform_scale: ops.scale,
+    };
+    let launch = LaunchDims {
+        grid: blocks,
+        block: [plan.shape.threads, 1, 1],
+        dynamic_smem_bytes: plan.shape.smem_bytes,
+    };
+    let kernel = select(Regime::Decode, T::DTYPE, aligned, plan.deep);
+    // SAFETY: the operands are as this function's contract says (the
+    // adapter is a pool of one slot: a_pool rank x k, b_pool n x rank, t
+    // [m][max_rank = rank]); no ids or pool tables are read (slot_rank = 0);
+    // t (the caller's, or the workspace's 16 x 64 values: m <= 16, rank <=
+    // 64), the kernel's counters, the chunk sums and unit counters lie in the
+    // decode workspace of split_k_scratch_len(sm_count) values (SharedShrink),
+    // zero between launches, with shrink units cut into chunks > 1 fewer than
+    // chunked_shrink_units(sm_count) (shrink_chunks); the grid is the shrink
+    // blocks + the decode tiles covering m x n, `splits` blocks each
+    // (split-K: splits <= k-tiles and tiles x splits <= sm_count, Plan::new,
+    // the partial sums and their counters in the same workspace); the block
+    // size and shared memory are the selected kernel's; 16-byte loads only
+    // when k and the bases allow; the workspace's guard lives until after
+    // the launch.
+    unsafe { kernel.launch(dev, launch, &params) }?;
+    Ok(true)
+}
+
 /// The tile of `y` a block owns, the block size and the dynamic shared memory
 /// of the kernel for a regime and type; an error for pairs with no kernel.
+#[derive(Clone, Copy)]
 struct TileShape {
     bm: usize,
     bn: usize,
