@@ -772,7 +772,8 @@ fn decode_split_k_matches_reference_for_every_split_count() {
 /// Decode launches of up to 16 tokens at ranks up to 64 compute `t` once, on
 /// the multi-adapter kernel with every token on the one adapter (the shared
 /// shrink, the default there), instead of in every column tile. `y` and the
-/// saved `t` are within their bounds on either shrink, and a reference with
+/// saved `t` are within their bounds on either shrink (`y` the same bits
+/// when `t` is not saved but kept in the stream's workspace), and a reference with
 /// the scale off by 1% (bf16) or 0.3% (f16) fails the shared shrink's `y`.
 /// Shapes: 1, 3, 5 and 16 tokens; ranks 1, 3, 16 and 64; k off the 16-byte
 /// path (45) and on it, with 1 to 5 chunks of 1024 values (a few tokens'
@@ -815,6 +816,13 @@ fn one_adapter_decode_matches_reference() {
             &format!("{:?} m={m} r={r}: the default", T::DTYPE),
             &default,
             &run,
+        );
+        // Without t saved, t lives in the stream's workspace: the same y.
+        let unsaved = case.run(dev, Some(Regime::Decode)).unwrap();
+        assert!(
+            same_bits(&unsaved, &run.0),
+            "{:?} m={m} r={r}: y without t saved",
+            T::DTYPE
         );
     }
     let shapes = [
