@@ -15,7 +15,7 @@ mod backward;
 pub use backward::{BackwardTraffic, lora_backward};
 
 use super::fused_forward::{Regime, regime_for};
-use super::multi_adapter_forward::{shrink_chunks, shrink_unit};
+use super::multi_adapter_forward::{one_adapter_decode_fits, shrink_chunks, shrink_unit};
 use super::split_k::decode_k_splits;
 use super::tiles::{DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles};
 use crate::element::DType;
@@ -67,7 +67,15 @@ fn y_bytes(m: u64, n: u64, beta: bool, e: u64) -> u64 {
 /// across blocks (split-K, on a GPU of [`SPLIT_K_MODEL_SMS`] SMs) also writes
 /// each block's f32 partial sums of its existing rows (`y`'s columns and `t`'s
 /// first ranks, rounded up to 16) and reads them back in the tile's last block.
+///
+/// A decode launch of up to 16 tokens at ranks up to 64 runs on the
+/// multi-adapter kernel with every token on the one adapter (the shared
+/// shrink): its model is [`multi_adapter_forward`]'s, which reads `a` once
+/// per token for the shrink instead of once per column tile.
 pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic {
+    if regime_for(dtype, dims.m) == Regime::Decode && one_adapter_decode_fits(dims.m, r) {
+        return multi_adapter_forward(dtype, dims, &[r], &vec![0; dims.m], beta);
+    }
     let e = dtype.size() as u64;
     let (m, n, k, r) = (dims.m as u64, dims.n as u64, dims.k as u64, r as u64);
     let regime = regime_for(dtype, dims.m);
@@ -250,12 +258,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_decode_token_reads_w_once_and_a_per_column_tile() {
-        // m = 1, n = k = 4096, r = 16, bf16: 128 column tiles of 32.
+    fn one_decode_token_reads_w_once_and_a_once_for_the_shrink() {
+        // m = 1, n = k = 4096, r = 16, bf16, on the multi-adapter kernel: 128
+        // column tiles of 32 read x and w; 4 shrink units (4 ranks each) read
+        // x and a's rank rows once, cut into 4 chunks of k whose f32 sums are
+        // written and read back; the tiles read t and their rows of b.
         let t = fused_forward(DType::BF16, Dims::new(1, 4096, 4096), 16, false);
         let (w, a, b, x, y) = (4096 * 4096, 16 * 4096, 4096 * 16, 4096, 4096);
         assert_eq!(t.floor, 2 * (w + a + b + x + y));
-        assert_eq!(t.requested, 2 * (w + 128 * a + b + 128 * x + y));
+        let shrink = 2 * (4 * x + a) + 4 * 16;
+        let chunk_sums = 2 * 4 * 4 * 16;
+        let expand = 2 * b + 128 * 4 * 16;
+        let want = 2 * (w + 128 * x + y) + shrink + chunk_sums + expand;
+        assert_eq!(t.requested, want);
+        // The same as the multi-adapter launch of one slot for every token.
+        let multi =
+            multi_adapter_forward(DType::BF16, Dims::new(1, 4096, 4096), &[16], &[0], false);
+        assert_eq!(t, multi);
+        // Ranks past 64 stay on the fused kernel: a is read in every column tile.
+        let t65 = fused_forward(DType::BF16, Dims::new(1, 4096, 4096), 65, false);
+        let (a, b) = (65 * 4096, 4096 * 65);
+        assert_eq!(t65.requested, 2 * (w + 128 * a + b + 2 * 128 * x + y));
     }
 
     #[test]
@@ -274,12 +297,15 @@ mod tests {
     #[test]
     fn decode_split_k_adds_the_partial_sums_of_the_existing_rows() {
         // n = 1024: 32 column tiles, 4 blocks each on 132 SMs; every block
-        // writes one row of 32 columns and 16 ranks, the last reads all 4.
+        // writes one row of 32 columns, the last reads all 4 (the shared
+        // shrink's t is not split).
         let split = fused_forward(DType::BF16, Dims::new(1, 1024, 4096), 16, false);
         let e = 2u64;
-        let base = e * (32 * 4096 + 1024 * 4096 + 32 * 16 * 4096 + 1024 * 16) + e * 1024;
-        assert_eq!(split.requested, base + 2 * 4 * 32 * 4 * (32 + 16));
-        // Two chunks of ranks take no split.
+        let shrink = e * (4 * 4096 + 16 * 4096) + 4 * 16 + 2 * 4 * 4 * 16;
+        let expand = e * 1024 * 16 + 32 * 4 * 16;
+        let base = e * (32 * 4096 + 1024 * 4096) + shrink + expand + e * 1024;
+        assert_eq!(split.requested, base + 2 * 4 * 32 * 4 * 32);
+        // Two chunks of ranks take the fused kernel, and no split.
         let two = fused_forward(DType::BF16, Dims::new(1, 1024, 4096), 65, false);
         let x = e * 32 * 4096 * 2;
         assert_eq!(
