@@ -153,22 +153,30 @@ pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_jso
     forms_table(dev, blas, Regime::Prefill, &[4096], &forms, "col_tiles")
 }
 
-/// The fused decode's base and deep pipelines (stages of `w` in flight),
-/// without split-K, and the default launch (deep, and split-K where the
-/// tiles are fewer than the SMs: n = 1024), timed beside cuBLAS base-only.
+/// The fused decode kernel's base and deep pipelines (stages of `w` in
+/// flight) without split-K, the same kernel as launched by default (deep,
+/// and split-K where the tiles are fewer than the SMs: n = 1024), and the
+/// default launch (up to 16 tokens at ranks up to 64: `t` computed once, on
+/// the multi-adapter kernel), timed beside cuBLAS base-only.
 pub fn decode_launch_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
     println!(
-        "\n   fused decode: pipeline depth (base: 5 stages of w in flight, deep: 11; 64 rows: 4 / 8), \
-         no split-K; default: deep + split-K where the tiles leave SMs idle; bf16"
+        "\n   fused decode: the fused kernel's pipeline depth (base: 5 stages of w in flight, deep: 11; \
+         64 rows: 4 / 8), no split-K; own t: the fused kernel, deep + split-K where the tiles leave SMs \
+         idle, t in every column tile; default: m <= 16, r <= 64 compute t once (shared shrink); bf16"
     );
+    let own_t = LaunchForm {
+        shared_shrink: Some(false),
+        ..LaunchForm::default()
+    };
     let form = |deep| LaunchForm {
         deep_decode: Some(deep),
         k_splits: Some(1),
-        ..LaunchForm::default()
+        ..own_t
     };
     let forms = [
         ("base", form(false)),
         ("deep", form(true)),
+        ("own t", own_t),
         ("default", LaunchForm::default()),
     ];
     forms_table(dev, blas, Regime::Decode, &[1, 16, 64], &forms, "launch")
