@@ -2,7 +2,11 @@
 //! Kernels: kernels/fused_forward_simt.cu (any type, the plain reference
 //! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores: decode
 //! tiles of two pipeline depths, split-K for a small `n`, and a prefill tile
-//! shape). Reference: `reference::fused_forward`.
+//! shape). A decode launch of up to 16 tokens at ranks up to 64 runs on the
+//! multi-adapter kernel instead (kernels/multi_adapter_forward.cu, every
+//! token on the one adapter), which computes `t = x a^T` once for the launch
+//! where the fused kernel computes it in every column tile.
+//! Reference: `reference::fused_forward`.
 use super::multi_adapter_forward::{OneAdapter, one_adapter_decode, one_adapter_decode_fits};
 use super::split_k::{self, workspace, workspace_ptrs};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
@@ -74,10 +78,12 @@ pub fn regime_for(dtype: DType, m: usize) -> Regime {
 /// With `beta == 0`, `y` is only written, never read.
 ///
 /// At decode, where `n` gives fewer column tiles than the GPU has SMs, the
-/// k-loop is split across blocks (split-K) through a workspace that `dev`'s
-/// stream keeps: a CUDA graph that captured such a launch must not run
-/// concurrently with other work of that stream, and a launch captured before
-/// the stream's first split-K launch runs unsplit (docs/DESIGN.md section 13).
+/// k-loop is split across blocks (split-K), and up to 16 tokens at ranks up
+/// to 64 compute `t` once for the launch (module docs), both through a
+/// workspace that `dev`'s stream keeps: a CUDA graph that captured such a
+/// launch must not run concurrently with other work of that stream, and a
+/// launch captured before the stream's first such launch runs without them
+/// (docs/DESIGN.md section 13).
 ///
 /// ```
 /// use half::bf16;
