@@ -152,6 +152,50 @@ impl<T: KernelElement> Case<T> {
         }
     }
 
+    /// Runs the case in `regime` and `form`: `y` and the saved `t` within
+    /// their bounds, and a second run the same bits (counters back at 0, a
+    /// fixed order of sums). Returns the run.
+    fn check_twice(
+        &self,
+        dev: &Device,
+        regime: Regime,
+        form: LaunchForm,
+        what: &str,
+    ) -> (Vec<T>, Vec<f32>) {
+        let (want, want_t) = (self.expected(), self.reference_t());
+        let run = self.run_tuned(dev, regime, form).unwrap();
+        compare_within(what, &run.0, &want, &self.bound(&want)).unwrap();
+        compare_within(&format!("{what}: t"), &run.1, &want_t, &self.t_bound()).unwrap();
+        let again = self.run_tuned(dev, regime, form).unwrap();
+        assert_same_run(&format!("{what}, a second run"), &again, &run);
+        run
+    }
+
+    /// Asserts that launching in `regime` and `form` on the host runtime is
+    /// an `InvalidArgument` naming `name` that leaves `y` as it was.
+    fn rejects(&self, regime: Regime, form: LaunchForm, name: &str) {
+        let host = Device::host().unwrap();
+        let (x, w) = (host.upload(&self.x).unwrap(), host.upload(&self.w).unwrap());
+        let (a, b) = (host.upload(&self.a).unwrap(), host.upload(&self.b).unwrap());
+        let mut y = host.upload(&self.y0).unwrap();
+        let err = fused_forward_tuned(
+            regime,
+            form,
+            &host,
+            self.dims,
+            ((&x).into(), (&w).into()),
+            &DeviceAdapter::new(&a, &b, self.rank, self.scale),
+            self.beta,
+            ((&mut y).into(), None),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, lora_kernels::Error::InvalidArgument { name: got, .. } if *got == name),
+            "{err}"
+        );
+        assert!(same_bits(&host.download(&y).unwrap(), &self.y0));
+    }
+
     fn check(&self, dev: &Device, regime: Option<Regime>) -> Result<(), String> {
         let got = self.run(dev, regime).map_err(|e| e.to_string())?;
         let Dims { m, n, k } = self.dims;
@@ -692,8 +736,6 @@ fn decode_pipelines_of_either_depth_agree_bit_for_bit() {
 fn decode_split_k_matches_reference_for_every_split_count() {
     fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
         let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m + n * k + r) as u64);
-        let (want, want_t) = (case.expected(), case.reference_t());
-        let (bound, t_bound) = (case.bound(&want), case.t_bound());
         let ktiles = k.div_ceil(64);
         let splits = [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))];
         for (splits, shared_shrink) in splits
@@ -709,11 +751,7 @@ fn decode_split_k_matches_reference_for_every_split_count() {
                 "{:?} m={m} n={n} k={k} r={r} k_splits {splits:?} shared_shrink {shared_shrink:?}",
                 T::DTYPE
             );
-            let run = case.run_tuned(dev, Regime::Decode, form).unwrap();
-            compare_within(&what, &run.0, &want, &bound).unwrap();
-            compare_within(&format!("{what}: t"), &run.1, &want_t, &t_bound).unwrap();
-            let again = case.run_tuned(dev, Regime::Decode, form).unwrap();
-            assert_same_run(&format!("{what}, a second run"), &again, &run);
+            case.check_twice(dev, Regime::Decode, form, &what);
         }
     }
     let shapes = [
@@ -729,43 +767,17 @@ fn decode_split_k_matches_reference_for_every_split_count() {
 
     // Counts past the k-tiles, a split of a rank above 64 or of a prefill
     // launch, and 0: errors naming k_splits, y unchanged.
-    let host = Device::host().unwrap();
     for (m, k, r, splits, regime) in [
         (1, 840, 16, 15, Regime::Decode),
         (1, 840, 65, 2, Regime::Decode),
         (1, 840, 16, 0, Regime::Decode),
         (100, 840, 16, 2, Regime::Prefill),
     ] {
-        let case = Case::<bf16>::new(Dims::new(m, 70, k), r, 0.5, 5);
         let form = LaunchForm {
             k_splits: Some(splits),
             ..LaunchForm::default()
         };
-        let (x, w) = (host.upload(&case.x).unwrap(), host.upload(&case.w).unwrap());
-        let (a, b) = (host.upload(&case.a).unwrap(), host.upload(&case.b).unwrap());
-        let mut y = host.upload(&case.y0).unwrap();
-        let err = fused_forward_tuned(
-            regime,
-            form,
-            &host,
-            case.dims,
-            ((&x).into(), (&w).into()),
-            &DeviceAdapter::new(&a, &b, r, case.scale),
-            case.beta,
-            ((&mut y).into(), None),
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                lora_kernels::Error::InvalidArgument {
-                    name: "k_splits",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(same_bits(&host.download(&y).unwrap(), &case.y0));
+        Case::<bf16>::new(Dims::new(m, 70, k), r, 0.5, 5).rejects(regime, form, "k_splits");
     }
 }
 
@@ -786,8 +798,6 @@ fn decode_split_k_matches_reference_for_every_split_count() {
 fn one_adapter_decode_matches_reference() {
     fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
         let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (3 * m + n + k + r) as u64);
-        let (want, want_t) = (case.expected(), case.reference_t());
-        let (bound, t_bound) = (case.bound(&want), case.t_bound());
         for shared_shrink in [Some(true), Some(false)] {
             let form = LaunchForm {
                 shared_shrink,
@@ -797,11 +807,7 @@ fn one_adapter_decode_matches_reference() {
                 "{:?} m={m} n={n} k={k} r={r} shared_shrink {shared_shrink:?}",
                 T::DTYPE
             );
-            let run = case.run_tuned(dev, Regime::Decode, form).unwrap();
-            compare_within(&what, &run.0, &want, &bound).unwrap();
-            compare_within(&format!("{what}: t"), &run.1, &want_t, &t_bound).unwrap();
-            let again = case.run_tuned(dev, Regime::Decode, form).unwrap();
-            assert_same_run(&format!("{what}, a second run"), &again, &run);
+            case.check_twice(dev, Regime::Decode, form, &what);
         }
         // The default is the shared shrink.
         let shared = LaunchForm {
@@ -858,41 +864,16 @@ fn one_adapter_decode_matches_reference() {
     control::<bf16>(1e-2);
     control::<f16>(3e-3);
 
-    let host = Device::host().unwrap();
     for (m, r, regime) in [
         (17, 16, Regime::Decode),
         (1, 65, Regime::Decode),
         (100, 16, Regime::Prefill),
     ] {
-        let case = Case::<bf16>::new(Dims::new(m, 70, 64), r, 0.5, 5);
-        let (x, w) = (host.upload(&case.x).unwrap(), host.upload(&case.w).unwrap());
-        let (a, b) = (host.upload(&case.a).unwrap(), host.upload(&case.b).unwrap());
-        let mut y = host.upload(&case.y0).unwrap();
-        let err = fused_forward_tuned(
-            regime,
-            LaunchForm {
-                shared_shrink: Some(true),
-                ..LaunchForm::default()
-            },
-            &host,
-            case.dims,
-            ((&x).into(), (&w).into()),
-            &DeviceAdapter::new(&a, &b, r, case.scale),
-            case.beta,
-            ((&mut y).into(), None),
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                lora_kernels::Error::InvalidArgument {
-                    name: "shared_shrink",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(same_bits(&host.download(&y).unwrap(), &case.y0));
+        let form = LaunchForm {
+            shared_shrink: Some(true),
+            ..LaunchForm::default()
+        };
+        Case::<bf16>::new(Dims::new(m, 70, 64), r, 0.5, 5).rejects(regime, form, "shared_shrink");
     }
 }
 
@@ -930,34 +911,13 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
     check::<bf16>(&reverse, (70, 300, 72, 16), 0.0);
 
     // No tiles per block is an error, and the failed call writes nothing.
-    let case = Case::<bf16>::new(Dims::new(70, 300, 72), 4, 0.5, 3);
-    let host = Device::host().unwrap();
-    let (x, w) = (host.upload(&case.x).unwrap(), host.upload(&case.w).unwrap());
-    let (a, b) = (host.upload(&case.a).unwrap(), host.upload(&case.b).unwrap());
-    let mut y = host.upload(&case.y0).unwrap();
-    let err = fused_forward_tuned(
+    let form = LaunchForm {
+        col_tiles: 0,
+        ..LaunchForm::default()
+    };
+    Case::<bf16>::new(Dims::new(70, 300, 72), 4, 0.5, 3).rejects(
         Regime::Prefill,
-        LaunchForm {
-            col_tiles: 0,
-            ..LaunchForm::default()
-        },
-        &host,
-        case.dims,
-        ((&x).into(), (&w).into()),
-        &DeviceAdapter::new(&a, &b, case.rank, case.scale),
-        case.beta,
-        ((&mut y).into(), None),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            lora_kernels::Error::InvalidArgument {
-                name: "col_tiles",
-                ..
-            }
-        ),
-        "{err}"
+        form,
+        "col_tiles",
     );
-    assert_eq!(host.download(&y).unwrap(), case.y0);
 }
