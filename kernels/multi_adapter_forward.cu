@@ -18,9 +18,11 @@
 //   (f16/bf16 on tensor cores, lk_tile_gemm.cuh; f32 on SIMT tiles,
 //   lk_simt_tile.cuh, as tensor cores take no f32), then wait until all
 //   shrink work is done (by then it usually is: the shrink is a small
-//   fraction of the work) and expand, once per distinct adapter among their
-//   rows, so tokens of the same adapter share each load of its b tile (the
-//   b tiles are prefetched into L2 while the base product runs). At decode
+//   fraction of the work) and expand: tokens of the same adapter share each
+//   load of its b tile, and the distinct adapters among the rows are packed
+//   side by side into steps of 64 ranks (lk::PackedSteps: tensor cores; the
+//   f32 SIMT tiles take them one by one). The b tiles are prefetched into L2
+//   while the base product runs. At decode
 //   a tile may be split along k over p.k_splits blocks (split-K, where the
 //   tiles alone would leave SMs idle: a small n); its last block expands.
 // Shrink work is claimed, not assigned: warps take items from a counter
@@ -485,6 +487,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
     LK_SHARED(int, row_slot, [C::BM]);
     LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
     LK_SHARED(int, guard_state, [C::BM + 2]);
+    LK_SHARED(int, step_state, [3 * lk::GROUPS + 3]);
 
     const int tiles_m = (p.m + C::BM - 1) / C::BM, tiles_n = (p.n + C::BN - 1) / C::BN;
     const int splits = SPLITK ? p.k_splits : 1;
@@ -528,34 +531,40 @@ __device__ void base_block(const MultiAdapterParams& p) {
 
     wait_and_collect_adapters<T, S, ALIGNED, C::BM, C::THREADS>(p, row0, row_slot, distinct);
 
+    // The expand: the rows' adapters packed into steps of RC ranks
+    // (lk::PackedSteps). Rows of other adapters and padding ranks are exact
+    // zeros.
     lk::ExpandTiles<T, C> e(smem);
-    for (int d = 1; d <= distinct[0]; ++d) {
-        const int s = distinct[d];
-        const int rank = rank_of(p, s);
-        const float scale = scale_of(p, s);
-        const T* b = b_pool + (size_t)s * p.n * p.max_rank;
-        for (int r0 = 0; r0 < rank; r0 += lk::RC) {
-            const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
-            const int rp = (rc + 15) / 16 * 16;
-            // Rows of other adapters and padding ranks are exact zeros.
-            auto values = [&](auto&& f) {
-                for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
-                    int row = i / rp, col = i % rp;
-                    float v = 0.f;
-                    if (row_slot[row] == s && col < rc)
-                        v = scale * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + r0 + col);
-                    f(row, col, v);
-                }
-            };
-            auto weight = [&](int row, int col, int j) {
-                return row_slot[row] == s && col0 + col < p.n
-                    ? lk::to_f32(b[(size_t)(col0 + col) * p.max_rank + r0 + j]) : 0.f;
-            };
-            guard.next();
-            values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
-            lk::load_b_rows(e, guard, b, p.max_rank, p.n, col0, r0, rc, rp);
-            lk::expand(e, guard, rc, rp, values, weight, r);
+    const lk::PackedSteps steps(step_state);
+    for (int groups; (groups = steps.next(distinct, [&](int s) { return rank_of(p, s); })) > 0;) {
+        const int rp = 16 * groups;
+        auto values = [&](auto&& f) {
+            for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
+                const int row = i / rp, col = i % rp;
+                int s, j;
+                float v = 0.f;
+                if (steps.at(col, s, j) && row_slot[row] == s)
+                    v = scale_of(p, s) * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + j);
+                f(row, col, v);
+            }
+        };
+        // b[s][col0 + col, j] of the adapter of rank column c.
+        auto weight = [&](int row, int col, int c) {
+            int s, j;
+            const bool live = steps.at(c, s, j) && row_slot[row] == s;
+            const size_t bj = (size_t)s * p.n * p.max_rank + j;  // an index: formed for padding too
+            return live && col0 + col < p.n ? lk::to_f32(b_pool[bj + (size_t)(col0 + col) * p.max_rank]) : 0.f;
+        };
+        guard.next();
+        values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
+        for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
+            const int row = i / rp, col = i % rp, gn = col0 + row;
+            int s, j;
+            const bool live = steps.at(col, s, j) && gn < p.n;
+            const T v = live ? b_pool[((size_t)s * p.n + gn) * p.max_rank + j] : lk::from_f32<T>(0.f);
+            e.ws[row * C::LDT + col] = lk::finite_weight(v, guard);
         }
+        lk::expand(e, guard, rp, rp, values, weight, r);
     }
     lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
 }

@@ -1092,6 +1092,55 @@ fn a_huge_scale_slot_leaves_the_other_tokens_bits_unchanged() {
     }
 }
 
+/// A tile's distinct adapters are packed side by side into expand steps of
+/// 64 ranks (lk::PackedSteps): with 8 adapters of ranks 1 to 80 in every
+/// tile, steps hold several adapters at several offsets, and an adapter of
+/// rank 80 takes two (64 + 16). `y` is within the reference bound, and each
+/// token's `y` is the same bits as when every token of the batch uses that
+/// token's adapter (one adapter per tile, at offset 0): a token's bits never
+/// depend on its neighbours' adapters. Decode (two row tiles) and prefill,
+/// both load paths, bf16 and f16.
+#[test]
+fn packed_expand_steps_keep_each_tokens_bits() {
+    fn case<T: KernelElement>(regime: Regime, m: usize, k: usize) {
+        let ranks = [1, 16, 24, 48, 64, 80, 3, 33];
+        let fx = Fixture::<T>::new(45, k, 80, &ranks, 71);
+        let x: Vec<T> = random(&mut rng(72), m * k);
+        let ids: Vec<i32> = (0..m)
+            .map(|i| ((i * 5 + i / 8) % ranks.len()) as i32)
+            .collect();
+        let y0 = vec![T::from_f64(f64::NAN); m * 45];
+        for dev in devices() {
+            fx.check(&dev, Some(regime), &x, &ids, 0.0).unwrap();
+            let pool = fx.pool(&dev);
+            let mixed = run(&pool, Some(regime), &x, &fx.w, &ids, 0.0, &y0).unwrap();
+            for slot in 0..ranks.len() as i32 {
+                let alone = run(&pool, Some(regime), &x, &fx.w, &vec![slot; m], 0.0, &y0).unwrap();
+                for i in (0..m).filter(|&i| ids[i] == slot) {
+                    let row = |y: &[T]| -> Vec<u64> {
+                        y[i * 45..(i + 1) * 45]
+                            .iter()
+                            .map(|v| v.to_f64().to_bits())
+                            .collect()
+                    };
+                    assert_eq!(
+                        row(&mixed),
+                        row(&alone),
+                        "{:?} {regime:?} k={k} token {i} (slot {slot})",
+                        T::DTYPE
+                    );
+                }
+            }
+        }
+    }
+    for k in [72, 70] {
+        case::<bf16>(Regime::Decode, 21, k);
+        case::<f16>(Regime::Decode, 21, k);
+        case::<bf16>(Regime::Prefill, 150, k);
+        case::<f16>(Regime::Prefill, 150, k);
+    }
+}
+
 /// On the GPU: a multi-adapter launch captured in a CUDA graph stays valid when
 /// the ids (on the device) and the pool's adapters change between replays,
 /// because the launch shape never depends on them.

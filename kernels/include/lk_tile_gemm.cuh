@@ -240,6 +240,75 @@ __device__ void collect_distinct(const int* row_slot, int* distinct) {
     __syncthreads();
 }
 
+// Expand steps that take several adapters at once. A block whose rows use
+// several adapters (collect_distinct) would run one expand step (staging,
+// barriers, MMAs) per adapter and per RC of its ranks. Packed, a step takes
+// RC rank columns as GROUPS groups of 16, each group 16 ranks of one adapter:
+// an adapter's ranks go in chunks of RC (r0 .. r0 + RC - 1, as its own steps
+// would take them), each chunk whole in one step and starting at a group.
+// A row's products, their order, their k16 grouping into MMAs and its f16
+// range scaling (its own values only) are then those of its own adapter's
+// steps; the other groups add exact zeros to its accumulators. So a token's
+// bits never depend on which adapters its neighbours use. 64 tokens of 64
+// adapters at rank 16 take 4 steps per 16-row tile, not 16.
+constexpr int GROUPS = RC / 16;
+
+// The packing state in static shared memory (`state`: an int [3 * GROUPS +
+// 3] the kernel declares): per group the adapter's slot, the rank of its
+// first column and the adapter's rank; then the next adapter (an index into
+// distinct), its next chunk, and the current step's groups. Only thread 0
+// writes it: next() publishes each step with a barrier.
+struct PackedSteps {
+    int* s;
+    static constexpr int NEXT = 3 * GROUPS, CHUNK = NEXT + 1, USED = NEXT + 2;
+    __device__ explicit PackedSteps(int* state) : s(state) {
+        if (threadIdx.x == 0) {
+            s[NEXT] = 1;
+            s[CHUNK] = 0;
+        }
+    }
+    // Whether rank column `col` of the current step holds a rank of an
+    // adapter (`slot`, rank `j` of it), not padding.
+    __device__ __forceinline__ bool at(int col, int& slot, int& j) const {
+        const int g = col / 16;
+        slot = s[g];
+        j = s[GROUPS + g] + col % 16;
+        return j < s[2 * GROUPS + g];
+    }
+    // Fills the next step with the chunks of distinct[1..distinct[0]] that
+    // fit, in order; returns its groups (0: every chunk is done). Call from
+    // every thread once the previous step's readers are done (lk::expand
+    // ends with a barrier) and distinct is published (collect_distinct).
+    template <class RankOf>
+    __device__ int next(const int* distinct, RankOf rank_of) const {
+        if (threadIdx.x == 0) {
+            int d = s[NEXT], chunk = s[CHUNK], used = 0;
+            while (d <= distinct[0]) {
+                const int slot = distinct[d], rank = rank_of(slot), r0 = chunk * RC;
+                const int groups = (min_int(rank - r0, RC) + 15) / 16;
+                if (used + groups > GROUPS) break;
+                for (int g = 0; g < groups; ++g) {
+                    s[used + g] = slot;
+                    s[GROUPS + used + g] = r0 + 16 * g;
+                    s[2 * GROUPS + used + g] = rank;
+                }
+                used += groups;
+                if (r0 + RC < rank) {
+                    ++chunk;
+                } else {
+                    ++d;
+                    chunk = 0;
+                }
+            }
+            s[NEXT] = d;
+            s[CHUNK] = chunk;
+            s[USED] = used;
+        }
+        __syncthreads();
+        return s[USED];
+    }
+};
+
 // Per-warp accumulators: acc for the y tile, tacc for up to RC columns of t.
 template <class C>
 struct Accumulators {
