@@ -548,12 +548,15 @@ __device__ void base_block(const MultiAdapterParams& p) {
                 f(row, col, v);
             }
         };
-        // b[s][col0 + col, j] of the adapter of rank column c.
-        auto weight = [&](int row, int col, int c) {
+        // b[s][col0 + col, j] of the adapter of rank column c, for every row:
+        // lk::expand adds a product with a non-finite factor only where v or
+        // the weight is not finite, and the rows of other adapters hold v = 0
+        // with finite weights (a pool holds none other: section 10 of
+        // docs/DESIGN.md; the uniform mode's one adapter is every row's).
+        auto weight = [&](int, int col, int c) {
             int s, j;
-            const bool live = steps.at(c, s, j) && row_slot[row] == s;
-            const size_t bj = (size_t)s * p.n * p.max_rank + j;  // an index: formed for padding too
-            return live && col0 + col < p.n ? lk::to_f32(b_pool[bj + (size_t)(col0 + col) * p.max_rank]) : 0.f;
+            return steps.at(c, s, j) && col0 + col < p.n
+                ? lk::to_f32(b_pool[((size_t)s * p.n + col0 + col) * p.max_rank + j]) : 0.f;
         };
         guard.next();
         values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
