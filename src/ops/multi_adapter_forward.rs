@@ -29,7 +29,7 @@
 use super::fused_forward::{Regime, regime_for};
 use super::split_k::{self, SharedShrink};
 use super::tiles::{DECODE, DECODE_DEEP, MmaTiles, PREFILL, SIMT};
-use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr, scratch_ptr};
+use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
 use crate::device::Device;
@@ -248,6 +248,7 @@ fn launch<T: KernelElement>(
     let cfg = pool.config();
     let dims = Dims::new(m, cfg.n, cfg.k);
     dims.validate()?;
+    // A regime and type with no kernel is an error, even for an empty batch.
     tile_shape(regime, T::DTYPE, deep_decode(regime, dims.m))?;
     check_operand(dev, "x", &x, m, cfg.k)?;
     check_operand(dev, "w", &w, cfg.n, cfg.k)?;
@@ -418,10 +419,11 @@ struct Plan {
 }
 
 impl Plan {
-    /// An error for a regime and type with no kernel; `form`: whether the grid has shrink blocks, and a forced split count
+    /// `form`: whether the grid has shrink blocks, and a forced split count
     /// ([`LaunchForm`]); `segments`: the table's length (0: ids per token).
-    /// An error for a forced split the launch can't take, and for a batch
-    /// whose shrink items pass a 32-bit claim counter.
+    /// An error for a regime and type with no kernel, for a forced split the
+    /// launch can't take, and for a batch whose shrink items pass a 32-bit
+    /// claim counter.
     fn new(
         regime: Regime,
         dtype: DType,
@@ -530,8 +532,7 @@ pub(crate) unsafe fn one_adapter_decode<T: KernelElement>(
         0,
         dev.sm_count(),
     )?;
-    let Some(mut scratch) = dev.split_k_scratch(split_k::split_k_scratch_len(dev.sm_count()))?
-    else {
+    let Some(scratch) = dev.split_k_scratch(split_k::split_k_scratch_len(dev.sm_count()))? else {
         return Ok(false);
     };
     let blocks = grid(
@@ -539,10 +540,10 @@ pub(crate) unsafe fn one_adapter_decode<T: KernelElement>(
         dims.m,
         [plan.shrink_blocks + plan.tiles * plan.splits, 1, 1],
     )?;
-    let (base, _guard) = scratch_ptr(dev, &mut scratch);
-    let shrink = SharedShrink::in_workspace(base, dev.sm_count());
-    let partials = base;
-    let split_counters = base + 4 * split_k::split_k_counters_at(dev.sm_count()) as u64;
+    let mut scratch = Some(scratch);
+    let (partials, split_counters, _guard) = split_k::workspace_ptrs(dev, &mut scratch);
+    // The workspace starts with the partial sums.
+    let shrink = SharedShrink::in_workspace(partials, dev.sm_count());
     let aligned =
         dims.k.is_multiple_of(8) && [ops.x, ops.w, ops.a].iter().all(|p| p.is_multiple_of(16));
     let params = MultiAdapterParams {
