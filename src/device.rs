@@ -34,10 +34,11 @@ struct ContextKernels {
     functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
     /// Streaming multiprocessors.
     sm_count: usize,
-    /// The split-K workspace of each stream that has used one, by the
-    /// address of the stream's handle ([`Device::split_k_scratch`]). Kept
-    /// while the context lives: a CUDA graph captured with it may still run.
-    split_scratch: Mutex<HashMap<usize, Arc<CudaSlice<f32>>>>,
+    /// The split-K workspaces of each stream that has used one, by the
+    /// address of the stream's handle ([`Device::split_k_scratch`]), the
+    /// current one last. Kept while the context lives, also those a larger
+    /// one replaced: a CUDA graph captured with one may still run.
+    split_scratch: Mutex<HashMap<usize, Vec<Arc<CudaSlice<f32>>>>>,
 }
 
 /// A split-K launch's workspace ([`Device::split_k_scratch`]).
@@ -213,9 +214,11 @@ impl Device {
     /// split-K kernels leave them. On a GPU it is the stream's own, allocated
     /// zeroed on the stream's first split-K launch and kept (launches on one
     /// stream run one at a time, so they can share it); None while the
-    /// stream is being captured into a CUDA graph without one yet (an
-    /// allocation can't be captured: the launch then runs without split-K),
-    /// or when it is smaller than `len`. On the host runtime the thread's own.
+    /// stream is being captured into a CUDA graph without one of `len` yet
+    /// (an allocation can't be captured: the launch then runs without
+    /// split-K). A larger `len` than the stream's gets a new one, at least
+    /// twice as large, zeroed; the old one is kept. On the host runtime the
+    /// thread's own.
     pub(crate) fn split_k_scratch(&self, len: usize) -> Result<Option<SplitScratch>> {
         let d = match self {
             Device::Host(_) => {
@@ -234,16 +237,18 @@ impl Device {
             .split_scratch
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = scratch.get(&key) {
-            return Ok((s.len() >= len).then(|| SplitScratch::Cuda(s.clone())));
+        let kept = scratch.entry(key).or_default();
+        let current = kept.last().map_or(0, |s| s.len());
+        if current >= len {
+            return Ok(kept.last().map(|s| SplitScratch::Cuda(s.clone())));
         }
         let capturing = d.stream.capture_status()?
             != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
         if capturing {
             return Ok(None);
         }
-        let s = Arc::new(d.stream.alloc_zeros::<f32>(len)?);
-        scratch.insert(key, s.clone());
+        let s = Arc::new(d.stream.alloc_zeros::<f32>(len.max(2 * current))?);
+        kept.push(s.clone());
         Ok(Some(SplitScratch::Cuda(s)))
     }
 

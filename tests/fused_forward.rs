@@ -781,55 +781,65 @@ fn decode_split_k_matches_reference_for_every_split_count() {
     }
 }
 
-/// Decode launches of up to 16 tokens at ranks up to 64 compute `t` once, on
-/// the multi-adapter kernel with every token on the one adapter (the shared
-/// shrink, the default there), instead of in every column tile. `y` and the
-/// saved `t` are within their bounds on either shrink (`y` the same bits
-/// when `t` is not saved but kept in the stream's workspace), and a reference with
-/// the scale off by 1% (bf16) or 0.3% (f16) fails the shared shrink's `y`.
-/// Shapes: 1, 3, 5 and 16 tokens; ranks 1, 3, 16 and 64; k off the 16-byte
-/// path (45) and on it, with 1 to 5 chunks of 1024 values (a few tokens'
-/// shrink units cut k into chunks: a second run gives the same bits, so
-/// their counters are back at 0); both thread schedules (in reverse the tile
-/// blocks start first and take the shrink work themselves). Asking for the
-/// shared shrink where it doesn't apply (17 tokens, rank 65, prefill) is an
-/// error naming `shared_shrink` that changes nothing.
+/// Runs a case in `regime` with the shared shrink (`t` computed once, on
+/// the multi-adapter kernel with every token on the one adapter) and with
+/// the fused kernel's own: `y` and the saved `t` within their bounds on
+/// either, a second run the same bits (counters back at 0), the default the
+/// shared shrink, and `y` without `t` saved (`t` in the stream's workspace)
+/// the same bits.
+fn check_both_shrinks<T: KernelElement>(
+    dev: &Device,
+    regime: Regime,
+    (m, n, k, r): Shape,
+    beta: f32,
+) {
+    let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (3 * m + n + k + r) as u64);
+    let form = |shared_shrink| LaunchForm {
+        shared_shrink,
+        ..LaunchForm::default()
+    };
+    let what = format!("{:?} {regime:?} m={m} n={n} k={k} r={r}", T::DTYPE);
+    let run = case.check_twice(dev, regime, form(Some(true)), &format!("{what}, shared"));
+    case.check_twice(dev, regime, form(Some(false)), &format!("{what}, own t"));
+    let default = case.run_tuned(dev, regime, LaunchForm::default()).unwrap();
+    assert_same_run(&format!("{what}: the default"), &default, &run);
+    let unsaved = case.run(dev, Some(regime)).unwrap();
+    assert!(same_bits(&unsaved, &run.0), "{what}: y without t saved");
+}
+
+/// The shared shrink's `y` against a reference with the scale off by `off`
+/// must fail (m tokens in `regime`).
+fn shared_shrink_control<T: KernelElement>(regime: Regime, m: usize, off: f32) {
+    let case = Case::<T>::new(Dims::new(m, 37, 45), 12, 0.0, 1);
+    let shared = LaunchForm {
+        shared_shrink: Some(true),
+        ..LaunchForm::default()
+    };
+    for dev in devices() {
+        let got = case.run_tuned(&dev, regime, shared).unwrap().0;
+        let want = case.expected();
+        compare_within("shared shrink", &got, &want, &case.bound(&want)).unwrap();
+        let wrong = case.with_scale_times(1.0 + off);
+        let want = wrong.expected();
+        compare_within("control", &got, &want, &wrong.bound(&want))
+            .expect_err("a reference with the scale off must fail the check");
+    }
+}
+
+/// Decode launches of up to 16 tokens at ranks up to 64 compute `t` once
+/// (the shared shrink, the default there: [`check_both_shrinks`]) instead of
+/// in every column tile, and a reference with the scale off by 1% (bf16) or
+/// 0.3% (f16) fails the shared shrink's `y`. Shapes: 1, 3, 5 and 16 tokens;
+/// ranks 1, 3, 16 and 64; k off the 16-byte path (45) and on it, with 1 to 5
+/// chunks of 1024 values (a few tokens' shrink units cut k into chunks);
+/// both thread schedules (in reverse the tile blocks start first and take
+/// the shrink work themselves). Asking for the shared shrink where it
+/// doesn't apply (17 tokens, rank 65) is an error naming `shared_shrink`
+/// that changes nothing.
 #[test]
 fn one_adapter_decode_matches_reference() {
-    fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
-        let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (3 * m + n + k + r) as u64);
-        for shared_shrink in [Some(true), Some(false)] {
-            let form = LaunchForm {
-                shared_shrink,
-                ..LaunchForm::default()
-            };
-            let what = format!(
-                "{:?} m={m} n={n} k={k} r={r} shared_shrink {shared_shrink:?}",
-                T::DTYPE
-            );
-            case.check_twice(dev, Regime::Decode, form, &what);
-        }
-        // The default is the shared shrink.
-        let shared = LaunchForm {
-            shared_shrink: Some(true),
-            ..LaunchForm::default()
-        };
-        let run = case.run_tuned(dev, Regime::Decode, shared).unwrap();
-        let default = case
-            .run_tuned(dev, Regime::Decode, LaunchForm::default())
-            .unwrap();
-        assert_same_run(
-            &format!("{:?} m={m} r={r}: the default", T::DTYPE),
-            &default,
-            &run,
-        );
-        // Without t saved, t lives in the stream's workspace: the same y.
-        let unsaved = case.run(dev, Some(Regime::Decode)).unwrap();
-        assert!(
-            same_bits(&unsaved, &run.0),
-            "{:?} m={m} r={r}: y without t saved",
-            T::DTYPE
-        );
+    fn check<T: KernelElement>(dev: &Device, shape: Shape, beta: f32) {
+        check_both_shrinks::<T>(dev, Regime::Decode, shape, beta);
     }
     let shapes = [
         (1, 70, 840, 16),
@@ -842,39 +852,42 @@ fn one_adapter_decode_matches_reference() {
     let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
     check::<bf16>(&reverse, (1, 40, 2050, 16), 0.0);
     check::<f16>(&reverse, (5, 40, 1000, 64), 0.5);
+    shared_shrink_control::<bf16>(Regime::Decode, 5, 1e-2);
+    shared_shrink_control::<f16>(Regime::Decode, 5, 3e-3);
 
-    // Negative controls: the shared shrink's y against a reference with the
-    // scale off.
-    fn control<T: KernelElement>(off: f32) {
-        let case = Case::<T>::new(Dims::new(5, 37, 45), 12, 0.0, 1);
-        let shared = LaunchForm {
-            shared_shrink: Some(true),
-            ..LaunchForm::default()
-        };
-        for dev in devices() {
-            let got = case.run_tuned(&dev, Regime::Decode, shared).unwrap().0;
-            let want = case.expected();
-            compare_within("shared shrink", &got, &want, &case.bound(&want)).unwrap();
-            let wrong = case.with_scale_times(1.0 + off);
-            let want = wrong.expected();
-            compare_within("control", &got, &want, &wrong.bound(&want))
-                .expect_err("a reference with the scale off must fail the check");
-        }
-    }
-    control::<bf16>(1e-2);
-    control::<f16>(3e-3);
-
-    for (m, r, regime) in [
-        (17, 16, Regime::Decode),
-        (1, 65, Regime::Decode),
-        (100, 16, Regime::Prefill),
-    ] {
+    for (m, r) in [(17, 16), (1, 65)] {
         let form = LaunchForm {
             shared_shrink: Some(true),
             ..LaunchForm::default()
         };
-        Case::<bf16>::new(Dims::new(m, 70, 64), r, 0.5, 5).rejects(regime, form, "shared_shrink");
+        let case = Case::<bf16>::new(Dims::new(m, 70, 64), r, 0.5, 5);
+        case.rejects(Regime::Decode, form, "shared_shrink");
     }
+}
+
+/// Prefill launches compute `t` once per 16 tokens on tensor cores (the
+/// shared shrink, the default: [`check_both_shrinks`]), not in the main loop
+/// of every block, and a reference with the scale off fails its `y`. Shapes:
+/// rows off the 128-row tile, several column tiles of 128, k off the 16-byte
+/// path and on it (200: groups of 3 k-steps and a cut one), ranks 1, 16, 64,
+/// 80 (two chunks of ranks) and 256; both thread schedules.
+#[test]
+fn one_adapter_prefill_matches_reference() {
+    fn check<T: KernelElement>(dev: &Device, shape: Shape, beta: f32) {
+        check_both_shrinks::<T>(dev, Regime::Prefill, shape, beta);
+    }
+    let shapes = [
+        (70, 300, 72, 16),
+        (150, 130, 45, 1),
+        (129, 96, 40, 64),
+        (130, 70, 200, 80),
+        (65, 40, 24, 256),
+    ];
+    every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
+    let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
+    check::<bf16>(&reverse, (70, 300, 72, 16), 0.0);
+    shared_shrink_control::<bf16>(Regime::Prefill, 70, 1e-2);
+    shared_shrink_control::<f16>(Regime::Prefill, 70, 3e-3);
 }
 
 /// A prefill block takes `col_tiles` column tiles side by side and computes
@@ -891,6 +904,7 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
         let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m + n + k + r) as u64);
         let tiles = |col_tiles| LaunchForm {
             col_tiles,
+            shared_shrink: Some(false),
             ..LaunchForm::default()
         };
         let others = [

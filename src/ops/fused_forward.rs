@@ -7,7 +7,7 @@
 //! token on the one adapter), which computes `t = x a^T` once for the launch
 //! where the fused kernel computes it in every column tile.
 //! Reference: `reference::fused_forward`.
-use super::multi_adapter_forward::{OneAdapter, one_adapter_decode, one_adapter_decode_fits};
+use super::multi_adapter_forward::{OneAdapter, one_adapter_fits, one_adapter_forward};
 use super::split_k::{self, workspace, workspace_ptrs};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::buffer::{BufMut, BufRef};
@@ -280,7 +280,7 @@ fn launch<T: KernelElement>(
     let (pb, _gb) = in_ptr(dev, &adapter.b);
     let (py, _gy) = out_ptr(dev, &mut y);
     let (pt, _gt) = t_out.as_mut().map_or((0, None), |t| out_ptr(dev, t));
-    if shared_shrink(regime, form, dims, adapter.rank)? {
+    if shared_shrink(regime, form, dims, adapter.rank, pt != 0)? {
         let ops = OneAdapter {
             x: px,
             w: pw,
@@ -293,11 +293,11 @@ fn launch<T: KernelElement>(
         };
         // SAFETY: the operands were checked above to live on `dev`'s backend
         // with the element counts the kernel indexes (x m*k, w n*k, a r*k, b
-        // n*r, y m*n, t m*r when saved), dims are valid and the type is
-        // f16/bf16 (Decode above), the rank is 1..=64 and m <= 16
-        // (shared_shrink), and the pointer guards (_g*) live until after the
-        // launch is queued.
-        if unsafe { one_adapter_decode::<T>(dev, dims, ops, beta, form.k_splits) }? {
+        // n*r, y m*n, t m*r when saved), dims are valid, the rank is >= 1
+        // (adapter.validate), the type is f16/bf16 (tensor-core regimes,
+        // above) and one_adapter_fits holds (shared_shrink), and the pointer
+        // guards (_g*) live until after the launch is queued.
+        if unsafe { one_adapter_forward::<T>(regime, dev, dims, ops, beta, form.k_splits) }? {
             return Ok(());
         }
     }
@@ -354,17 +354,25 @@ fn launch<T: KernelElement>(
 }
 
 /// Whether a launch computes `t` once on the multi-adapter kernel
-/// ([`LaunchForm::shared_shrink`]): where asked or by default at decode with
-/// one row of tiles and one chunk of ranks; an error where asked elsewhere.
-fn shared_shrink(regime: Regime, form: LaunchForm, dims: Dims, rank: usize) -> Result<bool> {
-    let fits = regime == Regime::Decode && one_adapter_decode_fits(dims.m, rank);
+/// ([`LaunchForm::shared_shrink`]): where asked, or by default where it
+/// applies (`one_adapter_fits`: prefill, and decode with one row of tiles
+/// and one chunk of ranks); an error where asked elsewhere.
+fn shared_shrink(
+    regime: Regime,
+    form: LaunchForm,
+    dims: Dims,
+    rank: usize,
+    saves_t: bool,
+) -> Result<bool> {
+    let fits = one_adapter_fits(regime, dims.m, rank, saves_t);
     match form.shared_shrink {
         Some(true) if !fits => Err(invalid(
             "shared_shrink",
             true,
             format!(
-                "the shared shrink takes decode launches of up to {} tokens at ranks up to \
-                 {RANK_CHUNK}, not {regime:?} with m = {} at rank {rank}",
+                "the shared shrink takes prefill launches (m x rank up to 2^26 unless t is \
+                 saved) and decode launches of up to {} tokens at ranks up to {RANK_CHUNK}, not \
+                 {regime:?} with m = {} at rank {rank}",
                 DECODE.bm, dims.m
             ),
         )),

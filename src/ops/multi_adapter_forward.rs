@@ -481,8 +481,8 @@ impl Plan {
     }
 }
 
-/// The device addresses of a one-adapter decode's operands
-/// ([`one_adapter_decode`]).
+/// The device addresses of a one-adapter launch's operands
+/// ([`one_adapter_forward`]).
 pub(crate) struct OneAdapter {
     pub x: u64,
     pub w: u64,
@@ -495,28 +495,42 @@ pub(crate) struct OneAdapter {
     pub scale: f32,
 }
 
-/// Whether the fused forward's decode of `m` tokens at `rank` can run on this
-/// kernel ([`one_adapter_decode`]): one row of decode tiles, one chunk of ranks.
-pub(crate) fn one_adapter_decode_fits(m: usize, rank: usize) -> bool {
-    m <= DECODE.bm && rank <= SharedShrink::T_VALUES / DECODE.bm
+/// Most values of `t` a one-adapter launch keeps in the stream's workspace
+/// (256 MiB): a larger batch that does not save `t` runs the fused kernel.
+const MAX_SHARED_T: usize = 1 << 26;
+
+/// Whether the fused forward of `m` tokens at `rank` in `regime` can run on
+/// this kernel ([`one_adapter_forward`]): a decode of one row of decode
+/// tiles and one chunk of ranks, or a prefill (its `t` within
+/// [`MAX_SHARED_T`] unless `saves_t`).
+pub(crate) fn one_adapter_fits(regime: Regime, m: usize, rank: usize, saves_t: bool) -> bool {
+    match regime {
+        Regime::Decode => m <= DECODE.bm && rank <= SharedShrink::T_VALUES / DECODE.bm,
+        Regime::Prefill => saves_t || m.saturating_mul(rank) <= MAX_SHARED_T,
+        Regime::Simt => false,
+    }
 }
 
-/// The fused forward's decode (`y = x w^T + scale (x a^T) b^T (+ beta y)`,
-/// every token on one adapter) on the multi-adapter kernel, in its uniform
-/// mode: `t` is computed once for the launch by the shrink's warps (cut into
-/// chunks of `k` when they are few), where the fused kernel computes it in
-/// every column tile, each reading all of `a` (at n = 4096, 128 times).
-/// The shrink's state lives in the stream's decode workspace; a stream being
-/// captured before it has one launches nothing and gets `Ok(false)` (the
+/// The fused forward (`y = x w^T + scale (x a^T) b^T (+ beta y)`, every
+/// token on one adapter) on the multi-adapter kernel, in its uniform mode:
+/// `t` is computed once for the launch by the shrink's warps (at decode
+/// SIMT units, cut into chunks of `k` when they are few; at prefill tensor
+/// cores, 16 tokens a unit), where the fused kernel computes it in every
+/// column tile (at decode each reading all of `a`: at n = 4096, 128 times;
+/// at prefill the shrink's MMAs ride in the main loop). The shrink's state
+/// and `t` (unless the caller saves it) live in the stream's decode
+/// workspace, which grows for a prefill's `t`; a stream being captured
+/// before it has one that large launches nothing and gets `Ok(false)` (the
 /// caller runs the fused kernel). `k_splits` as in [`LaunchForm`].
 ///
 /// # Safety
-/// `dims` passed `Dims::validate`, `one_adapter_decode_fits(dims.m, rank)`,
-/// `rank >= 1`, `T` is f16 or bf16, and the addresses are of buffers that
-/// live on `dev`'s backend until the launch is queued, with the element
-/// counts the kernel indexes: x `m k`, w `n k`, a `rank k`, b `n rank`, y
-/// `m n`, t (when not 0) `m rank` f32.
-pub(crate) unsafe fn one_adapter_decode<T: KernelElement>(
+/// `dims` passed `Dims::validate`, `one_adapter_fits(regime, dims.m, rank,
+/// ops.t != 0)`, `rank >= 1`, `T` is f16 or bf16, and the addresses are of
+/// buffers that live on `dev`'s backend until the launch is queued, with the
+/// element counts the kernel indexes: x `m k`, w `n k`, a `rank k`, b `n
+/// rank`, y `m n`, t (when not 0) `m rank` f32.
+pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
+    regime: Regime,
     dev: &Device,
     dims: Dims,
     ops: OneAdapter,
@@ -524,7 +538,7 @@ pub(crate) unsafe fn one_adapter_decode<T: KernelElement>(
     k_splits: Option<usize>,
 ) -> Result<bool> {
     let plan = Plan::new(
-        Regime::Decode,
+        regime,
         T::DTYPE,
         (true, k_splits),
         dims,
@@ -532,7 +546,9 @@ pub(crate) unsafe fn one_adapter_decode<T: KernelElement>(
         0,
         dev.sm_count(),
     )?;
-    let Some(scratch) = dev.split_k_scratch(split_k::split_k_scratch_len(dev.sm_count()))? else {
+    let t_values = if ops.t != 0 { 0 } else { dims.m * ops.rank };
+    let len = SharedShrink::scratch_len(dev.sm_count(), t_values);
+    let Some(scratch) = dev.split_k_scratch(len)? else {
         return Ok(false);
     };
     let blocks = grid(
@@ -583,21 +599,22 @@ pub(crate) unsafe fn one_adapter_decode<T: KernelElement>(
         block: [plan.shape.threads, 1, 1],
         dynamic_smem_bytes: plan.shape.smem_bytes,
     };
-    let kernel = select(Regime::Decode, T::DTYPE, aligned, plan.deep);
+    let kernel = select(regime, T::DTYPE, aligned, plan.deep);
     // SAFETY: the operands are as this function's contract says (the
     // adapter is a pool of one slot: a_pool rank x k, b_pool n x rank, t
     // [m][max_rank = rank]); no ids or pool tables are read (slot_rank = 0);
-    // t (the caller's, or the workspace's 16 x 64 values: m <= 16, rank <=
-    // 64), the kernel's counters, the chunk sums and unit counters lie in the
-    // decode workspace of split_k_scratch_len(sm_count) values (SharedShrink),
+    // t (the caller's, or the workspace's, at least m x rank values after
+    // the rest: SharedShrink::scratch_len), the kernel's counters, the chunk
+    // sums and unit counters lie in the decode workspace (SharedShrink),
     // zero between launches, with shrink units cut into chunks > 1 fewer than
-    // chunked_shrink_units(sm_count) (shrink_chunks); the grid is the shrink
-    // blocks + the decode tiles covering m x n, `splits` blocks each
-    // (split-K: splits <= k-tiles and tiles x splits <= sm_count, Plan::new,
-    // the partial sums and their counters in the same workspace); the block
-    // size and shared memory are the selected kernel's; 16-byte loads only
-    // when k and the bases allow; the workspace's guard lives until after
-    // the launch.
+    // chunked_shrink_units(sm_count) (shrink_chunks; none at prefill); the
+    // grid is the shrink blocks + the tiles of this regime covering m x n,
+    // `splits` blocks each (split-K: decode only, splits <= k-tiles and
+    // tiles x splits <= sm_count, Plan::new, the partial sums and their
+    // counters in the same workspace), with fewer than 2^31 shrink items
+    // (Plan::new); the block size and shared memory are the selected
+    // kernel's; 16-byte loads only when k and the bases allow; the
+    // workspace's guard lives until after the launch.
     unsafe { kernel.launch(dev, launch, &params) }?;
     Ok(true)
 }

@@ -8,7 +8,7 @@
 //! sums and counters live in a workspace per stream
 //! (`Device::split_k_scratch`, docs/DESIGN.md section 13), which also holds
 //! the shrink's state of the fused forward's one-adapter decode
-//! (`multi_adapter_forward::one_adapter_decode`).
+//! (`multi_adapter_forward::one_adapter_forward`).
 use cudarc::driver::SyncOnDrop;
 
 use super::multi_adapter_forward::{chunked_shrink_partials, chunked_shrink_units};
@@ -45,28 +45,30 @@ pub(crate) fn decode_k_splits(tiles: usize, ktiles: usize, sm_count: usize) -> u
 /// The decode workspace of a device with `sm_count` SMs, in 4-byte values:
 /// the partial sums of up to `sm_count` blocks of the largest decode tile,
 /// then a counter per tile (fewer than `sm_count`) at [`split_k_counters_at`],
-/// then the one-adapter decode's shrink state ([`SharedShrink`]).
+/// then the one-adapter forward's shrink state ([`SharedShrink`]) with room
+/// for a decode's `t`.
 pub(crate) fn split_k_scratch_len(sm_count: usize) -> usize {
-    SharedShrink::at(sm_count) + SharedShrink::len(sm_count)
+    SharedShrink::scratch_len(sm_count, 0)
 }
 
-/// Where the fused forward's one-adapter decode (on the multi-adapter
-/// kernel) keeps its shrink's state in the decode workspace: the kernel's 5
-/// counters, `t` for up to 16 tokens of 64 ranks, and the sums and counters
-/// of shrink units cut into chunks of `k`, as many as a pool keeps for them.
-/// The counters are 0 between launches, like the split-K ones.
+/// Where the fused forward's one-adapter launches (on the multi-adapter
+/// kernel) keep their shrink's state in the decode workspace: the kernel's 5
+/// counters, the sums and counters of shrink units cut into chunks of `k`
+/// (as many as a pool keeps for them), then `t`: for up to 16 tokens of 64
+/// ranks, or more for a prefill (the workspace grows). The counters are 0
+/// between launches, like the split-K ones.
 pub(crate) struct SharedShrink {
-    /// Addresses of the counters, `t`, the chunk sums and the unit counters.
+    /// Addresses of the counters, the chunk sums, the unit counters and `t`.
     pub counters: u64,
-    pub t: u64,
     pub unit_partials: u64,
     pub unit_counters: u64,
+    pub t: u64,
 }
 
 impl SharedShrink {
     /// Room for the kernel's 5 counters (a 32-byte run of values).
     const COUNTERS: usize = 8;
-    /// `t`'s values: the tokens of one decode row tile, one chunk of ranks.
+    /// `t`'s values at least: the tokens of one decode row tile, one chunk of ranks.
     pub(crate) const T_VALUES: usize = DECODE.bm * RANK_CHUNK;
 
     /// Where it starts in the workspace (4-byte values): after the split-K counters.
@@ -74,25 +76,29 @@ impl SharedShrink {
         split_k_counters_at(sm_count) + sm_count
     }
 
-    fn len(sm_count: usize) -> usize {
-        Self::COUNTERS
-            + Self::T_VALUES
-            + chunked_shrink_partials(sm_count)
-            + chunked_shrink_units(sm_count)
+    /// Values before `t`.
+    fn fixed_len(sm_count: usize) -> usize {
+        Self::COUNTERS + chunked_shrink_partials(sm_count) + chunked_shrink_units(sm_count)
+    }
+
+    /// The workspace's values for a launch whose `t` takes `t_values` (at
+    /// least [`Self::T_VALUES`] are kept).
+    pub(crate) fn scratch_len(sm_count: usize, t_values: usize) -> usize {
+        Self::at(sm_count) + Self::fixed_len(sm_count) + t_values.max(Self::T_VALUES)
     }
 
     /// The addresses in a workspace at `base` on a device of `sm_count` SMs.
     pub(crate) fn in_workspace(base: u64, sm_count: usize) -> Self {
         let value = |i: usize| base + 4 * i as u64;
         let counters = Self::at(sm_count);
-        let t = counters + Self::COUNTERS;
-        let unit_partials = t + Self::T_VALUES;
+        let unit_partials = counters + Self::COUNTERS;
         let unit_counters = unit_partials + chunked_shrink_partials(sm_count);
+        let t = unit_counters + chunked_shrink_units(sm_count);
         SharedShrink {
             counters: value(counters),
-            t: value(t),
             unit_partials: value(unit_partials),
             unit_counters: value(unit_counters),
+            t: value(t),
         }
     }
 }
@@ -202,20 +208,22 @@ mod tests {
 
     /// The workspace holds the partial sums of up to one block per SM of the
     /// largest decode tile, then a counter per tile, then the one-adapter
-    /// decode's shrink state, each part after the last.
+    /// forward's shrink state, each part after the last.
     #[test]
     fn workspace_fits_a_block_per_sm() {
         assert_eq!(split_k_counters_at(132), 132 * 64 * (32 + 64));
         let shrink_at = 132 * 64 * 96 + 132;
         let chunk_sums = 4 * 4 * 132;
-        let len = shrink_at + 8 + 16 * 64 + chunk_sums + 4 * 132;
-        assert_eq!(split_k_scratch_len(132), len);
+        let t_at = shrink_at + 8 + chunk_sums + 4 * 132;
+        assert_eq!(split_k_scratch_len(132), t_at + 16 * 64);
+        // A prefill's t makes it longer; a small one keeps the decode's room.
+        assert_eq!(SharedShrink::scratch_len(132, 4096 * 16), t_at + 4096 * 16);
+        assert_eq!(SharedShrink::scratch_len(132, 5), t_at + 16 * 64);
         let s = SharedShrink::in_workspace(1 << 20, 132);
         let at = |values: usize| (1 << 20) + 4 * values as u64;
         assert_eq!(s.counters, at(shrink_at));
-        assert_eq!(s.t, at(shrink_at + 8));
-        assert_eq!(s.unit_partials, at(shrink_at + 8 + 16 * 64));
-        assert_eq!(s.unit_counters, at(shrink_at + 8 + 16 * 64 + chunk_sums));
-        assert_eq!(at(len), s.unit_counters + 4 * 4 * 132);
+        assert_eq!(s.unit_partials, at(shrink_at + 8));
+        assert_eq!(s.unit_counters, at(shrink_at + 8 + chunk_sums));
+        assert_eq!(s.t, at(t_at));
     }
 }

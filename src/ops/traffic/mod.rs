@@ -15,7 +15,7 @@ mod backward;
 pub use backward::{BackwardTraffic, lora_backward};
 
 use super::fused_forward::{Regime, regime_for};
-use super::multi_adapter_forward::{one_adapter_decode_fits, shrink_chunks, shrink_unit};
+use super::multi_adapter_forward::{one_adapter_fits, shrink_chunks, shrink_unit};
 use super::split_k::decode_k_splits;
 use super::tiles::{DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles};
 use crate::element::DType;
@@ -73,7 +73,7 @@ fn y_bytes(m: u64, n: u64, beta: bool, e: u64) -> u64 {
 /// shrink): its model is [`multi_adapter_forward`]'s, which reads `a` once
 /// per token for the shrink instead of once per column tile.
 pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic {
-    if regime_for(dtype, dims.m) == Regime::Decode && one_adapter_decode_fits(dims.m, r) {
+    if one_adapter_fits(regime_for(dtype, dims.m), dims.m, r, false) {
         return multi_adapter_forward(dtype, dims, &[r], &vec![0; dims.m], beta);
     }
     let e = dtype.size() as u64;
@@ -316,18 +316,29 @@ mod tests {
 
     #[test]
     fn prefill_reads_x_per_column_tile_and_w_per_row_tile() {
-        let t = fused_forward(DType::F16, Dims::new(4096, 4096, 4096), 64, true);
+        // On the multi-adapter kernel: 32 x 32 tiles of 128 read x and w;
+        // 256 shrink units of 16 tokens read their x rows once per 32 ranks
+        // and a's rows once, and write t; each row tile reads b's rows and
+        // its rows' t per column tile.
+        let dims = Dims::new(4096, 4096, 4096);
+        let t = fused_forward(DType::F16, dims, 64, true);
         let (tiles, mk, nk) = (32, 4096 * 4096, 4096 * 4096);
-        // a's 64 rows once per block of 2 column tiles.
-        let a = tiles * (tiles / 2) * 64 * 4096;
-        let want = 2 * (tiles * mk + tiles * nk + a + tiles * 4096 * 64) + 2 * 2 * 4096 * 4096;
+        let shrink = 256 * (2 * (16 * 2 * 4096 + 64 * 4096) + 4 * 16 * 64);
+        let expand = tiles * (2 * 4096 * 64 + tiles * 4 * 128 * 64);
+        let want = 2 * (tiles * mk + tiles * nk) + shrink + expand + 2 * 2 * 4096 * 4096;
         assert_eq!(t.requested, want);
-        // Ranks past 64 read x once more per 64, and every tile reads a.
-        let t65 = fused_forward(DType::F16, Dims::new(4096, 4096, 4096), 65, true);
-        let a65 = tiles * tiles * 65 * 4096;
-        let want65 =
-            2 * (2 * tiles * mk + tiles * nk + a65 + tiles * 4096 * 65) + 2 * 2 * 4096 * 4096;
-        assert_eq!(t65.requested, want65);
+        assert_eq!(
+            t,
+            multi_adapter_forward(DType::F16, dims, &[64], &[0; 4096], true)
+        );
+        // A batch whose t would pass 2^26 values stays on the fused kernel:
+        // x once per column tile and 64 ranks, a once per block of 2 column
+        // tiles (one here), w and b once per row tile.
+        let (m, n, k) = (1 << 21, 128, 32);
+        let big = fused_forward(DType::F16, Dims::new(m, n, k), 64, false);
+        let tiles_m = m / 128;
+        let want = 2 * (tiles_m * n * k + m * k + tiles_m * 64 * k + tiles_m * n * 64) + 2 * m * n;
+        assert_eq!(big.requested, want as u64);
     }
 
     #[test]
