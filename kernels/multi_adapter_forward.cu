@@ -45,9 +45,9 @@
 // such a table are unspecified (routing by a binary search of a malformed
 // table stays inside the table and the pool, but names arbitrary segments).
 // The counters make the pool's launches one at a time: use a pool from one stream.
-// The fused forward's decode (one adapter for every token) runs here too, in
-// the uniform mode of MultiAdapterParams: t is then computed once for the
-// launch instead of in every column tile (each of which would read all of a).
+// The fused forward's prefill and small decode (one adapter for every
+// token) run here too, in the uniform mode of MultiAdapterParams: t is then
+// computed once for the launch instead of in every column tile.
 // Counts that can pass 2^31 (shrink units, table entries) are 64-bit.
 #include "lk_mma.cuh"
 #include "lk_simt_tile.cuh"

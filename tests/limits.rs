@@ -8,12 +8,12 @@ mod common;
 
 use common::*;
 use half::f16;
-use lora_kernels::ops::fused_forward::{Regime, fused_forward_in};
+use lora_kernels::ops::fused_forward::{LaunchForm, Regime, fused_forward_tuned};
 use lora_kernels::ops::lora_backward::{
     BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, lora_backward,
 };
 use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward_saving_t};
-use lora_kernels::{AdapterPool, Device, DeviceAdapter, Dims, Error, PoolConfig};
+use lora_kernels::{AdapterPool, BufMut, BufRef, Device, DeviceAdapter, Dims, Error, PoolConfig};
 
 /// The smallest token count whose row tiles of `rows` pass grid.y's 65535.
 fn past_grid_y(rows: usize) -> usize {
@@ -47,8 +47,10 @@ fn impossible_host_allocations_are_errors() {
     pool.reserve_tokens(4).unwrap();
 }
 
-/// Runs the fused forward (rank 1, n = k = 1) with m tokens in `regime`:
-/// small buffers, so validation and the grid check are all that run.
+/// Runs the fused kernel (rank 1, n = k = 1) with m tokens in `regime`:
+/// small buffers, so validation and the grid check are all that run. (The
+/// shared shrink's launches, on the multi-adapter kernel, have a 1-D grid
+/// that takes such m.)
 fn forward_m<T: lora_kernels::KernelElement>(regime: Regime, m: usize) -> Error {
     let dev = Device::host().unwrap();
     let mut g = rng(m as u64);
@@ -61,15 +63,21 @@ fn forward_m<T: lora_kernels::KernelElement>(regime: Regime, m: usize) -> Error 
     let y0: Vec<T> = random(&mut g, m);
     let mut y = y0.clone();
     let adapter = DeviceAdapter::new(&a, &b, 1, 0.5);
-    let err = fused_forward_in(
+    let (xd, wd) = (BufRef::from(&x), BufRef::from(&w));
+    let form = LaunchForm {
+        shared_shrink: Some(false),
+        ..LaunchForm::default()
+    };
+    let outputs = (BufMut::from(&mut y), None);
+    let err = fused_forward_tuned(
         regime,
+        form,
         &dev,
         Dims::new(m, 1, 1),
-        &x,
-        &w,
+        (xd, wd),
         &adapter,
         0.0,
-        &mut y,
+        outputs,
     )
     .unwrap_err();
     assert!(y == y0, "a failed call changed y");

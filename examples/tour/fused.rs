@@ -141,15 +141,26 @@ where
     }))
 }
 
-/// Prefill blocks of 1, 2 and 4 column tiles (`t` computed once per block):
-/// the count `PREFILL_COL_TILES` should take, timed beside cuBLAS base-only.
+/// The fused prefill kernel's blocks of 1, 2 and 4 column tiles (`t`
+/// computed once per block, in its main loop): the count
+/// `PREFILL_COL_TILES` should take; and the default launch (`t` computed once
+/// per 16 tokens, on the multi-adapter kernel), timed beside cuBLAS base-only.
 pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
-    println!("\n   fused prefill, column tiles per block (t computed once per block), bf16");
+    println!(
+        "\n   fused prefill: the fused kernel's column tiles per block (t computed once per block, \
+         in its main loop); default: t once per 16 tokens (shared shrink); bf16"
+    );
     let tiles = |col_tiles| LaunchForm {
         col_tiles,
+        shared_shrink: Some(false),
         ..LaunchForm::default()
     };
-    let forms = [("1", tiles(1)), ("2", tiles(2)), ("4", tiles(4))];
+    let forms = [
+        ("1", tiles(1)),
+        ("2", tiles(2)),
+        ("4", tiles(4)),
+        ("default", LaunchForm::default()),
+    ];
     forms_table(dev, blas, Regime::Prefill, &[4096], &forms, "col_tiles")
 }
 

@@ -36,8 +36,9 @@ typedef struct FusedForwardParams {
  * A segment table that is not non-decreasing from 0 to m is caught on the
  * device: every token is then served as -1 and m tokens are counted in
  * *bad_ids. bad_ids == 0: not counted.
- * One adapter for every token (slot_rank == 0: the fused forward's decode,
- * which runs on this kernel to compute t once, not in every column tile):
+ * One adapter for every token (slot_rank == 0: the fused forward's prefill
+ * and small decode, which run on this kernel to compute t once, not in every
+ * column tile):
  * a_pool and b_pool hold the one adapter, every token uses slot 0 with
  * uniform_rank and uniform_scale, and no ids are read (slots = 1,
  * segments = 0, max_rank = uniform_rank). */

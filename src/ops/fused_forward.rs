@@ -2,10 +2,11 @@
 //! Kernels: kernels/fused_forward_simt.cu (any type, the plain reference
 //! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores: decode
 //! tiles of two pipeline depths, split-K for a small `n`, and a prefill tile
-//! shape). A decode launch of up to 16 tokens at ranks up to 64 runs on the
-//! multi-adapter kernel instead (kernels/multi_adapter_forward.cu, every
-//! token on the one adapter), which computes `t = x a^T` once for the launch
-//! where the fused kernel computes it in every column tile.
+//! shape). A prefill launch, and a decode launch of up to 16 tokens at ranks
+//! up to 64, run on the multi-adapter kernel instead
+//! (kernels/multi_adapter_forward.cu, every token on the one adapter), which
+//! computes `t = x a^T` once for the launch where the fused kernel computes
+//! it in every column tile (at prefill, once per 2 tiles).
 //! Reference: `reference::fused_forward`.
 use super::multi_adapter_forward::{OneAdapter, one_adapter_fits, one_adapter_forward};
 use super::split_k::{self, workspace, workspace_ptrs};
@@ -78,12 +79,12 @@ pub fn regime_for(dtype: DType, m: usize) -> Regime {
 /// With `beta == 0`, `y` is only written, never read.
 ///
 /// At decode, where `n` gives fewer column tiles than the GPU has SMs, the
-/// k-loop is split across blocks (split-K), and up to 16 tokens at ranks up
-/// to 64 compute `t` once for the launch (module docs), both through a
-/// workspace that `dev`'s stream keeps: a CUDA graph that captured such a
-/// launch must not run concurrently with other work of that stream, and a
-/// launch captured before the stream's first such launch runs without them
-/// (docs/DESIGN.md section 13).
+/// k-loop is split across blocks (split-K), and prefill and decode up to 16
+/// tokens at ranks up to 64 compute `t` once for the launch (module docs),
+/// through a workspace that `dev`'s stream keeps: a CUDA graph that captured
+/// such a launch must not run concurrently with other work of that stream,
+/// and a launch captured before the stream has a large enough workspace runs
+/// without them (docs/DESIGN.md section 13).
 ///
 /// ```
 /// use half::bf16;
@@ -195,13 +196,14 @@ pub struct LaunchForm {
     /// regimes take no split; a launch that can't have a workspace (a stream
     /// being captured before its first split-K launch) runs unsplit.
     pub k_splits: Option<usize>,
-    /// Where a decode launch of up to 16 tokens at ranks up to 64 computes
-    /// `t = x a^T`: `None` or `Some(true)` once for the launch, on the
-    /// multi-adapter kernel with every token on the one adapter
-    /// (`Some(true)` elsewhere is an error; `deep_decode` is then the
-    /// multi-adapter kernel's own choice); `Some(false)` in every column
-    /// tile of the fused kernel, each reading all of `a`. A stream being
-    /// captured before it has its decode workspace runs the fused kernel.
+    /// Where a prefill launch, or a decode launch of up to 16 tokens at
+    /// ranks up to 64, computes `t = x a^T`: `None` or `Some(true)` once for
+    /// the launch, on the multi-adapter kernel with every token on the one
+    /// adapter (`Some(true)` elsewhere is an error; `deep_decode` and
+    /// `col_tiles` are then the multi-adapter kernel's own choice);
+    /// `Some(false)` in the fused kernel's column tiles. A stream being
+    /// captured before it has a large enough workspace runs the fused kernel,
+    /// as does a prefill whose unsaved `t` would pass 2^24 values.
     pub shared_shrink: Option<bool>,
 }
 
@@ -370,7 +372,7 @@ fn shared_shrink(
             "shared_shrink",
             true,
             format!(
-                "the shared shrink takes prefill launches (m x rank up to 2^26 unless t is \
+                "the shared shrink takes prefill launches (m x rank up to 2^24 unless t is \
                  saved) and decode launches of up to {} tokens at ranks up to {RANK_CHUNK}, not \
                  {regime:?} with m = {} at rank {rank}",
                 DECODE.bm, dims.m

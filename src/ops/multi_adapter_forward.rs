@@ -496,8 +496,9 @@ pub(crate) struct OneAdapter {
 }
 
 /// Most values of `t` a one-adapter launch keeps in the stream's workspace
-/// (256 MiB): a larger batch that does not save `t` runs the fused kernel.
-const MAX_SHARED_T: usize = 1 << 26;
+/// (64 MiB, kept while the context lives): a larger batch that does not
+/// save `t` runs the fused kernel.
+const MAX_SHARED_T: usize = 1 << 24;
 
 /// Whether the fused forward of `m` tokens at `rank` in `regime` can run on
 /// this kernel ([`one_adapter_forward`]): a decode of one row of decode

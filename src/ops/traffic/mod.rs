@@ -331,7 +331,7 @@ mod tests {
             t,
             multi_adapter_forward(DType::F16, dims, &[64], &[0; 4096], true)
         );
-        // A batch whose t would pass 2^26 values stays on the fused kernel:
+        // A batch whose t would pass 2^24 values stays on the fused kernel:
         // x once per column tile and 64 ranks, a once per block of 2 column
         // tiles (one here), w and b once per row tile.
         let (m, n, k) = (1 << 21, 128, 32);
