@@ -53,6 +53,8 @@
 #include "lk_simt_tile.cuh"
 #include "lk_tile_gemm.cuh"
 
+#include <type_traits>
+
 namespace {
 
 // The counters (MultiAdapterParams): 0 between launches.
@@ -453,12 +455,11 @@ __device__ void finish_block(const MultiAdapterParams& p) {
 // thread 0 waits until every shrink item is done
 // (ITEMS_DONE: all of t written, the whole segment table checked) and reads
 // whether the table is malformed; then row_slot gets the slot of each of the
-// tile's BM rows (-1: none, or every row with a malformed table) and
-// distinct the distinct adapters among them (distinct[0] = count). Every t
-// read after this (collect_distinct ends with a barrier) sees the shrink's
-// writes (load_cg).
+// tile's BM rows (-1: none, or every row with a malformed table). Every t
+// read after this (it ends with a barrier) sees the shrink's writes
+// (load_cg).
 template <class T, class S, bool ALIGNED, int BM, int THREADS>
-__device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0, int* row_slot, int* distinct) {
+__device__ void wait_for_shrink(const MultiAdapterParams& p, int row0, int* row_slot) {
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     LK_SHARED(int, bad_table, [1]);
     shrink_work<T, S, ALIGNED, true>(p);
@@ -470,7 +471,67 @@ __device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0,
     const bool base_only = bad_table[0];
     for (int i = threadIdx.x; i < BM; i += THREADS)
         row_slot[i] = row0 + i < p.m && !base_only ? token_slot(p, row0 + i) : -1;
-    lk::collect_distinct<BM>(row_slot, distinct);
+    __syncthreads();
+}
+
+// Whether a tile's warps each expand their own rows (lk::WarpTiles): the
+// 64-row decode tiles, whose 4 warps own 16 whole rows each. A block-wide
+// expand there would pack the adapters of all 64 rows into one sequence of
+// steps (64 tokens of 64 adapters at rank 16: 16 steps one after another);
+// a warp packs only its 16 rows' (at most 4 such steps), without block
+// barriers, and the warps' steps overlap.
+template <class C>
+constexpr bool WARP_EXPAND = C::WN == 1 && C::KSPLIT == 1 && C::WM > 1;
+
+// The expand of E's team (the block, or one warp of a 64-row tile): rows
+// row0 .. row0 + E::BM - 1 of y (row_slot[E::BM]: their slots, after
+// wait_for_shrink) by column tile col0, its adapters packed into steps of
+// RC ranks (lk::PackedSteps). Rows of other adapters and padding ranks are
+// exact zeros. smem: the team's expand tiles; distinct (E::BM + 1 ints) and
+// step_state its scratch; guard constructed before the k-loop.
+template <class T, class E>
+__device__ void expand_rows(const MultiAdapterParams& p, T* smem, const int* row_slot, int* distinct,
+                            int* step_state, lk::ExpandGuard<E>& guard, int row0, int col0,
+                            lk::Accumulators<E>& r) {
+    using Team = typename E::Team;
+    const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
+    const float* t = reinterpret_cast<const float*>(p.t);
+    lk::collect_distinct<E::BM, Team>(row_slot, distinct);
+    lk::ExpandTiles<T, E> e(smem);
+    const lk::PackedSteps<Team> steps(step_state);
+    for (int groups; (groups = steps.next(distinct, [&](int s) { return rank_of(p, s); })) > 0;) {
+        const int rp = 16 * groups;
+        auto values = [&](auto&& f) {
+            for (int i = Team::tid(); i < E::BM * rp; i += E::THREADS) {
+                const int row = i / rp, col = i % rp;
+                int s, j;
+                float v = 0.f;
+                if (steps.at(col, s, j) && row_slot[row] == s)
+                    v = scale_of(p, s) * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + j);
+                f(row, col, v);
+            }
+        };
+        // b[s][col0 + col, j] of the adapter of rank column c, for every row:
+        // lk::expand adds a product with a non-finite factor only where v or
+        // the weight is not finite, and the rows of other adapters hold v = 0
+        // with finite weights (a pool holds none other: section 10 of
+        // docs/DESIGN.md; the uniform mode's one adapter is every row's).
+        auto weight = [&](int, int col, int c) {
+            int s, j;
+            return steps.at(c, s, j) && col0 + col < p.n
+                ? lk::to_f32(b_pool[((size_t)s * p.n + col0 + col) * p.max_rank + j]) : 0.f;
+        };
+        guard.next();
+        values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
+        for (int i = Team::tid(); i < E::BN * rp; i += E::THREADS) {
+            const int row = i / rp, col = i % rp, gn = col0 + row;
+            int s, j;
+            const bool live = steps.at(col, s, j) && gn < p.n;
+            const T v = live ? b_pool[((size_t)s * p.n + gn) * p.max_rank + j] : lk::from_f32<T>(0.f);
+            e.ws[row * E::LDT + col] = lk::finite_weight(v, guard);
+        }
+        lk::expand(e, guard, rp, rp, values, weight, r);
+    }
 }
 
 // SPLITK: whether p.k_splits is read (decode). Split-K: the k_splits blocks
@@ -482,12 +543,17 @@ __device__ void wait_and_collect_adapters(const MultiAdapterParams& p, int row0,
 template <class T, class C, class S, bool ALIGNED, bool SPLITK>
 __device__ void base_block(const MultiAdapterParams& p) {
     const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
-    const float* t = reinterpret_cast<const float*>(p.t);
+    // Who expands: the block, or each warp its own rows (teams of E).
+    using E = std::conditional_t<WARP_EXPAND<C>, lk::WarpTiles<C>, C>;
+    constexpr int TEAMS = C::THREADS / E::THREADS;
+    static_assert(TEAMS * lk::expand_elems<E, false>() <= lk::smem_elems<C>(0), "the teams' expand tiles fit");
     LK_DYNAMIC_SHARED(T, smem);
     LK_SHARED(int, row_slot, [C::BM]);
-    LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
-    LK_SHARED(int, guard_state, [C::BM + 2]);
-    LK_SHARED(int, step_state, [3 * lk::GROUPS + 3]);
+    LK_SHARED(int, distinct, [TEAMS * (E::BM + 1)]);  // per team: distinct[0] = count
+    LK_SHARED(int, guard_state, [TEAMS * (E::BM + 2)]);
+    LK_SHARED(int, step_state, [TEAMS * (3 * lk::GROUPS + 3)]);
+    // (A constant where the block is the team: it does not know threadIdx.x < THREADS.)
+    const int team = TEAMS == 1 ? 0 : (int)(threadIdx.x / E::THREADS);
 
     const int tiles_m = (p.m + C::BM - 1) / C::BM, tiles_n = (p.n + C::BN - 1) / C::BN;
     const int splits = SPLITK ? p.k_splits : 1;
@@ -501,13 +567,13 @@ __device__ void base_block(const MultiAdapterParams& p) {
     lk::grouped_tile(tile_id, tiles_m, tiles_n, tm, tn);
     const int row0 = tm * C::BM, col0 = tn * C::BN;
 
-    lk::ExpandGuard<C> guard(guard_state);
+    lk::ExpandGuard<E> guard(guard_state + team * (E::BM + 2));
     lk::Accumulators<C> r;
     lk::zero<C>(r.acc);
     // Once the first k-tiles are on their way: the b tiles of the adapters
     // among the block's rows go to L2 for the expand, a run of rows with the
     // same adapter asking once (a malformed segment table still names slots
-    // of the pool, and wait_and_collect_adapters sets row_slot again). One
+    // of the pool, and wait_for_shrink sets row_slot again). One
     // block of a split tile asks: the tiles land in L2, which every SM reads.
     auto prefetch_b = [&] {
         if (split != 0) return;
@@ -529,45 +595,25 @@ __device__ void base_block(const MultiAdapterParams& p) {
                                               split, splits, p.m - row0, false, 0, r))
         return;
 
-    wait_and_collect_adapters<T, S, ALIGNED, C::BM, C::THREADS>(p, row0, row_slot, distinct);
-
-    // The expand: the rows' adapters packed into steps of RC ranks
-    // (lk::PackedSteps). Rows of other adapters and padding ranks are exact
-    // zeros.
-    lk::ExpandTiles<T, C> e(smem);
-    const lk::PackedSteps steps(step_state);
-    for (int groups; (groups = steps.next(distinct, [&](int s) { return rank_of(p, s); })) > 0;) {
-        const int rp = 16 * groups;
-        auto values = [&](auto&& f) {
-            for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
-                const int row = i / rp, col = i % rp;
-                int s, j;
-                float v = 0.f;
-                if (steps.at(col, s, j) && row_slot[row] == s)
-                    v = scale_of(p, s) * lk::load_cg(t + (size_t)(row0 + row) * p.max_rank + j);
-                f(row, col, v);
-            }
-        };
-        // b[s][col0 + col, j] of the adapter of rank column c, for every row:
-        // lk::expand adds a product with a non-finite factor only where v or
-        // the weight is not finite, and the rows of other adapters hold v = 0
-        // with finite weights (a pool holds none other: section 10 of
-        // docs/DESIGN.md; the uniform mode's one adapter is every row's).
-        auto weight = [&](int, int col, int c) {
-            int s, j;
-            return steps.at(c, s, j) && col0 + col < p.n
-                ? lk::to_f32(b_pool[((size_t)s * p.n + col0 + col) * p.max_rank + j]) : 0.f;
-        };
-        guard.next();
-        values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
-        for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
-            const int row = i / rp, col = i % rp, gn = col0 + row;
-            int s, j;
-            const bool live = steps.at(col, s, j) && gn < p.n;
-            const T v = live ? b_pool[((size_t)s * p.n + gn) * p.max_rank + j] : lk::from_f32<T>(0.f);
-            e.ws[row * C::LDT + col] = lk::finite_weight(v, guard);
-        }
-        lk::expand(e, guard, rp, rp, values, weight, r);
+    wait_for_shrink<T, S, ALIGNED, C::BM, C::THREADS>(p, row0, row_slot);
+    const int rows = team * E::BM;  // the team's first row in the tile
+    T* team_smem = smem + team * lk::expand_elems<E, false>();
+    int* team_distinct = distinct + team * (E::BM + 1);
+    int* team_steps = step_state + team * (3 * lk::GROUPS + 3);
+    if constexpr (TEAMS == 1) {
+        expand_rows<T, E>(p, team_smem, row_slot, team_distinct, team_steps, guard, row0, col0, r);
+    } else {
+        // The warp's accumulators as a tile of its own (the same shape:
+        // register moves the compiler drops).
+        lk::Accumulators<E> own;
+        static_assert(sizeof(own.acc) == sizeof(r.acc), "a warp's accumulators");
+        for (int i = 0; i < C::MT; ++i)
+            for (int j = 0; j < C::NT; ++j)
+                for (int q = 0; q < 4; ++q) own.acc[i][j][q] = r.acc[i][j][q];
+        expand_rows<T, E>(p, team_smem, row_slot + rows, team_distinct, team_steps, guard, row0 + rows, col0, own);
+        for (int i = 0; i < C::MT; ++i)
+            for (int j = 0; j < C::NT; ++j)
+                for (int q = 0; q < 4; ++q) r.acc[i][j][q] = own.acc[i][j][q];
     }
     lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
 }
@@ -595,7 +641,8 @@ __device__ void simt_tile_block(const MultiAdapterParams& p) {
     lk::simt::base_product<T, C>(sm, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), p.m, p.n,
                                  p.k, row0, col0, acc);
 
-    wait_and_collect_adapters<T, SimtShrink, false, C::BM, C::THREADS>(p, row0, row_slot, distinct);
+    wait_for_shrink<T, SimtShrink, false, C::BM, C::THREADS>(p, row0, row_slot);
+    lk::collect_distinct<C::BM>(row_slot, distinct);
 
     for (int d = 1; d <= distinct[0]; ++d) {
         const int s = distinct[d];
@@ -654,6 +701,12 @@ LK_MULTI(decode, lk::DecodeTiles, SimtShrink, true, bf16, __nv_bfloat16)
 // memory: every GPU from sm_80 fits it).
 LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, true, f16, __half)
 LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, true, bf16, __nv_bfloat16)
+// 17 to 64 tokens: one block covers every row, so each column tile of w is
+// read once, not once per 16 rows; each warp expands its own 16 rows.
+LK_MULTI(decode_wide, lk::DecodeWideTiles, SimtShrink, true, f16, __half)
+LK_MULTI(decode_wide, lk::DecodeWideTiles, SimtShrink, true, bf16, __nv_bfloat16)
+LK_MULTI(decode_wide_deep, lk::DecodeWideDeepTiles, SimtShrink, true, f16, __half)
+LK_MULTI(decode_wide_deep, lk::DecodeWideDeepTiles, SimtShrink, true, bf16, __nv_bfloat16)
 LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, false, f16, __half)
 LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, false, bf16, __nv_bfloat16)
 LK_KERNEL(lk_multi_adapter_simt_f32, MultiAdapterParams, multi_adapter_forward_simt<float>)

@@ -857,8 +857,9 @@ fn run_form<T: KernelElement>(
 /// block, split or not, counts in: the launch's out-of-range id (99) is
 /// counted once per launch. Shapes: one and several row tiles, k on and off
 /// the 16-byte path and off the 64-wide k-tile, ranges of unequal length,
-/// ranks 1 to 64 and empty slots, n off the 32-column tile. Forced counts the
-/// launch can't take are errors that change nothing.
+/// ranks 1 to 64 and empty slots, n off the 32-column tile; the default
+/// tiles of m and the other ones (64 rows up to 16 tokens, 16 rows past).
+/// Forced counts the launch can't take are errors that change nothing.
 #[test]
 fn decode_split_k_matches_reference_for_every_split_count() {
     use lora_kernels::ops::multi_adapter_forward::LaunchForm;
@@ -876,13 +877,17 @@ fn decode_split_k_matches_reference_for_every_split_count() {
         };
         let pool = fx.pool(dev);
         let ktiles = k.div_ceil(64);
+        let other_tiles = Some(m <= 16);
         let forms = [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))]
             .into_iter()
             .flat_map(|k_splits| {
-                [true, false].map(|shrink_blocks| LaunchForm {
-                    shrink_blocks,
-                    k_splits,
-                })
+                [(true, None), (false, None), (true, other_tiles)].map(
+                    |(shrink_blocks, wide_tiles)| LaunchForm {
+                        shrink_blocks,
+                        k_splits,
+                        wide_tiles,
+                    },
+                )
             });
         for form in forms {
             let what = format!(
@@ -913,21 +918,23 @@ fn decode_split_k_matches_reference_for_every_split_count() {
         }
     }
 
-    // Counts past the k-tiles (14) or one block per SM (64 tokens: 12 tiles),
-    // a split at prefill, and 0: errors naming k_splits, y unchanged.
+    // Counts past the k-tiles (14) or one block per SM (64 tokens on 16-row
+    // tiles: 12 tiles), a split at prefill, and 0: errors naming k_splits, y
+    // unchanged.
     let host = Device::host().unwrap();
     let fx = Fixture::<bf16>::new(70, 840, 16, &[16], 5);
     let pool = fx.pool(&host);
-    for (m, splits, regime) in [
-        (1, 15, Regime::Decode),
-        (1, 0, Regime::Decode),
-        (64, 12, Regime::Decode),
-        (100, 2, Regime::Prefill),
+    for (m, splits, regime, wide_tiles) in [
+        (1, 15, Regime::Decode, None),
+        (1, 0, Regime::Decode, None),
+        (64, 12, Regime::Decode, Some(false)),
+        (100, 2, Regime::Prefill, None),
     ] {
         let x: Vec<bf16> = random(&mut rng(6), m * 840);
         let y0: Vec<bf16> = random(&mut rng(7), m * 70);
         let form = LaunchForm {
             k_splits: Some(splits),
+            wide_tiles,
             ..LaunchForm::default()
         };
         let (done, y) = run_form(&pool, regime, form, &x, &fx.w, &vec![0; m], 0.5, &y0);
@@ -946,6 +953,110 @@ fn decode_split_k_matches_reference_for_every_split_count() {
             ),
             "{err}"
         );
+    }
+}
+
+/// Decode tiles of 16 rows and of 64 (the default past 16 tokens: one block
+/// covers 64 rows and reads each column tile of `w` once; each warp packs
+/// and expands its own 16 rows' adapters). Both forms at 5 tokens (a 64-row
+/// tile of 5 rows), 17, 33, 64 and 100 (two row tiles of 64, the second
+/// partial), with 40 adapters of ranks 1 to 80 and tokens without one, so a
+/// warp's rows take several packed steps: `y` within its bound, the same
+/// bits on a second run, and a reference with scales off by 1% (bf16) or
+/// 0.3% (f16) fails. Both load paths. Forcing a tile choice outside decode
+/// is an error naming `wide_tiles` that changes nothing.
+#[test]
+fn decode_tiles_of_16_and_64_rows_match_reference() {
+    use lora_kernels::ops::multi_adapter_forward::LaunchForm;
+    fn check<T: KernelElement>(dev: &Device, m: usize, k: usize, off: f32) {
+        let ranks: Vec<usize> = (0..40).map(|s| 1 + (s * 37) % 80).collect();
+        let fx = Fixture::<T>::new(45, k, 80, &ranks, (m + k) as u64);
+        let x: Vec<T> = random(&mut rng(m as u64), m * k);
+        let ids: Vec<i32> = (0..m)
+            .map(|i| {
+                if i % 9 == 4 {
+                    -1
+                } else {
+                    ((i * 7) % 40) as i32
+                }
+            })
+            .collect();
+        let y0 = vec![T::from_f64(f64::NAN); m * 45];
+        let pool = fx.pool(dev);
+        let off_fx = fx.with_scales_times(1.0 + off);
+        for wide in [false, true] {
+            let form = LaunchForm {
+                wide_tiles: Some(wide),
+                ..LaunchForm::default()
+            };
+            let what = format!("{:?} m={m} k={k} wide={wide} on {}", T::DTYPE, dev.name());
+            let run = || run_form(&pool, Regime::Decode, form, &x, &fx.w, &ids, 0.0, &y0);
+            let (done, got) = run();
+            done.unwrap();
+            fx.compare(&what, &got, &x, &ids, 0.0, &y0).unwrap();
+            let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&run().1), bits(&got), "{what}: a second run");
+            off_fx
+                .compare(&what, &got, &x, &ids, 0.0, &y0)
+                .expect_err("a reference with scales off must fail the check");
+        }
+    }
+    for dev in devices() {
+        for (m, k) in [(5, 72), (17, 70), (33, 72), (64, 72), (100, 70)] {
+            check::<bf16>(&dev, m, k, 1e-2);
+            check::<f16>(&dev, m, k, 3e-3);
+        }
+    }
+
+    let host = Device::host().unwrap();
+    let fx = Fixture::<bf16>::new(45, 72, 16, &[16], 5);
+    let pool = fx.pool(&host);
+    let f32_fx = Fixture::<f32>::new(45, 72, 16, &[16], 5);
+    let f32_pool = f32_fx.pool(&host);
+    for wide in [false, true] {
+        let form = LaunchForm {
+            wide_tiles: Some(wide),
+            ..LaunchForm::default()
+        };
+        let x: Vec<bf16> = random(&mut rng(6), 100 * 72);
+        let y0: Vec<bf16> = random(&mut rng(7), 100 * 45);
+        let (done, y) = run_form(&pool, Regime::Prefill, form, &x, &fx.w, &[0; 100], 0.5, &y0);
+        let x32: Vec<f32> = random(&mut rng(6), 20 * 72);
+        let y32: Vec<f32> = random(&mut rng(7), 20 * 45);
+        let (done32, y_32) = run_form(
+            &f32_pool,
+            Regime::Simt,
+            form,
+            &x32,
+            &f32_fx.w,
+            &[0; 20],
+            0.5,
+            &y32,
+        );
+        for (err, unchanged) in [
+            (
+                done.unwrap_err(),
+                y.iter().zip(&y0).all(|(p, q)| p.to_bits() == q.to_bits()),
+            ),
+            (
+                done32.unwrap_err(),
+                y_32.iter()
+                    .zip(&y32)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+            ),
+        ] {
+            assert!(unchanged, "{err}: y changed");
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        name: "wide_tiles",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
     }
 }
 
@@ -1098,8 +1209,9 @@ fn a_huge_scale_slot_leaves_the_other_tokens_bits_unchanged() {
 /// rank 80 takes two (64 + 16). `y` is within the reference bound, and each
 /// token's `y` is the same bits as when every token of the batch uses that
 /// token's adapter (one adapter per tile, at offset 0): a token's bits never
-/// depend on its neighbours' adapters. Decode (two row tiles) and prefill,
-/// both load paths, bf16 and f16.
+/// depend on its neighbours' adapters. Decode (21 and 64 tokens: one 64-row
+/// tile, each warp packing its own rows) and prefill, both load paths, bf16
+/// and f16.
 #[test]
 fn packed_expand_steps_keep_each_tokens_bits() {
     fn case<T: KernelElement>(regime: Regime, m: usize, k: usize) {
@@ -1136,6 +1248,7 @@ fn packed_expand_steps_keep_each_tokens_bits() {
     for k in [72, 70] {
         case::<bf16>(Regime::Decode, 21, k);
         case::<f16>(Regime::Decode, 21, k);
+        case::<bf16>(Regime::Decode, 64, k);
         case::<bf16>(Regime::Prefill, 150, k);
         case::<f16>(Regime::Prefill, 150, k);
     }

@@ -9,6 +9,20 @@ namespace lk {
 
 constexpr int RC = 64;  // rank handled per pass (shrink rows per stage, expand k-steps)
 
+// The threads that run a tile's code together: the whole block, or one warp
+// that expands its own rows of a tile on its own (WarpTiles).
+// tid() is unsigned, as threadIdx.x is: the compiler then knows it is not
+// negative (int divisions and remainders by 32 cost instructions and
+// registers in every kernel).
+struct BlockTeam {
+    static __device__ __forceinline__ unsigned tid() { return threadIdx.x; }
+    static __device__ __forceinline__ void sync() { __syncthreads(); }
+};
+struct WarpTeam {
+    static __device__ __forceinline__ unsigned tid() { return threadIdx.x % 32; }
+    static __device__ __forceinline__ void sync() { __syncwarp(); }
+};
+
 // A block of WM x WN warps per k slice and KSPLIT k slices: the warps of
 // slice ks take the 16-wide steps ks, ks + KSPLIT, ... of every k-tile, and
 // after the k-loop their sums go to the slice-0 warp of the same piece of
@@ -27,6 +41,17 @@ struct TileConfig {
     static constexpr int LDS = BK + 8;                   // smem row stride: 16B rows, no ldmatrix conflicts
     static constexpr int LDT = RC + 8;                   // row stride of the t and b tiles
     static_assert(WTM % 16 == 0 && WTN % 8 == 0 && BK % (16 * KSPLIT) == 0, "tile shape");
+    using Team = BlockTeam;
+};
+
+// One warp's piece of a C tile as a tile of its own, run by that warp alone
+// (Team = WarpTeam): the expand of a tile whose warps each own whole rows
+// (WN == 1, one k slice), each warp packing only its own rows' adapters. Its
+// accumulators have the shape of the warp's in C.
+template <class C>
+struct WarpTiles : TileConfig<C::WTM, C::WTN, C::BK, 1, 1, 1> {
+    static_assert(C::WN == 1 && C::KSPLIT == 1, "a warp owns whole rows of the tile");
+    using Team = WarpTeam;
 };
 
 // Decode: 2 warps per k slice and 2 slices, so the block's 4 warps cover the
@@ -54,7 +79,7 @@ template <class C>
 struct WarpPlace {
     int wm, wn, ks;
     __device__ WarpPlace() {
-        const int warp = threadIdx.x / 32;
+        const int warp = C::Team::tid() / 32;
         // One slice: constants the compiler folds (it does not know warp < PIECES).
         const int piece = C::KSPLIT == 1 ? warp : warp % C::PIECES;
         wm = piece / C::WN;
@@ -223,11 +248,11 @@ __device__ __forceinline__ void grouped_tile(int& tm, int& tn) {
 
 // Which adapters a block's rows use: row_slot[BM] (filled by the caller, -1 =
 // none) becomes distinct[1..distinct[0]], each slot once, in row order.
-// Call from every thread; it synchronizes before and after.
-template <int BM>
+// Call from every thread of the team; it synchronizes before and after.
+template <int BM, class Team = BlockTeam>
 __device__ void collect_distinct(const int* row_slot, int* distinct) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
+    Team::sync();
+    if (Team::tid() == 0) {
         int count = 0;
         for (int i = 0; i < BM; ++i) {
             int s = row_slot[i];
@@ -237,7 +262,7 @@ __device__ void collect_distinct(const int* row_slot, int* distinct) {
         }
         distinct[0] = count;
     }
-    __syncthreads();
+    Team::sync();
 }
 
 // Expand steps that take several adapters at once. A block whose rows use
@@ -256,13 +281,14 @@ constexpr int GROUPS = RC / 16;
 // The packing state in static shared memory (`state`: an int [3 * GROUPS +
 // 3] the kernel declares): per group the adapter's slot, the rank of its
 // first column and the adapter's rank; then the next adapter (an index into
-// distinct), its next chunk, and the current step's groups. Only thread 0
-// writes it: next() publishes each step with a barrier.
+// distinct), its next chunk, and the current step's groups. Only the team's
+// thread 0 writes it: next() publishes each step with a barrier.
+template <class Team = BlockTeam>
 struct PackedSteps {
     int* s;
     static constexpr int NEXT = 3 * GROUPS, CHUNK = NEXT + 1, USED = NEXT + 2;
     __device__ explicit PackedSteps(int* state) : s(state) {
-        if (threadIdx.x == 0) {
+        if (Team::tid() == 0) {
             s[NEXT] = 1;
             s[CHUNK] = 0;
         }
@@ -281,7 +307,7 @@ struct PackedSteps {
     // ends with a barrier) and distinct is published (collect_distinct).
     template <class RankOf>
     __device__ int next(const int* distinct, RankOf rank_of) const {
-        if (threadIdx.x == 0) {
+        if (Team::tid() == 0) {
             int d = s[NEXT], chunk = s[CHUNK], used = 0;
             while (d <= distinct[0]) {
                 const int slot = distinct[d], rank = rank_of(slot), r0 = chunk * RC;
@@ -304,7 +330,7 @@ struct PackedSteps {
             s[CHUNK] = chunk;
             s[USED] = used;
         }
-        __syncthreads();
+        Team::sync();
         return s[USED];
     }
 };
@@ -627,7 +653,7 @@ struct ExpandGuard {
     int* row_exp;
     int epoch = 0;
     __device__ explicit ExpandGuard(int* state) : flags(state), row_exp(state + 2) {
-        if (threadIdx.x == 0) flags[0] = flags[1] = 0;
+        if (C::Team::tid() == 0) flags[0] = flags[1] = 0;
     }
     // Starts the next split (every thread, after the previous expand's barrier).
     __device__ void next() { ++epoch; }
@@ -669,7 +695,7 @@ __device__ __forceinline__ T finite_weight(T w, const ExpandGuard<C>& g) {
 template <class T, class C>
 __device__ void load_b_rows(const ExpandTiles<T, C>& e, const ExpandGuard<C>& guard, const T* b, int ldb, int n,
                             int col0, int r0, int rc, int rp) {
-    for (int i = threadIdx.x; i < C::BN * rp; i += C::THREADS) {
+    for (int i = C::Team::tid(); i < C::BN * rp; i += C::THREADS) {
         const int row = i / rp, col = i % rp, gn = col0 + row;
         const T v = (gn < n && col < rc) ? b[(size_t)gn * ldb + r0 + col] : from_f32<T>(0.f);
         e.ws[row * C::LDT + col] = finite_weight(v, guard);
@@ -685,24 +711,24 @@ template <class T, class C, bool KMAJOR, class Values>
 __device__ bool scale_split_rows(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>& g, Values values) {
     if (!NeedsRangeScaling<T>::value || !g.range_raised()) return false;
     unsigned* max_bits = reinterpret_cast<unsigned*>(g.row_exp);
-    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) max_bits[i] = 0u;
-    __syncthreads();
+    for (int i = C::Team::tid(); i < C::BM; i += C::THREADS) max_bits[i] = 0u;
+    C::Team::sync();
     // Non-negative floats order as their bit patterns.
     values([&](int row, int, float v) {
         if (isfinite(v)) atomicMax(max_bits + row, __float_as_uint(fabsf(v)));
     });
-    __syncthreads();
-    for (int i = threadIdx.x; i < C::BM; i += C::THREADS) {
+    C::Team::sync();
+    for (int i = C::Team::tid(); i < C::BM; i += C::THREADS) {
         unsigned bits = max_bits[i];
         // max in [2^E, 2^(E+1)): e = E - 14 is the smallest with max / 2^e < 2^15.
         g.row_exp[i] = bits >= __float_as_uint(SPLIT_LIMIT) ? (int)(bits >> 23) - 127 - 14 : 0;
     }
-    __syncthreads();
+    C::Team::sync();
     values([&](int row, int col, float v) {
         int exp = g.row_exp[row];
         if (exp > 0) store_split(e, g, row, col, v * pow2(-exp));
     });
-    __syncthreads();
+    C::Team::sync();
     return true;
 }
 
@@ -711,7 +737,7 @@ template <class C>
 __device__ void scale_rows(const ExpandGuard<C>& g, int sign, Accumulators<C>& r) {
     const WarpPlace<C> at;
     if (!at.owner()) return;
-    const int lane = threadIdx.x % 32;
+    const int lane = C::Team::tid() % 32;
     const int wm = at.wm, group = lane / 4;
 #pragma unroll
     for (int i = 0; i < C::MT; ++i)
@@ -733,7 +759,7 @@ __device__ void expand_mma(const ExpandTiles<T, C, KMAJOR>& e, int rp, Accumulat
     constexpr int LDB = C::BN + 8;  // k-major weight rows
     const WarpPlace<C> at;
     if (!at.owner()) return;  // the other k slices' warps hold no sums
-    const int lane = threadIdx.x % 32;
+    const int lane = C::Team::tid() % 32;
     const int wm = at.wm, wn = at.wn;
     for (int kk = 0; kk < rp; kk += 16) {  // sass-loop: expand
         uint32_t hf[C::MT][4], lf[C::MT][4];
@@ -764,7 +790,7 @@ __device__ void add_nonfinite_products(const ExpandTiles<T, C, KMAJOR>& e, int r
                                        Accumulators<C>& r) {
     const WarpPlace<C> at;
     if (!at.owner()) return;  // the other k slices' warps hold no sums
-    const int lane = threadIdx.x % 32;
+    const int lane = C::Team::tid() % 32;
     const int wm = at.wm, wn = at.wn;
     const int group = lane / 4, quad = lane % 4;
     // Ranks outermost: the accumulator loops unroll and acc stays in registers.
@@ -794,14 +820,14 @@ __device__ void add_nonfinite_products(const ExpandTiles<T, C, KMAJOR>& e, int r
 template <class T, class C, bool KMAJOR, class Values, class Weight>
 __device__ void expand(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>& g, int rc, int rp, Values values,
                        Weight weight, Accumulators<C>& r) {
-    __syncthreads();  // the split and the weight tile are complete
+    C::Team::sync();  // the split and the weight tile are complete
     const bool scaled = scale_split_rows(e, g, values);
     const bool nonfinite = g.nonfinite_raised();
     if (scaled) scale_rows(g, -1, r);
     expand_mma(e, rp, r);
     if (scaled) scale_rows(g, 1, r);
     if (nonfinite) add_nonfinite_products(e, rc, weight, r);
-    __syncthreads();  // before the next split overwrites the tiles
+    C::Team::sync();  // before the next split overwrites the tiles
 }
 
 // y[row0.., col0..] = acc (+ beta y); beta = 0 never reads y, so garbage
@@ -810,7 +836,7 @@ template <class T, class C>
 __device__ void store_y(T* y, int m, int n, int row0, int col0, float beta, const Accumulators<C>& r) {
     const WarpPlace<C> at;
     if (!at.owner()) return;  // the other k slices' warps hold no sums
-    const int lane = threadIdx.x % 32;
+    const int lane = C::Team::tid() % 32;
     const int wm = at.wm, wn = at.wn;
     const int group = lane / 4, quad = lane % 4;
     for (int i = 0; i < C::MT; ++i)

@@ -28,7 +28,9 @@
 //! (docs/DESIGN.md section 13).
 use super::fused_forward::{Regime, regime_for};
 use super::split_k::{self, SharedShrink};
-use super::tiles::{DECODE, DECODE_DEEP, MmaTiles, PREFILL, SIMT};
+use super::tiles::{
+    DECODE, DECODE_DEEP, DECODE_WIDE, DECODE_WIDE_DEEP, MmaTiles, PREFILL, SIMT, STATIC_SMEM_MARGIN,
+};
 use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
@@ -47,6 +49,14 @@ kernel!(DECODE_DEEP_F16_ALIGNED = lk_multi_adapter_decode_deep_f16_aligned in "m
 kernel!(DECODE_DEEP_F16_ANY = lk_multi_adapter_decode_deep_f16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_DEEP_BF16_ALIGNED = lk_multi_adapter_decode_deep_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_DEEP_BF16_ANY = lk_multi_adapter_decode_deep_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_WIDE_F16_ALIGNED = lk_multi_adapter_decode_wide_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_WIDE_F16_ANY = lk_multi_adapter_decode_wide_f16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_WIDE_BF16_ALIGNED = lk_multi_adapter_decode_wide_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_WIDE_BF16_ANY = lk_multi_adapter_decode_wide_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_WIDE_DEEP_F16_ALIGNED = lk_multi_adapter_decode_wide_deep_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_WIDE_DEEP_F16_ANY = lk_multi_adapter_decode_wide_deep_f16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_WIDE_DEEP_BF16_ALIGNED = lk_multi_adapter_decode_wide_deep_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_WIDE_DEEP_BF16_ANY = lk_multi_adapter_decode_wide_deep_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_F16_ALIGNED = lk_multi_adapter_prefill_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_F16_ANY = lk_multi_adapter_prefill_f16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(PREFILL_BF16_ALIGNED = lk_multi_adapter_prefill_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
@@ -184,6 +194,11 @@ pub struct LaunchForm {
     /// launch that can't have a workspace (a stream being captured before
     /// its first split-K launch) runs unsplit.
     pub k_splits: Option<usize>,
+    /// Decode tiles: `None` takes 64-row tiles for more than 16 tokens
+    /// (`w` read once per column tile, each warp expanding its own 16 rows)
+    /// and 16-row tiles up to 16, `Some(wide)` forces one (an error outside
+    /// decode).
+    pub wide_tiles: Option<bool>,
 }
 
 impl Default for LaunchForm {
@@ -192,6 +207,7 @@ impl Default for LaunchForm {
         LaunchForm {
             shrink_blocks: true,
             k_splits: None,
+            wide_tiles: None,
         }
     }
 }
@@ -248,8 +264,15 @@ fn launch<T: KernelElement>(
     let cfg = pool.config();
     let dims = Dims::new(m, cfg.n, cfg.k);
     dims.validate()?;
-    // A regime and type with no kernel is an error, even for an empty batch.
-    tile_shape(regime, T::DTYPE, deep_decode(regime, dims.m))?;
+    // A regime and type with no kernel, or a form it can't take, is an
+    // error, even for an empty batch.
+    let tiling = Tiling::pick(
+        regime,
+        T::DTYPE,
+        dims.m,
+        form.wide_tiles,
+        dev.max_block_smem(),
+    )?;
     check_operand(dev, "x", &x, m, cfg.k)?;
     check_operand(dev, "w", &w, cfg.n, cfg.k)?;
     check_finite("beta", beta)?;
@@ -279,11 +302,9 @@ fn launch<T: KernelElement>(
     if m == 0 {
         return Ok(());
     }
-    let form = (form.shrink_blocks, form.k_splits);
     let plan = Plan::new(
-        regime,
-        T::DTYPE,
-        form,
+        tiling,
+        (form.shrink_blocks, form.k_splits),
         dims,
         cfg.max_rank,
         segments,
@@ -373,7 +394,7 @@ fn launch<T: KernelElement>(
             block: [shape.threads, 1, 1],
             dynamic_smem_bytes: shape.smem_bytes,
         };
-        let kernel = select(regime, T::DTYPE, aligned, plan.deep);
+        let kernel = plan.tiling.kernel(T::DTYPE, aligned);
         // SAFETY: x, w, y and the routing buffers were checked above to live on
         // the pool's device with the element counts the kernel indexes (x m*k,
         // w n*k, y m*n, ids m or segments + 1 offsets and segments slots); the
@@ -394,9 +415,10 @@ fn launch<T: KernelElement>(
         // a workspace of split_k_scratch_len(sm_count) values, partial sums
         // first, then the counters, zero between launches, at
         // split_k_counters_at), with the block size and dynamic shared
-        // memory of the kernel `select` gives for this regime and type
-        // (tile_shape above: tensor-core tiles for f16/bf16, SIMT tiles with
-        // static shared memory only for f32); 16-byte loads only when k and
+        // memory of the kernel of these tiles and type (Tiling::pick above:
+        // tensor-core tiles for f16/bf16, within the device's shared memory
+        // per block; SIMT tiles with static shared memory only for f32);
+        // 16-byte loads only when k and
         // the bases allow; the pointer guards live until after the launch.
         unsafe { kernel.launch(dev, launch, &params) }
     };
@@ -407,9 +429,8 @@ fn launch<T: KernelElement>(
 /// A launch's shape, from the batch and the adapters' rank capacity alone
 /// (never from the ids): the pool's launches and the one-adapter decode.
 struct Plan {
+    tiling: Tiling,
     shape: TileShape,
-    /// The deep decode pipeline (m <= 16 at decode).
-    deep: bool,
     /// Chunks of `k` per SIMT shrink unit ([`shrink_chunks`]).
     chunks: usize,
     shrink_blocks: usize,
@@ -421,20 +442,18 @@ struct Plan {
 impl Plan {
     /// `form`: whether the grid has shrink blocks, and a forced split count
     /// ([`LaunchForm`]); `segments`: the table's length (0: ids per token).
-    /// An error for a regime and type with no kernel, for a forced split the
-    /// launch can't take, and for a batch whose shrink items pass a 32-bit
-    /// claim counter.
+    /// An error for a forced split the launch can't take, and for a batch
+    /// whose shrink items pass a 32-bit claim counter.
     fn new(
-        regime: Regime,
-        dtype: DType,
+        tiling: Tiling,
         (with_shrink_blocks, k_splits): (bool, Option<usize>),
         dims: Dims,
         max_rank: usize,
         segments: usize,
         sm_count: usize,
     ) -> Result<Plan> {
-        let deep = deep_decode(regime, dims.m);
-        let shape = tile_shape(regime, dtype, deep)?;
+        let regime = tiling.regime();
+        let shape = tiling.shape();
         // Shrink units: groups of tokens x groups of rank rows, a warp each,
         // claimed by the warps from a 32-bit counter together with the table
         // entries.
@@ -471,8 +490,8 @@ impl Plan {
             sm_count,
         )?;
         Ok(Plan {
+            tiling,
             shape,
-            deep,
             chunks,
             shrink_blocks,
             tiles,
@@ -538,15 +557,8 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     beta: f32,
     k_splits: Option<usize>,
 ) -> Result<bool> {
-    let plan = Plan::new(
-        regime,
-        T::DTYPE,
-        (true, k_splits),
-        dims,
-        ops.rank,
-        0,
-        dev.sm_count(),
-    )?;
+    let tiling = Tiling::pick(regime, T::DTYPE, dims.m, None, dev.max_block_smem())?;
+    let plan = Plan::new(tiling, (true, k_splits), dims, ops.rank, 0, dev.sm_count())?;
     let t_values = if ops.t != 0 { 0 } else { dims.m * ops.rank };
     let len = SharedShrink::scratch_len(dev.sm_count(), t_values);
     let Some(scratch) = dev.split_k_scratch(len)? else {
@@ -600,7 +612,7 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
         block: [plan.shape.threads, 1, 1],
         dynamic_smem_bytes: plan.shape.smem_bytes,
     };
-    let kernel = select(regime, T::DTYPE, aligned, plan.deep);
+    let kernel = plan.tiling.kernel(T::DTYPE, aligned);
     // SAFETY: the operands are as this function's contract says (the
     // adapter is a pool of one slot: a_pool rank x k, b_pool n x rank, t
     // [m][max_rank = rank]); no ids or pool tables are read (slot_rank = 0);
@@ -620,79 +632,169 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     Ok(true)
 }
 
-/// The tile of `y` a block owns, the block size and the dynamic shared memory
-/// of the kernel for a regime and type; an error for pairs with no kernel.
+/// The tiles of a launch (their shape and pipeline), and so its kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tiling {
+    /// Tensor-core decode tiles of 16 rows, or of 64 (`wide`); `deep`: the
+    /// deeper pipeline.
+    Decode {
+        wide: bool,
+        deep: bool,
+    },
+    Prefill,
+    /// f32 SIMT tiles.
+    Simt,
+}
+
+impl Tiling {
+    /// The tiles for `m` tokens of `dtype` in `regime` (`wide`: the
+    /// [`LaunchForm`]'s choice), on a device whose blocks may take
+    /// `max_smem` bytes of shared memory; an error for a regime and type
+    /// with no kernel, or a tile choice outside decode.
+    ///
+    /// The deep pipelines: at decode the blocks are about one per SM (n /
+    /// 32 of them), so a block's stages are all the bytes of `w` its SM has
+    /// in flight. The 16-row one (81 KiB) fits every GPU from sm_80 and
+    /// runs where one row of tiles covers the batch (m <= 16); the 64-row
+    /// one (122 KiB) runs where the device lets a block take it.
+    fn pick(
+        regime: Regime,
+        dtype: DType,
+        m: usize,
+        wide: Option<bool>,
+        max_smem: usize,
+    ) -> Result<Tiling> {
+        let tensor_cores = matches!(dtype, DType::F16 | DType::BF16);
+        let tiles = match regime {
+            Regime::Decode if tensor_cores => {
+                let wide = wide.unwrap_or(m > DECODE.bm);
+                let deep = if wide {
+                    DECODE_WIDE_DEEP.smem_bytes(0) as usize + STATIC_SMEM_MARGIN <= max_smem
+                } else {
+                    m <= DECODE.bm
+                };
+                return Ok(Tiling::Decode { wide, deep });
+            }
+            Regime::Prefill if tensor_cores => Tiling::Prefill,
+            Regime::Simt if dtype == DType::F32 => Tiling::Simt,
+            Regime::Simt => {
+                return Err(invalid(
+                    "regime",
+                    "Simt",
+                    format!(
+                        "the multi-adapter SIMT kernel takes f32 pools; {dtype:?} runs on tensor cores (Decode or Prefill)"
+                    ),
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "regime",
+                    format!("{regime:?}"),
+                    format!(
+                        "tensor-core kernels take f16 or bf16 pools, not {dtype:?}; f32 runs in Simt"
+                    ),
+                ));
+            }
+        };
+        match wide {
+            Some(wide) => Err(invalid(
+                "wide_tiles",
+                wide,
+                format!("decode launches choose their tiles; this one runs in {regime:?}"),
+            )),
+            None => Ok(tiles),
+        }
+    }
+
+    fn regime(self) -> Regime {
+        match self {
+            Tiling::Decode { .. } => Regime::Decode,
+            Tiling::Prefill => Regime::Prefill,
+            Tiling::Simt => Regime::Simt,
+        }
+    }
+
+    /// The tensor-core tile shape ([`Tiling::Simt`] has none).
+    fn mma(self) -> Option<&'static MmaTiles> {
+        match self {
+            Tiling::Decode {
+                wide: false,
+                deep: false,
+            } => Some(&DECODE),
+            Tiling::Decode {
+                wide: false,
+                deep: true,
+            } => Some(&DECODE_DEEP),
+            Tiling::Decode {
+                wide: true,
+                deep: false,
+            } => Some(&DECODE_WIDE),
+            Tiling::Decode {
+                wide: true,
+                deep: true,
+            } => Some(&DECODE_WIDE_DEEP),
+            Tiling::Prefill => Some(&PREFILL),
+            Tiling::Simt => None,
+        }
+    }
+
+    /// The tile of `y` a block owns, the block size and the dynamic shared
+    /// memory of the kernel.
+    fn shape(self) -> TileShape {
+        match self.mma() {
+            Some(tiles) => TileShape {
+                bm: tiles.bm,
+                bn: tiles.bn,
+                threads: tiles.threads,
+                smem_bytes: tiles.smem_bytes(0),
+            },
+            None => TileShape {
+                bm: SIMT.bm,
+                bn: SIMT.bn,
+                threads: SIMT.threads,
+                smem_bytes: 0,
+            },
+        }
+    }
+
+    /// The entry point for these tiles and type (one [`Tiling::pick`] accepted).
+    fn kernel(self, dtype: DType, aligned: bool) -> &'static Kernel<MultiAdapterParams> {
+        let bf16 = dtype == DType::BF16;
+        match (self, bf16, aligned) {
+            (Tiling::Simt, _, _) => &SIMT_F32,
+            (Tiling::Decode { wide, deep }, _, _) => match (wide, deep, bf16, aligned) {
+                (false, false, false, true) => &DECODE_F16_ALIGNED,
+                (false, false, false, false) => &DECODE_F16_ANY,
+                (false, false, true, true) => &DECODE_BF16_ALIGNED,
+                (false, false, true, false) => &DECODE_BF16_ANY,
+                (false, true, false, true) => &DECODE_DEEP_F16_ALIGNED,
+                (false, true, false, false) => &DECODE_DEEP_F16_ANY,
+                (false, true, true, true) => &DECODE_DEEP_BF16_ALIGNED,
+                (false, true, true, false) => &DECODE_DEEP_BF16_ANY,
+                (true, false, false, true) => &DECODE_WIDE_F16_ALIGNED,
+                (true, false, false, false) => &DECODE_WIDE_F16_ANY,
+                (true, false, true, true) => &DECODE_WIDE_BF16_ALIGNED,
+                (true, false, true, false) => &DECODE_WIDE_BF16_ANY,
+                (true, true, false, true) => &DECODE_WIDE_DEEP_F16_ALIGNED,
+                (true, true, false, false) => &DECODE_WIDE_DEEP_F16_ANY,
+                (true, true, true, true) => &DECODE_WIDE_DEEP_BF16_ALIGNED,
+                (true, true, true, false) => &DECODE_WIDE_DEEP_BF16_ANY,
+            },
+            (Tiling::Prefill, false, true) => &PREFILL_F16_ALIGNED,
+            (Tiling::Prefill, false, false) => &PREFILL_F16_ANY,
+            (Tiling::Prefill, true, true) => &PREFILL_BF16_ALIGNED,
+            (Tiling::Prefill, true, false) => &PREFILL_BF16_ANY,
+        }
+    }
+}
+
+/// A launch's block tile, block size and dynamic shared memory.
 #[derive(Clone, Copy)]
 struct TileShape {
     bm: usize,
     bn: usize,
     threads: u32,
     smem_bytes: u32,
-}
-
-/// Whether a launch takes the deep decode pipeline: at decode with one row
-/// of tile blocks (m <= 16), about one block per SM, where the pipeline's
-/// stages are all the bytes of `w` an SM has in flight. Its 81 KiB of shared
-/// memory fit every GPU from sm_80; its k-steps are the base pipeline's.
-fn deep_decode(regime: Regime, m: usize) -> bool {
-    regime == Regime::Decode && m <= DECODE.bm
-}
-
-fn tile_shape(regime: Regime, dtype: DType, deep: bool) -> Result<TileShape> {
-    let mma = |tiles: &MmaTiles| TileShape {
-        bm: tiles.bm,
-        bn: tiles.bn,
-        threads: tiles.threads,
-        smem_bytes: tiles.smem_bytes(0),
-    };
-    match (regime, dtype) {
-        (Regime::Decode, DType::F16 | DType::BF16) if deep => Ok(mma(&DECODE_DEEP)),
-        (Regime::Decode, DType::F16 | DType::BF16) => Ok(mma(&DECODE)),
-        (Regime::Prefill, DType::F16 | DType::BF16) => Ok(mma(&PREFILL)),
-        (Regime::Simt, DType::F32) => Ok(TileShape {
-            bm: SIMT.bm,
-            bn: SIMT.bn,
-            threads: SIMT.threads,
-            smem_bytes: 0,
-        }),
-        (Regime::Simt, _) => Err(invalid(
-            "regime",
-            "Simt",
-            format!(
-                "the multi-adapter SIMT kernel takes f32 pools; {dtype:?} runs on tensor cores (Decode or Prefill)"
-            ),
-        )),
-        (_, _) => Err(invalid(
-            "regime",
-            format!("{regime:?}"),
-            format!("tensor-core kernels take f16 or bf16 pools, not {dtype:?}; f32 runs in Simt"),
-        )),
-    }
-}
-
-/// The entry point for a regime and type (a pair `tile_shape` accepted).
-fn select(
-    regime: Regime,
-    dtype: DType,
-    aligned: bool,
-    deep: bool,
-) -> &'static Kernel<MultiAdapterParams> {
-    let bf16 = dtype == DType::BF16;
-    match (regime, bf16, aligned) {
-        (Regime::Simt, _, _) => &SIMT_F32,
-        (Regime::Decode, false, true) if deep => &DECODE_DEEP_F16_ALIGNED,
-        (Regime::Decode, false, false) if deep => &DECODE_DEEP_F16_ANY,
-        (Regime::Decode, true, true) if deep => &DECODE_DEEP_BF16_ALIGNED,
-        (Regime::Decode, true, false) if deep => &DECODE_DEEP_BF16_ANY,
-        (Regime::Decode, false, true) => &DECODE_F16_ALIGNED,
-        (Regime::Decode, false, false) => &DECODE_F16_ANY,
-        (Regime::Decode, true, true) => &DECODE_BF16_ALIGNED,
-        (Regime::Decode, true, false) => &DECODE_BF16_ANY,
-        (Regime::Prefill, false, true) => &PREFILL_F16_ALIGNED,
-        (Regime::Prefill, false, false) => &PREFILL_F16_ANY,
-        (Regime::Prefill, true, true) => &PREFILL_BF16_ALIGNED,
-        (Regime::Prefill, true, false) => &PREFILL_BF16_ANY,
-    }
 }
 
 /// Checks a segment table given from the host (see [`Routing::Segments`])
