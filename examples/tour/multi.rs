@@ -25,7 +25,7 @@ pub fn table(
         "\n   multi-adapter forward, bf16: ours (one launch) vs cuBLAS base-only and a per-adapter cuBLAS loop"
     );
     println!(
-        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10}",
+        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>11}",
         "n",
         "k",
         "tokens",
@@ -38,7 +38,8 @@ pub fn table(
         "ours/base",
         "loop/ours",
         "% floor",
-        "unsplit/ours"
+        "unsplit/ours",
+        "16-row/ours"
     );
     let mut rows = Vec::new();
     // n = 1024: a GQA model's k / v projection, whose few column tiles
@@ -118,14 +119,14 @@ fn measure(
         let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
         multi_adapter_forward(&pool, m, x, &inputs.ws[i % copies], &routing, 0.0, y)
     })?;
-    // At n = 1024 the decode launches split each tile's k-loop (split-K):
-    // the same launch unsplit, timed beside it, says what the split gains.
+    // Other launch forms of the same batch, timed beside it: at n = 1024
+    // the decode launches split each tile's k-loop (split-K), and unsplit
+    // says what the split gains; past 16 tokens they take 64-row tiles (w
+    // read once per column tile, each warp expanding its own rows), and
+    // 16-row tiles (w read once per 16 rows, a block expanding them) say
+    // what those gain.
     let regime = regime_for(DType::BF16, m);
-    let unsplit = if n == 1024 && regime == Regime::Decode {
-        let form = LaunchForm {
-            k_splits: Some(1),
-            ..LaunchForm::default()
-        };
+    let mut time_form = |form: LaunchForm| -> Res<f64> {
         let timing = time_on_stream(dev, WARMUP, RUNS, || {
             i += 1;
             let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
@@ -141,9 +142,22 @@ fn measure(
                 (y.into(), None),
             )
         })?;
-        Some(timing.median_us)
-    } else {
-        None
+        Ok(timing.median_us)
+    };
+    let decode = regime == Regime::Decode;
+    let unsplit = match n == 1024 && decode {
+        true => Some(time_form(LaunchForm {
+            k_splits: Some(1),
+            ..LaunchForm::default()
+        })?),
+        false => None,
+    };
+    let narrow = match m > 16 && decode {
+        true => Some(time_form(LaunchForm {
+            wide_tiles: Some(false),
+            ..LaunchForm::default()
+        })?),
+        false => None,
     };
     let base = time_on_stream(dev, WARMUP, RUNS, || {
         i += 1;
@@ -182,9 +196,12 @@ fn measure(
             .sum::<f64>();
     let floor_us = ceilings.floor_us(bytes, flops);
     let rank_label = rank.map_or("mixed".to_string(), |r| r.to_string());
-    let split_gain = unsplit.map_or("-".to_string(), |u| format!("{:.2}", u / ours.median_us));
+    let gain = |other: Option<f64>| {
+        other.map_or("-".to_string(), |u| format!("{:.2}", u / ours.median_us))
+    };
+    let (split_gain, wide_gain) = (gain(unsplit), gain(narrow));
     println!(
-        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}% {split_gain:>12}",
+        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}% {split_gain:>12} {wide_gain:>11}",
         ours.median_us,
         base.median_us,
         looped.median_us,
@@ -194,7 +211,7 @@ fn measure(
     );
     Ok(json!({
         "n": n, "k": k, "tokens": m, "adapters": distinct, "rank": rank_label,
-        "regime": format!("{regime:?}"), "unsplit_us": unsplit,
+        "regime": format!("{regime:?}"), "unsplit_us": unsplit, "rows16_us": narrow,
         "ours_us": ours.median_us, "cublas_base_us": base.median_us, "cublas_per_adapter_loop_us": looped.median_us,
         "floor_us": floor_us, "ours_over_base": ours.median_us / base.median_us,
         "loop_over_ours": looped.median_us / ours.median_us, "pct_of_floor": 100.0 * floor_us / ours.median_us,

@@ -79,7 +79,7 @@ use lora_kernels::{
 
 use crate::{Res, common, data};
 
-/// Batch sizes: a decode batch (a partial 16-row tile, below the decode limit
+/// Batch sizes: a decode batch (a partial 64-row tile, below the decode limit
 /// of 64), a smaller one, and a prefill batch (one full 128-row tile and a
 /// 2-row tail).
 const M_DECODE: usize = 37;

@@ -124,8 +124,8 @@ pub(super) fn multi_rows(dev: &Device) -> Res<Vec<Row>> {
             rows.push(multi::<bf16>(dev, regime, Dims::new(m, N, k), segmented)?);
         }
     }
-    // Split-K at decode: 16 k-tiles over 2 columns of tiles (3 row tiles at
-    // 37 tokens, 1 at 5), both load paths and both routings.
+    // Split-K at decode: 16 k-tiles over 2 columns of tiles (a 64-row tile
+    // at 37 tokens, a 16-row one at 5), both load paths and both routings.
     rows.push(multi::<bf16>(
         dev,
         Regime::Decode,

@@ -37,17 +37,17 @@ impl Traffic {
     }
 }
 
-/// The block tile (rows, columns) of a forward regime; `fused`: the fused
-/// forward's (its decode tiles depend on m).
-fn tile(regime: Regime, m: usize, fused: bool) -> (u64, u64) {
+/// The block tile (rows, columns) of a forward regime for `m` tokens: at
+/// decode 16 rows up to 16 tokens, 64 past (the fused and the multi-adapter
+/// forward alike).
+fn tile(regime: Regime, m: usize) -> (u64, u64) {
     let (bm, bn) = match regime {
         Regime::Simt => (SIMT.bm, SIMT.bn),
-        Regime::Decode if fused => {
+        Regime::Decode => {
             // The pipeline's depth moves no byte: the shape is the same.
             let tiles = fused_decode_tiles(m, false);
             (tiles.bm, tiles.bn)
         }
-        Regime::Decode => (DECODE.bm, DECODE.bn),
         Regime::Prefill => (PREFILL.bm, PREFILL.bn),
     };
     (bm as u64, bn as u64)
@@ -79,7 +79,7 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
     let e = dtype.size() as u64;
     let (m, n, k, r) = (dims.m as u64, dims.n as u64, dims.k as u64, r as u64);
     let regime = regime_for(dtype, dims.m);
-    let (bm, bn) = tile(regime, dims.m, true);
+    let (bm, bn) = tile(regime, dims.m);
     let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
     let ab = match regime {
         Regime::Simt => {
@@ -143,7 +143,8 @@ fn split_partials(splittable: bool, dims: Dims, tiles: u64, per_row: u64) -> u64
 /// distinct adapter's rank rows (a few tokens' units cut into chunks of `k`
 /// also write and read back each chunk's sums). Every tile block reads its rows of `x`, its
 /// columns of `w`, and per distinct adapter among its rows those rows' `t`
-/// and its rows of `b`. A decode launch split across blocks (split-K) also
+/// and its rows of `b` (at decode per 16 rows: a 64-row tile's warps each
+/// expand their own). A decode launch split across blocks (split-K) also
 /// writes and reads back each block's f32 sums of its existing rows. The
 /// floor reads `x`, `w` and each distinct adapter once.
 pub fn multi_adapter_forward(
@@ -156,7 +157,7 @@ pub fn multi_adapter_forward(
     let e = dtype.size() as u64;
     let (m, n, k) = (dims.m as u64, dims.n as u64, dims.k as u64);
     let regime = regime_for(dtype, dims.m);
-    let (bm, bn) = tile(regime, dims.m, false);
+    let (bm, bn) = tile(regime, dims.m);
     let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
     let rank_of = |id: i32| {
         usize::try_from(id)
@@ -187,9 +188,15 @@ pub fn multi_adapter_forward(
         1 => 0,
         _ => 2 * 4 * chunks * ids.iter().map(|&id| rank_of(id)).sum::<u64>(),
     };
-    // Per row tile: its distinct adapters' b rows, and its rows' t per column tile.
+    // Per team of rows that expand together (a tile's, or at decode a
+    // warp's 16): its distinct adapters' b rows, and its rows' t per column
+    // tile.
+    let team = match regime {
+        Regime::Decode => DECODE.bm,
+        _ => bm as usize,
+    };
     let mut expand = 0;
-    for rows in ids.chunks(bm as usize) {
+    for rows in ids.chunks(team) {
         let b_rows: u64 = distinct(rows.iter().copied())
             .iter()
             .map(|&id| rank_of(id))
@@ -395,6 +402,24 @@ mod tests {
         let (x, w, y) = (128 * 4096, 4096 * 4096, 4096);
         let expand = 2 * 4096 * 16 + 128 * 4 * 16;
         assert_eq!(wide.requested, 2 * (x + w + y) + shrink + expand);
+    }
+
+    #[test]
+    fn multi_adapter_decode_of_64_tokens_reads_w_once() {
+        // 64 tokens of 8 rank-16 adapters (token i on i % 8), n = k = 4096:
+        // one row of 128 tiles of 64 rows read x and w once each; 256 shrink
+        // units (a token's 4 ranks) read their x row and rank rows, cut into
+        // 2 chunks of k; each warp's 16 rows read their 8 adapters' b rows
+        // and their t per column tile.
+        let ids: Vec<i32> = (0..64).map(|i| i % 8).collect();
+        let dims = Dims::new(64, 4096, 4096);
+        let t = multi_adapter_forward(DType::BF16, dims, &[16; 8], &ids, false);
+        let (x, w, y) = (128 * 64 * 4096, 4096 * 4096, 64 * 4096);
+        let shrink = 64 * (2 * (4 * 4096 + 16 * 4096) + 4 * 16);
+        let chunk_sums = 2 * 4 * 2 * 64 * 16;
+        let expand = 4 * (2 * 4096 * 8 * 16 + 128 * 4 * 16 * 16);
+        assert_eq!(t.requested, 2 * (x + w + y) + shrink + chunk_sums + expand);
+        assert_eq!(t.floor, 2 * (64 * 4096 + w + 8 * 16 * 8192 + y));
     }
 
     #[test]
