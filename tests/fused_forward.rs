@@ -826,16 +826,16 @@ fn shared_shrink_control<T: KernelElement>(regime: Regime, m: usize, off: f32) {
     }
 }
 
-/// Decode launches of up to 16 tokens at ranks up to 64 compute `t` once
+/// Decode launches of up to 64 tokens at ranks up to 64 compute `t` once
 /// (the shared shrink, the default there: [`check_both_shrinks`]) instead of
 /// in every column tile, and a reference with the scale off by 1% (bf16) or
-/// 0.3% (f16) fails the shared shrink's `y`. Shapes: 1, 3, 5 and 16 tokens;
-/// ranks 1, 3, 16 and 64; k off the 16-byte path (45) and on it, with 1 to 5
-/// chunks of 1024 values (a few tokens' shrink units cut k into chunks);
-/// both thread schedules (in reverse the tile blocks start first and take
-/// the shrink work themselves). Asking for the shared shrink where it
-/// doesn't apply (17 tokens, rank 65) is an error naming `shared_shrink`
-/// that changes nothing.
+/// 0.3% (f16) fails the shared shrink's `y`. Shapes: 1, 3, 5 and 16 tokens
+/// (16-row tiles), 17, 33 and 64 (64-row tiles); ranks 1, 3, 16 and 64; k
+/// off the 16-byte path (45) and on it, with 1 to 5 chunks of 1024 values
+/// (a few tokens' shrink units cut k into chunks); both thread schedules (in
+/// reverse the tile blocks start first and take the shrink work
+/// themselves). Asking for the shared shrink where it doesn't apply (65
+/// tokens, rank 65) is an error naming `shared_shrink` that changes nothing.
 #[test]
 fn one_adapter_decode_matches_reference() {
     fn check<T: KernelElement>(dev: &Device, shape: Shape, beta: f32) {
@@ -847,15 +847,21 @@ fn one_adapter_decode_matches_reference() {
         (5, 40, 1000, 64),
         (1, 40, 2050, 16),
         (3, 33, 4104, 3),
+        (17, 70, 840, 16),
+        (33, 45, 45, 3),
+        (64, 40, 1000, 64),
     ];
     every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
     let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
     check::<bf16>(&reverse, (1, 40, 2050, 16), 0.0);
     check::<f16>(&reverse, (5, 40, 1000, 64), 0.5);
+    check::<bf16>(&reverse, (40, 40, 1000, 16), 0.5);
     shared_shrink_control::<bf16>(Regime::Decode, 5, 1e-2);
     shared_shrink_control::<f16>(Regime::Decode, 5, 3e-3);
+    shared_shrink_control::<bf16>(Regime::Decode, 40, 1e-2);
+    shared_shrink_control::<f16>(Regime::Decode, 40, 3e-3);
 
-    for (m, r) in [(17, 16), (1, 65)] {
+    for (m, r) in [(65, 16), (1, 65)] {
         let form = LaunchForm {
             shared_shrink: Some(true),
             ..LaunchForm::default()

@@ -2,7 +2,7 @@
 //! Kernels: kernels/fused_forward_simt.cu (any type, the plain reference
 //! kernel) and kernels/fused_forward_mma.cu (f16/bf16 on tensor cores: decode
 //! tiles of two pipeline depths, split-K for a small `n`, and a prefill tile
-//! shape). A prefill launch, and a decode launch of up to 16 tokens at ranks
+//! shape). A prefill launch, and a decode launch of up to 64 tokens at ranks
 //! up to 64, run on the multi-adapter kernel instead
 //! (kernels/multi_adapter_forward.cu, every token on the one adapter), which
 //! computes `t = x a^T` once for the launch where the fused kernel computes
@@ -79,7 +79,7 @@ pub fn regime_for(dtype: DType, m: usize) -> Regime {
 /// With `beta == 0`, `y` is only written, never read.
 ///
 /// At decode, where `n` gives fewer column tiles than the GPU has SMs, the
-/// k-loop is split across blocks (split-K), and prefill and decode up to 16
+/// k-loop is split across blocks (split-K), and prefill and decode up to 64
 /// tokens at ranks up to 64 compute `t` once for the launch (module docs),
 /// through a workspace that `dev`'s stream keeps: a CUDA graph that captured
 /// such a launch must not run concurrently with other work of that stream,
@@ -196,7 +196,7 @@ pub struct LaunchForm {
     /// regimes take no split; a launch that can't have a workspace (a stream
     /// being captured before its first split-K launch) runs unsplit.
     pub k_splits: Option<usize>,
-    /// Where a prefill launch, or a decode launch of up to 16 tokens at
+    /// Where a prefill launch, or a decode launch of up to 64 tokens at
     /// ranks up to 64, computes `t = x a^T`: `None` or `Some(true)` once for
     /// the launch, on the multi-adapter kernel with every token on the one
     /// adapter (`Some(true)` elsewhere is an error; `deep_decode` and
@@ -375,7 +375,7 @@ fn shared_shrink(
                 "the shared shrink takes prefill launches (m x rank up to 2^24 unless t is \
                  saved) and decode launches of up to {} tokens at ranks up to {RANK_CHUNK}, not \
                  {regime:?} with m = {} at rank {rank}",
-                DECODE.bm, dims.m
+                DECODE_WIDE.bm, dims.m
             ),
         )),
         Some(asked) => Ok(asked),

@@ -525,7 +525,7 @@ const MAX_SHARED_T: usize = 1 << 24;
 /// [`MAX_SHARED_T`] unless `saves_t`).
 pub(crate) fn one_adapter_fits(regime: Regime, m: usize, rank: usize, saves_t: bool) -> bool {
     match regime {
-        Regime::Decode => m <= DECODE.bm && rank <= SharedShrink::T_VALUES / DECODE.bm,
+        Regime::Decode => m <= DECODE_WIDE.bm && rank <= SharedShrink::T_VALUES / DECODE_WIDE.bm,
         Regime::Prefill => saves_t || m.saturating_mul(rank) <= MAX_SHARED_T,
         Regime::Simt => false,
     }

@@ -54,7 +54,7 @@ pub(crate) fn split_k_scratch_len(sm_count: usize) -> usize {
 /// Where the fused forward's one-adapter launches (on the multi-adapter
 /// kernel) keep their shrink's state in the decode workspace: the kernel's 5
 /// counters, the sums and counters of shrink units cut into chunks of `k`
-/// (as many as a pool keeps for them), then `t`: for up to 16 tokens of 64
+/// (as many as a pool keeps for them), then `t`: for up to 64 tokens of 64
 /// ranks, or more for a prefill (the workspace grows). The counters are 0
 /// between launches, like the split-K ones.
 pub(crate) struct SharedShrink {
@@ -69,7 +69,7 @@ impl SharedShrink {
     /// Room for the kernel's 5 counters (a 32-byte run of values).
     const COUNTERS: usize = 8;
     /// `t`'s values at least: the tokens of one decode row tile, one chunk of ranks.
-    pub(crate) const T_VALUES: usize = DECODE.bm * RANK_CHUNK;
+    pub(crate) const T_VALUES: usize = DECODE_WIDE.bm * RANK_CHUNK;
 
     /// Where it starts in the workspace (4-byte values): after the split-K counters.
     fn at(sm_count: usize) -> usize {
@@ -215,10 +215,11 @@ mod tests {
         let shrink_at = 132 * 64 * 96 + 132;
         let chunk_sums = 4 * 4 * 132;
         let t_at = shrink_at + 8 + chunk_sums + 4 * 132;
-        assert_eq!(split_k_scratch_len(132), t_at + 16 * 64);
+        // Room for t of 64 tokens at 64 ranks (one row of decode tiles).
+        assert_eq!(split_k_scratch_len(132), t_at + 64 * 64);
         // A prefill's t makes it longer; a small one keeps the decode's room.
         assert_eq!(SharedShrink::scratch_len(132, 4096 * 16), t_at + 4096 * 16);
-        assert_eq!(SharedShrink::scratch_len(132, 5), t_at + 16 * 64);
+        assert_eq!(SharedShrink::scratch_len(132, 5), t_at + 64 * 64);
         let s = SharedShrink::in_workspace(1 << 20, 132);
         let at = |values: usize| (1 << 20) + 4 * values as u64;
         assert_eq!(s.counters, at(shrink_at));

@@ -289,16 +289,24 @@ mod tests {
     }
 
     #[test]
-    fn decode_up_to_64_rows_reads_w_and_a_once_per_column_tile() {
-        let t = fused_forward(DType::BF16, Dims::new(64, 4096, 4096), 16, false);
-        let (w, a, b, x, y) = (4096 * 4096, 16 * 4096, 4096 * 16, 64 * 4096, 64 * 4096);
-        assert_eq!(t.requested, 2 * (w + 128 * a + b + 128 * x + y));
-        // 17 rows take the same single row of 64-row tiles; 16 rows their own tile.
-        let t17 = fused_forward(DType::BF16, Dims::new(17, 4096, 4096), 16, false);
-        assert_eq!(
-            t17.requested,
-            2 * (w + 128 * a + b + 128 * 17 * 4096 + 17 * 4096)
-        );
+    fn decode_up_to_64_rows_reads_w_once_per_column_tile() {
+        // Up to 64 tokens at ranks up to 64: the multi-adapter kernel's
+        // 64-row tiles with one slot for every token (t computed once).
+        for m in [17, 64] {
+            let dims = Dims::new(m, 4096, 4096);
+            let t = fused_forward(DType::BF16, dims, 16, false);
+            let multi = multi_adapter_forward(DType::BF16, dims, &[16], &vec![0; m], false);
+            assert_eq!(t, multi);
+        }
+        // Rank 65 keeps the fused kernel: one row of 64-row tiles reads w
+        // once and a's rows in every column tile, x twice (two chunks of
+        // ranks); 17 rows take the same row of tiles.
+        let (w, a, b) = (4096 * 4096, 65 * 4096, 4096 * 65);
+        for m in [17, 64] {
+            let t = fused_forward(DType::BF16, Dims::new(m, 4096, 4096), 65, false);
+            let (x, y) = (m as u64 * 4096, m as u64 * 4096);
+            assert_eq!(t.requested, 2 * (w + 128 * a + b + 2 * 128 * x + y));
+        }
     }
 
     #[test]
