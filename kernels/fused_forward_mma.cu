@@ -17,7 +17,7 @@
 // above RC = 64 take extra passes over k, one per chunk of 64 (x is re-read,
 // w is not). lk::expand keeps f16's hi finite for any
 // finite scale * t and gives Inf and NaN weights their exact products.
-// Prefill launches and decode launches of up to 16 tokens at ranks up to 64
+// Prefill launches and decode launches of up to 64 tokens at ranks up to 64
 // normally run on the multi-adapter kernel instead, which computes t once
 // for the launch (src/ops/fused_forward.rs); this kernel serves them when
 // asked, and while a stream is captured before it has its workspace.

@@ -21,7 +21,10 @@
 //   fraction of the work) and expand: tokens of the same adapter share each
 //   load of its b tile, and the distinct adapters among the rows are packed
 //   side by side into steps of 64 ranks (lk::PackedSteps: tensor cores; the
-//   f32 SIMT tiles take them one by one). The b tiles are prefetched into L2
+//   f32 SIMT tiles take them one by one). At decode of 17 to 64 tokens a
+//   tile has 64 rows, and each of its 4 warps packs and expands its own 16
+//   (lk::WarpTiles): 4 short sequences of steps that overlap, not one long
+//   one. The b tiles are prefetched into L2
 //   while the base product runs. At decode
 //   a tile may be split along k over p.k_splits blocks (split-K, where the
 //   tiles alone would leave SMs idle: a small n); its last block expands.

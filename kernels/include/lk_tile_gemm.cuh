@@ -57,9 +57,10 @@ struct WarpTiles : TileConfig<C::WTM, C::WTN, C::BK, 1, 1, 1> {
 // Decode: 2 warps per k slice and 2 slices, so the block's 4 warps cover the
 // SM's 4 schedulers (n = 4096 gives 128 blocks: about one per SM).
 using DecodeTiles = TileConfig<16, 32, 64, 1, 2, 6, 2>;
-// The fused forward's decode for 16 < m <= 64: one block covers all the
-// rows, so each column tile of w (and all of a) is loaded once, not once per
-// 16 rows; 4 warps of 16 rows each.
+// Decode for 16 < m <= 64: one block covers all the rows, so each column
+// tile of w (and, in the fused kernel, all of a) is loaded once, not once
+// per 16 rows; 4 warps of 16 rows each (the multi-adapter kernel's warps
+// expand their own rows: WarpTiles).
 using DecodeWideTiles = TileConfig<64, 32, 64, 4, 1, 5>;
 // The same tiles with deeper pipelines, for GPUs whose blocks may take the
 // shared memory (the launch picks them where they fit, src/ops/tiles.rs):
