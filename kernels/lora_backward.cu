@@ -147,26 +147,82 @@ __device__ void backward_dx(const BackwardParams& p) {
     }
 }
 
+// Whether a dx tile's warps each expand their own rows (lk::WarpTiles): the
+// 64-row decode tiles, whose 4 warps own 16 whole rows each, so a block's
+// adapters (one expand step each per 64 ranks) run as 4 short sequences
+// that overlap, not one long one.
+template <class C>
+constexpr bool DX_WARP_EXPAND = C::WN == 1 && C::KSPLIT == 1 && C::WM > 1;
+
+// The u a expand of E's team (the block, or one warp of a 64-row tile): rows
+// row0 .. row0 + E::BM - 1 of dx (row_slot[E::BM]: their slots) by column
+// tile col0, one step per distinct adapter among them and per RC of its
+// ranks; rows of other adapters and padding ranks are exact zeros. smem:
+// the team's expand tiles; distinct (E::BM + 1 ints) its scratch; guard
+// constructed before the k-loop.
+template <class T, class E>
+__device__ void dx_expand_rows(const BackwardParams& p, T* smem, const int* row_slot, int* distinct,
+                               lk::ExpandGuard<E>& guard, int row0, int col0, lk::Accumulators<E>& r) {
+    using Team = typename E::Team;
+    constexpr int LDB = E::BN + 8;
+    const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
+    const float* u = reinterpret_cast<const float*>(p.u);
+    lk::collect_distinct<E::BM, Team>(row_slot, distinct);
+    lk::ExpandTiles<T, E, true> e(smem);
+    for (int d = 1; d <= distinct[0]; ++d) {
+        const int s = distinct[d], rank = slot_rank(p, s);
+        const T* as = a_pool + (size_t)s * p.max_rank * p.k;
+        for (int r0 = 0; r0 < rank; r0 += lk::RC) {
+            const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
+            const int rp = (rc + 15) / 16 * 16;
+            // Rows of other adapters and padding ranks are exact zeros.
+            auto values = [&](auto&& f) {
+                for (int i = Team::tid(); i < E::BM * rp; i += E::THREADS) {
+                    int row = i / rp, col = i % rp;
+                    f(row, col, (row_slot[row] == s && col < rc) ? u[(size_t)(row0 + row) * p.max_rank + r0 + col] : 0.f);
+                }
+            };
+            auto weight = [&](int row, int col, int j) {
+                return row_slot[row] == s && col0 + col < p.k ? lk::to_f32(as[(size_t)(r0 + j) * p.k + col0 + col]) : 0.f;
+            };
+            guard.next();
+            values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
+            // a rows r0.. of this slot, columns col0..: rank x BN, k-major.
+            for (int i = Team::tid(); i < rp * E::BN; i += E::THREADS) {
+                int j = i / E::BN, q = i % E::BN;
+                T v = (j < rc && col0 + q < p.k) ? as[(size_t)(r0 + j) * p.k + col0 + q] : lk::from_f32<T>(0.f);
+                e.ws[j * LDB + q] = lk::finite_weight(v, guard);
+            }
+            lk::expand(e, guard, rc, rp, values, weight, r);
+        }
+    }
+}
+
 // dx = g w + u a on tensor cores: a BM x BN tile of dx per block, the base
 // product over n as a k-major GEMM (lk_tile_gemm.cuh), then u a as extra
 // k-steps over each distinct adapter's ranks among the block's rows (their a
 // tiles prefetched into L2 during the k-loop; u as a
 // hi + lo pair, like t in the forward, with lk::expand's range scaling and
-// exact non-finite products), all in one accumulator.
+// exact non-finite products), all in one accumulator. In the 64-row decode
+// tiles each warp expands its own 16 rows (dx_expand_rows).
 template <class T, class C, bool ALIGNED>
 __device__ void backward_dx_mma(const BackwardParams& p) {
+    // Who expands: the block, or each warp its own rows (teams of E).
+    using E = std::conditional_t<DX_WARP_EXPAND<C>, lk::WarpTiles<C>, C>;
+    constexpr int TEAMS = C::THREADS / E::THREADS;
+    static_assert(TEAMS * lk::expand_elems<E, true>() <= lk::smem_elems_bt<C>(), "the teams' expand tiles fit");
     LK_DYNAMIC_SHARED(T, smem);
     LK_SHARED(int, row_slot, [C::BM]);
-    LK_SHARED(int, distinct, [C::BM + 1]);  // distinct[0] = count
-    LK_SHARED(int, guard_state, [C::BM + 2]);
+    LK_SHARED(int, distinct, [TEAMS * (E::BM + 1)]);  // per team: distinct[0] = count
+    LK_SHARED(int, guard_state, [TEAMS * (E::BM + 2)]);
+    // (A constant where the block is the team: it does not know threadIdx.x < THREADS.)
+    const int team = TEAMS == 1 ? 0 : (int)(threadIdx.x / E::THREADS);
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
-    const float* u = reinterpret_cast<const float*>(p.u);
     int tm, tn;
     lk::grouped_tile(tm, tn);
     const int row0 = tm * C::BM, col0 = tn * C::BN;
-    constexpr int LDB = C::BN + 8;
 
-    lk::ExpandGuard<C> guard(guard_state);
+    lk::ExpandGuard<E> guard(guard_state + team * (E::BM + 2));
     lk::Accumulators<C> r;
     lk::zero<C>(r.acc);
     // Once the first k-tiles are on their way: the rows' adapters, and their
@@ -186,34 +242,24 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
     // dx[m, k] = g[m, n] w[n, k]: the reduction runs over n.
     lk::mainloop_bt<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.g), reinterpret_cast<const T*>(p.w), p.m, p.k,
                                    p.n, row0, col0, r, prefetch_a);
-    lk::collect_distinct<C::BM>(row_slot, distinct);
-    lk::ExpandTiles<T, C, true> e(smem);
-    for (int d = 1; d <= distinct[0]; ++d) {
-        const int s = distinct[d], rank = slot_rank(p, s);
-        const T* as = a_pool + (size_t)s * p.max_rank * p.k;
-        for (int r0 = 0; r0 < rank; r0 += lk::RC) {
-            const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
-            const int rp = (rc + 15) / 16 * 16;
-            // Rows of other adapters and padding ranks are exact zeros.
-            auto values = [&](auto&& f) {
-                for (int i = threadIdx.x; i < C::BM * rp; i += C::THREADS) {
-                    int row = i / rp, col = i % rp;
-                    f(row, col, (row_slot[row] == s && col < rc) ? u[(size_t)(row0 + row) * p.max_rank + r0 + col] : 0.f);
-                }
-            };
-            auto weight = [&](int row, int col, int j) {
-                return row_slot[row] == s && col0 + col < p.k ? lk::to_f32(as[(size_t)(r0 + j) * p.k + col0 + col]) : 0.f;
-            };
-            guard.next();
-            values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
-            // a rows r0.. of this slot, columns col0..: rank x BN, k-major.
-            for (int i = threadIdx.x; i < rp * C::BN; i += C::THREADS) {
-                int j = i / C::BN, q = i % C::BN;
-                T v = (j < rc && col0 + q < p.k) ? as[(size_t)(r0 + j) * p.k + col0 + q] : lk::from_f32<T>(0.f);
-                e.ws[j * LDB + q] = lk::finite_weight(v, guard);
-            }
-            lk::expand(e, guard, rc, rp, values, weight, r);
-        }
+    T* team_smem = smem + team * lk::expand_elems<E, true>();
+    int* team_distinct = distinct + team * (E::BM + 1);
+    if constexpr (TEAMS == 1) {
+        dx_expand_rows<T, E>(p, team_smem, row_slot, team_distinct, guard, row0, col0, r);
+    } else {
+        // The block's pipeline is drained and row_slot written (mainloop_bt
+        // ends with a barrier); the warp's accumulators as a tile of its own
+        // (the same shape: register moves the compiler drops).
+        const int rows = team * E::BM;  // the team's first row in the tile
+        lk::Accumulators<E> own;
+        static_assert(sizeof(own.acc) == sizeof(r.acc), "a warp's accumulators");
+        for (int i = 0; i < C::MT; ++i)
+            for (int j = 0; j < C::NT; ++j)
+                for (int q = 0; q < 4; ++q) own.acc[i][j][q] = r.acc[i][j][q];
+        dx_expand_rows<T, E>(p, team_smem, row_slot + rows, team_distinct, guard, row0 + rows, col0, own);
+        for (int i = 0; i < C::MT; ++i)
+            for (int j = 0; j < C::NT; ++j)
+                for (int q = 0; q < 4; ++q) r.acc[i][j][q] = own.acc[i][j][q];
     }
     lk::store_y<T, C>(reinterpret_cast<T*>(p.dx), p.m, p.k, row0, col0, p.accumulate ? 1.f : 0.f, r);
 }
@@ -510,12 +556,16 @@ LK_U_MMA_KERNEL(lk_backward_u_mma_bf16_any, __nv_bfloat16, false)
     LK_KERNEL(lk_backward_dx_##regime##_##tname##_aligned, BackwardParams,                  \
               (backward_dx_mma<T, Cfg, true>))                                                \
     LK_KERNEL(lk_backward_dx_##regime##_##tname##_any, BackwardParams, (backward_dx_mma<T, Cfg, false>))
-LK_BACKWARD_DX_MMA(decode, lk::DecodeTiles, f16, __half)
-LK_BACKWARD_DX_MMA(decode, lk::DecodeTiles, bf16, __nv_bfloat16)
 // Up to 16 tokens: one row of blocks, about one per SM; the deep pipeline
 // keeps twice the bytes of w in flight (89 KiB: every GPU from sm_80).
 LK_BACKWARD_DX_MMA(decode_deep, lk::DecodeDeepTiles, f16, __half)
 LK_BACKWARD_DX_MMA(decode_deep, lk::DecodeDeepTiles, bf16, __nv_bfloat16)
+// 17 to 64 tokens: one block covers every row, so each column tile of w is
+// read once, not once per 16 rows; each warp expands its own 16 rows.
+LK_BACKWARD_DX_MMA(decode_wide, lk::DecodeWideTiles, f16, __half)
+LK_BACKWARD_DX_MMA(decode_wide, lk::DecodeWideTiles, bf16, __nv_bfloat16)
+LK_BACKWARD_DX_MMA(decode_wide_deep, lk::DecodeWideDeepTiles, f16, __half)
+LK_BACKWARD_DX_MMA(decode_wide_deep, lk::DecodeWideDeepTiles, bf16, __nv_bfloat16)
 LK_BACKWARD_DX_MMA(prefill, lk::PrefillTiles, f16, __half)
 LK_BACKWARD_DX_MMA(prefill, lk::PrefillTiles, bf16, __nv_bfloat16)
 LK_KERNEL(lk_backward_reduce, BackwardParams, backward_reduce)

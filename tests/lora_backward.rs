@@ -325,7 +325,8 @@ fn negative_control<T: KernelElement>(off: f64, m: usize) {
 
 #[test]
 fn negative_control_per_type() {
-    for m in [9, 70] {
+    // Decode (16-row and 64-row dx tiles) and prefill.
+    for m in [9, 40, 70] {
         negative_control::<f32>(1e-4, m);
         negative_control::<f16>(3e-3, m);
         negative_control::<bf16>(1e-2, m);
@@ -523,6 +524,27 @@ fn multi_adapter_backward_equals_a_per_slot_loop() {
     let ids: Vec<i32> = (0..37).map(|i| [0, 2, -1, 3, 2, 0, 7][i % 7]).collect(); // 7: out of range
     PoolCase::<bf16>::new(Dims::new(37, 26, 19), 12, &[5, 0, 12, 1], ids, 21)
         .check("per-slot loop");
+}
+
+/// The dx of 17 to 64 tokens takes 64-row tiles (`w` read once per column
+/// tile), each warp expanding its own 16 rows' adapters one after another:
+/// 8 slots of ranks 1 to 80 (two rank chunks), tokens without an adapter, an
+/// out-of-range id, several adapters in every warp's rows, f16 and bf16, `k`
+/// on and off the 16-byte path. Each matches the per-slot reference.
+#[test]
+fn dx_of_17_to_64_tokens_expands_per_warp() {
+    let ranks = [1, 16, 80, 3, 33, 64, 0, 12];
+    for (m, k) in [(17, 19), (64, 24), (40, 32)] {
+        let ids: Vec<i32> = (0..m as i32)
+            .map(|i| match i % 11 {
+                10 => 9, // out of range
+                j => [0, 1, 2, 3, 4, 5, -1, 7, 2, 5][j as usize],
+            })
+            .collect();
+        let dims = Dims::new(m, 45, k);
+        PoolCase::<bf16>::new(dims, 80, &ranks, ids.clone(), m as u64).check("64-row dx tiles");
+        PoolCase::<f16>::new(dims, 80, &ranks, ids, k as u64).check("64-row dx tiles");
+    }
 }
 
 /// f16's range in dx's split of u = s g b (docs/DESIGN.md section 2): with

@@ -93,7 +93,7 @@ fn backward_rows(n: usize, k: usize) {
         deterministic: true,
     };
     let mut cases: Vec<(String, Dims, Vec<usize>, Vec<i32>)> = Vec::new();
-    for m in [16usize, 4096] {
+    for m in [16usize, 64, 4096] {
         for r in [16usize, 64] {
             cases.push((
                 format!("m {m}, one adapter r {r}"),

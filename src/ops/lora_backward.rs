@@ -8,7 +8,10 @@
 //! [`lora_backward`] trains one adapter; [`multi_adapter_backward`] trains
 //! every adapter of a pool that a batch uses, each token's gradient going to
 //! its own slot, in the same launches.
-use super::tiles::{DECODE, DECODE_DEEP, GATHER_GEMM, MmaTiles, PREFILL, TOKEN_GEMM};
+use super::tiles::{
+    DECODE, DECODE_DEEP, DECODE_WIDE, DECODE_WIDE_DEEP, GATHER_GEMM, MmaTiles, PREFILL,
+    STATIC_SMEM_MARGIN, TOKEN_GEMM,
+};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef, Buffer, Home, check_home};
@@ -39,14 +42,18 @@ kernel!(U_MMA_BF16_ANY = lk_backward_u_mma_bf16_any in "lora_backward": Backward
 kernel!(REDUCE = lk_backward_reduce in "lora_backward": BackwardParams;);
 kernel!(U_SUM = lk_backward_u_sum in "lora_backward": BackwardParams;);
 kernel!(FIRST_TOKENS = lk_backward_first_tokens in "lora_backward": BackwardParams;);
-kernel!(DX_DECODE_F16_ALIGNED = lk_backward_dx_decode_f16_aligned in "lora_backward": BackwardParams;);
-kernel!(DX_DECODE_F16_ANY = lk_backward_dx_decode_f16_any in "lora_backward": BackwardParams;);
-kernel!(DX_DECODE_BF16_ALIGNED = lk_backward_dx_decode_bf16_aligned in "lora_backward": BackwardParams;);
-kernel!(DX_DECODE_BF16_ANY = lk_backward_dx_decode_bf16_any in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_DEEP_F16_ALIGNED = lk_backward_dx_decode_deep_f16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_DEEP_F16_ANY = lk_backward_dx_decode_deep_f16_any in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_DEEP_BF16_ALIGNED = lk_backward_dx_decode_deep_bf16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_DECODE_DEEP_BF16_ANY = lk_backward_dx_decode_deep_bf16_any in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_WIDE_F16_ALIGNED = lk_backward_dx_decode_wide_f16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_WIDE_F16_ANY = lk_backward_dx_decode_wide_f16_any in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_WIDE_BF16_ALIGNED = lk_backward_dx_decode_wide_bf16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_WIDE_BF16_ANY = lk_backward_dx_decode_wide_bf16_any in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_WIDE_DEEP_F16_ALIGNED = lk_backward_dx_decode_wide_deep_f16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_WIDE_DEEP_F16_ANY = lk_backward_dx_decode_wide_deep_f16_any in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_WIDE_DEEP_BF16_ALIGNED = lk_backward_dx_decode_wide_deep_bf16_aligned in "lora_backward": BackwardParams;);
+kernel!(DX_DECODE_WIDE_DEEP_BF16_ANY = lk_backward_dx_decode_wide_deep_bf16_any in "lora_backward": BackwardParams;);
 kernel!(DX_PREFILL_F16_ALIGNED = lk_backward_dx_prefill_f16_aligned in "lora_backward": BackwardParams;);
 kernel!(DX_PREFILL_F16_ANY = lk_backward_dx_prefill_f16_any in "lora_backward": BackwardParams;);
 kernel!(DX_PREFILL_BF16_ALIGNED = lk_backward_dx_prefill_bf16_aligned in "lora_backward": BackwardParams;);
@@ -523,7 +530,7 @@ fn run<T: KernelElement>(
             let aligned = n.is_multiple_of(8)
                 && k.is_multiple_of(8)
                 && [pg, pw].iter().all(|p| p.is_multiple_of(16));
-            match dx_mma(T::DTYPE, m, aligned) {
+            match dx_mma(T::DTYPE, m, aligned, dev.max_block_smem()) {
                 Some((kernel, tiles)) => {
                     let dims = LaunchDims {
                         grid: grids.dx,
@@ -619,9 +626,11 @@ impl Grids {
         (da, da_split): (&RangeKernel, TokenSplit),
     ) -> Result<Self> {
         let Dims { m, n, k } = dims;
-        // dx: the tensor-core tiles for f16/bf16 (alignment picks only the
-        // entry point, not the tile), 64 columns x 32 rows on SIMT.
-        let (dx_rows, dx_cols) = dx_mma(T::DTYPE, m, false).map_or((32, 64), |(_, t)| (t.bm, t.bn));
+        // dx: the tensor-core tiles for f16/bf16 (alignment and the
+        // pipeline's depth pick only the entry point, not the tile's
+        // shape), 64 columns x 32 rows on SIMT.
+        let (dx_rows, dx_cols) =
+            dx_mma(T::DTYPE, m, false, usize::MAX).map_or((32, 64), |(_, t)| (t.bm, t.bn));
         Ok(Grids {
             // u: a block per token on SIMT, or tensor-core column ranges x
             // token ranges x layers.
@@ -824,36 +833,69 @@ fn zero<E: DeviceRepr + ValidAsZeroBits + Default + Clone>(
     Ok(())
 }
 
-/// The tensor-core dx kernel and its tiles for f16/bf16 (decode tiles up to
-/// m = 64, as the forward; up to m = 16, one row of blocks about one per SM,
-/// with the deep pipeline: twice the bytes of `w` in flight, 89 KiB of shared
-/// memory, which every GPU from sm_80 fits); None for f32 (SIMT).
+/// The tensor-core dx kernel and its tiles for f16/bf16, on a device whose
+/// blocks may take `max_smem` bytes of shared memory; None for f32 (SIMT).
+/// Decode tiles up to m = 64, as the forward: up to 16 tokens 16-row tiles
+/// with the deep pipeline (one row of blocks, about one per SM: twice the
+/// bytes of `w` in flight, 89 KiB, which every GPU from sm_80 fits); from 17
+/// 64-row tiles (`w` read once per column tile, each warp expanding its own
+/// rows), deep where the device fits it (125 KiB: sm_80, sm_90).
 pub(crate) fn dx_mma(
     dtype: DType,
     m: usize,
     aligned: bool,
+    max_smem: usize,
 ) -> Option<(&'static Kernel<BackwardParams>, &'static MmaTiles)> {
     let decode = m <= super::fused_forward::DECODE_MAX_M;
-    let deep = m <= DECODE.bm;
-    let kernel = match (dtype, decode, aligned) {
-        (DType::F16, true, true) if deep => &DX_DECODE_DEEP_F16_ALIGNED,
-        (DType::F16, true, false) if deep => &DX_DECODE_DEEP_F16_ANY,
-        (DType::BF16, true, true) if deep => &DX_DECODE_DEEP_BF16_ALIGNED,
-        (DType::BF16, true, false) if deep => &DX_DECODE_DEEP_BF16_ANY,
-        (DType::F16, true, true) => &DX_DECODE_F16_ALIGNED,
-        (DType::F16, true, false) => &DX_DECODE_F16_ANY,
-        (DType::BF16, true, true) => &DX_DECODE_BF16_ALIGNED,
-        (DType::BF16, true, false) => &DX_DECODE_BF16_ANY,
-        (DType::F16, false, true) => &DX_PREFILL_F16_ALIGNED,
-        (DType::F16, false, false) => &DX_PREFILL_F16_ANY,
-        (DType::BF16, false, true) => &DX_PREFILL_BF16_ALIGNED,
-        (DType::BF16, false, false) => &DX_PREFILL_BF16_ANY,
+    let wide = m > DECODE.bm;
+    let deep = if wide {
+        DECODE_WIDE_DEEP.smem_bytes_bt() as usize + STATIC_SMEM_MARGIN <= max_smem
+    } else {
+        true
+    };
+    let bf16 = match dtype {
+        DType::F16 => false,
+        DType::BF16 => true,
         _ => return None,
     };
-    let tiles = match (decode, deep) {
-        (true, true) => &DECODE_DEEP,
-        (true, false) => &DECODE,
-        _ => &PREFILL,
+    let (kernel, tiles) = match (decode, wide, deep) {
+        (true, false, _) => (
+            [
+                &DX_DECODE_DEEP_F16_ALIGNED,
+                &DX_DECODE_DEEP_F16_ANY,
+                &DX_DECODE_DEEP_BF16_ALIGNED,
+                &DX_DECODE_DEEP_BF16_ANY,
+            ],
+            &DECODE_DEEP,
+        ),
+        (true, true, false) => (
+            [
+                &DX_DECODE_WIDE_F16_ALIGNED,
+                &DX_DECODE_WIDE_F16_ANY,
+                &DX_DECODE_WIDE_BF16_ALIGNED,
+                &DX_DECODE_WIDE_BF16_ANY,
+            ],
+            &DECODE_WIDE,
+        ),
+        (true, true, true) => (
+            [
+                &DX_DECODE_WIDE_DEEP_F16_ALIGNED,
+                &DX_DECODE_WIDE_DEEP_F16_ANY,
+                &DX_DECODE_WIDE_DEEP_BF16_ALIGNED,
+                &DX_DECODE_WIDE_DEEP_BF16_ANY,
+            ],
+            &DECODE_WIDE_DEEP,
+        ),
+        (false, _, _) => (
+            [
+                &DX_PREFILL_F16_ALIGNED,
+                &DX_PREFILL_F16_ANY,
+                &DX_PREFILL_BF16_ALIGNED,
+                &DX_PREFILL_BF16_ANY,
+            ],
+            &PREFILL,
+        ),
     };
-    Some((kernel, tiles))
+    // Per type, the 16-byte path first.
+    Some((kernel[2 * usize::from(bf16) + usize::from(!aligned)], tiles))
 }
