@@ -839,7 +839,7 @@ fn zero<E: DeviceRepr + ValidAsZeroBits + Default + Clone>(
 /// with the deep pipeline (one row of blocks, about one per SM: twice the
 /// bytes of `w` in flight, 89 KiB, which every GPU from sm_80 fits); from 17
 /// 64-row tiles (`w` read once per column tile, each warp expanding its own
-/// rows), deep where the device fits it (125 KiB: sm_80, sm_90).
+/// rows), deep where the device fits it (126 KiB: sm_80, sm_90).
 pub(crate) fn dx_mma(
     dtype: DType,
     m: usize,

@@ -656,7 +656,7 @@ impl Tiling {
     /// 32 of them), so a block's stages are all the bytes of `w` its SM has
     /// in flight. The 16-row one (81 KiB) fits every GPU from sm_80 and
     /// runs where one row of tiles covers the batch (m <= 16); the 64-row
-    /// one (122 KiB) runs where the device lets a block take it.
+    /// one (121.5 KiB) runs where the device lets a block take it.
     fn pick(
         regime: Regime,
         dtype: DType,
