@@ -147,13 +147,6 @@ __device__ void backward_dx(const BackwardParams& p) {
     }
 }
 
-// Whether a dx tile's warps each expand their own rows (lk::WarpTiles): the
-// 64-row decode tiles, whose 4 warps own 16 whole rows each, so a block's
-// adapters (one expand step each per 64 ranks) run as 4 short sequences
-// that overlap, not one long one.
-template <class C>
-constexpr bool DX_WARP_EXPAND = C::WN == 1 && C::KSPLIT == 1 && C::WM > 1;
-
 // The u a expand of E's team (the block, or one warp of a 64-row tile): rows
 // row0 .. row0 + E::BM - 1 of dx (row_slot[E::BM]: their slots) by column
 // tile col0, one step per distinct adapter among them and per RC of its
@@ -208,15 +201,14 @@ __device__ void dx_expand_rows(const BackwardParams& p, T* smem, const int* row_
 template <class T, class C, bool ALIGNED>
 __device__ void backward_dx_mma(const BackwardParams& p) {
     // Who expands: the block, or each warp its own rows (teams of E).
-    using E = std::conditional_t<DX_WARP_EXPAND<C>, lk::WarpTiles<C>, C>;
+    using E = lk::ExpandTeam<C>;
     constexpr int TEAMS = C::THREADS / E::THREADS;
     static_assert(TEAMS * lk::expand_elems<E, true>() <= lk::smem_elems_bt<C>(), "the teams' expand tiles fit");
     LK_DYNAMIC_SHARED(T, smem);
     LK_SHARED(int, row_slot, [C::BM]);
     LK_SHARED(int, distinct, [TEAMS * (E::BM + 1)]);  // per team: distinct[0] = count
     LK_SHARED(int, guard_state, [TEAMS * (E::BM + 2)]);
-    // (A constant where the block is the team: it does not know threadIdx.x < THREADS.)
-    const int team = TEAMS == 1 ? 0 : (int)(threadIdx.x / E::THREADS);
+    const int team = lk::expand_team<C>();
     const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
     int tm, tn;
     lk::grouped_tile(tm, tn);
@@ -242,24 +234,16 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
     // dx[m, k] = g[m, n] w[n, k]: the reduction runs over n.
     lk::mainloop_bt<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.g), reinterpret_cast<const T*>(p.w), p.m, p.k,
                                    p.n, row0, col0, r, prefetch_a);
-    T* team_smem = smem + team * lk::expand_elems<E, true>();
-    int* team_distinct = distinct + team * (E::BM + 1);
+    // The block's pipeline is drained and row_slot written (mainloop_bt
+    // ends with a barrier).
     if constexpr (TEAMS == 1) {
-        dx_expand_rows<T, E>(p, team_smem, row_slot, team_distinct, guard, row0, col0, r);
+        dx_expand_rows<T, E>(p, smem, row_slot, distinct, guard, row0, col0, r);
     } else {
-        // The block's pipeline is drained and row_slot written (mainloop_bt
-        // ends with a barrier); the warp's accumulators as a tile of its own
-        // (the same shape: register moves the compiler drops).
-        const int rows = team * E::BM;  // the team's first row in the tile
-        lk::Accumulators<E> own;
-        static_assert(sizeof(own.acc) == sizeof(r.acc), "a warp's accumulators");
-        for (int i = 0; i < C::MT; ++i)
-            for (int j = 0; j < C::NT; ++j)
-                for (int q = 0; q < 4; ++q) own.acc[i][j][q] = r.acc[i][j][q];
-        dx_expand_rows<T, E>(p, team_smem, row_slot + rows, team_distinct, guard, row0 + rows, col0, own);
-        for (int i = 0; i < C::MT; ++i)
-            for (int j = 0; j < C::NT; ++j)
-                for (int q = 0; q < 4; ++q) r.acc[i][j][q] = own.acc[i][j][q];
+        const int rows = team * E::BM;  // the warp's first row in the tile
+        lk::with_warp_accumulators(r, [&](lk::Accumulators<E>& acc) {
+            dx_expand_rows<T, E>(p, smem + team * lk::expand_elems<E, true>(), row_slot + rows,
+                                 distinct + team * (E::BM + 1), guard, row0 + rows, col0, acc);
+        });
     }
     lk::store_y<T, C>(reinterpret_cast<T*>(p.dx), p.m, p.k, row0, col0, p.accumulate ? 1.f : 0.f, r);
 }

@@ -56,8 +56,6 @@
 #include "lk_simt_tile.cuh"
 #include "lk_tile_gemm.cuh"
 
-#include <type_traits>
-
 namespace {
 
 // The counters (MultiAdapterParams): 0 between launches.
@@ -477,15 +475,6 @@ __device__ void wait_for_shrink(const MultiAdapterParams& p, int row0, int* row_
     __syncthreads();
 }
 
-// Whether a tile's warps each expand their own rows (lk::WarpTiles): the
-// 64-row decode tiles, whose 4 warps own 16 whole rows each. A block-wide
-// expand there would pack the adapters of all 64 rows into one sequence of
-// steps (64 tokens of 64 adapters at rank 16: 16 steps one after another);
-// a warp packs only its 16 rows' (at most 4 such steps), without block
-// barriers, and the warps' steps overlap.
-template <class C>
-constexpr bool WARP_EXPAND = C::WN == 1 && C::KSPLIT == 1 && C::WM > 1;
-
 // The expand of E's team (the block, or one warp of a 64-row tile): rows
 // row0 .. row0 + E::BM - 1 of y (row_slot[E::BM]: their slots, after
 // wait_for_shrink) by column tile col0, its adapters packed into steps of
@@ -547,7 +536,7 @@ template <class T, class C, class S, bool ALIGNED, bool SPLITK>
 __device__ void base_block(const MultiAdapterParams& p) {
     const T* b_pool = reinterpret_cast<const T*>(p.b_pool);
     // Who expands: the block, or each warp its own rows (teams of E).
-    using E = std::conditional_t<WARP_EXPAND<C>, lk::WarpTiles<C>, C>;
+    using E = lk::ExpandTeam<C>;
     constexpr int TEAMS = C::THREADS / E::THREADS;
     static_assert(TEAMS * lk::expand_elems<E, false>() <= lk::smem_elems<C>(0), "the teams' expand tiles fit");
     LK_DYNAMIC_SHARED(T, smem);
@@ -555,8 +544,7 @@ __device__ void base_block(const MultiAdapterParams& p) {
     LK_SHARED(int, distinct, [TEAMS * (E::BM + 1)]);  // per team: distinct[0] = count
     LK_SHARED(int, guard_state, [TEAMS * (E::BM + 2)]);
     LK_SHARED(int, step_state, [TEAMS * (3 * lk::GROUPS + 3)]);
-    // (A constant where the block is the team: it does not know threadIdx.x < THREADS.)
-    const int team = TEAMS == 1 ? 0 : (int)(threadIdx.x / E::THREADS);
+    const int team = lk::expand_team<C>();
 
     const int tiles_m = (p.m + C::BM - 1) / C::BM, tiles_n = (p.n + C::BN - 1) / C::BN;
     const int splits = SPLITK ? p.k_splits : 1;
@@ -599,24 +587,15 @@ __device__ void base_block(const MultiAdapterParams& p) {
         return;
 
     wait_for_shrink<T, S, ALIGNED, C::BM, C::THREADS>(p, row0, row_slot);
-    const int rows = team * E::BM;  // the team's first row in the tile
-    T* team_smem = smem + team * lk::expand_elems<E, false>();
-    int* team_distinct = distinct + team * (E::BM + 1);
-    int* team_steps = step_state + team * (3 * lk::GROUPS + 3);
     if constexpr (TEAMS == 1) {
-        expand_rows<T, E>(p, team_smem, row_slot, team_distinct, team_steps, guard, row0, col0, r);
+        expand_rows<T, E>(p, smem, row_slot, distinct, step_state, guard, row0, col0, r);
     } else {
-        // The warp's accumulators as a tile of its own (the same shape:
-        // register moves the compiler drops).
-        lk::Accumulators<E> own;
-        static_assert(sizeof(own.acc) == sizeof(r.acc), "a warp's accumulators");
-        for (int i = 0; i < C::MT; ++i)
-            for (int j = 0; j < C::NT; ++j)
-                for (int q = 0; q < 4; ++q) own.acc[i][j][q] = r.acc[i][j][q];
-        expand_rows<T, E>(p, team_smem, row_slot + rows, team_distinct, team_steps, guard, row0 + rows, col0, own);
-        for (int i = 0; i < C::MT; ++i)
-            for (int j = 0; j < C::NT; ++j)
-                for (int q = 0; q < 4; ++q) r.acc[i][j][q] = own.acc[i][j][q];
+        const int rows = team * E::BM;  // the warp's first row in the tile
+        lk::with_warp_accumulators(r, [&](lk::Accumulators<E>& acc) {
+            expand_rows<T, E>(p, smem + team * lk::expand_elems<E, false>(), row_slot + rows,
+                              distinct + team * (E::BM + 1), step_state + team * (3 * lk::GROUPS + 3), guard,
+                              row0 + rows, col0, acc);
+        });
     }
     lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
 }

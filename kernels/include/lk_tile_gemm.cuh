@@ -5,6 +5,8 @@
 #pragma once
 #include "lk_mma.cuh"
 
+#include <type_traits>
+
 namespace lk {
 
 constexpr int RC = 64;  // rank handled per pass (shrink rows per stage, expand k-steps)
@@ -342,6 +344,41 @@ struct Accumulators {
     float acc[C::MT][C::NT][4];
     float tacc[C::MT][C::TNT][4];
 };
+
+// Who expands a C tile: the block, or, where each warp owns whole rows (the
+// 64-row decode tiles: 4 warps of 16 rows), each warp its own rows
+// (WarpTiles<C>). A block-wide expand there would run the adapters of all
+// 64 rows as one sequence of steps; a warp takes only its rows' adapters
+// (as many steps as a 16-row tile), without block barriers, and the warps'
+// sequences overlap.
+template <class C>
+using ExpandTeam = std::conditional_t<C::WN == 1 && C::KSPLIT == 1 && (C::WM > 1), WarpTiles<C>, C>;
+
+// The calling thread's team of ExpandTeam<C> (0 where the block is the
+// team: a constant, as the compiler does not know threadIdx.x < THREADS).
+template <class C>
+__device__ __forceinline__ int expand_team() {
+    using E = ExpandTeam<C>;
+    return E::THREADS == C::THREADS ? 0 : (int)(threadIdx.x / E::THREADS);
+}
+
+// f(acc) on the calling warp's piece of r as a tile of its own
+// (WarpTiles<C>: the same registers, copied in and out, moves the compiler
+// drops). Where the block is the team, call with r itself: a lambda there
+// changes how ptxas allocates the block-wide kernels' registers.
+template <class C, class F>
+__device__ __forceinline__ void with_warp_accumulators(Accumulators<C>& r, F&& f) {
+    using E = WarpTiles<C>;
+    static_assert(E::MT == C::MT && E::NT == C::NT, "a warp's accumulators are its piece of the tile's");
+    Accumulators<E> own;
+    for (int i = 0; i < C::MT; ++i)
+        for (int j = 0; j < C::NT; ++j)
+            for (int q = 0; q < 4; ++q) own.acc[i][j][q] = r.acc[i][j][q];
+    f(own);
+    for (int i = 0; i < C::MT; ++i)
+        for (int j = 0; j < C::NT; ++j)
+            for (int q = 0; q < 4; ++q) r.acc[i][j][q] = own.acc[i][j][q];
+}
 
 template <class C, int N>
 __device__ __forceinline__ void zero(float (&v)[C::MT][N][4]) {
