@@ -23,6 +23,22 @@ __device__ void selftest_smem_neighbors(const SelftestParams& p) {
     }
 }
 
+// Each warp on its own: its lane 0 publishes its warp's value in shared
+// memory, __syncwarp, and every lane adds it to its own input: out[t] =
+// in[t] + in[32 * warp]. Four warps, no block barrier (as a warp expanding its
+// own rows of a tile does). Variant 7 gives all warps one slot: on a GPU
+// they race, on the host runtime the interleaved schedule shows it.
+__device__ void selftest_warp_slots(const SelftestParams& p) {
+    const float* in = reinterpret_cast<const float*>(p.input);
+    float* out = reinterpret_cast<float*>(p.out);
+    LK_SHARED(float, slot, [4]);
+    const int t = threadIdx.x, warp = t / 32;
+    const int mine = p.variant == 7 ? 0 : warp;
+    if (t % 32 == 0) slot[mine] = in[t];
+    __syncwarp();
+    out[t] = in[t] + slot[mine];
+}
+
 // One warp: D[16x8] = A[16x16] B[16x8] with A row-major and B given as
 // bt[8][16] (n x k, the layout of w). Fragments are filled straight from
 // global memory by the documented layout. Variant 3 swaps a[1] and a[2], the
@@ -140,6 +156,7 @@ __device__ void selftest_round_trip(const SelftestParams& p) {
 LK_KERNEL(lk_selftest_round_trip_f16, SelftestParams, selftest_round_trip<__half>)
 LK_KERNEL(lk_selftest_round_trip_bf16, SelftestParams, selftest_round_trip<__nv_bfloat16>)
 LK_KERNEL(lk_selftest_smem_neighbors, SelftestParams, selftest_smem_neighbors)
+LK_KERNEL(lk_selftest_warp_slots, SelftestParams, selftest_warp_slots)
 LK_KERNEL(lk_selftest_mma_f16, SelftestParams, selftest_mma<__half>)
 LK_KERNEL(lk_selftest_mma_bf16, SelftestParams, selftest_mma<__nv_bfloat16>)
 LK_KERNEL(lk_selftest_ldmatrix_f16, SelftestParams, selftest_ldmatrix<__half>)

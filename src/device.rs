@@ -115,14 +115,22 @@ pub enum Device {
 
 /// Which thread of a block the host runtime runs first between barriers.
 /// Running a kernel under both exposes a missing barrier whichever way its
-/// threads depend on each other.
+/// threads depend on each other; `Interleaved` exposes warps that share data
+/// without a block barrier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HostSchedule {
-    /// Thread 0 first (what [`Device::host`] uses).
+    /// Thread 0 first (what [`Device::host`] uses): each warp runs to the
+    /// next `__syncthreads` before the next warp starts.
     #[default]
     Forward,
     /// The last thread first.
     Reverse,
+    /// The threads take turns: after a thread blocks, the next runnable
+    /// thread after it runs (cyclically), so the warps interleave at every
+    /// warp collective (`__syncwarp`, shuffles, votes). Shared memory one
+    /// warp writes and another reads between two block barriers shows up
+    /// as the other warp's data.
+    Interleaved,
 }
 
 impl Device {

@@ -124,6 +124,7 @@ impl<P: DeviceRepr + Copy> Kernel<P> {
         let order = match schedule {
             HostSchedule::Forward => 0,
             HostSchedule::Reverse => 1,
+            HostSchedule::Interleaved => 2,
         };
         // SAFETY: plain setter of the runtime's schedule; we hold HOST_LOCK.
         // The entry point reads `dims` and `params` (both live for the call)

@@ -12,6 +12,7 @@ use crate::params::SelftestParams;
 use crate::shape::check_matrix;
 
 kernel!(SMEM_NEIGHBORS = lk_selftest_smem_neighbors in "runtime_selftest": SelftestParams;);
+kernel!(WARP_SLOTS = lk_selftest_warp_slots in "runtime_selftest": SelftestParams;);
 kernel!(MMA_F16 = lk_selftest_mma_f16 in "runtime_selftest": SelftestParams;);
 kernel!(MMA_BF16 = lk_selftest_mma_bf16 in "runtime_selftest": SelftestParams;);
 kernel!(LDMATRIX_F16 = lk_selftest_ldmatrix_f16 in "runtime_selftest": SelftestParams;);
@@ -36,6 +37,9 @@ pub mod variant {
     /// Half of each warp leaves before a full-warp shuffle (host runtime only:
     /// undefined behaviour on a GPU).
     pub const DIVERGENT_SHUFFLE: i32 = 6;
+    /// Warps that share one shared-memory slot between two warp barriers,
+    /// with no block barrier (caught by the interleaved schedule).
+    pub const SHARED_WARP_SLOT: i32 = 7;
 }
 
 /// `out[i] = in[i] + in[(i + 1) % 64]` for two chunks of 64 (`input`: 128 values),
@@ -43,6 +47,14 @@ pub mod variant {
 pub fn smem_neighbors(dev: &Device, input: &[f32], variant: i32) -> Result<Vec<f32>> {
     check_matrix("input", 2, 64, input.len())?;
     run(dev, &SMEM_NEIGHBORS, 64, input, &[], 128, 128, variant)
+}
+
+/// `out[t] = in[t] + in[32 * (t / 32)]` for 128 values: each of 4 warps
+/// publishes its first value in shared memory to its own lanes, with warp
+/// barriers only.
+pub fn warp_slots(dev: &Device, input: &[f32], variant: i32) -> Result<Vec<f32>> {
+    check_matrix("input", 4, 32, input.len())?;
+    run(dev, &WARP_SLOTS, 128, input, &[], 128, 128, variant)
 }
 
 /// `D[16x8] = A[16x16] B` with `bt` = B^T `[8][16]`, one mma.sync, fragments

@@ -498,11 +498,16 @@ impl<T: KernelElement> PoolCase<T> {
     /// Runs on every device and mode and checks every output; returns the
     /// first run's results.
     fn check(&self, what: &str) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+        self.check_on(&devices(), what)
+    }
+
+    /// [`Self::check`] on the given devices.
+    fn check_on(&self, devs: &[Device], what: &str) -> (Vec<T>, Vec<f32>, Vec<f32>) {
         let want = self.expected();
         let (bdx, bda, bdb) = self.bounds(&want);
-        for dev in devices() {
+        for dev in devs {
             for deterministic in [false, true] {
-                let got = self.run(&dev, deterministic, None);
+                let got = self.run(dev, deterministic, None);
                 let what = format!(
                     "{what} {:?} on {} (deterministic {deterministic})",
                     T::DTYPE,
@@ -530,9 +535,12 @@ fn multi_adapter_backward_equals_a_per_slot_loop() {
 /// tile), each warp expanding its own 16 rows' adapters one after another:
 /// 8 slots of ranks 1 to 80 (two rank chunks), tokens without an adapter, an
 /// out-of-range id, several adapters in every warp's rows, f16 and bf16, `k`
-/// on and off the 16-byte path. Each matches the per-slot reference.
+/// on and off the 16-byte path. Each matches the per-slot reference, also
+/// with the host runtime's warps taking turns (a warp's expand state reaching
+/// another warp shows there).
 #[test]
 fn dx_of_17_to_64_tokens_expands_per_warp() {
+    let devs = devices_and_interleaved();
     let ranks = [1, 16, 80, 3, 33, 64, 0, 12];
     for (m, k) in [(17, 19), (64, 24), (40, 32)] {
         let ids: Vec<i32> = (0..m as i32)
@@ -542,8 +550,9 @@ fn dx_of_17_to_64_tokens_expands_per_warp() {
             })
             .collect();
         let dims = Dims::new(m, 45, k);
-        PoolCase::<bf16>::new(dims, 80, &ranks, ids.clone(), m as u64).check("64-row dx tiles");
-        PoolCase::<f16>::new(dims, 80, &ranks, ids, k as u64).check("64-row dx tiles");
+        PoolCase::<bf16>::new(dims, 80, &ranks, ids.clone(), m as u64)
+            .check_on(&devs, "64-row dx tiles");
+        PoolCase::<f16>::new(dims, 80, &ranks, ids, k as u64).check_on(&devs, "64-row dx tiles");
     }
 }
 

@@ -963,8 +963,10 @@ fn decode_split_k_matches_reference_for_every_split_count() {
 /// partial), with 40 adapters of ranks 1 to 80 and tokens without one, so a
 /// warp's rows take several packed steps: `y` within its bound, the same
 /// bits on a second run, and a reference with scales off by 1% (bf16) or
-/// 0.3% (f16) fails. Both load paths. Forcing a tile choice outside decode
-/// is an error naming `wide_tiles` that changes nothing.
+/// 0.3% (f16) fails. Both load paths; also with the host runtime's warps
+/// taking turns (a warp's packing state or tiles reaching another warp shows
+/// there). Forcing a tile choice outside decode is an error naming
+/// `wide_tiles` that changes nothing.
 #[test]
 fn decode_tiles_of_16_and_64_rows_match_reference() {
     use lora_kernels::ops::multi_adapter_forward::LaunchForm;
@@ -1001,7 +1003,7 @@ fn decode_tiles_of_16_and_64_rows_match_reference() {
                 .expect_err("a reference with scales off must fail the check");
         }
     }
-    for dev in devices() {
+    for dev in devices_and_interleaved() {
         for (m, k) in [(5, 72), (17, 70), (33, 72), (64, 72), (100, 70)] {
             check::<bf16>(&dev, m, k, 1e-2);
             check::<f16>(&dev, m, k, 3e-3);

@@ -124,7 +124,7 @@ void poison(void* p, size_t n) { std::memset(p, 0xFF, n); }
 Fiber& self() { return rt.fibers[rt.current]; }
 
 // The thread at position i of the schedule, and the position of thread t.
-unsigned order(unsigned i) { return rt.schedule == 0 ? i : rt.nthreads - 1 - i; }
+unsigned order(unsigned i) { return rt.schedule == 1 ? rt.nthreads - 1 - i : i; }
 
 // Marks thread t runnable and keeps the scheduler's hint below it.
 void wake(unsigned t) {
@@ -212,6 +212,7 @@ bool run_block() {
         f.groups.clear();
         start_context(f);
     }
+    rt.current = rt.nthreads - 1;  // taking turns starts at thread 0
     for (;;) {
         // Always resume the first runnable thread in schedule order: a warp
         // whose collective completes carries on at once, so the first warp runs
@@ -222,12 +223,23 @@ bool run_block() {
         rt.hint = 0;
         for (;;) {
             unsigned t = rt.nthreads;
-            for (unsigned i = rt.hint; i < rt.nthreads; ++i) {
-                unsigned c = order(i);
-                if (rt.fibers[c].state == State::Runnable) {
-                    t = c;
-                    rt.hint = i;
-                    break;
+            if (rt.schedule == 2) {
+                // Taking turns: the next runnable thread after the last one run.
+                for (unsigned d = 1; d <= rt.nthreads; ++d) {
+                    unsigned c = (rt.current + d) % rt.nthreads;
+                    if (rt.fibers[c].state == State::Runnable) {
+                        t = c;
+                        break;
+                    }
+                }
+            } else {
+                for (unsigned i = rt.hint; i < rt.nthreads; ++i) {
+                    unsigned c = order(i);
+                    if (rt.fibers[c].state == State::Runnable) {
+                        t = c;
+                        rt.hint = i;
+                        break;
+                    }
                 }
             }
             if (t == rt.nthreads || rt.failed) break;

@@ -57,6 +57,9 @@ typedef struct LkHostLaunch {
 
 // Thread schedule: 0 runs thread 0 first between barriers, 1 runs the last
 // thread first. Running both exposes missing barriers in either direction.
+// 2 lets the threads take turns (the next runnable thread after the one that
+// blocked), so warps interleave at every warp collective: data that warps
+// share without a block barrier shows.
 void lk_host_set_schedule(int order);
 // Message of the last failed host launch on this process (NUL-terminated).
 const char* lk_host_last_error(void);

@@ -59,6 +59,40 @@ fn shared_memory_exchange_is_right_with_barriers() {
     }
 }
 
+fn warp_slots_expected(input: &[f32]) -> Vec<f32> {
+    (0..128).map(|i| input[i] + input[i / 32 * 32]).collect()
+}
+
+/// Warps that each publish a value to their own lanes through shared memory
+/// (warp barriers only) get the right answer under every schedule; warps
+/// that share one slot between warp barriers get a wrong one when the warps
+/// take turns (`HostSchedule::Interleaved`), on every run. (Forward and
+/// Reverse run each warp to its end here, so they can't see it.)
+#[test]
+fn warps_sharing_memory_without_a_block_barrier_are_caught_when_they_take_turns() {
+    let all = [
+        HostSchedule::Forward,
+        HostSchedule::Reverse,
+        HostSchedule::Interleaved,
+    ];
+    for seed in 0..4 {
+        let input: Vec<f32> = random(&mut rng(10 + seed), 128);
+        let want = warp_slots_expected(&input);
+        for dev in devices() {
+            for s in all {
+                let got = st::warp_slots(&scheduled(&dev, s), &input, variant::CORRECT).unwrap();
+                close(&got, &want).unwrap_or_else(|e| panic!("{} {s:?}: {e}", dev.name()));
+            }
+        }
+        let interleaved = Device::host_with_schedule(HostSchedule::Interleaved).unwrap();
+        let got = st::warp_slots(&interleaved, &input, variant::SHARED_WARP_SLOT).unwrap();
+        assert!(
+            close(&got, &want).is_err(),
+            "a slot shared by warps gave the right answer: the interleaved schedule missed the race"
+        );
+    }
+}
+
 #[test]
 fn missing_barrier_is_caught_on_every_run() {
     for bug in [

@@ -71,6 +71,17 @@ pub fn devices() -> Vec<Device> {
     devs
 }
 
+/// [`devices`] and the host runtime with its threads taking turns
+/// (`HostSchedule::Interleaved`): for kernels whose warps work on their own
+/// between block barriers, where one warp's shared memory reaching another
+/// shows only when the warps interleave.
+#[allow(dead_code)] // not every test binary has such kernels
+pub fn devices_and_interleaved() -> Vec<Device> {
+    let mut devs = devices();
+    devs.push(Device::host_with_schedule(lora_kernels::HostSchedule::Interleaved).unwrap());
+    devs
+}
+
 fn usable_gpu() -> Option<Device> {
     static GPU: OnceLock<Result<Device, String>> = OnceLock::new();
     let gpu = GPU.get_or_init(|| {
