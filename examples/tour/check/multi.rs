@@ -141,11 +141,10 @@ pub(super) fn multi_rows(dev: &Device) -> Res<Vec<Row>> {
     Ok(rows)
 }
 
-/// The f32 multi-adapter forward is being added in another branch. Until the
-/// op takes f32 this prints why there is no row; once it does, the row is
-/// checked here like the others (an f32 hi + lo split is exact to 2^-48 and
-/// the path count is that of the tensor-core kernels, so the same bound
-/// holds for an f32 SIMT path).
+/// The f32 multi-adapter forward (SIMT tiles), checked like the others: an
+/// f32 hi + lo split is exact to 2^-48 and the path count is that of the
+/// tensor-core kernels, so the same bound holds. A build whose op refused f32
+/// would print why there is no row.
 pub(super) fn multi_f32_rows(dev: &Device) -> Res<Vec<Row>> {
     let dims = Dims::new(M_DECODE, N, K_ANY);
     match multi::<f32>(dev, regime_for(DType::F32, dims.m), dims, false) {
