@@ -18,8 +18,10 @@ pub(crate) const DECODE: MmaTiles = MmaTiles {
     threads: 128,
     stages: 6,
 };
-/// The fused forward's decode tiles for `16 < m` (`DecodeWideTiles`): one
-/// block covers up to 64 rows, so `w` and `a` are read once per column tile.
+/// The decode tiles for `16 < m` (`DecodeWideTiles`) of the fused forward,
+/// the multi-adapter forward and the backward's `dx`: one block covers up to
+/// 64 rows, so `w` (and in the fused kernel `a`) is read once per column
+/// tile; in the multi-adapter forward and `dx` each warp expands its own 16.
 pub(crate) const DECODE_WIDE: MmaTiles = MmaTiles {
     bm: 64,
     bn: 32,
