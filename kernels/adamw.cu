@@ -1,18 +1,26 @@
 // AdamW over every slot of an adapter pool in one launch, a block per slot
 // (AdamWParams, SlotOptim in lk_params.h; docs/DESIGN.md section 1):
 //   1. the slot's squared gradient norm, accumulated in f64 (no f32 overflow
-//      for any finite gradient) and reduced in a fixed order (deterministic);
-//      a slot whose gradient holds NaN or Inf skips its step (SKIPPED_NON_FINITE);
+//      for any finite gradient) and reduced in a fixed order (deterministic),
+//      and its largest |g|; a slot whose gradient holds NaN or Inf skips its
+//      step (SKIPPED_NON_FINITE);
 //   2. clip to max_grad_norm, add the anchor pull lambda (p - anchor), then
 //      m1 = b1 m1 + (1-b1) g, m2 = b2 m2 + (1-b2) g^2,
-//      p -= lr (m1/(1-b1^t) / (sqrt(m2/(1-b2^t)) + eps) + wd p),
-//      computed without writing: if any new p, m1, m2 or storage-type copy of
-//      the slot is NaN or Inf, the slot skips its step (SKIPPED_OVERFLOW), so
-//      a step is all or nothing and no non-finite weight enters the pool;
-//   3. the same arithmetic again, now written: p, m1, m2 and the pool's copy.
+//      p -= lr (m1/(1-b1^t) / (sqrt(m2/(1-b2^t)) + eps) + wd p);
+//      a step is all or nothing: if any new p, m1, m2 or storage-type copy of
+//      the slot would be NaN or Inf, the slot skips its step
+//      (SKIPPED_OVERFLOW), so no non-finite weight enters the pool. Whether it
+//      could be is first decided from bounds: the slot's largest |g| and
+//      stored upper bounds of |p|, |m1|, |m2| and |anchor| (state_bound,
+//      anchor_bound: every writer of the state keeps them) bound every value
+//      the step computes. Only a slot whose bounds reach the largest finite
+//      value runs the checking pass: the step computed without writing;
+//   3. the same arithmetic, now written: p, m1, m2 and the pool's copy, and
+//      the slot's new bounds (the largest |p|, |m1|, |m2| written).
 // The scalars shared by a slot (clip factor, bias corrections) are computed
-// once per block in f64. Reads each gradient three times and p, m1, m2 twice:
-// the price of all-or-nothing without a scratch copy of the slot.
+// once per block in f64. Reads each gradient twice and p, m1, m2 once (the
+// floor reads each once: the clip factor needs the whole norm before the
+// first write); a checked slot reads them once more.
 //
 // A slot's parameters are runs of the pool layout: a's rank rows (one run of
 // rank * k) and b's n rows (rank values each, max_rank apart). Threads walk
@@ -32,6 +40,9 @@ constexpr int UPDATED = 0;
 constexpr int SKIPPED_NON_FINITE = 1;
 constexpr int IDLE = 2;
 constexpr int SKIPPED_OVERFLOW = 3;
+// Or'd into the status of a slot whose bounds did not clear it: it ran the
+// checking pass.
+constexpr int CHECKED = 16;
 
 // Where slot s's parameters lie in the pool layout.
 struct SlotParams {
@@ -92,16 +103,39 @@ struct StepScalars {
     float inv_bias1, inv_sqrt_bias2;
 };
 
-// The sum over the block (every thread gets it), in a fixed order: shuffles,
-// then the warps in order.
-__device__ double block_sum(double v, double* scratch) {
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+// v combined over the block by op (every thread gets it), in a fixed order:
+// shuffles, then the warps in order (a deterministic sum).
+template <class Op>
+__device__ double block_reduce(double v, double* scratch, Op op) {
+    for (int off = 16; off > 0; off /= 2) v = op(v, __shfl_xor_sync(0xFFFFFFFFu, v, off));
     if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
     __syncthreads();
-    double total = 0.0;
-    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
+    double total = scratch[0];
+    for (int w = 1; w < THREADS / 32; ++w) total = op(total, scratch[w]);
     __syncthreads();
     return total;
+}
+__device__ double block_sum(double v, double* scratch) {
+    return block_reduce(v, scratch, [](double x, double y) { return x + y; });
+}
+__device__ double block_max(double v, double* scratch) {
+    return block_reduce(v, scratch, [](double x, double y) { return fmax(x, y); });
+}
+
+// The largest finite value of the pool's storage type.
+template <class T>
+__device__ constexpr double largest_finite();
+template <>
+__device__ constexpr double largest_finite<float>() {
+    return 3.4028234663852886e38;
+}
+template <>
+__device__ constexpr double largest_finite<__half>() {
+    return 65504.0;
+}
+template <>
+__device__ constexpr double largest_finite<__nv_bfloat16>() {
+    return 3.3895313892515355e38;
 }
 
 template <class T>
@@ -128,10 +162,60 @@ __device__ NewValues<T> step_element(const AdamWParams& p, const SlotOptim& h, c
     return {nw, a1, a2, lk::from_f32<T>(nw)};
 }
 
+// Whether the step provably leaves every value finite, from upper bounds of
+// its inputs: g_max, the slot's largest |g|, the stored bounds of |p|, |m1|,
+// |m2| and of q = |m1| / sqrt(m2) over the slot's elements (state: 4 a slot),
+// and of |anchor|. Each named quantity below bounds the magnitude of one
+// value of step_element and of every partial result on the way to it, as
+// exact arithmetic on the bounds; the factor UP (1%) covers the f32 rounding
+// of those few operations (2^-24 each). With every bound below f32's (and the
+// work copy's below T's) largest finite value no operation overflows,
+// root + eps >= eps > 0 rules out 0/0, and m2 >= 0 (every writer keeps it so)
+// a root of a negative: nothing becomes NaN or Inf. A bound that is Inf
+// (unknown) or too large sends the slot to the checking pass.
+//
+// The ratio m1' / (sqrt(m2') + eps) (bias corrections aside) is bounded two
+// ways, the smaller taken: by |m1'| / eps, and, since a2 = b2 m2 + (1-b2) gc^2
+// is at least either term and |m1| <= q sqrt(m2),
+//   |a1| / sqrt(a2) <= b1 q / sqrt(b2) + (1 - b1) / sqrt(1 - b2) =: k0
+// while a2 keeps f32's relative precision (a2 >= 2^-100); below that, |a1| <=
+// 2^-50 k0 and the ratio <= 2^-50 k0 ib1 / eps. The second is what keeps an
+// f16 pool off the checking pass: |m1| / eps alone passes 65504 / lr for any
+// gradient of ordinary size.
+template <class T>
+__device__ bool bounds_clear(const AdamWParams& p, const SlotOptim& h, const StepScalars& c, double g_max,
+                             const float* state, float anchor) {
+    constexpr double UP = 1.01;
+    const double w = state[0] * UP, m1 = state[1] * UP, m2 = state[2] * UP, q = state[3] * UP;
+    const bool pull = h.anchor_pull != 0.f && p.anchor_a;
+    const double apart = pull ? (w + anchor) * UP : 0.0;  // |p - anchor|
+    const double gc = (g_max * c.clip + fabs((double)h.anchor_pull) * apart) * UP;
+    const double b1 = p.beta1, b2 = p.beta2, ib1 = c.inv_bias1, isb2 = c.inv_sqrt_bias2;
+    const double a1 = (b1 * m1 + (1.0 - b1) * gc) * UP;
+    const double a2 = (b2 * m2 + (1.0 - b2) * gc * gc) * UP;
+    const double root = (sqrt(a2) * isb2 + p.eps) * UP;  // isb2 >= 1
+    const double num = a1 * ib1 * UP;                     // ib1 >= 1
+    const double k0 = b2 > 0.0 && q < HUGE_VAL ? b1 * q / sqrt(b2) + (1.0 - b1) / sqrt(1.0 - b2) : HUGE_VAL;
+    const double ratio = fmin(num / p.eps, k0 * ib1 * (1.0 / isb2 + 0x1p-50 / p.eps)) * UP * UP;
+    const double sum = (ratio + fabs((double)h.weight_decay) * w) * UP;  // also bounds wd |p|
+    const double change = fabs((double)h.lr) * sum * UP;
+    const double nw = (w + change) * UP;
+    const double worst = fmax(fmax(fmax(apart, gc), fmax(a1, a2)), fmax(fmax(root, num), fmax(sum, change)));
+    return worst < largest_finite<float>() && nw < largest_finite<T>();
+}
+
+// The largest magnitudes a writing pass wrote, and of |m1| / sqrt(m2): the
+// slot's next bounds.
+struct Written {
+    float w = 0.f, m1 = 0.f, m2 = 0.f, q = 0.f;
+};
+
 // The step of the U parameters from pool-layout index i: computes them
-// (WRITE = false: returns whether all are finite) or also writes them.
+// (WRITE = false: returns whether all are finite) or also writes them and
+// raises `written` to their magnitudes.
 template <class T, int U, bool WRITE>
-__device__ bool step_unit(const AdamWParams& p, const SlotOptim& h, const StepScalars& c, bool is_a, size_t i) {
+__device__ bool step_unit(const AdamWParams& p, const SlotOptim& h, const StepScalars& c, bool is_a, size_t i,
+                          Written& written) {
     const Floats<U> g = load<U>(is_a ? p.grad_a : p.grad_b, i);
     Floats<U> w = load<U>(is_a ? p.master_a : p.master_b, i);
     Floats<U> m1 = load<U>(is_a ? p.m1_a : p.m1_b, i);
@@ -147,6 +231,15 @@ __device__ bool step_unit(const AdamWParams& p, const SlotOptim& h, const StepSc
         m1.v[u] = v.m1;
         m2.v[u] = v.m2;
         work.v[u] = v.work;
+        if (WRITE) {
+            written.w = fmaxf(written.w, fabsf(v.w));
+            written.m1 = fmaxf(written.m1, fabsf(v.m1));
+            written.m2 = fmaxf(written.m2, fabsf(v.m2));
+            // __fdividef: within 2 ulp for a divisor in [2^-126, 2^126],
+            // as sqrt of any positive f32 is; bounds_clear allows for it.
+            const float q = v.m2 > 0.f ? __fdividef(fabsf(v.m1), sqrtf(v.m2)) : v.m1 == 0.f ? 0.f : INFINITY;
+            written.q = fmaxf(written.q, q);
+        }
     }
     if (WRITE) {
         store<U>(is_a ? p.master_a : p.master_b, i, w);
@@ -188,20 +281,24 @@ __device__ void adamw(const AdamWParams& p) {
         else for_each_unit<1>(sp, [&](bool is_a, size_t i) { f(Unit<1>(), is_a, i); });
     };
 
-    // 1. The norm (f64: a sum of squares of f32 values cannot overflow it).
-    double sq = 0.0, bad = 0.0;
+    // 1. The norm (f64: a sum of squares of f32 values cannot overflow it) and
+    // the largest |g|, Inf where any g is NaN or Inf.
+    double sq = 0.0, g_max = 0.0;
     each([&](auto unit, bool is_a, size_t i) {
         constexpr int U = decltype(unit)::value;
         const Floats<U> g = load<U>(is_a ? p.grad_a : p.grad_b, i);
         for (int u = 0; u < U; ++u) {
-            if (!isfinite(g.v[u])) bad = 1.0;
-            else sq += (double)g.v[u] * g.v[u];
+            if (!isfinite(g.v[u])) g_max = HUGE_VAL;
+            else {
+                sq += (double)g.v[u] * g.v[u];
+                g_max = fmax(g_max, fabs((double)g.v[u]));
+            }
         }
     });
     sq = block_sum(sq, scratch);
-    bad = block_sum(bad, scratch);
+    g_max = block_max(g_max, scratch);
     const double norm = sqrt(sq);
-    if (bad > 0.0) {
+    if (isinf(g_max)) {
         if (threadIdx.x == 0) {
             status[s] = SKIPPED_NON_FINITE;
             grad_norm[s] = __uint_as_float(0x7FC00000u);  // NaN
@@ -212,27 +309,44 @@ __device__ void adamw(const AdamWParams& p) {
     const double bias1 = 1.0 - pow((double)p.beta1, (double)t), bias2 = 1.0 - pow((double)p.beta2, (double)t);
     const StepScalars c{(h.max_grad_norm > 0.f && norm > h.max_grad_norm) ? h.max_grad_norm / norm : 1.0,
                         (float)(1.0 / bias1), (float)(1.0 / sqrt(bias2))};
+    float* bound = reinterpret_cast<float*>(p.state_bound) + 4 * (size_t)s;
+    const float anchor_bound = reinterpret_cast<const float*>(p.anchor_bound)[s];
+    Written written;
 
     // 2. Would the step leave anything non-finite? Then it writes nothing.
-    double overflow = 0.0;
-    each([&](auto unit, bool is_a, size_t i) {
-        if (!step_unit<T, decltype(unit)::value, false>(p, h, c, is_a, i)) overflow = 1.0;
-    });
-    overflow = block_sum(overflow, scratch);  // its barriers also order pass 2's reads before pass 3's writes
-    if (overflow > 0.0) {
-        if (threadIdx.x == 0) {
-            status[s] = SKIPPED_OVERFLOW;
-            grad_norm[s] = (float)norm;
+    // Only where the bounds cannot rule it out (the same answer for every
+    // thread: the bounds and g_max are the block's).
+    const bool check = !bounds_clear<T>(p, h, c, g_max, bound, anchor_bound);
+    if (check) {
+        double overflow = 0.0;
+        each([&](auto unit, bool is_a, size_t i) {
+            if (!step_unit<T, decltype(unit)::value, false>(p, h, c, is_a, i, written)) overflow = 1.0;
+        });
+        overflow = block_sum(overflow, scratch);  // its barriers also order pass 2's reads before pass 3's writes
+        if (overflow > 0.0) {
+            if (threadIdx.x == 0) {
+                status[s] = SKIPPED_OVERFLOW | CHECKED;
+                grad_norm[s] = (float)norm;
+            }
+            return;
         }
-        return;
     }
 
     // 3. The step. Each element is read and written by the same thread only.
-    each([&](auto unit, bool is_a, size_t i) { step_unit<T, decltype(unit)::value, true>(p, h, c, is_a, i); });
-    __syncthreads();  // every thread has read the old step count before it changes
+    each([&](auto unit, bool is_a, size_t i) {
+        step_unit<T, decltype(unit)::value, true>(p, h, c, is_a, i, written);
+    });
+    // The barriers also keep every thread's read of the old bounds and step
+    // count before thread 0 changes them.
+    const double w_max = block_max(written.w, scratch), m1_max = block_max(written.m1, scratch),
+                 m2_max = block_max(written.m2, scratch), q_max = block_max(written.q, scratch);
     if (threadIdx.x == 0) {
+        bound[0] = (float)w_max;  // f32 values: exact
+        bound[1] = (float)m1_max;
+        bound[2] = (float)m2_max;
+        bound[3] = (float)q_max;
         reinterpret_cast<int*>(p.step)[s] = t;
-        status[s] = UPDATED;
+        status[s] = UPDATED | (check ? CHECKED : 0);
         grad_norm[s] = (float)norm;
     }
 }

@@ -68,7 +68,8 @@ params_structs! {
     SlotOptim { lr, weight_decay, max_grad_norm, anchor_pull, active, pad }
     AdamWParams {
         master_a, master_b, m1_a, m1_b, m2_a, m2_b, anchor_a, anchor_b, grad_a, grad_b,
-        work_a, work_b, slot_rank, hyper, step, status, grad_norm, n, k, max_rank, slots,
+        work_a, work_b, slot_rank, hyper, step, status, grad_norm, state_bound, anchor_bound,
+        n, k, max_rank, slots,
         beta1, beta2, eps, pad,
     }
     SelftestParams { input, input2, out, n, variant }

@@ -371,6 +371,10 @@ pub struct AdamWParams {
     pub step: u64,
     pub status: u64,
     pub grad_norm: u64,
+    #[doc = " Per slot, upper bounds over its elements (f32; Inf = unknown):\n state_bound 4 a slot (|master|, |m1|, |m2|, |m1| / sqrt(m2)),\n anchor_bound 1 (|anchor|)."]
+    pub state_bound: u64,
+    #[doc = " Per slot, upper bounds over its elements (f32; Inf = unknown):\n state_bound 4 a slot (|master|, |m1|, |m2|, |m1| / sqrt(m2)),\n anchor_bound 1 (|anchor|)."]
+    pub anchor_bound: u64,
     pub n: i32,
     pub k: i32,
     pub max_rank: i32,
@@ -382,7 +386,7 @@ pub struct AdamWParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of AdamWParams"][::std::mem::size_of::<AdamWParams>() - 168usize];
+    ["Size of AdamWParams"][::std::mem::size_of::<AdamWParams>() - 184usize];
     ["Alignment of AdamWParams"][::std::mem::align_of::<AdamWParams>() - 8usize];
     ["Offset of field: AdamWParams::master_a"]
         [::std::mem::offset_of!(AdamWParams, master_a) - 0usize];
@@ -408,15 +412,19 @@ const _: () = {
         [::std::mem::offset_of!(AdamWParams, status) - 120usize];
     ["Offset of field: AdamWParams::grad_norm"]
         [::std::mem::offset_of!(AdamWParams, grad_norm) - 128usize];
-    ["Offset of field: AdamWParams::n"][::std::mem::offset_of!(AdamWParams, n) - 136usize];
-    ["Offset of field: AdamWParams::k"][::std::mem::offset_of!(AdamWParams, k) - 140usize];
+    ["Offset of field: AdamWParams::state_bound"]
+        [::std::mem::offset_of!(AdamWParams, state_bound) - 136usize];
+    ["Offset of field: AdamWParams::anchor_bound"]
+        [::std::mem::offset_of!(AdamWParams, anchor_bound) - 144usize];
+    ["Offset of field: AdamWParams::n"][::std::mem::offset_of!(AdamWParams, n) - 152usize];
+    ["Offset of field: AdamWParams::k"][::std::mem::offset_of!(AdamWParams, k) - 156usize];
     ["Offset of field: AdamWParams::max_rank"]
-        [::std::mem::offset_of!(AdamWParams, max_rank) - 144usize];
-    ["Offset of field: AdamWParams::slots"][::std::mem::offset_of!(AdamWParams, slots) - 148usize];
-    ["Offset of field: AdamWParams::beta1"][::std::mem::offset_of!(AdamWParams, beta1) - 152usize];
-    ["Offset of field: AdamWParams::beta2"][::std::mem::offset_of!(AdamWParams, beta2) - 156usize];
-    ["Offset of field: AdamWParams::eps"][::std::mem::offset_of!(AdamWParams, eps) - 160usize];
-    ["Offset of field: AdamWParams::pad"][::std::mem::offset_of!(AdamWParams, pad) - 164usize];
+        [::std::mem::offset_of!(AdamWParams, max_rank) - 160usize];
+    ["Offset of field: AdamWParams::slots"][::std::mem::offset_of!(AdamWParams, slots) - 164usize];
+    ["Offset of field: AdamWParams::beta1"][::std::mem::offset_of!(AdamWParams, beta1) - 168usize];
+    ["Offset of field: AdamWParams::beta2"][::std::mem::offset_of!(AdamWParams, beta2) - 172usize];
+    ["Offset of field: AdamWParams::eps"][::std::mem::offset_of!(AdamWParams, eps) - 176usize];
+    ["Offset of field: AdamWParams::pad"][::std::mem::offset_of!(AdamWParams, pad) - 180usize];
 };
 #[doc = " Runtime self-test kernels (kernels/runtime_selftest.cu)."]
 #[repr(C)]

@@ -10,7 +10,7 @@ use common::adamw_model::{Drift, Trajectory, clip_factor, drift};
 use common::*;
 use half::{bf16, f16};
 use lora_kernels::ops::KernelElement;
-use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus};
+use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotState, SlotStatus};
 use lora_kernels::reference::{self, AdamW, AdamWState, SlotStep};
 use lora_kernels::{AdapterPool, DType, Device, Error, PoolConfig};
 
@@ -85,7 +85,25 @@ impl<T: KernelElement> Run<T> {
         hypers: &[SlotHyper],
         weight_scale: f32,
     ) -> Self {
-        let betas = AdamWConfig::default();
+        Self::with_betas(
+            dev,
+            cfg,
+            ranks,
+            hypers,
+            weight_scale,
+            AdamWConfig::default(),
+        )
+    }
+
+    /// [`Self::new`] with other betas and eps.
+    fn with_betas(
+        dev: &Device,
+        cfg: PoolConfig,
+        ranks: &[usize],
+        hypers: &[SlotHyper],
+        weight_scale: f32,
+        betas: AdamWConfig,
+    ) -> Self {
         let pool = AdapterPool::<T>::new(dev, cfg).unwrap();
         let opt = SlotOptimizer::new(&pool, betas).unwrap();
         let mut run = Run {
@@ -149,6 +167,12 @@ impl<T: KernelElement> Run<T> {
         let (gad, gbd) = (self.dev.upload(ga).unwrap(), self.dev.upload(gb).unwrap());
         self.opt.step(&mut self.pool, &gad, &gbd).unwrap();
         let statuses = self.opt.statuses().unwrap();
+        eprintln!(
+            "DBG {} checked {:?} {:?}",
+            std::any::type_name::<T>(),
+            self.opt.checked_slots().unwrap(),
+            statuses
+        );
         let cfg = self.pool.config();
         for s in 0..self.want.len() {
             if !self.active[s] {
@@ -320,6 +344,11 @@ fn every_slot_matches_the_reference_in<T: KernelElement>(cfg: PoolConfig, ranks:
             let (mut ga, gb) = gradients(cfg, 100 + step, 3.0);
             ga[4 * cfg.max_rank * cfg.k + 2] = f32::NAN; // slot 4's gradient is poisoned
             run.step(&ga, &gb);
+            assert_eq!(
+                run.opt.checked_slots().unwrap(),
+                vec![false; cfg.slots],
+                "step {step}: an ordinary step ran the checking pass"
+            );
         }
         let steps = run.opt.steps().unwrap();
         assert_eq!(
@@ -498,6 +527,11 @@ fn anchors_pull_toward_the_weights_at_the_task_start() {
         for step in 0..20 {
             let (ga, gb) = gradients(CFG, step, 3.0);
             opt.step(&mut pool, &ga, &gb).unwrap();
+            let checked = opt.checked_slots().unwrap();
+            assert!(
+                !checked[0],
+                "step {step}: the pulled slot ran the checking pass"
+            );
         }
         let (na, nb) = opt.master(&pool, 0).unwrap();
         let d: f64 = na
@@ -614,6 +648,254 @@ fn gpu_real_shape_matches_reference() {
     for step in 0..2 {
         let (ga, gb) = gradients(cfg, 3 + step, 1.0);
         run.step(&ga, &gb);
+        let checked = run.opt.checked_slots().unwrap();
+        assert_eq!(checked, vec![false; 8], "step {step} ran the checking pass");
     }
     run.check();
+}
+
+/// A step the stored bounds cannot clear runs the checking pass and, finding
+/// nothing to overflow, is taken like any other. beta2 = 0 leaves the ratio
+/// m1 / sqrt(m2) only its |m1| / eps bound, which passes f16's 65504 / lr.
+#[test]
+fn steps_the_bounds_cannot_clear_are_checked_then_taken() {
+    let betas = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.0,
+        eps: 1e-8,
+    };
+    let hypers = [hyper(1e-2, 0.01, 0.0, 0.0), hyper(2e-2, 0.0, 1.0, 0.5)];
+    for dev in devices() {
+        let mut run = Run::<f16>::with_betas(&dev, CFG, &[3, 4], &hypers, 0.05, betas);
+        for step in 0..3 {
+            let (ga, gb) = gradients(CFG, 20 + step, 1.0);
+            let statuses = run.step(&ga, &gb);
+            assert!(
+                statuses[..2]
+                    .iter()
+                    .all(|s| matches!(s, SlotStatus::Updated { .. })),
+                "{statuses:?}"
+            );
+            assert_eq!(&run.opt.checked_slots().unwrap()[..2], [true, true]);
+        }
+        run.check();
+    }
+}
+
+/// Every writer of a slot's state keeps the bounds the kernel trusts to skip
+/// the checking pass: after each, a step that must overflow is still caught
+/// (skipped, nothing written). Each case starts from a slot whose bounds are
+/// small, so a writer that left them stale would let the step write Inf.
+#[test]
+fn bounds_follow_every_writer_of_the_state() {
+    for dev in devices() {
+        bounds_follow_load::<f16>(&dev);
+        bounds_follow_set_state(&dev);
+        bounds_follow_set_anchor(&dev);
+        bounds_follow_steps(&dev);
+    }
+}
+
+const ONE_SLOT: PoolConfig = PoolConfig {
+    slots: 1,
+    max_rank: 2,
+    n: 3,
+    k: 5,
+};
+
+/// A one-slot pool holding a rank-2 adapter of `weights`, and its optimizer.
+fn one_slot<T: KernelElement>(
+    dev: &Device,
+    weights: f32,
+    h: SlotHyper,
+) -> (AdapterPool<T>, SlotOptimizer) {
+    let mut pool = AdapterPool::<T>::new(dev, ONE_SLOT).unwrap();
+    let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
+    let (a, b) = (vec![weights; 2 * ONE_SLOT.k], vec![weights; ONE_SLOT.n * 2]);
+    opt.load_adapter(&mut pool, 0, &a, &b, 2, 1.0, h).unwrap();
+    (pool, opt)
+}
+
+/// One step of the slot on gradients `g` (pool layout): its status, and
+/// whether it ran the checking pass.
+fn step_once<T: KernelElement>(
+    dev: &Device,
+    pool: &mut AdapterPool<T>,
+    opt: &mut SlotOptimizer,
+    (ga, gb): &(Vec<f32>, Vec<f32>),
+) -> (SlotStatus, bool) {
+    let (ga, gb) = (dev.upload(ga).unwrap(), dev.upload(gb).unwrap());
+    opt.step(pool, &ga, &gb).unwrap();
+    (opt.statuses().unwrap()[0], opt.checked_slots().unwrap()[0])
+}
+
+/// The step is taken, without the checking pass.
+fn assert_ordinary<T: KernelElement>(
+    what: &str,
+    dev: &Device,
+    pool: &mut AdapterPool<T>,
+    opt: &mut SlotOptimizer,
+    g: &(Vec<f32>, Vec<f32>),
+) {
+    let (status, checked) = step_once(dev, pool, opt, g);
+    assert!(
+        matches!(status, SlotStatus::Updated { .. }) && !checked,
+        "{what}: {status:?}, checked {checked}"
+    );
+}
+
+/// The step is skipped as overflowing, after the checking pass, and the
+/// masters are as before.
+fn assert_caught<T: KernelElement>(
+    what: &str,
+    dev: &Device,
+    pool: &mut AdapterPool<T>,
+    opt: &mut SlotOptimizer,
+    g: &(Vec<f32>, Vec<f32>),
+) {
+    let before = opt.master(pool, 0).unwrap();
+    let (status, checked) = step_once(dev, pool, opt, g);
+    assert!(
+        matches!(status, SlotStatus::SkippedOverflow { .. }) && checked,
+        "{what}: {status:?}, checked {checked}"
+    );
+    assert_eq!(
+        opt.master(pool, 0).unwrap(),
+        before,
+        "{what}: masters changed"
+    );
+}
+
+/// A reload with weights near f16's limit: lr 2000 moves some past 65504.
+fn bounds_follow_load<T: KernelElement>(dev: &Device) {
+    let h = hyper(2000.0, 0.0, 0.0, 0.0);
+    let (mut pool, mut opt) = one_slot::<T>(dev, 0.05, h);
+    let g = gradients(ONE_SLOT, 1, 1.0);
+    assert_ordinary("load", dev, &mut pool, &mut opt, &g);
+    let (a, b) = (vec![64000.0; 2 * ONE_SLOT.k], vec![64000.0; ONE_SLOT.n * 2]);
+    opt.load_adapter(&mut pool, 0, &a, &b, 2, 1.0, h).unwrap();
+    assert_caught("after load_adapter", dev, &mut pool, &mut opt, &g);
+}
+
+/// Restored moments and anchors that overflow the next step, one part each.
+fn bounds_follow_set_state(dev: &Device) {
+    let (ga, gb) = gradients(ONE_SLOT, 2, 1.0);
+    // Each case: a pool type, a change to the saved state, a gradient scale
+    // on the first element, and the slot's hyperparameters.
+    type Edit = fn(&mut SlotState);
+    let cases: [(&str, bool, Edit, f32, SlotHyper); 4] = [
+        // m1 large where m2 is 0: the ratio m1 / sqrt(m2) is unbounded, and
+        // m1' / sqrt(m2') times lr 10 passes 65504.
+        (
+            "m1 / sqrt(m2)",
+            true,
+            |s| (s.m1.0[0], s.m2.0[0]) = (1000.0, 0.0),
+            1.0,
+            hyper(10.0, 0.0, 0.0, 0.0),
+        ),
+        // m1 near f32's limit: m1' times the bias correction 1 / (1 - 0.9^2) passes it.
+        (
+            "m1",
+            false,
+            |s| (s.m1.0[0], s.m2.0[0]) = (3e38, 3e38),
+            1.0,
+            hyper(1e-3, 0.0, 0.0, 0.0),
+        ),
+        // m2 at f32's limit, plus (1 - b2) g^2 with g = 1e20, passes it.
+        (
+            "m2",
+            false,
+            |s| s.m2.0[0] = f32::MAX,
+            1e20,
+            hyper(1e-3, 0.0, 0.0, 0.0),
+        ),
+        // An anchor near f32's limit: the pull 10 (p - anchor) passes it.
+        (
+            "anchor",
+            false,
+            |s| s.anchor.0[0] = 3e38,
+            1.0,
+            hyper(1e-3, 0.0, 0.0, 10.0),
+        ),
+    ];
+    for (what, half, edit, g0, h) in cases {
+        let mut g = (ga.clone(), gb.clone());
+        g.0[0] *= g0;
+        if half {
+            bounds_follow_set_state_in::<f16>(dev, what, edit, &g, h);
+        } else {
+            bounds_follow_set_state_in::<f32>(dev, what, edit, &g, h);
+        }
+    }
+}
+
+fn bounds_follow_set_state_in<T: KernelElement>(
+    dev: &Device,
+    what: &str,
+    edit: fn(&mut SlotState),
+    g: &(Vec<f32>, Vec<f32>),
+    h: SlotHyper,
+) {
+    let (mut pool, mut opt) = one_slot::<T>(dev, 0.05, h);
+    let ordinary = gradients(ONE_SLOT, 3, 1.0);
+    assert_ordinary(what, dev, &mut pool, &mut opt, &ordinary);
+    let mut state = opt.state(&pool, 0).unwrap();
+    edit(&mut state);
+    opt.set_state(&pool, 0, &state).unwrap();
+    assert_caught(
+        &format!("after set_state of {what}"),
+        dev,
+        &mut pool,
+        &mut opt,
+        g,
+    );
+}
+
+/// An anchor taken from weights near 1e30, with the weights then back at 0:
+/// the pull 1e10 (p - anchor) passes f32's limit.
+fn bounds_follow_set_anchor(dev: &Device) {
+    let (mut pool, mut opt) = one_slot::<f32>(dev, 0.05, hyper(1e30, 0.0, 0.0, 0.0));
+    let g = gradients(ONE_SLOT, 4, 1.0);
+    assert_ordinary("lr 1e30", dev, &mut pool, &mut opt, &g);
+    opt.set_anchor(0).unwrap();
+    // lr = wd = 1: p - (ratio + p) rounds to 0 where |p| ~ 1e30.
+    opt.set_hyper(0, hyper(1.0, 1.0, 0.0, 0.0)).unwrap();
+    assert_ordinary("lr = wd = 1", dev, &mut pool, &mut opt, &g);
+    let (a, b) = opt.master(&pool, 0).unwrap();
+    assert!(a.iter().chain(&b).all(|&v| v == 0.0), "{a:?} {b:?}");
+    opt.set_hyper(0, hyper(1e-3, 0.0, 0.0, 1e10)).unwrap();
+    assert_caught("after set_anchor", dev, &mut pool, &mut opt, &g);
+}
+
+/// The bounds a step writes itself: the weights' (lr 30000, then 40000 on
+/// the same gradient, moves f16 weights past 65504) and m1 / sqrt(m2)'s (a
+/// restored m1 of 1000 over m2 of 1, stepped at lr 1, then at lr 1000).
+fn bounds_follow_steps(dev: &Device) {
+    let g = gradients(ONE_SLOT, 5, 1.0);
+    let (mut pool, mut opt) = one_slot::<f16>(dev, 0.05, hyper(30000.0, 0.0, 0.0, 0.0));
+    assert_ordinary("lr 30000", dev, &mut pool, &mut opt, &g);
+    opt.set_hyper(0, hyper(40000.0, 0.0, 0.0, 0.0)).unwrap();
+    assert_caught(
+        "after a step moved the weights",
+        dev,
+        &mut pool,
+        &mut opt,
+        &g,
+    );
+
+    let (mut pool, mut opt) = one_slot::<f16>(dev, 0.05, hyper(1.0, 0.0, 0.0, 0.0));
+    let ordinary = gradients(ONE_SLOT, 6, 1.0);
+    assert_ordinary("lr 1", dev, &mut pool, &mut opt, &ordinary);
+    let mut state = opt.state(&pool, 0).unwrap();
+    (state.m1.0[0], state.m2.0[0]) = (1000.0, 1.0);
+    opt.set_state(&pool, 0, &state).unwrap();
+    assert_ordinary("restored m1 at lr 1", dev, &mut pool, &mut opt, &g);
+    opt.set_hyper(0, hyper(1000.0, 0.0, 0.0, 0.0)).unwrap();
+    assert_caught(
+        "after a step kept m1 / sqrt(m2) large",
+        dev,
+        &mut pool,
+        &mut opt,
+        &g,
+    );
 }

@@ -29,6 +29,9 @@ const UPDATED: i32 = 0;
 const SKIPPED_NON_FINITE: i32 = 1;
 const IDLE: i32 = 2;
 const SKIPPED_OVERFLOW: i32 = 3;
+/// Or'd into a slot's status: its bounds did not rule out overflow, so the
+/// step ran the checking pass.
+const CHECKED: i32 = 16;
 
 /// The AdamW settings every slot shares: the moments' decay rates and eps.
 /// (Learning rate and weight decay are per slot: [`SlotHyper`].)
@@ -159,6 +162,13 @@ pub struct SlotOptimizer {
     m1: [Buffer<f32>; 2],
     m2: [Buffer<f32>; 2],
     anchor: [Buffer<f32>; 2],
+    /// Per slot, upper bounds over its elements of |master|, |m1|, |m2| and
+    /// |m1| / sqrt(m2) (4 a slot), and of |anchor|: Inf where unknown. Every writer of the state keeps them
+    /// (load, anchor, restore, and the kernel's step), so that a step whose
+    /// bounds stay below the largest finite value skips the checking pass
+    /// (kernels/adamw.cu).
+    state_bound: Buffer<f32>,
+    anchor_bound: Buffer<f32>,
     hyper: Buffer<SlotOptim>,
     host_hyper: Vec<SlotOptim>,
     step: Buffer<i32>,
@@ -191,6 +201,8 @@ impl SlotOptimizer {
             m1: pair()?,
             m2: pair()?,
             anchor: pair()?,
+            state_bound: dev.upload(&vec![f32::INFINITY; 4 * cfg.slots])?,
+            anchor_bound: dev.upload(&vec![f32::INFINITY; cfg.slots])?,
             hyper: dev.zeros(cfg.slots)?,
             host_hyper: vec![SlotOptim::default(); cfg.slots],
             step: dev.zeros(cfg.slots)?,
@@ -230,12 +242,15 @@ impl SlotOptimizer {
             generation: pool.generation(slot),
         });
         let (za, zb) = (vec![0f32; rank * self.cfg.k], vec![0f32; self.cfg.n * rank]);
+        self.write_bounds(slot, 0, &[f32::INFINITY; 4], f32::INFINITY)?;
         let dev = &self.dev;
         write_pair(dev, self.cfg, &mut self.master, slot, (a, b), rank)?;
         write_pair(dev, self.cfg, &mut self.anchor, slot, (a, b), rank)?;
         write_pair(dev, self.cfg, &mut self.m1, slot, (&za, &zb), rank)?;
         write_pair(dev, self.cfg, &mut self.m2, slot, (&za, &zb), rank)?;
         write(&self.dev, &mut self.step, slot, &[0])?;
+        let w = largest_magnitude(a).max(largest_magnitude(b));
+        self.write_bounds(slot, 0, &[w, 0.0, 0.0, 0.0], w)?;
         self.host_hyper[slot].active = 1;
         self.set_hyper(slot, hyper)
     }
@@ -284,6 +299,7 @@ impl SlotOptimizer {
     /// starts; the pull then keeps the adapter near what it knew before).
     pub fn set_anchor(&mut self, slot: usize) -> Result<()> {
         self.check_slot(slot)?;
+        write(&self.dev, &mut self.anchor_bound, slot, &[f32::INFINITY])?;
         let PoolConfig { max_rank, n, k, .. } = self.cfg;
         for (part, len) in [(0, max_rank * k), (1, n * max_rank)] {
             let at = slot * len;
@@ -296,7 +312,15 @@ impl SlotOptimizer {
                 len,
             )?;
         }
-        Ok(())
+        // The anchor's bound is the master's.
+        copy(
+            &self.dev,
+            &self.state_bound,
+            4 * slot,
+            &mut self.anchor_bound,
+            slot,
+            1,
+        )
     }
 
     /// One AdamW step of every active slot, in one launch. `grad_a`, `grad_b`
@@ -364,6 +388,10 @@ impl SlotOptimizer {
         let (p_step, _g15) = out_ptr(dev, &mut step);
         let (p_status, _g16) = out_ptr(dev, &mut status);
         let (p_norm, _g17) = out_ptr(dev, &mut norm);
+        let mut state_bound = BufMut::from(&mut self.state_bound);
+        let anchor_bound = BufRef::from(&self.anchor_bound);
+        let (p_state_bound, _g18) = out_ptr(dev, &mut state_bound);
+        let (p_anchor_bound, _g19) = in_ptr(dev, &anchor_bound);
         let params = AdamWParams {
             master_a: p_ma,
             master_b: p_mb,
@@ -382,6 +410,8 @@ impl SlotOptimizer {
             step: p_step,
             status: p_status,
             grad_norm: p_norm,
+            state_bound: p_state_bound,
+            anchor_bound: p_anchor_bound,
             n: n as i32,
             k: k as i32,
             max_rank: max_rank as i32,
@@ -407,7 +437,8 @@ impl SlotOptimizer {
         // per-slot arrays hold `slots` entries, and the kernel indexes only
         // slot s's first rank (<= max_rank) rows/columns with s < slots (a
         // block per slot), in 64-bit offsets; the pointer guards live past
-        // the launch.
+        // the launch. The bounds hold 3 and 1 entries per slot, indexed by
+        // s < slots.
         unsafe { kernel.launch(dev, dims, &params) }
     }
 
@@ -418,13 +449,23 @@ impl SlotOptimizer {
         Ok(status
             .iter()
             .zip(norms)
-            .map(|(&s, grad_norm)| match s {
+            .map(|(&s, grad_norm)| match s & !CHECKED {
                 UPDATED => SlotStatus::Updated { grad_norm },
                 SKIPPED_NON_FINITE => SlotStatus::SkippedNonFinite,
                 SKIPPED_OVERFLOW => SlotStatus::SkippedOverflow { grad_norm },
                 _ => SlotStatus::Idle,
             })
             .collect())
+    }
+
+    /// Per slot, whether the last step ran the checking pass: its stored
+    /// bounds could not rule out overflow, so the step was computed once
+    /// without writing (a further read of the gradient and state). For tests
+    /// and benchmarks: normal training should not need it.
+    #[doc(hidden)]
+    pub fn checked_slots(&self) -> Result<Vec<bool>> {
+        let status = self.dev.download(&self.status)?;
+        Ok(status.iter().map(|&s| s & CHECKED != 0).collect())
     }
 
     /// Steps taken by each slot since it was loaded.
@@ -471,6 +512,7 @@ impl SlotOptimizer {
     ) -> Result<()> {
         let rank = self.trained_rank(pool, slot)?;
         self.check_state(state, rank)?;
+        self.write_bounds(slot, 1, &[f32::INFINITY; 3], f32::INFINITY)?;
         let (dev, cfg) = (&self.dev, self.cfg);
         let parts = [
             (&mut self.m1, &state.m1),
@@ -480,7 +522,30 @@ impl SlotOptimizer {
         for (bufs, (a, b)) in parts {
             write_pair(dev, cfg, bufs, slot, (a, b), rank)?;
         }
-        write(dev, &mut self.step, slot, &[state.step])
+        let largest =
+            |(a, b): &(Vec<f32>, Vec<f32>)| largest_magnitude(a).max(largest_magnitude(b));
+        let moments = [
+            largest(&state.m1),
+            largest(&state.m2),
+            moment_ratio(&state.m1.0, &state.m2.0).max(moment_ratio(&state.m1.1, &state.m2.1)),
+        ];
+        write(dev, &mut self.step, slot, &[state.step])?;
+        self.write_bounds(slot, 1, &moments, largest(&state.anchor))
+    }
+
+    /// Sets `slot`'s stored bounds from `first` on (0 |master|, 1 |m1|, 2
+    /// |m2|, 3 |m1| / sqrt(m2)) and its anchor's. Writers of the state call it
+    /// twice: with Inf (unknown) before they write, so that an error part way
+    /// leaves no bound below the values, and with the new bounds after.
+    fn write_bounds(
+        &mut self,
+        slot: usize,
+        first: usize,
+        state: &[f32],
+        anchor: f32,
+    ) -> Result<()> {
+        write(&self.dev, &mut self.state_bound, 4 * slot + first, state)?;
+        write(&self.dev, &mut self.anchor_bound, slot, &[anchor])
     }
 
     /// What [`Self::set_state`] checks of `state` for an adapter of `rank`.
@@ -577,6 +642,31 @@ pub struct SlotState {
     pub m2: (Vec<f32>, Vec<f32>),
     /// The anchor the pull draws toward.
     pub anchor: (Vec<f32>, Vec<f32>),
+}
+
+/// The largest |v| (0 for none): an upper bound the kernel may trust, so NaN
+/// counts as Inf (callers check finiteness first; this keeps the bound sound
+/// regardless).
+fn largest_magnitude(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, &e| {
+        if e.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(e.abs())
+        }
+    })
+}
+
+/// The largest |m1| / sqrt(m2) over paired elements: 0 where both are 0, Inf
+/// where only m2 is (the kernel's bound of the step's ratio; its 1% margin
+/// covers this value's rounding to f32).
+fn moment_ratio(m1: &[f32], m2: &[f32]) -> f32 {
+    let ratio = |(&a, &b): (&f32, &f32)| match (a == 0.0, b > 0.0) {
+        (_, true) => (a.abs() as f64 / (b as f64).sqrt()) as f32,
+        (true, false) => 0.0,
+        (false, false) => f32::INFINITY,
+    };
+    m1.iter().zip(m2).map(ratio).fold(0f32, f32::max)
 }
 
 /// `slot`'s (a, b) in the adapter's own layout from a pool-layout pair of
