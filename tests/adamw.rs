@@ -709,8 +709,17 @@ fn one_slot<T: KernelElement>(
     weights: f32,
     h: SlotHyper,
 ) -> (AdapterPool<T>, SlotOptimizer) {
+    one_slot_with(dev, weights, h, AdamWConfig::default())
+}
+
+fn one_slot_with<T: KernelElement>(
+    dev: &Device,
+    weights: f32,
+    h: SlotHyper,
+    betas: AdamWConfig,
+) -> (AdapterPool<T>, SlotOptimizer) {
     let mut pool = AdapterPool::<T>::new(dev, ONE_SLOT).unwrap();
-    let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
+    let mut opt = SlotOptimizer::new(&pool, betas).unwrap();
     let (a, b) = (vec![weights; 2 * ONE_SLOT.k], vec![weights; ONE_SLOT.n * 2]);
     opt.load_adapter(&mut pool, 0, &a, &b, 2, 1.0, h).unwrap();
     (pool, opt)
@@ -868,8 +877,9 @@ fn bounds_follow_set_anchor(dev: &Device) {
 }
 
 /// The bounds a step writes itself: the weights' (lr 30000, then 40000 on
-/// the same gradient, moves f16 weights past 65504) and m1 / sqrt(m2)'s (a
-/// restored m1 of 1000 over m2 of 1, stepped at lr 1, then at lr 1000).
+/// the same gradient, moves f16 weights past 65504), m1 / sqrt(m2)'s (a
+/// restored m1 of 1000 over m2 of 1, stepped at lr 1, then at lr 1000), m1's
+/// and m2's (below).
 fn bounds_follow_steps(dev: &Device) {
     let g = gradients(ONE_SLOT, 5, 1.0);
     let (mut pool, mut opt) = one_slot::<f16>(dev, 0.05, hyper(30000.0, 0.0, 0.0, 0.0));
@@ -897,5 +907,52 @@ fn bounds_follow_steps(dev: &Device) {
         &mut pool,
         &mut opt,
         &g,
+    );
+    bounds_follow_step_moments(dev);
+}
+
+/// Moments grown by steps. m1: with beta2 = 0 and eps = 1 the ratio's only
+/// bound is |m1'| / eps; m1 = 100 from gradients of 1000, then gradients of
+/// 1e-3 at lr 200 move f16 weights by about 470 lr. m2: gradients of 2e19
+/// with beta2 = 0.5 take m2 to 2e38, 3e38, then past f32's limit.
+fn bounds_follow_step_moments(dev: &Device) {
+    let ones = |v: f32| (vec![v; 2 * ONE_SLOT.k], vec![v; ONE_SLOT.n * 2]);
+    let betas = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.0,
+        eps: 1.0,
+    };
+    let (mut pool, mut opt) = one_slot_with::<f16>(dev, 0.05, hyper(1e-3, 0.0, 0.0, 0.0), betas);
+    assert_ordinary("gradients of 1000", dev, &mut pool, &mut opt, &ones(1000.0));
+    opt.set_hyper(0, hyper(200.0, 0.0, 0.0, 0.0)).unwrap();
+    assert_caught(
+        "after a step made m1 large",
+        dev,
+        &mut pool,
+        &mut opt,
+        &ones(1e-3),
+    );
+
+    let betas = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.5,
+        eps: 1e-8,
+    };
+    let (mut pool, mut opt) = one_slot_with::<f32>(dev, 0.05, hyper(1e-3, 0.0, 0.0, 0.0), betas);
+    for step in 0..2 {
+        assert_ordinary(
+            &format!("m2 step {step}"),
+            dev,
+            &mut pool,
+            &mut opt,
+            &ones(2e19),
+        );
+    }
+    assert_caught(
+        "after steps made m2 large",
+        dev,
+        &mut pool,
+        &mut opt,
+        &ones(2e19),
     );
 }
