@@ -142,6 +142,7 @@ template <class T>
 struct NewValues {
     float w, m1, m2;
     T work;
+    float ratio;  // (m1 / bias1) / (sqrt(m2 / bias2) + eps), for the slot's next bounds
     __device__ bool finite() const {
         return isfinite(w) && isfinite(m1) && isfinite(m2) && isfinite(lk::to_f32(work));
     }
@@ -158,56 +159,68 @@ __device__ NewValues<T> step_element(const AdamWParams& p, const SlotOptim& h, c
     const float a1 = p.beta1 * m1 + (1.f - p.beta1) * gc;
     const float a2 = p.beta2 * m2 + (1.f - p.beta2) * gc * gc;  // ((1-b2) g) g: g^2 alone may overflow
     const float root = sqrtf(a2) * c.inv_sqrt_bias2;             // sqrt(a2 / bias2) without overflow
-    const float nw = w - h.lr * ((a1 * c.inv_bias1) / (root + p.eps) + h.weight_decay * w);
-    return {nw, a1, a2, lk::from_f32<T>(nw)};
+    const float ratio = (a1 * c.inv_bias1) / (root + p.eps);
+    const float nw = w - h.lr * (ratio + h.weight_decay * w);
+    return {nw, a1, a2, lk::from_f32<T>(nw), ratio};
 }
 
 // Whether the step provably leaves every value finite, from upper bounds of
-// its inputs: g_max, the slot's largest |g|, the stored bounds of |p|, |m1|,
-// |m2| and of q = |m1| / sqrt(m2) over the slot's elements (state: 4 a slot),
-// and of |anchor|. Each named quantity below bounds the magnitude of one
-// value of step_element and of every partial result on the way to it, as
-// exact arithmetic on the bounds; the factor UP (1%) covers the f32 rounding
-// of those few operations (2^-24 each). With every bound below f32's (and the
-// work copy's below T's) largest finite value no operation overflows,
-// root + eps >= eps > 0 rules out 0/0, and m2 >= 0 (every writer keeps it so)
-// a root of a negative: nothing becomes NaN or Inf. A bound that is Inf
-// (unknown) or too large sends the slot to the checking pass.
+// its inputs: g_max, the slot's largest |g|, the stored bounds (state, 3 a
+// slot) of |p|, |m2| and q (below), and of |anchor|. Each named quantity
+// below bounds the magnitude of one value of step_element and of every
+// partial result on the way to it, as exact arithmetic on the bounds; the
+// factor UP (1%) covers the f32 rounding of those few operations (2^-24
+// each). With every bound below f32's (and the work copy's below T's) largest
+// finite value no operation overflows, root + eps >= eps > 0 rules out 0/0,
+// and m2 >= 0 (every writer keeps it so) a root of a negative: nothing
+// becomes NaN or Inf. A bound that is Inf (unknown) or too large sends the
+// slot to the checking pass.
 //
-// The ratio m1' / (sqrt(m2') + eps) (bias corrections aside) is bounded two
-// ways, the smaller taken: by |m1'| / eps, and, since a2 = b2 m2 + (1-b2) gc^2
-// is at least either term and |m1| <= q sqrt(m2),
-//   |a1| / sqrt(a2) <= b1 q / sqrt(b2) + (1 - b1) / sqrt(1 - b2) =: k0
-// while a2 keeps f32's relative precision (a2 >= 2^-100); below that, |a1| <=
-// 2^-50 k0 and the ratio <= 2^-50 k0 ib1 / eps. The second is what keeps an
-// f16 pool off the checking pass: |m1| / eps alone passes 65504 / lr for any
-// gradient of ordinary size.
+// The ratio a1 ib1 / (sqrt(a2) isb2 + eps) is bounded two ways, the smaller
+// taken: by |a1| ib1 / eps, and through q, a bound of |m1| / (sqrt(m2) + e)
+// over the slot's elements for some e <= e' = eps / isb2 (this step's): the
+// host stores q for e = 0, a step for its own e (the largest |ratio| times
+// isb2 / ib1), and e grows with t. As sqrt(a2) + e' is at least
+// sqrt(b2) (sqrt(m2) + e) and at least sqrt(1 - b2) |gc|,
+//   |a1| / (sqrt(a2) + e') <= b1 q / sqrt(b2) + (1 - b1) / sqrt(1 - b2) =: k0
+// and the ratio <= k0 ib1 / isb2. (For e' >= 2^-60 only: then the absolute
+// error of an underflowing a2 or a1 is negligible beside the bound.) The
+// second way keeps an f16 pool off the checking pass: |a1| / eps alone
+// passes 65504 / lr for any gradient of ordinary size. q also bounds |m1|, by
+// q (sqrt(m2) + e'): no register holds a maximum of |m1| through the writing
+// pass (64 at most, for 2 blocks per SM).
 template <class T>
 __device__ bool bounds_clear(const AdamWParams& p, const SlotOptim& h, const StepScalars& c, double g_max,
                              const float* state, float anchor) {
     constexpr double UP = 1.01;
-    const double w = state[0] * UP, m1 = state[1] * UP, m2 = state[2] * UP, q = state[3] * UP;
-    const bool pull = h.anchor_pull != 0.f && p.anchor_a;
-    const double apart = pull ? (w + anchor) * UP : 0.0;  // |p - anchor|
-    const double gc = (g_max * c.clip + fabs((double)h.anchor_pull) * apart) * UP;
+    // Each bound checked as it is made (fewer live registers than a maximum
+    // at the end; NaN, from Inf times 0, fails the check).
+    bool ok = true;
+    auto fits = [&ok](double bound) {
+        ok = ok && bound < largest_finite<float>();
+        return bound;
+    };
     const double b1 = p.beta1, b2 = p.beta2, ib1 = c.inv_bias1, isb2 = c.inv_sqrt_bias2;
-    const double a1 = (b1 * m1 + (1.0 - b1) * gc) * UP;
-    const double a2 = (b2 * m2 + (1.0 - b2) * gc * gc) * UP;
-    const double root = (sqrt(a2) * isb2 + p.eps) * UP;  // isb2 >= 1
-    const double num = a1 * ib1 * UP;                     // ib1 >= 1
-    const double k0 = b2 > 0.0 && q < HUGE_VAL ? b1 * q / sqrt(b2) + (1.0 - b1) / sqrt(1.0 - b2) : HUGE_VAL;
-    const double ratio = fmin(num / p.eps, k0 * ib1 * (1.0 / isb2 + 0x1p-50 / p.eps)) * UP * UP;
-    const double sum = (ratio + fabs((double)h.weight_decay) * w) * UP;  // also bounds wd |p|
-    const double change = fabs((double)h.lr) * sum * UP;
-    const double nw = (w + change) * UP;
-    const double worst = fmax(fmax(fmax(apart, gc), fmax(a1, a2)), fmax(fmax(root, num), fmax(sum, change)));
-    return worst < largest_finite<float>() && nw < largest_finite<T>();
+    const double w = state[0] * UP, m2 = state[1] * UP, q = state[2] * UP;
+    const bool pull = h.anchor_pull != 0.f && p.anchor_a;
+    const double apart = fits(pull ? (w + anchor) * UP : 0.0);  // |p - anchor|
+    const double gc = fits((g_max * c.clip + fabs((double)h.anchor_pull) * apart) * UP);
+    const double a2 = fits((b2 * m2 + (1.0 - b2) * gc * gc) * UP);
+    fits((sqrt(a2) * isb2 + p.eps) * UP);  // root (isb2 >= 1)
+    const double m1 = q * (sqrt(m2) + p.eps / isb2) * UP;
+    const double num = fits((b1 * m1 + (1.0 - b1) * gc) * ib1 * UP * UP);  // a1 ib1 (ib1 >= 1)
+    const bool via_q = b2 > 0.0 && q < HUGE_VAL && p.eps / isb2 >= 0x1p-60;
+    const double k0 = via_q ? b1 * q / sqrt(b2) + (1.0 - b1) / sqrt(1.0 - b2) : HUGE_VAL;
+    const double ratio = fmin(num / p.eps, k0 * ib1 / isb2) * UP * UP;
+    const double sum = fits((ratio + fabs((double)h.weight_decay) * w) * UP);  // also bounds wd |p|
+    const double change = fits(fabs((double)h.lr) * sum * UP);
+    return ok && (w + change) * UP < largest_finite<T>();
 }
 
-// The largest magnitudes a writing pass wrote, and of |m1| / sqrt(m2): the
-// slot's next bounds.
+// The largest magnitudes a writing pass wrote, and of its ratio: the slot's
+// next bounds.
 struct Written {
-    float w = 0.f, m1 = 0.f, m2 = 0.f, q = 0.f;
+    float w = 0.f, m2 = 0.f, ratio = 0.f;
 };
 
 // The step of the U parameters from pool-layout index i: computes them
@@ -233,12 +246,8 @@ __device__ bool step_unit(const AdamWParams& p, const SlotOptim& h, const StepSc
         work.v[u] = v.work;
         if (WRITE) {
             written.w = fmaxf(written.w, fabsf(v.w));
-            written.m1 = fmaxf(written.m1, fabsf(v.m1));
             written.m2 = fmaxf(written.m2, fabsf(v.m2));
-            // __fdividef: within 2 ulp for a divisor in [2^-126, 2^126],
-            // as sqrt of any positive f32 is; bounds_clear allows for it.
-            const float q = v.m2 > 0.f ? __fdividef(fabsf(v.m1), sqrtf(v.m2)) : v.m1 == 0.f ? 0.f : INFINITY;
-            written.q = fmaxf(written.q, q);
+            written.ratio = fmaxf(written.ratio, fabsf(v.ratio));
         }
     }
     if (WRITE) {
@@ -257,6 +266,20 @@ __device__ bool quad_aligned(const AdamWParams& p, size_t max_rank) {
     const uint64_t f32 = p.master_a | p.master_b | p.m1_a | p.m1_b | p.m2_a | p.m2_b | p.grad_a | p.grad_b |
                          p.anchor_a | p.anchor_b;
     return f32 % 16 == 0 && (p.work_a | p.work_b) % (4 * sizeof(T)) == 0;
+}
+
+// b^t for t >= 1 by squaring (f64: within a few ulp for any t): pow's
+// general code would cost the kernel registers it has none of to spare.
+__device__ double power(double b, int t) {
+    double r = 1.0;
+    for (; t > 0; t >>= 1, b *= b)
+        if (t & 1) r *= b;
+    return r;
+}
+
+// The block's slot's stored bounds (bounds_clear).
+__device__ float* slot_bounds(const AdamWParams& p) {
+    return reinterpret_cast<float*>(p.state_bound) + 3 * (size_t)blockIdx.x;
 }
 
 template <class T>
@@ -283,40 +306,40 @@ __device__ void adamw(const AdamWParams& p) {
 
     // 1. The norm (f64: a sum of squares of f32 values cannot overflow it) and
     // the largest |g|, Inf where any g is NaN or Inf.
-    double sq = 0.0, g_max = 0.0;
+    double sq = 0.0;
+    float g_max = 0.f;
     each([&](auto unit, bool is_a, size_t i) {
         constexpr int U = decltype(unit)::value;
         const Floats<U> g = load<U>(is_a ? p.grad_a : p.grad_b, i);
         for (int u = 0; u < U; ++u) {
-            if (!isfinite(g.v[u])) g_max = HUGE_VAL;
+            if (!isfinite(g.v[u])) g_max = INFINITY;
             else {
                 sq += (double)g.v[u] * g.v[u];
-                g_max = fmax(g_max, fabs((double)g.v[u]));
+                g_max = fmaxf(g_max, fabsf(g.v[u]));
             }
         }
     });
     sq = block_sum(sq, scratch);
-    g_max = block_max(g_max, scratch);
+    g_max = (float)block_max(g_max, scratch);
     const double norm = sqrt(sq);
+    // Written now, whatever the outcome: no register holds the norm through
+    // the passes.
+    if (threadIdx.x == 0) grad_norm[s] = isinf(g_max) ? __uint_as_float(0x7FC00000u) : (float)norm;  // NaN
     if (isinf(g_max)) {
-        if (threadIdx.x == 0) {
-            status[s] = SKIPPED_NON_FINITE;
-            grad_norm[s] = __uint_as_float(0x7FC00000u);  // NaN
-        }
+        if (threadIdx.x == 0) status[s] = SKIPPED_NON_FINITE;
         return;
     }
     const int t = reinterpret_cast<const int*>(p.step)[s] + 1;
-    const double bias1 = 1.0 - pow((double)p.beta1, (double)t), bias2 = 1.0 - pow((double)p.beta2, (double)t);
+    const double bias1 = 1.0 - power(p.beta1, t), bias2 = 1.0 - power(p.beta2, t);
     const StepScalars c{(h.max_grad_norm > 0.f && norm > h.max_grad_norm) ? h.max_grad_norm / norm : 1.0,
                         (float)(1.0 / bias1), (float)(1.0 / sqrt(bias2))};
-    float* bound = reinterpret_cast<float*>(p.state_bound) + 4 * (size_t)s;
     const float anchor_bound = reinterpret_cast<const float*>(p.anchor_bound)[s];
     Written written;
 
     // 2. Would the step leave anything non-finite? Then it writes nothing.
     // Only where the bounds cannot rule it out (the same answer for every
     // thread: the bounds and g_max are the block's).
-    const bool check = !bounds_clear<T>(p, h, c, g_max, bound, anchor_bound);
+    const bool check = !bounds_clear<T>(p, h, c, g_max, slot_bounds(p), anchor_bound);
     if (check) {
         double overflow = 0.0;
         each([&](auto unit, bool is_a, size_t i) {
@@ -324,10 +347,7 @@ __device__ void adamw(const AdamWParams& p) {
         });
         overflow = block_sum(overflow, scratch);  // its barriers also order pass 2's reads before pass 3's writes
         if (overflow > 0.0) {
-            if (threadIdx.x == 0) {
-                status[s] = SKIPPED_OVERFLOW | CHECKED;
-                grad_norm[s] = (float)norm;
-            }
+            if (threadIdx.x == 0) status[s] = SKIPPED_OVERFLOW | CHECKED;
             return;
         }
     }
@@ -338,16 +358,15 @@ __device__ void adamw(const AdamWParams& p) {
     });
     // The barriers also keep every thread's read of the old bounds and step
     // count before thread 0 changes them.
-    const double w_max = block_max(written.w, scratch), m1_max = block_max(written.m1, scratch),
-                 m2_max = block_max(written.m2, scratch), q_max = block_max(written.q, scratch);
+    const double w_max = block_max(written.w, scratch), m2_max = block_max(written.m2, scratch),
+                 ratio_max = block_max(written.ratio, scratch);
     if (threadIdx.x == 0) {
+        float* bound = slot_bounds(p);
         bound[0] = (float)w_max;  // f32 values: exact
-        bound[1] = (float)m1_max;
-        bound[2] = (float)m2_max;
-        bound[3] = (float)q_max;
+        bound[1] = (float)m2_max;
+        bound[2] = (float)(ratio_max * c.inv_sqrt_bias2 / c.inv_bias1);  // q (bounds_clear)
         reinterpret_cast<int*>(p.step)[s] = t;
         status[s] = UPDATED | (check ? CHECKED : 0);
-        grad_norm[s] = (float)norm;
     }
 }
 

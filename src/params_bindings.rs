@@ -371,9 +371,9 @@ pub struct AdamWParams {
     pub step: u64,
     pub status: u64,
     pub grad_norm: u64,
-    #[doc = " Per slot, upper bounds over its elements (f32; Inf = unknown):\n state_bound 4 a slot (|master|, |m1|, |m2|, |m1| / sqrt(m2)),\n anchor_bound 1 (|anchor|)."]
+    #[doc = " Per slot, upper bounds over its elements (f32; Inf = unknown):\n state_bound 3 a slot (|master|, |m2|, and q >= |m1| /\n (sqrt(m2) + e), kernels/adamw.cu),\n anchor_bound 1 (|anchor|)."]
     pub state_bound: u64,
-    #[doc = " Per slot, upper bounds over its elements (f32; Inf = unknown):\n state_bound 4 a slot (|master|, |m1|, |m2|, |m1| / sqrt(m2)),\n anchor_bound 1 (|anchor|)."]
+    #[doc = " Per slot, upper bounds over its elements (f32; Inf = unknown):\n state_bound 3 a slot (|master|, |m2|, and q >= |m1| /\n (sqrt(m2) + e), kernels/adamw.cu),\n anchor_bound 1 (|anchor|)."]
     pub anchor_bound: u64,
     pub n: i32,
     pub k: i32,

@@ -130,7 +130,8 @@ typedef struct AdamWParams {
     uint64_t work_a, work_b; /* the pool's storage-type copy, refreshed from master */
     uint64_t slot_rank, hyper, step, status, grad_norm;
     /* Per slot, upper bounds over its elements (f32; Inf = unknown):
-     * state_bound 4 a slot (|master|, |m1|, |m2|, |m1| / sqrt(m2)),
+     * state_bound 3 a slot (|master|, |m2|, and q >= |m1| /
+     * (sqrt(m2) + e), kernels/adamw.cu),
      * anchor_bound 1 (|anchor|). */
     uint64_t state_bound, anchor_bound;
     int32_t n, k, max_rank, slots;

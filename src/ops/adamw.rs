@@ -162,11 +162,12 @@ pub struct SlotOptimizer {
     m1: [Buffer<f32>; 2],
     m2: [Buffer<f32>; 2],
     anchor: [Buffer<f32>; 2],
-    /// Per slot, upper bounds over its elements of |master|, |m1|, |m2| and
-    /// |m1| / sqrt(m2) (4 a slot), and of |anchor|: Inf where unknown. Every writer of the state keeps them
-    /// (load, anchor, restore, and the kernel's step), so that a step whose
-    /// bounds stay below the largest finite value skips the checking pass
-    /// (kernels/adamw.cu).
+    /// Per slot, upper bounds over its elements of |master|, |m2| and
+    /// |m1| / sqrt(m2) (3 a slot; the kernel's step stores the last as
+    /// |m1| / (sqrt(m2) + e), kernels/adamw.cu), and of |anchor|: Inf where
+    /// unknown. Every writer of the state keeps them (load, anchor, restore,
+    /// and the kernel's step), so that a step whose bounds stay below the
+    /// largest finite value skips the checking pass.
     state_bound: Buffer<f32>,
     anchor_bound: Buffer<f32>,
     hyper: Buffer<SlotOptim>,
@@ -201,7 +202,7 @@ impl SlotOptimizer {
             m1: pair()?,
             m2: pair()?,
             anchor: pair()?,
-            state_bound: dev.upload(&vec![f32::INFINITY; 4 * cfg.slots])?,
+            state_bound: dev.upload(&vec![f32::INFINITY; 3 * cfg.slots])?,
             anchor_bound: dev.upload(&vec![f32::INFINITY; cfg.slots])?,
             hyper: dev.zeros(cfg.slots)?,
             host_hyper: vec![SlotOptim::default(); cfg.slots],
@@ -242,7 +243,7 @@ impl SlotOptimizer {
             generation: pool.generation(slot),
         });
         let (za, zb) = (vec![0f32; rank * self.cfg.k], vec![0f32; self.cfg.n * rank]);
-        self.write_bounds(slot, 0, &[f32::INFINITY; 4], f32::INFINITY)?;
+        self.write_bounds(slot, 0, &[f32::INFINITY; 3], f32::INFINITY)?;
         let dev = &self.dev;
         write_pair(dev, self.cfg, &mut self.master, slot, (a, b), rank)?;
         write_pair(dev, self.cfg, &mut self.anchor, slot, (a, b), rank)?;
@@ -250,7 +251,7 @@ impl SlotOptimizer {
         write_pair(dev, self.cfg, &mut self.m2, slot, (&za, &zb), rank)?;
         write(&self.dev, &mut self.step, slot, &[0])?;
         let w = largest_magnitude(a).max(largest_magnitude(b));
-        self.write_bounds(slot, 0, &[w, 0.0, 0.0, 0.0], w)?;
+        self.write_bounds(slot, 0, &[w, 0.0, 0.0], w)?;
         self.host_hyper[slot].active = 1;
         self.set_hyper(slot, hyper)
     }
@@ -316,7 +317,7 @@ impl SlotOptimizer {
         copy(
             &self.dev,
             &self.state_bound,
-            4 * slot,
+            3 * slot,
             &mut self.anchor_bound,
             slot,
             1,
@@ -512,7 +513,7 @@ impl SlotOptimizer {
     ) -> Result<()> {
         let rank = self.trained_rank(pool, slot)?;
         self.check_state(state, rank)?;
-        self.write_bounds(slot, 1, &[f32::INFINITY; 3], f32::INFINITY)?;
+        self.write_bounds(slot, 1, &[f32::INFINITY; 2], f32::INFINITY)?;
         let (dev, cfg) = (&self.dev, self.cfg);
         let parts = [
             (&mut self.m1, &state.m1),
@@ -525,7 +526,6 @@ impl SlotOptimizer {
         let largest =
             |(a, b): &(Vec<f32>, Vec<f32>)| largest_magnitude(a).max(largest_magnitude(b));
         let moments = [
-            largest(&state.m1),
             largest(&state.m2),
             moment_ratio(&state.m1.0, &state.m2.0).max(moment_ratio(&state.m1.1, &state.m2.1)),
         ];
@@ -533,8 +533,8 @@ impl SlotOptimizer {
         self.write_bounds(slot, 1, &moments, largest(&state.anchor))
     }
 
-    /// Sets `slot`'s stored bounds from `first` on (0 |master|, 1 |m1|, 2
-    /// |m2|, 3 |m1| / sqrt(m2)) and its anchor's. Writers of the state call it
+    /// Sets `slot`'s stored bounds from `first` on (0 |master|, 1 |m2|, 2
+    /// q, a bound of |m1| / sqrt(m2)) and its anchor's. Writers of the state call it
     /// twice: with Inf (unknown) before they write, so that an error part way
     /// leaves no bound below the values, and with the new bounds after.
     fn write_bounds(
@@ -544,7 +544,7 @@ impl SlotOptimizer {
         state: &[f32],
         anchor: f32,
     ) -> Result<()> {
-        write(&self.dev, &mut self.state_bound, 4 * slot + first, state)?;
+        write(&self.dev, &mut self.state_bound, 3 * slot + first, state)?;
         write(&self.dev, &mut self.anchor_bound, slot, &[anchor])
     }
 
