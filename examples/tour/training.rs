@@ -150,8 +150,11 @@ pub fn optimizer_table(dev: &Device, ceilings: Ceilings) -> Res<serde_json::Valu
     let params = (slots * rank * (n + k)) as f64;
     // Each parameter: read p, m1, m2, g; write p, m1, m2 (f32) and the bf16 copy.
     let floor_us = ceilings.floor_us(params * 30.0, 0.0);
+    // Slots whose bounds did not clear the last step: they read g and the
+    // state once more (kernels/adamw.cu).
+    let checked = opt.checked_slots()?.iter().filter(|&&c| c).count();
     println!(
-        "\n   fused AdamW step over {slots} rank-{rank} slots (hidden {n}, {:.0} M parameters): {:.1} us, floor {floor_us:.1} us ({:.0}% of floor)",
+        "\n   fused AdamW step over {slots} rank-{rank} slots (hidden {n}, {:.0} M parameters): {:.1} us, floor {floor_us:.1} us ({:.0}% of floor), {checked} slots checked",
         params / 1e6,
         step.median_us,
         100.0 * floor_us / step.median_us
@@ -159,5 +162,6 @@ pub fn optimizer_table(dev: &Device, ceilings: Ceilings) -> Res<serde_json::Valu
     Ok(json!({
         "slots": slots, "rank": rank, "n": n, "k": k, "params": params,
         "ours_us": step.median_us, "floor_us": floor_us, "pct_of_floor": 100.0 * floor_us / step.median_us,
+        "checked_slots": checked,
     }))
 }
