@@ -703,87 +703,88 @@ const ONE_SLOT: PoolConfig = PoolConfig {
     k: 5,
 };
 
-/// A one-slot pool holding a rank-2 adapter of `weights`, and its optimizer.
-fn one_slot<T: KernelElement>(
-    dev: &Device,
-    weights: f32,
-    h: SlotHyper,
-) -> (AdapterPool<T>, SlotOptimizer) {
-    one_slot_with(dev, weights, h, AdamWConfig::default())
+/// A one-slot pool holding a rank-2 adapter, its optimizer, and steps that
+/// must be ordinary or caught.
+struct OneSlot<T> {
+    dev: Device,
+    pool: AdapterPool<T>,
+    opt: SlotOptimizer,
 }
 
-fn one_slot_with<T: KernelElement>(
-    dev: &Device,
-    weights: f32,
-    h: SlotHyper,
-    betas: AdamWConfig,
-) -> (AdapterPool<T>, SlotOptimizer) {
-    let mut pool = AdapterPool::<T>::new(dev, ONE_SLOT).unwrap();
-    let mut opt = SlotOptimizer::new(&pool, betas).unwrap();
-    let (a, b) = (vec![weights; 2 * ONE_SLOT.k], vec![weights; ONE_SLOT.n * 2]);
-    opt.load_adapter(&mut pool, 0, &a, &b, 2, 1.0, h).unwrap();
-    (pool, opt)
+impl<T: KernelElement> OneSlot<T> {
+    /// Every weight `weights`, PyTorch's betas.
+    fn new(dev: &Device, weights: f32, h: SlotHyper) -> Self {
+        Self::with_betas(dev, weights, h, AdamWConfig::default())
+    }
+
+    fn with_betas(dev: &Device, weights: f32, h: SlotHyper, betas: AdamWConfig) -> Self {
+        let pool = AdapterPool::<T>::new(dev, ONE_SLOT).unwrap();
+        let opt = SlotOptimizer::new(&pool, betas).unwrap();
+        let mut slot = OneSlot {
+            dev: dev.clone(),
+            pool,
+            opt,
+        };
+        slot.load(weights, h);
+        slot
+    }
+
+    fn load(&mut self, weights: f32, h: SlotHyper) {
+        let (a, b) = ones(weights);
+        (self.opt)
+            .load_adapter(&mut self.pool, 0, &a, &b, 2, 1.0, h)
+            .unwrap();
+    }
+
+    /// One step on pool-layout gradients `g`: the slot's status, and whether
+    /// it ran the checking pass.
+    fn step(&mut self, (ga, gb): &(Vec<f32>, Vec<f32>)) -> (SlotStatus, bool) {
+        let (ga, gb) = (self.dev.upload(ga).unwrap(), self.dev.upload(gb).unwrap());
+        self.opt.step(&mut self.pool, &ga, &gb).unwrap();
+        let (status, checked) = (self.opt.statuses(), self.opt.checked_slots());
+        (status.unwrap()[0], checked.unwrap()[0])
+    }
+
+    /// The step is taken, without the checking pass.
+    fn ordinary(&mut self, what: &str, g: &(Vec<f32>, Vec<f32>)) {
+        let (status, checked) = self.step(g);
+        assert!(
+            matches!(status, SlotStatus::Updated { .. }) && !checked,
+            "{what}: {status:?}, checked {checked}"
+        );
+    }
+
+    /// The step is skipped as overflowing, after the checking pass, and the
+    /// masters are as before.
+    fn caught(&mut self, what: &str, g: &(Vec<f32>, Vec<f32>)) {
+        let before = self.opt.master(&self.pool, 0).unwrap();
+        let (status, checked) = self.step(g);
+        assert!(
+            matches!(status, SlotStatus::SkippedOverflow { .. }) && checked,
+            "{what}: {status:?}, checked {checked}"
+        );
+        let after = self.opt.master(&self.pool, 0).unwrap();
+        assert_eq!(after, before, "{what}: masters changed");
+    }
+
+    fn set_hyper(&mut self, h: SlotHyper) {
+        self.opt.set_hyper(0, h).unwrap();
+    }
 }
 
-/// One step of the slot on gradients `g` (pool layout): its status, and
-/// whether it ran the checking pass.
-fn step_once<T: KernelElement>(
-    dev: &Device,
-    pool: &mut AdapterPool<T>,
-    opt: &mut SlotOptimizer,
-    (ga, gb): &(Vec<f32>, Vec<f32>),
-) -> (SlotStatus, bool) {
-    let (ga, gb) = (dev.upload(ga).unwrap(), dev.upload(gb).unwrap());
-    opt.step(pool, &ga, &gb).unwrap();
-    (opt.statuses().unwrap()[0], opt.checked_slots().unwrap()[0])
-}
-
-/// The step is taken, without the checking pass.
-fn assert_ordinary<T: KernelElement>(
-    what: &str,
-    dev: &Device,
-    pool: &mut AdapterPool<T>,
-    opt: &mut SlotOptimizer,
-    g: &(Vec<f32>, Vec<f32>),
-) {
-    let (status, checked) = step_once(dev, pool, opt, g);
-    assert!(
-        matches!(status, SlotStatus::Updated { .. }) && !checked,
-        "{what}: {status:?}, checked {checked}"
-    );
-}
-
-/// The step is skipped as overflowing, after the checking pass, and the
-/// masters are as before.
-fn assert_caught<T: KernelElement>(
-    what: &str,
-    dev: &Device,
-    pool: &mut AdapterPool<T>,
-    opt: &mut SlotOptimizer,
-    g: &(Vec<f32>, Vec<f32>),
-) {
-    let before = opt.master(pool, 0).unwrap();
-    let (status, checked) = step_once(dev, pool, opt, g);
-    assert!(
-        matches!(status, SlotStatus::SkippedOverflow { .. }) && checked,
-        "{what}: {status:?}, checked {checked}"
-    );
-    assert_eq!(
-        opt.master(pool, 0).unwrap(),
-        before,
-        "{what}: masters changed"
-    );
+/// Pool-layout values (or gradients) of `ONE_SLOT`, all `v`.
+fn ones(v: f32) -> (Vec<f32>, Vec<f32>) {
+    (vec![v; 2 * ONE_SLOT.k], vec![v; ONE_SLOT.n * 2])
 }
 
 /// A reload with weights near f16's limit: lr 2000 moves some past 65504.
 fn bounds_follow_load<T: KernelElement>(dev: &Device) {
     let h = hyper(2000.0, 0.0, 0.0, 0.0);
-    let (mut pool, mut opt) = one_slot::<T>(dev, 0.05, h);
+    let mut slot = OneSlot::<T>::new(dev, 0.05, h);
     let g = gradients(ONE_SLOT, 1, 1.0);
-    assert_ordinary("load", dev, &mut pool, &mut opt, &g);
-    let (a, b) = (vec![64000.0; 2 * ONE_SLOT.k], vec![64000.0; ONE_SLOT.n * 2]);
-    opt.load_adapter(&mut pool, 0, &a, &b, 2, 1.0, h).unwrap();
-    assert_caught("after load_adapter", dev, &mut pool, &mut opt, &g);
+    slot.ordinary("load", &g);
+    slot.load(64000.0, h);
+    slot.caught("after load_adapter", &g);
 }
 
 /// Restored moments and anchors that overflow the next step, one part each.
@@ -831,83 +832,61 @@ fn bounds_follow_set_state(dev: &Device) {
         let mut g = (ga.clone(), gb.clone());
         g.0[0] *= g0;
         if half {
-            bounds_follow_set_state_in::<f16>(dev, what, edit, &g, h);
+            bounds_follow_set_state_in(OneSlot::<f16>::new(dev, 0.05, h), what, edit, &g);
         } else {
-            bounds_follow_set_state_in::<f32>(dev, what, edit, &g, h);
+            bounds_follow_set_state_in(OneSlot::<f32>::new(dev, 0.05, h), what, edit, &g);
         }
     }
 }
 
 fn bounds_follow_set_state_in<T: KernelElement>(
-    dev: &Device,
+    mut slot: OneSlot<T>,
     what: &str,
     edit: fn(&mut SlotState),
     g: &(Vec<f32>, Vec<f32>),
-    h: SlotHyper,
 ) {
-    let (mut pool, mut opt) = one_slot::<T>(dev, 0.05, h);
-    let ordinary = gradients(ONE_SLOT, 3, 1.0);
-    assert_ordinary(what, dev, &mut pool, &mut opt, &ordinary);
-    let mut state = opt.state(&pool, 0).unwrap();
+    slot.ordinary(what, &gradients(ONE_SLOT, 3, 1.0));
+    let mut state = slot.opt.state(&slot.pool, 0).unwrap();
     edit(&mut state);
-    opt.set_state(&pool, 0, &state).unwrap();
-    assert_caught(
-        &format!("after set_state of {what}"),
-        dev,
-        &mut pool,
-        &mut opt,
-        g,
-    );
+    slot.opt.set_state(&slot.pool, 0, &state).unwrap();
+    slot.caught(&format!("after set_state of {what}"), g);
 }
 
 /// An anchor taken from weights near 1e30, with the weights then back at 0:
 /// the pull 1e10 (p - anchor) passes f32's limit.
 fn bounds_follow_set_anchor(dev: &Device) {
-    let (mut pool, mut opt) = one_slot::<f32>(dev, 0.05, hyper(1e30, 0.0, 0.0, 0.0));
+    let mut slot = OneSlot::<f32>::new(dev, 0.05, hyper(1e30, 0.0, 0.0, 0.0));
     let g = gradients(ONE_SLOT, 4, 1.0);
-    assert_ordinary("lr 1e30", dev, &mut pool, &mut opt, &g);
-    opt.set_anchor(0).unwrap();
+    slot.ordinary("lr 1e30", &g);
+    slot.opt.set_anchor(0).unwrap();
     // lr = wd = 1: p - (ratio + p) rounds to 0 where |p| ~ 1e30.
-    opt.set_hyper(0, hyper(1.0, 1.0, 0.0, 0.0)).unwrap();
-    assert_ordinary("lr = wd = 1", dev, &mut pool, &mut opt, &g);
-    let (a, b) = opt.master(&pool, 0).unwrap();
+    slot.set_hyper(hyper(1.0, 1.0, 0.0, 0.0));
+    slot.ordinary("lr = wd = 1", &g);
+    let (a, b) = slot.opt.master(&slot.pool, 0).unwrap();
     assert!(a.iter().chain(&b).all(|&v| v == 0.0), "{a:?} {b:?}");
-    opt.set_hyper(0, hyper(1e-3, 0.0, 0.0, 1e10)).unwrap();
-    assert_caught("after set_anchor", dev, &mut pool, &mut opt, &g);
+    slot.set_hyper(hyper(1e-3, 0.0, 0.0, 1e10));
+    slot.caught("after set_anchor", &g);
 }
 
 /// The bounds a step writes itself: the weights' (lr 30000, then 40000 on
-/// the same gradient, moves f16 weights past 65504), m1 / sqrt(m2)'s (a
-/// restored m1 of 1000 over m2 of 1, stepped at lr 1, then at lr 1000), m1's
-/// and m2's (below).
+/// the same gradient, moves f16 weights past 65504), q's (a restored m1 of
+/// 1000 over m2 of 1, stepped at lr 1, then at lr 1000), and the moments'.
 fn bounds_follow_steps(dev: &Device) {
     let g = gradients(ONE_SLOT, 5, 1.0);
-    let (mut pool, mut opt) = one_slot::<f16>(dev, 0.05, hyper(30000.0, 0.0, 0.0, 0.0));
-    assert_ordinary("lr 30000", dev, &mut pool, &mut opt, &g);
-    opt.set_hyper(0, hyper(40000.0, 0.0, 0.0, 0.0)).unwrap();
-    assert_caught(
-        "after a step moved the weights",
-        dev,
-        &mut pool,
-        &mut opt,
-        &g,
-    );
+    let mut slot = OneSlot::<f16>::new(dev, 0.05, hyper(30000.0, 0.0, 0.0, 0.0));
+    slot.ordinary("lr 30000", &g);
+    slot.set_hyper(hyper(40000.0, 0.0, 0.0, 0.0));
+    slot.caught("after a step moved the weights", &g);
 
-    let (mut pool, mut opt) = one_slot::<f16>(dev, 0.05, hyper(1.0, 0.0, 0.0, 0.0));
-    let ordinary = gradients(ONE_SLOT, 6, 1.0);
-    assert_ordinary("lr 1", dev, &mut pool, &mut opt, &ordinary);
-    let mut state = opt.state(&pool, 0).unwrap();
+    let mut slot = OneSlot::<f16>::new(dev, 0.05, hyper(1.0, 0.0, 0.0, 0.0));
+    slot.ordinary("lr 1", &gradients(ONE_SLOT, 6, 1.0));
+    let mut state = slot.opt.state(&slot.pool, 0).unwrap();
     (state.m1.0[0], state.m2.0[0]) = (1000.0, 1.0);
-    opt.set_state(&pool, 0, &state).unwrap();
-    assert_ordinary("restored m1 at lr 1", dev, &mut pool, &mut opt, &g);
-    opt.set_hyper(0, hyper(1000.0, 0.0, 0.0, 0.0)).unwrap();
-    assert_caught(
-        "after a step kept m1 / sqrt(m2) large",
-        dev,
-        &mut pool,
-        &mut opt,
-        &g,
-    );
+    slot.opt.set_state(&slot.pool, 0, &state).unwrap();
+    slot.ordinary("restored m1 at lr 1", &g);
+    slot.set_hyper(hyper(1000.0, 0.0, 0.0, 0.0));
+    slot.caught("after a step kept m1 / sqrt(m2) large", &g);
+
     bounds_follow_step_moments(dev);
 }
 
@@ -916,43 +895,24 @@ fn bounds_follow_steps(dev: &Device) {
 /// 1e-3 at lr 200 move f16 weights by about 470 lr. m2: gradients of 2e19
 /// with beta2 = 0.5 take m2 to 2e38, 3e38, then past f32's limit.
 fn bounds_follow_step_moments(dev: &Device) {
-    let ones = |v: f32| (vec![v; 2 * ONE_SLOT.k], vec![v; ONE_SLOT.n * 2]);
     let betas = AdamWConfig {
         beta1: 0.9,
         beta2: 0.0,
         eps: 1.0,
     };
-    let (mut pool, mut opt) = one_slot_with::<f16>(dev, 0.05, hyper(1e-3, 0.0, 0.0, 0.0), betas);
-    assert_ordinary("gradients of 1000", dev, &mut pool, &mut opt, &ones(1000.0));
-    opt.set_hyper(0, hyper(200.0, 0.0, 0.0, 0.0)).unwrap();
-    assert_caught(
-        "after a step made m1 large",
-        dev,
-        &mut pool,
-        &mut opt,
-        &ones(1e-3),
-    );
+    let mut slot = OneSlot::<f16>::with_betas(dev, 0.05, hyper(1e-3, 0.0, 0.0, 0.0), betas);
+    slot.ordinary("gradients of 1000", &ones(1000.0));
+    slot.set_hyper(hyper(200.0, 0.0, 0.0, 0.0));
+    slot.caught("after a step made m1 large", &ones(1e-3));
 
     let betas = AdamWConfig {
         beta1: 0.9,
         beta2: 0.5,
         eps: 1e-8,
     };
-    let (mut pool, mut opt) = one_slot_with::<f32>(dev, 0.05, hyper(1e-3, 0.0, 0.0, 0.0), betas);
+    let mut slot = OneSlot::<f32>::with_betas(dev, 0.05, hyper(1e-3, 0.0, 0.0, 0.0), betas);
     for step in 0..2 {
-        assert_ordinary(
-            &format!("m2 step {step}"),
-            dev,
-            &mut pool,
-            &mut opt,
-            &ones(2e19),
-        );
+        slot.ordinary(&format!("m2 step {step}"), &ones(2e19));
     }
-    assert_caught(
-        "after steps made m2 large",
-        dev,
-        &mut pool,
-        &mut opt,
-        &ones(2e19),
-    );
+    slot.caught("after steps made m2 large", &ones(2e19));
 }
