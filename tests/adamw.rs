@@ -916,3 +916,115 @@ fn bounds_follow_step_moments(dev: &Device) {
     }
     slot.caught("after steps made m2 large", &ones(2e19));
 }
+
+/// Powers of ten of one step's inputs, for `extreme_steps_stay_all_or_nothing`.
+#[derive(Debug, Clone)]
+struct Extreme {
+    /// Weights, m1, m2, anchor, gradient.
+    values: [i32; 5],
+    /// lr, weight decay, pull, eps, max_grad_norm (decay, pull, clip: < -6 is 0).
+    hyper: [i32; 5],
+    /// beta1, beta2 (indices into fixed lists), steps taken, data seed.
+    betas: (usize, usize),
+    step: i32,
+    seed: u64,
+}
+
+fn extreme() -> impl Strategy<Value = Extreme> {
+    let values = [-30i32..39, -30i32..39, -30i32..39, -30i32..39, -30i32..39];
+    let hyper = [-8i32..39, -9i32..3, -9i32..13, -40i32..1, -9i32..20];
+    (
+        values,
+        hyper,
+        (0usize..4, 0usize..4),
+        0i32..1000,
+        any::<u64>(),
+    )
+        .prop_map(|(values, hyper, betas, step, seed)| Extreme {
+            values,
+            hyper,
+            betas,
+            step,
+            seed,
+        })
+}
+
+/// One step from an extreme state: a step that skipped the checking pass
+/// left every value finite (the bounds were sound), one that ran it either
+/// stepped to finite values or changed nothing. Magnitudes range over f32's
+/// (f16 weights up to 10^4), so both paths and the edge between them occur.
+fn extreme_step<T: KernelElement>(dev: &Device, e: &Extreme) -> Result<(), TestCaseError> {
+    let pow = |x: i32| 10f64.powi(x) as f32;
+    let optional = |x: i32| if x < -6 { 0.0 } else { pow(x) };
+    let [lr, wd, pull, eps, clip] = e.hyper;
+    let h = hyper(pow(lr), optional(wd), optional(clip), optional(pull));
+    let betas = AdamWConfig {
+        beta1: [0.0, 0.5, 0.9, 0.99][e.betas.0],
+        beta2: [0.0, 0.5, 0.999, 0.99999][e.betas.1],
+        eps: pow(eps),
+    };
+    let top = if T::DTYPE == DType::F16 { 4 } else { 37 };
+    let [w, m1, m2, anchor, g] = e.values;
+    let mut slot = OneSlot::<T>::with_betas(dev, pow(w.min(top)), h, betas);
+    let mut r = rng(e.seed);
+    let mut scaled = |len: usize, x: i32, magnitude: bool| -> Vec<f32> {
+        let v: Vec<f32> = random(&mut r, len);
+        v.iter()
+            .map(|&v| if magnitude { v.abs() } else { v } * pow(x))
+            .collect()
+    };
+    let (la, lb) = (2 * ONE_SLOT.k, ONE_SLOT.n * 2);
+    let state = SlotState {
+        step: e.step,
+        m1: (scaled(la, m1, false), scaled(lb, m1, false)),
+        m2: (scaled(la, m2, true), scaled(lb, m2, true)),
+        anchor: (scaled(la, anchor, false), scaled(lb, anchor, false)),
+    };
+    slot.opt.set_state(&slot.pool, 0, &state).unwrap();
+    let grads = (
+        scaled(ONE_SLOT.max_rank * ONE_SLOT.k, g, false),
+        scaled(ONE_SLOT.n * ONE_SLOT.max_rank, g, false),
+    );
+    let before = slot.opt.master(&slot.pool, 0).unwrap();
+    let (status, checked) = slot.step(&grads);
+    let (a, b) = slot.opt.master(&slot.pool, 0).unwrap();
+    let now = slot.opt.state(&slot.pool, 0).unwrap();
+    let copy = slot.pool.adapter(0).unwrap().unwrap();
+    let finite = a
+        .iter()
+        .chain(&b)
+        .chain(&now.m1.0)
+        .chain(&now.m1.1)
+        .all(|v| v.is_finite())
+        && now.m2.0.iter().chain(&now.m2.1).all(|v| v.is_finite())
+        && copy.a.iter().chain(&copy.b).all(|v| v.to_f32().is_finite());
+    match status {
+        SlotStatus::Updated { .. } => prop_assert!(finite, "{status:?}, checked {checked}: {e:?}"),
+        SlotStatus::SkippedOverflow { .. } => {
+            prop_assert!(checked, "skipped without the checking pass: {e:?}");
+            prop_assert_eq!(
+                (a, b),
+                before,
+                "a skipped step changed the masters: {:?}",
+                e
+            );
+        }
+        _ => prop_assert!(false, "{status:?}: {e:?}"),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    #[test]
+    fn extreme_steps_stay_all_or_nothing(e in extreme(), t in 0u8..3) {
+        for dev in devices() {
+            match t {
+                0 => extreme_step::<f32>(&dev, &e)?,
+                1 => extreme_step::<f16>(&dev, &e)?,
+                _ => extreme_step::<bf16>(&dev, &e)?,
+            }
+        }
+    }
+}
