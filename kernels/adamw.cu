@@ -10,13 +10,15 @@
 //      a step is all or nothing: if any new p, m1, m2 or storage-type copy of
 //      the slot would be NaN or Inf, the slot skips its step
 //      (SKIPPED_OVERFLOW), so no non-finite weight enters the pool. Whether it
-//      could be is first decided from bounds: the slot's largest |g| and
-//      stored upper bounds of |p|, |m1|, |m2| and |anchor| (state_bound,
-//      anchor_bound: every writer of the state keeps them) bound every value
-//      the step computes. Only a slot whose bounds reach the largest finite
-//      value runs the checking pass: the step computed without writing;
+//      could be is first decided from bounds (bounds_clear): the slot's
+//      largest |g| and stored upper bounds of |p|, m2, |anchor| and of
+//      |m1| / (sqrt(m2) + e) (state_bound, anchor_bound: every writer of the
+//      state keeps them) bound every value the step computes. Only a slot
+//      whose bounds reach the largest finite value runs the checking pass:
+//      the step computed without writing;
 //   3. the same arithmetic, now written: p, m1, m2 and the pool's copy, and
-//      the slot's new bounds (the largest |p|, |m1|, |m2| written).
+//      the slot's next bounds (the largest |p| and m2 written, and the
+//      largest |ratio| of the update, which bounds |m1| / (sqrt(m2) + e)).
 // The scalars shared by a slot (clip factor, bias corrections) are computed
 // once per block in f64. Reads each gradient twice and p, m1, m2 once (the
 // floor reads each once: the clip factor needs the whole norm before the
@@ -322,9 +324,9 @@ __device__ void adamw(const AdamWParams& p) {
     sq = block_sum(sq, scratch);
     g_max = (float)block_max(g_max, scratch);
     const double norm = sqrt(sq);
-    // Written now, whatever the outcome: no register holds the norm through
-    // the passes.
-    if (threadIdx.x == 0) grad_norm[s] = isinf(g_max) ? __uint_as_float(0x7FC00000u) : (float)norm;  // NaN
+    // Written now, whatever the outcome (NaN for a non-finite gradient): no
+    // register holds the norm through the passes.
+    if (threadIdx.x == 0) grad_norm[s] = isinf(g_max) ? __uint_as_float(0x7FC00000u) : (float)norm;
     if (isinf(g_max)) {
         if (threadIdx.x == 0) status[s] = SKIPPED_NON_FINITE;
         return;

@@ -534,9 +534,10 @@ impl SlotOptimizer {
     }
 
     /// Sets `slot`'s stored bounds from `first` on (0 |master|, 1 |m2|, 2
-    /// q, a bound of |m1| / sqrt(m2)) and its anchor's. Writers of the state call it
-    /// twice: with Inf (unknown) before they write, so that an error part way
-    /// leaves no bound below the values, and with the new bounds after.
+    /// q, a bound of |m1| / sqrt(m2)) and its anchor's. Writers of the state
+    /// call it twice: with Inf (unknown) before they write, so that an error
+    /// part way leaves no bound below the values, and with the new bounds
+    /// after.
     fn write_bounds(
         &mut self,
         slot: usize,
@@ -658,7 +659,7 @@ fn largest_magnitude(v: &[f32]) -> f32 {
 }
 
 /// The largest |m1| / sqrt(m2) over paired elements: 0 where both are 0, Inf
-/// where only m2 is (the kernel's bound of the step's ratio; its 1% margin
+/// where m2 alone is (the kernel bounds the step's ratio by it; its 1% margin
 /// covers this value's rounding to f32).
 fn moment_ratio(m1: &[f32], m2: &[f32]) -> f32 {
     let ratio = |(&a, &b): (&f32, &f32)| match (a == 0.0, b > 0.0) {
