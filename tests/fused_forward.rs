@@ -404,7 +404,7 @@ proptest! {
     }
 
     #[test]
-    fn prefill_matches_reference(c in case(1..200, 200, 80), bf in any::<bool>()) {
+    fn prefill_matches_reference(c in case(1..200, 600, 80), bf in any::<bool>()) {
         if bf { check_all::<bf16>(Some(Regime::Prefill), c)? } else { check_all::<f16>(Some(Regime::Prefill), c)? }
     }
 }
@@ -422,6 +422,9 @@ fn tile_edges_in_every_regime() {
         (65, 40, 24, 3),
         (128, 128, 32, 64),
         (129, 129, 33, 65),
+        // Prefill's 128 x 256 tiles: one full, then one row and column past it.
+        (128, 256, 32, 64),
+        (129, 257, 33, 65),
         (127, 8, 8, 256),
         // More than 8 row tiles at prefill (grouped tile order: a full group
         // of 8 and a partial one) over several column tiles.
@@ -874,7 +877,7 @@ fn one_adapter_decode_matches_reference() {
 /// Prefill launches compute `t` once per 16 tokens on tensor cores (the
 /// shared shrink, the default: [`check_both_shrinks`]), not in the main loop
 /// of every block, and a reference with the scale off fails its `y`. Shapes:
-/// rows off the 128-row tile, several column tiles of 128, k off the 16-byte
+/// rows off the 128-row tile, two column tiles of 256, k off the 16-byte
 /// path and on it (200: groups of 3 k-steps and a cut one), ranks 1, 16, 64,
 /// 80 (two chunks of ranks) and 256; both thread schedules.
 #[test]
@@ -901,7 +904,7 @@ fn one_adapter_prefill_matches_reference() {
 /// The reused `t` is the same f32 sum, so `y` and the saved `t` match the
 /// one-tile blocks bit for bit, for any count (the last block of a row short
 /// of it), and the one-tile blocks match the reference. Shapes: 3 to 5
-/// column tiles of 128, rows off the 128-row tile, k on and off the 16-byte
+/// column tiles of 256, rows off the 128-row tile, k on and off the 16-byte
 /// path, rank 1, exactly one chunk (64), and two chunks (65); both thread
 /// schedules (a missing barrier between a block's tiles shows under one).
 #[test]
@@ -921,14 +924,14 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
         case.forms_agree(dev, Regime::Prefill, ("1 tile", tiles(1)), &others);
     }
     let shapes = [
-        (70, 300, 72, 16),
-        (150, 520, 45, 1),
-        (129, 390, 40, 64),
-        (65, 260, 24, 65),
+        (70, 600, 72, 16),
+        (150, 1040, 45, 1),
+        (129, 780, 40, 64),
+        (65, 520, 24, 65),
     ];
     every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
     let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
-    check::<bf16>(&reverse, (70, 300, 72, 16), 0.0);
+    check::<bf16>(&reverse, (70, 600, 72, 16), 0.0);
 
     // No tiles per block is an error, and the failed call writes nothing.
     let form = LaunchForm {

@@ -1256,6 +1256,49 @@ fn packed_expand_steps_keep_each_tokens_bits() {
     }
 }
 
+/// Prefill tiles are 128 x 256 (8 warps of 64 x 64): 150 tokens (a full row
+/// tile and 22 rows of a second) over n = 600 (two full column tiles and 88
+/// columns of a third), mixed adapters (ranks 1 to 80: two rank chunks, an
+/// empty slot, -1s), k on and off the 16-byte path, with and without beta:
+/// every tile's `y` is within the reference bound, and a reference whose
+/// scales are off by the negative control's factor fails it.
+#[test]
+fn prefill_tiles_cover_several_row_and_column_tiles() {
+    fn case<T: KernelElement>(k: usize, beta: f32, off: f32) {
+        let (m, n) = (150, 600);
+        let ranks = [1, 16, 80, 0, 33];
+        let fx = Fixture::<T>::new(n, k, 80, &ranks, 81 + k as u64);
+        let x: Vec<T> = random(&mut rng(82), m * k);
+        let ids: Vec<i32> = (0..m)
+            .map(|i| [0, 1, 2, -1, 4][(i * 7 + i / 16) % 5])
+            .collect();
+        let y0: Vec<T> = random(&mut rng(83), m * n);
+        let off_fx = fx.with_scales_times(1.0 + off);
+        for dev in devices() {
+            let got = run(
+                &fx.pool(&dev),
+                Some(Regime::Prefill),
+                &x,
+                &fx.w,
+                &ids,
+                beta,
+                &y0,
+            )
+            .unwrap();
+            let what = format!("{:?} prefill k={k} beta={beta} on {}", T::DTYPE, dev.name());
+            fx.compare(&what, &got, &x, &ids, beta, &y0).unwrap();
+            assert!(
+                off_fx.compare(&what, &got, &x, &ids, beta, &y0).is_err(),
+                "{what}: a reference with scales off by {off} must fail"
+            );
+        }
+    }
+    for (k, beta) in [(72, 0.0), (70, 0.5)] {
+        case::<bf16>(k, beta, 1e-2);
+        case::<f16>(k, beta, 3e-3);
+    }
+}
+
 /// On the GPU: a multi-adapter launch captured in a CUDA graph stays valid when
 /// the ids (on the device) and the pool's adapters change between replays,
 /// because the launch shape never depends on them.

@@ -74,7 +74,20 @@ using DecodeWideTiles = TileConfig<64, 32, 64, 4, 1, 5>;
 // k-steps, and so every sum, are the base tiles'.
 using DecodeDeepTiles = TileConfig<16, 32, 64, 1, 2, 12, 2>;
 using DecodeWideDeepTiles = TileConfig<64, 32, 64, 4, 1, 9>;
-using PrefillTiles = TileConfig<128, 128, 32, 2, 4, 4>;
+// Prefill: 8 warps of 64 x 64 (2 x 4). A warp's k16 step loads 4 A and 8 B
+// fragments (4 KB through ldmatrix) for 32 MMAs: 128 bytes of shared memory
+// per MMA, where 64 x 32 warp tiles took 192 (and the expand's hi/lo steps
+// 96 where they took 160). Shared memory feeds 128 bytes per clock per SM:
+// at 192 a block's MMAs wait on ldmatrix before the tensor cores are busy.
+// The 128 accumulators take the registers to 225-255 (one block of 256
+// threads per SM, as the 64 x 32 tiles' 130-191 already allowed) and need
+// every loop over them unrolled (zero, store_y): a loop left rolled indexes
+// them in local memory. 3 stages: two k-tiles (49 KB of x and w, 57 KB with
+// the shrink's rows of a) in flight per SM, past the ~29 KB that cover DRAM
+// latency (docs/DESIGN.md section 8), and 107 KB of shared memory, which
+// A100 and Hopper blocks may take; a fourth stage spills in the fused
+// forward.
+using PrefillTiles = TileConfig<128, 256, 32, 2, 4, 3>;
 
 // Where the calling warp works: its piece (wm, wn) of the block tile and its
 // k slice ks (TileConfig).
@@ -382,8 +395,11 @@ __device__ __forceinline__ void with_warp_accumulators(Accumulators<C>& r, F&& f
 
 template <class C, int N>
 __device__ __forceinline__ void zero(float (&v)[C::MT][N][4]) {
+#pragma unroll
     for (int i = 0; i < C::MT; ++i)
+#pragma unroll
         for (int j = 0; j < N; ++j)
+#pragma unroll
             for (int q = 0; q < 4; ++q) v[i][j][q] = 0.f;
 }
 
@@ -877,8 +893,11 @@ __device__ void store_y(T* y, int m, int n, int row0, int col0, float beta, cons
     const int lane = C::Team::tid() % 32;
     const int wm = at.wm, wn = at.wn;
     const int group = lane / 4, quad = lane % 4;
+#pragma unroll
     for (int i = 0; i < C::MT; ++i)
+#pragma unroll
         for (int j = 0; j < C::NT; ++j)
+#pragma unroll
             for (int q = 0; q < 4; ++q) {
                 int row = row0 + wm * C::WTM + i * 16 + group + 8 * (q >> 1);
                 int col = col0 + wn * C::WTN + j * 8 + 2 * quad + (q & 1);

@@ -58,12 +58,14 @@ pub(crate) fn fused_decode_tiles(m: usize, deep: bool) -> &'static MmaTiles {
 /// for the 64-row ones): a launch's choice of pipeline counts it.
 pub(crate) const STATIC_SMEM_MARGIN: usize = 512;
 
+/// Prefill (`PrefillTiles`): 8 warps of 64 x 64, 3 stages (see the kernels'
+/// header for why).
 pub(crate) const PREFILL: MmaTiles = MmaTiles {
     bm: 128,
-    bn: 128,
+    bn: 256,
     bk: 32,
     threads: 256,
-    stages: 4,
+    stages: 3,
 };
 
 /// Column tiles a fused prefill block takes side by side (`col_tiles` in

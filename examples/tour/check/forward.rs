@@ -20,7 +20,7 @@ pub(super) fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
     // Ranks above 64 take one more pass over k per 64-rank chunk.
     let dims = Dims::new(M_PREFILL, N, K_ALIGNED);
     rows.extend(fused::<bf16>(dev, Regime::Prefill, dims, 80, plain)?);
-    // Several column tiles of 128: a prefill block's second tile reuses its first one's t.
+    // Two column tiles of 256 (one partial): a prefill block's second reuses its first one's t.
     let dims = Dims::new(M_PREFILL, 300, K_ALIGNED);
     rows.extend(fused::<bf16>(dev, Regime::Prefill, dims, 16, plain)?);
     // 16 k-tiles: decode launches split the k-loop across blocks (split-K:

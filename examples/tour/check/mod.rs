@@ -85,7 +85,7 @@ use crate::{Res, common, data};
 const M_DECODE: usize = 37;
 const M_SMALL: usize = 5;
 const M_PREFILL: usize = 130;
-/// Output width: no multiple of any tile (16, 32, 64, 128) nor of 8.
+/// Output width: no multiple of any tile (16, 32, 64, 128, 256) nor of 8.
 const N: usize = 45;
 /// Widths for the backward's 16-byte `dx` path, which also needs n % 8 == 0.
 const N_ALIGNED: usize = 40;

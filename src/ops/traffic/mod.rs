@@ -332,16 +332,17 @@ mod tests {
 
     #[test]
     fn prefill_reads_x_per_column_tile_and_w_per_row_tile() {
-        // On the multi-adapter kernel: 32 x 32 tiles of 128 read x and w;
+        // On the multi-adapter kernel: 32 row tiles of 128 x 16 column tiles
+        // of 256 read x (once per column tile) and w (once per row tile);
         // 256 shrink units of 16 tokens read their x rows once per 32 ranks
         // and a's rows once, and write t; each row tile reads b's rows and
         // its rows' t per column tile.
         let dims = Dims::new(4096, 4096, 4096);
         let t = fused_forward(DType::F16, dims, 64, true);
-        let (tiles, mk, nk) = (32, 4096 * 4096, 4096 * 4096);
+        let (tiles_m, tiles_n, mk, nk) = (32, 16, 4096 * 4096, 4096 * 4096);
         let shrink = 256 * (2 * (16 * 2 * 4096 + 64 * 4096) + 4 * 16 * 64);
-        let expand = tiles * (2 * 4096 * 64 + tiles * 4 * 128 * 64);
-        let want = 2 * (tiles * mk + tiles * nk) + shrink + expand + 2 * 2 * 4096 * 4096;
+        let expand = tiles_m * (2 * 4096 * 64 + tiles_n * 4 * 128 * 64);
+        let want = 2 * (tiles_n * mk + tiles_m * nk) + shrink + expand + 2 * 2 * 4096 * 4096;
         assert_eq!(t.requested, want);
         assert_eq!(
             t,
