@@ -1256,9 +1256,9 @@ fn packed_expand_steps_keep_each_tokens_bits() {
     }
 }
 
-/// Prefill tiles are 128 x 256 (8 warps of 64 x 64): 150 tokens (a full row
-/// tile and 22 rows of a second) over n = 600 (two full column tiles and 88
-/// columns of a third), mixed adapters (ranks 1 to 80: two rank chunks, an
+/// Prefill tiles are 128 x 128 (4 warps of 64 x 64): 150 tokens (a full row
+/// tile and 22 rows of a second) over n = 600 (four full column tiles and 88
+/// columns of a fifth), mixed adapters (ranks 1 to 80: two rank chunks, an
 /// empty slot, -1s), k on and off the 16-byte path, with and without beta:
 /// every tile's `y` is within the reference bound, and a reference whose
 /// scales are off by the negative control's factor fails it.

@@ -74,20 +74,30 @@ using DecodeWideTiles = TileConfig<64, 32, 64, 4, 1, 5>;
 // k-steps, and so every sum, are the base tiles'.
 using DecodeDeepTiles = TileConfig<16, 32, 64, 1, 2, 12, 2>;
 using DecodeWideDeepTiles = TileConfig<64, 32, 64, 4, 1, 9>;
-// Prefill: 8 warps of 64 x 64 (2 x 4). A warp's k16 step loads 4 A and 8 B
-// fragments (4 KB through ldmatrix) for 32 MMAs: 128 bytes of shared memory
-// per MMA, where 64 x 32 warp tiles took 192 (and the expand's hi/lo steps
-// 96 where they took 160). Shared memory feeds 128 bytes per clock per SM:
-// at 192 a block's MMAs wait on ldmatrix before the tensor cores are busy.
-// The 128 accumulators take the registers to 225-255 (one block of 256
-// threads per SM, as the 64 x 32 tiles' 130-191 already allowed) and need
-// every loop over them unrolled (zero, store_y): a loop left rolled indexes
-// them in local memory. 3 stages: two k-tiles (49 KB of x and w, 57 KB with
-// the shrink's rows of a) in flight per SM, past the ~29 KB that cover DRAM
-// latency (docs/DESIGN.md section 8), and 107 KB of shared memory, which
-// A100 and Hopper blocks may take; a fourth stage spills in the fused
-// forward.
-using PrefillTiles = TileConfig<128, 256, 32, 2, 4, 3>;
+// Prefill: warps of 64 x 64. A warp's k16 step loads 4 A and 8 B fragments
+// (4 KB through ldmatrix) for 32 MMAs: 128 bytes of shared memory per MMA,
+// where 64 x 32 warp tiles took 192 (and the expand's hi/lo steps 96 where
+// they took 160). Shared memory feeds 128 bytes per clock per SM, so by the
+// datasheet at 192 the ldmatrix traffic, not the tensor cores, would set
+// the pace (an estimate until a GPU times both). The 128 accumulators take
+// a thread to 216-255 registers, and every loop over them is unrolled
+// (zero, store_y): a loop left rolled indexes them in local memory.
+//
+// The multi-adapter forward and the backward's dx: 4 warps (2 x 2) on a
+// 128 x 128 tile, two blocks per SM (registers: 2 x 128 x 255 fit), the
+// 8 warps per SM that 64 x 32 warp tiles had in one block, with a block
+// count (and so a last wave, and the SMs a batch of a few hundred tokens
+// fills) as before. 3 stages: 2 blocks x two k-tiles of x and w in flight,
+// 64 KB per SM, past the ~29 KB that cover DRAM latency (docs/DESIGN.md
+// section 8), in 72 KB of shared memory a block (two fit on A100 and
+// Hopper).
+using PrefillTiles = TileConfig<128, 128, 32, 2, 2, 3>;
+// The fused forward's prefill: its shrink's t n8-tiles are dealt to the
+// warps of a block row, 4 of them at rank 64 to each of 2 warps (64 more
+// registers: it spills), so it keeps 4 warps per block row: 8 warps on
+// 128 x 256, one block per SM (252-255 registers), 107 KB of shared memory
+// at ranks up to 64 (a fourth stage spills).
+using FusedPrefillTiles = TileConfig<128, 256, 32, 2, 4, 3>;
 
 // Where the calling warp works: its piece (wm, wn) of the block tile and its
 // k slice ks (TileConfig).

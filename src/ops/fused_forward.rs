@@ -20,7 +20,7 @@ use crate::params::FusedForwardParams;
 use crate::shape::{Dims, check_finite, invalid};
 
 use super::tiles::{
-    DECODE, DECODE_WIDE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, STATIC_SMEM_MARGIN,
+    DECODE, DECODE_WIDE, FUSED_PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, STATIC_SMEM_MARGIN,
     fused_decode_tiles,
 };
 
@@ -484,7 +484,7 @@ fn select(
                 (true, true) => &PREFILL_BF16_ALIGNED,
                 (true, false) => &PREFILL_BF16_ANY,
             };
-            (kernel, &PREFILL, form.col_tiles)
+            (kernel, &FUSED_PREFILL, form.col_tiles)
         }
     };
     let launch = LaunchDims {

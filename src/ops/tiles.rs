@@ -58,9 +58,20 @@ pub(crate) fn fused_decode_tiles(m: usize, deep: bool) -> &'static MmaTiles {
 /// for the 64-row ones): a launch's choice of pipeline counts it.
 pub(crate) const STATIC_SMEM_MARGIN: usize = 512;
 
-/// Prefill (`PrefillTiles`): 8 warps of 64 x 64, 3 stages (see the kernels'
-/// header for why).
+/// Prefill of the multi-adapter forward and the backward's `dx`
+/// (`PrefillTiles`): 4 warps of 64 x 64, two blocks per SM (the kernels'
+/// header says why).
 pub(crate) const PREFILL: MmaTiles = MmaTiles {
+    bm: 128,
+    bn: 128,
+    bk: 32,
+    threads: 128,
+    stages: 3,
+};
+
+/// The fused forward's prefill (`FusedPrefillTiles`): 8 warps of 64 x 64, so
+/// that its shrink's `t` tiles spread over 4 warps per block row.
+pub(crate) const FUSED_PREFILL: MmaTiles = MmaTiles {
     bm: 128,
     bn: 256,
     bk: 32,

@@ -17,7 +17,9 @@ pub use backward::{BackwardTraffic, lora_backward};
 use super::fused_forward::{Regime, regime_for};
 use super::multi_adapter_forward::{one_adapter_fits, shrink_chunks, shrink_unit};
 use super::split_k::decode_k_splits;
-use super::tiles::{DECODE, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles};
+use super::tiles::{
+    DECODE, FUSED_PREFILL, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles,
+};
 use crate::element::DType;
 use crate::shape::Dims;
 
@@ -39,8 +41,9 @@ impl Traffic {
 
 /// The block tile (rows, columns) of a forward regime for `m` tokens: at
 /// decode 16 rows up to 16 tokens, 64 past (the fused and the multi-adapter
-/// forward alike).
-fn tile(regime: Regime, m: usize) -> (u64, u64) {
+/// forward alike); at prefill the fused forward's (`fused`) or the
+/// multi-adapter forward's.
+fn tile(regime: Regime, m: usize, fused: bool) -> (u64, u64) {
     let (bm, bn) = match regime {
         Regime::Simt => (SIMT.bm, SIMT.bn),
         Regime::Decode => {
@@ -48,6 +51,7 @@ fn tile(regime: Regime, m: usize) -> (u64, u64) {
             let tiles = fused_decode_tiles(m, false);
             (tiles.bm, tiles.bn)
         }
+        Regime::Prefill if fused => (FUSED_PREFILL.bm, FUSED_PREFILL.bn),
         Regime::Prefill => (PREFILL.bm, PREFILL.bn),
     };
     (bm as u64, bn as u64)
@@ -79,7 +83,7 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
     let e = dtype.size() as u64;
     let (m, n, k, r) = (dims.m as u64, dims.n as u64, dims.k as u64, r as u64);
     let regime = regime_for(dtype, dims.m);
-    let (bm, bn) = tile(regime, dims.m);
+    let (bm, bn) = tile(regime, dims.m, true);
     let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
     let ab = match regime {
         Regime::Simt => {
@@ -157,7 +161,7 @@ pub fn multi_adapter_forward(
     let e = dtype.size() as u64;
     let (m, n, k) = (dims.m as u64, dims.n as u64, dims.k as u64);
     let regime = regime_for(dtype, dims.m);
-    let (bm, bn) = tile(regime, dims.m);
+    let (bm, bn) = tile(regime, dims.m, false);
     let (tiles_m, tiles_n) = (m.div_ceil(bm), n.div_ceil(bn));
     let rank_of = |id: i32| {
         usize::try_from(id)
@@ -332,14 +336,14 @@ mod tests {
 
     #[test]
     fn prefill_reads_x_per_column_tile_and_w_per_row_tile() {
-        // On the multi-adapter kernel: 32 row tiles of 128 x 16 column tiles
-        // of 256 read x (once per column tile) and w (once per row tile);
+        // On the multi-adapter kernel: 32 x 32 tiles of 128 read x (once per
+        // column tile) and w (once per row tile);
         // 256 shrink units of 16 tokens read their x rows once per 32 ranks
         // and a's rows once, and write t; each row tile reads b's rows and
         // its rows' t per column tile.
         let dims = Dims::new(4096, 4096, 4096);
         let t = fused_forward(DType::F16, dims, 64, true);
-        let (tiles_m, tiles_n, mk, nk) = (32, 16, 4096 * 4096, 4096 * 4096);
+        let (tiles_m, tiles_n, mk, nk) = (32, 32, 4096 * 4096, 4096 * 4096);
         let shrink = 256 * (2 * (16 * 2 * 4096 + 64 * 4096) + 4 * 16 * 64);
         let expand = tiles_m * (2 * 4096 * 64 + tiles_n * 4 * 128 * 64);
         let want = 2 * (tiles_n * mk + tiles_m * nk) + shrink + expand + 2 * 2 * 4096 * 4096;
@@ -348,13 +352,15 @@ mod tests {
             t,
             multi_adapter_forward(DType::F16, dims, &[64], &[0; 4096], true)
         );
-        // A batch whose t would pass 2^24 values stays on the fused kernel:
-        // x once per column tile and 64 ranks, a once per block of 2 column
-        // tiles (one here), w and b once per row tile.
-        let (m, n, k) = (1 << 21, 128, 32);
+        // A batch whose t would pass 2^24 values stays on the fused kernel
+        // (tiles of 128 x 256): x once per column tile and 64 ranks, a once
+        // per block of 2 column tiles, w and b once per row tile. n = 600:
+        // 3 column tiles in 2 blocks.
+        let (m, n, k) = (1 << 21, 600, 32);
         let big = fused_forward(DType::F16, Dims::new(m, n, k), 64, false);
-        let tiles_m = m / 128;
-        let want = 2 * (tiles_m * n * k + m * k + tiles_m * 64 * k + tiles_m * n * 64) + 2 * m * n;
+        let (tiles_m, tiles_n, blocks_n) = (m / 128, 3, 2);
+        let a = tiles_m * blocks_n * 64 * k;
+        let want = 2 * (tiles_m * n * k + tiles_n * m * k + a + tiles_m * n * 64) + 2 * m * n;
         assert_eq!(big.requested, want as u64);
     }
 
