@@ -422,7 +422,9 @@ fn tile_edges_in_every_regime() {
         (65, 40, 24, 3),
         (128, 128, 32, 64),
         (129, 129, 33, 65),
-        // Prefill's 128 x 256 tiles: one full, then one row and column past it.
+        // One 256-wide tile, then one row and column past it: two 128 x 128
+        // tiles of the multi-adapter kernel at rank 64, the fused kernel's
+        // 128 x 256 tiles at rank 65.
         (128, 256, 32, 64),
         (129, 257, 33, 65),
         (127, 8, 8, 256),
@@ -877,7 +879,8 @@ fn one_adapter_decode_matches_reference() {
 /// Prefill launches compute `t` once per 16 tokens on tensor cores (the
 /// shared shrink, the default: [`check_both_shrinks`]), not in the main loop
 /// of every block, and a reference with the scale off fails its `y`. Shapes:
-/// rows off the 128-row tile, two column tiles of 256, k off the 16-byte
+/// rows off the 128-row tile, several column tiles (300: 3 of the shared
+/// shrink's 128, 2 of the fused kernel's 256), k off the 16-byte
 /// path and on it (200: groups of 3 k-steps and a cut one), ranks 1, 16, 64,
 /// 80 (two chunks of ranks) and 256; both thread schedules.
 #[test]

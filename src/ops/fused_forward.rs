@@ -58,7 +58,8 @@ pub enum Regime {
     /// pipelines (more of `w` in flight) where the device's blocks may have
     /// their shared memory, with the same results.
     Decode,
-    /// Tensor cores, 128 x 256 tiles (8 warps of 64 x 64): large m, compute-bound.
+    /// Tensor cores, warps of 64 x 64 on 128 x 256 tiles (the multi-adapter
+    /// forward's and `dx`'s: 128 x 128): large m, compute-bound.
     Prefill,
 }
 

@@ -20,7 +20,8 @@ pub(super) fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
     // Ranks above 64 take one more pass over k per 64-rank chunk.
     let dims = Dims::new(M_PREFILL, N, K_ALIGNED);
     rows.extend(fused::<bf16>(dev, Regime::Prefill, dims, 80, plain)?);
-    // Two column tiles of 256 (one partial): a prefill block's second reuses its first one's t.
+    // Several column tiles: 300 columns are 3 tiles of 128 on the multi-adapter kernel, which
+    // serves a one-adapter prefill at rank 16 (t computed once, shared by every tile).
     let dims = Dims::new(M_PREFILL, 300, K_ALIGNED);
     rows.extend(fused::<bf16>(dev, Regime::Prefill, dims, 16, plain)?);
     // 16 k-tiles: decode launches split the k-loop across blocks (split-K:
