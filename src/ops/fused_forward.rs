@@ -6,7 +6,7 @@
 //! up to 64, run on the multi-adapter kernel instead
 //! (kernels/multi_adapter_forward.cu, every token on the one adapter), which
 //! computes `t = x a^T` once for the launch where the fused kernel computes
-//! it in every column tile (at prefill, once per 2 tiles).
+//! it in every column tile (at prefill, once per block of `col_tiles`).
 //! Reference: `reference::fused_forward`.
 use super::multi_adapter_forward::{OneAdapter, one_adapter_fits, one_adapter_forward};
 use super::split_k::{self, workspace, workspace_ptrs};

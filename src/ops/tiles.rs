@@ -82,10 +82,13 @@ pub(crate) const FUSED_PREFILL: MmaTiles = MmaTiles {
 /// Column tiles a fused prefill block takes side by side (`col_tiles` in
 /// kernels/fused_forward_mma.cu): the first computes the shrink `t = x a^T`
 /// and the others reuse it (ranks up to [`RANK_CHUNK`]), so the shrink's MMAs
-/// and its loads of `a` are spent once per 2 tiles. More would cut them
-/// further but leave fewer, longer blocks for the last wave: a value to
-/// settle by timing on a GPU.
-pub(crate) const PREFILL_COL_TILES: usize = 2;
+/// and its loads of `a` are spent once per block. One 256-wide tile already
+/// spends them once per 256 columns, as two 128-wide tiles did; 2 or more
+/// would halve that again but halve the blocks, which a batch of a few
+/// hundred tokens needs to fill the SMs (4 x 16 blocks at 512 tokens,
+/// n = 4096): a value to settle by timing on a GPU (the tour's column-tile
+/// table).
+pub(crate) const PREFILL_COL_TILES: usize = 1;
 
 /// The backward's reductions over tokens on tensor cores (`lk::tok` in
 /// kernels/include/lk_token_gemm.cuh): a block of `threads` owns a

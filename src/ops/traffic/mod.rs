@@ -65,7 +65,8 @@ fn y_bytes(m: u64, n: u64, beta: bool, e: u64) -> u64 {
 /// [`super::fused_forward::fused_forward`] of `dims` at rank `r` in the
 /// regime it picks for `dtype`. On tensor cores every tile reads its rows
 /// of `x` once per 64 ranks, its columns of `w`, the rank rows of `a` (at
-/// prefill with one chunk of ranks, once per block of 2 tiles) and its rows
+/// prefill with one chunk of ranks, once per block of
+/// `PREFILL_COL_TILES` tiles) and its rows
 /// of `b`; the SIMT kernel (f32) reads a row of `x` and of `a` from
 /// global memory for every entry of its `t` tile. A decode launch split
 /// across blocks (split-K, on a GPU of [`SPLIT_K_MODEL_SMS`] SMs) also writes
@@ -353,13 +354,12 @@ mod tests {
             multi_adapter_forward(DType::F16, dims, &[64], &[0; 4096], true)
         );
         // A batch whose t would pass 2^24 values stays on the fused kernel
-        // (tiles of 128 x 256): x once per column tile and 64 ranks, a once
-        // per block of 2 column tiles, w and b once per row tile. n = 600:
-        // 3 column tiles in 2 blocks.
+        // (tiles of 128 x 256): x and a once per column tile and 64 ranks,
+        // w and b once per row tile. n = 600: 3 column tiles.
         let (m, n, k) = (1 << 21, 600, 32);
         let big = fused_forward(DType::F16, Dims::new(m, n, k), 64, false);
-        let (tiles_m, tiles_n, blocks_n) = (m / 128, 3, 2);
-        let a = tiles_m * blocks_n * 64 * k;
+        let (tiles_m, tiles_n) = (m / 128, 3);
+        let a = tiles_m * tiles_n * 64 * k;
         let want = 2 * (tiles_m * n * k + tiles_n * m * k + a + tiles_m * n * 64) + 2 * m * n;
         assert_eq!(big.requested, want as u64);
     }
