@@ -72,11 +72,9 @@ pub(crate) const PREFILL: MmaTiles = MmaTiles {
 /// The fused forward's prefill (`FusedPrefillTiles`): 8 warps of 64 x 64, so
 /// that its shrink's `t` tiles spread over 4 warps per block row.
 pub(crate) const FUSED_PREFILL: MmaTiles = MmaTiles {
-    bm: 128,
     bn: 256,
-    bk: 32,
     threads: 256,
-    stages: 3,
+    ..PREFILL
 };
 
 /// Column tiles a fused prefill block takes side by side (`col_tiles` in
