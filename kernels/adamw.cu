@@ -2,8 +2,9 @@
 // (AdamWParams, SlotOptim in lk_params.h; docs/DESIGN.md section 1):
 //   1. the slot's squared gradient norm, accumulated in f64 (no f32 overflow
 //      for any finite gradient) and reduced in a fixed order (deterministic),
-//      and its largest |g|; a slot whose gradient holds NaN or Inf skips its
-//      step (SKIPPED_NON_FINITE);
+//      and its largest |g| (or both from the backward pass's per-tile
+//      statistics, grad_stats_a/b); a slot whose gradient holds NaN or Inf
+//      skips its step (SKIPPED_NON_FINITE);
 //   2. clip to max_grad_norm, add the anchor pull lambda (p - anchor), then
 //      m1 = b1 m1 + (1-b1) g, m2 = b2 m2 + (1-b2) g^2,
 //      p -= lr (m1/(1-b1^t) / (sqrt(m2/(1-b2^t)) + eps) + wd p);
@@ -20,9 +21,10 @@
 //      the slot's next bounds (the largest |p| and m2 written, and the
 //      largest |ratio| of the update, which bounds |m1| / (sqrt(m2) + e)).
 // The scalars shared by a slot (clip factor, bias corrections) are computed
-// once per block in f64. Reads each gradient twice and p, m1, m2 once (the
-// floor reads each once: the clip factor needs the whole norm before the
-// first write); a checked slot reads them once more.
+// once per block in f64. Reads each gradient, p, m1 and m2 once, the floor,
+// when the backward pass left the gradient's statistics (grad_stats_a/b: the
+// clip factor needs the whole norm before the first write); else the
+// gradient twice. A checked slot reads them once more.
 //
 // A slot's parameters are runs of the pool layout: a's rank rows (one run of
 // rank * k) and b's n rows (rank values each, max_rank apart). Threads walk
@@ -45,6 +47,9 @@ constexpr int SKIPPED_OVERFLOW = 3;
 // Or'd into the status of a slot whose bounds did not clear it: it ran the
 // checking pass.
 constexpr int CHECKED = 16;
+// Or'd into the status of a slot whose norm came from the gradient's
+// statistics (grad_stats_a/b): its step read the gradient once.
+constexpr int FROM_STATS = 32;
 
 // Where slot s's parameters lie in the pool layout.
 struct SlotParams {
@@ -307,20 +312,35 @@ __device__ void adamw(const AdamWParams& p) {
     };
 
     // 1. The norm (f64: a sum of squares of f32 values cannot overflow it) and
-    // the largest |g|, Inf where any g is NaN or Inf.
+    // the largest |g|, Inf where any g is NaN or Inf: from the statistics the
+    // backward pass left per column tile when it wrote the gradient (so the
+    // step reads the gradient once), else from the gradient itself.
     double sq = 0.0;
     float g_max = 0.f;
-    each([&](auto unit, bool is_a, size_t i) {
-        constexpr int U = decltype(unit)::value;
-        const Floats<U> g = load<U>(is_a ? p.grad_a : p.grad_b, i);
-        for (int u = 0; u < U; ++u) {
-            if (!isfinite(g.v[u])) g_max = INFINITY;
-            else {
-                sq += (double)g.v[u] * g.v[u];
-                g_max = fmaxf(g_max, fabsf(g.v[u]));
+    const int from_stats = p.grad_stats_a && p.grad_stats_b ? FROM_STATS : 0;
+    if (from_stats) {
+        auto tiles = [&](uint64_t stats, int count) {
+            const double* at = reinterpret_cast<const double*>(stats) + 2 * (size_t)s * count;
+            for (int t = threadIdx.x; t < count; t += THREADS) {
+                sq += at[2 * t];
+                g_max = fmaxf(g_max, (float)at[2 * t + 1]);
             }
-        }
-    });
+        };
+        tiles(p.grad_stats_a, p.tiles_a);
+        tiles(p.grad_stats_b, p.tiles_b);
+    } else {
+        each([&](auto unit, bool is_a, size_t i) {
+            constexpr int U = decltype(unit)::value;
+            const Floats<U> g = load<U>(is_a ? p.grad_a : p.grad_b, i);
+            for (int u = 0; u < U; ++u) {
+                if (!isfinite(g.v[u])) g_max = INFINITY;
+                else {
+                    sq += (double)g.v[u] * g.v[u];
+                    g_max = fmaxf(g_max, fabsf(g.v[u]));
+                }
+            }
+        });
+    }
     sq = block_sum(sq, scratch);
     g_max = (float)block_max(g_max, scratch);
     const double norm = sqrt(sq);
@@ -328,7 +348,7 @@ __device__ void adamw(const AdamWParams& p) {
     // register holds the norm through the passes.
     if (threadIdx.x == 0) grad_norm[s] = isinf(g_max) ? __uint_as_float(0x7FC00000u) : (float)norm;
     if (isinf(g_max)) {
-        if (threadIdx.x == 0) status[s] = SKIPPED_NON_FINITE;
+        if (threadIdx.x == 0) status[s] = SKIPPED_NON_FINITE | from_stats;
         return;
     }
     const int t = reinterpret_cast<const int*>(p.step)[s] + 1;
@@ -349,7 +369,7 @@ __device__ void adamw(const AdamWParams& p) {
         });
         overflow = block_sum(overflow, scratch);  // its barriers also order pass 2's reads before pass 3's writes
         if (overflow > 0.0) {
-            if (threadIdx.x == 0) status[s] = SKIPPED_OVERFLOW | CHECKED;
+            if (threadIdx.x == 0) status[s] = SKIPPED_OVERFLOW | CHECKED | from_stats;
             return;
         }
     }
@@ -368,7 +388,7 @@ __device__ void adamw(const AdamWParams& p) {
         bound[1] = (float)m2_max;
         bound[2] = (float)(ratio_max * c.inv_sqrt_bias2 / c.inv_bias1);  // q (bounds_clear)
         reinterpret_cast<int*>(p.step)[s] = t;
-        status[s] = UPDATED | (check ? CHECKED : 0);
+        status[s] = UPDATED | (check ? CHECKED : 0) | from_stats;
     }
 }
 

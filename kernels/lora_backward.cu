@@ -261,10 +261,12 @@ __device__ __forceinline__ int range_end(const BackwardParams& p, int i0) {
 // partials for lk_backward_reduce. Decided once per block.
 struct Emitter {
     float* dst;
-    bool atomic, add;
+    bool partial, atomic, add;
     __device__ Emitter(const BackwardParams& p, float* grad, size_t len)
         : dst(p.splits > 1 && p.deterministic ? reinterpret_cast<float*>(p.partials) + (size_t)blockIdx.y * len : grad),
-          atomic(p.splits > 1 && !p.deterministic), add(p.splits == 1 && p.accumulate) {}
+          partial(p.splits > 1 && p.deterministic),
+          atomic(p.splits > 1 && !p.deterministic),
+          add(p.splits == 1 && p.accumulate) {}
     __device__ __forceinline__ void put(size_t idx, float v) const {
         if (atomic)
             atomicAdd(dst + idx, v);
@@ -272,6 +274,96 @@ struct Emitter {
             dst[idx] = add ? dst[idx] + v : v;
     }
 };
+
+// What is learned of a gradient's values as they are finished
+// (BackwardParams::grad_stats): the sum of squares (f64: no overflow for any
+// f32) and the largest magnitude, Inf once a value is NaN or Inf.
+struct TileStats {
+    double sq = 0.0;
+    float max = 0.f;
+    __device__ __forceinline__ void add(float v) {
+        if (isfinite(v)) {
+            sq += (double)v * v;
+            max = fmaxf(max, fabsf(v));
+        } else {
+            max = INFINITY;
+        }
+    }
+};
+
+// The block's statistics combined in a fixed order (shuffles, then the warps
+// in order: the same bits run to run) into record `at` of p.grad_stats.
+// Every thread of the block calls it.
+__device__ void write_tile_stats(const BackwardParams& p, size_t at, TileStats st) {
+    LK_SHARED(double, warp_sq, [32]);
+    LK_SHARED(float, warp_max, [32]);
+    for (int off = 16; off > 0; off /= 2) {
+        st.sq += __shfl_xor_sync(0xFFFFFFFFu, st.sq, off);
+        st.max = fmaxf(st.max, __shfl_xor_sync(0xFFFFFFFFu, st.max, off));
+    }
+    if (threadIdx.x % 32 == 0) {
+        warp_sq[threadIdx.x / 32] = st.sq;
+        warp_max[threadIdx.x / 32] = st.max;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double sq = 0.0;
+        float max = 0.f;
+        for (int w = 0; w < (int)blockDim.x / 32; ++w) {
+            sq += warp_sq[w];
+            max = fmaxf(max, warp_max[w]);
+        }
+        double* out = reinterpret_cast<double*>(p.grad_stats) + 2 * at;
+        out[0] = sq;
+        out[1] = max;
+    }
+}
+
+// Calls f(idx, j) for the entries of ranks j < rows of column tile x of slot
+// s's da or db (DB), idx the pool-layout index, the block's threads taking
+// them in a fixed order.
+template <class F>
+__device__ void each_tile_entry(const BackwardParams& p, bool db, int s, int x, int rows, F&& f) {
+    const int ncols = db ? p.n : p.k, c0 = x * p.tile_cols;
+    const int per = ncols - c0 < p.tile_cols ? ncols - c0 : p.tile_cols;
+    const int64_t total = (int64_t)rows * per;
+    for (int64_t e = threadIdx.x; e < total; e += blockDim.x) {
+        if (db) {  // rows of n, the ranks contiguous in each
+            const int c = c0 + (int)(e / rows), j = (int)(e % rows);
+            f(((size_t)s * p.n + c) * p.max_rank + j, j);
+        } else {  // rank rows, the tile's columns contiguous in each
+            const int j = (int)(e / per), q = c0 + (int)(e % per);
+            f(((size_t)s * p.max_rank + j) * p.k + q, j);
+        }
+    }
+}
+
+// After a block's puts into its tile (its slot, column tile blockIdx.x) of da
+// or db (DB): the tile's statistics, if wanted, read back from L2 where the
+// block just wrote them (kept in registers through the epilogue they spill
+// the f16 kernels, at the 168-register cap): by the block itself with one
+// token range, by the last range's block to finish with atomics. Partials
+// leave them to lk_backward_reduce. Every thread of the block calls it.
+__device__ void finish_tile(const BackwardParams& p, bool db, const Emitter& out) {
+    if (!p.grad_stats || out.partial) return;
+    // Found again, not passed in: held through a kernel's passes it took a register.
+    const int s = block_slot(p);
+    const size_t at = (size_t)s * gridDim.x + blockIdx.x;
+    LK_SHARED(int, is_last, [1]);
+    if (out.atomic) __threadfence();  // this block's atomics land before the count that announces them
+    __syncthreads();                  // one range: the block's writes are visible to all its threads
+    if (out.atomic) {
+        // The host zeroed the counters before the launch.
+        if (threadIdx.x == 0)
+            is_last[0] = atomicAdd(reinterpret_cast<unsigned*>(p.tile_counters) + at, 1u) == (unsigned)p.splits - 1;
+        __syncthreads();
+        if (!is_last[0]) return;
+        __threadfence();  // every other range's atomics are in before these reads
+    }
+    TileStats stats;
+    each_tile_entry(p, db, s, blockIdx.x, slot_rank(p, s), [&](size_t idx, int) { stats.add(lk::load_cg(out.dst + idx)); });
+    write_tile_stats(p, at, stats);
+}
 
 // The tokens i in [w0, w1) with token_slots[i] == s, in token order, into
 // list; returns how many (the same in every thread). Every thread calls it;
@@ -381,6 +473,9 @@ __device__ void backward_reduce_mma(const BackwardParams& p) {
     const float scale = DB ? slot_scale(p, s) : 1.f;
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
     if (threadIdx.x == 0) flagged[0] = 0;  // published by the first pass's barriers
+    // Made where it is used, from the constant parameters: its pointer held
+    // through the passes would take registers the f16 kernels lack.
+    auto emitter = [&] { return Emitter(p, reinterpret_cast<float*>(DB ? p.db : p.da), (size_t)p.slots * p.max_rank * ncols); };
 
     auto each_window = [&](auto&& f) { each_token_window(p, s, i0, i1, list, warp_counts, f); };
     for (int r0 = 0; r0 < p.max_rank; r0 += tok::RANKS) {
@@ -403,7 +498,7 @@ __device__ void backward_reduce_mma(const BackwardParams& p) {
             }
         }
         const int rows = p.max_rank - r0 < tok::RANKS ? p.max_rank - r0 : tok::RANKS;
-        const Emitter out(p, reinterpret_cast<float*>(DB ? p.db : p.da), (size_t)p.slots * p.max_rank * ncols);
+        const Emitter out = emitter();
 #pragma unroll
         for (int i = 0; i < tok::RT; ++i)
 #pragma unroll
@@ -419,6 +514,7 @@ __device__ void backward_reduce_mma(const BackwardParams& p) {
                     out.put(idx, v);
                 }
     }
+    finish_tile(p, DB, emitter());
 }
 
 // db[s][c, j] = s * sum_{i in range, slot i = s} g[i, c] t[i, j]: 64 columns
@@ -433,8 +529,8 @@ __device__ void backward_db(const BackwardParams& p) {
     const float scale = slot_scale(p, s);
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
     const Emitter out(p, reinterpret_cast<float*>(p.db), (size_t)p.slots * p.n * p.max_rank);
-    if (c >= p.n) return;
-    for (int j0 = 0; j0 < p.max_rank; j0 += 64) {
+    // Threads past n stay for finish_tile's barriers.
+    for (int j0 = 0; j0 < p.max_rank && c < p.n; j0 += 64) {
         float acc[16];
         for (int jj = 0; jj < 16; ++jj) acc[jj] = 0.f;
         for (int i = i0; i < i1; ++i) {  // sass-loop: db
@@ -447,9 +543,11 @@ __device__ void backward_db(const BackwardParams& p) {
         }
         for (int jj = 0; jj < 16; ++jj) {
             int j = j0 + jg + 4 * jj;
-            if (j < p.max_rank) out.put(((size_t)s * p.n + c) * p.max_rank + j, j < rank ? scale * acc[jj] : 0.f);
+            if (j >= p.max_rank) continue;
+            out.put(((size_t)s * p.n + c) * p.max_rank + j, j < rank ? scale * acc[jj] : 0.f);
         }
     }
+    finish_tile(p, true, out);
 }
 
 // da[s][j, q] = sum_{i in range, slot i = s} u[i, j] x[i, q]: a column q per
@@ -463,8 +561,8 @@ __device__ void backward_da(const BackwardParams& p) {
     const int rank = slot_rank(p, s);
     const int i0 = blockIdx.y * p.tokens_per_split, i1 = range_end(p, i0);
     const Emitter out(p, reinterpret_cast<float*>(p.da), (size_t)p.slots * p.max_rank * p.k);
-    if (q >= p.k) return;
-    for (int j0 = 0; j0 < p.max_rank; j0 += 32) {
+    // Threads past k stay for finish_tile's barriers.
+    for (int j0 = 0; j0 < p.max_rank && q < p.k; j0 += 32) {
         float acc[32];
         for (int jj = 0; jj < 32; ++jj) acc[jj] = 0.f;
         for (int i = i0; i < i1; ++i) {  // sass-loop: da
@@ -476,17 +574,25 @@ __device__ void backward_da(const BackwardParams& p) {
         for (int jj = 0; jj < 32 && j0 + jj < p.max_rank; ++jj)
             out.put(((size_t)s * p.max_rank + j0 + jj) * p.k + q, acc[jj]);
     }
+    finish_tile(p, false, out);
 }
 
-// out[e] (+)= sum over splits of partials[split][e], splits in order.
+// out (+)= the sum over splits of the partials, splits in order, a block per
+// (slot, column tile) of da or db (p.reduce_db), and the tile's statistics
+// when wanted.
 __device__ void backward_reduce(const BackwardParams& p) {
     float* out = reinterpret_cast<float*>(p.reduce_out);
     const float* partials = reinterpret_cast<const float*>(p.partials);
-    for (size_t e = (size_t)blockIdx.x * THREADS + threadIdx.x; e < (size_t)p.reduce_len; e += (size_t)gridDim.x * THREADS) {
+    const int tiles = ((p.reduce_db ? p.n : p.k) + p.tile_cols - 1) / p.tile_cols;
+    const int s = blockIdx.x / tiles, x = blockIdx.x % tiles, rank = slot_rank(p, s);
+    TileStats stats;
+    each_tile_entry(p, p.reduce_db, s, x, p.max_rank, [&](size_t e, int j) {
         float v = p.accumulate ? out[e] : 0.f;
-        for (int s = 0; s < p.splits; ++s) v += partials[(size_t)s * p.reduce_len + e];
+        for (int z = 0; z < p.splits; ++z) v += partials[(size_t)z * p.reduce_len + e];
         out[e] = v;
-    }
+        if (j < rank) stats.add(v);
+    });
+    if (p.grad_stats) write_tile_stats(p, blockIdx.x, stats);
 }
 
 // u[i, j] = s * (the sum over the `splits` column ranges, in order, of

@@ -60,6 +60,7 @@ pub mod ops;
 pub(crate) mod params;
 #[cfg(feature = "peft")]
 pub mod peft;
+pub mod pool_grads;
 pub mod reference;
 #[cfg(test)]
 mod runtime_selftest;
@@ -76,6 +77,7 @@ pub use error::{Error, Result};
 pub use launch::kernels_built;
 pub use ops::merge::MergeOp;
 pub use ops::{DeviceAdapter, KernelElement};
+pub use pool_grads::PoolGrads;
 pub use shape::{Dims, MAX_RANK};
 pub use slot_map::SlotMap;
 

@@ -61,7 +61,8 @@ params_structs! {
     BackwardParams {
         g, x, w, a_pool, b_pool, slot_rank, slot_scale, token_slots, t, u, dx, da, db, partials,
         first_token, m, n, k, max_rank, slots, uniform_rank, uniform_scale, splits, tokens_per_split,
-        accumulate, deterministic, reduce_len, reduce_out,
+        accumulate, deterministic, reduce_len, reduce_out, grad_stats, tile_counters, tile_cols,
+        reduce_db,
     }
     MergeParams { w, a, b, n, k, r, scale, sign }
     PoolLoadParams { a, b, pool_b, stats, a_len, n, rank, max_rank, pad }
@@ -69,7 +70,7 @@ params_structs! {
     AdamWParams {
         master_a, master_b, m1_a, m1_b, m2_a, m2_b, anchor_a, anchor_b, grad_a, grad_b,
         work_a, work_b, slot_rank, hyper, step, status, grad_norm, state_bound, anchor_bound,
-        n, k, max_rank, slots,
+        grad_stats_a, grad_stats_b, tiles_a, tiles_b, n, k, max_rank, slots,
         beta1, beta2, eps, pad,
     }
     SelftestParams { input, input2, out, n, variant }

@@ -207,10 +207,18 @@ pub struct BackwardParams {
     pub reduce_len: i64,
     #[doc = " lk_backward_reduce: da or db"]
     pub reduce_out: u64,
+    #[doc = " The gradient's statistics, for an optimizer that then reads it once\n (0 = none wanted): per (slot, column tile) of the da or db a launch\n writes, f64 [2] = the sum of squares and the largest magnitude (Inf for\n a non-finite value) of the slot's entries below its rank, written by\n whoever finishes the tile (lk_backward_reduce when it sums partials)."]
+    pub grad_stats: u64,
+    #[doc = " u32 per (slot, column tile): token ranges done (atomic mode); 0 at launch"]
+    pub tile_counters: u64,
+    #[doc = " columns of n (db) or k (da) per tile: the db/da kernel's per block"]
+    pub tile_cols: i32,
+    #[doc = " lk_backward_reduce: the gradient is db (else da)"]
+    pub reduce_db: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BackwardParams"][::std::mem::size_of::<BackwardParams>() - 184usize];
+    ["Size of BackwardParams"][::std::mem::size_of::<BackwardParams>() - 208usize];
     ["Alignment of BackwardParams"][::std::mem::align_of::<BackwardParams>() - 8usize];
     ["Offset of field: BackwardParams::g"][::std::mem::offset_of!(BackwardParams, g) - 0usize];
     ["Offset of field: BackwardParams::x"][::std::mem::offset_of!(BackwardParams, x) - 8usize];
@@ -257,6 +265,14 @@ const _: () = {
         [::std::mem::offset_of!(BackwardParams, reduce_len) - 168usize];
     ["Offset of field: BackwardParams::reduce_out"]
         [::std::mem::offset_of!(BackwardParams, reduce_out) - 176usize];
+    ["Offset of field: BackwardParams::grad_stats"]
+        [::std::mem::offset_of!(BackwardParams, grad_stats) - 184usize];
+    ["Offset of field: BackwardParams::tile_counters"]
+        [::std::mem::offset_of!(BackwardParams, tile_counters) - 192usize];
+    ["Offset of field: BackwardParams::tile_cols"]
+        [::std::mem::offset_of!(BackwardParams, tile_cols) - 200usize];
+    ["Offset of field: BackwardParams::reduce_db"]
+        [::std::mem::offset_of!(BackwardParams, reduce_db) - 204usize];
 };
 #[doc = " Merge / unmerge (kernels/merge.cu): w[n][k] <- w + sign * scale * b a,\n accumulated in f32 and rounded once to the storage type."]
 #[repr(C)]
@@ -375,6 +391,12 @@ pub struct AdamWParams {
     pub state_bound: u64,
     #[doc = " Per slot, upper bounds over its elements (f32; Inf = unknown):\n state_bound 3 a slot (|master|, |m2|, and q >= |m1| /\n (sqrt(m2) + e), kernels/adamw.cu),\n anchor_bound 1 (|anchor|)."]
     pub anchor_bound: u64,
+    #[doc = " The gradients' statistics from the backward pass (BackwardParams'\n grad_stats: f64 [2] per slot and column tile, tiles_a / tiles_b a\n slot), or 0: the step then reads the gradient once more for its norm."]
+    pub grad_stats_a: u64,
+    #[doc = " The gradients' statistics from the backward pass (BackwardParams'\n grad_stats: f64 [2] per slot and column tile, tiles_a / tiles_b a\n slot), or 0: the step then reads the gradient once more for its norm."]
+    pub grad_stats_b: u64,
+    pub tiles_a: i32,
+    pub tiles_b: i32,
     pub n: i32,
     pub k: i32,
     pub max_rank: i32,
@@ -386,7 +408,7 @@ pub struct AdamWParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of AdamWParams"][::std::mem::size_of::<AdamWParams>() - 184usize];
+    ["Size of AdamWParams"][::std::mem::size_of::<AdamWParams>() - 208usize];
     ["Alignment of AdamWParams"][::std::mem::align_of::<AdamWParams>() - 8usize];
     ["Offset of field: AdamWParams::master_a"]
         [::std::mem::offset_of!(AdamWParams, master_a) - 0usize];
@@ -416,15 +438,23 @@ const _: () = {
         [::std::mem::offset_of!(AdamWParams, state_bound) - 136usize];
     ["Offset of field: AdamWParams::anchor_bound"]
         [::std::mem::offset_of!(AdamWParams, anchor_bound) - 144usize];
-    ["Offset of field: AdamWParams::n"][::std::mem::offset_of!(AdamWParams, n) - 152usize];
-    ["Offset of field: AdamWParams::k"][::std::mem::offset_of!(AdamWParams, k) - 156usize];
+    ["Offset of field: AdamWParams::grad_stats_a"]
+        [::std::mem::offset_of!(AdamWParams, grad_stats_a) - 152usize];
+    ["Offset of field: AdamWParams::grad_stats_b"]
+        [::std::mem::offset_of!(AdamWParams, grad_stats_b) - 160usize];
+    ["Offset of field: AdamWParams::tiles_a"]
+        [::std::mem::offset_of!(AdamWParams, tiles_a) - 168usize];
+    ["Offset of field: AdamWParams::tiles_b"]
+        [::std::mem::offset_of!(AdamWParams, tiles_b) - 172usize];
+    ["Offset of field: AdamWParams::n"][::std::mem::offset_of!(AdamWParams, n) - 176usize];
+    ["Offset of field: AdamWParams::k"][::std::mem::offset_of!(AdamWParams, k) - 180usize];
     ["Offset of field: AdamWParams::max_rank"]
-        [::std::mem::offset_of!(AdamWParams, max_rank) - 160usize];
-    ["Offset of field: AdamWParams::slots"][::std::mem::offset_of!(AdamWParams, slots) - 164usize];
-    ["Offset of field: AdamWParams::beta1"][::std::mem::offset_of!(AdamWParams, beta1) - 168usize];
-    ["Offset of field: AdamWParams::beta2"][::std::mem::offset_of!(AdamWParams, beta2) - 172usize];
-    ["Offset of field: AdamWParams::eps"][::std::mem::offset_of!(AdamWParams, eps) - 176usize];
-    ["Offset of field: AdamWParams::pad"][::std::mem::offset_of!(AdamWParams, pad) - 180usize];
+        [::std::mem::offset_of!(AdamWParams, max_rank) - 184usize];
+    ["Offset of field: AdamWParams::slots"][::std::mem::offset_of!(AdamWParams, slots) - 188usize];
+    ["Offset of field: AdamWParams::beta1"][::std::mem::offset_of!(AdamWParams, beta1) - 192usize];
+    ["Offset of field: AdamWParams::beta2"][::std::mem::offset_of!(AdamWParams, beta2) - 196usize];
+    ["Offset of field: AdamWParams::eps"][::std::mem::offset_of!(AdamWParams, eps) - 200usize];
+    ["Offset of field: AdamWParams::pad"][::std::mem::offset_of!(AdamWParams, pad) - 204usize];
 };
 #[doc = " Runtime self-test kernels (kernels/runtime_selftest.cu)."]
 #[repr(C)]

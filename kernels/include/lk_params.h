@@ -87,6 +87,15 @@ typedef struct BackwardParams {
     int32_t deterministic; /* no float atomics: partials + fixed-order reduction */
     int64_t reduce_len;    /* lk_backward_reduce: elements per partial (may pass 2^31) */
     uint64_t reduce_out;   /* lk_backward_reduce: da or db */
+    /* The gradient's statistics, for an optimizer that then reads it once
+     * (0 = none wanted): per (slot, column tile) of the da or db a launch
+     * writes, f64 [2] = the sum of squares and the largest magnitude (Inf for
+     * a non-finite value) of the slot's entries below its rank, written by
+     * whoever finishes the tile (lk_backward_reduce when it sums partials). */
+    uint64_t grad_stats;
+    uint64_t tile_counters; /* u32 per (slot, column tile): token ranges done (atomic mode); 0 at launch */
+    int32_t tile_cols;      /* columns of n (db) or k (da) per tile: the db/da kernel's per block */
+    int32_t reduce_db;      /* lk_backward_reduce: the gradient is db (else da) */
 } BackwardParams;
 
 /* Merge / unmerge (kernels/merge.cu): w[n][k] <- w + sign * scale * b a,
@@ -134,6 +143,11 @@ typedef struct AdamWParams {
      * (sqrt(m2) + e), kernels/adamw.cu),
      * anchor_bound 1 (|anchor|). */
     uint64_t state_bound, anchor_bound;
+    /* The gradients' statistics from the backward pass (BackwardParams'
+     * grad_stats: f64 [2] per slot and column tile, tiles_a / tiles_b a
+     * slot), or 0: the step then reads the gradient once more for its norm. */
+    uint64_t grad_stats_a, grad_stats_b;
+    int32_t tiles_a, tiles_b;
     int32_t n, k, max_rank, slots;
     float beta1, beta2, eps;
     int32_t pad;

@@ -16,6 +16,7 @@ use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::launch::{LaunchDims, kernel};
 use crate::params::{AdamWParams, SlotOptim};
+use crate::pool_grads::PoolGrads;
 use crate::shape::{check_finite, invalid};
 
 kernel!(ADAMW_F32 = lk_adamw_f32 in "adamw": AdamWParams;);
@@ -32,6 +33,9 @@ const SKIPPED_OVERFLOW: i32 = 3;
 /// Or'd into a slot's status: its bounds did not rule out overflow, so the
 /// step ran the checking pass.
 const CHECKED: i32 = 16;
+/// Or'd into a slot's status: its norm came from the gradient's statistics
+/// (`step_pool_grads`), so the step read the gradient once.
+const FROM_STATS: i32 = 32;
 
 /// The AdamW settings every slot shares: the moments' decay rates and eps.
 /// (Learning rate and weight decay are per slot: [`SlotHyper`].)
@@ -332,14 +336,44 @@ impl SlotOptimizer {
     /// slot may have been loaded through the pool since the optimizer loaded
     /// it ([`Error::SlotChanged`]; an evicted slot is skipped, `Idle`); on an
     /// error nothing changed.
+    ///
+    /// The step reads each gradient twice: once for the slot's norm (the clip
+    /// factor and the check for NaN and Inf need all of it before the first
+    /// write), once for the update. [`Self::step_pool_grads`] reads it once.
     pub fn step<'a, T: KernelElement>(
         &mut self,
         pool: &mut AdapterPool<T>,
         grad_a: impl Into<BufRef<'a, f32>>,
         grad_b: impl Into<BufRef<'a, f32>>,
     ) -> Result<()> {
+        self.launch_step(pool, grad_a.into(), grad_b.into(), None)
+    }
+
+    /// [`Self::step`] with the gradients of a [`PoolGrads`]
+    /// (`multi_adapter_backward_into`'s): while it holds their statistics
+    /// ([`PoolGrads::has_stats`]) each slot's norm and non-finite check come
+    /// from them, and the step reads each gradient once; otherwise it runs as
+    /// `step`. The same errors as `step`, and `grads` must be `pool`'s.
+    pub fn step_pool_grads<T: KernelElement>(
+        &mut self,
+        pool: &mut AdapterPool<T>,
+        grads: &PoolGrads,
+    ) -> Result<()> {
+        grads.check_pool(pool)?;
+        let stats = grads.stats(pool);
+        self.launch_step(pool, grads.da().into(), grads.db().into(), stats)
+    }
+
+    /// The step's launch; `stats`: the gradients' statistics (f64 [2] per
+    /// slot and column tile of da and of db) and their tiles per slot.
+    fn launch_step<T: KernelElement>(
+        &mut self,
+        pool: &mut AdapterPool<T>,
+        ga: BufRef<'_, f32>,
+        gb: BufRef<'_, f32>,
+        stats: Option<([BufRef<'_, f64>; 2], [usize; 2])>,
+    ) -> Result<()> {
         self.check_pool(pool)?;
-        let (ga, gb) = (grad_a.into(), grad_b.into());
         let PoolConfig {
             slots,
             max_rank,
@@ -393,6 +427,13 @@ impl SlotOptimizer {
         let anchor_bound = BufRef::from(&self.anchor_bound);
         let (p_state_bound, _g18) = out_ptr(dev, &mut state_bound);
         let (p_anchor_bound, _g19) = in_ptr(dev, &anchor_bound);
+        let ([p_stats_a, p_stats_b], _g20, tiles) = match &stats {
+            Some(([sa, sb], tiles)) => {
+                let ((pa, ga), (pb, gb)) = (in_ptr(dev, sa), in_ptr(dev, sb));
+                ([pa, pb], Some([ga, gb]), *tiles)
+            }
+            None => ([0, 0], None, [0, 0]),
+        };
         let params = AdamWParams {
             master_a: p_ma,
             master_b: p_mb,
@@ -413,6 +454,10 @@ impl SlotOptimizer {
             grad_norm: p_norm,
             state_bound: p_state_bound,
             anchor_bound: p_anchor_bound,
+            grad_stats_a: p_stats_a,
+            grad_stats_b: p_stats_b,
+            tiles_a: tiles[0] as i32,
+            tiles_b: tiles[1] as i32,
             n: n as i32,
             k: k as i32,
             max_rank: max_rank as i32,
@@ -439,7 +484,9 @@ impl SlotOptimizer {
         // slot s's first rank (<= max_rank) rows/columns with s < slots (a
         // block per slot), in 64-bit offsets; the pointer guards live past
         // the launch. The bounds hold 3 and 1 entries per slot, indexed by
-        // s < slots.
+        // s < slots. The statistics, when given, are a PoolGrads' of this
+        // pool (checked by step_pool_grads): 2 f64 per slot and tile, the
+        // tile counts its own.
         unsafe { kernel.launch(dev, dims, &params) }
     }
 
@@ -450,7 +497,7 @@ impl SlotOptimizer {
         Ok(status
             .iter()
             .zip(norms)
-            .map(|(&s, grad_norm)| match s & !CHECKED {
+            .map(|(&s, grad_norm)| match s & !(CHECKED | FROM_STATS) {
                 UPDATED => SlotStatus::Updated { grad_norm },
                 SKIPPED_NON_FINITE => SlotStatus::SkippedNonFinite,
                 SKIPPED_OVERFLOW => SlotStatus::SkippedOverflow { grad_norm },
@@ -467,6 +514,15 @@ impl SlotOptimizer {
     pub fn checked_slots(&self) -> Result<Vec<bool>> {
         let status = self.dev.download(&self.status)?;
         Ok(status.iter().map(|&s| s & CHECKED != 0).collect())
+    }
+
+    /// Per slot, whether the last step took its norm and non-finite check
+    /// from the gradient's statistics ([`Self::step_pool_grads`]), reading
+    /// the gradient once. For tests and benchmarks.
+    #[doc(hidden)]
+    pub fn norm_from_stats(&self) -> Result<Vec<bool>> {
+        let status = self.dev.download(&self.status)?;
+        Ok(status.iter().map(|&s| s & FROM_STATS != 0).collect())
     }
 
     /// Steps taken by each slot since it was loaded.

@@ -20,8 +20,9 @@ use crate::element::DType;
 use crate::error::Result;
 use crate::launch::{Kernel, LaunchDims, kernel};
 use crate::params::BackwardParams;
+use crate::pool_grads::PoolGrads;
 use crate::shape::{Dims, elements};
-use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{DeviceRepr, SyncOnDrop, ValidAsZeroBits};
 
 kernel!(U_F32 = lk_backward_u_f32 in "lora_backward": BackwardParams;);
 kernel!(DX_F32 = lk_backward_dx_f32 in "lora_backward": BackwardParams;);
@@ -230,7 +231,7 @@ pub fn lora_backward<T: KernelElement>(
         ids: None,
         uniform: (adapter.rank, adapter.scale),
     };
-    run(dev, shape, (g, x, w, &t), pool, grads, opts, scratch)
+    run(dev, shape, (g, x, w, &t), pool, grads, None, opts, scratch)
 }
 
 /// Gradients of every adapter a batch uses: token `i` trains slot
@@ -277,8 +278,73 @@ pub fn multi_adapter_backward<'a, T: KernelElement>(
     opts: BackwardOptions,
     scratch: &mut BackwardScratch,
 ) -> Result<()> {
-    let DeviceBackwardInputs { g, x, w, t } = inputs;
     let ids = slot_ids.into();
+    pool_backward(pool, m, ids, inputs, grads, None, opts, scratch)
+}
+
+/// [`multi_adapter_backward`] into a [`PoolGrads`] (`dx` optional as
+/// there), which also keeps the statistics the gradients' writers leave per
+/// slot and column tile (sum of squares, largest magnitude), so that
+/// [`SlotOptimizer::step_pool_grads`] reads each gradient once. On an error
+/// the statistics are dropped (the gradient may be part written); nothing
+/// else differs from `multi_adapter_backward`.
+///
+/// [`SlotOptimizer::step_pool_grads`]: super::adamw::SlotOptimizer::step_pool_grads
+#[allow(clippy::too_many_arguments)] // multi_adapter_backward's, with the gradients apart
+pub fn multi_adapter_backward_into<'a, T: KernelElement>(
+    pool: &AdapterPool<T>,
+    m: usize,
+    slot_ids: impl Into<BufRef<'a, i32>>,
+    inputs: DeviceBackwardInputs<'_, T>,
+    dx: Option<BufMut<'_, T>>,
+    grads: &mut PoolGrads,
+    opts: BackwardOptions,
+    scratch: &mut BackwardScratch,
+) -> Result<()> {
+    grads.check_pool(pool)?;
+    let cfg = pool.config();
+    let by_token = plan(T::DTYPE, Dims::new(m, cfg.n, cfg.k), cfg.slots, true).by_token;
+    // Accumulating, a batch that leaves slots unwritten leaves their
+    // gradients, and records, as they were.
+    let keeps_old = opts.accumulate && (m == 0 || by_token);
+    let (current, da, db, stats) = grads.start_backward(pool, keeps_old);
+    let out = Grads {
+        dx,
+        da: Some(da.into()),
+        db: Some(db.into()),
+    };
+    pool_backward(
+        pool,
+        m,
+        slot_ids.into(),
+        inputs,
+        out,
+        Some(stats),
+        opts,
+        scratch,
+    )?;
+    grads.finish_backward(pool, current);
+    Ok(())
+}
+
+/// The columns (of k for da, of n for db) per tile of the statistics a
+/// backward pass over `dtype` leaves: its da and db kernels' per block.
+pub(crate) fn stats_tile_cols(dtype: DType) -> [usize; 2] {
+    [RangeKernel::da(dtype).cols, RangeKernel::db(dtype).cols]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pool_backward<T: KernelElement>(
+    pool: &AdapterPool<T>,
+    m: usize,
+    ids: BufRef<'_, i32>,
+    inputs: DeviceBackwardInputs<'_, T>,
+    grads: Grads<'_, T>,
+    stats: Option<StatsOut<'_>>,
+    opts: BackwardOptions,
+    scratch: &mut BackwardScratch,
+) -> Result<()> {
+    let DeviceBackwardInputs { g, x, w, t } = inputs;
     let dev = pool.device();
     let cfg = pool.config();
     let dims = Dims::new(m, cfg.n, cfg.k);
@@ -304,7 +370,7 @@ pub fn multi_adapter_backward<'a, T: KernelElement>(
         max_rank: cfg.max_rank,
         slots: cfg.slots,
     };
-    run(dev, shape, (g, x, w, &t), refs, grads, opts, scratch)
+    run(dev, shape, (g, x, w, &t), refs, grads, stats, opts, scratch)
 }
 
 #[derive(Clone, Copy)]
@@ -336,6 +402,7 @@ fn run<T: KernelElement>(
     ),
     pool: PoolRefs<'_, '_, T>,
     mut grads: Grads<'_, T>,
+    mut stats: Option<StatsOut<'_>>,
     opts: BackwardOptions,
     scratch: &mut BackwardScratch,
 ) -> Result<()> {
@@ -391,7 +458,7 @@ fn run<T: KernelElement>(
         .max(u_partials);
     let grids = Grids::new::<T>(
         dims,
-        max_rank,
+        (max_rank, slots),
         layers,
         u_plan,
         (&db_k, db_split),
@@ -399,24 +466,31 @@ fn run<T: KernelElement>(
     )?;
     let first_len = if by_token { slots } else { 0 };
     scratch.reserve(dev, elements("u", m, max_rank)?, partials, first_len)?;
-    if m == 0 {
-        // No tokens: the gradients of this batch are zero.
-        if !opts.accumulate {
-            for buf in [grads.da.as_mut(), grads.db.as_mut()].into_iter().flatten() {
-                zero(dev, buf)?;
-            }
-        }
-        return Ok(());
-    }
+    // Per part (da, db): its statistics' records and tile counters, if wanted.
+    let (mut stats_a, mut stats_b) = match stats.as_mut() {
+        Some(StatsOut { a, b }) => (Some(a), Some(b)),
+        None => (None, None),
+    };
     // Atomics add into the gradient, and with a layer per token no block
-    // writes the slots no token uses: it starts from zero unless accumulating.
-    for (buf, split) in [(grads.da.as_mut(), da_split), (grads.db.as_mut(), db_split)] {
+    // writes the slots no token uses: it starts from zero unless accumulating
+    // (its statistics too: zero describes it). No tokens: the gradients of
+    // this batch are zero.
+    for (buf, part_stats, split) in [
+        (grads.da.as_mut(), stats_a.as_deref_mut(), da_split),
+        (grads.db.as_mut(), stats_b.as_deref_mut(), db_split),
+    ] {
         if let Some(buf) = buf
-            && (by_token || (split.splits > 1 && !opts.deterministic))
+            && (m == 0 || by_token || (split.splits > 1 && !opts.deterministic))
             && !opts.accumulate
         {
             zero(dev, buf)?;
+            if let Some(part) = part_stats {
+                zero(dev, &mut part.records)?;
+            }
         }
+    }
+    if m == 0 {
+        return Ok(());
     }
 
     let (pg, _g1) = in_ptr(dev, &g);
@@ -442,6 +516,9 @@ fn run<T: KernelElement>(
     let (pdx, _g12) = grads.dx.as_mut().map_or((0, None), |b| out_ptr(dev, b));
     let (pda, _g13) = grads.da.as_mut().map_or((0, None), |b| out_ptr(dev, b));
     let (pdb, _g14) = grads.db.as_mut().map_or((0, None), |b| out_ptr(dev, b));
+    let atomic = |split: TokenSplit| split.splits > 1 && !opts.deterministic;
+    let (db_stats, db_counters, _g16) = stats_ptrs(dev, stats_b, pdb != 0, atomic(db_split))?;
+    let (da_stats, da_counters, _g17) = stats_ptrs(dev, stats_a, pda != 0, atomic(da_split))?;
     let params = BackwardParams {
         g: pg,
         x: px,
@@ -471,6 +548,10 @@ fn run<T: KernelElement>(
         deterministic: opts.deterministic as i32,
         reduce_len: 0,
         reduce_out: 0,
+        grad_stats: 0,
+        tile_counters: 0,
+        tile_cols: 0,
+        reduce_db: 0,
     };
     let block = [THREADS, 1, 1];
     let simt = |grid: [u32; 3]| LaunchDims {
@@ -544,15 +625,26 @@ fn run<T: KernelElement>(
         }
         if pdb != 0 {
             let aligned = n.is_multiple_of(8) && pg.is_multiple_of(16);
-            let p = db_split.params(&params);
+            let p = BackwardParams {
+                grad_stats: db_stats,
+                tile_counters: db_counters,
+                tile_cols: db_k.cols as i32,
+                reduce_db: 1,
+                ..db_split.params(&params)
+            };
             db_k.kernel(aligned).launch(dev, db_k.dims(grids.db), &p)?;
-            reduce(dev, &p, opts, pdb, len_db)?;
+            reduce(dev, &p, opts, pdb, len_db, grids.reduce_db)?;
         }
         if pda != 0 {
             let aligned = k.is_multiple_of(8) && px.is_multiple_of(16);
-            let p = da_split.params(&params);
+            let p = BackwardParams {
+                grad_stats: da_stats,
+                tile_counters: da_counters,
+                tile_cols: da_k.cols as i32,
+                ..da_split.params(&params)
+            };
             da_k.kernel(aligned).launch(dev, da_k.dims(grids.da), &p)?;
-            reduce(dev, &p, opts, pda, len_da)?;
+            reduce(dev, &p, opts, pda, len_da, grids.reduce_da)?;
         }
     }
     Ok(())
@@ -612,6 +704,9 @@ struct Grids {
     dx: [u32; 3],
     db: [u32; 3],
     da: [u32; 3],
+    /// lk_backward_reduce: a block per (slot, column tile) of db and of da.
+    reduce_db: [u32; 3],
+    reduce_da: [u32; 3],
 }
 
 impl Grids {
@@ -619,7 +714,7 @@ impl Grids {
     /// (`slots`, or `m` with a layer per token).
     fn new<T: KernelElement>(
         dims: Dims,
-        max_rank: usize,
+        (max_rank, slots): (usize, usize),
         (name, layers): (&'static str, usize),
         u_split: Option<(TokenSplit, usize)>,
         (db, db_split): (&RangeKernel, TokenSplit),
@@ -642,6 +737,8 @@ impl Grids {
             dx: grid("m", m, [k.div_ceil(dx_cols), m.div_ceil(dx_rows), 1])?,
             db: grid(name, layers, [n.div_ceil(db.cols), db_split.splits, layers])?,
             da: grid(name, layers, [k.div_ceil(da.cols), da_split.splits, layers])?,
+            reduce_db: grid("slots", slots, [slots * n.div_ceil(db.cols), 1, 1])?,
+            reduce_da: grid("slots", slots, [slots * k.div_ceil(da.cols), 1, 1])?,
         })
     }
 }
@@ -789,17 +886,22 @@ impl RangeKernel {
 }
 
 /// Sums the partials of the last reduction in a fixed order (deterministic
-/// mode with several token ranges); nothing to do otherwise.
+/// mode with several token ranges), a block per (slot, column tile) of the
+/// gradient (`grid`), with the tiles' statistics when `params` asks for
+/// them; nothing to do otherwise.
 ///
 /// # Safety
 /// `params.partials` holds `params.splits * len` f32 written by the last reduction
-/// kernel and `out` points to `len` f32 on `dev`.
+/// kernel, `out` points to `len` f32 on `dev`, `grid` is the gradient's
+/// slots times its column tiles of `params.tile_cols`, and
+/// `params.grad_stats` is 0 or holds 2 f64 per such tile.
 unsafe fn reduce(
     dev: &Device,
     params: &BackwardParams,
     opts: BackwardOptions,
     out: u64,
     len: usize,
+    grid: [u32; 3],
 ) -> Result<()> {
     if params.splits == 1 || !opts.deterministic {
         return Ok(());
@@ -810,12 +912,48 @@ unsafe fn reduce(
         ..*params
     };
     let dims = LaunchDims {
-        grid: [len.div_ceil(THREADS as usize).min(4096) as u32, 1, 1],
+        grid,
         block: [THREADS, 1, 1],
         dynamic_smem_bytes: 0,
     };
     // SAFETY: guaranteed by the caller (see above).
     unsafe { REDUCE.launch(dev, dims, &p) }
+}
+
+/// Where a backward writes the statistics of one part (da or db) of a
+/// pool's gradient, for an optimizer that then reads the gradient once
+/// ([`crate::PoolGrads`]): f64 [2] per (slot, column tile), and a u32
+/// counter per tile.
+pub(crate) struct StatsPart<'a> {
+    pub records: BufMut<'a, f64>,
+    pub counters: BufMut<'a, u32>,
+}
+
+/// The statistics of both parts.
+pub(crate) struct StatsOut<'a> {
+    pub a: StatsPart<'a>,
+    pub b: StatsPart<'a>,
+}
+
+/// The device pointers of a part's statistics (records, counters; 0 when
+/// none are wanted or its gradient is not computed), with their guards; the
+/// counters zeroed first where the tiles' blocks count on them (`atomic`).
+#[allow(clippy::type_complexity)]
+fn stats_ptrs<'s>(
+    dev: &'s Device,
+    part: Option<&'s mut StatsPart<'_>>,
+    computed: bool,
+    atomic: bool,
+) -> Result<(u64, u64, Option<[Option<SyncOnDrop<'s>>; 2]>)> {
+    let Some(part) = part.filter(|_| computed) else {
+        return Ok((0, 0, None));
+    };
+    if atomic {
+        zero(dev, &mut part.counters)?;
+    }
+    let (records, g1) = out_ptr(dev, &mut part.records);
+    let (counters, g2) = out_ptr(dev, &mut part.counters);
+    Ok((records, counters, Some([g1, g2])))
 }
 
 fn zero<E: DeviceRepr + ValidAsZeroBits + Default + Clone>(
