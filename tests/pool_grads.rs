@@ -180,7 +180,7 @@ fn stats_of_slots_the_batch_leaves_alone() {
         let ranks = [5, 0, 12, 1, 3, 7];
         let ids = vec![2, 4, -1, 2];
         let small = PoolCase::<T>::new(Dims::new(4, 140, 270), 12, &ranks, ids, 5);
-        let ids = (0..30).map(|i| (i % 6) as i32).collect();
+        let ids = (0..30).map(|i| i % 6).collect();
         let large = PoolCase::<T>::new(Dims::new(30, 140, 270), 12, &ranks, ids, 6);
         let what = format!("{:?} on {}", T::DTYPE, dev.name());
         let mut tr = Trainer::new(dev, &large);
