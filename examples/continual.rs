@@ -18,13 +18,15 @@ use half::bf16;
 use lora_kernels::ops::adamw::SlotOptimizer;
 use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper};
 use lora_kernels::ops::lora_backward::{
-    BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, multi_adapter_backward,
+    BackwardOptions, BackwardScratch, DeviceBackwardInputs, multi_adapter_backward_into,
 };
 use lora_kernels::ops::merge::merge;
 use lora_kernels::ops::multi_adapter_forward::{
     Routing, multi_adapter_forward, multi_adapter_forward_saving_t,
 };
-use lora_kernels::{AdapterPool, Buffer, Device, DeviceAdapter, Dims, MergeOp, PoolConfig};
+use lora_kernels::{
+    AdapterPool, Buffer, Device, DeviceAdapter, Dims, MergeOp, PoolConfig, PoolGrads,
+};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -57,8 +59,8 @@ struct Layer {
     pool: AdapterPool<bf16>,
     opt: SlotOptimizer,
     t: Buffer<f32>,
-    da: Buffer<f32>,
-    db: Buffer<f32>,
+    /// da and db, with the statistics that let the step read them once.
+    grads: PoolGrads,
 }
 
 impl Layer {
@@ -77,8 +79,7 @@ impl Layer {
         Ok(Layer {
             w_dev: dev.upload(&bf(&w))?,
             t: dev.zeros(batch * RANK)?,
-            da: dev.zeros(USERS * RANK * k)?,
-            db: dev.zeros(USERS * n * RANK)?,
+            grads: PoolGrads::new(&pool)?,
             w,
             n,
             k,
@@ -240,17 +241,13 @@ impl Model {
         let (dyd, actd, idd) = (dev.upload(&bf(&dy))?, dev.upload(&act)?, dev.upload(ids)?);
         let mut dact = dev.zeros::<bf16>(m * self.l1.n)?;
         let l2 = &mut self.l2;
-        let grads = Grads {
-            dx: Some((&mut dact).into()),
-            da: Some((&mut l2.da).into()),
-            db: Some((&mut l2.db).into()),
-        };
-        multi_adapter_backward(
+        multi_adapter_backward_into(
             &l2.pool,
             m,
             &idd,
             DeviceBackwardInputs::new(&dyd, &actd, &l2.w_dev, &l2.t),
-            grads,
+            Some((&mut dact).into()),
+            &mut l2.grads,
             opts,
             &mut self.scratch,
         )?;
@@ -263,22 +260,20 @@ impl Model {
             .collect();
         let (dpred, xd) = (dev.upload(&bf(&dpre))?, dev.upload(&bf(x))?);
         let l1 = &mut self.l1;
-        let grads = Grads {
-            dx: None,
-            da: Some((&mut l1.da).into()),
-            db: Some((&mut l1.db).into()),
-        };
-        multi_adapter_backward(
+        multi_adapter_backward_into(
             &l1.pool,
             m,
             &idd,
             DeviceBackwardInputs::new(&dpred, &xd, &l1.w_dev, &l1.t),
-            grads,
+            None,
+            &mut l1.grads,
             opts,
             &mut self.scratch,
         )?;
+        // The backward pass left each gradient's statistics (norm, NaN/Inf):
+        // the step reads the gradients once.
         for layer in [&mut self.l1, &mut self.l2] {
-            layer.opt.step(&mut layer.pool, &layer.da, &layer.db)?;
+            layer.opt.step_pool_grads(&mut layer.pool, &layer.grads)?;
         }
         Ok(())
     }

@@ -64,12 +64,14 @@ pub fn section(number: usize) {
     }
     backward_rows(n, k);
     let slots = 1000;
-    let t = traffic::adamw_step(DType::BF16, slots * 16 * (n + k), false);
-    row(
-        "AdamW step bf16",
-        format!("{slots} slots, r 16, n {n}, k {k}"),
-        t,
-    );
+    for (from_stats, how) in [(false, "step"), (true, "step_pool_grads")] {
+        let t = traffic::adamw_step(DType::BF16, slots * 16 * (n + k), false, from_stats);
+        row(
+            "AdamW step bf16",
+            format!("{slots} slots, r 16, n {n}, k {k}, {how}"),
+            t,
+        );
+    }
     row(
         "merge bf16",
         format!("n {n}, k {k}, r 16"),

@@ -233,19 +233,24 @@ fn distinct<T: Ord + Copy>(items: impl IntoIterator<Item = T>) -> Vec<T> {
     seen
 }
 
-/// One [`super::adamw::SlotOptimizer::step`] over `trained` parameters
-/// (the active slots' `rank (k + n)` each) with storage type `dtype`, every
-/// slot's bounds clearing it (ordinary training): the norm pass reads the
-/// f32 gradient, the writing pass the gradient, master, both moments (and
-/// the anchor when pulling), and writes master, moments and the storage
-/// copy. A slot the bounds do not clear also runs the checking pass, which
-/// reads them all once more. The floor reads each once and writes each once.
-pub fn adamw_step(dtype: DType, trained: usize, anchored: bool) -> Traffic {
+/// One AdamW step over `trained` parameters (the active slots' `rank (k +
+/// n)` each) with storage type `dtype`, every slot's bounds clearing it
+/// (ordinary training): the writing pass reads the f32 gradient, master,
+/// both moments (and the anchor when pulling), and writes master, moments
+/// and the storage copy. [`super::adamw::SlotOptimizer::step`] reads the
+/// gradient once more before, for the norm; `step_pool_grads` takes the
+/// norm from the backward pass's statistics (`from_stats`: 16 bytes per
+/// slot and column tile of 128 or more columns by the rank, left out here)
+/// and reads it once. A slot the bounds do not clear also runs the checking
+/// pass, which reads them all once more. The floor reads each once and
+/// writes each once.
+pub fn adamw_step(dtype: DType, trained: usize, anchored: bool, from_stats: bool) -> Traffic {
     let p = trained as u64;
     let reads = 4 * if anchored { 5 } else { 4 }; // g, master, m1, m2 (, anchor): f32
     let writes = 3 * 4 + dtype.size() as u64; // master, m1, m2, storage copy
+    let norm = if from_stats { 0 } else { 4 };
     Traffic {
-        requested: p * (4 + reads + writes),
+        requested: p * (norm + reads + writes),
         floor: p * (reads + writes),
     }
 }
@@ -439,10 +444,12 @@ mod tests {
     }
 
     #[test]
-    fn adamw_reads_the_gradient_twice() {
-        let t = adamw_step(DType::BF16, 1000, false);
+    fn adamw_reads_the_gradient_twice_or_from_stats_once() {
+        let t = adamw_step(DType::BF16, 1000, false, false);
         assert_eq!(t.floor, 1000 * (16 + 14));
         assert_eq!(t.requested, 1000 * (4 + 16 + 14));
+        let t = adamw_step(DType::BF16, 1000, false, true);
+        assert_eq!(t.requested, t.floor);
     }
 
     #[test]
