@@ -15,12 +15,14 @@ use lora_kernels::candle::fused_forward::{
 };
 use lora_kernels::candle::lora_backward::{
     BackwardRequest, TensorGrads, lora_backward, multi_adapter_backward,
+    multi_adapter_backward_into,
 };
 use lora_kernels::candle::multi_adapter_forward::{
     multi_adapter_forward, multi_adapter_forward_saving_t,
 };
+use lora_kernels::ops::lora_backward::BackwardScratch;
 use lora_kernels::reference;
-use lora_kernels::{AdapterPool, Dims, Element, PoolConfig};
+use lora_kernels::{AdapterPool, Dims, Element, PoolConfig, PoolGrads};
 
 const CPU: CandleDevice = CandleDevice::Cpu;
 
@@ -358,6 +360,65 @@ fn multi_adapter_backward_matches_reference() {
     pool_backward_matches_reference::<f32>();
     pool_backward_matches_reference::<f16>();
     pool_backward_matches_reference::<bf16>();
+}
+
+/// Into a `PoolGrads`: the same `dx`, `da` and `db` bit for bit as the
+/// tensors (deterministic), with statistics the step can read; another
+/// pool's gradients are refused.
+#[test]
+fn multi_adapter_backward_into_gives_the_same_gradients() {
+    fn check<T: CandleElement>() {
+        let case = pool_case::<T>(37, &MIXED, mixed_ids(37), 10);
+        let (ts, pool) = (tensors(&case), pool(&case));
+        let req = BackwardRequest {
+            deterministic: true,
+            ..Default::default()
+        };
+        let want = multi_adapter_backward(&pool, &ts.g, &ts.x, &ts.w, &ts.t, &ts.ids, req).unwrap();
+        let mut grads = PoolGrads::new(&pool).unwrap();
+        let mut scratch = BackwardScratch::new(pool.device()).unwrap();
+        let inputs = (&ts.g, &ts.x, &ts.w, &ts.t);
+        let dx = multi_adapter_backward_into(&pool, inputs, &ts.ids, &mut grads, req, &mut scratch)
+            .unwrap();
+        let what = format!("{:?}", dtype_of::<T>());
+        assert_eq!(
+            bits::<T>(&dx.unwrap()),
+            bits::<T>(&want.dx.unwrap()),
+            "{what}: dx"
+        );
+        let dev = pool.device();
+        let host = |b| dev.download(b).unwrap();
+        assert_eq!(
+            host(grads.da()),
+            values::<f32>(&want.da.unwrap()),
+            "{what}: da"
+        );
+        assert_eq!(
+            host(grads.db()),
+            values::<f32>(&want.db.unwrap()),
+            "{what}: db"
+        );
+        assert!(grads.has_stats(&pool), "{what}");
+
+        let no_dx = BackwardRequest { dx: false, ..req };
+        let dx =
+            multi_adapter_backward_into(&pool, inputs, &ts.ids, &mut grads, no_dx, &mut scratch);
+        assert!(dx.unwrap().is_none(), "{what}");
+        let other = pool_case::<T>(37, &MIXED, mixed_ids(37), 10);
+        let err = multi_adapter_backward_into(
+            &self::pool(&other),
+            inputs,
+            &ts.ids,
+            &mut grads,
+            req,
+            &mut scratch,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("grads"), "{what}: {err}");
+    }
+    check::<f32>();
+    check::<f16>();
+    check::<bf16>();
 }
 
 /// Only the gradients asked for come back.

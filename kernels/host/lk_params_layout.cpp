@@ -34,6 +34,8 @@ const FieldLayout kLayouts[] = {
     LK_FIELD(BackwardParams, splits), LK_FIELD(BackwardParams, tokens_per_split),
     LK_FIELD(BackwardParams, accumulate), LK_FIELD(BackwardParams, deterministic),
     LK_FIELD(BackwardParams, reduce_len), LK_FIELD(BackwardParams, reduce_out),
+    LK_FIELD(BackwardParams, grad_stats), LK_FIELD(BackwardParams, tile_counters), LK_FIELD(BackwardParams, tile_cols),
+    LK_FIELD(BackwardParams, reduce_db),
     LK_STRUCT(SelftestParams), LK_FIELD(SelftestParams, input), LK_FIELD(SelftestParams, input2),
     LK_FIELD(SelftestParams, out), LK_FIELD(SelftestParams, n), LK_FIELD(SelftestParams, variant),
     LK_STRUCT(MultiAdapterParams), LK_FIELD(MultiAdapterParams, x), LK_FIELD(MultiAdapterParams, w),
@@ -54,7 +56,7 @@ const FieldLayout kLayouts[] = {
     LK_FIELD(PoolLoadParams, n), LK_FIELD(PoolLoadParams, rank), LK_FIELD(PoolLoadParams, max_rank),
     LK_FIELD(PoolLoadParams, pad),
     LK_STRUCT(SlotOptim), LK_FIELD(SlotOptim, lr), LK_FIELD(SlotOptim, weight_decay), LK_FIELD(SlotOptim, max_grad_norm), LK_FIELD(SlotOptim, anchor_pull), LK_FIELD(SlotOptim, active), LK_FIELD(SlotOptim, pad),
-    LK_STRUCT(AdamWParams), LK_FIELD(AdamWParams, master_a), LK_FIELD(AdamWParams, master_b), LK_FIELD(AdamWParams, m1_a), LK_FIELD(AdamWParams, m1_b), LK_FIELD(AdamWParams, m2_a), LK_FIELD(AdamWParams, m2_b), LK_FIELD(AdamWParams, anchor_a), LK_FIELD(AdamWParams, anchor_b), LK_FIELD(AdamWParams, grad_a), LK_FIELD(AdamWParams, grad_b), LK_FIELD(AdamWParams, work_a), LK_FIELD(AdamWParams, work_b), LK_FIELD(AdamWParams, slot_rank), LK_FIELD(AdamWParams, hyper), LK_FIELD(AdamWParams, step), LK_FIELD(AdamWParams, status), LK_FIELD(AdamWParams, grad_norm), LK_FIELD(AdamWParams, state_bound), LK_FIELD(AdamWParams, anchor_bound), LK_FIELD(AdamWParams, n), LK_FIELD(AdamWParams, k), LK_FIELD(AdamWParams, max_rank), LK_FIELD(AdamWParams, slots), LK_FIELD(AdamWParams, beta1), LK_FIELD(AdamWParams, beta2), LK_FIELD(AdamWParams, eps), LK_FIELD(AdamWParams, pad),
+    LK_STRUCT(AdamWParams), LK_FIELD(AdamWParams, master_a), LK_FIELD(AdamWParams, master_b), LK_FIELD(AdamWParams, m1_a), LK_FIELD(AdamWParams, m1_b), LK_FIELD(AdamWParams, m2_a), LK_FIELD(AdamWParams, m2_b), LK_FIELD(AdamWParams, anchor_a), LK_FIELD(AdamWParams, anchor_b), LK_FIELD(AdamWParams, grad_a), LK_FIELD(AdamWParams, grad_b), LK_FIELD(AdamWParams, work_a), LK_FIELD(AdamWParams, work_b), LK_FIELD(AdamWParams, slot_rank), LK_FIELD(AdamWParams, hyper), LK_FIELD(AdamWParams, step), LK_FIELD(AdamWParams, status), LK_FIELD(AdamWParams, grad_norm), LK_FIELD(AdamWParams, state_bound), LK_FIELD(AdamWParams, anchor_bound), LK_FIELD(AdamWParams, grad_stats_a), LK_FIELD(AdamWParams, grad_stats_b), LK_FIELD(AdamWParams, tiles_a), LK_FIELD(AdamWParams, tiles_b), LK_FIELD(AdamWParams, n), LK_FIELD(AdamWParams, k), LK_FIELD(AdamWParams, max_rank), LK_FIELD(AdamWParams, slots), LK_FIELD(AdamWParams, beta1), LK_FIELD(AdamWParams, beta2), LK_FIELD(AdamWParams, eps), LK_FIELD(AdamWParams, pad),
     LK_STRUCT(LkHostLaunch), LK_FIELD(LkHostLaunch, grid), LK_FIELD(LkHostLaunch, block),
     LK_FIELD(LkHostLaunch, dynamic_smem_bytes),
 };

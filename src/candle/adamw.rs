@@ -1,7 +1,10 @@
 //! The fused optimizer step ([`crate::ops::adamw`]) on gradients held in
 //! candle tensors, read in place (no copy): what
 //! [`multi_adapter_backward`](super::lora_backward::multi_adapter_backward)
-//! and [`LoraLinear::backward`](super::LoraLinear::backward) return.
+//! and [`LoraLinear::backward`](super::LoraLinear::backward) return. Gradients
+//! in a [`crate::PoolGrads`]
+//! ([`multi_adapter_backward_into`](super::lora_backward::multi_adapter_backward_into))
+//! need no tensors: [`SlotOptimizer::step_pool_grads`] takes them as they are.
 use candle_core::{DType as CandleDType, Result, Tensor};
 
 use super::multi_adapter_forward::check_pool_device;

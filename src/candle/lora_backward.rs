@@ -1,19 +1,21 @@
 //! Adapter gradients on candle tensors ([`crate::ops::lora_backward`]): of one
 //! adapter ([`lora_backward`]) or of every slot of a pool a batch uses
 //! ([`multi_adapter_backward`]). The base weight stays frozen; the gradients
-//! are new tensors (they overwrite nothing).
+//! are new tensors (they overwrite nothing), or, for the optimizer to read
+//! once, a [`PoolGrads`] ([`multi_adapter_backward_into`]).
 use candle_core::{DType as CandleDType, Result, Tensor};
 
 use super::fused_forward::{Rows, rows_of, with_last};
 use super::multi_adapter_forward::{check_pool_device, ids_view, slot_ids};
 use super::{CandleElement, device, dtype, expect_dims, matrix_dims, operand, tensor, view};
 use crate::adapter_pool::AdapterPool;
-use crate::buffer::Buffer;
+use crate::buffer::{BufRef, Buffer};
 use crate::device::Device;
 use crate::ops::lora_backward::{
     self as op, BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads,
 };
 use crate::ops::{DeviceAdapter, KernelElement};
+use crate::pool_grads::PoolGrads;
 use crate::shape::{Dims, check_rank};
 
 /// Which gradients to compute, and how.
@@ -185,6 +187,95 @@ pub fn multi_adapter_backward_with_scratch<T: CandleElement>(
     req: BackwardRequest,
     scratch: &mut BackwardScratch,
 ) -> Result<TensorGrads> {
+    let cfg = pool.config();
+    let (da_shape, db_shape) = (
+        [cfg.slots, cfg.max_rank, cfg.k],
+        [cfg.slots, cfg.n, cfg.max_rank],
+    );
+    let mut out = None;
+    pool_backward(pool, (g, x, w, t), ids, |dev, inputs, ids| {
+        let buffers = out.insert(GradBuffers::new(dev, req, inputs, &da_shape, &db_shape)?);
+        inputs.with_views::<T, _>(|dims, views| {
+            let grads = buffers.grads();
+            op::multi_adapter_backward(pool, dims.m, ids, views, grads, options(req), scratch)?;
+            Ok(())
+        })
+    })?;
+    out.expect("filled by the backward")
+        .into_tensors(x.device())
+}
+
+/// [`multi_adapter_backward_with_scratch`] into a [`PoolGrads`], which also
+/// keeps the statistics the backward pass leaves for
+/// [`SlotOptimizer::step_pool_grads`] (it then reads each gradient once:
+/// [`op::multi_adapter_backward_into`]). `da` and `db` are always computed;
+/// returns `dx` when `req.dx` (`req.da` and `req.db` are not read).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use lora_kernels::candle::lora_backward::{BackwardRequest, multi_adapter_backward_into};
+/// use lora_kernels::candle::multi_adapter_forward::multi_adapter_forward_saving_t;
+/// use lora_kernels::ops::lora_backward::BackwardScratch;
+/// use lora_kernels::{AdapterPool, PoolConfig, PoolGrads};
+///
+/// let cdev = Device::Cpu; // runs on the host runtime
+/// let cfg = PoolConfig { slots: 2, max_rank: 2, n: 3, k: 2 };
+/// let mut pool = AdapterPool::<f32>::new(&lora_kernels::candle::device(&cdev)?, cfg)?;
+/// pool.load(0, &[1.0, 1.0], &[1.0; 3], 1, 2.0)?; // rank 1, scale 2
+/// let x = Tensor::new(&[[1f32, 1.0], [3.0, 3.0]], &cdev)?;
+/// let w = Tensor::zeros((3, 2), DType::F32, &cdev)?;
+/// let ids = Tensor::new(&[0i32, -1], &cdev)?; // token 1: no adapter
+/// let (_y, t) = multi_adapter_forward_saving_t(&pool, &x, &w, &ids)?;
+/// let g = Tensor::ones((2, 3), DType::F32, &cdev)?; // dL/dy
+/// let mut grads = PoolGrads::new(&pool)?;
+/// let mut scratch = BackwardScratch::new(pool.device())?;
+/// let req = BackwardRequest { dx: false, ..Default::default() };
+/// let dx = multi_adapter_backward_into(&pool, (&g, &x, &w, &t), &ids, &mut grads, req, &mut scratch)?;
+/// assert!(dx.is_none() && grads.has_stats(&pool));
+/// // Slot 0: db = s g^T t = 2 * 2 in its one rank column.
+/// assert_eq!(pool.device().download(grads.db())?[..6], [4.0, 0.0, 4.0, 0.0, 4.0, 0.0]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// [`SlotOptimizer::step_pool_grads`]: crate::ops::adamw::SlotOptimizer::step_pool_grads
+pub fn multi_adapter_backward_into<T: CandleElement>(
+    pool: &AdapterPool<T>,
+    (g, x, w, t): (&Tensor, &Tensor, &Tensor, &Tensor),
+    ids: &Tensor,
+    grads: &mut PoolGrads,
+    req: BackwardRequest,
+    scratch: &mut BackwardScratch,
+) -> Result<Option<Tensor>> {
+    let dx_only = BackwardRequest {
+        da: false,
+        db: false,
+        ..req
+    };
+    let mut out = None;
+    pool_backward(pool, (g, x, w, t), ids, |dev, inputs, ids| {
+        let buffers = out.insert(GradBuffers::new(dev, dx_only, inputs, &[], &[])?);
+        inputs.with_views::<T, _>(|dims, views| {
+            let dx = buffers.grads().dx;
+            let opts = options(req);
+            op::multi_adapter_backward_into(pool, dims.m, ids, views, dx, grads, opts, scratch)?;
+            Ok(())
+        })
+    })?;
+    Ok(out
+        .expect("filled by the backward")
+        .into_tensors(x.device())?
+        .dx)
+}
+
+/// What both pool backward functions check and set up: the inputs against
+/// the pool (its device, `n`, `k`, `max_rank`) and the slot ids; then
+/// `run(pool's device, inputs, ids)`.
+fn pool_backward<T: CandleElement>(
+    pool: &AdapterPool<T>,
+    (g, x, w, t): (&Tensor, &Tensor, &Tensor, &Tensor),
+    ids: &Tensor,
+    run: impl FnOnce(&Device, &Inputs, BufRef<'_, i32>) -> Result<()>,
+) -> Result<()> {
     let cdev = x.device();
     check_pool_device(pool, "x", cdev)?;
     let inputs = Inputs::checked::<T>(g, x, w, t)?;
@@ -193,21 +284,8 @@ pub fn multi_adapter_backward_with_scratch<T: CandleElement>(
     expect_dims("w", &inputs.w, &[cfg.n, cfg.k])?;
     inputs.check_t(cfg.max_rank)?;
     let ids = slot_ids(ids, &inputs.rows, cdev)?;
-
-    let dev = pool.device();
     let (is, il) = ids.storage_and_layout();
-    let ids = ids_view(&is, il)?;
-    let (da_shape, db_shape) = (
-        [cfg.slots, cfg.max_rank, cfg.k],
-        [cfg.slots, cfg.n, cfg.max_rank],
-    );
-    let mut out = GradBuffers::new(dev, req, &inputs, &da_shape, &db_shape)?;
-    inputs.with_views::<T, _>(|dims, views| {
-        let grads = out.grads();
-        op::multi_adapter_backward(pool, dims.m, ids, views, grads, options(req), scratch)?;
-        Ok(())
-    })?;
-    out.into_tensors(cdev)
+    run(pool.device(), &inputs, ids_view(&is, il)?)
 }
 
 fn options(req: BackwardRequest) -> BackwardOptions {
