@@ -91,6 +91,7 @@ const _: () = {
     send_sync::<SlotMap<u64>>();
     send_sync::<ops::adamw::SlotOptimizer>();
     send_sync::<ops::lora_backward::BackwardScratch>();
+    send_sync::<PoolGrads>();
     #[cfg(feature = "peft")]
     send_sync::<peft::AdapterSet<half::bf16>>();
 };
