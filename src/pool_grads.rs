@@ -145,8 +145,9 @@ impl PoolGrads {
     /// Whether the statistics describe these gradients for `pool`'s adapters
     /// as they are now: then [`SlotOptimizer::step_pool_grads`] reads each
     /// gradient once. False before the first backward pass, after a
-    /// `da_mut`/`db_mut`, a failed backward pass, or a load or eviction of
-    /// any slot since, and for another pool.
+    /// `da_mut`/`db_mut`, a backward pass that failed after it began to
+    /// write (one refused by validation changes nothing), or a load or
+    /// eviction of any slot since, and for another pool.
     ///
     /// [`SlotOptimizer::step_pool_grads`]: crate::ops::adamw::SlotOptimizer::step_pool_grads
     pub fn has_stats<T: KernelElement>(&self, pool: &AdapterPool<T>) -> bool {
@@ -222,17 +223,16 @@ impl PoolGrads {
         Ok(())
     }
 
-    /// For a backward pass: whether the records stay current where it
-    /// writes no tile (`keeps_old`: accumulating without covering every
-    /// slot), then the outputs, the statistics dropped until
-    /// [`Self::finish_backward`].
+    /// For a backward pass: whether the records will be current after it
+    /// (`keeps_old`: it accumulates without writing every slot, so they are
+    /// only if they are now), then the outputs. The backward clears the
+    /// flags before its first write; [`Self::finish_backward`] sets them.
     pub(crate) fn start_backward<T: KernelElement>(
         &mut self,
         pool: &AdapterPool<T>,
         keeps_old: bool,
     ) -> (bool, &mut Buffer<f32>, &mut Buffer<f32>, StatsOut<'_>) {
         let current_after = !keeps_old || self.has_stats(pool);
-        self.current = [false; 2];
         let [ra, rb] = &mut self.records;
         let [ca, cb] = &mut self.counters;
         let stats = StatsOut {
@@ -244,6 +244,7 @@ impl PoolGrads {
                 records: rb.into(),
                 counters: cb.into(),
             },
+            current: &mut self.current,
         };
         (current_after, &mut self.da, &mut self.db, stats)
     }

@@ -363,8 +363,8 @@ fn non_finite_gradients_skip_their_slot_only() {
 }
 
 /// Statistics of adapters since replaced describe the wrong ranks: a load
-/// or eviction drops them; the gradients of another pool are refused, with
-/// nothing changed.
+/// or eviction drops them; bad input and the gradients of another pool are
+/// refused, with nothing changed.
 #[test]
 fn stats_are_trusted_only_for_their_pool_as_it_was() {
     for dev in devices() {
@@ -377,15 +377,33 @@ fn stats_are_trusted_only_for_their_pool_as_it_was() {
         tr.backward(&c, opts(false, false));
         assert!(tr.grads.has_stats(&tr.pool));
 
-        let other = Trainer::new(&dev, &c);
-        assert!(!other.grads.has_stats(&tr.pool));
-        let da = dev.download(tr.grads.da()).unwrap();
+        // Bad input: refused with nothing changed, the statistics included.
         let (g, x, w) = (
             dev.upload(&c.g).unwrap(),
             dev.upload(&c.x).unwrap(),
             dev.upload(&c.w).unwrap(),
         );
-        let (ids, t) = (dev.upload(&c.ids).unwrap(), dev.upload(&c.t).unwrap());
+        let (ids, short_t) = (dev.upload(&c.ids).unwrap(), dev.upload(&c.t[1..]).unwrap());
+        let inputs = DeviceBackwardInputs::new(&g, &x, &w, &short_t);
+        let err = multi_adapter_backward_into(
+            &tr.pool,
+            13,
+            &ids,
+            inputs,
+            None,
+            &mut tr.grads,
+            opts(false, false),
+            &mut tr.scratch,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`t`"), "{err}");
+        assert!(tr.grads.has_stats(&tr.pool));
+        tr.check_stats("after a refused call");
+
+        let other = Trainer::new(&dev, &c);
+        assert!(!other.grads.has_stats(&tr.pool));
+        let da = dev.download(tr.grads.da()).unwrap();
+        let t = dev.upload(&c.t).unwrap();
         let inputs = DeviceBackwardInputs::new(&g, &x, &w, &t);
         let err = multi_adapter_backward_into(
             &other.pool,

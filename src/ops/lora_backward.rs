@@ -285,8 +285,9 @@ pub fn multi_adapter_backward<'a, T: KernelElement>(
 /// [`multi_adapter_backward`] into a [`PoolGrads`] (`dx` optional as
 /// there), which also keeps the statistics the gradients' writers leave per
 /// slot and column tile (sum of squares, largest magnitude), so that
-/// [`SlotOptimizer::step_pool_grads`] reads each gradient once. On an error
-/// the statistics are dropped (the gradient may be part written); nothing
+/// [`SlotOptimizer::step_pool_grads`] reads each gradient once. A call
+/// refused by validation changes nothing; one that fails after it began to
+/// write drops the statistics (the gradient may be part written). Nothing
 /// else differs from `multi_adapter_backward`.
 ///
 /// [`SlotOptimizer::step_pool_grads`]: super::adamw::SlotOptimizer::step_pool_grads
@@ -467,8 +468,12 @@ fn run<T: KernelElement>(
     let first_len = if by_token { slots } else { 0 };
     scratch.reserve(dev, elements("u", m, max_rank)?, partials, first_len)?;
     // Per part (da, db): its statistics' records and tile counters, if wanted.
+    // Everything is checked: from here on the gradients change.
     let (mut stats_a, mut stats_b) = match stats.as_mut() {
-        Some(StatsOut { a, b }) => (Some(a), Some(b)),
+        Some(StatsOut { a, b, current }) => {
+            **current = [false; 2];
+            (Some(a), Some(b))
+        }
         None => (None, None),
     };
     // Atomics add into the gradient, and with a layer per token no block
@@ -929,10 +934,13 @@ pub(crate) struct StatsPart<'a> {
     pub counters: BufMut<'a, u32>,
 }
 
-/// The statistics of both parts.
+/// The statistics of both parts, and the flags saying whether they describe
+/// the gradients: cleared before the backward's first write, so that a call
+/// refused by validation leaves them as they were.
 pub(crate) struct StatsOut<'a> {
     pub a: StatsPart<'a>,
     pub b: StatsPart<'a>,
+    pub current: &'a mut [bool; 2],
 }
 
 /// The device pointers of a part's statistics (records, counters; 0 when
