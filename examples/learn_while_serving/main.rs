@@ -335,8 +335,7 @@ impl<T: CandleElement> Demo<T> {
         let weight = 1.0 / (SERVE_SEQS * SEQ) as f32;
         let weights = vec![weight; train.batch.tokens.len()];
         let tape = self.model.forward_train(&train.batch)?;
-        let grads = self.model.backward(&tape, &train.targets, &weights)?;
-        self.model.step(&grads)?;
+        self.model.learn(&tape, &train.targets, &weights)?;
         sync(&tape.logits)?;
         self.learn_s += start.elapsed().as_secs_f64();
         self.learn_steps += 1;

@@ -11,11 +11,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor};
-use lora_kernels::candle::lora_backward::{BackwardRequest, multi_adapter_backward_with_scratch};
+use lora_kernels::PoolGrads;
+use lora_kernels::candle::CandleElement;
+use lora_kernels::candle::lora_backward::{
+    BackwardRequest, multi_adapter_backward_into, multi_adapter_backward_with_scratch,
+};
 use lora_kernels::candle::multi_adapter_forward::{
     multi_adapter_forward, multi_adapter_forward_saving_t,
 };
-use lora_kernels::candle::{CandleElement, adamw};
 use lora_kernels::ops::adamw::{AdamWConfig, SlotOptimizer};
 use lora_kernels::ops::lora_backward::BackwardScratch;
 use lora_kernels::peft::{AdapterSet, ModuleSpec};
@@ -111,6 +114,8 @@ pub struct Model<T> {
     pub optimizers: BTreeMap<String, SlotOptimizer>,
     /// The projections' backward scratch, kept between steps.
     scratch: RefCell<BackwardScratch>,
+    /// Each pool's gradients and their statistics, kept between steps.
+    grads: RefCell<BTreeMap<String, PoolGrads>>,
 }
 
 /// A batch: `seqs` sequences of `seq` tokens each (sequence-major), and
@@ -182,12 +187,13 @@ impl<T: CandleElement> Model<T> {
         });
         let kernels_dev = lora_kernels::candle::device(dev)?;
         let adapters = AdapterSet::<T>::new(&kernels_dev, cfg.slots, cfg.max_rank, modules)?;
-        let mut optimizers = BTreeMap::new();
+        let (mut optimizers, mut grads) = (BTreeMap::new(), BTreeMap::new());
         for (path, _, pool) in adapters.modules() {
             optimizers.insert(
                 path.to_string(),
                 SlotOptimizer::new(pool, AdamWConfig::default())?,
             );
+            grads.insert(path.to_string(), PoolGrads::new(pool)?);
         }
         Ok(Model {
             embed: gaussian(&mut rng, &[cfg.vocab, d], 1.0, dev)?,
@@ -199,6 +205,7 @@ impl<T: CandleElement> Model<T> {
             layers,
             paths,
             scratch: RefCell::new(BackwardScratch::new(&kernels_dev)?),
+            grads: RefCell::new(grads),
             adapters,
             optimizers,
         })
@@ -292,14 +299,68 @@ impl<T: CandleElement> Model<T> {
     }
 
     /// The adapters' gradients of `L = sum_i weights_i loss_i(targets_i)`
-    /// over the tape's tokens. Only the projections' adapters learn.
+    /// over the tape's tokens, as tensors (the gradient check compares them
+    /// with candle's autograd). Only the projections' adapters learn.
     pub fn backward(&self, tape: &Tape, targets: &[u32], weights: &[f32]) -> Result<AdapterGrads> {
         let ids = tape.ids.as_ref().expect("a tape of forward_train");
+        let mut grads = AdapterGrads::new();
+        self.backward_pass(tape, targets, weights, |l, p, inputs, req| {
+            let mut scratch = self.scratch.borrow_mut();
+            let r = multi_adapter_backward_with_scratch(
+                self.pool(l, p),
+                inputs,
+                ids,
+                req,
+                &mut scratch,
+            )?;
+            let (da, db) = (r.da.expect("asked for da"), r.db.expect("asked for db"));
+            grads.insert(self.paths[l][p].clone(), (da, db));
+            Ok(r.dx)
+        })?;
+        Ok(grads)
+    }
+
+    /// One learning step from the tape: the backward pass into each pool's
+    /// `PoolGrads`, which keep their statistics, then one AdamW step of every
+    /// pool (a launch over all its slots: the active ones step), which takes
+    /// the norms from those statistics and so reads each gradient once.
+    pub fn learn(&mut self, tape: &Tape, targets: &[u32], weights: &[f32]) -> Result<()> {
+        let ids = tape.ids.as_ref().expect("a tape of forward_train");
+        self.backward_pass(tape, targets, weights, |l, p, inputs, req| {
+            let mut scratch = self.scratch.borrow_mut();
+            let mut grads = self.grads.borrow_mut();
+            let grads = grads
+                .get_mut(&self.paths[l][p])
+                .expect("gradients per pool");
+            multi_adapter_backward_into(self.pool(l, p), inputs, ids, grads, req, &mut scratch)
+        })?;
+        let grads = self.grads.borrow();
+        for (path, opt) in &mut self.optimizers {
+            let pool = self.adapters.pool_mut(path).expect("a pool per optimizer");
+            opt.step_pool_grads(pool, &grads[path])?;
+        }
+        Ok(())
+    }
+
+    /// The backward pass through the frozen model: `project(layer,
+    /// projection, (g, x, w, t), request)` runs each projection's adapter
+    /// backward and returns its `dx` when asked.
+    fn backward_pass(
+        &self,
+        tape: &Tape,
+        targets: &[u32],
+        weights: &[f32],
+        mut project: impl FnMut(
+            usize,
+            usize,
+            (&Tensor, &Tensor, &Tensor, &Tensor),
+            BackwardRequest,
+        ) -> Result<Option<Tensor>>,
+    ) -> Result<()> {
         let dlogits = layers::token_losses_backward(&tape.logits, targets, weights)?;
         let dh = dlogits.matmul(&self.lm_head)?;
         let mut dx =
             layers::rms_norm_backward(&tape.x_final, &self.final_norm, &tape.inv_rms_final, &dh)?;
-        let mut grads = AdapterGrads::new();
         let attention = self.cfg.attention();
         for (l, (layer, lt)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
             // The first layer's input is the frozen embedding: no dx needed there.
@@ -311,18 +372,8 @@ impl<T: CandleElement> Model<T> {
                     ..BackwardRequest::default()
                 };
                 let g = g.to_dtype(kernel_dtype::<T>())?;
-                let mut scratch = self.scratch.borrow_mut();
-                let inputs = (&g, x, &layer.w[p], t);
-                let r = multi_adapter_backward_with_scratch(
-                    self.pool(l, p),
-                    inputs,
-                    ids,
-                    req,
-                    &mut scratch,
-                )?;
-                let (da, db) = (r.da.expect("asked for da"), r.db.expect("asked for db"));
-                grads.insert(self.paths[l][p].clone(), (da, db));
-                r.dx.map(|dx| dx.to_dtype(DType::F32)).transpose()
+                let dx = project(l, p, (&g, x, &layer.w[p], t), req)?;
+                dx.map(|dx| dx.to_dtype(DType::F32)).transpose()
             };
             // MLP: x2 = x1 + down(swiglu(gate(h2), up(h2))), h2 = norm(x1).
             let dact = back(DOWN, &dx, true)?.expect("dx");
@@ -343,17 +394,6 @@ impl<T: CandleElement> Model<T> {
                 dx = (&dx
                     + layers::rms_norm_backward(&lt.x0, &layer.attn_norm, &lt.inv_rms1, &dh1)?)?;
             }
-        }
-        Ok(grads)
-    }
-
-    /// One AdamW step of every pool (each a single launch over all its
-    /// slots: the active ones step, the others stay as they are).
-    pub fn step(&mut self, grads: &AdapterGrads) -> Result<()> {
-        for (path, opt) in &mut self.optimizers {
-            let (da, db) = &grads[path];
-            let pool = self.adapters.pool_mut(path).expect("a pool per optimizer");
-            adamw::step(opt, pool, da, db)?;
         }
         Ok(())
     }

@@ -73,8 +73,7 @@ pub fn throughput<T: CandleElement>(dev: &Device, gpu: bool) -> Res<()> {
     let mut learn = || -> Res<()> {
         sync(&model.forward(&batch)?)?;
         let tape = model.forward_train(&batch)?;
-        let grads = model.backward(&tape, &targets, &weights)?;
-        model.step(&grads)?;
+        model.learn(&tape, &targets, &weights)?;
         sync(&tape.logits)
     };
     let learn_s = median_seconds(reps, &mut learn)?;
