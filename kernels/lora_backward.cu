@@ -340,10 +340,11 @@ __device__ void each_tile_entry(const BackwardParams& p, bool db, int s, int x, 
 
 // After a block's puts into its tile (its slot, column tile blockIdx.x) of da
 // or db (DB): the tile's statistics, if wanted, read back from L2 where the
-// block just wrote them (kept in registers through the epilogue they spill
-// the f16 kernels, at the 168-register cap): by the block itself with one
-// token range, by the last range's block to finish with atomics. Partials
-// leave them to lk_backward_reduce. Every thread of the block calls it.
+// block just wrote them: by the block itself with one token range, by the
+// last range's block to finish with atomics; partials leave them to
+// lk_backward_reduce. (Summed in the epilogue instead, their registers spill
+// the f16 kernels, which sit at the 168-register cap.) Every thread of the
+// block calls it.
 __device__ void finish_tile(const BackwardParams& p, bool db, const Emitter& out) {
     if (!p.grad_stats || out.partial) return;
     // Found again, not passed in: held through a kernel's passes it took a register.
@@ -543,8 +544,7 @@ __device__ void backward_db(const BackwardParams& p) {
         }
         for (int jj = 0; jj < 16; ++jj) {
             int j = j0 + jg + 4 * jj;
-            if (j >= p.max_rank) continue;
-            out.put(((size_t)s * p.n + c) * p.max_rank + j, j < rank ? scale * acc[jj] : 0.f);
+            if (j < p.max_rank) out.put(((size_t)s * p.n + c) * p.max_rank + j, j < rank ? scale * acc[jj] : 0.f);
         }
     }
     finish_tile(p, true, out);
