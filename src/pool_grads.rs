@@ -20,7 +20,7 @@ use crate::device::Device;
 use crate::error::Result;
 use crate::ops::KernelElement;
 use crate::ops::lora_backward::{StatsOut, StatsPart, stats_tile_cols};
-use crate::shape::invalid;
+use crate::shape::{elements, invalid};
 
 /// `da` `[slots, max_rank, k]` and `db` `[slots, n, max_rank]` (f32, the
 /// pool's layout) of one [`AdapterPool`], filled by
@@ -91,25 +91,20 @@ impl PoolGrads {
     pub fn new<T: KernelElement>(pool: &AdapterPool<T>) -> Result<Self> {
         let dev = pool.device().clone();
         let cfg = pool.config();
-        let PoolConfig {
-            slots,
-            max_rank,
-            n,
-            k,
-        } = cfg;
+        let PoolConfig { slots, n, k, .. } = cfg;
         let tile_cols = stats_tile_cols(T::DTYPE);
-        let len = |rows: usize, cols: usize| {
-            slots
-                .checked_mul(rows)
-                .and_then(|v| v.checked_mul(cols))
-                .ok_or_else(|| invalid("slots", slots, "pool size overflows usize"))
-        };
         let tiles = [k.div_ceil(tile_cols[0]), n.div_ceil(tile_cols[1])];
+        // The gradients have the pool's own lengths; the counters half the
+        // records' (checked here).
+        let records = |tiles: usize| elements("slots", slots, 2 * tiles);
         Ok(PoolGrads {
-            da: dev.zeros(len(max_rank, k)?)?,
-            db: dev.zeros(len(n, max_rank)?)?,
-            records: [dev.zeros(len(2, tiles[0])?)?, dev.zeros(len(2, tiles[1])?)?],
-            counters: [dev.zeros(len(1, tiles[0])?)?, dev.zeros(len(1, tiles[1])?)?],
+            da: dev.zeros(pool.a.len())?,
+            db: dev.zeros(pool.b.len())?,
+            records: [
+                dev.zeros(records(tiles[0])?)?,
+                dev.zeros(records(tiles[1])?)?,
+            ],
+            counters: [dev.zeros(slots * tiles[0])?, dev.zeros(slots * tiles[1])?],
             tile_cols,
             current: [false; 2],
             generations: vec![0; slots],

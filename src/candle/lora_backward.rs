@@ -192,17 +192,16 @@ pub fn multi_adapter_backward_with_scratch<T: CandleElement>(
         [cfg.slots, cfg.max_rank, cfg.k],
         [cfg.slots, cfg.n, cfg.max_rank],
     );
-    let mut out = None;
-    pool_backward(pool, (g, x, w, t), ids, |dev, inputs, ids| {
-        let buffers = out.insert(GradBuffers::new(dev, req, inputs, &da_shape, &db_shape)?);
+    let out = pool_backward(pool, (g, x, w, t), ids, |dev, inputs, ids| {
+        let mut out = GradBuffers::new(dev, req, inputs, &da_shape, &db_shape)?;
         inputs.with_views::<T, _>(|dims, views| {
-            let grads = buffers.grads();
+            let grads = out.grads();
             op::multi_adapter_backward(pool, dims.m, ids, views, grads, options(req), scratch)?;
             Ok(())
-        })
+        })?;
+        Ok(out)
     })?;
-    out.expect("filled by the backward")
-        .into_tensors(x.device())
+    out.into_tensors(x.device())
 }
 
 /// [`multi_adapter_backward_with_scratch`] into a [`PoolGrads`], which also
@@ -251,31 +250,28 @@ pub fn multi_adapter_backward_into<T: CandleElement>(
         db: false,
         ..req
     };
-    let mut out = None;
-    pool_backward(pool, (g, x, w, t), ids, |dev, inputs, ids| {
-        let buffers = out.insert(GradBuffers::new(dev, dx_only, inputs, &[], &[])?);
+    let out = pool_backward(pool, (g, x, w, t), ids, |dev, inputs, ids| {
+        let mut out = GradBuffers::new(dev, dx_only, inputs, &[], &[])?;
         inputs.with_views::<T, _>(|dims, views| {
-            let dx = buffers.grads().dx;
+            let dx = out.grads().dx;
             let opts = options(req);
             op::multi_adapter_backward_into(pool, dims.m, ids, views, dx, grads, opts, scratch)?;
             Ok(())
-        })
+        })?;
+        Ok(out)
     })?;
-    Ok(out
-        .expect("filled by the backward")
-        .into_tensors(x.device())?
-        .dx)
+    Ok(out.into_tensors(x.device())?.dx)
 }
 
 /// What both pool backward functions check and set up: the inputs against
 /// the pool (its device, `n`, `k`, `max_rank`) and the slot ids; then
-/// `run(pool's device, inputs, ids)`.
-fn pool_backward<T: CandleElement>(
+/// returns `run(pool's device, inputs, ids)`.
+fn pool_backward<T: CandleElement, R>(
     pool: &AdapterPool<T>,
     (g, x, w, t): (&Tensor, &Tensor, &Tensor, &Tensor),
     ids: &Tensor,
-    run: impl FnOnce(&Device, &Inputs, BufRef<'_, i32>) -> Result<()>,
-) -> Result<()> {
+    run: impl FnOnce(&Device, &Inputs, BufRef<'_, i32>) -> Result<R>,
+) -> Result<R> {
     let cdev = x.device();
     check_pool_device(pool, "x", cdev)?;
     let inputs = Inputs::checked::<T>(g, x, w, t)?;
