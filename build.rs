@@ -2,7 +2,9 @@
 //! - with nvcc (from `$NVCC`, `$CUDA_HOME/bin`, `PATH`, then the repo's
 //!   `.toolchain/cuda` that scripts/install-cuda-toolchain fills), to PTX (compute_80, loads on sm_80 and newer) and to cubins for
 //!   each target in `LORA_KERNELS_CUDA_ARCHS` (default `80,90`), embedded from
-//!   OUT_DIR into `$OUT_DIR/kernel_images.rs`;
+//!   OUT_DIR into `$OUT_DIR/kernel_images.rs`. A file whose first line is
+//!   `// lk-targets: sm_90a` (Hopper's own instructions) becomes one sm_90a
+//!   cubin, when the targets include 90, and no PTX;
 //! - with the `host` feature, also with the host C++ compiler against
 //!   `kernels/host` (the host runtime, docs/DESIGN.md section 6).
 //!
@@ -123,8 +125,29 @@ fn cuda_archs() -> Vec<String> {
         .collect()
 }
 
-/// One kernel file's compiled forms: (stem, ptx path, [(sm, cubin path)]).
-type Image = (String, PathBuf, Vec<(u32, PathBuf)>);
+/// One kernel file's compiled forms: (stem, ptx path unless Hopper-only, [(sm, cubin path)]).
+type Image = (String, Option<PathBuf>, Vec<(u32, PathBuf)>);
+
+/// Whether a kernel file uses Hopper's own instructions (wgmma, TMA): its
+/// first line says `// lk-targets: sm_90a`.
+fn hopper_only(src: &Path) -> bool {
+    fs::read_to_string(src)
+        .map(|text| text.lines().next() == Some("// lk-targets: sm_90a"))
+        .unwrap_or(false)
+}
+
+/// The targets a kernel file compiles for: the chosen ones, or for a
+/// Hopper-only file sm_90a if they include compute capability 9.0.
+fn file_archs(src: &Path, archs: &[String]) -> Vec<String> {
+    if !hopper_only(src) {
+        return archs.to_vec();
+    }
+    if archs.iter().any(|a| arch_sm(a) == 90) {
+        vec!["90a".into()]
+    } else {
+        Vec::new()
+    }
+}
 
 /// compile_device, through the build cache when `LORA_KERNELS_BUILD_CACHE`
 /// names one (a verbose build always compiles: it prints ptxas's report).
@@ -142,7 +165,7 @@ fn compile_device_cached(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Ve
     let files = || {
         images
             .iter()
-            .flat_map(|(_, ptx, cubins)| std::iter::once(ptx).chain(cubins.iter().map(|(_, c)| c)))
+            .flat_map(|(_, ptx, cubins)| ptx.iter().chain(cubins.iter().map(|(_, c)| c)))
     };
     let name = |path: &Path| path.file_name().unwrap().to_owned();
     // A hit: every file of the entry copied into OUT_DIR.
@@ -167,7 +190,7 @@ fn compile_device_cached(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Ve
 fn device_key(nvcc: &Path) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    "lora-kernels device v1".hash(&mut h);
+    "lora-kernels device v2".hash(&mut h);
     nvcc.hash(&mut h);
     let version = Command::new(nvcc)
         .arg("--version")
@@ -193,8 +216,8 @@ fn device_key(nvcc: &Path) -> u64 {
 /// Where compile_file writes a source's compiled forms in `out_dir`.
 fn image_paths(src: &Path, out_dir: &Path, archs: &[String]) -> Image {
     let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-    let ptx = out_dir.join(format!("{stem}.ptx"));
-    let cubins = archs
+    let ptx = (!hopper_only(src)).then(|| out_dir.join(format!("{stem}.ptx")));
+    let cubins = file_archs(src, archs)
         .iter()
         .map(|arch| {
             (
@@ -230,8 +253,10 @@ fn compile_device(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image
 
 fn compile_file(nvcc: &Path, src: &Path, out_dir: &Path, archs: &[String], verbose: bool) -> Image {
     let image = image_paths(src, out_dir, archs);
-    run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], &image.1, false);
-    for (arch, (_, cubin)) in archs.iter().zip(&image.2) {
+    if let Some(ptx) = &image.1 {
+        run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], ptx, false);
+    }
+    for (arch, (_, cubin)) in file_archs(src, archs).iter().zip(&image.2) {
         run_nvcc(
             nvcc,
             src,
@@ -280,10 +305,11 @@ fn write_image_table(out_dir: &Path, images: Option<&[Image]>) {
     let _ = writeln!(rs, "pub const KERNELS_BUILT: bool = {};", images.is_some());
     rs.push_str("pub static KERNEL_IMAGES: &[KernelImage] = &[\n");
     for (stem, ptx, cubins) in images.unwrap_or_default() {
-        let ptx = if embed_ptx {
-            format!("Some(include_str!({:?}))", ptx.display().to_string())
-        } else {
-            "None".into()
+        let ptx = match ptx {
+            Some(ptx) if embed_ptx => {
+                format!("Some(include_str!({:?}))", ptx.display().to_string())
+            }
+            _ => "None".into(),
         };
         let _ = writeln!(
             rs,
@@ -318,6 +344,7 @@ fn compile_host(sources: &[PathBuf]) {
         .flag("-x")
         .flag("c++")
         .file("kernels/host/lk_host_runtime.cpp")
+        .file("kernels/host/lk_host_hopper.cpp")
         .file("kernels/host/lk_params_layout.cpp")
         .files(sources);
     build.compile("lora_kernels_host");

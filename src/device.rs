@@ -198,6 +198,15 @@ impl Device {
         }
     }
 
+    /// The GPU's compute capability (major, minor); None on the host runtime.
+    #[cfg_attr(not(test), allow(dead_code))] // the Hopper self-tests' GPU half asks
+    pub(crate) fn compute_capability(&self) -> Option<(i32, i32)> {
+        match self {
+            Device::Cuda(d) => Some(d.kernels.compute_capability),
+            Device::Host(_) => None,
+        }
+    }
+
     /// The most shared memory (static and dynamic, bytes) a block may opt in
     /// to: the GPU's, or on the host runtime sm_90's 227 KiB (its kernels
     /// are the sm_90 build's source). Launches pick their pipeline depth by it.

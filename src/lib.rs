@@ -55,6 +55,8 @@ pub mod cublas_baseline;
 pub mod device;
 pub mod element;
 pub mod error;
+#[cfg(test)]
+mod hopper_selftest;
 pub(crate) mod launch;
 pub mod ops;
 pub(crate) mod params;
@@ -66,6 +68,9 @@ pub mod reference;
 mod runtime_selftest;
 pub mod shape;
 pub mod slot_map;
+// TMA tensor maps: for now only the Hopper self-tests build them.
+#[cfg(test)]
+mod tensor_map;
 #[cfg(feature = "bench")]
 pub mod timing;
 

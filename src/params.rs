@@ -12,8 +12,8 @@ use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 mod bindings;
 
 pub use bindings::{
-    AdamWParams, BackwardParams, FusedForwardParams, MergeParams, MultiAdapterParams,
-    PoolLoadParams, SelftestParams, SlotOptim,
+    AdamWParams, BackwardParams, FusedForwardParams, HopperSelftestParams, LkTensorMap,
+    MergeParams, MultiAdapterParams, PoolLoadParams, SelftestParams, SlotOptim,
 };
 
 /// Every params struct with the names of all its fields (the list must be
@@ -74,6 +74,8 @@ params_structs! {
         beta1, beta2, eps, pad,
     }
     SelftestParams { input, input2, out, n, variant }
+    LkTensorMap { opaque }
+    HopperSelftestParams { a_map, b_map, a, b, out, n, k, swizzle, variant }
 }
 
 // SAFETY: four f32 and two i32 with no padding (24 bytes, checked by the

@@ -480,3 +480,79 @@ const _: () = {
     ["Offset of field: SelftestParams::variant"]
         [::std::mem::offset_of!(SelftestParams, variant) - 28usize];
 };
+#[doc = " A TMA tensor map. On a GPU, the driver's CUtensorMap (cuTensorMapEncodeTiled:\n 128 opaque bytes, 64-byte aligned); on the host runtime the same bytes hold\n its mirror, lk_host::TensorMapMirror (kernels/host/lk_host_hopper.h).\n Kernels take its address, so they receive their parameters as\n __grid_constant__ (LK_KERNEL_TMA)."]
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LkTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkTensorMap"][::std::mem::size_of::<LkTensorMap>() - 128usize];
+    ["Alignment of LkTensorMap"][::std::mem::align_of::<LkTensorMap>() - 64usize];
+    ["Offset of field: LkTensorMap::opaque"][::std::mem::offset_of!(LkTensorMap, opaque) - 0usize];
+};
+impl Default for LkTensorMap {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[doc = " Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:\n   out[64][n] = A[64][k] B[n][k]^T, A and B 16-bit (f16 or bf16), out f32."]
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct HopperSelftestParams {
+    #[doc = " A [64][k] row-major, with the box the kernel loads"]
+    pub a_map: LkTensorMap,
+    #[doc = " B [n][k] row-major, likewise"]
+    pub b_map: LkTensorMap,
+    #[doc = " A itself, for the kernels that stage it by hand"]
+    pub a: u64,
+    #[doc = " B itself, likewise"]
+    pub b: u64,
+    #[doc = " f32 [64][n]"]
+    pub out: u64,
+    pub n: i32,
+    pub k: i32,
+    #[doc = " the layout TMA writes and wgmma reads: 0 (none), 32, 64 or 128 bytes"]
+    pub swizzle: i32,
+    #[doc = " which planted bug to run; 0 = correct"]
+    pub variant: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of HopperSelftestParams"][::std::mem::size_of::<HopperSelftestParams>() - 320usize];
+    ["Alignment of HopperSelftestParams"][::std::mem::align_of::<HopperSelftestParams>() - 64usize];
+    ["Offset of field: HopperSelftestParams::a_map"]
+        [::std::mem::offset_of!(HopperSelftestParams, a_map) - 0usize];
+    ["Offset of field: HopperSelftestParams::b_map"]
+        [::std::mem::offset_of!(HopperSelftestParams, b_map) - 128usize];
+    ["Offset of field: HopperSelftestParams::a"]
+        [::std::mem::offset_of!(HopperSelftestParams, a) - 256usize];
+    ["Offset of field: HopperSelftestParams::b"]
+        [::std::mem::offset_of!(HopperSelftestParams, b) - 264usize];
+    ["Offset of field: HopperSelftestParams::out"]
+        [::std::mem::offset_of!(HopperSelftestParams, out) - 272usize];
+    ["Offset of field: HopperSelftestParams::n"]
+        [::std::mem::offset_of!(HopperSelftestParams, n) - 280usize];
+    ["Offset of field: HopperSelftestParams::k"]
+        [::std::mem::offset_of!(HopperSelftestParams, k) - 284usize];
+    ["Offset of field: HopperSelftestParams::swizzle"]
+        [::std::mem::offset_of!(HopperSelftestParams, swizzle) - 288usize];
+    ["Offset of field: HopperSelftestParams::variant"]
+        [::std::mem::offset_of!(HopperSelftestParams, variant) - 292usize];
+};
+impl Default for HopperSelftestParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

@@ -64,7 +64,7 @@ constexpr unsigned kMaxDynamicSmem = 228 * 1024;
 constexpr size_t kSmemGuard = 4096;
 constexpr unsigned char kGuardByte = 0xA5;
 
-enum class State { Runnable, AtBarrier, AtWarp, Done };
+enum class State { Runnable, AtBarrier, AtWarp, AtWarpgroup, AtEvent, Done };
 
 struct PendingCopy {
     void* dst;
@@ -98,6 +98,9 @@ struct Fiber {
     unsigned warp_mask = 0;
     const void* warp_in = nullptr;
     void* warp_out = nullptr;
+    // What a thread asleep in wait_for waits on.
+    const void* wait_key = nullptr;
+    const char* wait_what = nullptr;
     std::vector<PendingCopy> copies;  // issued, not yet committed
     std::vector<std::vector<PendingCopy>> groups;  // committed, oldest first
 };
@@ -105,7 +108,13 @@ struct Fiber {
 struct Runtime {
     std::vector<Fiber> fibers;
     std::vector<std::pair<void*, size_t>> shared_regions;
-    std::vector<unsigned char> dynamic_smem;
+    // Dynamic shared memory: `dynamic_bytes` at `dynamic_smem` (1024-byte
+    // aligned inside `dynamic_storage`), then kSmemGuard guard bytes; and the
+    // async proxy's view of it (fence_proxy_async).
+    std::vector<unsigned char> dynamic_storage;
+    unsigned char* dynamic_smem = nullptr;
+    size_t dynamic_bytes = 0;
+    std::vector<unsigned char> async_view;
     Context scheduler;
     unsigned current = 0;
     unsigned nthreads = 0;
@@ -204,7 +213,9 @@ void set_thread_coords(unsigned t) {
 // Runs one block to completion. Returns false (rt.error set) on failure.
 bool run_block() {
     for (auto& region : rt.shared_regions) poison(region.first, region.second);
-    poison(rt.dynamic_smem.data(), rt.dynamic_smem.size() - kSmemGuard);
+    poison(rt.dynamic_smem, rt.dynamic_bytes);
+    poison(rt.async_view.data(), rt.async_view.size());
+    hopper_block_start();
     for (unsigned t = 0; t < rt.nthreads; ++t) {
         Fiber& f = rt.fibers[t];
         f.state = State::Runnable;
@@ -248,34 +259,45 @@ bool run_block() {
             switch_context(rt.scheduler, rt.fibers[t].ctx);
         }
         if (rt.failed) return false;
-        unsigned at_barrier = 0, at_warp = 0, done = 0;
+        unsigned at_barrier = 0, done = 0;
         for (unsigned t = 0; t < rt.nthreads; ++t) {
             State s = rt.fibers[t].state;
             at_barrier += s == State::AtBarrier;
-            at_warp += s == State::AtWarp;
             done += s == State::Done;
         }
         if (done == rt.nthreads) {
-            const unsigned char* guard = rt.dynamic_smem.data() + rt.dynamic_smem.size() - kSmemGuard;
+            const unsigned char* guard = rt.dynamic_smem + rt.dynamic_bytes;
             for (size_t i = 0; i < kSmemGuard; ++i)
                 if (guard[i] != kGuardByte) {
                     char msg[160];
                     std::snprintf(msg, sizeof msg,
                                   "dynamic shared memory overflow: byte %zu past the %zu bytes of the launch was written",
-                                  i, rt.dynamic_smem.size() - kSmemGuard);
+                                  i, rt.dynamic_bytes);
                     rt.error = msg;
                     return false;
                 }
+            const char* unfinished = hopper_block_end();
+            if (unfinished) {
+                rt.error = unfinished;
+                return false;
+            }
             return true;
         }
-        if (at_warp != 0) {
-            unsigned t = 0;
-            while (rt.fibers[t].state != State::AtWarp) ++t;
-            char buf[256];
-            std::snprintf(buf, sizeof buf,
-                          "deadlock: thread %u waits in warp collective '%s' (mask 0x%08x) that not all "
-                          "lanes of its mask reach (%u threads at __syncthreads, %u exited)",
-                          t, rt.fibers[t].warp_tag, rt.fibers[t].warp_mask, at_barrier, done);
+        // Nobody can run: unless everyone left waits at __syncthreads, the block is stuck.
+        for (unsigned t = 0; t < rt.nthreads; ++t) {
+            const Fiber& f = rt.fibers[t];
+            if (f.state == State::AtBarrier || f.state == State::Done) continue;
+            char buf[320];
+            if (f.state == State::AtEvent)
+                std::snprintf(buf, sizeof buf,
+                              "deadlock: thread %u waits on %s, which nothing left to run completes (%u threads at "
+                              "__syncthreads, %u exited)",
+                              t, f.wait_what, at_barrier, done);
+            else
+                std::snprintf(buf, sizeof buf,
+                              "deadlock: thread %u waits in %s collective '%s' that not all of its threads reach "
+                              "(%u threads at __syncthreads, %u exited)",
+                              t, f.state == State::AtWarp ? "warp" : "warpgroup", f.warp_tag, at_barrier, done);
             rt.error = buf;
             return false;
         }
@@ -306,13 +328,81 @@ void fail(const char* fmt, ...) {
 }
 
 unsigned lane_id() { return rt.current % 32; }
+unsigned thread_rank() { return rt.current; }
 
 SharedRegion::SharedRegion(void* ptr, size_t bytes) {
     rt.shared_regions.emplace_back(ptr, bytes);
     poison(ptr, bytes);
 }
 
-void* dynamic_shared() { return rt.dynamic_smem.data(); }
+void* dynamic_shared() { return rt.dynamic_smem; }
+
+unsigned shared_address(const void* p) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    if (c < rt.dynamic_smem || c >= rt.dynamic_smem + rt.dynamic_bytes)
+        fail("shared_address: %p is not in this launch's %zu bytes of dynamic shared memory (the host runtime "
+             "gives only dynamic shared memory to TMA and wgmma)",
+             p, rt.dynamic_bytes);
+    return kDynamicSharedBase + (unsigned)(c - rt.dynamic_smem);
+}
+
+// The offset of [addr, addr + bytes) in dynamic shared memory; fails outside it.
+static size_t dynamic_offset(unsigned addr, unsigned bytes) {
+    if (addr < kDynamicSharedBase || (size_t)(addr - kDynamicSharedBase) + bytes > rt.dynamic_bytes)
+        fail("shared address 0x%x (+%u bytes) is outside the launch's dynamic shared memory [0x%x, 0x%zx)", addr,
+             bytes, kDynamicSharedBase, kDynamicSharedBase + rt.dynamic_bytes);
+    return addr - kDynamicSharedBase;
+}
+unsigned char* shared_live(unsigned addr, unsigned bytes) { return rt.dynamic_smem + dynamic_offset(addr, bytes); }
+const unsigned char* shared_view(unsigned addr, unsigned bytes) {
+    return rt.async_view.data() + dynamic_offset(addr, bytes);
+}
+void fence_proxy_async() { std::memcpy(rt.async_view.data(), rt.dynamic_smem, rt.dynamic_bytes); }
+
+void wait_for(const void* key, const char* what) {
+    Fiber& f = self();
+    f.wait_key = key;
+    f.wait_what = what;
+    f.state = State::AtEvent;
+    yield_to_scheduler();
+}
+
+void notify(const void* key) {
+    for (unsigned t = 0; t < rt.nthreads; ++t)
+        if (rt.fibers[t].state == State::AtEvent && rt.fibers[t].wait_key == key) wake(t);
+}
+
+void warpgroup_collective(const char* tag, const void* in, void* out, WarpgroupOp op) {
+    unsigned base = rt.current / 128 * 128;
+    if (base + 128 > rt.nthreads)
+        fail("warpgroup collective '%s': the block's %u threads end inside warpgroup %u", tag, rt.nthreads,
+             base / 128);
+    Fiber& f = self();
+    f.warp_tag = tag;
+    f.warp_in = in;
+    f.warp_out = out;
+    f.state = State::AtWarpgroup;
+    for (unsigned i = 0; i < 128; ++i) {
+        Fiber& other = rt.fibers[base + i];
+        if (other.state == State::Done) fail("warpgroup collective '%s': thread %u has exited", tag, base + i);
+        if (other.state != State::AtWarpgroup) {
+            yield_to_scheduler();  // the last thread to arrive performs the op and wakes us
+            return;
+        }
+    }
+    const void* ins[128];
+    void* outs[128];
+    for (unsigned i = 0; i < 128; ++i) {
+        Fiber& other = rt.fibers[base + i];
+        if (std::strcmp(other.warp_tag, tag) != 0)
+            fail("divergent warpgroup collectives: thread %u is in '%s', thread %u in '%s'", rt.current, tag,
+                 base + i, other.warp_tag);
+        ins[i] = other.warp_in;
+        outs[i] = other.warp_out;
+    }
+    op(ins, outs);
+    for (unsigned i = 0; i < 128; ++i) wake(base + i);
+}
 
 void warp_collective(unsigned mask, const char* tag, const void* in, void* out, WarpOp op) {
     unsigned lane = lane_id();
@@ -399,7 +489,12 @@ int launch(const LkHostLaunch& cfg, const std::function<void()>& kernel) {
     }
     rt.nthreads = nthreads;
     rt.kernel = &kernel;
-    rt.dynamic_smem.assign(cfg.dynamic_smem_bytes + kSmemGuard, kGuardByte);
+    // 1024-byte aligned, as the largest swizzle pattern needs; the window
+    // (kDynamicSharedBase) then decides what the kernel sees.
+    rt.dynamic_bytes = cfg.dynamic_smem_bytes;
+    rt.dynamic_storage.assign(cfg.dynamic_smem_bytes + kSmemGuard + 1024, kGuardByte);
+    rt.dynamic_smem = rt.dynamic_storage.data() + (1024 - reinterpret_cast<uintptr_t>(rt.dynamic_storage.data()) % 1024) % 1024;
+    rt.async_view.assign(cfg.dynamic_smem_bytes, 0);
     blockDim = {cfg.block[0], cfg.block[1], cfg.block[2]};
     gridDim = {cfg.grid[0], cfg.grid[1], cfg.grid[2]};
     for (unsigned z = 0; z < cfg.grid[2]; ++z)

@@ -85,13 +85,52 @@ void* dynamic_shared();
 using WarpOp = void (*)(const void* const ins[32], void* const outs[32], unsigned mask);
 void warp_collective(unsigned mask, const char* tag, const void* in, void* out, WarpOp op);
 
+// A warpgroup-collective operation (wgmma): the 128 threads of the calling
+// thread's warpgroup (warps 4g..4g+3) call it with the same `tag`; when the
+// last one arrives `op` sees all their inputs and writes all their outputs,
+// indexed by thread within the warpgroup.
+using WarpgroupOp = void (*)(const void* const ins[128], void* const outs[128]);
+void warpgroup_collective(const char* tag, const void* in, void* out, WarpgroupOp op);
+
+// Blocking on an event that another thread of the block brings about (an
+// mbarrier phase): the thread sleeps until notify(key), then returns and
+// checks its condition again. If every live thread sleeps, the launch fails
+// with a deadlock that names `what`.
+void wait_for(const void* key, const char* what);
+void notify(const void* key);
+
+// Dynamic shared memory as the async proxy (TMA, wgmma) addresses it. The
+// window puts it at shared address kDynamicSharedBase (16-byte aligned and
+// no more, as when static shared memory precedes it on a GPU), so a kernel
+// must align its swizzled buffers itself. Only dynamic shared memory has
+// addresses here: operands of TMA and wgmma must live in it.
+constexpr unsigned kDynamicSharedBase = 0x410;
+unsigned shared_address(const void* p);  // fails unless p is in dynamic shared memory
+// The dynamic shared memory at [addr, addr + bytes), as generic stores see
+// it (live) or as the async proxy sees it (view); fails past its end.
+unsigned char* shared_live(unsigned addr, unsigned bytes);
+const unsigned char* shared_view(unsigned addr, unsigned bytes);
+// fence.proxy.async: the async proxy's view catches up with what generic
+// stores wrote. The view is one copy per block, so a fence by any thread
+// publishes every thread's stores: a fence missing in some threads only is
+// not caught, one missing in all of them is.
+void fence_proxy_async();
+
 // Per-thread queue of cp.async copies, so a missing wait shows on the host too.
 void async_copy(void* dst, const void* src, unsigned bytes, unsigned src_bytes);
 void async_commit();
 void async_wait(int keep_groups);
 
+// The Hopper instructions' per-block state (kernels/host/lk_host_hopper.cpp):
+// reset at every block start; at a block's end, a message if the block left
+// work unfinished (a wgmma group never waited on), else null.
+void hopper_block_start();
+const char* hopper_block_end();
+
 [[noreturn]] void fail(const char* fmt, ...);
 unsigned lane_id();
+// The running thread's linear index in its block.
+unsigned thread_rank();
 
 template <class T>
 struct ShflIn {

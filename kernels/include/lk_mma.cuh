@@ -1,5 +1,6 @@
-// Tensor-core fragment instructions, the only way kernels reach them: mma.sync
-// m16n8k16 (f16/bf16 in, f32 accumulate), ldmatrix, cp.async. Device builds
+// Tensor-core instructions, the only way kernels reach them: mma.sync
+// m16n8k16 (f16/bf16 in, f32 accumulate), ldmatrix, cp.async here; Hopper's
+// wgmma, TMA and mbarrier in lk_hopper.cuh, included at the end. Device builds
 // emit inline PTX; host builds emulate each instruction as a warp collective
 // that follows the PTX ISA's fragment layouts (section "Matrix Fragments for
 // mma.m16n8k16"), so a kernel that indexes a fragment wrongly computes a wrong
@@ -189,3 +190,5 @@ inline void cp_async_wait() {
 #endif
 
 }  // namespace lk
+
+#include "lk_hopper.cuh"

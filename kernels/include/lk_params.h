@@ -159,3 +159,25 @@ typedef struct SelftestParams {
     int32_t n;
     int32_t variant; /* which planted bug to run; 0 = correct */
 } SelftestParams;
+
+/* A TMA tensor map. On a GPU, the driver's CUtensorMap (cuTensorMapEncodeTiled:
+ * 128 opaque bytes, 64-byte aligned); on the host runtime the same bytes hold
+ * its mirror, lk_host::TensorMapMirror (kernels/host/lk_host_hopper.h).
+ * Kernels take its address, so they receive their parameters as
+ * __grid_constant__ (LK_KERNEL_TMA). */
+typedef struct __attribute__((aligned(64))) LkTensorMap {
+    uint64_t opaque[16];
+} LkTensorMap;
+
+/* Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:
+ *   out[64][n] = A[64][k] B[n][k]^T, A and B 16-bit (f16 or bf16), out f32. */
+typedef struct HopperSelftestParams {
+    LkTensorMap a_map; /* A [64][k] row-major, with the box the kernel loads */
+    LkTensorMap b_map; /* B [n][k] row-major, likewise */
+    uint64_t a;        /* A itself, for the kernels that stage it by hand */
+    uint64_t b;        /* B itself, likewise */
+    uint64_t out;      /* f32 [64][n] */
+    int32_t n, k;
+    int32_t swizzle; /* the layout TMA writes and wgmma reads: 0 (none), 32, 64 or 128 bytes */
+    int32_t variant; /* which planted bug to run; 0 = correct */
+} HopperSelftestParams;

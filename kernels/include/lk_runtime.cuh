@@ -23,6 +23,8 @@
 // The same, for a kernel whose registers must let `blocks` blocks of
 // `threads` share an SM (__launch_bounds__ on the device).
 #define LK_KERNEL_BOUNDED(name, Params, body, threads, blocks) LK_KERNEL(name, Params, body)
+// A kernel whose parameters hold tensor maps (TMA takes their address).
+#define LK_KERNEL_TMA(name, Params, body) LK_KERNEL(name, Params, body)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,6 +37,8 @@
     extern "C" __global__ void name(const Params p) { body(p); }
 #define LK_KERNEL_BOUNDED(name, Params, body, threads, blocks) \
     extern "C" __global__ void __launch_bounds__(threads, blocks) name(const Params p) { body(p); }
+#define LK_KERNEL_TMA(name, Params, body) \
+    extern "C" __global__ void name(const __grid_constant__ Params p) { body(p); }
 #endif
 
 #include "lk_params.h"
