@@ -57,6 +57,7 @@ pub mod element;
 pub mod error;
 #[cfg(test)]
 mod hopper_selftest;
+// The integration tests' helpers (tests/common), for the self-test kernels' unit tests.
 pub(crate) mod launch;
 pub mod ops;
 pub(crate) mod params;
@@ -68,6 +69,9 @@ pub mod reference;
 mod runtime_selftest;
 pub mod shape;
 pub mod slot_map;
+#[cfg(all(test, feature = "host"))]
+#[path = "../tests/common/mod.rs"]
+mod test_common;
 // TMA tensor maps: for now only the Hopper self-tests build them.
 #[cfg(test)]
 mod tensor_map;

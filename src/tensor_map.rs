@@ -31,7 +31,7 @@ pub(crate) struct TileMap2d {
 pub(crate) fn tensor_map_2d(dev: &Device, m: &TileMap2d) -> Result<LkTensorMap> {
     let elem = m.dtype.size();
     let row_stride = m.cols as u64 * elem as u64;
-    if m.ptr % 16 != 0 {
+    if !m.ptr.is_multiple_of(16) {
         return Err(invalid(
             "tensor map address",
             m.ptr,
@@ -49,7 +49,7 @@ pub(crate) fn tensor_map_2d(dev: &Device, m: &TileMap2d) -> Result<LkTensorMap> 
             "each must be in 1..=2^32-1",
         ));
     }
-    if row_stride % 16 != 0 {
+    if !row_stride.is_multiple_of(16) {
         return Err(invalid(
             "tensor map row stride",
             row_stride,
@@ -57,7 +57,10 @@ pub(crate) fn tensor_map_2d(dev: &Device, m: &TileMap2d) -> Result<LkTensorMap> 
         ));
     }
     let box_bytes = m.box_cols as usize * elem;
-    if !(1..=256).contains(&m.box_rows) || !(1..=256).contains(&m.box_cols) || box_bytes % 16 != 0 {
+    if !(1..=256).contains(&m.box_rows)
+        || !(1..=256).contains(&m.box_cols)
+        || !box_bytes.is_multiple_of(16)
+    {
         return Err(invalid(
             "tensor map box",
             format!("{} x {}", m.box_rows, m.box_cols),

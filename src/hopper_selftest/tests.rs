@@ -6,11 +6,9 @@
 //! that is off, a missing fence.proxy.async or wgmma.fence, a wrong A
 //! register) gives a wrong answer or a failed launch on every run and under
 //! every schedule. On a Hopper GPU the correct forms run there too.
-#[path = "../../tests/common/mod.rs"]
-mod common;
 
 use super::{self as hs, K, N, ROWS, Staging, variant};
-use common::*;
+use crate::test_common::*;
 use half::{bf16, f16};
 use lora_kernels::{Device, Element, HostSchedule, KernelElement};
 
@@ -45,7 +43,9 @@ fn check<T: Element>(got: &[f32], a: &[T], b: &[T]) -> Result<(), String> {
             let (want, size) = terms.fold((0.0, 0.0), |(s, m), t| (s + t, m + t.abs()));
             let bound = K as f64 * f64::from(f32::EPSILON) / 2.0 * size;
             let g = f64::from(got[row * N + col]);
-            if !((g - want).abs() <= bound) {
+            // Written so that NaN fails too.
+            let within = (g - want).abs() <= bound;
+            if !within {
                 return Err(format!(
                     "out[{row}][{col}] = {g:e}, expected {want:e} (bound {bound:e})"
                 ));

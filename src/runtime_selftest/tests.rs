@@ -4,11 +4,9 @@
 //! wait) each give a wrong answer on every run and under every schedule.
 //! On a GPU the correct variants also run there, checking the emulated
 //! fragment layouts against the hardware.
-#[path = "../../tests/common/mod.rs"]
-mod common;
 
 use super::{self as st, variant};
-use common::*;
+use crate::test_common::*;
 use half::{bf16, f16};
 use lora_kernels::{Device, Element, HostSchedule};
 
