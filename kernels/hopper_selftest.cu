@@ -1,8 +1,8 @@
 // lk-targets: sm_90a
 // Kernels that test the emulation of Hopper's asynchronous instructions
 // (lk_hopper.cuh, kernels/host/lk_host_hopper.h) rather than LoRA math: one
-// warpgroup computes out[64][64] = A[64][128] B[64][128]^T (f32 out, f16 or
-// bf16 operands) with wgmma. Each has a correct form (variant 0) and planted
+// warpgroup computes out[64][N] = A[64][128] B[N][128]^T (f32 out, f16 or
+// bf16 operands) with wgmma, A and B zero past p.k and B past p.b_rows rows. Each has a correct form (variant 0) and planted
 // bugs (HopperVariant); src/hopper_selftest/tests.rs requires every planted
 // bug to give a wrong answer or a failed launch on the host runtime, on every
 // run and under every schedule. On a Hopper GPU the correct forms check the
@@ -11,7 +11,7 @@
 
 namespace {
 
-constexpr int kRows = 64, kN = 64, kK = 128;
+constexpr int kRows = 64, kN = 64, kK = 128;  // kN: the TMA kernels' N
 
 enum HopperVariant {
     kCorrect = 0,
@@ -25,13 +25,14 @@ enum HopperVariant {
     kWrongFragmentIndex = 8,      // A registers a[1] and a[2] swapped
 };
 
-// The accumulators' layout: thread t's d[i] is out[row][col].
-__device__ void store_accumulators(const HopperSelftestParams& p, const float (&d)[kN / 2]) {
+// The accumulators' layout: thread t's d[i] is out[row][col] of out[64][N].
+template <int N>
+__device__ void store_accumulators(const HopperSelftestParams& p, const float (&d)[N / 2]) {
     float* out = reinterpret_cast<float*>(p.out);
     const int t = threadIdx.x, w = t / 32, group = t % 32 / 4, quad = t % 4;
-    for (int i = 0; i < kN / 2; ++i) {
+    for (int i = 0; i < N / 2; ++i) {
         const int row = 16 * w + group + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * quad + i % 2;
-        out[row * kN + col] = d[i];
+        out[row * N + col] = d[i];
     }
 }
 
@@ -46,6 +47,7 @@ __device__ unsigned char* aligned_dynamic_smem() {
 // A and B through TMA in stages of S / 2 k (S = p.swizzle; 16 k as two
 // 8-wide boxes without swizzle), double-buffered on two mbarriers, thread 0
 // issuing the loads; wgmma reads them through descriptors of the same swizzle.
+// The tensor maps end at k and b_rows: TMA fills the rest of the boxes with zeros.
 template <class T>
 __device__ void tma_wgmma(const HopperSelftestParams& p) {
     LK_SHARED(uint64_t, full, [2]);
@@ -100,71 +102,83 @@ __device__ void tma_wgmma(const HopperSelftestParams& p) {
             lk::wgmma_ss<kN, T>(d, desc[0], desc[1], stage > 0 || step > 0);
         }
         lk::wgmma_commit();
-        if (stage + 1 == stages && p.variant == kAccumulatorsBeforeWait) store_accumulators(p, d);
+        if (stage + 1 == stages && p.variant == kAccumulatorsBeforeWait) store_accumulators<kN>(p, d);
         lk::wgmma_wait<0>();
         lk::wgmma_fence_operands(d);
         // The warpgroup's wgmma has read the buffer: refill it.
         if (t == 0 && stage + 2 < stages) issue(stage + 2);
     }
-    if (p.variant != kAccumulatorsBeforeWait) store_accumulators(p, d);
+    if (p.variant != kAccumulatorsBeforeWait) store_accumulators<kN>(p, d);
 }
 
-// A and B stored by the threads (generic stores) in the no-swizzle layout
-// over all of k (core matrix (row group g, k group c) at g 2048 + c 128), then
-// fence.proxy.async and a barrier before wgmma reads them. With RegisterA, A
-// comes from registers instead (mma's A fragment straight from global memory).
-template <class T, bool RegisterA>
+// A and B ([N][k]) stored by the threads (generic stores) in the no-swizzle
+// layout over all of k (core matrix (row group g, k group c) at g 2048 + c 128),
+// then fence.proxy.async and a barrier before wgmma reads them. With
+// RegisterA, A comes from registers instead (mma's A fragment straight from
+// global memory). Instantiated for every N the wgmma forms have.
+template <class T, bool RegisterA, int N>
 __device__ void staged_wgmma(const HopperSelftestParams& p) {
-    unsigned char* base = aligned_dynamic_smem();
-    unsigned char* tiles[2] = {base, base + kRows * kK * 2};
-    const unsigned short* src[2] = {reinterpret_cast<const unsigned short*>(p.a),
-                                    reinterpret_cast<const unsigned short*>(p.b)};
+    unsigned char* a_tile = aligned_dynamic_smem();
+    unsigned char* b_tile = a_tile + kRows * kK * 2;
+    const unsigned short* a = reinterpret_cast<const unsigned short*>(p.a);
+    const unsigned short* b = reinterpret_cast<const unsigned short*>(p.b);
     const int t = threadIdx.x;
-    for (int operand = RegisterA ? 1 : 0; operand < 2; ++operand)
-        for (int e = t; e < kRows * kK; e += 128) {
-            const int row = e / kK, k = e % kK;
-            const int offset = row / 8 * 2048 + k / 8 * 128 + row % 8 * 16 + k % 8 * 2;
-            *reinterpret_cast<unsigned short*>(tiles[operand] + offset) = src[operand][e];
-        }
+    // Element (row, k) of A or of B ([b_rows][k]): zero past k and past B's rows.
+    auto a_at = [&](int row, int k) { return k < p.k ? a[row * p.k + k] : (unsigned short)0; };
+    auto b_at = [&](int row, int k) { return k < p.k && row < p.b_rows ? b[row * p.k + k] : (unsigned short)0; };
+    auto put = [](unsigned char* tile, int row, int k, unsigned short v) {
+        *reinterpret_cast<unsigned short*>(tile + row / 8 * 2048 + k / 8 * 128 + row % 8 * 16 + k % 8 * 2) = v;
+    };
+    if (!RegisterA)
+        for (int e = t; e < kRows * kK; e += 128) put(a_tile, e / kK, e % kK, a_at(e / kK, e % kK));
+    for (int e = t; e < N * kK; e += 128) put(b_tile, e / kK, e % kK, b_at(e / kK, e % kK));
     if (p.variant != kMissingProxyFence) lk::fence_proxy_async();
     __syncthreads();
-    float d[kN / 2];
-    for (int i = 0; i < kN / 2; ++i) d[i] = 0.f;
+    float d[N / 2];
+    for (int i = 0; i < N / 2; ++i) d[i] = 0.f;
     if (p.variant != kMissingWgmmaFence) lk::wgmma_fence();
     lk::wgmma_fence_operands(d);
     const int w = t / 32, group = t % 32 / 4, quad = t % 4;
     for (int step = 0; step < kK / 16; ++step) {
-        const uint64_t desc_b = lk::wgmma_desc(lk::smem_address(tiles[1]) + 256 * step, 128, 2048, 0);
+        const uint64_t desc_b = lk::wgmma_desc(lk::smem_address(b_tile) + 256 * step, 128, 2048, 0);
         if (RegisterA) {
-            uint32_t a[4];
+            uint32_t regs[4];
             for (int i = 0; i < 4; ++i) {
                 const int row = 16 * w + group + 8 * (i % 2), k = 16 * step + 8 * (i / 2) + 2 * quad;
-                a[i] = (uint32_t)src[0][row * kK + k] | (uint32_t)src[0][row * kK + k + 1] << 16;
+                regs[i] = (uint32_t)a_at(row, k) | (uint32_t)a_at(row, k + 1) << 16;
             }
             if (p.variant == kWrongFragmentIndex) {
-                const uint32_t swap = a[1];
-                a[1] = a[2];
-                a[2] = swap;
+                const uint32_t swap = regs[1];
+                regs[1] = regs[2];
+                regs[2] = swap;
             }
             // The A registers were just written: they need the fence too.
             if (step > 0) lk::wgmma_fence();
-            lk::wgmma_rs<kN, T>(d, a, desc_b, step > 0);
+            lk::wgmma_rs<N, T>(d, regs, desc_b, step > 0);
         } else {
-            const uint64_t desc_a = lk::wgmma_desc(lk::smem_address(tiles[0]) + 256 * step, 128, 2048, 0);
-            lk::wgmma_ss<kN, T>(d, desc_a, desc_b, step > 0);
+            const uint64_t desc_a = lk::wgmma_desc(lk::smem_address(a_tile) + 256 * step, 128, 2048, 0);
+            lk::wgmma_ss<N, T>(d, desc_a, desc_b, step > 0);
         }
     }
     lk::wgmma_commit();
     lk::wgmma_wait<0>();
     lk::wgmma_fence_operands(d);
-    store_accumulators(p, d);
+    store_accumulators<N>(p, d);
 }
 
 }  // namespace
 
 LK_KERNEL_TMA(lk_hopper_selftest_tma_wgmma_f16, HopperSelftestParams, tma_wgmma<__half>)
 LK_KERNEL_TMA(lk_hopper_selftest_tma_wgmma_bf16, HopperSelftestParams, tma_wgmma<__nv_bfloat16>)
-LK_KERNEL(lk_hopper_selftest_staged_f16, HopperSelftestParams, (staged_wgmma<__half, false>))
-LK_KERNEL(lk_hopper_selftest_staged_bf16, HopperSelftestParams, (staged_wgmma<__nv_bfloat16, false>))
-LK_KERNEL(lk_hopper_selftest_register_a_f16, HopperSelftestParams, (staged_wgmma<__half, true>))
-LK_KERNEL(lk_hopper_selftest_register_a_bf16, HopperSelftestParams, (staged_wgmma<__nv_bfloat16, true>))
+// Every wgmma form: staged (A from shared memory) and register_a, both types, N 8 to 256.
+#define LK_STAGED_KERNELS(N)                                                                                  \
+    LK_KERNEL(lk_hopper_selftest_staged_f16_n##N, HopperSelftestParams, (staged_wgmma<__half, false, N>))       \
+    LK_KERNEL(lk_hopper_selftest_staged_bf16_n##N, HopperSelftestParams, (staged_wgmma<__nv_bfloat16, false, N>)) \
+    LK_KERNEL(lk_hopper_selftest_register_a_f16_n##N, HopperSelftestParams, (staged_wgmma<__half, true, N>))    \
+    LK_KERNEL(lk_hopper_selftest_register_a_bf16_n##N, HopperSelftestParams, (staged_wgmma<__nv_bfloat16, true, N>))
+LK_STAGED_KERNELS(8)
+LK_STAGED_KERNELS(16)
+LK_STAGED_KERNELS(32)
+LK_STAGED_KERNELS(64)
+LK_STAGED_KERNELS(128)
+LK_STAGED_KERNELS(256)

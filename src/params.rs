@@ -75,7 +75,7 @@ params_structs! {
     }
     SelftestParams { input, input2, out, n, variant }
     LkTensorMap { opaque }
-    HopperSelftestParams { a_map, b_map, a, b, out, n, k, swizzle, variant }
+    HopperSelftestParams { a_map, b_map, a, b, out, n, k, b_rows, swizzle, variant, pad }
 }
 
 // SAFETY: four f32 and two i32 with no padding (24 bytes, checked by the

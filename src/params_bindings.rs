@@ -502,7 +502,7 @@ impl Default for LkTensorMap {
         }
     }
 }
-#[doc = " Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:\n   out[64][n] = A[64][k] B[n][k]^T, A and B 16-bit (f16 or bf16), out f32."]
+#[doc = " Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:\n   out[64][n] = A[64][k] B[b_rows][k]^T, A and B 16-bit (f16 or bf16), out\n f32; the kernels run over k = 128 and B over n rows, reading zeros past k\n and past b_rows (TMA's out-of-bounds fill, or the threads' own)."]
 #[repr(C)]
 #[repr(align(64))]
 #[derive(Debug, Copy, Clone, PartialEq)]
@@ -519,10 +519,12 @@ pub struct HopperSelftestParams {
     pub out: u64,
     pub n: i32,
     pub k: i32,
+    pub b_rows: i32,
     #[doc = " the layout TMA writes and wgmma reads: 0 (none), 32, 64 or 128 bytes"]
     pub swizzle: i32,
     #[doc = " which planted bug to run; 0 = correct"]
     pub variant: i32,
+    pub pad: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -542,10 +544,14 @@ const _: () = {
         [::std::mem::offset_of!(HopperSelftestParams, n) - 280usize];
     ["Offset of field: HopperSelftestParams::k"]
         [::std::mem::offset_of!(HopperSelftestParams, k) - 284usize];
+    ["Offset of field: HopperSelftestParams::b_rows"]
+        [::std::mem::offset_of!(HopperSelftestParams, b_rows) - 288usize];
     ["Offset of field: HopperSelftestParams::swizzle"]
-        [::std::mem::offset_of!(HopperSelftestParams, swizzle) - 288usize];
+        [::std::mem::offset_of!(HopperSelftestParams, swizzle) - 292usize];
     ["Offset of field: HopperSelftestParams::variant"]
-        [::std::mem::offset_of!(HopperSelftestParams, variant) - 292usize];
+        [::std::mem::offset_of!(HopperSelftestParams, variant) - 296usize];
+    ["Offset of field: HopperSelftestParams::pad"]
+        [::std::mem::offset_of!(HopperSelftestParams, pad) - 300usize];
 };
 impl Default for HopperSelftestParams {
     fn default() -> Self {

@@ -170,14 +170,17 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 } LkTensorMap;
 
 /* Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:
- *   out[64][n] = A[64][k] B[n][k]^T, A and B 16-bit (f16 or bf16), out f32. */
+ *   out[64][n] = A[64][k] B[b_rows][k]^T, A and B 16-bit (f16 or bf16), out
+ * f32; the kernels run over k = 128 and B over n rows, reading zeros past k
+ * and past b_rows (TMA's out-of-bounds fill, or the threads' own). */
 typedef struct HopperSelftestParams {
     LkTensorMap a_map; /* A [64][k] row-major, with the box the kernel loads */
     LkTensorMap b_map; /* B [n][k] row-major, likewise */
     uint64_t a;        /* A itself, for the kernels that stage it by hand */
     uint64_t b;        /* B itself, likewise */
     uint64_t out;      /* f32 [64][n] */
-    int32_t n, k;
+    int32_t n, k, b_rows;
     int32_t swizzle; /* the layout TMA writes and wgmma reads: 0 (none), 32, 64 or 128 bytes */
     int32_t variant; /* which planted bug to run; 0 = correct */
+    int32_t pad;
 } HopperSelftestParams;

@@ -1,13 +1,13 @@
 //! The host runtime's emulation of Hopper's asynchronous instructions:
-//! wgmma over TMA-loaded operands in every swizzle mode, over operands the
-//! threads stored, and with A from registers, gives the product; and each
+//! wgmma over TMA-loaded operands in every swizzle mode (with TMA's
+//! out-of-bounds zero fill), over operands the threads stored, and with A
+//! from registers, in every N of the wgmma forms, gives the product; and each
 //! planted bug (a wrong swizzle in a descriptor, accumulators read before
 //! the wait, a wait on the wrong mbarrier parity, an expect_tx byte count
 //! that is off, a missing fence.proxy.async or wgmma.fence, a wrong A
 //! register) gives a wrong answer or a failed launch on every run and under
 //! every schedule. On a Hopper GPU the correct forms run there too.
-
-use super::{self as hs, K, N, ROWS, Staging, variant};
+use super::{self as hs, ROWS, Shape, Staging, variant};
 use crate::test_common::*;
 use half::{bf16, f16};
 use lora_kernels::{Device, Element, HostSchedule, KernelElement};
@@ -34,15 +34,18 @@ fn targets() -> Vec<Device> {
 }
 
 /// Checks `got` against `a b^T` element by element, within f32 accumulation
-/// of the K exact products: K 2^-24 sum |a_k b_k| (the products of 16-bit
-/// values are exact in f32; only the sum rounds).
-fn check<T: Element>(got: &[f32], a: &[T], b: &[T]) -> Result<(), String> {
+/// of the k exact products: k 2^-24 sum |a_i b_i| (the products of 16-bit
+/// values are exact in f32; only the sum rounds). Columns past B's rows must be 0.
+fn check<T: Element>(got: &[f32], shape: Shape, a: &[T], b: &[T]) -> Result<(), String> {
+    let Shape { n, k, b_rows } = shape;
     for row in 0..ROWS {
-        for col in 0..N {
-            let terms = (0..K).map(|k| a[row * K + k].to_f64() * b[col * K + k].to_f64());
+        for col in 0..n {
+            let terms = (0..k)
+                .filter(|_| col < b_rows)
+                .map(|i| a[row * k + i].to_f64() * b[col * k + i].to_f64());
             let (want, size) = terms.fold((0.0, 0.0), |(s, m), t| (s + t, m + t.abs()));
-            let bound = K as f64 * f64::from(f32::EPSILON) / 2.0 * size;
-            let g = f64::from(got[row * N + col]);
+            let bound = k as f64 * f64::from(f32::EPSILON) / 2.0 * size;
+            let g = f64::from(got[row * n + col]);
             // Written so that NaN fails too.
             let within = (g - want).abs() <= bound;
             if !within {
@@ -55,73 +58,93 @@ fn check<T: Element>(got: &[f32], a: &[T], b: &[T]) -> Result<(), String> {
     Ok(())
 }
 
-fn operands<T: Element>(seed: u64) -> (Vec<T>, Vec<T>) {
+fn operands<T: Element>(shape: Shape, seed: u64) -> (Vec<T>, Vec<T>) {
     let mut g = rng(seed);
-    (random(&mut g, ROWS * K), random(&mut g, N * K))
+    (
+        random(&mut g, ROWS * shape.k),
+        random(&mut g, shape.b_rows * shape.k),
+    )
 }
 
-fn correct_on_every_target<T: KernelElement>(staging: Staging, seed: u64) {
-    let (a, b) = operands::<T>(seed);
+fn correct_on_every_target<T: KernelElement>(staging: Staging, shape: Shape, seed: u64) {
+    let (a, b) = operands::<T>(shape, seed);
     for dev in targets() {
-        let got = hs::wgmma(&dev, staging, &a, &b, variant::CORRECT)
-            .unwrap_or_else(|e| panic!("{staging:?} {:?} on {}: {e}", T::DTYPE, dev.name()));
-        check(&got, &a, &b)
-            .unwrap_or_else(|e| panic!("{staging:?} {:?} on {}: {e}", T::DTYPE, dev.name()));
+        let what = || format!("{staging:?} {shape:?} {:?} on {}", T::DTYPE, dev.name());
+        let got = hs::wgmma(&dev, staging, shape, &a, &b, variant::CORRECT)
+            .unwrap_or_else(|e| panic!("{}: {e}", what()));
+        check(&got, shape, &a, &b).unwrap_or_else(|e| panic!("{}: {e}", what()));
     }
 }
 
 #[test]
 fn tma_loads_and_wgmma_give_the_product_in_every_swizzle_mode() {
+    // The full boxes, and boxes past the end of k and of B's rows (zero fill).
+    let partial = Shape {
+        n: 64,
+        k: 120,
+        b_rows: 50,
+    };
     for (i, swizzle) in SWIZZLES.into_iter().enumerate() {
-        correct_on_every_target::<f16>(Staging::Tma { swizzle }, 10 + i as u64);
-        correct_on_every_target::<bf16>(Staging::Tma { swizzle }, 20 + i as u64);
+        for shape in [Shape::FULL, partial] {
+            correct_on_every_target::<f16>(Staging::Tma { swizzle }, shape, 10 + i as u64);
+            correct_on_every_target::<bf16>(Staging::Tma { swizzle }, shape, 20 + i as u64);
+        }
     }
 }
 
 #[test]
-fn operands_the_threads_store_and_a_from_registers_give_the_product() {
-    for staging in [Staging::Stores, Staging::RegisterA] {
-        correct_on_every_target::<f16>(staging, 30);
-        correct_on_every_target::<bf16>(staging, 31);
+fn every_wgmma_form_gives_the_product_from_stores_and_from_registers() {
+    for n in [8, 16, 32, 64, 128, 256] {
+        let full = Shape {
+            n,
+            k: 128,
+            b_rows: n,
+        };
+        let partial = Shape {
+            n,
+            k: 77,
+            b_rows: n - 3,
+        };
+        for (shape, seed) in [(full, 30), (partial, 32)] {
+            for staging in [Staging::Stores, Staging::RegisterA] {
+                correct_on_every_target::<f16>(staging, shape, seed);
+                correct_on_every_target::<bf16>(staging, shape, seed + 1);
+            }
+        }
     }
 }
 
 /// The check is no formality: one element off by a part in 10^4 fails it.
 #[test]
 fn the_check_rejects_a_result_slightly_off() {
-    let (a, b) = operands::<bf16>(40);
-    let mut got = hs::wgmma(
-        &Device::host().unwrap(),
-        Staging::Stores,
-        &a,
-        &b,
-        variant::CORRECT,
-    )
-    .unwrap();
-    check(&got, &a, &b).unwrap();
-    let e = 17 * N + 5;
-    got[e] *= 1.0001;
-    assert!(check(&got, &a, &b).is_err());
+    let shape = Shape::FULL;
+    let (a, b) = operands::<bf16>(shape, 40);
+    let dev = Device::host().unwrap();
+    let mut got = hs::wgmma(&dev, Staging::Stores, shape, &a, &b, variant::CORRECT).unwrap();
+    check(&got, shape, &a, &b).unwrap();
+    got[17 * shape.n + 5] *= 1.0001;
+    assert!(check(&got, shape, &a, &b).is_err());
 }
 
 /// Runs a planted bug on the host runtime under every schedule: each run
 /// must fail the launch or give a wrong answer. Returns the failures' messages.
 fn caught<T: KernelElement>(staging: Staging, bug: i32, seed: u64) -> Vec<String> {
-    let (a, b) = operands::<T>(seed);
+    let shape = Shape::FULL;
+    let (a, b) = operands::<T>(shape, seed);
     let mut errors = Vec::new();
     for s in SCHEDULES {
         let dev = Device::host_with_schedule(s).unwrap();
-        match hs::wgmma(&dev, staging, &a, &b, bug) {
+        match hs::wgmma(&dev, staging, shape, &a, &b, bug) {
             Err(e) => errors.push(e.to_string()),
             Ok(got) => assert!(
-                check(&got, &a, &b).is_err(),
+                check(&got, shape, &a, &b).is_err(),
                 "planted bug {bug} ({staging:?}, {:?}, {s:?}) went unnoticed",
                 T::DTYPE
             ),
         }
         // The runtime is usable again after a failed launch.
-        let good = hs::wgmma(&dev, staging, &a, &b, variant::CORRECT).unwrap();
-        check(&good, &a, &b).unwrap();
+        let good = hs::wgmma(&dev, staging, shape, &a, &b, variant::CORRECT).unwrap();
+        check(&good, shape, &a, &b).unwrap();
     }
     errors
 }
@@ -201,22 +224,32 @@ fn a_wrong_a_register_is_caught() {
 #[test]
 fn bad_input_is_refused_with_the_operand_named() {
     let dev = Device::host().unwrap();
-    let (a, b) = operands::<bf16>(61);
-    let err = hs::wgmma(&dev, Staging::Stores, &a[1..], &b, 0)
+    let full = Shape::FULL;
+    let (a, b) = operands::<bf16>(full, 61);
+    let refused = |staging, shape: Shape, a: &[bf16], b: &[bf16], what: &str| {
+        let err = hs::wgmma(&dev, staging, shape, a, b, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(what), "{what}: {err}");
+    };
+    refused(Staging::Stores, full, &a[1..], &b, "`a`");
+    refused(Staging::Stores, full, &a, &b[..64], "`b`");
+    refused(Staging::Tma { swizzle: 16 }, full, &a, &b, "`swizzle`");
+    let tma = Staging::Tma { swizzle: 0 };
+    refused(tma, Shape { n: 128, ..full }, &a, &b, "`n`");
+    refused(Staging::Stores, Shape { n: 24, ..full }, &a, &b, "`n`");
+    refused(tma, Shape { k: 100, ..full }, &a, &b, "`k`");
+    refused(Staging::Stores, Shape { k: 129, ..full }, &a, &b, "`k`");
+    refused(
+        Staging::Stores,
+        Shape { b_rows: 65, ..full },
+        &a,
+        &b,
+        "`b_rows`",
+    );
+    let f: Vec<f32> = random(&mut rng(62), ROWS * full.k);
+    let err = hs::wgmma(&dev, Staging::Stores, full, &f, &f, 0)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("`a`") || err.contains(" a "), "{err}");
-    let err = hs::wgmma(&dev, Staging::Stores, &a, &b[..N], 0)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains('b'), "{err}");
-    let err = hs::wgmma(&dev, Staging::Tma { swizzle: 16 }, &a, &b, 0)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("swizzle"), "{err}");
-    let f: Vec<f32> = random(&mut rng(62), ROWS * K);
-    let err = hs::wgmma(&dev, Staging::Stores, &f, &f, 0)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("dtype"), "{err}");
+    assert!(err.contains("`dtype`"), "{err}");
 }
