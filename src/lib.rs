@@ -69,12 +69,10 @@ pub mod reference;
 mod runtime_selftest;
 pub mod shape;
 pub mod slot_map;
+mod tensor_map;
 #[cfg(all(test, feature = "host"))]
 #[path = "../tests/common/mod.rs"]
 mod test_common;
-// TMA tensor maps: for now only the Hopper self-tests build them.
-#[cfg(test)]
-mod tensor_map;
 #[cfg(feature = "bench")]
 pub mod timing;
 

@@ -502,6 +502,71 @@ impl Default for LkTensorMap {
         }
     }
 }
+#[doc = " The fused forward on Hopper's wgmma and TMA (kernels/fused_forward_wgmma.cu):\n FusedForwardParams' operation, x, w and a through tensor maps (boxes of\n 64 k: 128 rows of x and w, 64 of a; 128-byte swizzle), rank <= 64."]
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct FusedWgmmaParams {
+    pub x_map: LkTensorMap,
+    pub w_map: LkTensorMap,
+    pub a_map: LkTensorMap,
+    pub b: u64,
+    pub y: u64,
+    #[doc = " optional [m][r] f32: t = x a^T (unscaled)"]
+    pub t_out: u64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub r: i32,
+    pub scale: f32,
+    #[doc = " 0: y is written without being read"]
+    pub beta: f32,
+    #[doc = " column tiles per block, side by side (t computed once for them)"]
+    pub col_tiles: i32,
+    pub pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FusedWgmmaParams"][::std::mem::size_of::<FusedWgmmaParams>() - 448usize];
+    ["Alignment of FusedWgmmaParams"][::std::mem::align_of::<FusedWgmmaParams>() - 64usize];
+    ["Offset of field: FusedWgmmaParams::x_map"]
+        [::std::mem::offset_of!(FusedWgmmaParams, x_map) - 0usize];
+    ["Offset of field: FusedWgmmaParams::w_map"]
+        [::std::mem::offset_of!(FusedWgmmaParams, w_map) - 128usize];
+    ["Offset of field: FusedWgmmaParams::a_map"]
+        [::std::mem::offset_of!(FusedWgmmaParams, a_map) - 256usize];
+    ["Offset of field: FusedWgmmaParams::b"]
+        [::std::mem::offset_of!(FusedWgmmaParams, b) - 384usize];
+    ["Offset of field: FusedWgmmaParams::y"]
+        [::std::mem::offset_of!(FusedWgmmaParams, y) - 392usize];
+    ["Offset of field: FusedWgmmaParams::t_out"]
+        [::std::mem::offset_of!(FusedWgmmaParams, t_out) - 400usize];
+    ["Offset of field: FusedWgmmaParams::m"]
+        [::std::mem::offset_of!(FusedWgmmaParams, m) - 408usize];
+    ["Offset of field: FusedWgmmaParams::n"]
+        [::std::mem::offset_of!(FusedWgmmaParams, n) - 412usize];
+    ["Offset of field: FusedWgmmaParams::k"]
+        [::std::mem::offset_of!(FusedWgmmaParams, k) - 416usize];
+    ["Offset of field: FusedWgmmaParams::r"]
+        [::std::mem::offset_of!(FusedWgmmaParams, r) - 420usize];
+    ["Offset of field: FusedWgmmaParams::scale"]
+        [::std::mem::offset_of!(FusedWgmmaParams, scale) - 424usize];
+    ["Offset of field: FusedWgmmaParams::beta"]
+        [::std::mem::offset_of!(FusedWgmmaParams, beta) - 428usize];
+    ["Offset of field: FusedWgmmaParams::col_tiles"]
+        [::std::mem::offset_of!(FusedWgmmaParams, col_tiles) - 432usize];
+    ["Offset of field: FusedWgmmaParams::pad"]
+        [::std::mem::offset_of!(FusedWgmmaParams, pad) - 436usize];
+};
+impl Default for FusedWgmmaParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[doc = " Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:\n   out[64][n] = A[64][k] B[b_rows][k]^T, A and B 16-bit (f16 or bf16), out\n f32; the kernels run over k = 128 and B over n rows, reading zeros past k\n and past b_rows (TMA's out-of-bounds fill, or the threads' own)."]
 #[repr(C)]
 #[repr(align(64))]

@@ -947,3 +947,137 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
         "col_tiles",
     );
 }
+
+// ---- The prefill on Hopper's wgmma and TMA (`LaunchForm::wgmma`) ----
+
+/// The devices the wgmma kernel runs on: the host runtime (which emulates
+/// wgmma, TMA and mbarrier) under each schedule, and a GPU of compute
+/// capability 9.0.
+fn wgmma_devices() -> Vec<Device> {
+    let mut devs = vec![
+        Device::host_with_schedule(HostSchedule::Reverse).unwrap(),
+        Device::host_with_schedule(HostSchedule::Interleaved).unwrap(),
+    ];
+    devs.extend(
+        devices()
+            .into_iter()
+            .filter(|d| d.compute_capability().is_none_or(|cc| cc == (9, 0))),
+    );
+    devs
+}
+
+fn wgmma(col_tiles: usize) -> LaunchForm {
+    LaunchForm {
+        wgmma: true,
+        col_tiles,
+        ..LaunchForm::default()
+    }
+}
+
+/// y and the saved t within their per-element bounds, the same bits on a
+/// second run and with other column tiles per block: shapes off every tile
+/// (m past 128, n past 128, k past 64, all multiples of 8), ranks 1, 5, 16
+/// and 64, beta 0, 0.5 and -1, one and several column tiles a block.
+#[test]
+fn wgmma_prefill_matches_reference_and_saves_t() {
+    fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32, tiles: usize) {
+        let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m + n + k + r) as u64);
+        let what = format!(
+            "wgmma {:?} m={m} n={n} k={k} r={r} beta={beta} tiles={tiles} on {}",
+            T::DTYPE,
+            dev.name()
+        );
+        let run = case.check_twice(dev, Regime::Prefill, wgmma(tiles), &what);
+        for other in [1, 3] {
+            let again = case.run_tuned(dev, Regime::Prefill, wgmma(other)).unwrap();
+            assert_same_run(
+                &format!("{what}, against {other} tiles a block"),
+                &again,
+                &run,
+            );
+        }
+    }
+    for dev in wgmma_devices() {
+        for ((m, n, k, r), beta, tiles) in [
+            ((200, 300, 136, 5), 0.0, 2),
+            ((130, 129, 64, 1), 0.5, 1),
+            ((64, 256, 200, 64), 0.0, 4),
+            ((129, 390, 72, 16), -1.0, 2),
+        ] {
+            check::<bf16>(&dev, (m, n, k, r), beta, tiles);
+            check::<f16>(&dev, (m, n, k, r), beta, tiles);
+        }
+    }
+}
+
+/// The check of the wgmma kernel's output is no formality: against a
+/// reference with the scale off by 1% (bf16) or 0.3% (f16) it fails.
+#[test]
+fn wgmma_prefill_negative_control() {
+    fn control<T: KernelElement>(dev: &Device, off: f32) {
+        let case = Case::<T>::new(Dims::new(150, 200, 96), 16, 0.0, 77);
+        let (got, _) = case.run_tuned(dev, Regime::Prefill, wgmma(2)).unwrap();
+        let want = case.expected();
+        compare_within("wgmma", &got, &want, &case.bound(&want)).unwrap();
+        let wrong = case.with_scale_times(1.0 + off);
+        let want = wrong.expected();
+        compare_within("control", &got, &want, &wrong.bound(&want))
+            .expect_err("a reference with the scale off must fail the check");
+    }
+    for dev in wgmma_devices() {
+        control::<bf16>(&dev, 1e-2);
+        control::<f16>(&dev, 3e-3);
+    }
+}
+
+/// NaN and Inf in x and b, infinite weights of both signs, a zero row of x
+/// (0 * Inf = NaN) and f16's scale * t past f16's range (the expand's range
+/// scaling): every element as the reference has it.
+#[test]
+fn wgmma_prefill_non_finite_values_and_f16_range_match_reference() {
+    fn check<T: KernelElement>(dev: &Device) {
+        let (inf, k) = (f64::INFINITY, 40);
+        let mut case = Case::<T>::new(Dims::new(130, 140, k), 5, 0.0, 3);
+        case.x[2 * k + 7] = T::from_f64(f64::NAN);
+        case.x[4 * k] = T::from_f64(inf);
+        case.x[6 * k..7 * k].fill(T::from_f64(0.0));
+        case.b[3 * 5] = T::from_f64(inf);
+        case.b[7 * 5 + 4] = T::from_f64(-inf);
+        case.b[9 * 5 + 1] = T::from_f64(f64::NAN);
+        let (got, _) = case.run_tuned(dev, Regime::Prefill, wgmma(1)).unwrap();
+        let want = case.expected();
+        compare_within("wgmma non-finite", &got, &want, &case.bound(&want)).unwrap();
+    }
+    for dev in wgmma_devices() {
+        check::<bf16>(&dev);
+        check::<f16>(&dev);
+        let (m, n, k) = (150, 140, 40);
+        let mut case = Case::<f16>::new(Dims::new(m, n, k), 13, 0.0, 11);
+        case.scale = 4096.0;
+        for i in (0..m).step_by(3) {
+            for v in &mut case.x[i * k..(i + 1) * k] {
+                *v = f16::from_f64(v.to_f64() * 64.0);
+            }
+        }
+        for v in &mut case.b {
+            *v = f16::from_f64(v.to_f64() / 1024.0);
+        }
+        assert!(case.scaled_t_row_max().iter().any(|&v| v > 4.0 * 65504.0));
+        let (got, _) = case.run_tuned(&dev, Regime::Prefill, wgmma(2)).unwrap();
+        let want = case.expected();
+        compare_within("wgmma f16 range", &got, &want, &case.bound(&want)).unwrap();
+    }
+}
+
+/// What the wgmma kernel can't run is an error naming why, and y is left
+/// as it was: a rank above 64, k not a multiple of 8, another regime.
+#[test]
+fn wgmma_prefill_refuses_what_it_cannot_run() {
+    Case::<bf16>::new(Dims::new(130, 64, 64), 65, 0.0, 1).rejects(
+        Regime::Prefill,
+        wgmma(1),
+        "rank",
+    );
+    Case::<bf16>::new(Dims::new(130, 64, 60), 8, 0.0, 2).rejects(Regime::Prefill, wgmma(1), "k");
+    Case::<f16>::new(Dims::new(30, 64, 64), 8, 0.0, 3).rejects(Regime::Decode, wgmma(1), "regime");
+}

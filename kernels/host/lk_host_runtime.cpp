@@ -64,7 +64,7 @@ constexpr unsigned kMaxDynamicSmem = 228 * 1024;
 constexpr size_t kSmemGuard = 4096;
 constexpr unsigned char kGuardByte = 0xA5;
 
-enum class State { Runnable, AtBarrier, AtWarp, AtWarpgroup, AtEvent, Done };
+enum class State { Runnable, AtBarrier, AtNamedBarrier, AtWarp, AtWarpgroup, AtEvent, Done };
 
 struct PendingCopy {
     void* dst;
@@ -98,6 +98,8 @@ struct Fiber {
     unsigned warp_mask = 0;
     const void* warp_in = nullptr;
     void* warp_out = nullptr;
+    // The named barrier a thread waits at, and the count it gave.
+    unsigned barrier_id = 0, barrier_count = 0;
     // What a thread asleep in wait_for waits on.
     const void* wait_key = nullptr;
     const char* wait_what = nullptr;
@@ -288,7 +290,12 @@ bool run_block() {
             const Fiber& f = rt.fibers[t];
             if (f.state == State::AtBarrier || f.state == State::Done) continue;
             char buf[320];
-            if (f.state == State::AtEvent)
+            if (f.state == State::AtNamedBarrier)
+                std::snprintf(buf, sizeof buf,
+                              "deadlock: thread %u waits at named barrier %u for %u threads, which never arrive (%u "
+                              "threads at __syncthreads, %u exited)",
+                              t, f.barrier_id, f.barrier_count, at_barrier, done);
+            else if (f.state == State::AtEvent)
                 std::snprintf(buf, sizeof buf,
                               "deadlock: thread %u waits on %s, which nothing left to run completes (%u threads at "
                               "__syncthreads, %u exited)",
@@ -365,6 +372,31 @@ void wait_for(const void* key, const char* what) {
     f.wait_what = what;
     f.state = State::AtEvent;
     yield_to_scheduler();
+}
+
+void named_barrier(unsigned id, unsigned count) {
+    if (id == 0 || id > 15 || count == 0 || count % 32 != 0 || count > rt.nthreads)
+        fail("bar.sync %u, %u: the id must be 1..15 and the count a multiple of 32 up to the block's %u threads", id,
+             count, rt.nthreads);
+    Fiber& f = self();
+    f.barrier_id = id;
+    f.barrier_count = count;
+    f.state = State::AtNamedBarrier;
+    unsigned arrived = 0;
+    for (unsigned t = 0; t < rt.nthreads; ++t) {
+        const Fiber& other = rt.fibers[t];
+        if (other.state != State::AtNamedBarrier || other.barrier_id != id) continue;
+        if (other.barrier_count != count)
+            fail("bar.sync %u: thread %u arrived with count %u, thread %u with %u", id, rt.current, count, t,
+                 other.barrier_count);
+        ++arrived;
+    }
+    if (arrived < count) {
+        yield_to_scheduler();  // the last thread to arrive releases us
+        return;
+    }
+    for (unsigned t = 0; t < rt.nthreads; ++t)
+        if (rt.fibers[t].state == State::AtNamedBarrier && rt.fibers[t].barrier_id == id) wake(t);
 }
 
 void notify(const void* key) {

@@ -92,6 +92,11 @@ void warp_collective(unsigned mask, const char* tag, const void* in, void* out, 
 using WarpgroupOp = void (*)(const void* const ins[128], void* const outs[128]);
 void warpgroup_collective(const char* tag, const void* in, void* out, WarpgroupOp op);
 
+// A named barrier (bar.sync id, count; id 1..15, count a multiple of 32):
+// the first `count` threads to arrive at `id` go on together. Barrier 0 is
+// __syncthreads.
+void named_barrier(unsigned id, unsigned count);
+
 // Blocking on an event that another thread of the block brings about (an
 // mbarrier phase): the thread sleeps until notify(key), then returns and
 // checks its condition again. If every live thread sleeps, the launch fails

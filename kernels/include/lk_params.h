@@ -169,6 +169,20 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
     uint64_t opaque[16];
 } LkTensorMap;
 
+/* The fused forward on Hopper's wgmma and TMA (kernels/fused_forward_wgmma.cu):
+ * FusedForwardParams' operation, x, w and a through tensor maps (boxes of
+ * 64 k: 128 rows of x and w, 64 of a; 128-byte swizzle), rank <= 64. */
+typedef struct FusedWgmmaParams {
+    LkTensorMap x_map, w_map, a_map;
+    uint64_t b, y;
+    uint64_t t_out; /* optional [m][r] f32: t = x a^T (unscaled) */
+    int32_t m, n, k, r;
+    float scale;
+    float beta;      /* 0: y is written without being read */
+    int32_t col_tiles; /* column tiles per block, side by side (t computed once for them) */
+    int32_t pad;
+} FusedWgmmaParams;
+
 /* Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:
  *   out[64][n] = A[64][k] B[b_rows][k]^T, A and B 16-bit (f16 or bf16), out
  * f32; the kernels run over k = 128 and B over n rows, reading zeros past k

@@ -25,6 +25,7 @@
 #define LK_KERNEL_BOUNDED(name, Params, body, threads, blocks) LK_KERNEL(name, Params, body)
 // A kernel whose parameters hold tensor maps (TMA takes their address).
 #define LK_KERNEL_TMA(name, Params, body) LK_KERNEL(name, Params, body)
+#define LK_KERNEL_TMA_BOUNDED(name, Params, body, threads, blocks) LK_KERNEL(name, Params, body)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -39,6 +40,8 @@
     extern "C" __global__ void __launch_bounds__(threads, blocks) name(const Params p) { body(p); }
 #define LK_KERNEL_TMA(name, Params, body) \
     extern "C" __global__ void name(const __grid_constant__ Params p) { body(p); }
+#define LK_KERNEL_TMA_BOUNDED(name, Params, body, threads, blocks) \
+    extern "C" __global__ void __launch_bounds__(threads, blocks) name(const __grid_constant__ Params p) { body(p); }
 #endif
 
 #include "lk_params.h"
@@ -58,6 +61,17 @@ __device__ __forceinline__ void wait_counter_at_least(const unsigned* counter, u
 #else
     while (*reinterpret_cast<const volatile unsigned*>(counter) < target) __nanosleep(64);
     __threadfence();
+#endif
+}
+
+// A named barrier: the `count` threads (a multiple of 32) that call it with
+// `id` (1..15; 0 is __syncthreads) wait for each other, the rest go on. For
+// teams within a block, as a warp-specialized kernel's consumers.
+__device__ __forceinline__ void named_barrier_sync(unsigned id, unsigned count) {
+#ifdef LK_HOST
+    ::lk_host::named_barrier(id, count);
+#else
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
 #endif
 }
 

@@ -8,6 +8,7 @@
 //! computes `t = x a^T` once for the launch where the fused kernel computes
 //! it in every column tile (at prefill, once per block of `col_tiles`).
 //! Reference: `reference::fused_forward`.
+use super::fused_forward_wgmma::fused_forward_wgmma;
 use super::multi_adapter_forward::{OneAdapter, one_adapter_fits, one_adapter_forward};
 use super::split_k::{self, workspace, workspace_ptrs};
 use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
@@ -206,6 +207,13 @@ pub struct LaunchForm {
     /// captured before it has a large enough workspace runs the fused kernel,
     /// as does a prefill whose unsaved `t` would pass 2^24 values.
     pub shared_shrink: Option<bool>,
+    /// A prefill launch on Hopper's wgmma and TMA
+    /// (`kernels/fused_forward_wgmma.cu`: GPUs of compute capability 9.0
+    /// and the host runtime), `col_tiles` column tiles a block: ranks up to
+    /// 64, `k` a multiple of 8 and x, w, a 16-byte aligned, else an error.
+    /// `shared_shrink`, `deep_decode` and `k_splits` do not apply. Not the
+    /// default until a GPU has measured it.
+    pub wgmma: bool,
 }
 
 impl Default for LaunchForm {
@@ -216,6 +224,7 @@ impl Default for LaunchForm {
             deep_decode: None,
             k_splits: None,
             shared_shrink: None,
+            wgmma: false,
         }
     }
 }
@@ -283,6 +292,32 @@ fn launch<T: KernelElement>(
     let (pb, _gb) = in_ptr(dev, &adapter.b);
     let (py, _gy) = out_ptr(dev, &mut y);
     let (pt, _gt) = t_out.as_mut().map_or((0, None), |t| out_ptr(dev, t));
+    if form.wgmma {
+        if regime != Regime::Prefill {
+            return Err(invalid(
+                "regime",
+                format!("{regime:?}"),
+                "the wgmma kernel serves the prefill regime",
+            ));
+        }
+        let ops = OneAdapter {
+            x: px,
+            w: pw,
+            a: pa,
+            b: pb,
+            y: py,
+            t: pt,
+            rank: adapter.rank,
+            scale: adapter.scale,
+        };
+        // SAFETY: the operands were checked above to live on `dev`'s backend
+        // with the element counts the kernel indexes (x m*k, w n*k, a r*k, b
+        // n*r, y m*n, t m*r when saved), dims are valid with m >= 1, the rank
+        // is >= 1 (adapter.validate), the type is f16/bf16 (tensor-core
+        // regimes, above), col_tiles >= 1, and the pointer guards (_g*) live
+        // until after the launch is queued.
+        return unsafe { fused_forward_wgmma::<T>(dev, dims, ops, beta, col_tiles) };
+    }
     if shared_shrink(regime, form, dims, adapter.rank, pt != 0)? {
         let ops = OneAdapter {
             x: px,

@@ -2,6 +2,7 @@
 //! validates every operand (shape, backend) before its one `unsafe` launch.
 pub mod adamw;
 pub mod fused_forward;
+mod fused_forward_wgmma;
 pub mod lora_backward;
 pub mod merge;
 pub mod multi_adapter_forward;

@@ -1,0 +1,164 @@
+// lk-targets: sm_90a
+// The fused forward on Hopper's own instructions (wgmma, TMA, mbarrier):
+//
+//   y[m,n] = x[m,k] w[n,k]^T + scale * (x a[r,k]^T)[m,r] b[n,r]^T  (+ beta * y),  r <= 64
+//
+// A block of three warpgroups owns p.col_tiles 128 x 128 tiles of y side by
+// side, one after another. Warpgroup 0 is the producer: one thread streams
+// 64-wide k-tiles of x (128 rows) and w (128 rows), and on the block's first
+// tile the 64 rows of a, through TMA (128-byte swizzle, zeros past every
+// edge) into a ring of stages, each with a `full` mbarrier (the loads' bytes)
+// and an `empty` one (both consumers done with it). Warpgroups 1 and 2 are
+// the consumers, 64 rows of the tile each: per k-tile, four wgmma k-steps of
+// x w^T (N = 128) and on the first tile of x a^T (N = 64) into t, straight
+// from the stage. The block's other tiles reuse t from registers. After a
+// tile's k-loop the consumers run lk::expand, the mma.sync expand of
+// kernels/fused_forward_mma.cu with its f16 range scaling and exact
+// non-finite products: scale * t to shared memory as hi/lo, b's tile, and
+// acc += (hi + lo) b^T; the accumulators of a wgmma warp are laid out as a
+// 16 x 128 mma.sync tile, so the expand continues them where the k-loop
+// left them. Meanwhile the producer fills the next tile's stages.
+#include "lk_tile_gemm.cuh"
+
+namespace {
+
+// The consumers of the block (warpgroups 1 and 2) as a team: named barrier 1.
+struct ConsumerTeam {
+    static __device__ __forceinline__ unsigned tid() { return threadIdx.x - 128; }
+    static __device__ __forceinline__ void sync() { lk::named_barrier_sync(1, 256); }
+};
+
+// 8 consumer warps of 16 rows x 128 columns on a 128 x 128 tile, 64-wide k-tiles, 3 stages.
+struct WgmmaTiles : lk::TileConfig<128, 128, 64, 8, 1, 3> {
+    using Team = ConsumerTeam;
+};
+using C = WgmmaTiles;
+
+constexpr unsigned kTileBytes = C::BM * C::BK * 2;    // x's or w's box: 128 rows of 128 bytes
+constexpr unsigned kATileBytes = lk::RC * C::BK * 2;  // a's box: 64 rows
+constexpr unsigned kStageBytes = 2 * kTileBytes + kATileBytes;
+static_assert(C::BM == C::BN && C::BK * 2 == 128, "boxes of 128-byte rows, x's and w's alike");
+
+template <class T>
+__device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
+    // The stages from the first 1024-byte boundary of the shared window
+    // (128-byte swizzle atoms), the expand's tiles after them.
+    LK_DYNAMIC_SHARED(unsigned char, dynamic);
+    unsigned char* ring = dynamic + (1024 - lk::smem_address(dynamic) % 1024) % 1024;
+    T* expand_smem = reinterpret_cast<T*>(ring + C::STAGES * kStageBytes);
+    LK_SHARED(uint64_t, full, [C::STAGES]);
+    LK_SHARED(uint64_t, empty, [C::STAGES]);
+    LK_SHARED(int, guard_state, [C::BM + 2]);
+    auto x_tile = [&](int s) { return ring + s * kStageBytes; };
+    auto w_tile = [&](int s) { return ring + s * kStageBytes + kTileBytes; };
+    auto a_tile = [&](int s) { return ring + s * kStageBytes + 2 * kTileBytes; };
+
+    int tm, tgroup;
+    lk::grouped_tile(tm, tgroup);
+    const int row0 = tm * C::BM;
+    const int tiles_n = (p.n + C::BN - 1) / C::BN;
+    const int first = tgroup * p.col_tiles, last = first + lk::min_int(p.col_tiles, tiles_n - first);
+    const int ktiles = (p.k + C::BK - 1) / C::BK;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < C::STAGES; ++s) {
+            lk::mbarrier_init(&full[s], 1);
+            lk::mbarrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
+        }
+        lk::fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        // The producer: registers go to the consumers; one thread issues.
+        lk::setmaxnreg_dec<40>();
+        if (threadIdx.x != 0) return;
+        int it = 0;
+        for (int tn = first; tn < last; ++tn)
+            for (int kt = 0; kt < ktiles; ++kt, ++it) {
+                const int s = it % C::STAGES;
+                const bool shrink = tn == first;
+                // Stage s's previous use is over (its first use waits on nothing).
+                lk::mbarrier_wait(&empty[s], (unsigned)(it / C::STAGES % 2) ^ 1u);
+                lk::mbarrier_arrive_expect_tx(&full[s], shrink ? kStageBytes : 2 * kTileBytes);
+                lk::tma_load_2d(x_tile(s), &p.x_map, kt * C::BK, row0, &full[s]);
+                lk::tma_load_2d(w_tile(s), &p.w_map, kt * C::BK, tn * C::BN, &full[s]);
+                if (shrink) lk::tma_load_2d(a_tile(s), &p.a_map, kt * C::BK, 0, &full[s]);
+            }
+        return;
+    }
+    lk::setmaxnreg_inc<232>();
+
+    const T* __restrict__ b = reinterpret_cast<const T*>(p.b);
+    const lk::WarpPlace<C> at;
+    const int wm = at.wm, lane = threadIdx.x % 32, lrow = lane / 4, quad = lane % 4;
+    // This warpgroup's 64 rows of x's box: 64 rows of 128 bytes in.
+    const unsigned x_rows = (unsigned)(wm / 4) * 64 * 128;
+    lk::ExpandGuard<C> guard(guard_state);
+    lk::Accumulators<C> r;
+    // The wgmma views of the accumulators: a warp's d[4 j + q] is acc[0][j][q].
+    static_assert(C::MT == 1 && C::TNT * 8 == lk::RC, "one 16-row mma tile per warp; t of RC columns");
+    float(&acc)[C::BN / 2] = *reinterpret_cast<float(*)[C::BN / 2]>(&r.acc[0][0][0]);
+    float(&tacc)[lk::RC / 2] = *reinterpret_cast<float(*)[lk::RC / 2]>(&r.tacc[0][0][0]);
+    const int rc = p.r, rp = (rc + 15) / 16 * 16;
+    int it = 0;
+    for (int tn = first; tn < last; ++tn) {
+        const int col0 = tn * C::BN;
+        const bool shrink = tn == first;
+        for (int kt = 0; kt < ktiles; ++kt, ++it) {  // sass-loop: wgmma_k
+            const int s = it % C::STAGES;
+            lk::mbarrier_wait(&full[s], (unsigned)(it / C::STAGES % 2));
+            lk::wgmma_fence();
+            lk::wgmma_fence_operands(acc);
+            lk::wgmma_fence_operands(tacc);
+            const unsigned xs = lk::smem_address(x_tile(s)) + x_rows;
+            const unsigned ws = lk::smem_address(w_tile(s)), as = lk::smem_address(a_tile(s));
+            for (int kk = 0; kk < C::BK / 16; ++kk) {
+                // k-steps 32 bytes apart within the 128-byte rows; 8-row atoms 1024 bytes apart.
+                const uint64_t dx = lk::wgmma_desc(xs + 32 * kk, 16, 1024, 128);
+                const bool more = kt > 0 || kk > 0;
+                lk::wgmma_ss<C::BN, T>(acc, dx, lk::wgmma_desc(ws + 32 * kk, 16, 1024, 128), more);
+                if (shrink) lk::wgmma_ss<lk::RC, T>(tacc, dx, lk::wgmma_desc(as + 32 * kk, 16, 1024, 128), more);
+            }
+            lk::wgmma_commit();
+            lk::wgmma_wait<0>();
+            lk::wgmma_fence_operands(acc);
+            lk::wgmma_fence_operands(tacc);
+            // The warpgroup is done with stage s.
+            if (threadIdx.x % 128 == 0) lk::mbarrier_arrive(&empty[s]);
+        }
+        // f(row, col, t) for each element of t this thread holds: rank
+        // columns rc..rp are exact zeros (never x * 0: an Inf in x would give NaN).
+        auto each_t = [&](auto&& f) {
+            for (int j = 0; j < C::TNT; ++j) {
+                if (j * 8 >= rp) break;
+                for (int q = 0; q < 4; ++q) {
+                    const int row = wm * C::WTM + lrow + 8 * (q >> 1), col = j * 8 + 2 * quad + (q & 1);
+                    f(row, col, col < rc ? r.tacc[0][j][q] : 0.f);
+                }
+            }
+        };
+        auto values = [&](auto&& f) { each_t([&](int row, int col, float t) { f(row, col, p.scale * t); }); };
+        auto weight = [&](int, int col, int j) {
+            return col0 + col < p.n ? lk::to_f32(b[(size_t)(col0 + col) * p.r + j]) : 0.f;
+        };
+        lk::ExpandTiles<T, C> e(expand_smem);
+        guard.next();
+        values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
+        if (p.t_out && col0 == 0)
+            each_t([&](int row, int col, float t) {
+                if (col < rc && row0 + row < p.m)
+                    reinterpret_cast<float*>(p.t_out)[(size_t)(row0 + row) * p.r + col] = t;
+            });
+        lk::load_b_rows(e, guard, b, p.r, p.n, col0, 0, rc, rp);
+        // Starts and ends with the consumers' barrier: the expand tiles are
+        // free again for the next tile.
+        lk::expand(e, guard, rc, rp, values, weight, r);
+        lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
+    }
+}
+
+}  // namespace
+
+LK_KERNEL_TMA_BOUNDED(lk_fused_forward_wgmma_f16, FusedWgmmaParams, fused_forward_wgmma<__half>, 384, 1)
+LK_KERNEL_TMA_BOUNDED(lk_fused_forward_wgmma_bf16, FusedWgmmaParams, fused_forward_wgmma<__nv_bfloat16>, 384, 1)
