@@ -148,11 +148,18 @@ where
 pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
     println!(
         "\n   fused prefill: the fused kernel's column tiles per block (t computed once per block, \
-         in its main loop); default: t once per 16 tokens (shared shrink); bf16"
+         in its main loop); default: t once per 16 tokens (shared shrink); wgmma: the Hopper \
+         kernel (wgmma + TMA, warp-specialized), column tiles per block; bf16"
     );
     let tiles = |col_tiles| LaunchForm {
         col_tiles,
         shared_shrink: Some(false),
+        ..LaunchForm::default()
+    };
+    // The wgmma kernel (Hopper only: elsewhere its rows say why not).
+    let wgmma = |col_tiles| LaunchForm {
+        col_tiles,
+        wgmma: true,
         ..LaunchForm::default()
     };
     let forms = [
@@ -160,6 +167,8 @@ pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_jso
         ("2", tiles(2)),
         ("4", tiles(4)),
         ("default", LaunchForm::default()),
+        ("wgmma 1", wgmma(1)),
+        ("wgmma 4", wgmma(4)),
     ];
     forms_table(dev, blas, Regime::Prefill, &[4096], &forms, "col_tiles")
 }

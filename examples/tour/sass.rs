@@ -6,10 +6,11 @@
 use serde_json::Value;
 
 /// One kernel per row: the bf16 (16-byte copy) variant of each operation.
-const KERNELS: [&str; 15] = [
+const KERNELS: [&str; 16] = [
     "lk_fused_forward_decode_bf16_aligned",
     "lk_fused_forward_decode_wide_bf16_aligned",
     "lk_fused_forward_prefill_bf16_aligned",
+    "lk_fused_forward_wgmma_bf16",
     "lk_multi_adapter_decode_bf16_aligned",
     "lk_multi_adapter_prefill_bf16_aligned",
     "lk_backward_u_mma_bf16_aligned",
@@ -57,6 +58,12 @@ pub fn section(number: usize) {
                             show(&c["instr_per_16B"]),
                             show(&c["overhead_per_16B"])
                         ));
+                    }
+                    // Hopper's wgmma loops: their operands arrive by TMA (no
+                    // loads of their own) and feed the tensor cores straight
+                    // from shared memory.
+                    if c["hgmma"].as_u64().unwrap_or(0) > 0 {
+                        parts.push(format!("{} instructions, {} wgmma", show(&c["instrs"]), show(&c["hgmma"])));
                     }
                     if c["mma"].as_u64().unwrap_or(0) > 0 {
                         parts.push(format!("{} B/mma", show(&c["ldsm_bytes_per_mma"])));

@@ -56,6 +56,20 @@ pub(super) fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
         8,
         beta,
     )?);
+    // The prefill on Hopper's wgmma and TMA (LaunchForm::wgmma), where it
+    // runs: the host runtime and GPUs of compute capability 9.0. Three
+    // column tiles, two a block (t from the first serves the second).
+    if dev.compute_capability().is_none_or(|cc| cc == (9, 0)) {
+        let dims = Dims::new(M_PREFILL, 300, K_ALIGNED);
+        rows.extend(fused::<bf16>(
+            dev,
+            Regime::Prefill,
+            dims,
+            16,
+            Forward::Wgmma,
+        )?);
+        rows.extend(fused::<f16>(dev, Regime::Prefill, dims, 5, Forward::Wgmma)?);
+    }
     Ok(rows)
 }
 
@@ -93,6 +107,8 @@ enum Forward {
     Beta(f32),
     /// fused_forward_saving_t (beta 0, also writes t).
     SavingT,
+    /// The wgmma prefill kernel (fused_forward_tuned, beta 0, also writes t).
+    Wgmma,
 }
 
 /// One fused-forward launch in `regime` (fused_forward_saving_t picks that
@@ -111,7 +127,7 @@ fn fused<T: KernelElement>(
     let (beta, save_t) = match call {
         Forward::Beta(beta) => (beta, false),
         Forward::Plain => (0.0, false),
-        Forward::SavingT => (0.0, true),
+        Forward::SavingT | Forward::Wgmma => (0.0, true),
     };
     // The old y: read only with beta != 0; otherwise NaN, so that an element
     // the kernel does not write (or reads) fails. t also starts as NaN.
@@ -126,7 +142,18 @@ fn fused<T: KernelElement>(
     let adapter = DeviceAdapter::new(&ad, &bd, rank, scale);
     let mut yd = dev.upload(&y_old)?;
     let mut td = dev.upload(&nans::<f32>(m * rank))?;
-    if save_t {
+    if call == Forward::Wgmma {
+        let form = LaunchForm {
+            wgmma: true,
+            col_tiles: 2,
+            ..LaunchForm::default()
+        };
+        let (xs, ys) = (
+            ((&xd).into(), (&wd).into()),
+            ((&mut yd).into(), Some((&mut td).into())),
+        );
+        fused_forward_tuned(regime, form, dev, dims, xs, &adapter, 0.0, ys)?;
+    } else if save_t {
         assert_eq!(regime, regime_for(T::DTYPE, m), "the regime saving_t picks");
         fused_forward_saving_t(dev, dims, &xd, &wd, &adapter, &mut yd, &mut td)?;
     } else {
@@ -161,13 +188,17 @@ fn fused<T: KernelElement>(
             model::<T>(k + 2 * rank + 1 + with_beta)
                 .mma(dev)
                 .split::<T>(rank as f64 * max_abs(&b64)),
-            format!("{regime:?}, {}", loads(k % 8 == 0)),
+            match call {
+                Forward::Wgmma => format!("{regime:?}, wgmma + TMA"),
+                _ => format!("{regime:?}, {}", loads(k % 8 == 0)),
+            },
         ),
     };
     let (op, y_path) = match call {
         Forward::Plain => ("fused_forward", path.clone()),
         Forward::Beta(beta) => ("fused_forward", format!("{path}, beta {beta}")),
         Forward::SavingT => ("fused_forward_saving_t", format!("{path}: y")),
+        Forward::Wgmma => ("fused_forward", format!("{path}: y")),
     };
     let mut rows = vec![judged(
         label::<T>(op, y_path, shape(dims, rank)),

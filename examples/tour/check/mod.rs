@@ -63,7 +63,7 @@ use std::time::Instant;
 use half::{bf16, f16};
 use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus};
 use lora_kernels::ops::fused_forward::{
-    Regime, fused_forward_in, fused_forward_saving_t, regime_for,
+    LaunchForm, Regime, fused_forward_in, fused_forward_saving_t, fused_forward_tuned, regime_for,
 };
 use lora_kernels::ops::lora_backward::{
     BackwardOptions, BackwardScratch, DeviceBackwardInputs, Grads, lora_backward,
