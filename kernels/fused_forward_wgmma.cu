@@ -105,28 +105,43 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
     for (int tn = first; tn < last; ++tn) {
         const int col0 = tn * C::BN;
         const bool shrink = tn == first;
-        for (int kt = 0; kt < ktiles; ++kt, ++it) {  // sass-loop: wgmma_k
-            const int s = it % C::STAGES;
-            lk::mbarrier_wait(&full[s], (unsigned)(it / C::STAGES % 2));
-            lk::wgmma_fence();
-            lk::wgmma_fence_operands(acc);
-            lk::wgmma_fence_operands(tacc);
-            const unsigned xs = lk::smem_address(x_tile(s)) + x_rows;
-            const unsigned ws = lk::smem_address(w_tile(s)), as = lk::smem_address(a_tile(s));
-            for (int kk = 0; kk < C::BK / 16; ++kk) {
-                // k-steps 32 bytes apart within the 128-byte rows; 8-row atoms 1024 bytes apart.
-                const uint64_t dx = lk::wgmma_desc(xs + 32 * kk, 16, 1024, 128);
-                const bool more = kt > 0 || kk > 0;
-                lk::wgmma_ss<C::BN, T>(acc, dx, lk::wgmma_desc(ws + 32 * kk, 16, 1024, 128), more);
-                if (shrink) lk::wgmma_ss<lk::RC, T>(tacc, dx, lk::wgmma_desc(as + 32 * kk, 16, 1024, 128), more);
+        // The k-loop with the shrink's wgmma (the block's first tile) or
+        // without: two loops, as a wgmma under a branch makes ptxas fence
+        // every wgmma of the loop.
+        auto k_loop = [&](auto with_shrink) {
+            constexpr bool SHRINK = decltype(with_shrink)::value;
+            for (int kt = 0; kt < ktiles; ++kt, ++it) {  // sass-loop: wgmma_k
+                const int s = it % C::STAGES;
+                lk::mbarrier_wait(&full[s], (unsigned)(it / C::STAGES % 2));
+                lk::wgmma_fence();
+                lk::wgmma_fence_operands(acc);
+                if (SHRINK) lk::wgmma_fence_operands(tacc);
+                const unsigned xs = lk::smem_address(x_tile(s)) + x_rows;
+                const unsigned ws = lk::smem_address(w_tile(s)), as = lk::smem_address(a_tile(s));
+                for (int kk = 0; kk < C::BK / 16; ++kk) {
+                    // k-steps 32 bytes apart within the 128-byte rows; 8-row atoms 1024 bytes apart.
+                    const uint64_t dx = lk::wgmma_desc(xs + 32 * kk, 16, 1024, 128);
+                    const bool more = kt > 0 || kk > 0;
+                    lk::wgmma_ss<C::BN, T>(acc, dx, lk::wgmma_desc(ws + 32 * kk, 16, 1024, 128), more);
+                    if constexpr (SHRINK)
+                        lk::wgmma_ss<lk::RC, T>(tacc, dx, lk::wgmma_desc(as + 32 * kk, 16, 1024, 128), more);
+                }
+                lk::wgmma_commit();
+                // Waits for this k-tile's group. Keeping one in flight (wait<1>,
+                // the stage released a k-tile later) made ptxas serialize every
+                // wgmma (C7515: it moves accumulator registers while a group is
+                // in flight); the next stages are loaded meanwhile either way.
+                lk::wgmma_wait<0>();
+                lk::wgmma_fence_operands(acc);
+                if (SHRINK) lk::wgmma_fence_operands(tacc);
+                // The warpgroup is done with stage s.
+                if (threadIdx.x % 128 == 0) lk::mbarrier_arrive(&empty[s]);
             }
-            lk::wgmma_commit();
-            lk::wgmma_wait<0>();
-            lk::wgmma_fence_operands(acc);
-            lk::wgmma_fence_operands(tacc);
-            // The warpgroup is done with stage s.
-            if (threadIdx.x % 128 == 0) lk::mbarrier_arrive(&empty[s]);
-        }
+        };
+        if (shrink)
+            k_loop(std::true_type());
+        else
+            k_loop(std::false_type());
         // f(row, col, t) for each element of t this thread holds: rank
         // columns rc..rp are exact zeros (never x * 0: an Inf in x would give NaN).
         auto each_t = [&](auto&& f) {

@@ -1003,6 +1003,7 @@ fn wgmma_prefill_matches_reference_and_saves_t() {
             ((130, 129, 64, 1), 0.5, 1),
             ((64, 256, 200, 64), 0.0, 4),
             ((129, 390, 72, 16), -1.0, 2),
+            ((100, 120, 64, 3), 0.0, 1),
         ] {
             check::<bf16>(&dev, (m, n, k, r), beta, tiles);
             check::<f16>(&dev, (m, n, k, r), beta, tiles);

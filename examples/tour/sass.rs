@@ -63,7 +63,11 @@ pub fn section(number: usize) {
                     // loads of their own) and feed the tensor cores straight
                     // from shared memory.
                     if c["hgmma"].as_u64().unwrap_or(0) > 0 {
-                        parts.push(format!("{} instructions, {} wgmma", show(&c["instrs"]), show(&c["hgmma"])));
+                        parts.push(format!(
+                            "{} instructions, {} wgmma",
+                            show(&c["instrs"]),
+                            show(&c["hgmma"])
+                        ));
                     }
                     if c["mma"].as_u64().unwrap_or(0) > 0 {
                         parts.push(format!("{} B/mma", show(&c["ldsm_bytes_per_mma"])));
