@@ -142,6 +142,9 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
             k_loop(std::true_type());
         else
             k_loop(std::false_type());
+        // The expand of kernels/fused_forward_mma.cu's run_tile, for its one
+        // chunk of ranks (a helper both kernels called moved the mma decode
+        // kernels' registers and main loops past their SASS budgets).
         // f(row, col, t) for each element of t this thread holds: rank
         // columns rc..rp are exact zeros (never x * 0: an Inf in x would give NaN).
         auto each_t = [&](auto&& f) {

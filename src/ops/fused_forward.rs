@@ -292,6 +292,16 @@ fn launch<T: KernelElement>(
     let (pb, _gb) = in_ptr(dev, &adapter.b);
     let (py, _gy) = out_ptr(dev, &mut y);
     let (pt, _gt) = t_out.as_mut().map_or((0, None), |t| out_ptr(dev, t));
+    let ops = OneAdapter {
+        x: px,
+        w: pw,
+        a: pa,
+        b: pb,
+        y: py,
+        t: pt,
+        rank: adapter.rank,
+        scale: adapter.scale,
+    };
     if form.wgmma {
         if regime != Regime::Prefill {
             return Err(invalid(
@@ -300,16 +310,6 @@ fn launch<T: KernelElement>(
                 "the wgmma kernel serves the prefill regime",
             ));
         }
-        let ops = OneAdapter {
-            x: px,
-            w: pw,
-            a: pa,
-            b: pb,
-            y: py,
-            t: pt,
-            rank: adapter.rank,
-            scale: adapter.scale,
-        };
         // SAFETY: the operands were checked above to live on `dev`'s backend
         // with the element counts the kernel indexes (x m*k, w n*k, a r*k, b
         // n*r, y m*n, t m*r when saved), dims are valid with m >= 1, the rank
@@ -319,16 +319,6 @@ fn launch<T: KernelElement>(
         return unsafe { fused_forward_wgmma::<T>(dev, dims, ops, beta, col_tiles) };
     }
     if shared_shrink(regime, form, dims, adapter.rank, pt != 0)? {
-        let ops = OneAdapter {
-            x: px,
-            w: pw,
-            a: pa,
-            b: pb,
-            y: py,
-            t: pt,
-            rank: adapter.rank,
-            scale: adapter.scale,
-        };
         // SAFETY: the operands were checked above to live on `dev`'s backend
         // with the element counts the kernel indexes (x m*k, w n*k, a r*k, b
         // n*r, y m*n, t m*r when saved), dims are valid, the rank is >= 1

@@ -502,6 +502,7 @@ impl Plan {
 
 /// The device addresses of a one-adapter launch's operands
 /// ([`one_adapter_forward`]).
+#[derive(Clone, Copy)]
 pub(crate) struct OneAdapter {
     pub x: u64,
     pub w: u64,
