@@ -111,20 +111,7 @@ fn adapter_tensors<T: CandleElement>(case: &PoolCase<T>) -> (Tensor, Tensor, f32
 
 /// The case's pool on the Cpu device's host runtime.
 fn pool<T: CandleElement>(case: &PoolCase<T>) -> AdapterPool<T> {
-    let cfg = PoolConfig {
-        slots: case.slots.len(),
-        max_rank: case.max_rank,
-        n: case.dims.n,
-        k: case.dims.k,
-    };
-    let dev = lora_kernels::candle::device(&CPU).unwrap();
-    let mut pool = AdapterPool::new(&dev, cfg).unwrap();
-    for (s, (rank, scale, a, b)) in case.slots.iter().enumerate() {
-        if *rank > 0 {
-            pool.load(s, a, b, *rank, *scale).unwrap();
-        }
-    }
-    pool
+    case.pool(&lora_kernels::candle::device(&CPU).unwrap())
 }
 
 /// `y` against the reference under the model's per-element bound: the

@@ -210,6 +210,26 @@ impl<T: KernelElement> Case<T> {
         compare_within(&what, &got, &want, &self.bound(&want))
     }
 
+    /// `y` of a launch in `regime` and `form` within its bound, and its
+    /// negative control: against a reference with the scale off by `off` the
+    /// same output must fail the bound.
+    fn check_form_with_control(
+        &self,
+        dev: &Device,
+        regime: Regime,
+        form: LaunchForm,
+        off: f32,
+        what: &str,
+    ) {
+        let got = self.run_tuned(dev, regime, form).unwrap().0;
+        let want = self.expected();
+        compare_within(what, &got, &want, &self.bound(&want)).unwrap();
+        let wrong = self.with_scale_times(1.0 + off);
+        let want = wrong.expected();
+        compare_within("control", &got, &want, &wrong.bound(&want))
+            .expect_err("a reference with the scale off must fail the check");
+    }
+
     /// [`Case::check`] in `regime`, and its negative control: the same output
     /// against the reference with the scale off by `off` must fail the bound.
     fn check_with_control(&self, dev: &Device, regime: Regime, off: f32) {
@@ -821,13 +841,7 @@ fn shared_shrink_control<T: KernelElement>(regime: Regime, m: usize, off: f32) {
         ..LaunchForm::default()
     };
     for dev in devices() {
-        let got = case.run_tuned(&dev, regime, shared).unwrap().0;
-        let want = case.expected();
-        compare_within("shared shrink", &got, &want, &case.bound(&want)).unwrap();
-        let wrong = case.with_scale_times(1.0 + off);
-        let want = wrong.expected();
-        compare_within("control", &got, &want, &wrong.bound(&want))
-            .expect_err("a reference with the scale off must fail the check");
+        case.check_form_with_control(&dev, regime, shared, off, "shared shrink");
     }
 }
 
@@ -1017,13 +1031,7 @@ fn wgmma_prefill_matches_reference_and_saves_t() {
 fn wgmma_prefill_negative_control() {
     fn control<T: KernelElement>(dev: &Device, off: f32) {
         let case = Case::<T>::new(Dims::new(150, 200, 96), 16, 0.0, 77);
-        let (got, _) = case.run_tuned(dev, Regime::Prefill, wgmma(2)).unwrap();
-        let want = case.expected();
-        compare_within("wgmma", &got, &want, &case.bound(&want)).unwrap();
-        let wrong = case.with_scale_times(1.0 + off);
-        let want = wrong.expected();
-        compare_within("control", &got, &want, &wrong.bound(&want))
-            .expect_err("a reference with the scale off must fail the check");
+        case.check_form_with_control(dev, Regime::Prefill, wgmma(2), off, "wgmma");
     }
     for dev in wgmma_devices() {
         control::<bf16>(&dev, 1e-2);

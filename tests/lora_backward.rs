@@ -14,7 +14,7 @@ use lora_kernels::ops::lora_backward::{
 };
 use lora_kernels::reference::Adapter;
 use lora_kernels::reference::{self, BackwardInputs, Gradients};
-use lora_kernels::{AdapterPool, Device, DeviceAdapter, Dims, KernelElement, PoolConfig};
+use lora_kernels::{Device, DeviceAdapter, Dims, KernelElement};
 
 struct Case<T> {
     dims: Dims,
@@ -453,18 +453,7 @@ impl<T: KernelElement> PoolCase<T> {
         prior: Option<f32>,
     ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
         let Dims { m, n, k } = self.dims;
-        let cfg = PoolConfig {
-            slots: self.slots.len(),
-            max_rank: self.max_rank,
-            n,
-            k,
-        };
-        let mut pool = AdapterPool::<T>::new(dev, cfg).unwrap();
-        for (s, (rank, scale, a, b)) in self.slots.iter().enumerate() {
-            if *rank > 0 {
-                pool.load(s, a, b, *rank, *scale).unwrap();
-            }
-        }
+        let pool = self.pool(dev);
         let up = |v: &Vec<T>| dev.upload(v).unwrap();
         let (gd, xd, wd) = (up(&self.g), up(&self.x), up(&self.w));
         let (idd, td) = (dev.upload(&self.ids).unwrap(), dev.upload(&self.t).unwrap());

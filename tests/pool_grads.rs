@@ -28,19 +28,7 @@ struct Trainer<T> {
 
 impl<T: KernelElement> Trainer<T> {
     fn new(dev: &Device, case: &PoolCase<T>) -> Self {
-        let Dims { n, k, .. } = case.dims;
-        let cfg = PoolConfig {
-            slots: case.slots.len(),
-            max_rank: case.max_rank,
-            n,
-            k,
-        };
-        let mut pool = AdapterPool::<T>::new(dev, cfg).unwrap();
-        for (s, (rank, scale, a, b)) in case.slots.iter().enumerate() {
-            if *rank > 0 {
-                pool.load(s, a, b, *rank, *scale).unwrap();
-            }
-        }
+        let pool = case.pool(dev);
         Trainer {
             grads: PoolGrads::new(&pool).unwrap(),
             scratch: BackwardScratch::new(dev).unwrap(),

@@ -3,7 +3,7 @@
 //! gradients (a per-slot loop of single-adapter references), with
 //! docs/DESIGN.md section 3's per-element bounds of each.
 use lora_kernels::reference::{self, Adapter, BackwardInputs, Gradients};
-use lora_kernels::{Dims, KernelElement};
+use lora_kernels::{AdapterPool, Device, Dims, KernelElement, PoolConfig};
 
 use super::{f32_sum_bound, forward_bound, random, rng, split_terms};
 
@@ -130,6 +130,24 @@ impl<T: KernelElement> PoolCase<T> {
             }
         }
         self.t = t;
+    }
+
+    /// A pool on `dev` holding the case's slots (an empty slot stays empty).
+    pub fn pool(&self, dev: &Device) -> AdapterPool<T> {
+        let Dims { n, k, .. } = self.dims;
+        let cfg = PoolConfig {
+            slots: self.slots.len(),
+            max_rank: self.max_rank,
+            n,
+            k,
+        };
+        let mut pool = AdapterPool::<T>::new(dev, cfg).unwrap();
+        for (s, (rank, scale, a, b)) in self.slots.iter().enumerate() {
+            if *rank > 0 {
+                pool.load(s, a, b, *rank, *scale).unwrap();
+            }
+        }
+        pool
     }
 
     /// The slot token i trains: None for -1, an empty slot or a bad id.
