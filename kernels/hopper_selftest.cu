@@ -23,6 +23,8 @@ enum HopperVariant {
     kMissingProxyFence = 6,       // generic stores, no fence.proxy.async before wgmma
     kMissingWgmmaFence = 7,       // no wgmma.fence before the first wgmma (host runtime only)
     kWrongFragmentIndex = 8,      // A registers a[1] and a[2] swapped
+    kSwappedStrides = 9,          // MN-major B: the descriptor's lbo and sbo swapped
+    kWrongMajor = 10,             // MN-major B read as K-major (no imm-trans-b)
 };
 
 // The accumulators' layout: thread t's d[i] is out[row][col] of out[64][N].
@@ -48,6 +50,8 @@ __device__ unsigned char* aligned_dynamic_smem() {
 // 8-wide boxes without swizzle), double-buffered on two mbarriers, thread 0
 // issuing the loads; wgmma reads them through descriptors of the same swizzle.
 // The tensor maps end at k and b_rows: TMA fills the rest of the boxes with zeros.
+// With p.b_mn_major, B comes from a [k][n] matrix: boxes of S / 2 n (8
+// without swizzle) by the stage's k rows, side by side, read MN-major.
 template <class T>
 __device__ void tma_wgmma(const HopperSelftestParams& p) {
     LK_SHARED(uint64_t, full, [2]);
@@ -70,7 +74,11 @@ __device__ void tma_wgmma(const HopperSelftestParams& p) {
         lk::mbarrier_arrive_expect_tx(&full[buf], bytes);
         for (int operand = 0; operand < 2; ++operand) {
             const LkTensorMap* map = operand == 0 ? &p.a_map : &p.b_map;
-            if (swizzle == 0) {
+            if (operand == 1 && p.b_mn_major) {
+                const int span = swizzle == 0 ? 8 : swizzle / 2;  // n per box
+                for (int n0 = 0; n0 < kN; n0 += span)
+                    lk::tma_load_2d(tile(buf, 1) + n0 * stage_k * 2, map, n0, stage * stage_k, &full[buf]);
+            } else if (swizzle == 0) {
                 lk::tma_load_2d(tile(buf, operand), map, stage * 16, 0, &full[buf]);
                 lk::tma_load_2d(tile(buf, operand) + kRows * 16, map, stage * 16 + 8, 0, &full[buf]);
             } else {
@@ -99,7 +107,25 @@ __device__ void tma_wgmma(const HopperSelftestParams& p) {
                 desc[operand] = swizzle == 0 ? lk::wgmma_desc(start, kRows * 16, 128, desc_swizzle)
                                              : lk::wgmma_desc(start, 16, 8 * swizzle, desc_swizzle);
             }
-            lk::wgmma_ss<kN, T>(d, desc[0], desc[1], stage > 0 || step > 0);
+            const bool more = stage > 0 || step > 0;
+            if (p.b_mn_major) {
+                // k steps of 16 rows; the boxes (groups of n) one box apart, and
+                // 8-row groups of k one core matrix (none) or atom (swizzled) apart.
+                const unsigned start = lk::smem_address(tile(buf, 1)) + step * 16 * (swizzle == 0 ? 16 : swizzle);
+                unsigned lbo = swizzle == 0 ? 128 : swizzle * stage_k, sbo = swizzle == 0 ? stage_k * 16 : 8 * swizzle;
+                if (p.variant == kSwappedStrides) {
+                    const unsigned swap = lbo;
+                    lbo = sbo;
+                    sbo = swap;
+                }
+                const uint64_t desc_b = lk::wgmma_desc(start, lbo, sbo, desc_swizzle);
+                if (p.variant == kWrongMajor)
+                    lk::wgmma_ss<kN, T>(d, desc[0], desc_b, more);
+                else
+                    lk::wgmma_ss_b_mn<kN, T>(d, desc[0], desc_b, more);
+                continue;
+            }
+            lk::wgmma_ss<kN, T>(d, desc[0], desc[1], more);
         }
         lk::wgmma_commit();
         if (stage + 1 == stages && p.variant == kAccumulatorsBeforeWait) store_accumulators<kN>(p, d);

@@ -95,6 +95,10 @@ pub mod variant {
     pub const MISSING_WGMMA_FENCE: i32 = 7;
     /// A's registers `a[1]` and `a[2]` swapped.
     pub const WRONG_FRAGMENT_INDEX: i32 = 8;
+    /// MN-major B: the descriptor's leading and stride byte offsets swapped.
+    pub const SWAPPED_STRIDES: i32 = 9;
+    /// MN-major B read as K-major (no `imm-trans-b`).
+    pub const WRONG_MAJOR: i32 = 10;
 }
 
 /// How the operands reach the wgmma.
@@ -103,6 +107,10 @@ pub enum Staging {
     /// Both by TMA, in stages of `swizzle / 2` k (16 without swizzle),
     /// double-buffered on two mbarriers; `swizzle`: 0, 32, 64 or 128 bytes.
     Tma { swizzle: u32 },
+    /// As `Tma`, B loaded from a `[k][b_rows]` copy (N contiguous: `b_rows`
+    /// a multiple of 8) in boxes of `swizzle / 2` n (8 without swizzle) and
+    /// read MN-major (`imm-trans-b`).
+    TmaBMnMajor { swizzle: u32 },
     /// Both stored by the threads (no swizzle), then `fence.proxy.async`.
     Stores,
     /// A from registers (mma's A fragment); B stored by the threads.
@@ -119,11 +127,11 @@ pub fn wgmma<T: KernelElement>(
     variant: i32,
 ) -> Result<Vec<f32>> {
     let Shape { n, k, b_rows } = shape;
-    let swizzle = match staging {
-        Staging::Tma { swizzle } => swizzle,
-        _ => 0,
+    let (swizzle, tma, b_mn_major) = match staging {
+        Staging::Tma { swizzle } => (swizzle, true, false),
+        Staging::TmaBMnMajor { swizzle } => (swizzle, true, true),
+        Staging::Stores | Staging::RegisterA => (0, false, false),
     };
-    let tma = matches!(staging, Staging::Tma { .. });
     if ![0, 32, 64, 128].contains(&swizzle) {
         return Err(invalid(
             "swizzle",
@@ -143,11 +151,11 @@ pub fn wgmma<T: KernelElement>(
         }
     };
     let kernel: &Kernel<HopperSelftestParams> = match staging {
-        Staging::Tma { .. } if n != TMA_N => {
+        Staging::Tma { .. } | Staging::TmaBMnMajor { .. } if n != TMA_N => {
             return Err(invalid("n", n, "must be 64 for TMA staging"));
         }
-        Staging::Tma { .. } if bf16 => &TMA_WGMMA_BF16,
-        Staging::Tma { .. } => &TMA_WGMMA_F16,
+        Staging::Tma { .. } | Staging::TmaBMnMajor { .. } if bf16 => &TMA_WGMMA_BF16,
+        Staging::Tma { .. } | Staging::TmaBMnMajor { .. } => &TMA_WGMMA_F16,
         Staging::Stores | Staging::RegisterA => {
             let forms = STAGED
                 .iter()
@@ -169,8 +177,14 @@ pub fn wgmma<T: KernelElement>(
             "must be in 1..=128 (a multiple of 8 for TMA)",
         ));
     }
-    if !(1..=n).contains(&b_rows) {
-        return Err(invalid("b_rows", b_rows, format!("must be in 1..={n}")));
+    if !(1..=n).contains(&b_rows) || (b_mn_major && !b_rows.is_multiple_of(8)) {
+        return Err(invalid(
+            "b_rows",
+            b_rows,
+            format!(
+                "must be in 1..={n} (a multiple of 8 for MN-major B: its rows of n are 16-byte aligned)"
+            ),
+        ));
     }
     check_matrix("a", ROWS, k, a.len())?;
     check_matrix("b", b_rows, k, b.len())?;
@@ -187,7 +201,15 @@ pub fn wgmma<T: KernelElement>(
         (ROWS + n) * K * 2
     };
     let a_buf = dev.upload(a)?;
-    let b_buf = dev.upload(b)?;
+    // MN-major B: the kernel loads it from its transpose, [k][b_rows].
+    let b_buf = if b_mn_major {
+        let bt: Vec<T> = (0..k * b_rows)
+            .map(|e| b[(e % b_rows) * k + e / b_rows])
+            .collect();
+        dev.upload(&bt)?
+    } else {
+        dev.upload(b)?
+    };
     // Poisoned so that an output the kernel fails to write shows as NaN.
     let mut out = dev.upload(&vec![f32::NAN; ROWS * n])?;
     let launched = {
@@ -198,7 +220,8 @@ pub fn wgmma<T: KernelElement>(
         let (po, _go) = crate::ops::out_ptr(dev, &mut ro);
         // The box covers the kernel's 64 rows whatever the matrix has: TMA
         // fills the rows and columns past the matrix with zeros.
-        let map = |ptr: u64, rows: usize| -> Result<LkTensorMap> {
+        // Boxes of S / 2 elements (8 without swizzle) by `box_rows`.
+        let map = |ptr: u64, rows: usize, cols: usize, box_rows: usize| -> Result<LkTensorMap> {
             if !tma {
                 return Ok(LkTensorMap::default());
             }
@@ -206,16 +229,22 @@ pub fn wgmma<T: KernelElement>(
                 ptr,
                 dtype: T::DTYPE,
                 rows,
-                cols: k,
-                box_rows: ROWS as u32,
+                cols,
+                box_rows: box_rows as u32,
                 box_cols: if swizzle == 0 { 8 } else { swizzle / 2 },
                 swizzle,
             };
             tensor_map_2d(dev, &tile)
         };
+        // MN-major B: a stage's k rows (the kernels' stage_k) a box.
+        let b_map = if b_mn_major {
+            map(pb, k, b_rows, stage_k)?
+        } else {
+            map(pb, b_rows, k, ROWS)?
+        };
         let params = HopperSelftestParams {
-            a_map: map(pa, ROWS)?,
-            b_map: map(pb, b_rows)?,
+            a_map: map(pa, ROWS, k, ROWS)?,
+            b_map,
             a: pa,
             b: pb,
             out: po,
@@ -224,7 +253,7 @@ pub fn wgmma<T: KernelElement>(
             b_rows: b_rows as i32,
             swizzle: swizzle as i32,
             variant,
-            pad: 0,
+            b_mn_major: b_mn_major.into(),
         };
         let dims = LaunchDims {
             grid: [1, 1, 1],

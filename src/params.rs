@@ -12,8 +12,9 @@ use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 mod bindings;
 
 pub use bindings::{
-    AdamWParams, BackwardParams, FusedForwardParams, FusedWgmmaParams, HopperSelftestParams,
-    LkTensorMap, MergeParams, MultiAdapterParams, PoolLoadParams, SelftestParams, SlotOptim,
+    AdamWParams, BackwardParams, BackwardWgmmaParams, FusedForwardParams, FusedWgmmaParams,
+    HopperSelftestParams, LkTensorMap, MergeParams, MultiAdapterParams, PoolLoadParams,
+    SelftestParams, SlotOptim,
 };
 
 /// Every params struct with the names of all its fields (the list must be
@@ -75,10 +76,11 @@ params_structs! {
     }
     SelftestParams { input, input2, out, n, variant }
     LkTensorMap { opaque }
+    BackwardWgmmaParams { g_map, w_map, p }
     FusedWgmmaParams {
         x_map, w_map, a_map, b, y, t_out, m, n, k, r, scale, beta, col_tiles, pad,
     }
-    HopperSelftestParams { a_map, b_map, a, b, out, n, k, b_rows, swizzle, variant, pad }
+    HopperSelftestParams { a_map, b_map, a, b, out, n, k, b_rows, swizzle, variant, b_mn_major }
 }
 
 // SAFETY: four f32 and two i32 with no padding (24 bytes, checked by the

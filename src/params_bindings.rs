@@ -567,6 +567,35 @@ impl Default for FusedWgmmaParams {
         }
     }
 }
+#[doc = " The backward's dx = g w + u a on Hopper (kernels/lora_backward_wgmma.cu,\n sm_90a): g and w through tensor maps (boxes of 64 n: 128 rows of g; 64\n rows of w by 64 of its k columns; 128-byte swizzle), everything else as\n the other dx kernels read it from `p`."]
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct BackwardWgmmaParams {
+    pub g_map: LkTensorMap,
+    pub w_map: LkTensorMap,
+    pub p: BackwardParams,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BackwardWgmmaParams"][::std::mem::size_of::<BackwardWgmmaParams>() - 512usize];
+    ["Alignment of BackwardWgmmaParams"][::std::mem::align_of::<BackwardWgmmaParams>() - 64usize];
+    ["Offset of field: BackwardWgmmaParams::g_map"]
+        [::std::mem::offset_of!(BackwardWgmmaParams, g_map) - 0usize];
+    ["Offset of field: BackwardWgmmaParams::w_map"]
+        [::std::mem::offset_of!(BackwardWgmmaParams, w_map) - 128usize];
+    ["Offset of field: BackwardWgmmaParams::p"]
+        [::std::mem::offset_of!(BackwardWgmmaParams, p) - 256usize];
+};
+impl Default for BackwardWgmmaParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[doc = " Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:\n   out[64][n] = A[64][k] B[b_rows][k]^T, A and B 16-bit (f16 or bf16), out\n f32; the kernels run over k = 128 and B over n rows, reading zeros past k\n and past b_rows (TMA's out-of-bounds fill, or the threads' own)."]
 #[repr(C)]
 #[repr(align(64))]
@@ -574,7 +603,7 @@ impl Default for FusedWgmmaParams {
 pub struct HopperSelftestParams {
     #[doc = " A [64][k] row-major, with the box the kernel loads"]
     pub a_map: LkTensorMap,
-    #[doc = " B [n][k] row-major, likewise"]
+    #[doc = " B [n][k] row-major, or [k][n] when b_mn_major, likewise"]
     pub b_map: LkTensorMap,
     #[doc = " A itself, for the kernels that stage it by hand"]
     pub a: u64,
@@ -589,7 +618,8 @@ pub struct HopperSelftestParams {
     pub swizzle: i32,
     #[doc = " which planted bug to run; 0 = correct"]
     pub variant: i32,
-    pub pad: i32,
+    #[doc = " TMA kernel: B from b_map as [k][n] (N contiguous), read MN-major"]
+    pub b_mn_major: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -615,8 +645,8 @@ const _: () = {
         [::std::mem::offset_of!(HopperSelftestParams, swizzle) - 292usize];
     ["Offset of field: HopperSelftestParams::variant"]
         [::std::mem::offset_of!(HopperSelftestParams, variant) - 296usize];
-    ["Offset of field: HopperSelftestParams::pad"]
-        [::std::mem::offset_of!(HopperSelftestParams, pad) - 300usize];
+    ["Offset of field: HopperSelftestParams::b_mn_major"]
+        [::std::mem::offset_of!(HopperSelftestParams, b_mn_major) - 300usize];
 };
 impl Default for HopperSelftestParams {
     fn default() -> Self {

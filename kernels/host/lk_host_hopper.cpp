@@ -20,7 +20,7 @@ constexpr unsigned kMaxWarpgroups = 8;  // 1024 threads
 
 struct WgmmaOp {
     int n;
-    bool bf16, a_in_regs, accumulate;
+    bool bf16, a_in_regs, b_mn_major, accumulate;
     uint64_t desc_a, desc_b;
     uint32_t a[128][4];  // A registers, by thread of the warpgroup (a_in_regs)
     float* d[128];       // each thread's accumulators
@@ -59,24 +59,50 @@ float element(const unsigned char* p, bool bf16) {
     return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
 }
 
-// The shared address of element (row, k) of a K-major operand, k < 16.
-unsigned operand_address(uint64_t desc, int row, int k) {
-    const unsigned start = (unsigned)(desc & 0x3FFF) << 4;
-    const unsigned lbo = (unsigned)((desc >> 16) & 0x3FFF) << 4;
-    const unsigned sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+struct Descriptor {
+    unsigned start, lbo, sbo, swizzle;  // swizzle bytes, 0 for none
+};
+
+Descriptor decode(uint64_t desc) {
     const unsigned base_offset = (unsigned)((desc >> 49) & 7);
     const unsigned mode = (unsigned)(desc >> 62);
     if (base_offset != 0) fail("wgmma descriptor: base offset %u is not emulated (align the atoms instead)", base_offset);
-    if (mode == 0) return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
-    const unsigned swizzle = mode == 1 ? 128 : mode == 2 ? 64 : 32;
+    return Descriptor{(unsigned)(desc & 0x3FFF) << 4, (unsigned)((desc >> 16) & 0x3FFF) << 4,
+                      (unsigned)((desc >> 32) & 0x3FFF) << 4, mode == 0 ? 0u : mode == 1 ? 128u : mode == 2 ? 64u : 32u};
+}
+
+// The swizzled address: the 16-byte chunk index (bits 4..) XOR the bits from 7 up.
+unsigned swizzled(unsigned addr, unsigned swizzle) { return addr ^ (((addr >> 7) & (swizzle / 16 - 1)) << 4); }
+
+// The shared address of element (row, k) of a K-major operand, k < 16.
+unsigned operand_address(uint64_t raw, int row, int k) {
+    const Descriptor d = decode(raw);
+    const unsigned start = d.start, lbo = d.lbo, sbo = d.sbo;
+    if (d.swizzle == 0) return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+    const unsigned swizzle = d.swizzle;
     const unsigned atom = (start & ~(swizzle - 1)) + (row / 8) * sbo;
     if (atom % (8 * swizzle) != 0 || start % swizzle + 32 > swizzle)
         fail("wgmma descriptor (%u-byte swizzle): the 8-row group at 0x%x is not on a multiple of %u bytes, or its k "
              "step at +%u leaves the %u-byte row",
              swizzle, atom, 8 * swizzle, start % swizzle, swizzle);
-    const unsigned addr = start + (row / 8) * sbo + (row % 8) * swizzle + k * 2;
-    const unsigned xor_mask = swizzle / 16 - 1;
-    return addr ^ (((addr >> 7) & xor_mask) << 4);
+    return swizzled(start + (row / 8) * sbo + (row % 8) * swizzle + k * 2, swizzle);
+}
+
+// The shared address of element (mn, k) of an MN-major operand (B read with
+// imm-trans-b), k < 16: the PTX ISA's canonical MN-major layouts. Without
+// swizzle, 8 x 8 core matrices of 8 k rows of 16 contiguous bytes (8 mn),
+// (mn / 8) sbo + (k / 8) lbo apart; with swizzle S, rows of S bytes (S / 2
+// mn) along k, 8 rows an atom, groups of S / 2 mn lbo apart and of 8 k sbo
+// apart. The k steps of a kernel start whole atoms apart (16 rows of S bytes).
+unsigned operand_address_mn(uint64_t raw, int mn, int k) {
+    const Descriptor d = decode(raw);
+    if (d.swizzle == 0) return d.start + (mn / 8) * d.sbo + (k / 8) * d.lbo + (k % 8) * 16 + (mn % 8) * 2;
+    const unsigned swizzle = d.swizzle, span = swizzle / 2;  // mn per row
+    const unsigned atom = d.start + (mn / span) * d.lbo + (k / 8) * d.sbo;
+    if (atom % (8 * swizzle) != 0)
+        fail("wgmma descriptor (MN-major, %u-byte swizzle): the atom at 0x%x is not on a multiple of %u bytes", swizzle,
+             atom, 8 * swizzle);
+    return swizzled(atom + (k % 8) * swizzle + (mn % span) * 2, swizzle);
 }
 
 void run(const WgmmaOp& op) {
@@ -97,7 +123,10 @@ void run(const WgmmaOp& op) {
             }
         }
     for (int col = 0; col < n; ++col)
-        for (int k = 0; k < 16; ++k) B[col][k] = element(shared_view(operand_address(op.desc_b, col, k), 2), op.bf16);
+        for (int k = 0; k < 16; ++k) {
+            const unsigned at = op.b_mn_major ? operand_address_mn(op.desc_b, col, k) : operand_address(op.desc_b, col, k);
+            B[col][k] = element(shared_view(at, 2), op.bf16);
+        }
     for (int t = 0; t < 128; ++t) {
         int w = t / 32, lane = t % 32, group = lane / 4, quad = lane % 4;
         for (int i = 0; i < n / 2; ++i) {
@@ -113,7 +142,7 @@ void run(const WgmmaOp& op) {
 
 struct MmaIn {
     int n;
-    bool bf16, a_in_regs, accumulate;
+    bool bf16, a_in_regs, b_mn_major, accumulate;
     uint64_t desc_a, desc_b;
     uint32_t a[4];
     float* d;
@@ -129,12 +158,13 @@ void mma_op(const void* const ins[128], void* const[128]) {
     op.n = first.n;
     op.bf16 = first.bf16;
     op.a_in_regs = first.a_in_regs;
+    op.b_mn_major = first.b_mn_major;
     op.accumulate = first.accumulate;
     op.desc_a = first.desc_a;
     op.desc_b = first.desc_b;
     for (int t = 0; t < 128; ++t) {
         const MmaIn& in = *static_cast<const MmaIn*>(ins[t]);
-        if (in.n != first.n || in.bf16 != first.bf16 || in.a_in_regs != first.a_in_regs ||
+        if (in.n != first.n || in.bf16 != first.bf16 || in.a_in_regs != first.a_in_regs || in.b_mn_major != first.b_mn_major ||
             in.accumulate != first.accumulate || in.desc_b != first.desc_b ||
             (!in.a_in_regs && in.desc_a != first.desc_a))
             fail("wgmma.mma_async: thread %d of the warpgroup has other operands than thread 0", t);
@@ -268,9 +298,10 @@ void wgmma_fence() {
     warpgroup_collective("wgmma.fence", &dummy, nullptr, &fence_op);
 }
 
-void wgmma_mma(int n, bool bf16, uint64_t desc_a, const uint32_t* a, uint64_t desc_b, bool accumulate, float* d) {
+void wgmma_mma(int n, bool bf16, uint64_t desc_a, const uint32_t* a, uint64_t desc_b, bool b_mn_major, bool accumulate,
+               float* d) {
     if (n < 8 || n > 256 || n % 8 != 0) fail("wgmma.mma_async: N = %d is not a multiple of 8 in 8..256", n);
-    MmaIn in{n, bf16, a != nullptr, accumulate, desc_a, desc_b, {0, 0, 0, 0}, d};
+    MmaIn in{n, bf16, a != nullptr, b_mn_major, accumulate, desc_a, desc_b, {0, 0, 0, 0}, d};
     if (a)
         for (int i = 0; i < 4; ++i) in.a[i] = a[i];
     warpgroup_collective("wgmma.mma_async", &in, nullptr, &mma_op);

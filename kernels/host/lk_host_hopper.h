@@ -33,7 +33,8 @@ void tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, void* bar);
 void wgmma_fence();
 // One wgmma.mma_async m64nNk16: A through desc_a, or from registers `a` (4
 // a thread) when not null; `d`: the calling thread's N/2 accumulators.
-void wgmma_mma(int n, bool bf16, uint64_t desc_a, const uint32_t* a, uint64_t desc_b, bool accumulate, float* d);
+void wgmma_mma(int n, bool bf16, uint64_t desc_a, const uint32_t* a, uint64_t desc_b, bool b_mn_major, bool accumulate,
+               float* d);
 void wgmma_commit();
 void wgmma_wait(int keep_groups);
 

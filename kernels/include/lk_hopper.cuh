@@ -17,6 +17,15 @@
 //   bits for 32, 64, 128). TMA with the same swizzle writes exactly this, so
 //   a box of S / 2 elements by the rows loads an operand; its k steps start
 //   32 bytes apart. Atoms must start on a multiple of 8 S bytes.
+// B may also be MN-major (wgmma_ss_b_mn: a [k][N] matrix, N contiguous), in
+// the canonical MN-major layouts, for N by 16 k:
+// - no swizzle: 8x8 core matrices, each 8 k rows of 16 contiguous bytes (8 N);
+//   element (n, k) at start + (n / 8) sbo + (k / 8) lbo + (k % 8) 16 + (n % 8) 2;
+// - swizzle S: rows of S bytes (S / 2 N) along k, 8 rows an atom; (n, k) at
+//   start + (n / (S / 2)) lbo + (k / 8) sbo + (k % 8) S + 2 (n % (S / 2)),
+//   swizzled as above: TMA writes exactly this for a box of S / 2 N by the k
+//   rows of a row-major [k][N] matrix. Every atom on a multiple of 8 S bytes
+//   (k steps 16 S bytes apart). Note lbo and sbo trade roles against K-major.
 // Accumulators, thread t of the warpgroup (warp w = t / 32, group = lane / 4,
 // quad = lane % 4): d[i] is row 16 w + group + 8 ((i / 2) % 2), column
 // 8 (i / 4) + 2 quad + i % 2. A from registers: each warp holds its 16 rows as
@@ -60,9 +69,22 @@ __device__ __forceinline__ uint64_t wgmma_desc(unsigned start, unsigned lbo, uns
 template <int N, class T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
 #ifdef LK_HOST
-    ::lk_host::hopper::wgmma_mma(N, std::is_same<T, __nv_bfloat16>::value, desc_a, nullptr, desc_b, accumulate, d);
+    ::lk_host::hopper::wgmma_mma(N, std::is_same<T, __nv_bfloat16>::value, desc_a, nullptr, desc_b, false, accumulate,
+                                 d);
 #else
     wgmma_forms::Form<N, T>::ss(d, desc_a, desc_b, accumulate ? 1 : 0);
+#endif
+}
+
+// The same with B MN-major (imm-trans-b: B's N contiguous, as a row-major
+// [k][N] matrix loads; the layouts above).
+template <int N, class T>
+__device__ __forceinline__ void wgmma_ss_b_mn(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+#ifdef LK_HOST
+    ::lk_host::hopper::wgmma_mma(N, std::is_same<T, __nv_bfloat16>::value, desc_a, nullptr, desc_b, true, accumulate,
+                                 d);
+#else
+    wgmma_forms::Form<N, T>::ss_b_mn(d, desc_a, desc_b, accumulate ? 1 : 0);
 #endif
 }
 
@@ -70,7 +92,7 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uin
 template <int N, class T>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
 #ifdef LK_HOST
-    ::lk_host::hopper::wgmma_mma(N, std::is_same<T, __nv_bfloat16>::value, 0, a, desc_b, accumulate, d);
+    ::lk_host::hopper::wgmma_mma(N, std::is_same<T, __nv_bfloat16>::value, 0, a, desc_b, false, accumulate, d);
 #else
     wgmma_forms::Form<N, T>::rs(d, a, desc_b, accumulate ? 1 : 0);
 #endif

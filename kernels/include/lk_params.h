@@ -183,18 +183,27 @@ typedef struct FusedWgmmaParams {
     int32_t pad;
 } FusedWgmmaParams;
 
+/* The backward's dx = g w + u a on Hopper (kernels/lora_backward_wgmma.cu,
+ * sm_90a): g and w through tensor maps (boxes of 64 n: 128 rows of g; 64
+ * rows of w by 64 of its k columns; 128-byte swizzle), everything else as
+ * the other dx kernels read it from `p`. */
+typedef struct BackwardWgmmaParams {
+    LkTensorMap g_map, w_map;
+    BackwardParams p;
+} BackwardWgmmaParams;
+
 /* Hopper self-test kernels (kernels/hopper_selftest.cu), one warpgroup:
  *   out[64][n] = A[64][k] B[b_rows][k]^T, A and B 16-bit (f16 or bf16), out
  * f32; the kernels run over k = 128 and B over n rows, reading zeros past k
  * and past b_rows (TMA's out-of-bounds fill, or the threads' own). */
 typedef struct HopperSelftestParams {
     LkTensorMap a_map; /* A [64][k] row-major, with the box the kernel loads */
-    LkTensorMap b_map; /* B [n][k] row-major, likewise */
+    LkTensorMap b_map; /* B [n][k] row-major, or [k][n] when b_mn_major, likewise */
     uint64_t a;        /* A itself, for the kernels that stage it by hand */
     uint64_t b;        /* B itself, likewise */
     uint64_t out;      /* f32 [64][n] */
     int32_t n, k, b_rows;
     int32_t swizzle; /* the layout TMA writes and wgmma reads: 0 (none), 32, 64 or 128 bytes */
     int32_t variant; /* which planted bug to run; 0 = correct */
-    int32_t pad;
+    int32_t b_mn_major; /* TMA kernel: B from b_map as [k][n] (N contiguous), read MN-major */
 } HopperSelftestParams;

@@ -1,11 +1,11 @@
 //! The host runtime's emulation of Hopper's asynchronous instructions:
 //! wgmma over TMA-loaded operands in every swizzle mode (with TMA's
-//! out-of-bounds zero fill), over operands the threads stored, and with A
+//! out-of-bounds zero fill; B K-major and MN-major), over operands the threads stored, and with A
 //! from registers, in every N of the wgmma forms, gives the product; and each
 //! planted bug (a wrong swizzle in a descriptor, accumulators read before
 //! the wait, a wait on the wrong mbarrier parity, an expect_tx byte count
 //! that is off, a missing fence.proxy.async or wgmma.fence, a wrong A
-//! register) gives a wrong answer or a failed launch on every run and under
+//! register, an MN-major B with its strides swapped or read K-major) gives a wrong answer or a failed launch on every run and under
 //! every schedule. On a Hopper GPU the correct forms run there too.
 use super::{self as hs, ROWS, Shape, Staging, variant};
 use crate::test_common::*;
@@ -89,6 +89,34 @@ fn tma_loads_and_wgmma_give_the_product_in_every_swizzle_mode() {
             correct_on_every_target::<f16>(Staging::Tma { swizzle }, shape, 10 + i as u64);
             correct_on_every_target::<bf16>(Staging::Tma { swizzle }, shape, 20 + i as u64);
         }
+    }
+}
+
+#[test]
+fn tma_loads_of_an_mn_major_b_give_the_product_in_every_swizzle_mode() {
+    // B from its [k][n] transpose; past the end of k and of B's n (zero fill).
+    let partial = Shape {
+        n: 64,
+        k: 120,
+        b_rows: 56,
+    };
+    for (i, swizzle) in SWIZZLES.into_iter().enumerate() {
+        for shape in [Shape::FULL, partial] {
+            let staging = Staging::TmaBMnMajor { swizzle };
+            correct_on_every_target::<f16>(staging, shape, 70 + i as u64);
+            correct_on_every_target::<bf16>(staging, shape, 80 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn an_mn_major_b_with_swapped_strides_another_swizzle_or_read_k_major_is_caught() {
+    for (i, swizzle) in SWIZZLES.into_iter().enumerate() {
+        let staging = Staging::TmaBMnMajor { swizzle };
+        let seed = 90 + 3 * i as u64;
+        caught::<bf16>(staging, variant::SWAPPED_STRIDES, seed);
+        caught::<f16>(staging, variant::WRONG_MAJOR, seed + 1);
+        caught::<bf16>(staging, variant::WRONG_SWIZZLE, seed + 2);
     }
 }
 
@@ -235,6 +263,15 @@ fn bad_input_is_refused_with_the_operand_named() {
     refused(Staging::Stores, full, &a[1..], &b, "`a`");
     refused(Staging::Stores, full, &a, &b[..64], "`b`");
     refused(Staging::Tma { swizzle: 16 }, full, &a, &b, "`swizzle`");
+    let mn_major = Staging::TmaBMnMajor { swizzle: 128 };
+    let (a50, b50) = operands::<bf16>(Shape { b_rows: 50, ..full }, 63);
+    refused(
+        mn_major,
+        Shape { b_rows: 50, ..full },
+        &a50,
+        &b50,
+        "`b_rows`",
+    );
     let tma = Staging::Tma { swizzle: 0 };
     refused(tma, Shape { n: 128, ..full }, &a, &b, "`n`");
     refused(Staging::Stores, Shape { n: 24, ..full }, &a, &b, "`n`");
