@@ -231,6 +231,7 @@ impl Model {
         let opts = BackwardOptions {
             accumulate: false,
             deterministic: true,
+            ..Default::default()
         };
         let dy: Vec<f32> = y
             .iter()

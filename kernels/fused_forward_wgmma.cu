@@ -18,21 +18,12 @@
 // acc += (hi + lo) b^T; the accumulators of a wgmma warp are laid out as a
 // 16 x 128 mma.sync tile, so the expand continues them where the k-loop
 // left them. Meanwhile the producer fills the next tile's stages.
-#include "lk_tile_gemm.cuh"
+#include "lk_wgmma_tiles.cuh"
 
 namespace {
 
-// The consumers of the block (warpgroups 1 and 2) as a team: named barrier 1.
-struct ConsumerTeam {
-    static __device__ __forceinline__ unsigned tid() { return threadIdx.x - 128; }
-    static __device__ __forceinline__ void sync() { lk::named_barrier_sync(1, 256); }
-};
-
-// 8 consumer warps of 16 rows x 128 columns on a 128 x 128 tile, 64-wide k-tiles, 3 stages.
-struct WgmmaTiles : lk::TileConfig<128, 128, 64, 8, 1, 3> {
-    using Team = ConsumerTeam;
-};
-using C = WgmmaTiles;
+using C = lk::wgmma_tiles::Tiles<3>;
+using lk::wgmma_tiles::k_major_desc;
 
 constexpr unsigned kTileBytes = C::BM * C::BK * 2;    // x's or w's box: 128 rows of 128 bytes
 constexpr unsigned kATileBytes = lk::RC * C::BK * 2;  // a's box: 64 rows
@@ -44,7 +35,7 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
     // The stages from the first 1024-byte boundary of the shared window
     // (128-byte swizzle atoms), the expand's tiles after them.
     LK_DYNAMIC_SHARED(unsigned char, dynamic);
-    unsigned char* ring = dynamic + (1024 - lk::smem_address(dynamic) % 1024) % 1024;
+    unsigned char* ring = lk::wgmma_tiles::ring_start(dynamic);
     T* expand_smem = reinterpret_cast<T*>(ring + C::STAGES * kStageBytes);
     LK_SHARED(uint64_t, full, [C::STAGES]);
     LK_SHARED(uint64_t, empty, [C::STAGES]);
@@ -119,12 +110,10 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
                 const unsigned xs = lk::smem_address(x_tile(s)) + x_rows;
                 const unsigned ws = lk::smem_address(w_tile(s)), as = lk::smem_address(a_tile(s));
                 for (int kk = 0; kk < C::BK / 16; ++kk) {
-                    // k-steps 32 bytes apart within the 128-byte rows; 8-row atoms 1024 bytes apart.
-                    const uint64_t dx = lk::wgmma_desc(xs + 32 * kk, 16, 1024, 128);
+                    const uint64_t dx = k_major_desc(xs, kk);
                     const bool more = kt > 0 || kk > 0;
-                    lk::wgmma_ss<C::BN, T>(acc, dx, lk::wgmma_desc(ws + 32 * kk, 16, 1024, 128), more);
-                    if constexpr (SHRINK)
-                        lk::wgmma_ss<lk::RC, T>(tacc, dx, lk::wgmma_desc(as + 32 * kk, 16, 1024, 128), more);
+                    lk::wgmma_ss<C::BN, T>(acc, dx, k_major_desc(ws, kk), more);
+                    if constexpr (SHRINK) lk::wgmma_ss<lk::RC, T>(tacc, dx, k_major_desc(as, kk), more);
                 }
                 lk::wgmma_commit();
                 // Waits for this k-tile's group. Keeping one in flight (wait<1>,

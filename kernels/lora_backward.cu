@@ -15,6 +15,7 @@
 //      lk_backward_{db,da}_mma_*, lk_token_gemm.cuh; SIMT for f32); then
 //      lk_backward_reduce (deterministic: fixed order, no float atomics)
 //      when splits > 1.
+#include "lk_backward.cuh"
 #include "lk_gather_gemm.cuh"
 #include "lk_token_gemm.cuh"
 
@@ -22,19 +23,9 @@ namespace {
 
 constexpr int THREADS = 256;
 
-// The slot token i trains, or -1 (no adapter, an empty slot or a bad id).
-__device__ __forceinline__ int token_slot(const BackwardParams& p, int i) {
-    if (!p.token_slots) return 0;
-    int id = reinterpret_cast<const int*>(p.token_slots)[i];
-    if (id < 0 || id >= p.slots) return -1;
-    return reinterpret_cast<const int*>(p.slot_rank)[id] > 0 ? id : -1;
-}
-__device__ __forceinline__ int slot_rank(const BackwardParams& p, int s) {
-    return p.token_slots ? reinterpret_cast<const int*>(p.slot_rank)[s] : p.uniform_rank;
-}
-__device__ __forceinline__ float slot_scale(const BackwardParams& p, int s) {
-    return p.token_slots ? reinterpret_cast<const float*>(p.slot_scale)[s] : p.uniform_scale;
-}
+using lk::backward::slot_rank;
+using lk::backward::slot_scale;
+using lk::backward::token_slot;
 
 // The slot a block of u, da or db works for, or -1 (the block has nothing
 // to do): its layer's (z), or, with a layer per token (p.first_token), token
@@ -147,50 +138,6 @@ __device__ void backward_dx(const BackwardParams& p) {
     }
 }
 
-// The u a expand of E's team (the block, or one warp of a 64-row tile): rows
-// row0 .. row0 + E::BM - 1 of dx (row_slot[E::BM]: their slots) by column
-// tile col0, one step per distinct adapter among them and per RC of its
-// ranks; rows of other adapters and padding ranks are exact zeros. smem:
-// the team's expand tiles; distinct (E::BM + 1 ints) its scratch; guard
-// constructed before the k-loop.
-template <class T, class E>
-__device__ void dx_expand_rows(const BackwardParams& p, T* smem, const int* row_slot, int* distinct,
-                               lk::ExpandGuard<E>& guard, int row0, int col0, lk::Accumulators<E>& r) {
-    using Team = typename E::Team;
-    constexpr int LDB = E::BN + 8;
-    const T* a_pool = reinterpret_cast<const T*>(p.a_pool);
-    const float* u = reinterpret_cast<const float*>(p.u);
-    lk::collect_distinct<E::BM, Team>(row_slot, distinct);
-    lk::ExpandTiles<T, E, true> e(smem);
-    for (int d = 1; d <= distinct[0]; ++d) {
-        const int s = distinct[d], rank = slot_rank(p, s);
-        const T* as = a_pool + (size_t)s * p.max_rank * p.k;
-        for (int r0 = 0; r0 < rank; r0 += lk::RC) {
-            const int rc = rank - r0 < lk::RC ? rank - r0 : lk::RC;
-            const int rp = (rc + 15) / 16 * 16;
-            // Rows of other adapters and padding ranks are exact zeros.
-            auto values = [&](auto&& f) {
-                for (int i = Team::tid(); i < E::BM * rp; i += E::THREADS) {
-                    int row = i / rp, col = i % rp;
-                    f(row, col, (row_slot[row] == s && col < rc) ? u[(size_t)(row0 + row) * p.max_rank + r0 + col] : 0.f);
-                }
-            };
-            auto weight = [&](int row, int col, int j) {
-                return row_slot[row] == s && col0 + col < p.k ? lk::to_f32(as[(size_t)(r0 + j) * p.k + col0 + col]) : 0.f;
-            };
-            guard.next();
-            values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
-            // a rows r0.. of this slot, columns col0..: rank x BN, k-major.
-            for (int i = Team::tid(); i < rp * E::BN; i += E::THREADS) {
-                int j = i / E::BN, q = i % E::BN;
-                T v = (j < rc && col0 + q < p.k) ? as[(size_t)(r0 + j) * p.k + col0 + q] : lk::from_f32<T>(0.f);
-                e.ws[j * LDB + q] = lk::finite_weight(v, guard);
-            }
-            lk::expand(e, guard, rc, rp, values, weight, r);
-        }
-    }
-}
-
 // dx = g w + u a on tensor cores: a BM x BN tile of dx per block, the base
 // product over n as a k-major GEMM (lk_tile_gemm.cuh), then u a as extra
 // k-steps over each distinct adapter's ranks among the block's rows (their a
@@ -237,11 +184,11 @@ __device__ void backward_dx_mma(const BackwardParams& p) {
     // The block's pipeline is drained and row_slot written (mainloop_bt
     // ends with a barrier).
     if constexpr (TEAMS == 1) {
-        dx_expand_rows<T, E>(p, smem, row_slot, distinct, guard, row0, col0, r);
+        lk::backward::dx_expand_rows<T, E>(p, smem, row_slot, distinct, guard, row0, col0, r);
     } else {
         const int rows = team * E::BM;  // the warp's first row in the tile
         lk::with_warp_accumulators(r, [&](lk::Accumulators<E>& acc) {
-            dx_expand_rows<T, E>(p, smem + team * lk::expand_elems<E, true>(), row_slot + rows,
+            lk::backward::dx_expand_rows<T, E>(p, smem + team * lk::expand_elems<E, true>(), row_slot + rows,
                                  distinct + team * (E::BM + 1), guard, row0 + rows, col0, acc);
         });
     }

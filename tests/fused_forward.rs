@@ -964,22 +964,6 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
 
 // ---- The prefill on Hopper's wgmma and TMA (`LaunchForm::wgmma`) ----
 
-/// The devices the wgmma kernel runs on: the host runtime (which emulates
-/// wgmma, TMA and mbarrier) under each schedule, and a GPU of compute
-/// capability 9.0.
-fn wgmma_devices() -> Vec<Device> {
-    let mut devs = vec![
-        Device::host_with_schedule(HostSchedule::Reverse).unwrap(),
-        Device::host_with_schedule(HostSchedule::Interleaved).unwrap(),
-    ];
-    devs.extend(
-        devices()
-            .into_iter()
-            .filter(|d| d.compute_capability().is_none_or(|cc| cc == (9, 0))),
-    );
-    devs
-}
-
 fn wgmma(col_tiles: usize) -> LaunchForm {
     LaunchForm {
         wgmma: true,

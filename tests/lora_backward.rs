@@ -265,15 +265,26 @@ fn check_data<T: KernelElement>(
     accumulate: bool,
     deterministic: bool,
 ) -> Result<(), String> {
-    let (dims, rank) = (case.dims, case.rank);
-    let want = case.expected(accumulate, prior);
-    let (bdx, bda, bdb) = case.bounds(accumulate, prior, &want);
     let opts = BackwardOptions {
         accumulate,
         deterministic,
+        ..Default::default()
     };
-    for dev in devices() {
-        let (dx, da, db) = case.run(&dev, [true, true, true], opts, prior);
+    check_data_on(&devices(), case, prior, opts)
+}
+
+/// [`check_data`] on the given devices, with any options.
+fn check_data_on<T: KernelElement>(
+    devs: &[Device],
+    case: &Case<T>,
+    prior: &(Vec<T>, Vec<f32>, Vec<f32>),
+    opts: BackwardOptions,
+) -> Result<(), String> {
+    let (dims, rank) = (case.dims, case.rank);
+    let want = case.expected(opts.accumulate, prior);
+    let (bdx, bda, bdb) = case.bounds(opts.accumulate, prior, &want);
+    for dev in devs {
+        let (dx, da, db) = case.run(dev, [true, true, true], opts, prior);
         let what = |name: &str| {
             format!(
                 "{name} {:?} {dims:?} r={rank} {opts:?} on {}",
@@ -294,16 +305,31 @@ fn check_data<T: KernelElement>(
 /// u a, da through u, db directly. With uniform data and s = 0.5 + 1 (seed
 /// 1: 1.5), rank 12, the low-rank part of dx is as large as g w.
 fn negative_control<T: KernelElement>(off: f64, m: usize) {
-    let case = Case::<T>::new(Dims::new(m, 37, 45), 12, 1);
+    negative_control_on::<T>(
+        &devices(),
+        BackwardOptions::default(),
+        off,
+        Dims::new(m, 37, 45),
+    );
+}
+
+/// [`negative_control`] on the given devices, options and shape.
+fn negative_control_on<T: KernelElement>(
+    devs: &[Device],
+    opts: BackwardOptions,
+    off: f64,
+    dims: Dims,
+) {
+    let m = dims.m;
+    let case = Case::<T>::new(dims, 12, 1);
     let wrong = case.with_scale_times(1.0 + off as f32);
     let prior = case.prior(2);
-    let opts = BackwardOptions::default();
     let want = case.expected(false, &prior);
     let bounds = case.bounds(false, &prior, &want);
     let off_want = wrong.expected(false, &prior);
     let off_bounds = wrong.bounds(false, &prior, &off_want);
-    for dev in devices() {
-        let got = case.run(&dev, [true, true, true], opts, &prior);
+    for dev in devs {
+        let got = case.run(dev, [true, true, true], opts, &prior);
         compare_within("dx", &got.0, &want.0, &bounds.0).unwrap();
         compare_within("da", &got.1, &want.1, &bounds.1).unwrap();
         compare_within("db", &got.2, &want.2, &bounds.2).unwrap();
@@ -415,6 +441,7 @@ fn deterministic_mode_is_bit_identical_run_to_run() {
     let opts = BackwardOptions {
         accumulate: false,
         deterministic: true,
+        ..Default::default()
     };
     for dev in devices() {
         let first = case.run(&dev, [true, true, true], opts, &prior);
@@ -452,6 +479,21 @@ impl<T: KernelElement> PoolCase<T> {
         deterministic: bool,
         prior: Option<f32>,
     ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+        let opts = BackwardOptions {
+            accumulate: prior.is_some(),
+            deterministic,
+            ..Default::default()
+        };
+        self.run_with(dev, opts, prior)
+    }
+
+    /// [`Self::run`] with any options (`opts.accumulate` when `prior` is set).
+    fn run_with(
+        &self,
+        dev: &Device,
+        opts: BackwardOptions,
+        prior: Option<f32>,
+    ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
         let Dims { m, n, k } = self.dims;
         let pool = self.pool(dev);
         let up = |v: &Vec<T>| dev.upload(v).unwrap();
@@ -471,10 +513,6 @@ impl<T: KernelElement> PoolCase<T> {
             db: Some((&mut db).into()),
         };
         let mut scratch = BackwardScratch::new(dev).unwrap();
-        let opts = BackwardOptions {
-            accumulate: prior.is_some(),
-            deterministic,
-        };
         let inputs = DeviceBackwardInputs::new(&gd, &xd, &wd, &td);
         multi_adapter_backward(&pool, m, &idd, inputs, grads, opts, &mut scratch).unwrap();
         (
@@ -492,11 +530,27 @@ impl<T: KernelElement> PoolCase<T> {
 
     /// [`Self::check`] on the given devices.
     fn check_on(&self, devs: &[Device], what: &str) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+        self.check_with(devs, what, BackwardOptions::default())
+    }
+
+    /// [`Self::check_on`] with `base`'s other options (each run sets its
+    /// own `deterministic`, and never `accumulate`).
+    fn check_with(
+        &self,
+        devs: &[Device],
+        what: &str,
+        base: BackwardOptions,
+    ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
         let want = self.expected();
         let (bdx, bda, bdb) = self.bounds(&want);
         for dev in devs {
             for deterministic in [false, true] {
-                let got = self.run(dev, deterministic, None);
+                let opts = BackwardOptions {
+                    accumulate: false,
+                    deterministic,
+                    ..base
+                };
+                let got = self.run_with(dev, opts, None);
                 let what = format!(
                     "{what} {:?} on {} (deterministic {deterministic})",
                     T::DTYPE,
@@ -941,10 +995,172 @@ fn gpu_real_shape_matches_reference() {
         let opts = BackwardOptions {
             accumulate: true,
             deterministic,
+            ..Default::default()
         };
         let (dx, da, db) = case.run(&dev, [true, true, true], opts, &prior);
         compare_within("dx", &dx, &want.0, &bdx).unwrap();
         compare_within("da", &da, &want.1, &bda).unwrap();
         compare_within("db", &db, &want.2, &bdb).unwrap();
+    }
+}
+
+// ---- dx on Hopper's wgmma and TMA (`BackwardOptions::wgmma`) ----
+
+fn wgmma_opts(accumulate: bool, deterministic: bool) -> BackwardOptions {
+    BackwardOptions {
+        accumulate,
+        deterministic,
+        wgmma: true,
+    }
+}
+
+/// The wgmma dx (and da, db beside it) matches the reference within
+/// docs/DESIGN.md section 3's bounds on shapes off every tile: m off the
+/// 128-row tile, k off the 128-column tile and not a multiple of w's 64-wide
+/// boxes, n (the reduction) off the 64-wide tiles and past the 4 stages so
+/// the ring wraps; ranks 1, 5, 16, 64 and 70 (two chunks of the expand);
+/// written and accumulated, on the host runtime under each schedule and on
+/// a Hopper GPU.
+#[test]
+fn wgmma_dx_matches_reference_off_every_tile() {
+    let devs = wgmma_devices();
+    for (i, ((m, n, k), r)) in [
+        ((200, 328, 136), 5),
+        ((130, 64, 72), 1),
+        ((64, 136, 264), 64),
+        ((129, 40, 128), 16),
+        ((70, 96, 200), 70),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dims = Dims::new(m, n, k);
+        let accumulate = i % 2 == 1;
+        for seed in [40 + i as u64, 50 + i as u64] {
+            let prior_seed = seed ^ 9;
+            let case = Case::<bf16>::new(dims, r, seed);
+            check_data_on(
+                &devs,
+                &case,
+                &case.prior(prior_seed),
+                wgmma_opts(accumulate, true),
+            )
+            .unwrap();
+            let case = Case::<f16>::new(dims, r, seed);
+            check_data_on(
+                &devs,
+                &case,
+                &case.prior(prior_seed),
+                wgmma_opts(accumulate, false),
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// A scale off by 1% (bf16) or 0.3% (f16) fails the wgmma dx's check.
+#[test]
+fn wgmma_dx_negative_control() {
+    let devs = wgmma_devices();
+    let dims = Dims::new(150, 40, 136);
+    negative_control_on::<bf16>(&devs, wgmma_opts(false, true), 1e-2, dims);
+    negative_control_on::<f16>(&devs, wgmma_opts(false, true), 3e-3, dims);
+}
+
+/// A pool: tokens of 6 slots of ranks 1 to 80 (two rank chunks), tokens
+/// without an adapter and an out-of-range id, several adapters in every
+/// 128-row tile; each token's dx matches the per-slot reference.
+#[test]
+fn wgmma_dx_of_a_pool_matches_a_per_slot_loop() {
+    let devs = wgmma_devices();
+    let ranks = [1, 16, 80, 3, 0, 64];
+    let m = 150;
+    let ids: Vec<i32> = (0..m as i32)
+        .map(|i| [0, 1, 2, 3, 4, 5, -1, 2, 9][(i % 9) as usize])
+        .collect();
+    let dims = Dims::new(m, 72, 136);
+    let wgmma = wgmma_opts(false, false);
+    PoolCase::<bf16>::new(dims, 80, &ranks, ids.clone(), 61).check_with(&devs, "wgmma dx", wgmma);
+    PoolCase::<f16>::new(dims, 80, &ranks, ids, 62).check_with(&devs, "wgmma dx", wgmma);
+}
+
+/// Infinite weights in a and a row of g that is all zeros (0 * Inf = NaN in
+/// u a): the wgmma dx has the reference's infinities and NaNs, and is within
+/// the bound elsewhere.
+#[test]
+fn wgmma_dx_with_infinite_a_gives_the_references_infinities_and_nans() {
+    let devs = wgmma_devices();
+    let (n, k, inf) = (40, 72, f64::INFINITY);
+    for rank in [5, 70] {
+        let mut case = Case::<bf16>::new(Dims::new(130, n, k), rank, 9);
+        case.a[3] = bf16::from_f64(inf);
+        case.a[(rank - 1) * k + 7] = bf16::from_f64(-inf);
+        case.g[2 * n..3 * n].fill(bf16::from_f64(0.0));
+        let scale = case.scale;
+        let case = case.rescaled(scale, 1.0);
+        let want = case.expected(false, &case.prior(1));
+        let has = |p: &dyn Fn(f64) -> bool| want.0.iter().any(|v| p(v.to_f64()));
+        assert!(has(&|v| v == inf) && has(&|v| v == -inf) && has(&f64::is_nan));
+        check_data_on(&devs, &case, &case.prior(1), wgmma_opts(false, true)).unwrap();
+    }
+}
+
+/// What the wgmma dx can't take is an error naming why, and the failed call
+/// leaves every gradient as it was: n or k not a multiple of 8, f32, and a
+/// GPU other than compute capability 9.0.
+#[test]
+fn wgmma_dx_refuses_what_it_cannot_load_and_changes_nothing() {
+    fn refused<T: KernelElement>(dev: &Device, dims: Dims, what: &str) {
+        let case = Case::<T>::new(dims, 3, 70);
+        let prior = case.prior(71);
+        let up = |v: &Vec<T>| dev.upload(v).unwrap();
+        let (g, x, w, a, b) = (
+            up(&case.g),
+            up(&case.x),
+            up(&case.w),
+            up(&case.a),
+            up(&case.b),
+        );
+        let t = dev.upload(&case.t).unwrap();
+        let (mut dx, mut da, mut db) = (
+            up(&prior.0),
+            dev.upload(&prior.1).unwrap(),
+            dev.upload(&prior.2).unwrap(),
+        );
+        let grads = Grads {
+            dx: Some((&mut dx).into()),
+            da: Some((&mut da).into()),
+            db: Some((&mut db).into()),
+        };
+        let mut scratch = BackwardScratch::new(dev).unwrap();
+        let adapter = DeviceAdapter::new(&a, &b, case.rank, case.scale);
+        let inputs = DeviceBackwardInputs::new(&g, &x, &w, &t);
+        let err = lora_backward(
+            dev,
+            dims,
+            &adapter,
+            inputs,
+            grads,
+            wgmma_opts(false, false),
+            &mut scratch,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(what), "{dims:?} {:?}: {err}", T::DTYPE);
+        assert!(dev.download(&dx).unwrap() == prior.0, "dx changed");
+        assert!(dev.download(&da).unwrap() == prior.1, "da changed");
+        assert!(dev.download(&db).unwrap() == prior.2, "db changed");
+    }
+    for dev in devices() {
+        match dev.compute_capability() {
+            Some(cc) if cc != (9, 0) => {
+                refused::<bf16>(&dev, Dims::new(130, 64, 64), "compute capability")
+            }
+            _ => {
+                refused::<bf16>(&dev, Dims::new(130, 60, 64), "n = 60, k = 64");
+                refused::<f16>(&dev, Dims::new(130, 64, 68), "n = 64, k = 68");
+                refused::<f32>(&dev, Dims::new(130, 64, 64), "`dtype`");
+            }
+        }
     }
 }

@@ -115,6 +115,7 @@ fn opts(accumulate: bool, deterministic: bool) -> BackwardOptions {
     BackwardOptions {
         accumulate,
         deterministic,
+        ..Default::default()
     }
 }
 

@@ -93,6 +93,7 @@ fn backward_rows(n: usize, k: usize) {
     let deterministic = BackwardOptions {
         accumulate: false,
         deterministic: true,
+        ..Default::default()
     };
     let mut cases: Vec<(String, Dims, Vec<usize>, Vec<i32>)> = Vec::new();
     for m in [16usize, 64, 4096] {

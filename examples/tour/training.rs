@@ -69,6 +69,7 @@ pub fn backward_table(
                         let opts = BackwardOptions {
                             accumulate: false,
                             deterministic,
+                            ..Default::default()
                         };
                         lora_backward(
                             dev,

@@ -288,6 +288,7 @@ fn options(req: BackwardRequest) -> BackwardOptions {
     BackwardOptions {
         accumulate: false,
         deterministic: req.deterministic,
+        ..Default::default()
     }
 }
 

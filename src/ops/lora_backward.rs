@@ -8,6 +8,7 @@
 //! [`lora_backward`] trains one adapter; [`multi_adapter_backward`] trains
 //! every adapter of a pool that a batch uses, each token's gradient going to
 //! its own slot, in the same launches.
+use super::lora_backward_wgmma::{self as wgmma, backward_dx_wgmma};
 use super::tiles::{
     DECODE, DECODE_DEEP, DECODE_WIDE, DECODE_WIDE_DEEP, GATHER_GEMM, MmaTiles, PREFILL,
     STATIC_SMEM_MARGIN, TOKEN_GEMM,
@@ -85,6 +86,12 @@ pub struct BackwardOptions {
     pub accumulate: bool,
     /// Bit-identical gradients run to run: no float atomics.
     pub deterministic: bool,
+    /// dx on Hopper's wgmma and TMA (`kernels/lora_backward_wgmma.cu`): GPUs
+    /// of compute capability 9.0 and the host runtime, f16/bf16, `n` and `k`
+    /// multiples of 8, g and w 16-byte aligned; anything else is an error
+    /// before any gradient changes. Not the default until a GPU has
+    /// measured it. Bit-identical run to run, like every dx.
+    pub wgmma: bool,
 }
 
 /// The gradients to compute; None skips one. Single adapter: `dx` `[m, k]`,
@@ -421,6 +428,9 @@ fn run<T: KernelElement>(
     check_operand(dev, "b", pool.b, slots * n, max_rank)?;
     if let Some(dx) = &grads.dx {
         check_output(dev, "dx", dx, m, k)?;
+        if opts.wgmma {
+            wgmma::check(dev, T::DTYPE, dims, &g, &w)?;
+        }
     }
     if let Some(da) = &grads.da {
         check_output(dev, "da", da, slots * max_rank, k)?;
@@ -578,6 +588,7 @@ fn run<T: KernelElement>(
     // row and a range of n per grid column, each writing its own partial,
     // 16-byte copies only when n, max_rank and the bases of g and b allow;
     // u_sum: a thread per element of u; dx: 64 columns x 32 rows, or the
+    // wgmma kernel (its preconditions checked: wgmma::check), or the
     // tensor-core tiles with their
     // block size and shared memory, 16-byte loads only when n, k and the
     // bases allow; db, da: RangeKernel's columns, block size and shared
@@ -612,7 +623,10 @@ fn run<T: KernelElement>(
             }
             _ => U_F32.launch(dev, simt(grids.u), &params)?,
         }
-        if pdx != 0 {
+        if pdx != 0 && opts.wgmma {
+            // Checked above (wgmma::check); u is computed.
+            backward_dx_wgmma(dev, T::DTYPE, dims, &params)?;
+        } else if pdx != 0 {
             let aligned = n.is_multiple_of(8)
                 && k.is_multiple_of(8)
                 && [pg, pw].iter().all(|p| p.is_multiple_of(16));

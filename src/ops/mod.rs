@@ -4,6 +4,7 @@ pub mod adamw;
 pub mod fused_forward;
 mod fused_forward_wgmma;
 pub mod lora_backward;
+mod lora_backward_wgmma;
 pub mod merge;
 pub mod multi_adapter_forward;
 pub(crate) mod pool_load;

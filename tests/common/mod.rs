@@ -82,6 +82,23 @@ pub fn devices_and_interleaved() -> Vec<Device> {
     devs
 }
 
+/// The devices the wgmma kernels run on: the host runtime (which emulates
+/// wgmma, TMA and mbarrier) under each schedule, and a GPU of compute
+/// capability 9.0.
+pub fn wgmma_devices() -> Vec<Device> {
+    use lora_kernels::HostSchedule;
+    let mut devs = vec![
+        Device::host_with_schedule(HostSchedule::Reverse).unwrap(),
+        Device::host_with_schedule(HostSchedule::Interleaved).unwrap(),
+    ];
+    devs.extend(
+        devices()
+            .into_iter()
+            .filter(|d| d.compute_capability().is_none_or(|cc| cc == (9, 0))),
+    );
+    devs
+}
+
 fn usable_gpu() -> Option<Device> {
     static GPU: OnceLock<Result<Device, String>> = OnceLock::new();
     let gpu = GPU.get_or_init(|| {

@@ -10,6 +10,7 @@ pub(super) fn backward_rows(dev: &Device) -> Res<Vec<Row>> {
     let opts = |deterministic, accumulate| BackwardOptions {
         accumulate,
         deterministic,
+        ..Default::default()
     };
     for deterministic in [true, false] {
         rows.extend(backward::<f32>(dev, decode, 8, opts(deterministic, false))?);
@@ -339,6 +340,7 @@ fn multi_backward<T: KernelElement>(
     let opts = BackwardOptions {
         accumulate: false,
         deterministic,
+        ..Default::default()
     };
     let mut scratch = BackwardScratch::new(dev)?;
     let inputs = DeviceBackwardInputs::new(&gd, &xd, &wd, &td);
