@@ -196,6 +196,29 @@ impl CublasBaseline {
         Ok(())
     }
 
+    /// `dx = g w` alone: the one GEMM an adapter backward can't avoid (its
+    /// targets are ratios to it). `g` is `[m, n]`, `w` `[n, k]`, `dx` `[m, k]`.
+    pub fn backward_base<T: Element>(
+        &self,
+        dims: Dims,
+        g: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
+        dx: &mut CudaSlice<T>,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        let Dims { m, n, k } = dims;
+        dims.validate()?;
+        check_matrix("g", m, n, g.len())?;
+        check_matrix("w", n, k, w.len())?;
+        check_matrix("dx", m, k, dx.len())?;
+        if m == 0 {
+            return Ok(());
+        }
+        self.gemm_rm((m, k, n), (1.0, 0.0), (g, false), (w, false), dx)
+    }
+
     /// The unfused adapter backward, five GEMMs (docs/DESIGN.md section 1):
     /// `u = s g b`, `dx = g w`, `dx += u a`, `db = s g^T t`, `da = u^T x`,
     /// every result in the storage type. `t` is `[m, rank]` (the unfused

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 /// One kernel per row: the bf16 (16-byte copy) variant of each operation.
-const KERNELS: [&str; 16] = [
+const KERNELS: [&str; 17] = [
     "lk_fused_forward_decode_bf16_aligned",
     "lk_fused_forward_decode_wide_bf16_aligned",
     "lk_fused_forward_prefill_bf16_aligned",
@@ -17,6 +17,7 @@ const KERNELS: [&str; 16] = [
     "lk_backward_dx_decode_deep_bf16_aligned",
     "lk_backward_dx_decode_wide_bf16_aligned",
     "lk_backward_dx_prefill_bf16_aligned",
+    "lk_backward_dx_wgmma_bf16",
     "lk_backward_db_mma_bf16_aligned",
     "lk_backward_da_mma_bf16_aligned",
     "lk_adamw_bf16",

@@ -25,6 +25,16 @@ pub(super) fn backward_rows(dev: &Device) -> Res<Vec<Row>> {
     let prefill = Dims::new(M_PREFILL, N_ALIGNED, K_ALIGNED);
     rows.extend(backward::<bf16>(dev, prefill, 16, opts(true, false))?);
     rows.extend(backward::<f16>(dev, prefill, 16, opts(false, false))?);
+    // dx on Hopper's wgmma and TMA (BackwardOptions::wgmma), where it runs:
+    // the host runtime and GPUs of compute capability 9.0.
+    if dev.compute_capability().is_none_or(|cc| cc == (9, 0)) {
+        let wgmma = |deterministic| BackwardOptions {
+            wgmma: true,
+            ..opts(deterministic, false)
+        };
+        rows.extend(backward::<bf16>(dev, prefill, 16, wgmma(true))?);
+        rows.extend(backward::<f16>(dev, prefill, 5, wgmma(false))?);
+    }
     // Accumulate: added to the gradients already there.
     rows.extend(backward::<bf16>(dev, decode, 8, opts(true, true))?);
     rows.extend(backward::<f32>(dev, decode, 8, opts(false, true))?);
@@ -117,6 +127,8 @@ fn gradient_labels<T: Element>(
     let Dims { m, n, k } = dims;
     let dx = if T::DTYPE == DType::F32 {
         "dx, Simt".to_string()
+    } else if opts.wgmma {
+        "dx, wgmma + TMA".to_string()
     } else {
         let tiles = if m <= 64 { "Decode" } else { "Prefill" };
         format!("dx, {tiles} tiles, {}", loads(n % 8 == 0 && k % 8 == 0))
