@@ -13,8 +13,8 @@ mod bindings;
 
 pub use bindings::{
     AdamWParams, BackwardParams, BackwardWgmmaParams, FusedForwardParams, FusedWgmmaParams,
-    HopperSelftestParams, LkTensorMap, MergeParams, MultiAdapterParams, PoolLoadParams,
-    SelftestParams, SlotOptim,
+    HopperSelftestParams, LkTensorMap, MergeParams, MultiAdapterParams, MultiAdapterWgmmaParams,
+    PoolLoadParams, SelftestParams, SlotOptim,
 };
 
 /// Every params struct with the names of all its fields (the list must be
@@ -80,6 +80,7 @@ params_structs! {
     FusedWgmmaParams {
         x_map, w_map, a_map, b, y, t_out, m, n, k, r, scale, beta, col_tiles, pad,
     }
+    MultiAdapterWgmmaParams { x_map, w_map, p }
     HopperSelftestParams { a_map, b_map, a, b, out, n, k, b_rows, swizzle, variant, b_mn_major }
 }
 

@@ -567,6 +567,37 @@ impl Default for FusedWgmmaParams {
         }
     }
 }
+#[doc = " The multi-adapter forward's prefill on Hopper\n (kernels/multi_adapter_forward_wgmma.cu, sm_90a): x and w through tensor\n maps (boxes of 64 k by 128 rows; 128-byte swizzle), everything else as the\n other multi-adapter kernels read it from `p`."]
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct MultiAdapterWgmmaParams {
+    pub x_map: LkTensorMap,
+    pub w_map: LkTensorMap,
+    pub p: MultiAdapterParams,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MultiAdapterWgmmaParams"]
+        [::std::mem::size_of::<MultiAdapterWgmmaParams>() - 448usize];
+    ["Alignment of MultiAdapterWgmmaParams"]
+        [::std::mem::align_of::<MultiAdapterWgmmaParams>() - 64usize];
+    ["Offset of field: MultiAdapterWgmmaParams::x_map"]
+        [::std::mem::offset_of!(MultiAdapterWgmmaParams, x_map) - 0usize];
+    ["Offset of field: MultiAdapterWgmmaParams::w_map"]
+        [::std::mem::offset_of!(MultiAdapterWgmmaParams, w_map) - 128usize];
+    ["Offset of field: MultiAdapterWgmmaParams::p"]
+        [::std::mem::offset_of!(MultiAdapterWgmmaParams, p) - 256usize];
+};
+impl Default for MultiAdapterWgmmaParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[doc = " The backward's dx = g w + u a on Hopper (kernels/lora_backward_wgmma.cu,\n sm_90a): g and w through tensor maps (boxes of 64 n: 128 rows of g; 64\n rows of w by 64 of its k columns; 128-byte swizzle), everything else as\n the other dx kernels read it from `p`."]
 #[repr(C)]
 #[repr(align(64))]

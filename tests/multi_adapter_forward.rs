@@ -886,6 +886,7 @@ fn decode_split_k_matches_reference_for_every_split_count() {
                         shrink_blocks,
                         k_splits,
                         wide_tiles,
+                        ..LaunchForm::default()
                     },
                 )
             });
@@ -1446,4 +1447,194 @@ fn segments_checked_on_the_device() {
     segments_checked_case::<f16>(&[Regime::Decode, Regime::Prefill]);
     segments_checked_case::<bf16>(&[Regime::Decode]);
     segments_checked_case::<f32>(&[Regime::Simt]);
+}
+
+// ---- The prefill's tile blocks on Hopper's wgmma and TMA (`LaunchForm::wgmma`) ----
+
+fn wgmma_form(shrink_blocks: bool) -> lora_kernels::ops::multi_adapter_forward::LaunchForm {
+    lora_kernels::ops::multi_adapter_forward::LaunchForm {
+        shrink_blocks,
+        wgmma: true,
+        ..Default::default()
+    }
+}
+
+/// The wgmma prefill matches the reference within each element's bound:
+/// several row tiles of 128 (the last partial) and column tiles of 128 (the
+/// last partial), k off the 64-wide k-tile and past the 4 stages (the ring
+/// wraps), mixed adapters in every tile (ranks 1 to 80: two rank chunks, an
+/// empty slot, -1s, an out-of-range id counted once per launch), with and
+/// without beta, with and without shrink blocks (the tile blocks' consumers
+/// then take every shrink item), on the host runtime under each schedule and
+/// on a Hopper GPU. A second launch gives the same bits (the counters are
+/// back at 0), and a reference whose scales are off by the negative
+/// control's factor fails.
+#[test]
+fn wgmma_prefill_matches_reference_with_mixed_adapters_in_every_tile() {
+    fn case<T: KernelElement>((m, n, k): (usize, usize, usize), beta: f32, off: f32) {
+        let ranks = [1, 16, 80, 0, 33];
+        let fx = Fixture::<T>::new(n, k, 80, &ranks, 91 + k as u64);
+        let x: Vec<T> = random(&mut rng(92), m * k);
+        let ids: Vec<i32> = (0..m)
+            .map(|i| [0, 1, 2, -1, 4, 9][(i * 7 + i / 16) % 6])
+            .collect();
+        let bad = ids.iter().filter(|&&id| id == 9).count() as u32;
+        let y0: Vec<T> = if beta == 0.0 {
+            vec![T::from_f64(f64::NAN); m * n]
+        } else {
+            random(&mut rng(93), m * n)
+        };
+        let off_fx = fx.with_scales_times(1.0 + off);
+        for dev in wgmma_devices() {
+            let pool = fx.pool(&dev);
+            for shrink_blocks in [true, false] {
+                let what = format!(
+                    "{:?} wgmma {m}x{n}x{k} beta={beta} shrink blocks {shrink_blocks} on {}",
+                    T::DTYPE,
+                    dev.name()
+                );
+                let form = wgmma_form(shrink_blocks);
+                let (done, got) =
+                    run_form(&pool, Regime::Prefill, form, &x, &fx.w, &ids, beta, &y0);
+                done.unwrap_or_else(|e| panic!("{what}: {e}"));
+                fx.compare(&what, &got, &x, &ids, beta, &y0).unwrap();
+                assert!(
+                    off_fx.compare(&what, &got, &x, &ids, beta, &y0).is_err(),
+                    "{what}: a reference with scales off by {off} must fail"
+                );
+                let (again_done, again) =
+                    run_form(&pool, Regime::Prefill, form, &x, &fx.w, &ids, beta, &y0);
+                again_done.unwrap();
+                assert!(same_bits(&got, &again), "{what}: a second launch differs");
+                assert_eq!(pool.bad_id_count().unwrap(), 2 * bad, "{what}");
+                pool.reset_bad_id_count().unwrap();
+            }
+        }
+    }
+    case::<bf16>((150, 300, 72), 0.0, 1e-2);
+    case::<f16>((150, 300, 72), 0.5, 3e-3);
+    case::<bf16>((70, 136, 328), -1.0, 1e-2);
+    case::<f16>((129, 40, 264), 0.0, 3e-3);
+}
+
+/// Segments routed on the device, and a malformed table: every token is
+/// then served as -1 (base only) and m tokens are counted, as in the
+/// mma.sync kernel.
+#[test]
+fn wgmma_prefill_routes_segments_and_serves_a_malformed_table_as_base() {
+    let fx = Fixture::<bf16>::new(40, 64, 9, &[4, 9, 0, 1], 17);
+    let m = 140;
+    let x: Vec<bf16> = random(&mut rng(18), m * 64);
+    for dev in wgmma_devices() {
+        let pool = fx.pool(&dev);
+        let (xd, wd) = (dev.upload(&x).unwrap(), dev.upload(&fx.w).unwrap());
+        for (offsets, slots, bad_table) in [
+            (vec![0, 10, 10, 45, 140], vec![1, 0, -1, 3], false),
+            (vec![0, 50, 20, 140], vec![1, 0, 3], true),
+        ] {
+            let ids = if bad_table {
+                vec![-1; m]
+            } else {
+                reference::segment_ids(m, &offsets, &slots).unwrap()
+            };
+            let (od, sd) = (dev.upload(&offsets).unwrap(), dev.upload(&slots).unwrap());
+            let routing = Routing::Segments {
+                offsets: (&od).into(),
+                slots: (&sd).into(),
+            };
+            let y0 = vec![bf16::from_f64(f64::NAN); m * 40];
+            let mut y = dev.upload(&y0).unwrap();
+            lora_kernels::ops::multi_adapter_forward::multi_adapter_forward_tuned(
+                Regime::Prefill,
+                wgmma_form(true),
+                &pool,
+                m,
+                ((&xd).into(), (&wd).into()),
+                &routing,
+                0.0,
+                ((&mut y).into(), None),
+            )
+            .unwrap();
+            let got = dev.download(&y).unwrap();
+            let what = format!("wgmma segments (malformed: {bad_table}) on {}", dev.name());
+            fx.compare(&what, &got, &x, &ids, 0.0, &y0).unwrap();
+            let counted = if bad_table { m as u32 } else { 0 };
+            assert_eq!(pool.bad_id_count().unwrap(), counted, "{what}");
+            pool.reset_bad_id_count().unwrap();
+        }
+    }
+}
+
+/// Inf in x (a token without an adapter: its y is +-Inf; and one with an
+/// adapter: NaN where infinities of both signs meet), NaN in x, and a slot
+/// whose f16 `s t` is far past f16's range: the wgmma prefill has the
+/// reference's infinities and NaNs and is within the bound elsewhere.
+#[test]
+fn wgmma_prefill_with_nan_inf_and_a_huge_scale_matches_reference() {
+    let fx = huge_scale_fixture();
+    let k = fx.cfg.k;
+    let m = 130;
+    let mut x: Vec<f16> = random(&mut rng(19), m * k);
+    let ids = huge_scale_ids(m);
+    assert_eq!((ids[2], ids[3]), (-1, 0));
+    x[2 * k + 5] = f16::INFINITY;
+    x[3 * k + 5] = f16::INFINITY;
+    x[70 * k + 1] = f16::NAN;
+    for dev in wgmma_devices() {
+        let pool = fx.pool(&dev);
+        let y0 = vec![f16::NAN; m * fx.cfg.n];
+        let (done, got) = run_form(
+            &pool,
+            Regime::Prefill,
+            wgmma_form(true),
+            &x,
+            &fx.w,
+            &ids,
+            0.0,
+            &y0,
+        );
+        done.unwrap();
+        let want = fx.expected(&x, &ids, 0.0, &y0);
+        assert!(want.iter().any(|v| v.is_nan()) && want.iter().any(|v| v.is_infinite()));
+        fx.compare(
+            &format!("wgmma huge scale on {}", dev.name()),
+            &got,
+            &x,
+            &ids,
+            0.0,
+            &y0,
+        )
+        .unwrap();
+    }
+}
+
+/// What the wgmma prefill can't take is an error naming why, with `y`
+/// unchanged: the decode regime, k not a multiple of 8, an f32 pool (it has
+/// no tensor-core regime), a GPU other than compute capability 9.0.
+#[test]
+fn wgmma_prefill_refuses_what_it_cannot_take_and_changes_nothing() {
+    fn refused<T: KernelElement>(dev: &Device, regime: Regime, k: usize, what: &str) {
+        let fx = Fixture::<T>::new(40, k, 8, &[8, 3], 21);
+        let m = 130;
+        let x: Vec<T> = random(&mut rng(22), m * k);
+        let ids: Vec<i32> = (0..m as i32).map(|i| i % 2).collect();
+        let y0: Vec<T> = random(&mut rng(23), m * 40);
+        let pool = fx.pool(dev);
+        let (done, got) = run_form(&pool, regime, wgmma_form(true), &x, &fx.w, &ids, 0.5, &y0);
+        let err = done.unwrap_err().to_string();
+        assert!(err.contains(what), "{regime:?} k={k} {:?}: {err}", T::DTYPE);
+        assert!(same_bits(&got, &y0), "y changed");
+    }
+    for dev in devices() {
+        match dev.compute_capability() {
+            Some(cc) if cc != (9, 0) => {
+                refused::<bf16>(&dev, Regime::Prefill, 64, "compute capability")
+            }
+            _ => {
+                refused::<bf16>(&dev, Regime::Decode, 64, "prefill regime");
+                refused::<f16>(&dev, Regime::Prefill, 60, "`k`");
+                refused::<f32>(&dev, Regime::Simt, 64, "prefill regime");
+            }
+        }
+    }
 }

@@ -39,6 +39,8 @@ const FieldLayout kLayouts[] = {
     LK_STRUCT(SelftestParams), LK_FIELD(SelftestParams, input), LK_FIELD(SelftestParams, input2),
     LK_FIELD(SelftestParams, out), LK_FIELD(SelftestParams, n), LK_FIELD(SelftestParams, variant),
     LK_STRUCT(LkTensorMap), LK_FIELD(LkTensorMap, opaque),
+    LK_STRUCT(MultiAdapterWgmmaParams), LK_FIELD(MultiAdapterWgmmaParams, x_map),
+    LK_FIELD(MultiAdapterWgmmaParams, w_map), LK_FIELD(MultiAdapterWgmmaParams, p),
     LK_STRUCT(BackwardWgmmaParams), LK_FIELD(BackwardWgmmaParams, g_map), LK_FIELD(BackwardWgmmaParams, w_map),
     LK_FIELD(BackwardWgmmaParams, p),
     LK_STRUCT(FusedWgmmaParams), LK_FIELD(FusedWgmmaParams, x_map), LK_FIELD(FusedWgmmaParams, w_map),

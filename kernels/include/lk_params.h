@@ -183,6 +183,15 @@ typedef struct FusedWgmmaParams {
     int32_t pad;
 } FusedWgmmaParams;
 
+/* The multi-adapter forward's prefill on Hopper
+ * (kernels/multi_adapter_forward_wgmma.cu, sm_90a): x and w through tensor
+ * maps (boxes of 64 k by 128 rows; 128-byte swizzle), everything else as the
+ * other multi-adapter kernels read it from `p`. */
+typedef struct MultiAdapterWgmmaParams {
+    LkTensorMap x_map, w_map;
+    MultiAdapterParams p;
+} MultiAdapterWgmmaParams;
+
 /* The backward's dx = g w + u a on Hopper (kernels/lora_backward_wgmma.cu,
  * sm_90a): g and w through tensor maps (boxes of 64 n: 128 rows of g; 64
  * rows of w by 64 of its k columns; 128-byte swizzle), everything else as

@@ -7,6 +7,7 @@ pub mod lora_backward;
 mod lora_backward_wgmma;
 pub mod merge;
 pub mod multi_adapter_forward;
+mod multi_adapter_forward_wgmma;
 pub(crate) mod pool_load;
 mod split_k;
 mod tiles;

@@ -27,6 +27,7 @@
 //! stream captured before its first split launch runs it unsplit
 //! (docs/DESIGN.md section 13).
 use super::fused_forward::{Regime, regime_for};
+use super::multi_adapter_forward_wgmma as wgmma;
 use super::split_k::{self, SharedShrink};
 use super::tiles::{
     DECODE, DECODE_DEEP, DECODE_WIDE, DECODE_WIDE_DEEP, MmaTiles, PREFILL, SIMT, STATIC_SMEM_MARGIN,
@@ -199,6 +200,12 @@ pub struct LaunchForm {
     /// and 16-row tiles up to 16, `Some(wide)` forces one (an error outside
     /// decode).
     pub wide_tiles: Option<bool>,
+    /// A prefill launch whose tile blocks run on Hopper's wgmma and TMA
+    /// (`kernels/multi_adapter_forward_wgmma.cu`: GPUs of compute capability
+    /// 9.0 and the host runtime): f16/bf16, `k` a multiple of 8 and x, w
+    /// and the pool's a 16-byte aligned, else an error before `y` changes.
+    /// Not the default until a GPU has measured it.
+    pub wgmma: bool,
 }
 
 impl Default for LaunchForm {
@@ -208,6 +215,7 @@ impl Default for LaunchForm {
             shrink_blocks: true,
             k_splits: None,
             wide_tiles: None,
+            wgmma: false,
         }
     }
 }
@@ -302,8 +310,26 @@ fn launch<T: KernelElement>(
     if m == 0 {
         return Ok(());
     }
+    // The wgmma kernel's tile blocks, or the tiling's own.
+    let shape = if form.wgmma {
+        if tiling != Tiling::Prefill {
+            return Err(invalid(
+                "regime",
+                format!("{regime:?}"),
+                "the wgmma kernel serves the prefill regime",
+            ));
+        }
+        TileShape {
+            bm: wgmma::BM,
+            bn: wgmma::BN,
+            threads: wgmma::THREADS,
+            smem_bytes: wgmma::smem_bytes(T::DTYPE.size()) as u32,
+        }
+    } else {
+        tiling.shape()
+    };
     let plan = Plan::new(
-        tiling,
+        (tiling, shape),
         (form.shrink_blocks, form.k_splits),
         dims,
         cfg.max_rank,
@@ -394,6 +420,12 @@ fn launch<T: KernelElement>(
             block: [shape.threads, 1, 1],
             dynamic_smem_bytes: shape.smem_bytes,
         };
+        if form.wgmma {
+            wgmma::check(dev, T::DTYPE, cfg.k, px, pw, pa)?;
+            // SAFETY: as below, with `check` passed and the grid of the
+            // shrink blocks and the wgmma kernel's tiles (the plan's shape).
+            return unsafe { wgmma::launch(dev, T::DTYPE, &params, blocks) };
+        }
         let kernel = plan.tiling.kernel(T::DTYPE, aligned);
         // SAFETY: x, w, y and the routing buffers were checked above to live on
         // the pool's device with the element counts the kernel indexes (x m*k,
@@ -445,7 +477,7 @@ impl Plan {
     /// An error for a forced split the launch can't take, and for a batch
     /// whose shrink items pass a 32-bit claim counter.
     fn new(
-        tiling: Tiling,
+        (tiling, shape): (Tiling, TileShape),
         (with_shrink_blocks, k_splits): (bool, Option<usize>),
         dims: Dims,
         max_rank: usize,
@@ -453,7 +485,6 @@ impl Plan {
         sm_count: usize,
     ) -> Result<Plan> {
         let regime = tiling.regime();
-        let shape = tiling.shape();
         // Shrink units: groups of tokens x groups of rank rows, a warp each,
         // claimed by the warps from a 32-bit counter together with the table
         // entries.
@@ -559,7 +590,14 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     k_splits: Option<usize>,
 ) -> Result<bool> {
     let tiling = Tiling::pick(regime, T::DTYPE, dims.m, None, dev.max_block_smem())?;
-    let plan = Plan::new(tiling, (true, k_splits), dims, ops.rank, 0, dev.sm_count())?;
+    let plan = Plan::new(
+        (tiling, tiling.shape()),
+        (true, k_splits),
+        dims,
+        ops.rank,
+        0,
+        dev.sm_count(),
+    )?;
     let t_values = if ops.t != 0 { 0 } else { dims.m * ops.rank };
     let len = SharedShrink::scratch_len(dev.sm_count(), t_values);
     let Some(scratch) = dev.split_k_scratch(len)? else {

@@ -82,6 +82,14 @@ pub fn devices_and_interleaved() -> Vec<Device> {
     devs
 }
 
+/// Whether two results are the same bits, element by element (NaN included).
+pub fn same_bits<T: Element>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(p, q)| p.to_f64().to_bits() == q.to_f64().to_bits())
+}
+
 /// The devices the wgmma kernels run on: the host runtime (which emulates
 /// wgmma, TMA and mbarrier) under each schedule, and a GPU of compute
 /// capability 9.0.
