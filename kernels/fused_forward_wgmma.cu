@@ -29,6 +29,7 @@ constexpr unsigned kTileBytes = C::BM * C::BK * 2;    // x's or w's box: 128 row
 constexpr unsigned kATileBytes = lk::RC * C::BK * 2;  // a's box: 64 rows
 constexpr unsigned kStageBytes = 2 * kTileBytes + kATileBytes;
 static_assert(C::BM == C::BN && C::BK * 2 == 128, "boxes of 128-byte rows, x's and w's alike");
+static_assert(lk::expand_elems<C, false>() * 2 >= lk::wgmma_tiles::staged_tile_bytes<C>(), "y staged in the expand's tiles");
 
 template <class T>
 __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
@@ -161,7 +162,8 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
         // Starts and ends with the consumers' barrier: the expand tiles are
         // free again for the next tile.
         lk::expand(e, guard, rc, rp, values, weight, r);
-        lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
+        lk::wgmma_tiles::store_tile<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r,
+                                          reinterpret_cast<unsigned char*>(expand_smem));
     }
 }
 

@@ -29,6 +29,7 @@ using Consumers = lk::wgmma_tiles::ConsumerTeam;
 constexpr unsigned kTileBytes = C::BM * C::BK * 2;  // x's or w's box: 128 rows of 128 bytes
 constexpr unsigned kStageBytes = 2 * kTileBytes;
 static_assert(C::BM == C::BN && C::BK * 2 == 128, "boxes of 128-byte rows, x's and w's alike");
+static_assert(lk::expand_elems<C, false>() * 2 >= lk::wgmma_tiles::staged_tile_bytes<C>(), "y staged in the expand's tiles");
 
 template <class T>
 __device__ void tile_block(const MultiAdapterWgmmaParams& params) {
@@ -102,7 +103,8 @@ __device__ void tile_block(const MultiAdapterWgmmaParams& params) {
     // Ends with the consumers' barrier: row_slot holds the rows' slots.
     wait_for_shrink<T, MmaShrink, true, C::BM, C::THREADS, Consumers>(p, row0, row_slot);
     expand_rows<T, C>(p, expand_smem, row_slot, distinct, step_state, guard, row0, col0, r);
-    lk::store_y<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r);
+    lk::wgmma_tiles::store_tile<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r,
+                                      reinterpret_cast<unsigned char*>(expand_smem));
     finish_block<Consumers>(p);
 }
 

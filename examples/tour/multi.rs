@@ -25,7 +25,7 @@ pub fn table(
         "\n   multi-adapter forward, bf16: ours (one launch) vs cuBLAS base-only and a per-adapter cuBLAS loop"
     );
     println!(
-        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>11}",
+        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>11} {:>10}",
         "n",
         "k",
         "tokens",
@@ -39,7 +39,8 @@ pub fn table(
         "loop/ours",
         "% floor",
         "unsplit/ours",
-        "16-row/ours"
+        "16-row/ours",
+        "wgmma/ours"
     );
     let mut rows = Vec::new();
     // n = 1024: a GQA model's k / v projection, whose few column tiles
@@ -159,6 +160,14 @@ fn measure(
         })?),
         false => None,
     };
+    // Prefill on Hopper: the tile blocks on wgmma and TMA.
+    let wgmma = match regime == Regime::Prefill && dev.compute_capability() == Some((9, 0)) {
+        true => Some(time_form(LaunchForm {
+            wgmma: true,
+            ..LaunchForm::default()
+        })?),
+        false => None,
+    };
     let base = time_on_stream(dev, WARMUP, RUNS, || {
         i += 1;
         let (x, mut y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
@@ -199,9 +208,9 @@ fn measure(
     let gain = |other: Option<f64>| {
         other.map_or("-".to_string(), |u| format!("{:.2}", u / ours.median_us))
     };
-    let (split_gain, wide_gain) = (gain(unsplit), gain(narrow));
+    let (split_gain, wide_gain, wgmma_gain) = (gain(unsplit), gain(narrow), gain(wgmma));
     println!(
-        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}% {split_gain:>12} {wide_gain:>11}",
+        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}% {split_gain:>12} {wide_gain:>11} {wgmma_gain:>10}",
         ours.median_us,
         base.median_us,
         looped.median_us,
@@ -211,7 +220,7 @@ fn measure(
     );
     Ok(json!({
         "n": n, "k": k, "tokens": m, "adapters": distinct, "rank": rank_label,
-        "regime": format!("{regime:?}"), "unsplit_us": unsplit, "rows16_us": narrow,
+        "regime": format!("{regime:?}"), "unsplit_us": unsplit, "rows16_us": narrow, "wgmma_us": wgmma,
         "ours_us": ours.median_us, "cublas_base_us": base.median_us, "cublas_per_adapter_loop_us": looped.median_us,
         "floor_us": floor_us, "ours_over_base": ours.median_us / base.median_us,
         "loop_over_ours": looped.median_us / ours.median_us, "pct_of_floor": 100.0 * floor_us / ours.median_us,

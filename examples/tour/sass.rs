@@ -6,13 +6,14 @@
 use serde_json::Value;
 
 /// One kernel per row: the bf16 (16-byte copy) variant of each operation.
-const KERNELS: [&str; 17] = [
+const KERNELS: [&str; 18] = [
     "lk_fused_forward_decode_bf16_aligned",
     "lk_fused_forward_decode_wide_bf16_aligned",
     "lk_fused_forward_prefill_bf16_aligned",
     "lk_fused_forward_wgmma_bf16",
     "lk_multi_adapter_decode_bf16_aligned",
     "lk_multi_adapter_prefill_bf16_aligned",
+    "lk_multi_adapter_wgmma_bf16",
     "lk_backward_u_mma_bf16_aligned",
     "lk_backward_dx_decode_deep_bf16_aligned",
     "lk_backward_dx_decode_wide_bf16_aligned",

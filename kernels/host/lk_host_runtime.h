@@ -26,6 +26,10 @@ struct dim3 {
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 // The current thread's coordinates; the scheduler sets them before it resumes
 // a fiber. Plain globals are safe: host launches are serialized (one at a time).

@@ -36,5 +36,62 @@ __device__ __forceinline__ uint64_t k_major_desc(unsigned rows, int kk) {
     return lk::wgmma_desc(rows + 32 * kk, 16, 1024, 128);
 }
 
+// Bytes of shared memory store_tile stages the tile's f32 sums in (rows of
+// BN + 8 floats: the half-warps' 8-byte stores of one fragment hit distinct
+// banks). The kernels pass their expand tiles, free by then and larger.
+template <class C>
+constexpr int staged_tile_bytes() {
+    return C::BM * (C::BN + 8) * 4;
+}
+
+// y[row0.., col0..] = acc (+ beta y), as lk::store_y computes it (one
+// rounding of acc + beta y; beta = 0 never reads y), but through shared
+// memory: the consumers put their f32 sums in `stage` (staged_tile_bytes),
+// then each thread takes 8 consecutive columns of a row and stores them with
+// one 16-byte store (and, with beta, one 16-byte load of y) where n % 8 == 0
+// and y is 16-byte aligned; element by element otherwise and at the edges.
+// A warp's 16-row fragments stored directly are 2-byte stores, 8 rows apart.
+// Call from every consumer thread; starts and ends with their barrier (the
+// stage may be the expand's tiles of the next column tile).
+template <class T, class C>
+__device__ void store_tile(T* y, int m, int n, int row0, int col0, float beta, const lk::Accumulators<C>& r,
+                           unsigned char* stage) {
+    static_assert(C::MT == 1 && C::WN == 1 && C::KSPLIT == 1, "warps of 16 whole rows");
+    constexpr int LD = C::BN + 8;
+    float* sums = reinterpret_cast<float*>(stage);
+    const int tid = C::Team::tid(), lane = tid % 32, warp = tid / 32;
+    C::Team::sync();  // the stage's last readers are done
+    for (int j = 0; j < C::NT; ++j)
+        for (int h = 0; h < 2; ++h) {
+            const int row = warp * 16 + lane / 4 + 8 * h, col = j * 8 + 2 * (lane % 4);
+            *reinterpret_cast<float2*>(&sums[row * LD + col]) = make_float2(r.acc[0][j][2 * h], r.acc[0][j][2 * h + 1]);
+        }
+    C::Team::sync();
+    const bool vector = n % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+    constexpr int CHUNKS = C::BN / 8;  // 8 columns a thread
+    for (int e = tid; e < C::BM * CHUNKS; e += C::THREADS) {
+        const int row = e / CHUNKS, col = e % CHUNKS * 8, gr = row0 + row, gc = col0 + col;
+        if (gr >= m || gc >= n) continue;
+        const float* s = &sums[row * LD + col];
+        T* out = y + (size_t)gr * n + gc;
+        if (vector && gc + 8 <= n) {
+            // memcpy, not pointer casts between T and uint4 (C++'s aliasing rules on the host).
+            T old[8], v[8];
+            if (beta != 0.f) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(out);
+                memcpy(old, &raw, sizeof(old));
+            }
+            for (int i = 0; i < 8; ++i) v[i] = lk::from_f32<T>(beta != 0.f ? s[i] + beta * lk::to_f32(old[i]) : s[i]);
+            uint4 packed;
+            memcpy(&packed, v, sizeof(packed));
+            *reinterpret_cast<uint4*>(out) = packed;
+        } else {
+            for (int i = 0; i < 8 && gc + i < n; ++i)
+                out[i] = lk::from_f32<T>(beta != 0.f ? s[i] + beta * lk::to_f32(out[i]) : s[i]);
+        }
+    }
+    C::Team::sync();  // the stage is free again
+}
+
 }  // namespace wgmma_tiles
 }  // namespace lk

@@ -70,7 +70,9 @@ use lora_kernels::ops::lora_backward::{
     multi_adapter_backward,
 };
 use lora_kernels::ops::merge::merge;
-use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward_in};
+use lora_kernels::ops::multi_adapter_forward::{
+    LaunchForm as MultiLaunchForm, Routing, multi_adapter_forward_in, multi_adapter_forward_tuned,
+};
 use lora_kernels::reference::{self, Adapter, BackwardInputs, Gradients, SlotStep};
 use lora_kernels::{
     AdapterPool, DType, Device, DeviceAdapter, Dims, Element, Error, KernelElement, MergeOp,

@@ -138,6 +138,13 @@ pub(super) fn multi_rows(dev: &Device) -> Res<Vec<Row>> {
         Dims::new(M_SMALL, N, K_SPLIT + 1),
         true,
     )?);
+    // The prefill's tile blocks on Hopper's wgmma and TMA (LaunchForm::wgmma),
+    // where they run: the host runtime and GPUs of compute capability 9.0.
+    if dev.compute_capability().is_none_or(|cc| cc == (9, 0)) {
+        let dims = Dims::new(M_PREFILL, N, K_ALIGNED);
+        rows.push(multi_in::<bf16>(dev, Regime::Prefill, dims, false, true)?);
+        rows.push(multi_in::<f16>(dev, Regime::Prefill, dims, true, true)?);
+    }
     Ok(rows)
 }
 
@@ -162,12 +169,36 @@ pub(super) fn multi_f32_rows(dev: &Device) -> Res<Vec<Row>> {
 
 /// One multi-adapter launch over the pool, routed by ids or by segments.
 fn multi<T: KernelElement>(dev: &Device, regime: Regime, dims: Dims, segmented: bool) -> Res<Row> {
+    multi_in::<T>(dev, regime, dims, segmented, false)
+}
+
+/// [`multi`], its tile blocks on wgmma and TMA when `wgmma`.
+fn multi_in<T: KernelElement>(
+    dev: &Device,
+    regime: Regime,
+    dims: Dims,
+    segmented: bool,
+    wgmma: bool,
+) -> Res<Row> {
     let Dims { m, n, k } = dims;
     let (x, w) = (data::<T>(m * k, 11), data::<T>(n * k, 12));
     let pool_data = PoolData::<T>::new(n, k);
     let pool = pool_data.load(dev)?;
     let (xd, wd) = (dev.upload(&x)?, dev.upload(&w)?);
     let mut yd = dev.upload(&nans::<T>(m * n))?;
+    let mut launch = |routing: &Routing<'_>| -> Res<()> {
+        if wgmma {
+            let form = MultiLaunchForm {
+                wgmma: true,
+                ..MultiLaunchForm::default()
+            };
+            let (operands, outputs) = (((&xd).into(), (&wd).into()), ((&mut yd).into(), None));
+            multi_adapter_forward_tuned(regime, form, &pool, m, operands, routing, 0.0, outputs)?;
+        } else {
+            multi_adapter_forward_in(regime, &pool, m, &xd, &wd, routing, 0.0, &mut yd)?;
+        }
+        Ok(())
+    };
     let ids = if segmented {
         let (offsets, slots) = segments(m);
         let (od, sd) = (dev.upload(&offsets)?, dev.upload(&slots)?);
@@ -175,13 +206,13 @@ fn multi<T: KernelElement>(dev: &Device, regime: Regime, dims: Dims, segmented: 
             offsets: (&od).into(),
             slots: (&sd).into(),
         };
-        multi_adapter_forward_in(regime, &pool, m, &xd, &wd, &routing, 0.0, &mut yd)?;
+        launch(&routing)?;
         reference::segment_ids(m, &offsets, &slots)?
     } else {
         let ids = token_ids(m);
         let idd = dev.upload(&ids)?;
         let routing = Routing::Tokens((&idd).into());
-        multi_adapter_forward_in(regime, &pool, m, &xd, &wd, &routing, 0.0, &mut yd)?;
+        launch(&routing)?;
         ids
     };
 
@@ -205,7 +236,11 @@ fn multi<T: KernelElement>(dev: &Device, regime: Regime, dims: Dims, segmented: 
         .mma(dev)
         .split::<T>(POOL_MAX_RANK as f64 * pool_data.max_abs_b());
     let routing = if segmented { "segments" } else { "token ids" };
-    let path = format!("{regime:?}, {routing}, {}", loads(k % 8 == 0));
+    let path = if wgmma {
+        format!("{regime:?}, {routing}, wgmma + TMA")
+    } else {
+        format!("{regime:?}, {routing}, {}", loads(k % 8 == 0))
+    };
     Ok(judged(
         label::<T>("multi_adapter_forward", path, shape(dims, "1-16")),
         &wide(&dev.download(&yd)?),
