@@ -158,10 +158,12 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
                 if (col < rc && row0 + row < p.m)
                     reinterpret_cast<float*>(p.t_out)[(size_t)(row0 + row) * p.r + col] = t;
             });
-        lk::load_b_rows(e, guard, b, p.r, p.n, col0, 0, rc, rp);
+        lk::wgmma_tiles::load_b_canonical(e.ws, guard, b, p.r, p.n, col0, rc, rp);
         // Starts and ends with the consumers' barrier: the expand tiles are
-        // free again for the next tile.
-        lk::expand(e, guard, rc, rp, values, weight, r);
+        // free again for the next tile. The finite hi/lo products as wgmma
+        // k-steps into the same accumulators.
+        lk::expand_with(e, guard, rc, rp, values, weight, r,
+                        [&](int ranks) { lk::wgmma_tiles::expand_wgmma<T, C>(e, ranks, r); });
         lk::wgmma_tiles::store_tile<T, C>(reinterpret_cast<T*>(p.y), p.m, p.n, row0, col0, p.beta, r,
                                           reinterpret_cast<unsigned char*>(expand_smem));
     }

@@ -879,19 +879,27 @@ __device__ void add_nonfinite_products(const ExpandTiles<T, C, KMAJOR>& e, int r
 // One expand step, after every thread stored its part of the split
 // (store_split) and of the weight tile (finite_weight): acc += v W over rank
 // columns [0, rp), rc of them real, with the rare cases above. `values` as
-// for scale_split_rows, `weight` as for add_nonfinite_products. Starts and
-// ends with a barrier.
-template <class T, class C, bool KMAJOR, class Values, class Weight>
-__device__ void expand(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>& g, int rc, int rp, Values values,
-                       Weight weight, Accumulators<C>& r) {
+// for scale_split_rows, `weight` as for add_nonfinite_products; `mma(rp)`
+// adds the finite hi/lo products (expand_mma, or the wgmma kernels' own over
+// their weight tile's layout). Starts and ends with a barrier.
+template <class T, class C, bool KMAJOR, class Values, class Weight, class Mma>
+__device__ void expand_with(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>& g, int rc, int rp,
+                            Values values, Weight weight, Accumulators<C>& r, Mma mma) {
     C::Team::sync();  // the split and the weight tile are complete
     const bool scaled = scale_split_rows(e, g, values);
     const bool nonfinite = g.nonfinite_raised();
     if (scaled) scale_rows(g, -1, r);
-    expand_mma(e, rp, r);
+    mma(rp);
     if (scaled) scale_rows(g, 1, r);
     if (nonfinite) add_nonfinite_products(e, rc, weight, r);
     C::Team::sync();  // before the next split overwrites the tiles
+}
+
+// expand_with the mma.sync products (expand_mma).
+template <class T, class C, bool KMAJOR, class Values, class Weight>
+__device__ void expand(const ExpandTiles<T, C, KMAJOR>& e, const ExpandGuard<C>& g, int rc, int rp, Values values,
+                       Weight weight, Accumulators<C>& r) {
+    expand_with(e, g, rc, rp, values, weight, r, [&](int ranks) { expand_mma(e, ranks, r); });
 }
 
 // y[row0.., col0..] = acc (+ beta y); beta = 0 never reads y, so garbage

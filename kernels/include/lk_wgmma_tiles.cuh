@@ -36,6 +36,52 @@ __device__ __forceinline__ uint64_t k_major_desc(unsigned rows, int kk) {
     return lk::wgmma_desc(rows + 32 * kk, 16, 1024, 128);
 }
 
+// The forward's weight tile for a wgmma expand: rows col0 .. col0 + BN of b
+// ([n][ldb]), ranks 0 .. rp, zeros past n and from rc on, in the canonical
+// K-major layout without swizzle (8 x 8 core matrices of 8 rows of 16
+// bytes): (row, j) at (j / 8) BN 16 + (row / 8) 128 + (row % 8) 16 + (j % 8) 2
+// bytes, so expand_wgmma's descriptors read it with lbo = BN 16, sbo = 128.
+// Non-finite weights are 0 (finite_weight raises the guard). Ends with
+// fence.proxy.async: wgmma reads what these generic stores wrote.
+template <class T, class C>
+__device__ void load_b_canonical(T* ws, const lk::ExpandGuard<C>& guard, const T* b, int ldb, int n, int col0,
+                                 int rc, int rp) {
+    for (int i = C::Team::tid(); i < C::BN * rp; i += C::THREADS) {
+        const int row = i / rp, j = i % rp, gn = col0 + row;
+        const T v = (gn < n && j < rc) ? b[(size_t)gn * ldb + j] : lk::from_f32<T>(0.f);
+        ws[(j / 8) * C::BN * 8 + (row / 8) * 64 + (row % 8) * 8 + j % 8] = lk::finite_weight(v, guard);
+    }
+    lk::fence_proxy_async();
+}
+
+// The expand's finite products on wgmma: acc += v_hi W + v_lo W over rank
+// columns [0, rp), each warp's 16 rows of v_hi and v_lo from the split's
+// tiles (ldmatrix: mma.m16n8k16's A fragment, which wgmma takes from
+// registers), W from load_b_canonical's tile. Two wgmma (hi, lo) of N = BN
+// per 16 ranks, fenced each time (their A registers were just loaded); the
+// group is waited on before the accumulators are touched again.
+template <class T, class C>
+__device__ void expand_wgmma(const lk::ExpandTiles<T, C>& e, int rp, lk::Accumulators<C>& r) {
+    static_assert(C::MT == 1 && C::WN == 1 && C::KSPLIT == 1, "warps of 16 whole rows");
+    float(&acc)[C::BN / 2] = *reinterpret_cast<float(*)[C::BN / 2]>(&r.acc[0][0][0]);
+    const int lane = C::Team::tid() % 32, warp = C::Team::tid() / 32;
+    const unsigned ws = lk::smem_address(e.ws);
+    for (int kk = 0; kk < rp; kk += 16) {  // sass-loop: expand_wgmma
+        uint32_t hf[4], lf[4];
+        const int off = (warp * 16 + lane % 16) * C::LDT + kk + (lane / 16) * 8;
+        lk::ldmatrix_x4(hf, e.th + off, false);
+        lk::ldmatrix_x4(lf, e.tl + off, false);
+        const uint64_t desc = lk::wgmma_desc(ws + (kk / 8) * C::BN * 16, C::BN * 16, 128, 0);
+        lk::wgmma_fence();
+        lk::wgmma_fence_operands(acc);
+        lk::wgmma_rs<C::BN, T>(acc, hf, desc, true);
+        lk::wgmma_rs<C::BN, T>(acc, lf, desc, true);
+        lk::wgmma_commit();
+        lk::wgmma_wait<0>();
+        lk::wgmma_fence_operands(acc);
+    }
+}
+
 // Bytes of shared memory store_tile stages the tile's f32 sums in (rows of
 // BN + 8 floats: the half-warps' 8-byte stores of one fragment hit distinct
 // banks). The kernels pass their expand tiles, free by then and larger.
