@@ -52,34 +52,19 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
     const int first = tgroup * p.col_tiles, last = first + lk::min_int(p.col_tiles, tiles_n - first);
     const int ktiles = (p.k + C::BK - 1) / C::BK;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < C::STAGES; ++s) {
-            lk::mbarrier_init(&full[s], 1);
-            lk::mbarrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
-        }
-        lk::fence_mbarrier_init();
-    }
-    __syncthreads();
-
-    if (threadIdx.x < 128) {
-        // The producer: registers go to the consumers; one thread issues.
-        lk::setmaxnreg_dec<40>();
-        if (threadIdx.x != 0) return;
-        int it = 0;
-        for (int tn = first; tn < last; ++tn)
-            for (int kt = 0; kt < ktiles; ++kt, ++it) {
-                const int s = it % C::STAGES;
-                const bool shrink = tn == first;
-                // Stage s's previous use is over (its first use waits on nothing).
-                lk::mbarrier_wait(&empty[s], (unsigned)(it / C::STAGES % 2) ^ 1u);
-                lk::mbarrier_arrive_expect_tx(&full[s], shrink ? kStageBytes : 2 * kTileBytes);
+    const lk::wgmma_tiles::StageRing<C::STAGES> stages{full, empty};
+    stages.init();
+    // Iteration it: k-tile it % ktiles of tile first + it / ktiles; the
+    // first tile's also bring a's rows.
+    if (lk::wgmma_tiles::produce(
+            stages, (last - first) * ktiles, [&](int it) { return it < ktiles ? kStageBytes : 2 * kTileBytes; },
+            [&](int it, int s) {
+                const int tn = first + it / ktiles, kt = it % ktiles;
                 lk::tma_load_2d(x_tile(s), &p.x_map, kt * C::BK, row0, &full[s]);
                 lk::tma_load_2d(w_tile(s), &p.w_map, kt * C::BK, tn * C::BN, &full[s]);
-                if (shrink) lk::tma_load_2d(a_tile(s), &p.a_map, kt * C::BK, 0, &full[s]);
-            }
+                if (tn == first) lk::tma_load_2d(a_tile(s), &p.a_map, kt * C::BK, 0, &full[s]);
+            }))
         return;
-    }
-    lk::setmaxnreg_inc<232>();
 
     const T* __restrict__ b = reinterpret_cast<const T*>(p.b);
     const lk::WarpPlace<C> at;
@@ -103,8 +88,7 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
         auto k_loop = [&](auto with_shrink) {
             constexpr bool SHRINK = decltype(with_shrink)::value;
             for (int kt = 0; kt < ktiles; ++kt, ++it) {  // sass-loop: wgmma_k
-                const int s = it % C::STAGES;
-                lk::mbarrier_wait(&full[s], (unsigned)(it / C::STAGES % 2));
+                const int s = stages.wait_loaded(it);
                 lk::wgmma_fence();
                 lk::wgmma_fence_operands(acc);
                 if (SHRINK) lk::wgmma_fence_operands(tacc);
@@ -124,8 +108,7 @@ __device__ void fused_forward_wgmma(const FusedWgmmaParams& p) {
                 lk::wgmma_wait<0>();
                 lk::wgmma_fence_operands(acc);
                 if (SHRINK) lk::wgmma_fence_operands(tacc);
-                // The warpgroup is done with stage s.
-                if (threadIdx.x % 128 == 0) lk::mbarrier_arrive(&empty[s]);
+                stages.release(s);
             }
         };
         if (shrink)

@@ -49,33 +49,18 @@ __device__ void backward_dx_wgmma(const BackwardWgmmaParams& params) {
     const int row0 = tm * C::BM, col0 = tn * C::BN;
     const int ntiles = (p.n + C::BK - 1) / C::BK;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < C::STAGES; ++s) {
-            lk::mbarrier_init(&full[s], 1);
-            lk::mbarrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
-        }
-        lk::fence_mbarrier_init();
-    }
     for (int i = threadIdx.x; i < C::BM; i += lk::wgmma_tiles::kThreads)
         row_slot[i] = row0 + i < p.m ? lk::backward::token_slot(p, row0 + i) : -1;
-    __syncthreads();
-
-    if (threadIdx.x < 128) {
-        // The producer: registers go to the consumers; one thread issues.
-        lk::setmaxnreg_dec<40>();
-        if (threadIdx.x != 0) return;
-        for (int nt = 0; nt < ntiles; ++nt) {
-            const int s = nt % C::STAGES;
-            // Stage s's previous use is over (its first use waits on nothing).
-            lk::mbarrier_wait(&empty[s], (unsigned)(nt / C::STAGES % 2) ^ 1u);
-            lk::mbarrier_arrive_expect_tx(&full[s], kStageBytes);
-            lk::tma_load_2d(g_tile(s), &params.g_map, nt * C::BK, row0, &full[s]);
-            lk::tma_load_2d(w_tile(s), &params.w_map, col0, nt * C::BK, &full[s]);
-            lk::tma_load_2d(w_tile(s) + kWBoxBytes, &params.w_map, col0 + 64, nt * C::BK, &full[s]);
-        }
+    const lk::wgmma_tiles::StageRing<C::STAGES> stages{full, empty};
+    stages.init();  // its barrier also publishes row_slot
+    if (lk::wgmma_tiles::produce(
+            stages, ntiles, [](int) { return kStageBytes; },
+            [&](int nt, int s) {
+                lk::tma_load_2d(g_tile(s), &params.g_map, nt * C::BK, row0, &full[s]);
+                lk::tma_load_2d(w_tile(s), &params.w_map, col0, nt * C::BK, &full[s]);
+                lk::tma_load_2d(w_tile(s) + kWBoxBytes, &params.w_map, col0 + 64, nt * C::BK, &full[s]);
+            }))
         return;
-    }
-    lk::setmaxnreg_inc<232>();
 
     const lk::WarpPlace<C> at;
     // This warpgroup's 64 rows of g's box: 64 rows of 128 bytes in.
@@ -86,26 +71,17 @@ __device__ void backward_dx_wgmma(const BackwardWgmmaParams& params) {
     float(&acc)[C::BN / 2] = *reinterpret_cast<float(*)[C::BN / 2]>(&r.acc[0][0][0]);
     // Zero, then always accumulate: n may be 0 (dx = u a alone).
     lk::zero<C>(r.acc);
-    for (int nt = 0; nt < ntiles; ++nt) {  // sass-loop: wgmma_n
-        const int s = nt % C::STAGES;
-        lk::mbarrier_wait(&full[s], (unsigned)(nt / C::STAGES % 2));
-        lk::wgmma_fence();
-        lk::wgmma_fence_operands(acc);
-        const unsigned gs = lk::smem_address(g_tile(s)) + g_rows, ws = lk::smem_address(w_tile(s));
-        for (int kk = 0; kk < C::BK / 16; ++kk) {
-            // w MN-major: k-step kk is rows 16 kk.. (two 1024-byte atoms
-            // each); the 8-row groups 1024 bytes apart (sbo), the second 64
-            // columns one box on (lbo).
-            const uint64_t dw = lk::wgmma_desc(ws + kk * 16 * 128, kWBoxBytes, 1024, 128);
-            lk::wgmma_ss_b_mn<C::BN, T>(acc, lk::wgmma_tiles::k_major_desc(gs, kk), dw, true);
-        }
-        lk::wgmma_commit();
-        // As in the forward: wait_group 1 made ptxas serialize the wgmmas.
-        lk::wgmma_wait<0>();
-        lk::wgmma_fence_operands(acc);
-        // The warpgroup is done with stage s.
-        if (threadIdx.x % 128 == 0) lk::mbarrier_arrive(&empty[s]);
-    }
+    for (int nt = 0; nt < ntiles; ++nt)  // sass-loop: wgmma_n
+        lk::wgmma_tiles::consume(stages, nt, acc, [&](int s) {
+            const unsigned gs = lk::smem_address(g_tile(s)) + g_rows, ws = lk::smem_address(w_tile(s));
+            for (int kk = 0; kk < C::BK / 16; ++kk) {
+                // w MN-major: k-step kk is rows 16 kk.. (two 1024-byte atoms
+                // each); the 8-row groups 1024 bytes apart (sbo), the second 64
+                // columns one box on (lbo).
+                const uint64_t dw = lk::wgmma_desc(ws + kk * 16 * 128, kWBoxBytes, 1024, 128);
+                lk::wgmma_ss_b_mn<C::BN, T>(acc, lk::wgmma_tiles::k_major_desc(gs, kk), dw, true);
+            }
+        });
     // Starts and ends with the consumers' barrier.
     lk::backward::dx_expand_rows<T, C>(p, expand_smem, row_slot, distinct, guard, row0, col0, r);
     lk::wgmma_tiles::store_tile<T, C>(reinterpret_cast<T*>(p.dx), p.m, p.k, row0, col0, p.accumulate ? 1.f : 0.f, r,

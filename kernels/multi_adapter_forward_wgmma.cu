@@ -52,30 +52,15 @@ __device__ void tile_block(const MultiAdapterWgmmaParams& params) {
     const int row0 = tm * C::BM, col0 = tn * C::BN;
     const int ktiles = (p.k + C::BK - 1) / C::BK;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < C::STAGES; ++s) {
-            lk::mbarrier_init(&full[s], 1);
-            lk::mbarrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
-        }
-        lk::fence_mbarrier_init();
-    }
-    __syncthreads();
-
-    if (threadIdx.x < 128) {
-        // The producer: registers go to the consumers; one thread issues.
-        lk::setmaxnreg_dec<40>();
-        if (threadIdx.x != 0) return;
-        for (int kt = 0; kt < ktiles; ++kt) {
-            const int s = kt % C::STAGES;
-            // Stage s's previous use is over (its first use waits on nothing).
-            lk::mbarrier_wait(&empty[s], (unsigned)(kt / C::STAGES % 2) ^ 1u);
-            lk::mbarrier_arrive_expect_tx(&full[s], kStageBytes);
-            lk::tma_load_2d(x_tile(s), &params.x_map, kt * C::BK, row0, &full[s]);
-            lk::tma_load_2d(w_tile(s), &params.w_map, kt * C::BK, col0, &full[s]);
-        }
+    const lk::wgmma_tiles::StageRing<C::STAGES> stages{full, empty};
+    stages.init();
+    if (lk::wgmma_tiles::produce(
+            stages, ktiles, [](int) { return kStageBytes; },
+            [&](int kt, int s) {
+                lk::tma_load_2d(x_tile(s), &params.x_map, kt * C::BK, row0, &full[s]);
+                lk::tma_load_2d(w_tile(s), &params.w_map, kt * C::BK, col0, &full[s]);
+            }))
         return;
-    }
-    lk::setmaxnreg_inc<232>();
 
     const lk::WarpPlace<C> at;
     // This warpgroup's 64 rows of x's box: 64 rows of 128 bytes in.
@@ -84,22 +69,13 @@ __device__ void tile_block(const MultiAdapterWgmmaParams& params) {
     lk::Accumulators<C> r;
     static_assert(C::MT == 1, "one 16-row mma tile per warp");
     float(&acc)[C::BN / 2] = *reinterpret_cast<float(*)[C::BN / 2]>(&r.acc[0][0][0]);
-    for (int kt = 0; kt < ktiles; ++kt) {  // sass-loop: wgmma_k
-        const int s = kt % C::STAGES;
-        lk::mbarrier_wait(&full[s], (unsigned)(kt / C::STAGES % 2));
-        lk::wgmma_fence();
-        lk::wgmma_fence_operands(acc);
-        const unsigned xs = lk::smem_address(x_tile(s)) + x_rows, ws = lk::smem_address(w_tile(s));
-        for (int kk = 0; kk < C::BK / 16; ++kk)
-            lk::wgmma_ss<C::BN, T>(acc, lk::wgmma_tiles::k_major_desc(xs, kk), lk::wgmma_tiles::k_major_desc(ws, kk),
-                                   kt > 0 || kk > 0);
-        lk::wgmma_commit();
-        // As in the fused prefill: wait_group 1 made ptxas serialize the wgmmas.
-        lk::wgmma_wait<0>();
-        lk::wgmma_fence_operands(acc);
-        // The warpgroup is done with stage s.
-        if (threadIdx.x % 128 == 0) lk::mbarrier_arrive(&empty[s]);
-    }
+    for (int kt = 0; kt < ktiles; ++kt)  // sass-loop: wgmma_k
+        lk::wgmma_tiles::consume(stages, kt, acc, [&](int s) {
+            const unsigned xs = lk::smem_address(x_tile(s)) + x_rows, ws = lk::smem_address(w_tile(s));
+            for (int kk = 0; kk < C::BK / 16; ++kk)
+                lk::wgmma_ss<C::BN, T>(acc, lk::wgmma_tiles::k_major_desc(xs, kk),
+                                       lk::wgmma_tiles::k_major_desc(ws, kk), kt > 0 || kk > 0);
+        });
     // Ends with the consumers' barrier: row_slot holds the rows' slots.
     wait_for_shrink<T, MmaShrink, true, C::BM, C::THREADS, Consumers>(p, row0, row_slot);
     expand_rows<T, C>(p, expand_smem, row_slot, distinct, step_state, guard, row0, col0, r);

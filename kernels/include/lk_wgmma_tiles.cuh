@@ -29,6 +29,76 @@ __device__ __forceinline__ unsigned char* ring_start(unsigned char* dynamic) {
     return dynamic + (1024 - lk::smem_address(dynamic) % 1024) % 1024;
 }
 
+// The stage ring's mbarriers (static shared memory the kernel declares, one
+// of each per stage): full[s] completes when the producer's loads of stage s
+// have landed (one arrival announcing their bytes), empty[s] when both
+// consumer warpgroups are done with it (one arrival each). Iteration `it`
+// uses stage it % STAGES, in phase it / STAGES.
+template <int STAGES>
+struct StageRing {
+    uint64_t* full;
+    uint64_t* empty;
+    // Thread 0 initializes the barriers; every thread of the block meets here.
+    __device__ void init() const {
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < STAGES; ++s) {
+                lk::mbarrier_init(&full[s], 1);
+                lk::mbarrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
+            }
+            lk::fence_mbarrier_init();
+        }
+        __syncthreads();
+    }
+    // Consumers: the stage of iteration `it`, once its loads have landed.
+    __device__ int wait_loaded(int it) const {
+        const int s = it % STAGES;
+        lk::mbarrier_wait(&full[s], (unsigned)(it / STAGES % 2));
+        return s;
+    }
+    // Consumers: this warpgroup is done with stage s.
+    __device__ void release(int s) const {
+        if (threadIdx.x % 128 == 0) lk::mbarrier_arrive(&empty[s]);
+    }
+};
+
+// The block's two roles. In warpgroup 0 (the producer, which gives its
+// registers up) thread 0 runs `load(it, s)` for it = 0 .. count - 1, each
+// once stage s = it % STAGES is free again (its first use waits on nothing)
+// and `bytes(it)` are announced on full[s]; the call returns true there and
+// the caller returns. The consumers claim registers and get false.
+template <int STAGES, class Bytes, class Load>
+__device__ bool produce(const StageRing<STAGES>& ring, int count, Bytes bytes, Load load) {
+    if (threadIdx.x >= 128) {
+        lk::setmaxnreg_inc<232>();
+        return false;
+    }
+    lk::setmaxnreg_dec<40>();
+    if (threadIdx.x != 0) return true;
+    for (int it = 0; it < count; ++it) {
+        const int s = it % STAGES;
+        lk::mbarrier_wait(&ring.empty[s], (unsigned)(it / STAGES % 2) ^ 1u);
+        lk::mbarrier_arrive_expect_tx(&ring.full[s], bytes(it));
+        load(it, s);
+    }
+    return true;
+}
+
+// One k-tile of a consumer warpgroup's single product: wait for stage `it`,
+// fence, `issue(s)` (its wgmmas into acc), commit and wait for the group
+// (keeping one in flight had ptxas serialize the wgmmas: its C7515 note),
+// then release the stage.
+template <int STAGES, int N, class Issue>
+__device__ __forceinline__ void consume(const StageRing<STAGES>& ring, int it, float (&acc)[N], Issue issue) {
+    const int s = ring.wait_loaded(it);
+    lk::wgmma_fence();
+    lk::wgmma_fence_operands(acc);
+    issue(s);
+    lk::wgmma_commit();
+    lk::wgmma_wait<0>();
+    lk::wgmma_fence_operands(acc);
+    ring.release(s);
+}
+
 // A K-major operand of 128-byte rows (64 k) in the 128-byte swizzle, from
 // its first row at `rows`: k-step kk (16 k) starts 32 bytes in; 8-row atoms
 // are 1024 bytes apart.
