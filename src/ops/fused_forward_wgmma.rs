@@ -6,7 +6,7 @@
 //! GPUs of compute capability 9.0 and on the host runtime, which emulates
 //! the instructions (docs/DESIGN.md section 6).
 use super::multi_adapter_forward::OneAdapter;
-use super::{KernelElement, grid};
+use super::{KernelElement, check_wgmma, grid};
 use crate::device::Device;
 use crate::element::DType;
 use crate::error::Result;
@@ -57,6 +57,7 @@ pub(crate) unsafe fn fused_forward_wgmma<T: KernelElement>(
     col_tiles: usize,
 ) -> Result<()> {
     let Dims { m, n, k } = dims;
+    check_wgmma(dev, T::DTYPE, "the wgmma kernel")?;
     if ops.rank > MAX_RANK {
         return Err(invalid(
             "rank",

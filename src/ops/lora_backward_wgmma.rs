@@ -6,7 +6,7 @@
 //! `BackwardOptions::wgmma` (not by default: no GPU has run it yet); it runs
 //! on GPUs of compute capability 9.0 and on the host runtime, which emulates
 //! the instructions (docs/DESIGN.md section 6).
-use super::in_ptr;
+use super::{check_wgmma, in_ptr};
 use crate::buffer::BufRef;
 use crate::device::Device;
 use crate::element::DType;
@@ -52,22 +52,7 @@ pub(crate) fn check<T>(
     g: &BufRef<'_, T>,
     w: &BufRef<'_, T>,
 ) -> Result<()> {
-    if !matches!(dtype, DType::F16 | DType::BF16) {
-        return Err(invalid(
-            "dtype",
-            format!("{dtype:?}"),
-            "the wgmma dx takes f16 or bf16",
-        ));
-    }
-    if let Some(cc) = dev.compute_capability()
-        && cc != (9, 0)
-    {
-        return Err(invalid(
-            "device",
-            format!("compute capability {}.{}", cc.0, cc.1),
-            "the wgmma dx runs on compute capability 9.0 (sm_90a) and on the host runtime",
-        ));
-    }
+    check_wgmma(dev, dtype, "the wgmma dx")?;
     let Dims { n, k, .. } = dims;
     let aligned = {
         let (pg, _gg) = in_ptr(dev, g);

@@ -17,7 +17,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZer
 
 use crate::buffer::{BufMut, BufRef, check_home};
 use crate::device::{Device, SplitScratch};
-use crate::element::Element;
+use crate::element::{DType, Element};
 use crate::error::Result;
 use crate::shape::{check_finite, check_matrix, check_rank, invalid};
 
@@ -112,6 +112,27 @@ pub(crate) fn check_output<T>(
 
 /// The address a kernel receives for an operand, plus the guard that records
 /// cudarc's stream-ordering event when dropped (keep it until after the launch).
+/// Whether a wgmma kernel (sm_90a: `kernel`, for the message) can run here:
+/// f16 or bf16, on a GPU of compute capability 9.0 or on the host runtime
+/// (which emulates Hopper's instructions); an error naming why not.
+pub(crate) fn check_wgmma(dev: &Device, dtype: DType, kernel: &str) -> Result<()> {
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return Err(invalid(
+            "dtype",
+            format!("{dtype:?}"),
+            format!("{kernel} takes f16 or bf16"),
+        ));
+    }
+    match dev.compute_capability() {
+        Some(cc) if cc != (9, 0) => Err(invalid(
+            "device",
+            format!("compute capability {}.{}", cc.0, cc.1),
+            format!("{kernel} runs on compute capability 9.0 (sm_90a) and on the host runtime"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn in_ptr<'s, T>(
     dev: &'s Device,
     buf: &'s BufRef<'_, T>,

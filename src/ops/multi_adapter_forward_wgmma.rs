@@ -6,6 +6,7 @@
 //! `LaunchForm::wgmma` (not by default: no GPU has run it yet); it runs on
 //! GPUs of compute capability 9.0 and on the host runtime, which emulates the
 //! instructions (docs/DESIGN.md section 6).
+use super::check_wgmma;
 use crate::device::Device;
 use crate::element::DType;
 use crate::error::Result;
@@ -42,22 +43,7 @@ pub(crate) fn smem_bytes(elem: usize) -> usize {
 /// shrink's 16-byte path reads): `k` a multiple of 8, x, w and the pool's a
 /// 16-byte aligned.
 pub(crate) fn check(dev: &Device, dtype: DType, k: usize, x: u64, w: u64, a: u64) -> Result<()> {
-    if !matches!(dtype, DType::F16 | DType::BF16) {
-        return Err(invalid(
-            "dtype",
-            format!("{dtype:?}"),
-            "the wgmma kernel takes f16 or bf16 pools",
-        ));
-    }
-    if let Some(cc) = dev.compute_capability()
-        && cc != (9, 0)
-    {
-        return Err(invalid(
-            "device",
-            format!("compute capability {}.{}", cc.0, cc.1),
-            "the wgmma kernel runs on compute capability 9.0 (sm_90a) and on the host runtime",
-        ));
-    }
+    check_wgmma(dev, dtype, "the wgmma kernel")?;
     if !k.is_multiple_of(8) || [x, w, a].iter().any(|p| !p.is_multiple_of(16)) {
         return Err(invalid(
             "k",
