@@ -28,7 +28,8 @@ constexpr unsigned kGBytes = C::BM * C::BK * 2;     // g's box: 128 rows of 64 n
 constexpr unsigned kWBoxBytes = C::BK * 64 * 2;     // a w box: 64 rows n of 64 columns (128 bytes)
 constexpr unsigned kStageBytes = kGBytes + 2 * kWBoxBytes;
 static_assert(C::BN == 2 * 64 && C::BK * 2 == 128, "w's tile as two boxes of 128-byte rows");
-static_assert(lk::expand_elems<C, true>() * 2 >= lk::wgmma_tiles::staged_tile_bytes<C>(), "dx staged in the expand's tiles");
+static_assert(lk::expand_elems<C, true>() * 2 >= lk::wgmma_tiles::staged_tile_bytes<C>(),
+              "dx staged in the expand's tiles");
 
 template <class T>
 __device__ void backward_dx_wgmma(const BackwardWgmmaParams& params) {

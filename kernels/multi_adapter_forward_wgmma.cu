@@ -29,7 +29,8 @@ using Consumers = lk::wgmma_tiles::ConsumerTeam;
 constexpr unsigned kTileBytes = C::BM * C::BK * 2;  // x's or w's box: 128 rows of 128 bytes
 constexpr unsigned kStageBytes = 2 * kTileBytes;
 static_assert(C::BM == C::BN && C::BK * 2 == 128, "boxes of 128-byte rows, x's and w's alike");
-static_assert(lk::expand_elems<C, false>() * 2 >= lk::wgmma_tiles::staged_tile_bytes<C>(), "y staged in the expand's tiles");
+static_assert(lk::expand_elems<C, false>() * 2 >= lk::wgmma_tiles::staged_tile_bytes<C>(),
+              "y staged in the expand's tiles");
 
 template <class T>
 __device__ void tile_block(const MultiAdapterWgmmaParams& params) {

@@ -49,6 +49,14 @@ struct StageRing {
         }
         __syncthreads();
     }
+    // The producer: the stage of iteration `it`, once it is free again (its
+    // first use waits on nothing), with `bytes` announced on its full barrier.
+    __device__ int acquire(int it, unsigned bytes) const {
+        const int s = it % STAGES;
+        lk::mbarrier_wait(&empty[s], (unsigned)(it / STAGES % 2) ^ 1u);
+        lk::mbarrier_arrive_expect_tx(&full[s], bytes);
+        return s;
+    }
     // Consumers: the stage of iteration `it`, once its loads have landed.
     __device__ int wait_loaded(int it) const {
         const int s = it % STAGES;
@@ -61,26 +69,28 @@ struct StageRing {
     }
 };
 
-// The block's two roles. In warpgroup 0 (the producer, which gives its
-// registers up) thread 0 runs `load(it, s)` for it = 0 .. count - 1, each
-// once stage s = it % STAGES is free again (its first use waits on nothing)
-// and `bytes(it)` are announced on full[s]; the call returns true there and
-// the caller returns. The consumers claim registers and get false.
-template <int STAGES, class Bytes, class Load>
-__device__ bool produce(const StageRing<STAGES>& ring, int count, Bytes bytes, Load load) {
+// The block's two roles: warpgroup 0, the producer, gives its registers up
+// and its thread 0 runs `stream()` (the loads, through StageRing::acquire);
+// the call returns true there and the caller returns. The consumers claim
+// registers and get false.
+template <class Stream>
+__device__ bool producer_role(Stream stream) {
     if (threadIdx.x >= 128) {
         lk::setmaxnreg_inc<232>();
         return false;
     }
     lk::setmaxnreg_dec<40>();
-    if (threadIdx.x != 0) return true;
-    for (int it = 0; it < count; ++it) {
-        const int s = it % STAGES;
-        lk::mbarrier_wait(&ring.empty[s], (unsigned)(it / STAGES % 2) ^ 1u);
-        lk::mbarrier_arrive_expect_tx(&ring.full[s], bytes(it));
-        load(it, s);
-    }
+    if (threadIdx.x == 0) stream();
     return true;
+}
+
+// producer_role for `count` iterations: `load(it, s)` once stage s of
+// iteration it is acquired with `bytes(it)` announced.
+template <int STAGES, class Bytes, class Load>
+__device__ bool produce(const StageRing<STAGES>& ring, int count, Bytes bytes, Load load) {
+    return producer_role([&] {
+        for (int it = 0; it < count; ++it) load(it, ring.acquire(it, bytes(it)));
+    });
 }
 
 // One k-tile of a consumer warpgroup's single product: wait for stage `it`,

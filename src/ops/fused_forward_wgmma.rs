@@ -104,9 +104,12 @@ pub(crate) unsafe fn fused_forward_wgmma<T: KernelElement>(
         DType::BF16 => &WGMMA_BF16,
         _ => &WGMMA_F16,
     };
-    let groups = n.div_ceil(BN).div_ceil(col_tiles);
+    // Persistent: at most one block per SM (its shared memory allows no
+    // more), each taking work units (a row tile by col_tiles column tiles)
+    // until none are left.
+    let units = m.div_ceil(BM) * n.div_ceil(BN).div_ceil(col_tiles);
     let launch = LaunchDims {
-        grid: grid("m", m, [groups, m.div_ceil(BM), 1])?,
+        grid: grid("m", m, [units.min(dev.sm_count()), 1, 1])?,
         block: [THREADS, 1, 1],
         dynamic_smem_bytes: smem_bytes(T::DTYPE.size()) as u32,
     };
