@@ -209,8 +209,8 @@ pub struct LaunchForm {
     pub shared_shrink: Option<bool>,
     /// A prefill launch on Hopper's wgmma and TMA
     /// (`kernels/fused_forward_wgmma.cu`: GPUs of compute capability 9.0
-    /// and the host runtime), `col_tiles` column tiles a block: ranks up to
-    /// 64, `k` a multiple of 8 and x, w, a 16-byte aligned, else an error.
+    /// and the host runtime), `col_tiles` column tiles a work unit: ranks up
+    /// to 64, `k` a multiple of 8 and x, w, a 16-byte aligned, else an error.
     /// `shared_shrink`, `deep_decode` and `k_splits` do not apply. Not the
     /// default until a GPU has measured it.
     pub wgmma: bool,

@@ -38,8 +38,9 @@ fn smem_bytes(elem: usize) -> usize {
     1024 + STAGES * stage + expand
 }
 
-/// Launches the wgmma kernel: `col_tiles` column tiles a block, `t` saved
-/// where `ops.t` is not 0. An error, launching nothing, for a rank above 64,
+/// Launches the wgmma kernel on a persistent grid (at most one block per
+/// SM), `col_tiles` column tiles a work unit, `t` saved where `ops.t` is
+/// not 0. An error, launching nothing, for a rank above 64,
 /// or rows TMA can't read: `k` not a multiple of 8, or x, w or a not 16-byte
 /// aligned.
 ///
@@ -119,8 +120,10 @@ pub(crate) unsafe fn fused_forward_wgmma<T: KernelElement>(
     // assumes), rows TMA can load (k % 8 == 0, 16-byte aligned bases), and
     // tensor maps of exactly those matrices whose boxes are the kernel's
     // (128 rows of x and w, 64 of a, 64 k, 128-byte swizzle: the layout
-    // its descriptors read); the grid covers m x n with col_tiles tiles of
-    // 128 x 128 a block (within CUDA's limits, else `grid` returned an
-    // error), 384 threads and the shared memory the kernel lays out.
+    // its descriptors read); a 1-D grid of at least one block (m >= 1)
+    // whose blocks take the work units covering m x n (a row tile by
+    // col_tiles tiles of 128 x 128, each bounded by m and n in the kernel)
+    // until none are left, 384 threads and the shared memory the kernel
+    // lays out.
     unsafe { kernel.launch(dev, launch, &params) }
 }
