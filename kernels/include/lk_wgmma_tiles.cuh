@@ -1,9 +1,12 @@
-// The block shape of the wgmma kernels (kernels/fused_forward_wgmma.cu and
-// kernels/lora_backward_wgmma.cu): three warpgroups, warpgroup 0 the TMA
-// producer, warpgroups 1 and 2 the consumers of a 128 x 128 tile, 64 rows
-// each, in 64-wide k-tiles. The consumers' accumulators are those of 8
-// mma.sync warps of 16 x 128 (a wgmma warp's d[4 j + q] is acc[0][j][q]), so
-// the mma.sync expand and store_y (lk_tile_gemm.cuh) continue them.
+// What the wgmma kernels (kernels/fused_forward_wgmma.cu,
+// kernels/multi_adapter_forward_wgmma.cu, kernels/lora_backward_wgmma.cu)
+// share: the block shape (three warpgroups, warpgroup 0 the TMA producer,
+// warpgroups 1 and 2 the consumers of a 128 x 128 tile, 64 rows each, in
+// 64-wide k-tiles), the stage ring of mbarriers, the two roles, a consumer's
+// k-tile, the expand's products on wgmma, and the tile's store through shared
+// memory. The consumers' accumulators are those of 8 mma.sync warps of
+// 16 x 128 (a wgmma warp's d[4 j + q] is acc[0][j][q]), so the mma.sync
+// expand steps (lk_tile_gemm.cuh) continue them.
 #pragma once
 #include "lk_tile_gemm.cuh"
 
