@@ -110,8 +110,6 @@ pub(crate) fn check_output<T>(
     check_matrix(name, rows, cols, buf.len())
 }
 
-/// The address a kernel receives for an operand, plus the guard that records
-/// cudarc's stream-ordering event when dropped (keep it until after the launch).
 /// Whether a wgmma kernel (sm_90a: `kernel`, for the message) can run here:
 /// f16 or bf16, on a GPU of compute capability 9.0 or on the host runtime
 /// (which emulates Hopper's instructions); an error naming why not.
@@ -133,6 +131,8 @@ pub(crate) fn check_wgmma(dev: &Device, dtype: DType, kernel: &str) -> Result<()
     }
 }
 
+/// The address a kernel receives for an operand, plus the guard that records
+/// cudarc's stream-ordering event when dropped (keep it until after the launch).
 pub(crate) fn in_ptr<'s, T>(
     dev: &'s Device,
     buf: &'s BufRef<'_, T>,

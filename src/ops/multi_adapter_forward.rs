@@ -32,7 +32,7 @@ use super::split_k::{self, SharedShrink};
 use super::tiles::{
     DECODE, DECODE_DEEP, DECODE_WIDE, DECODE_WIDE_DEEP, MmaTiles, PREFILL, SIMT, STATIC_SMEM_MARGIN,
 };
-use super::{KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
+use super::{KernelElement, check_operand, check_output, check_wgmma, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
 use crate::device::Device;
@@ -307,9 +307,6 @@ fn launch<T: KernelElement>(
             slots.len()
         }
     };
-    if m == 0 {
-        return Ok(());
-    }
     // The wgmma kernel's tile blocks, or the tiling's own.
     let shape = if form.wgmma {
         if tiling != Tiling::Prefill {
@@ -319,6 +316,7 @@ fn launch<T: KernelElement>(
                 "the wgmma kernel serves the prefill regime",
             ));
         }
+        check_wgmma(dev, T::DTYPE, "the wgmma kernel")?;
         TileShape {
             bm: wgmma::BM,
             bn: wgmma::BN,
@@ -328,6 +326,9 @@ fn launch<T: KernelElement>(
     } else {
         tiling.shape()
     };
+    if m == 0 {
+        return Ok(());
+    }
     let plan = Plan::new(
         (tiling, shape),
         (form.shrink_blocks, form.k_splits),
@@ -421,7 +422,7 @@ fn launch<T: KernelElement>(
             dynamic_smem_bytes: shape.smem_bytes,
         };
         if form.wgmma {
-            wgmma::check(dev, T::DTYPE, cfg.k, px, pw, pa)?;
+            wgmma::check(cfg.k, px, pw, pa)?;
             // SAFETY: as below, with `check` passed and the grid of the
             // shrink blocks and the wgmma kernel's tiles (the plan's shape).
             return unsafe { wgmma::launch(dev, T::DTYPE, &params, blocks) };

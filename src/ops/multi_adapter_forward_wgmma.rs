@@ -6,7 +6,6 @@
 //! `LaunchForm::wgmma` (not by default: no GPU has run it yet); it runs on
 //! GPUs of compute capability 9.0 and on the host runtime, which emulates the
 //! instructions (docs/DESIGN.md section 6).
-use super::check_wgmma;
 use crate::device::Device;
 use crate::element::DType;
 use crate::error::Result;
@@ -37,13 +36,11 @@ pub(crate) fn smem_bytes(elem: usize) -> usize {
     1024 + STAGES * stage + expand
 }
 
-/// Whether the wgmma kernel can serve this launch: an error naming why not,
-/// before anything is written. It takes f16 and bf16 on GPUs of compute
-/// capability 9.0 and on the host runtime, and rows TMA can load (and the
-/// shrink's 16-byte path reads): `k` a multiple of 8, x, w and the pool's a
-/// 16-byte aligned.
-pub(crate) fn check(dev: &Device, dtype: DType, k: usize, x: u64, w: u64, a: u64) -> Result<()> {
-    check_wgmma(dev, dtype, "the wgmma kernel")?;
+/// Whether the wgmma kernel can load these operands (the caller checked
+/// the device and type with `check_wgmma`): an error naming why not, before
+/// anything is written. Rows TMA can load (and the shrink's 16-byte path
+/// reads): `k` a multiple of 8, x, w and the pool's a 16-byte aligned.
+pub(crate) fn check(k: usize, x: u64, w: u64, a: u64) -> Result<()> {
     if !k.is_multiple_of(8) || [x, w, a].iter().any(|p| !p.is_multiple_of(16)) {
         return Err(invalid(
             "k",
