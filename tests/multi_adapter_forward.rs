@@ -1638,3 +1638,39 @@ fn wgmma_prefill_refuses_what_it_cannot_take_and_changes_nothing() {
         }
     }
 }
+
+/// Every token on no adapter (rank 0 through the wgmma mainloop, as the
+/// tour's base-GEMM row times it): y is the base product x w^T (+ beta y)
+/// within its bound; nothing is counted as a bad id.
+#[test]
+fn wgmma_prefill_without_adapters_is_the_base_product() {
+    let fx = Fixture::<bf16>::new(264, 136, 16, &[0], 31);
+    let m = 200;
+    let x: Vec<bf16> = random(&mut rng(32), m * 136);
+    let ids = vec![-1; m];
+    let y0: Vec<bf16> = random(&mut rng(33), m * 264);
+    for dev in wgmma_devices() {
+        let pool = fx.pool(&dev);
+        let (done, got) = run_form(
+            &pool,
+            Regime::Prefill,
+            wgmma_form(true),
+            &x,
+            &fx.w,
+            &ids,
+            0.5,
+            &y0,
+        );
+        done.unwrap();
+        fx.compare(
+            &format!("wgmma, no adapters, on {}", dev.name()),
+            &got,
+            &x,
+            &ids,
+            0.5,
+            &y0,
+        )
+        .unwrap();
+        assert_eq!(pool.bad_id_count().unwrap(), 0);
+    }
+}

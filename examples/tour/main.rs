@@ -81,6 +81,7 @@ fn main() -> Res<()> {
     let col_tiles_rows = fused::col_tiles_table(&dev, &blas)?;
     let depth_rows = fused::decode_launch_table(&dev, &blas)?;
     let multi_rows = multi::table(&dev, &blas, ceilings)?;
+    let wgmma_base = multi::wgmma_base_table(&dev, &blas)?;
     let backward_rows = training::backward_table(&dev, &blas, ceilings)?;
     let optimizer = training::optimizer_table(&dev, ceilings)?;
     let report = json!({
@@ -93,6 +94,7 @@ fn main() -> Res<()> {
         "fused_prefill_col_tiles": col_tiles_rows,
         "fused_decode_launch": depth_rows,
         "multi_adapter_forward": multi_rows,
+        "wgmma_base_gemm": wgmma_base,
         "backward": backward_rows,
         "optimizer": optimizer,
     });

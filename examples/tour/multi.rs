@@ -226,3 +226,74 @@ fn measure(
         "loop_over_ours": looped.median_us / ours.median_us, "pct_of_floor": 100.0 * floor_us / ours.median_us,
     }))
 }
+
+/// The base-GEMM target, measured through the wgmma mainloop itself
+/// (Hopper only): bf16 8192^3 with every token on no adapter (`-1`: rank 0,
+/// no expand), the multi-adapter prefill's wgmma tile blocks against cuBLAS
+/// base-only in the same run. Goal: cuBLAS / ours >= 0.95.
+pub fn wgmma_base_table(dev: &Device, blas: &CublasBaseline) -> Res<Option<serde_json::Value>> {
+    println!(
+        "\n   the wgmma mainloop alone (r 0: every token on no adapter), bf16 8192^3, vs cuBLAS base-only"
+    );
+    if dev.compute_capability() != Some((9, 0)) {
+        println!(
+            "   not run: the wgmma kernels need compute capability 9.0, this is {}",
+            dev.name()
+        );
+        return Ok(None);
+    }
+    let (m, n, k) = (8192usize, 8192usize, 8192usize);
+    let dims = Dims::new(m, n, k);
+    let mut inputs = Inputs::<bf16>::new(dev, n, k, m)?;
+    let pool = AdapterPool::<bf16>::new(
+        dev,
+        PoolConfig {
+            slots: 1,
+            max_rank: 16,
+            n,
+            k,
+        },
+    )?;
+    let ids = dev.upload(&vec![-1i32; m])?;
+    let routing = Routing::Tokens((&ids).into());
+    pool.reserve_tokens(m)?;
+    let form = LaunchForm {
+        wgmma: true,
+        ..LaunchForm::default()
+    };
+    let copies = inputs.ws.len();
+    let mut i = 0;
+    let ours = time_on_stream(dev, WARMUP, RUNS, || {
+        i += 1;
+        let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
+        let operands = (x.into(), (&inputs.ws[i % copies]).into());
+        multi_adapter_forward_tuned(
+            Regime::Prefill,
+            form,
+            &pool,
+            m,
+            operands,
+            &routing,
+            0.0,
+            (y.into(), None),
+        )
+    })?;
+    let base = time_on_stream(dev, WARMUP, RUNS, || {
+        i += 1;
+        let (x, mut y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
+        blas.base(dims, &x, &inputs.ws[i % copies], &mut y)
+    })?;
+    let tflops = |us: f64| 2.0 * (m * n * k) as f64 / (us * 1e-6) / 1e12;
+    println!(
+        "   ours {:.1} us ({:.0} TFLOP/s), cuBLAS {:.1} us ({:.0} TFLOP/s): cuBLAS / ours = {:.3}",
+        ours.median_us,
+        tflops(ours.median_us),
+        base.median_us,
+        tflops(base.median_us),
+        base.median_us / ours.median_us
+    );
+    Ok(Some(json!({
+        "m": m, "n": n, "k": k, "ours_us": ours.median_us, "cublas_base_us": base.median_us,
+        "cublas_over_ours": base.median_us / ours.median_us,
+    })))
+}
