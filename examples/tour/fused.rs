@@ -283,7 +283,7 @@ fn forms_table(
 
 /// cuBLAS base-only `x w^T` at `dims`, rotating the copies of `w` (`i`
 /// counts the calls across timings).
-fn time_base<T: KernelElement>(
+pub fn time_base<T: KernelElement>(
     dev: &Device,
     blas: &CublasBaseline,
     inputs: &mut Inputs<T>,

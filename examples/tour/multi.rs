@@ -7,10 +7,11 @@ use lora_kernels::ops::fused_forward::{Regime, regime_for};
 use lora_kernels::ops::multi_adapter_forward::{
     LaunchForm, Routing, multi_adapter_forward, multi_adapter_forward_tuned,
 };
-use lora_kernels::timing::time_on_stream;
+use lora_kernels::timing::{Timing, time_on_stream};
 use lora_kernels::{AdapterPool, DType, Device, Dims, PoolConfig};
 use serde_json::json;
 
+use crate::fused::time_base;
 use crate::{Ceilings, Inputs, RUNS, Res, WARMUP, cuda, data};
 
 /// Ranks to bench: one rank for every adapter, or "mixed" (8, 16, 64 in turn).
@@ -128,22 +129,8 @@ fn measure(
     // what those gain.
     let regime = regime_for(DType::BF16, m);
     let mut time_form = |form: LaunchForm| -> Res<f64> {
-        let timing = time_on_stream(dev, WARMUP, RUNS, || {
-            i += 1;
-            let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
-            let operands = (x.into(), (&inputs.ws[i % copies]).into());
-            multi_adapter_forward_tuned(
-                regime,
-                form,
-                &pool,
-                m,
-                operands,
-                &routing,
-                0.0,
-                (y.into(), None),
-            )
-        })?;
-        Ok(timing.median_us)
+        let launch = (regime, form, &pool, &routing);
+        Ok(time_tuned(dev, inputs, dims, launch, &mut i)?.median_us)
     };
     let decode = regime == Regime::Decode;
     let unsplit = match n == 1024 && decode {
@@ -168,11 +155,7 @@ fn measure(
         })?),
         false => None,
     };
-    let base = time_on_stream(dev, WARMUP, RUNS, || {
-        i += 1;
-        let (x, mut y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
-        blas.base(dims, &x, &inputs.ws[i % copies], &mut y)
-    })?;
+    let base = time_base(dev, blas, inputs, dims, &mut i)?;
     let groups: Vec<AdapterRows<'_, bf16>> = separate
         .iter()
         .enumerate()
@@ -261,28 +244,15 @@ pub fn wgmma_base_table(dev: &Device, blas: &CublasBaseline) -> Res<Option<serde
         wgmma: true,
         ..LaunchForm::default()
     };
-    let copies = inputs.ws.len();
     let mut i = 0;
-    let ours = time_on_stream(dev, WARMUP, RUNS, || {
-        i += 1;
-        let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
-        let operands = (x.into(), (&inputs.ws[i % copies]).into());
-        multi_adapter_forward_tuned(
-            Regime::Prefill,
-            form,
-            &pool,
-            m,
-            operands,
-            &routing,
-            0.0,
-            (y.into(), None),
-        )
-    })?;
-    let base = time_on_stream(dev, WARMUP, RUNS, || {
-        i += 1;
-        let (x, mut y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
-        blas.base(dims, &x, &inputs.ws[i % copies], &mut y)
-    })?;
+    let ours = time_tuned(
+        dev,
+        &mut inputs,
+        dims,
+        (Regime::Prefill, form, &pool, &routing),
+        &mut i,
+    )?;
+    let base = time_base(dev, blas, &mut inputs, dims, &mut i)?;
     let tflops = |us: f64| 2.0 * (m * n * k) as f64 / (us * 1e-6) / 1e12;
     println!(
         "   ours {:.1} us ({:.0} TFLOP/s), cuBLAS {:.1} us ({:.0} TFLOP/s): cuBLAS / ours = {:.3}",
@@ -296,4 +266,32 @@ pub fn wgmma_base_table(dev: &Device, blas: &CublasBaseline) -> Res<Option<serde
         "m": m, "n": n, "k": k, "ours_us": ours.median_us, "cublas_base_us": base.median_us,
         "cublas_over_ours": base.median_us / ours.median_us,
     })))
+}
+
+/// One multi-adapter launch in a chosen regime and form (`beta` 0, `w`
+/// rotated across its copies; `i` counts the launches), timed.
+fn time_tuned(
+    dev: &Device,
+    inputs: &mut Inputs<bf16>,
+    dims: Dims,
+    (regime, form, pool, routing): (Regime, LaunchForm, &AdapterPool<bf16>, &Routing<'_>),
+    i: &mut usize,
+) -> Res<Timing> {
+    let Dims { m, n, k } = dims;
+    let copies = inputs.ws.len();
+    Ok(time_on_stream(dev, WARMUP, RUNS, || {
+        *i += 1;
+        let (x, y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
+        let operands = (x.into(), (&inputs.ws[*i % copies]).into());
+        multi_adapter_forward_tuned(
+            regime,
+            form,
+            pool,
+            m,
+            operands,
+            routing,
+            0.0,
+            (y.into(), None),
+        )
+    })?)
 }

@@ -426,10 +426,13 @@ fn run<T: KernelElement>(
     check_operand(dev, "w", &w, n, k)?;
     check_operand(dev, "a", pool.a, slots * max_rank, k)?;
     check_operand(dev, "b", pool.b, slots * n, max_rank)?;
+    // g's and w's addresses, for the launches and for the wgmma dx's check.
+    let (pg, _g1) = in_ptr(dev, &g);
+    let (pw, _g3) = in_ptr(dev, &w);
     if let Some(dx) = &grads.dx {
         check_output(dev, "dx", dx, m, k)?;
         if opts.wgmma {
-            wgmma::check(dev, T::DTYPE, dims, &g, &w)?;
+            wgmma::check(dev, T::DTYPE, dims, pg, pw)?;
         }
     }
     if let Some(da) = &grads.da {
@@ -508,9 +511,7 @@ fn run<T: KernelElement>(
         return Ok(());
     }
 
-    let (pg, _g1) = in_ptr(dev, &g);
     let (px, _g2) = in_ptr(dev, &x);
-    let (pw, _g3) = in_ptr(dev, &w);
     let (pt, _g4) = in_ptr(dev, t);
     let (pa, _g5) = in_ptr(dev, pool.a);
     let (pb, _g6) = in_ptr(dev, pool.b);

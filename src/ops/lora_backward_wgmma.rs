@@ -6,8 +6,7 @@
 //! `BackwardOptions::wgmma` (not by default: no GPU has run it yet); it runs
 //! on GPUs of compute capability 9.0 and on the host runtime, which emulates
 //! the instructions (docs/DESIGN.md section 6).
-use super::{check_wgmma, in_ptr};
-use crate::buffer::BufRef;
+use super::check_wgmma;
 use crate::device::Device;
 use crate::element::DType;
 use crate::error::Result;
@@ -44,22 +43,16 @@ fn smem_bytes(elem: usize) -> usize {
 /// Whether the wgmma kernel can compute dx here: an error naming why not,
 /// for the backward to return before it changes anything. It takes f16 and
 /// bf16 on GPUs of compute capability 9.0 and on the host runtime, and rows
-/// TMA can load: n and k multiples of 8, g and w 16-byte aligned.
-pub(crate) fn check<T>(
-    dev: &Device,
-    dtype: DType,
-    dims: Dims,
-    g: &BufRef<'_, T>,
-    w: &BufRef<'_, T>,
-) -> Result<()> {
+/// TMA can load: n and k multiples of 8, g and w (their addresses `g`, `w`)
+/// 16-byte aligned.
+pub(crate) fn check(dev: &Device, dtype: DType, dims: Dims, g: u64, w: u64) -> Result<()> {
     check_wgmma(dev, dtype, "the wgmma dx")?;
     let Dims { n, k, .. } = dims;
-    let aligned = {
-        let (pg, _gg) = in_ptr(dev, g);
-        let (pw, _gw) = in_ptr(dev, w);
-        pg.is_multiple_of(16) && pw.is_multiple_of(16)
-    };
-    if !n.is_multiple_of(8) || !k.is_multiple_of(8) || !aligned {
+    if !n.is_multiple_of(8)
+        || !k.is_multiple_of(8)
+        || !g.is_multiple_of(16)
+        || !w.is_multiple_of(16)
+    {
         return Err(invalid(
             "g",
             format!("n = {n}, k = {k}"),
