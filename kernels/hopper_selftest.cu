@@ -162,25 +162,33 @@ __device__ void staged_wgmma(const HopperSelftestParams& p) {
     __syncthreads();
     float d[N / 2];
     for (int i = 0; i < N / 2; ++i) d[i] = 0.f;
+    // With RegisterA, every k-step's A fragment is loaded before the first
+    // wgmma, each into registers of its own: a wgmma in flight may still be
+    // reading its A registers until wgmma.wait_group, so they are not reused
+    // for the next step (which, under compute-sanitizer, gave another step's
+    // A). The fence below orders all of these writes before the wgmmas.
+    const int w = t / 32, group = t % 32 / 4, quad = t % 4;
+    uint32_t regs[RegisterA ? kK / 16 : 1][4];
+#pragma unroll
+    for (int step = 0; step < (RegisterA ? kK / 16 : 0); ++step) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = 16 * w + group + 8 * (i % 2), k = 16 * step + 8 * (i / 2) + 2 * quad;
+            regs[step][i] = (uint32_t)a_at(row, k) | (uint32_t)a_at(row, k + 1) << 16;
+        }
+        if (p.variant == kWrongFragmentIndex) {
+            const uint32_t swap = regs[step][1];
+            regs[step][1] = regs[step][2];
+            regs[step][2] = swap;
+        }
+    }
     if (p.variant != kMissingWgmmaFence) lk::wgmma_fence();
     lk::wgmma_fence_operands(d);
-    const int w = t / 32, group = t % 32 / 4, quad = t % 4;
+#pragma unroll
     for (int step = 0; step < kK / 16; ++step) {
         const uint64_t desc_b = lk::wgmma_desc(lk::smem_address(b_tile) + 256 * step, 128, 2048, 0);
         if (RegisterA) {
-            uint32_t regs[4];
-            for (int i = 0; i < 4; ++i) {
-                const int row = 16 * w + group + 8 * (i % 2), k = 16 * step + 8 * (i / 2) + 2 * quad;
-                regs[i] = (uint32_t)a_at(row, k) | (uint32_t)a_at(row, k + 1) << 16;
-            }
-            if (p.variant == kWrongFragmentIndex) {
-                const uint32_t swap = regs[1];
-                regs[1] = regs[2];
-                regs[2] = swap;
-            }
-            // The A registers were just written: they need the fence too.
-            if (step > 0) lk::wgmma_fence();
-            lk::wgmma_rs<N, T>(d, regs, desc_b, step > 0);
+            lk::wgmma_rs<N, T>(d, regs[step], desc_b, step > 0);
         } else {
             const uint64_t desc_a = lk::wgmma_desc(lk::smem_address(a_tile) + 256 * step, 128, 2048, 0);
             lk::wgmma_ss<N, T>(d, desc_a, desc_b, step > 0);
