@@ -492,6 +492,9 @@ mod tests {
         };
         assert!(Arc::ptr_eq(&one.kernels, &two.kernels));
         assert!(!Arc::ptr_eq(&one.stream, &two.stream));
+        // The modules each launch loaded, by file: the second device's
+        // launch must find the first's modules, not load them again.
+        let mut loaded = Vec::new();
         for dev in [&first, &second] {
             let (x, w) = (
                 dev.upload(&[1.0f32; 4]).unwrap(),
@@ -508,7 +511,22 @@ mod tests {
                 .unwrap();
             // x w^T = 4, t = 2, s t b^T = 2.
             assert_eq!(dev.download(&y).unwrap(), vec![6.0; 4]);
+            loaded.push(one.kernels.modules.lock().unwrap().clone());
         }
-        assert_eq!(one.kernels.modules.lock().unwrap().len(), 1);
+        let (after_first, after_second) = (&loaded[0], &loaded[1]);
+        assert!(!after_first.is_empty());
+        let names = |m: &HashMap<&str, Arc<CudaModule>>| m.keys().copied().collect::<Vec<_>>();
+        assert_eq!(
+            after_first.len(),
+            after_second.len(),
+            "{:?}",
+            names(after_second)
+        );
+        for (file, module) in after_first {
+            assert!(
+                Arc::ptr_eq(module, &after_second[file]),
+                "{file} loaded twice"
+            );
+        }
     }
 }

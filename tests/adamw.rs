@@ -564,8 +564,11 @@ fn saved_state_continues_training_bit_for_bit() {
         let mut opt = SlotOptimizer::new(&pool, AdamWConfig::default()).unwrap();
         opt.load_adapter(&mut pool, 2, &a, &b, rank, 1.0, h)
             .unwrap();
+        // The gradients where the pools are (on a GPU: device buffers).
+        let on_dev =
+            |(ga, gb): &(Vec<f32>, Vec<f32>)| (dev.upload(ga).unwrap(), dev.upload(gb).unwrap());
         for step in 0..3 {
-            let (ga, gb) = gradients(CFG, step, 1.0);
+            let (ga, gb) = on_dev(&gradients(CFG, step, 1.0));
             opt.step(&mut pool, &ga, &gb).unwrap();
         }
         let state = opt.state(&pool, 2).unwrap();
@@ -614,10 +617,11 @@ fn saved_state_continues_training_bit_for_bit() {
             .unwrap();
         for step in 3..6 {
             let g = gradients(CFG, step, 1.0);
-            opt.step(&mut pool, &g.0, &g.1).unwrap();
-            let moved = move_slot(g);
-            opt2.step(&mut pool2, &moved.0, &moved.1).unwrap();
-            fresh.step(&mut pool3, &moved.0, &moved.1).unwrap();
+            let (ga, gb) = on_dev(&g);
+            opt.step(&mut pool, &ga, &gb).unwrap();
+            let (moved_a, moved_b) = on_dev(&move_slot(g));
+            opt2.step(&mut pool2, &moved_a, &moved_b).unwrap();
+            fresh.step(&mut pool3, &moved_a, &moved_b).unwrap();
         }
         let want = opt.master(&pool, 2).unwrap();
         assert_eq!(opt2.master(&pool2, 0).unwrap(), want);

@@ -15,6 +15,16 @@ use lora_kernels::ops::lora_backward::{
 use lora_kernels::ops::multi_adapter_forward::{Routing, multi_adapter_forward_saving_t};
 use lora_kernels::{AdapterPool, BufMut, BufRef, Device, DeviceAdapter, Dims, Error, PoolConfig};
 
+/// The GPU tests past 2^31 elements each take tens of GB of device memory
+/// (about 66 and 45): run side by side, as the test harness would, they
+/// would not fit one GPU together, so they take turns.
+static HUGE_GPU_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn huge_gpu_turn() -> std::sync::MutexGuard<'static, ()> {
+    // A failed huge test (a poisoned lock) does not fail the other one.
+    HUGE_GPU_TEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The smallest token count whose row tiles of `rows` pass grid.y's 65535.
 fn past_grid_y(rows: usize) -> usize {
     65535 * rows + 1
@@ -162,6 +172,7 @@ fn gpu_backward_scratch_from_another_device_is_an_error() {
 #[test]
 fn gpu_shrink_units_past_2_pow_31() {
     let Some(gpu) = gpu() else { return };
+    let _turn = huge_gpu_turn();
     let (max_rank, n, k) = (256, 8, 8);
     let m = (1usize << 31) / max_rank * 8 + 8;
     let cfg = PoolConfig {
@@ -225,6 +236,7 @@ fn gpu_shrink_units_past_2_pow_31() {
 fn gpu_adamw_past_2_pow_31_parameters() {
     use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer, SlotStatus};
     let Some(gpu) = gpu() else { return };
+    let _turn = huge_gpu_turn();
     let (n, k) = (1usize << 30, (1usize << 30) + 8);
     let cfg = PoolConfig {
         slots: 1,
