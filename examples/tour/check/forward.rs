@@ -31,7 +31,7 @@ pub(super) fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
         let dims = Dims::new(m, N, K_SPLIT);
         rows.extend(fused::<bf16>(dev, Regime::Decode, dims, 16, plain)?);
     }
-    let dims = Dims::new(M_SMALL, N, K_SPLIT + 1);
+    let dims = Dims::new(M_SMALL, N, K_SPLIT_F16);
     rows.extend(fused::<f16>(dev, Regime::Decode, dims, 16, plain)?);
     // beta != 0: the kernels read the old y (with beta 0 they never do).
     let beta = Forward::Beta(0.5);

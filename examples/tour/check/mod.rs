@@ -99,6 +99,12 @@ const K_ANY: usize = 70;
 /// decode launches split each tile's k-loop across blocks (on 132 SMs or the
 /// host runtime).
 const K_SPLIT: usize = 1000;
+/// f16's split-K rows (odd: element loads): 9 k-tiles, 2 splits. Longer k
+/// hides f16's control: the accumulation term of the bound grows as k^1.5
+/// against the low-rank term's k^0.5, and with mma.sync's truncating
+/// additions on a GPU (2^-23 each) it passes 0.3% of the low-rank term near
+/// k = 1000 (the control's ratio there is 0.6 on an H200; 1.5 at 521).
+const K_SPLIT_F16: usize = 521;
 
 /// f32's unit roundoff: every kernel accumulates in f32.
 const U32: f64 = f32::EPSILON as f64 / 2.0;

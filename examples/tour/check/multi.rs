@@ -124,8 +124,9 @@ pub(super) fn multi_rows(dev: &Device) -> Res<Vec<Row>> {
             rows.push(multi::<bf16>(dev, regime, Dims::new(m, N, k), segmented)?);
         }
     }
-    // Split-K at decode: 16 k-tiles over 2 columns of tiles (a 64-row tile
-    // at 37 tokens, a 16-row one at 5), both load paths and both routings.
+    // Split-K at decode: 16 k-tiles (f16: 9, K_SPLIT_F16) over 2 columns of
+    // tiles (a 64-row tile at 37 tokens, a 16-row one at 5), both load paths
+    // and both routings.
     rows.push(multi::<bf16>(
         dev,
         Regime::Decode,
@@ -135,7 +136,7 @@ pub(super) fn multi_rows(dev: &Device) -> Res<Vec<Row>> {
     rows.push(multi::<f16>(
         dev,
         Regime::Decode,
-        Dims::new(M_SMALL, N, K_SPLIT + 1),
+        Dims::new(M_SMALL, N, K_SPLIT_F16),
         true,
     )?);
     // The prefill's tile blocks on Hopper's wgmma and TMA (LaunchForm::wgmma),
