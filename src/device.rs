@@ -515,13 +515,8 @@ mod tests {
         }
         let (after_first, after_second) = (&loaded[0], &loaded[1]);
         assert!(!after_first.is_empty());
-        let names = |m: &HashMap<&str, Arc<CudaModule>>| m.keys().copied().collect::<Vec<_>>();
-        assert_eq!(
-            after_first.len(),
-            after_second.len(),
-            "{:?}",
-            names(after_second)
-        );
+        let names: Vec<&str> = after_second.keys().copied().collect();
+        assert_eq!(after_first.len(), after_second.len(), "{names:?}");
         for (file, module) in after_first {
             assert!(
                 Arc::ptr_eq(module, &after_second[file]),
