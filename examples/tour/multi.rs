@@ -53,10 +53,12 @@ pub fn table(
     ] {
         let mut inputs = Inputs::<bf16>::new(dev, n, k, 256)?;
         for &tokens in batches {
-            for distinct in [1usize, 8, 64, tokens] {
-                if distinct > tokens || (distinct == tokens && [1, 8, 64].contains(&tokens)) {
-                    continue; // "all" duplicates one of the fixed counts
-                }
+            // 1, 8 and 64 adapters, and every token on its own, each once.
+            let mut counts = vec![1usize, 8, 64, tokens];
+            counts.retain(|&distinct| distinct <= tokens);
+            counts.sort_unstable();
+            counts.dedup();
+            for distinct in counts {
                 for rank in RANKS {
                     rows.push(measure(
                         dev,
