@@ -12,7 +12,8 @@
 //! multi-adapter forward (multi.rs: beside cuBLAS base-only and a per-adapter
 //! cuBLAS loop), the backward (training.rs: beside cuBLAS's unfused backward)
 //! and the optimizer step: each row gives the floor and the ratios (docs/DESIGN.md
-//! section 4), printed and written as JSON to `$LORA_KERNELS_BENCH_JSON`
+//! section 4); then whole steps over Llama-3-8B's projections (model.rs: decode,
+//! prefill, learning while serving), all printed and written as JSON to `$LORA_KERNELS_BENCH_JSON`
 //! (default target/bench-tour.json). Last, with or without a GPU, the static
 //! counts of every kernel's machine code that `scripts/sass-check` wrote
 //! (sass.rs).
@@ -20,6 +21,7 @@ mod check;
 #[path = "../common/mod.rs"]
 mod common;
 mod fused;
+mod model;
 mod multi;
 mod sass;
 mod traffic;
@@ -84,6 +86,12 @@ fn main() -> Res<()> {
     let wgmma_base = multi::wgmma_base_table(&dev, &blas)?;
     let backward_rows = training::backward_table(&dev, &blas, ceilings)?;
     let optimizer = training::optimizer_table(&dev, ceilings)?;
+    // The model steps hold the tour's largest allocations (about 15 GB): a
+    // failure there is reported, and the tables above are still written.
+    let model_steps = model::table(&dev, &blas).unwrap_or_else(|e| {
+        println!("   model steps: failed: {e}");
+        json!({ "error": e.to_string() })
+    });
     let report = json!({
         "gpu": dev.name(),
         "copy_bandwidth_bytes_per_s": ceilings.copy_bw,
@@ -97,6 +105,7 @@ fn main() -> Res<()> {
         "wgmma_base_gemm": wgmma_base,
         "backward": backward_rows,
         "optimizer": optimizer,
+        "model_steps": model_steps,
     });
     let path = std::env::var("LORA_KERNELS_BENCH_JSON")
         .unwrap_or_else(|_| "target/bench-tour.json".into());
