@@ -206,7 +206,7 @@ pub fn decode_launch_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde
 /// of `forms` (labelled under `key` in the JSON), at n = k = 4096 and
 /// 4096 -> 14336 (and n = 1024 at decode: few column tiles), ranks 16 and
 /// 64, beside cuBLAS base-only. A form the device can't launch prints why.
-fn forms_table(
+pub fn forms_table(
     dev: &Device,
     blas: &CublasBaseline,
     regime: Regime,

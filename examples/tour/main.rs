@@ -6,7 +6,10 @@
 //!
 //!     cargo run --release --features bench --example tour
 //!
-//! It exits with an error when a check fails. On a GPU it measures the copy
+//! It exits with an error when a check fails. With `--tune` (GPU only), the
+//! checks are followed by the tuning sweep alone (tune.rs: every launch form
+//! on the tables' shapes, the best per shape), written as JSON to
+//! `$LORA_KERNELS_TUNE_JSON` (default target/tune.json). On a GPU it measures the copy
 //! bandwidth and a large cuBLAS bf16 GEMM first (the ceilings), then times the
 //! fused forward (fused.rs: beside cuBLAS base-only and unfused LoRA) and the
 //! multi-adapter forward (multi.rs: beside cuBLAS base-only and a per-adapter
@@ -26,6 +29,7 @@ mod multi;
 mod sass;
 mod traffic;
 mod training;
+mod tune;
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -62,12 +66,24 @@ fn main() -> Res<()> {
     let gpu = open_gpu();
     let checks_passed = check::section(gpu.as_ref())?;
     let Some(dev) = gpu else {
+        if std::env::args().any(|a| a == "--tune") {
+            println!("\n--tune: the sweep times launches on a GPU, and there is none here");
+        }
         check::no_timings();
         sass::section(3);
         traffic::section(4);
         return finish(checks_passed);
     };
     let blas = CublasBaseline::new(&dev)?;
+    if std::env::args().any(|a| a == "--tune") {
+        let sweep = tune::section(&dev, &blas)?;
+        let report = json!({ "gpu": dev.name(), "warmup": WARMUP, "runs": RUNS, "tune": sweep });
+        let path =
+            std::env::var("LORA_KERNELS_TUNE_JSON").unwrap_or_else(|_| "target/tune.json".into());
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        println!("\n   written: {path}");
+        return finish(checks_passed);
+    }
     let ceilings = ceilings(&dev, &blas)?;
     println!(
         "\n2. on {}: copy bandwidth {:.2} TB/s (read + write), cuBLAS bf16 8192^3 GEMM {:.0} TFLOP/s",

@@ -76,6 +76,43 @@ pub fn table(
     Ok(rows)
 }
 
+/// Slot `s`'s rank: `rank`, or for "mixed" (`None`) 8, 16 and 64 in turn.
+pub fn rank_of(rank: Option<usize>, s: usize) -> usize {
+    rank.unwrap_or([8, 16, 64][s % 3])
+}
+
+/// Slot `s`'s adapter weights at rank `r` (deterministic, never zeros).
+fn slot_weights(s: usize, r: usize, n: usize, k: usize) -> (Vec<bf16>, Vec<bf16>) {
+    (
+        data::<bf16>(r * k, 100 + s as u64),
+        data::<bf16>(n * r, 200 + s as u64),
+    )
+}
+
+/// A pool of `distinct` slots, every one loaded ([`rank_of`], [`slot_weights`], scale 0.5).
+pub fn loaded_pool(
+    dev: &Device,
+    n: usize,
+    k: usize,
+    distinct: usize,
+    rank: Option<usize>,
+) -> Res<AdapterPool<bf16>> {
+    let max_rank = (0..distinct).map(|s| rank_of(rank, s)).max().unwrap_or(1);
+    let config = PoolConfig {
+        slots: distinct,
+        max_rank,
+        n,
+        k,
+    };
+    let mut pool = AdapterPool::<bf16>::new(dev, config)?;
+    for s in 0..distinct {
+        let r = rank_of(rank, s);
+        let (a, b) = slot_weights(s, r, n, k);
+        pool.load(s, &a, &b, r, 0.5)?;
+    }
+    Ok(pool)
+}
+
 fn measure(
     dev: &Device,
     blas: &CublasBaseline,
@@ -86,26 +123,14 @@ fn measure(
     ceilings: Ceilings,
 ) -> Res<serde_json::Value> {
     let Dims { m, n, k } = dims;
-    let rank_of = |s: usize| rank.unwrap_or([8, 16, 64][s % 3]);
+    let rank_of = |s: usize| rank_of(rank, s);
     let max_rank = (0..distinct).map(rank_of).max().unwrap_or(1);
-    let mut pool = AdapterPool::<bf16>::new(
-        dev,
-        PoolConfig {
-            slots: distinct,
-            max_rank,
-            n,
-            k,
-        },
-    )?;
+    let pool = loaded_pool(dev, n, k, distinct, rank)?;
     // The same weights, also as separate buffers for the cuBLAS loop.
     let mut separate = Vec::new();
     for s in 0..distinct {
         let r = rank_of(s);
-        let (a, b) = (
-            data::<bf16>(r * k, 100 + s as u64),
-            data::<bf16>(n * r, 200 + s as u64),
-        );
-        pool.load(s, &a, &b, r, 0.5)?;
+        let (a, b) = slot_weights(s, r, n, k);
         separate.push((dev.upload(&a)?, dev.upload(&b)?, r));
     }
     // Tokens sorted by adapter (contiguous rows), as the cuBLAS loop needs.
@@ -272,7 +297,7 @@ pub fn wgmma_base_table(dev: &Device, blas: &CublasBaseline) -> Res<Option<serde
 
 /// One multi-adapter launch in a chosen regime and form (`beta` 0, `w`
 /// rotated across its copies; `i` counts the launches), timed.
-fn time_tuned(
+pub fn time_tuned(
     dev: &Device,
     inputs: &mut Inputs<bf16>,
     dims: Dims,

@@ -1,0 +1,205 @@
+//! `tour --tune`: every launch form of the fused and the multi-adapter
+//! forward on the shapes of the tour's tables, each timed, then the best
+//! form per shape beside the default's time. Those winners are what the
+//! dispatch (`regime_for`, the `LaunchForm` defaults, the split counts) should
+//! take; a form the device can't launch says why and is left out.
+use half::bf16;
+use lora_kernels::cublas_baseline::CublasBaseline;
+use lora_kernels::ops::fused_forward::{LaunchForm, Regime, regime_for};
+use lora_kernels::ops::multi_adapter_forward::{self as multi_op, Routing};
+use lora_kernels::{DType, Device, Dims};
+use serde_json::json;
+
+use crate::fused::forms_table;
+use crate::multi::{loaded_pool, time_tuned};
+use crate::{Inputs, Res};
+
+pub fn section(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
+    println!("\n   tuning sweep, bf16: every launch form, the best per shape beside the default");
+    let fused = fused_sweep(dev, blas)?;
+    let multi = multi_sweep(dev)?;
+    Ok(json!({ "fused_forward": fused, "multi_adapter_forward": multi }))
+}
+
+/// The fused forward's forms: at decode, the fused kernel (`t` in every
+/// column tile) at either depth and each split count, and the shared shrink
+/// (the multi-adapter kernel); at prefill, 1, 2 and 4 column tiles a block,
+/// the shared shrink, and the wgmma kernel at 1, 2 and 4 column tiles.
+fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
+    let own_t = LaunchForm {
+        shared_shrink: Some(false),
+        ..LaunchForm::default()
+    };
+    let mut decode = vec![("default".to_string(), LaunchForm::default())];
+    for deep in [false, true] {
+        for splits in [None, Some(1), Some(2), Some(4), Some(8)] {
+            let label = format!(
+                "{} split {}",
+                if deep { "deep" } else { "base" },
+                splits.map_or("auto".to_string(), |s| s.to_string())
+            );
+            let form = LaunchForm {
+                deep_decode: Some(deep),
+                k_splits: splits,
+                ..own_t
+            };
+            decode.push((label, form));
+        }
+    }
+    let mut prefill = vec![("default".to_string(), LaunchForm::default())];
+    for col_tiles in [1, 2, 4] {
+        let own = LaunchForm { col_tiles, ..own_t };
+        let wgmma = LaunchForm {
+            col_tiles,
+            wgmma: true,
+            ..LaunchForm::default()
+        };
+        prefill.push((format!("own t {col_tiles}"), own));
+        prefill.push((format!("wgmma {col_tiles}"), wgmma));
+    }
+    let mut rows = Vec::new();
+    for (regime, ms, forms) in [
+        (Regime::Decode, &[1usize, 4, 16, 64][..], &decode),
+        (Regime::Prefill, &[512, 4096][..], &prefill),
+    ] {
+        let forms: Vec<(&str, LaunchForm)> = forms.iter().map(|(l, f)| (l.as_str(), *f)).collect();
+        rows.extend(forms_table(dev, blas, regime, ms, &forms, "form")?);
+    }
+    let best = best_per_shape(&rows, &["n", "k", "m", "r"], "form");
+    Ok(json!({ "rows": rows, "best": best }))
+}
+
+/// The multi-adapter forward's forms: with and without shrink blocks; at
+/// decode, 16- or 64-row tiles and each split count; at prefill, the wgmma
+/// tile blocks. Rank 16, tokens on adapters in contiguous groups.
+fn multi_sweep(dev: &Device) -> Res<serde_json::Value> {
+    println!(
+        "   {:>5} {:>5} {:>6} {:>8} {:>24} {:>10}",
+        "n", "k", "tokens", "adapters", "form", "ours us"
+    );
+    let mut rows = Vec::new();
+    for (n, k) in [(4096usize, 4096usize), (14336, 4096), (1024, 4096)] {
+        let mut inputs = Inputs::<bf16>::new(dev, n, k, 256)?;
+        for (m, distinct) in [(16usize, 8usize), (16, 16), (64, 8), (64, 64), (256, 64)] {
+            let regime = regime_for(DType::BF16, m);
+            let pool = loaded_pool(dev, n, k, distinct, Some(16))?;
+            pool.reserve_tokens(m)?;
+            let ids: Vec<i32> = (0..m).map(|i| (i * distinct / m) as i32).collect();
+            let ids = dev.upload(&ids)?;
+            let routing = Routing::Tokens((&ids).into());
+            let mut i = 0;
+            for (label, form) in multi_forms(regime) {
+                let dims = Dims::new(m, n, k);
+                let launch = (regime, form, &pool, &routing);
+                match time_tuned(dev, &mut inputs, dims, launch, &mut i) {
+                    Ok(t) => {
+                        println!(
+                            "   {n:>5} {k:>5} {m:>6} {distinct:>8} {label:>24} {:>10.1}",
+                            t.median_us
+                        );
+                        rows.push(json!({
+                            "n": n, "k": k, "tokens": m, "adapters": distinct, "rank": 16,
+                            "form": label, "ours_us": t.median_us,
+                        }));
+                    }
+                    Err(e) => println!(
+                        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {label:>24} not launched: {e}"
+                    ),
+                }
+            }
+        }
+    }
+    let best = best_per_shape(&rows, &["n", "k", "tokens", "adapters"], "form");
+    Ok(json!({ "rows": rows, "best": best }))
+}
+
+/// Every multi-adapter launch form worth timing in `regime`, labelled.
+fn multi_forms(regime: Regime) -> Vec<(String, multi_op::LaunchForm)> {
+    let mut forms = vec![("default".to_string(), multi_op::LaunchForm::default())];
+    for shrink_blocks in [true, false] {
+        let blocks = if shrink_blocks {
+            "shrink blocks"
+        } else {
+            "no shrink blocks"
+        };
+        let plain = multi_op::LaunchForm {
+            shrink_blocks,
+            ..multi_op::LaunchForm::default()
+        };
+        if regime == Regime::Prefill {
+            forms.push((blocks.to_string(), plain));
+            let wgmma = multi_op::LaunchForm {
+                wgmma: true,
+                ..plain
+            };
+            forms.push((format!("{blocks}, wgmma"), wgmma));
+            continue;
+        }
+        for wide in [false, true] {
+            for splits in [None, Some(1), Some(2), Some(4)] {
+                let label = format!(
+                    "{blocks}, {} rows, split {}",
+                    if wide { 64 } else { 16 },
+                    splits.map_or("auto".to_string(), |s| s.to_string())
+                );
+                let form = multi_op::LaunchForm {
+                    wide_tiles: Some(wide),
+                    k_splits: splits,
+                    ..plain
+                };
+                forms.push((label, form));
+            }
+        }
+    }
+    forms
+}
+
+/// For each shape (the values of `keys`), the fastest form and the
+/// default's time beside it; printed and returned.
+fn best_per_shape(rows: &[serde_json::Value], keys: &[&str], form: &str) -> Vec<serde_json::Value> {
+    let mut shapes: Vec<Vec<serde_json::Value>> = Vec::new();
+    for row in rows {
+        let shape: Vec<_> = keys.iter().map(|k| row[*k].clone()).collect();
+        if !shapes.contains(&shape) {
+            shapes.push(shape);
+        }
+    }
+    println!(
+        "   best per shape ({}): form, us, default us, default / best",
+        keys.join(", ")
+    );
+    let mut best = Vec::new();
+    for shape in shapes {
+        let of_shape = rows
+            .iter()
+            .filter(|row| keys.iter().zip(&shape).all(|(k, v)| &row[*k] == v));
+        let us = |row: &serde_json::Value| row["ours_us"].as_f64().unwrap_or(f64::INFINITY);
+        let Some(fastest) = of_shape.clone().min_by(|a, b| us(a).total_cmp(&us(b))) else {
+            continue;
+        };
+        let default_us = of_shape
+            .clone()
+            .find(|row| row[form] == "default")
+            .map_or(f64::NAN, us);
+        let label = fastest[form].as_str().unwrap_or("?");
+        println!(
+            "   {:>24} {label:>28} {:>10.1} {default_us:>10.1} {:>7.2}",
+            shape
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            us(fastest),
+            default_us / us(fastest)
+        );
+        let mut entry = serde_json::Map::new();
+        for (k, v) in keys.iter().zip(&shape) {
+            entry.insert((*k).to_string(), v.clone());
+        }
+        entry.insert("best".into(), json!(label));
+        entry.insert("best_us".into(), json!(us(fastest)));
+        entry.insert("default_us".into(), json!(default_us));
+        best.push(serde_json::Value::Object(entry));
+    }
+    best
+}
