@@ -81,61 +81,63 @@ def median_us(fn, rotate):
     return statistics.median(times)
 
 
-def forward_rows(shapes, ms, ranks, rows, deadline):
-    for n, k in shapes:
-        xs = torch.randn(max(ms), k, device="cuda", dtype=DTYPE)
-        for r in ranks:
-            ms_models = models(n, k, r, 1)
-            for model in ms_models:
-                model.eval()
-            for m in ms:
-                if time.monotonic() > deadline:
-                    return False
-                x = xs[:m]
-                with torch.no_grad():
-                    peft_us = median_us(lambda i: ms_models[i](x), len(ms_models))
-                    weights = [mm.base_model.model.proj.base_layer.weight for mm in ms_models]
-                    base_us = median_us(lambda i: torch.nn.functional.linear(x, weights[i]),
-                                        len(weights))
-                rows.append({"kind": "forward", "dtype": "bf16", "n": n, "k": k, "m": m, "r": r,
-                             "peft_us": peft_us, "torch_base_us": base_us})
-                print(f"forward  n {n:5} k {k:5} m {m:5} r {r:3}: PEFT {peft_us:9.1f} us, "
-                      f"base {base_us:9.1f} us, PEFT/base {peft_us / base_us:5.2f}")
-            del ms_models
-            torch.cuda.empty_cache()
-    return True
-
-
-def backward_rows(shapes, ms, ranks, rows, deadline):
+def cases(shapes, ranks, ms, deadline, train):
+    """(n, k, r, model copies, m) for every case in turn, then True; False
+    instead once the time budget has passed."""
     for n, k in shapes:
         for r in ranks:
             copies = models(n, k, r, 1)
             for model in copies:
-                model.train()
+                model.train(train)
             for m in ms:
                 if time.monotonic() > deadline:
-                    return False
-                x = torch.randn(m, k, device="cuda", dtype=DTYPE, requires_grad=True)
-                g = torch.randn(m, n, device="cuda", dtype=DTYPE)
-                params = [[p for p in mm.parameters() if p.requires_grad] for mm in copies]
-                ys = [mm(x) for mm in copies]  # graphs kept for the backward-only timing
-
-                def backward(i):
-                    torch.autograd.grad(ys[i], [x, *params[i]], g, retain_graph=True)
-
-                def step(i):
-                    torch.autograd.grad(copies[i](x), [x, *params[i]], g)
-
-                bwd_us = median_us(backward, len(copies))
-                both_us = median_us(step, len(copies))
-                del ys
-                rows.append({"kind": "backward", "dtype": "bf16", "n": n, "k": k, "m": m, "r": r,
-                             "peft_backward_us": bwd_us, "peft_forward_backward_us": both_us})
-                print(f"backward n {n:5} k {k:5} m {m:5} r {r:3}: PEFT backward {bwd_us:9.1f} us, "
-                      f"forward + backward {both_us:9.1f} us")
+                    yield False
+                    return
+                yield n, k, r, copies, m
             del copies
             torch.cuda.empty_cache()
-    return True
+    yield True
+
+
+def forward_rows(shapes, ms, ranks, rows, deadline):
+    for case in cases(shapes, ranks, ms, deadline, train=False):
+        if isinstance(case, bool):
+            return case
+        n, k, r, copies, m = case
+        x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+        with torch.no_grad():
+            peft_us = median_us(lambda i: copies[i](x), len(copies))
+            weights = [mm.base_model.model.proj.base_layer.weight for mm in copies]
+            base_us = median_us(lambda i: torch.nn.functional.linear(x, weights[i]), len(weights))
+        rows.append({"kind": "forward", "dtype": "bf16", "n": n, "k": k, "m": m, "r": r,
+                     "peft_us": peft_us, "torch_base_us": base_us})
+        print(f"forward  n {n:5} k {k:5} m {m:5} r {r:3}: PEFT {peft_us:9.1f} us, "
+              f"base {base_us:9.1f} us, PEFT/base {peft_us / base_us:5.2f}")
+
+
+def backward_rows(shapes, ms, ranks, rows, deadline):
+    for case in cases(shapes, ranks, ms, deadline, train=True):
+        if isinstance(case, bool):
+            return case
+        n, k, r, copies, m = case
+        x = torch.randn(m, k, device="cuda", dtype=DTYPE, requires_grad=True)
+        g = torch.randn(m, n, device="cuda", dtype=DTYPE)
+        params = [[p for p in mm.parameters() if p.requires_grad] for mm in copies]
+        ys = [mm(x) for mm in copies]  # graphs kept for the backward-only timing
+
+        def backward(i):
+            torch.autograd.grad(ys[i], [x, *params[i]], g, retain_graph=True)
+
+        def step(i):
+            torch.autograd.grad(copies[i](x), [x, *params[i]], g)
+
+        bwd_us = median_us(backward, len(copies))
+        both_us = median_us(step, len(copies))
+        del ys
+        rows.append({"kind": "backward", "dtype": "bf16", "n": n, "k": k, "m": m, "r": r,
+                     "peft_backward_us": bwd_us, "peft_forward_backward_us": both_us})
+        print(f"backward n {n:5} k {k:5} m {m:5} r {r:3}: PEFT backward {bwd_us:9.1f} us, "
+              f"forward + backward {both_us:9.1f} us")
 
 
 def multi_rows(shapes, batches, rows, deadline, r=16):

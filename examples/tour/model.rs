@@ -7,7 +7,7 @@
 //! step for 256 tokens of 256 users: serve-only (the multi-adapter forward)
 //! against forward saving `t`, the backward (`dx` and the pool's gradients)
 //! and the optimizer over every slot. All rank 16, bf16.
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use half::bf16;
 use lora_kernels::cublas_baseline::CublasBaseline;
 use lora_kernels::ops::adamw::{AdamWConfig, SlotHyper, SlotOptimizer};
@@ -19,7 +19,7 @@ use lora_kernels::ops::multi_adapter_forward::{
     Routing, multi_adapter_forward, multi_adapter_forward_saving_t,
 };
 use lora_kernels::timing::{Timing, time_on_stream};
-use lora_kernels::{AdapterPool, Device, DeviceAdapter, Dims, PoolConfig, PoolGrads};
+use lora_kernels::{AdapterPool, Device, DeviceAdapter, Dims, PoolConfig, PoolGrads, Result};
 use serde_json::json;
 
 use crate::{Res, data};
@@ -81,8 +81,13 @@ pub fn table(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
             "step", "tokens", "adapters", "us / step", "/ base"
         );
         for (label, m, adapters) in [("decode", 64, 64), ("prefill", MAX_M, 64)] {
-            let base = time_base(dev, blas, &layers, &mut acts, m)?;
-            let shared = time_shared(dev, &layers, &mut acts, m)?;
+            let base = time_step(dev, &layers, &mut acts, m, |p, dims, x, mut y| {
+                blas.base(dims, &x, &p.w, &mut y)
+            })?;
+            let shared = time_step(dev, &layers, &mut acts, m, |p, dims, x, y| {
+                let adapter = DeviceAdapter::new(&p.a, &p.b, RANK, SCALE);
+                fused_forward(dev, dims, x, &p.w, &adapter, 0.0, y)
+            })?;
             let multi = time_multi(dev, &layers, &mut acts, m, adapters)?;
             for (what, count, t) in [
                 ("base", 0, &base),
@@ -145,43 +150,20 @@ fn projections(dev: &Device, slots: usize) -> Res<Vec<Projection>> {
     Ok(all)
 }
 
-fn time_base(
+/// One step: `launch` on every projection of every layer in turn (x and y
+/// cut to `m` rows of its shape), timed as a whole.
+fn time_step(
     dev: &Device,
-    blas: &CublasBaseline,
     layers: &[Projection],
     acts: &mut Activations,
     m: usize,
+    mut launch: impl FnMut(&Projection, Dims, CudaView<bf16>, CudaViewMut<bf16>) -> Result<()>,
 ) -> Res<Timing> {
     let Activations { x, y } = acts;
     Ok(time_on_stream(dev, WARMUP, RUNS, || {
         for p in layers {
             let dims = Dims::new(m, p.n, p.k);
-            blas.base(dims, &x.slice(..m * p.k), &p.w, &mut y.slice_mut(..m * p.n))?;
-        }
-        Ok(())
-    })?)
-}
-
-fn time_shared(
-    dev: &Device,
-    layers: &[Projection],
-    acts: &mut Activations,
-    m: usize,
-) -> Res<Timing> {
-    let Activations { x, y } = acts;
-    Ok(time_on_stream(dev, WARMUP, RUNS, || {
-        for p in layers {
-            let adapter = DeviceAdapter::new(&p.a, &p.b, RANK, SCALE);
-            let dims = Dims::new(m, p.n, p.k);
-            fused_forward(
-                dev,
-                dims,
-                x.slice(..m * p.k),
-                &p.w,
-                &adapter,
-                0.0,
-                y.slice_mut(..m * p.n),
-            )?;
+            launch(p, dims, x.slice(..m * p.k), y.slice_mut(..m * p.n))?;
         }
         Ok(())
     })?)
@@ -199,14 +181,9 @@ fn time_multi(
     let ids: Vec<i32> = (0..m).map(|i| (i * adapters / m) as i32).collect();
     let ids = dev.upload(&ids)?;
     let routing = Routing::Tokens((&ids).into());
-    let Activations { x, y } = acts;
-    Ok(time_on_stream(dev, WARMUP, RUNS, || {
-        for p in layers {
-            let (xs, ys) = (x.slice(..m * p.k), y.slice_mut(..m * p.n));
-            multi_adapter_forward(&p.pool, m, xs, &p.w, &routing, 0.0, ys)?;
-        }
-        Ok(())
-    })?)
+    time_step(dev, layers, acts, m, |p, _, x, y| {
+        multi_adapter_forward(&p.pool, m, x, &p.w, &routing, 0.0, y)
+    })
 }
 
 /// 256 tokens of 256 users, one adapter each: the serve-only step, and the
@@ -237,6 +214,9 @@ fn learn_while_serving(dev: &Device, acts: &mut Activations) -> Res<serde_json::
         optimizers.push(opt);
         grads.push(PoolGrads::new(&p.pool)?);
     }
+    // Serving: every user's token on its own adapter.
+    let serve = time_multi(dev, &layers, acts, users, users)?;
+
     let ids = dev.upload(&(0..users as i32).collect::<Vec<_>>())?;
     let routing = Routing::Tokens((&ids).into());
     let Activations { x, y } = acts;
@@ -244,14 +224,6 @@ fn learn_while_serving(dev: &Device, acts: &mut Activations) -> Res<serde_json::
     let mut dx = stream.alloc_zeros::<bf16>(users * MAX_WIDTH)?;
     let mut t = stream.alloc_zeros::<f32>(users * RANK)?;
     let mut scratch = BackwardScratch::new(dev)?;
-
-    let serve = time_on_stream(dev, WARMUP, RUNS, || {
-        for p in &layers {
-            let (xs, ys) = (x.slice(..users * p.k), y.slice_mut(..users * p.n));
-            multi_adapter_forward(&p.pool, users, xs, &p.w, &routing, 0.0, ys)?;
-        }
-        Ok(())
-    })?;
     let learn = time_on_stream(dev, WARMUP, RUNS, || {
         for ((p, opt), pool_grads) in layers.iter_mut().zip(&mut optimizers).zip(&mut grads) {
             let (xs, ys) = (x.slice(..users * p.k), y.slice_mut(..users * p.n));
