@@ -211,8 +211,9 @@ pub struct LaunchForm {
     /// (`kernels/fused_forward_wgmma.cu`: GPUs of compute capability 9.0
     /// and the host runtime), `col_tiles` column tiles a work unit: ranks up
     /// to 64, `k` a multiple of 8 and x, w, a 16-byte aligned, else an error.
-    /// `shared_shrink`, `deep_decode` and `k_splits` do not apply. Not the
-    /// default until a GPU has measured it.
+    /// `shared_shrink`, `deep_decode` and `k_splits` do not apply. Not yet
+    /// the default: the tuning sweep (`tour --tune`) decides the dispatch
+    /// (docs/DESIGN.md section 8).
     pub wgmma: bool,
 }
 

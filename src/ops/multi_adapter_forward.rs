@@ -204,7 +204,8 @@ pub struct LaunchForm {
     /// (`kernels/multi_adapter_forward_wgmma.cu`: GPUs of compute capability
     /// 9.0 and the host runtime): f16/bf16, `k` a multiple of 8 and x, w
     /// and the pool's a 16-byte aligned, else an error before `y` changes.
-    /// Not the default until a GPU has measured it.
+    /// Not yet the default: the tuning sweep (`tour --tune`) decides the
+    /// dispatch (docs/DESIGN.md section 8).
     pub wgmma: bool,
 }
 
