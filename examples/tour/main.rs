@@ -63,10 +63,11 @@ impl Ceilings {
 
 fn main() -> Res<()> {
     println!("lora-kernels tour: y = x w^T + s (x a^T) b^T\n");
+    let tune = std::env::args().any(|a| a == "--tune");
     let gpu = open_gpu();
     let checks_passed = check::section(gpu.as_ref())?;
     let Some(dev) = gpu else {
-        if std::env::args().any(|a| a == "--tune") {
+        if tune {
             println!("\n--tune: the sweep times launches on a GPU, and there is none here");
         }
         check::no_timings();
@@ -75,7 +76,7 @@ fn main() -> Res<()> {
         return finish(checks_passed);
     };
     let blas = CublasBaseline::new(&dev)?;
-    if std::env::args().any(|a| a == "--tune") {
+    if tune {
         let sweep = tune::section(&dev, &blas)?;
         let report = json!({ "gpu": dev.name(), "warmup": WARMUP, "runs": RUNS, "tune": sweep });
         let path =

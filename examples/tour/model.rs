@@ -75,7 +75,7 @@ pub fn table(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
     };
     let mut rows = Vec::new();
     {
-        let layers = projections(dev, 64)?;
+        let layers = projections(dev, 64, true)?;
         println!(
             "   {:>8} {:>6} {:>9} {:>12} {:>10}",
             "step", "tokens", "adapters", "us / step", "/ base"
@@ -115,8 +115,10 @@ pub fn table(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
     Ok(json!({ "layers": LAYERS, "rank": RANK, "steps": rows, "learn_while_serving": learning }))
 }
 
-/// Every layer's projections, with pools of `slots` adapters of rank 16.
-fn projections(dev: &Device, slots: usize) -> Res<Vec<Projection>> {
+/// Every layer's projections, with pools of `slots` rank-16 slots: with
+/// `load`, each holding the projection's shared adapter; else left for the
+/// caller to load (the optimizer loads its own, with their masters).
+fn projections(dev: &Device, slots: usize, load: bool) -> Res<Vec<Projection>> {
     let stream = dev.cuda_stream().expect("a CUDA device");
     let mut all = Vec::new();
     for layer in 0..LAYERS {
@@ -133,8 +135,10 @@ fn projections(dev: &Device, slots: usize) -> Res<Vec<Projection>> {
                 data::<bf16>(RANK * k, seed + 1),
                 data::<bf16>(n * RANK, seed + 2),
             );
-            for s in 0..slots {
-                pool.load(s, &a, &b, RANK, SCALE)?;
+            if load {
+                for s in 0..slots {
+                    pool.load(s, &a, &b, RANK, SCALE)?;
+                }
             }
             pool.reserve_tokens(MAX_M)?;
             all.push(Projection {
@@ -193,7 +197,7 @@ fn time_multi(
 fn learn_while_serving(dev: &Device, acts: &mut Activations) -> Res<serde_json::Value> {
     let users = 256;
     let stream = dev.cuda_stream().expect("a CUDA device");
-    let mut layers = projections(dev, users)?;
+    let mut layers = projections(dev, users, false)?;
     let hyper = SlotHyper {
         lr: 1e-4,
         weight_decay: 0.0,

@@ -77,7 +77,7 @@ pub fn table(
 }
 
 /// Slot `s`'s rank: `rank`, or for "mixed" (`None`) 8, 16 and 64 in turn.
-pub fn rank_of(rank: Option<usize>, s: usize) -> usize {
+fn rank_of(rank: Option<usize>, s: usize) -> usize {
     rank.unwrap_or([8, 16, 64][s % 3])
 }
 
@@ -123,13 +123,13 @@ fn measure(
     ceilings: Ceilings,
 ) -> Res<serde_json::Value> {
     let Dims { m, n, k } = dims;
-    let rank_of = |s: usize| rank_of(rank, s);
-    let max_rank = (0..distinct).map(rank_of).max().unwrap_or(1);
+    let slot_rank = |s: usize| rank_of(rank, s);
+    let max_rank = (0..distinct).map(slot_rank).max().unwrap_or(1);
     let pool = loaded_pool(dev, n, k, distinct, rank)?;
     // The same weights, also as separate buffers for the cuBLAS loop.
     let mut separate = Vec::new();
     for s in 0..distinct {
-        let r = rank_of(s);
+        let r = slot_rank(s);
         let (a, b) = slot_weights(s, r, n, k);
         separate.push((dev.upload(&a)?, dev.upload(&b)?, r));
     }
@@ -206,12 +206,12 @@ fn measure(
         let (x, mut y) = (inputs.x.slice(..m * k), inputs.y.slice_mut(..m * n));
         blas.per_adapter_loop(dims, &x, &inputs.ws[i % copies], &groups, &mut t, &mut y)
     })?;
-    let adapter_elems: usize = (0..distinct).map(|s| rank_of(s) * (n + k)).sum();
+    let adapter_elems: usize = (0..distinct).map(|s| slot_rank(s) * (n + k)).sum();
     let bytes = 2.0 * (m * k + n * k + m * n + adapter_elems) as f64;
     let flops = 2.0 * (m * n * k) as f64
         + ids
             .iter()
-            .map(|&s| 2.0 * (rank_of(s as usize) * (n + k)) as f64)
+            .map(|&s| 2.0 * (slot_rank(s as usize) * (n + k)) as f64)
             .sum::<f64>();
     let floor_us = ceilings.floor_us(bytes, flops);
     let rank_label = rank.map_or("mixed".to_string(), |r| r.to_string());
