@@ -52,6 +52,7 @@
 // token) run here too, in the uniform mode of MultiAdapterParams: t is then
 // computed once for the launch instead of in every column tile.
 // Counts that can pass 2^31 (shrink units, table entries) are 64-bit.
+#include "lk_direct_decode.cuh"
 #include "lk_mma.cuh"
 #include "lk_multi_adapter.cuh"
 #include "lk_simt_tile.cuh"
@@ -114,8 +115,14 @@ __device__ void base_block(const MultiAdapterParams& p) {
             lk::prefetch_span(b_pool + ((size_t)s * p.n + col0 + j) * p.max_rank, rank);
         }
     };
-    lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), nullptr,
-                                p.m, p.n, p.k, 0, 0, row0, col0, r, prefetch_b, kt_begin, kt_end);
+    if constexpr (lk::loads_direct<C>::value) {
+        static_assert(ALIGNED, "w goes straight into registers by 16-byte loads");
+        lk::direct_mainloop<T, C>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w), p.m, p.n,
+                                  p.k, row0, col0, r, prefetch_b, kt_begin, kt_end);
+    } else {
+        lk::mainloop<T, C, ALIGNED>(smem, reinterpret_cast<const T*>(p.x), reinterpret_cast<const T*>(p.w),
+                                    nullptr, p.m, p.n, p.k, 0, 0, row0, col0, r, prefetch_b, kt_begin, kt_end);
+    }
     if (splits > 1 && !lk::gather_k_splits<C>(reinterpret_cast<float*>(p.partials),
                                               reinterpret_cast<unsigned*>(p.split_counters) + tile_id, tile_id,
                                               split, splits, p.m - row0, false, 0, r))
@@ -218,6 +225,15 @@ LK_MULTI(decode, lk::DecodeTiles, SimtShrink, true, bf16, __nv_bfloat16)
 // memory: every GPU from sm_80 fits it).
 LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, true, f16, __half)
 LK_MULTI(decode_deep, lk::DecodeDeepTiles, SimtShrink, true, bf16, __nv_bfloat16)
+// The same 16-row tiles with w loaded straight into the MMAs' registers
+// (lk_direct_decode.cuh: no shared-memory pipeline, 8 warps a block): 16-byte
+// loads only, so aligned operands only.
+#define LK_MULTI_DIRECT(tname, T)                                                                       \
+    LK_KERNEL_BOUNDED(lk_multi_adapter_decode_direct_##tname##_aligned, MultiAdapterParams,            \
+                      (multi_adapter_forward<T, lk::DecodeDirectTiles, SimtShrink, true, true>),       \
+                      lk::DecodeDirectTiles::THREADS, 2)
+LK_MULTI_DIRECT(f16, __half)
+LK_MULTI_DIRECT(bf16, __nv_bfloat16)
 // 17 to 64 tokens: one block covers every row, so each column tile of w is
 // read once, not once per 16 rows; each warp expands its own 16 rows.
 LK_MULTI(decode_wide, lk::DecodeWideTiles, SimtShrink, true, f16, __half)

@@ -962,6 +962,70 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
     );
 }
 
+// ---- The one-adapter decode with w loaded straight into registers ----
+
+fn direct(shared_shrink: Option<bool>) -> LaunchForm {
+    LaunchForm {
+        direct_decode: true,
+        shared_shrink,
+        ..LaunchForm::default()
+    }
+}
+
+/// The shared-shrink decode with direct loads (`LaunchForm::direct_decode`):
+/// `y` and the saved `t` within their bounds and the same bits on a second
+/// run, for 1 to 16 tokens, n off the 32-column tile, k a multiple of 8 but
+/// not of 32 (and shorter than a round of chunks: 24), ranks 1 to 64, on
+/// the host runtime and a GPU; a reference with the scale off by 1% (bf16)
+/// or 0.3% (f16) fails. Asking for it where the launch is not a
+/// shared-shrink decode (17 tokens, the fused kernel's own shrink, prefill,
+/// the wgmma prefill, rank 65) or where 16-byte loads can't serve (k = 45)
+/// is an error naming `direct_decode` that changes nothing.
+#[test]
+fn direct_decode_matches_reference_and_refuses_other_launches() {
+    fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
+        let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (5 * m + n + k + r) as u64);
+        let what = format!(
+            "{:?} direct decode m={m} n={n} k={k} r={r} on {}",
+            T::DTYPE,
+            dev.name()
+        );
+        case.check_twice(dev, Regime::Decode, direct(None), &what);
+    }
+    let shapes = [
+        (1, 70, 840, 16),
+        (16, 96, 1000, 1),
+        (5, 40, 2056, 64),
+        (3, 33, 24, 3),
+    ];
+    every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
+    for dev in devices() {
+        let case = Case::<bf16>::new(Dims::new(5, 37, 48), 12, 0.0, 1);
+        case.check_form_with_control(&dev, Regime::Decode, direct(None), 1e-2, "direct decode");
+        let case = Case::<f16>::new(Dims::new(5, 37, 48), 12, 0.0, 1);
+        case.check_form_with_control(&dev, Regime::Decode, direct(None), 3e-3, "direct decode");
+    }
+
+    let refused = [
+        (Regime::Decode, (17, 64, 16), direct(None)),
+        (Regime::Decode, (4, 64, 16), direct(Some(false))),
+        (Regime::Decode, (4, 64, 65), direct(None)),
+        (Regime::Prefill, (130, 64, 16), direct(None)),
+        (
+            Regime::Prefill,
+            (130, 64, 16),
+            LaunchForm {
+                wgmma: true,
+                ..direct(None)
+            },
+        ),
+        (Regime::Decode, (4, 45, 16), direct(None)),
+    ];
+    for (regime, (m, k, r), form) in refused {
+        Case::<bf16>::new(Dims::new(m, 70, k), r, 0.5, 5).rejects(regime, form, "direct_decode");
+    }
+}
+
 // ---- The prefill on Hopper's wgmma and TMA (`LaunchForm::wgmma`) ----
 
 fn wgmma(col_tiles: usize) -> LaunchForm {

@@ -1674,3 +1674,162 @@ fn wgmma_prefill_without_adapters_is_the_base_product() {
         assert_eq!(pool.bad_id_count().unwrap(), 0);
     }
 }
+
+// ---- Decode with w loaded straight into registers (`LaunchForm::direct_loads`) ----
+
+fn direct_form(
+    k_splits: Option<usize>,
+    shrink_blocks: bool,
+) -> lora_kernels::ops::multi_adapter_forward::LaunchForm {
+    lora_kernels::ops::multi_adapter_forward::LaunchForm {
+        direct_loads: true,
+        k_splits,
+        shrink_blocks,
+        ..Default::default()
+    }
+}
+
+/// The direct-load decode matches the reference within each element's
+/// bound: 1 to 16 tokens (rows g + 8 of the fragment empty up to 8), n off
+/// the 32-column tile (a w row past n is read as the last one), k a multiple
+/// of 8 but not of 32 (the lanes of a chunk's tail load zeros) and shorter
+/// than one round of chunks (24, 72), every split count, with and without
+/// shrink blocks, ranks 1 to 64, an empty slot, -1s and an out-of-range id
+/// counted once per launch, beta 0, 0.5 and -1; on the host runtime with its
+/// warps in turn and interleaved, and on a GPU. A second launch gives the
+/// same bits, and a reference with scales off by 1% (bf16) or 0.3% (f16)
+/// fails.
+#[test]
+fn decode_direct_loads_match_reference_for_every_split_count() {
+    fn case<T: KernelElement>(dev: &Device, (m, n, k): (usize, usize, usize), beta: f32, off: f32) {
+        let ranks = [16, 1, 0, 64, 3];
+        let fx = Fixture::<T>::new(n, k, 64, &ranks, (m * n + k) as u64 + 11);
+        let x: Vec<T> = random(&mut rng(k as u64 + 12), m * k);
+        let ids: Vec<i32> = (0..m).map(|i| [3, 0, -1, 99, 1, 4, 3, 2][i % 8]).collect();
+        let bad = ids.iter().filter(|&&id| id == 99).count() as u32;
+        let y0: Vec<T> = match beta {
+            0.0 => vec![T::from_f64(f64::NAN); m * n],
+            _ => random(&mut rng(13), m * n),
+        };
+        let pool = fx.pool(dev);
+        let off_fx = fx.with_scales_times(1.0 + off);
+        let ktiles = k.div_ceil(64);
+        let mut splits = vec![None, Some(1), Some(2.min(ktiles)), Some(ktiles.min(8))];
+        splits.dedup();
+        for k_splits in splits {
+            for shrink_blocks in [true, false] {
+                let form = direct_form(k_splits, shrink_blocks);
+                let what = format!(
+                    "{:?} direct m={m} n={n} k={k} beta={beta} {form:?} on {}",
+                    T::DTYPE,
+                    dev.name()
+                );
+                let run = || run_form(&pool, Regime::Decode, form, &x, &fx.w, &ids, beta, &y0);
+                let (done, got) = run();
+                done.unwrap_or_else(|e| panic!("{what}: {e}"));
+                fx.compare(&what, &got, &x, &ids, beta, &y0).unwrap();
+                if m * n >= 64 {
+                    assert!(
+                        off_fx.compare(&what, &got, &x, &ids, beta, &y0).is_err(),
+                        "{what}: a reference with scales off by {off} must fail"
+                    );
+                }
+                let (again_done, again) = run();
+                again_done.unwrap();
+                assert!(same_bits(&got, &again), "{what}: a second launch differs");
+                assert_eq!(pool.bad_id_count().unwrap(), 2 * bad, "{what}");
+                pool.reset_bad_id_count().unwrap();
+            }
+        }
+    }
+    for dev in devices_and_interleaved() {
+        for (shape, beta) in [
+            ((1, 70, 840), 0.0),
+            ((16, 96, 1000), 0.5),
+            ((5, 40, 2056), 0.0),
+            ((9, 33, 72), -1.0),
+            ((8, 45, 24), 0.5),
+            ((3, 1, 8), 0.0),
+        ] {
+            case::<bf16>(&dev, shape, beta, 1e-2);
+            case::<f16>(&dev, shape, beta, 3e-3);
+        }
+    }
+}
+
+/// Inf in x (a token without an adapter: its y is +-Inf; one with an
+/// adapter: NaN where infinities of both signs meet) and in the last token's
+/// row (which the fragment's empty rows read in its place: nothing of them
+/// may reach y), NaN in x and in w's last row (which columns past n read),
+/// and a slot whose f16 `s t` is far past f16's range: the direct-load
+/// decode has the reference's infinities and NaNs and is within the bound
+/// elsewhere.
+#[test]
+fn decode_direct_loads_with_nan_inf_and_a_huge_scale_match_reference() {
+    let mut fx = huge_scale_fixture();
+    let (n, k) = (fx.cfg.n, fx.cfg.k);
+    fx.w[(n - 1) * k + 3] = f16::NAN;
+    for m in [5, 12] {
+        let mut x: Vec<f16> = random(&mut rng(19), m * k);
+        let ids = huge_scale_ids(m);
+        assert_eq!((ids[2], ids[3]), (-1, 0));
+        x[2 * k + 5] = f16::INFINITY;
+        x[3 * k + 5] = f16::INFINITY;
+        x[4 * k + 1] = f16::NAN;
+        x[(m - 1) * k + 9] = f16::NEG_INFINITY;
+        for dev in devices() {
+            let pool = fx.pool(&dev);
+            let y0 = vec![f16::NAN; m * n];
+            for k_splits in [Some(1), Some(2)] {
+                let form = direct_form(k_splits, true);
+                let (done, got) = run_form(&pool, Regime::Decode, form, &x, &fx.w, &ids, 0.0, &y0);
+                done.unwrap();
+                let want = fx.expected(&x, &ids, 0.0, &y0);
+                assert!(want.iter().any(|v| v.is_nan()) && want.iter().any(|v| v.is_infinite()));
+                let what = format!("direct m={m} {k_splits:?} huge scale on {}", dev.name());
+                fx.compare(&what, &got, &x, &ids, 0.0, &y0).unwrap();
+            }
+        }
+    }
+}
+
+/// What the direct-load decode can't take is an error naming
+/// `direct_loads`, with `y` unchanged: more than 16 tokens, 64-row tiles,
+/// the prefill regime, an f32 pool, k not a multiple of 8.
+#[test]
+fn decode_direct_loads_refuse_what_they_cannot_take_and_change_nothing() {
+    use lora_kernels::ops::multi_adapter_forward::LaunchForm;
+    fn refused<T: KernelElement>(regime: Regime, m: usize, k: usize, wide_tiles: Option<bool>) {
+        let fx = Fixture::<T>::new(40, k, 8, &[8, 3], 21);
+        let x: Vec<T> = random(&mut rng(22), m * k);
+        let ids: Vec<i32> = (0..m as i32).map(|i| i % 2).collect();
+        let y0: Vec<T> = random(&mut rng(23), m * 40);
+        let form = LaunchForm {
+            wide_tiles,
+            ..direct_form(None, true)
+        };
+        for dev in devices() {
+            let pool = fx.pool(&dev);
+            let (done, got) = run_form(&pool, regime, form, &x, &fx.w, &ids, 0.5, &y0);
+            let err = done.unwrap_err();
+            let what = format!("{:?} {regime:?} m={m} k={k} {form:?}: {err}", T::DTYPE);
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        name: "direct_loads",
+                        ..
+                    }
+                ),
+                "{what}"
+            );
+            assert!(same_bits(&got, &y0), "{what}: y changed");
+        }
+    }
+    refused::<bf16>(Regime::Decode, 17, 64, None);
+    refused::<f16>(Regime::Decode, 4, 64, Some(true));
+    refused::<bf16>(Regime::Prefill, 130, 64, None);
+    refused::<f32>(Regime::Simt, 4, 64, None);
+    refused::<f16>(Regime::Decode, 4, 60, None);
+    refused::<bf16>(Regime::Decode, 1, 4, None);
+}

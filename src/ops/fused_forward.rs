@@ -207,6 +207,14 @@ pub struct LaunchForm {
     /// captured before it has a large enough workspace runs the fused kernel,
     /// as does a prefill whose unsaved `t` would pass 2^24 values.
     pub shared_shrink: Option<bool>,
+    /// The shared-shrink decode of up to 16 tokens with `w` loaded straight
+    /// into the MMAs' registers (the multi-adapter kernel's
+    /// [`direct_loads`](crate::ops::multi_adapter_forward::LaunchForm::direct_loads)):
+    /// `k` a multiple of 8 and x, w, a 16-byte aligned; an error for a launch
+    /// that does not take the shared shrink at decode, before `y` changes.
+    /// `deep_decode` does not apply. Not yet the default: the tuning sweep
+    /// (`tour --tune`) decides the dispatch (docs/DESIGN.md section 8).
+    pub direct_decode: bool,
     /// A prefill launch on Hopper's wgmma and TMA
     /// (`kernels/fused_forward_wgmma.cu`: GPUs of compute capability 9.0
     /// and the host runtime), `col_tiles` column tiles a work unit: ranks up
@@ -225,6 +233,7 @@ impl Default for LaunchForm {
             deep_decode: None,
             k_splits: None,
             shared_shrink: None,
+            direct_decode: false,
             wgmma: false,
         }
     }
@@ -303,6 +312,9 @@ fn launch<T: KernelElement>(
         rank: adapter.rank,
         scale: adapter.scale,
     };
+    if form.direct_decode && (form.wgmma || regime != Regime::Decode) {
+        return Err(direct_decode_error(regime, dims, adapter.rank));
+    }
     if form.wgmma {
         if regime != Regime::Prefill {
             return Err(invalid(
@@ -319,19 +331,34 @@ fn launch<T: KernelElement>(
         // until after the launch is queued.
         return unsafe { fused_forward_wgmma::<T>(dev, dims, ops, beta, col_tiles) };
     }
-    if shared_shrink(regime, form, dims, adapter.rank, pt != 0)? {
+    let shared = shared_shrink(regime, form, dims, adapter.rank, pt != 0)?;
+    // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
+    let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
+    if form.direct_decode && (!shared || dims.m > DECODE.bm) {
+        return Err(direct_decode_error(regime, dims, adapter.rank));
+    }
+    if form.direct_decode && !aligned {
+        return Err(invalid(
+            "direct_decode",
+            true,
+            format!(
+                "direct loads take k a multiple of 8 and x, w and a 16-byte aligned; k = {}",
+                dims.k
+            ),
+        ));
+    }
+    if shared {
         // SAFETY: the operands were checked above to live on `dev`'s backend
         // with the element counts the kernel indexes (x m*k, w n*k, a r*k, b
         // n*r, y m*n, t m*r when saved), dims are valid, the rank is >= 1
         // (adapter.validate), the type is f16/bf16 (tensor-core regimes,
         // above) and one_adapter_fits holds (shared_shrink), and the pointer
         // guards (_g*) live until after the launch is queued.
-        if unsafe { one_adapter_forward::<T>(regime, dev, dims, ops, beta, form.k_splits) }? {
+        let split_and_loads = (form.k_splits, form.direct_decode);
+        if unsafe { one_adapter_forward::<T>(regime, dev, dims, ops, beta, split_and_loads) }? {
             return Ok(());
         }
     }
-    // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
-    let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
     let (kernel, mut launch) = select(
         regime,
         T::DTYPE,
@@ -380,6 +407,20 @@ fn launch<T: KernelElement>(
     // first and the counters, zero between launches, at split_k_counters_at;
     // the pointer guards (_g*) live until after the launch is queued.
     unsafe { kernel.launch(dev, launch, &params) }
+}
+
+/// [`LaunchForm::direct_decode`] asked of a launch that is not a
+/// shared-shrink decode.
+fn direct_decode_error(regime: Regime, dims: Dims, rank: usize) -> crate::error::Error {
+    invalid(
+        "direct_decode",
+        true,
+        format!(
+            "direct loads serve the shared-shrink decode (up to {} tokens at ranks up to \
+             {RANK_CHUNK}, not on the wgmma kernel), not {regime:?} with m = {} at rank {rank}",
+            DECODE.bm, dims.m
+        ),
+    )
 }
 
 /// Whether a launch computes `t` once on the multi-adapter kernel

@@ -30,7 +30,8 @@ use super::fused_forward::{Regime, regime_for};
 use super::multi_adapter_forward_wgmma as wgmma;
 use super::split_k::{self, SharedShrink};
 use super::tiles::{
-    DECODE, DECODE_DEEP, DECODE_WIDE, DECODE_WIDE_DEEP, MmaTiles, PREFILL, SIMT, STATIC_SMEM_MARGIN,
+    DECODE, DECODE_DEEP, DECODE_DIRECT, DECODE_WIDE, DECODE_WIDE_DEEP, MmaTiles, PREFILL, SIMT,
+    STATIC_SMEM_MARGIN,
 };
 use super::{KernelElement, check_operand, check_output, check_wgmma, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
@@ -50,6 +51,8 @@ kernel!(DECODE_DEEP_F16_ALIGNED = lk_multi_adapter_decode_deep_f16_aligned in "m
 kernel!(DECODE_DEEP_F16_ANY = lk_multi_adapter_decode_deep_f16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_DEEP_BF16_ALIGNED = lk_multi_adapter_decode_deep_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_DEEP_BF16_ANY = lk_multi_adapter_decode_deep_bf16_any in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_DIRECT_F16_ALIGNED = lk_multi_adapter_decode_direct_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
+kernel!(DECODE_DIRECT_BF16_ALIGNED = lk_multi_adapter_decode_direct_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_WIDE_F16_ALIGNED = lk_multi_adapter_decode_wide_f16_aligned in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_WIDE_F16_ANY = lk_multi_adapter_decode_wide_f16_any in "multi_adapter_forward": MultiAdapterParams;);
 kernel!(DECODE_WIDE_BF16_ALIGNED = lk_multi_adapter_decode_wide_bf16_aligned in "multi_adapter_forward": MultiAdapterParams;);
@@ -200,6 +203,14 @@ pub struct LaunchForm {
     /// and 16-row tiles up to 16, `Some(wide)` forces one (an error outside
     /// decode).
     pub wide_tiles: Option<bool>,
+    /// A decode launch of up to 16 tokens whose tile blocks load `w`
+    /// straight into the MMAs' registers (`DecodeDirectTiles` in
+    /// kernels/include/lk_direct_decode.cuh: no shared-memory pipeline, 8
+    /// warps a block): f16/bf16, `k` a multiple of 8 and x, w and the
+    /// pool's a 16-byte aligned, else an error before `y` changes; an error
+    /// with `wide_tiles: Some(true)`. Not yet the default: the tuning sweep
+    /// (`tour --tune`) decides the dispatch (docs/DESIGN.md section 8).
+    pub direct_loads: bool,
     /// A prefill launch whose tile blocks run on Hopper's wgmma and TMA
     /// (`kernels/multi_adapter_forward_wgmma.cu`: GPUs of compute capability
     /// 9.0 and the host runtime): f16/bf16, `k` a multiple of 8 and x, w
@@ -216,6 +227,7 @@ impl Default for LaunchForm {
             shrink_blocks: true,
             k_splits: None,
             wide_tiles: None,
+            direct_loads: false,
             wgmma: false,
         }
     }
@@ -279,7 +291,7 @@ fn launch<T: KernelElement>(
         regime,
         T::DTYPE,
         dims.m,
-        form.wide_tiles,
+        (form.wide_tiles, form.direct_loads),
         dev.max_block_smem(),
     )?;
     check_operand(dev, "x", &x, m, cfg.k)?;
@@ -385,6 +397,7 @@ fn launch<T: KernelElement>(
         let (partials, split_counters, _gsplit) = split_k::workspace_ptrs(dev, &mut split_scratch);
         let (py, _gy) = out_ptr(dev, &mut y);
         aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
+        plan.tiling.check_aligned(aligned)?;
         let params = MultiAdapterParams {
             x: px,
             w: pw,
@@ -452,8 +465,9 @@ fn launch<T: KernelElement>(
         // memory of the kernel of these tiles and type (Tiling::pick above:
         // tensor-core tiles for f16/bf16, within the device's shared memory
         // per block; SIMT tiles with static shared memory only for f32);
-        // 16-byte loads only when k and
-        // the bases allow; the pointer guards live until after the launch.
+        // 16-byte loads only when k and the bases allow (the direct-load
+        // tiles, which have no other path, only then: check_aligned above);
+        // the pointer guards live until after the launch.
         unsafe { kernel.launch(dev, launch, &params) }
     };
     drop(scratch);
@@ -575,7 +589,9 @@ pub(crate) fn one_adapter_fits(regime: Regime, m: usize, rank: usize, saves_t: b
 /// and `t` (unless the caller saves it) live in the stream's decode
 /// workspace, which grows for a prefill's `t`; a stream being captured
 /// before it has one that large launches nothing and gets `Ok(false)` (the
-/// caller runs the fused kernel). `k_splits` as in [`LaunchForm`].
+/// caller runs the fused kernel). `k_splits` and `direct_loads` as in
+/// [`LaunchForm`] (an error for direct loads the launch can't take, before
+/// anything is launched).
 ///
 /// # Safety
 /// `dims` passed `Dims::validate`, `one_adapter_fits(regime, dims.m, rank,
@@ -589,9 +605,18 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     dims: Dims,
     ops: OneAdapter,
     beta: f32,
-    k_splits: Option<usize>,
+    (k_splits, direct_loads): (Option<usize>, bool),
 ) -> Result<bool> {
-    let tiling = Tiling::pick(regime, T::DTYPE, dims.m, None, dev.max_block_smem())?;
+    let tiling = Tiling::pick(
+        regime,
+        T::DTYPE,
+        dims.m,
+        (None, direct_loads),
+        dev.max_block_smem(),
+    )?;
+    let aligned =
+        dims.k.is_multiple_of(8) && [ops.x, ops.w, ops.a].iter().all(|p| p.is_multiple_of(16));
+    tiling.check_aligned(aligned)?;
     let plan = Plan::new(
         (tiling, tiling.shape()),
         (true, k_splits),
@@ -614,8 +639,6 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     let (partials, split_counters, _guard) = split_k::workspace_ptrs(dev, &mut scratch);
     // The workspace starts with the partial sums.
     let shrink = SharedShrink::in_workspace(partials, dev.sm_count());
-    let aligned =
-        dims.k.is_multiple_of(8) && [ops.x, ops.w, ops.a].iter().all(|p| p.is_multiple_of(16));
     let params = MultiAdapterParams {
         x: ops.x,
         w: ops.w,
@@ -667,8 +690,9 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     // tiles x splits <= sm_count, Plan::new, the partial sums and their
     // counters in the same workspace), with fewer than 2^31 shrink items
     // (Plan::new); the block size and shared memory are the selected
-    // kernel's; 16-byte loads only when k and the bases allow; the
-    // workspace's guard lives until after the launch.
+    // kernel's; 16-byte loads only when k and the bases allow (the
+    // direct-load tiles only then: check_aligned above); the workspace's
+    // guard lives until after the launch.
     unsafe { kernel.launch(dev, launch, &params) }?;
     Ok(true)
 }
@@ -682,16 +706,20 @@ enum Tiling {
         wide: bool,
         deep: bool,
     },
+    /// 16-row decode tiles whose blocks load `w` straight into registers
+    /// ([`LaunchForm::direct_loads`]): aligned operands only.
+    DecodeDirect,
     Prefill,
     /// f32 SIMT tiles.
     Simt,
 }
 
 impl Tiling {
-    /// The tiles for `m` tokens of `dtype` in `regime` (`wide`: the
-    /// [`LaunchForm`]'s choice), on a device whose blocks may take
+    /// The tiles for `m` tokens of `dtype` in `regime` (`wide` and `direct`:
+    /// the [`LaunchForm`]'s choices), on a device whose blocks may take
     /// `max_smem` bytes of shared memory; an error for a regime and type
-    /// with no kernel, or a tile choice outside decode.
+    /// with no kernel, or a tile choice outside decode (direct loads: of up
+    /// to 16 tokens, not on 64-row tiles).
     ///
     /// The deep pipelines: at decode the blocks are about one per SM (n /
     /// 32 of them), so a block's stages are all the bytes of `w` its SM has
@@ -702,10 +730,24 @@ impl Tiling {
         regime: Regime,
         dtype: DType,
         m: usize,
-        wide: Option<bool>,
+        (wide, direct): (Option<bool>, bool),
         max_smem: usize,
     ) -> Result<Tiling> {
         let tensor_cores = matches!(dtype, DType::F16 | DType::BF16);
+        if direct {
+            if regime != Regime::Decode || !tensor_cores || m > DECODE.bm || wide == Some(true) {
+                return Err(invalid(
+                    "direct_loads",
+                    true,
+                    format!(
+                        "direct loads serve f16/bf16 decode launches of up to {} tokens on 16-row \
+                         tiles, not {regime:?} {dtype:?} with m = {m} (wide tiles: {wide:?})",
+                        DECODE.bm
+                    ),
+                ));
+            }
+            return Ok(Tiling::DecodeDirect);
+        }
         let tiles = match regime {
             Regime::Decode if tensor_cores => {
                 let wide = wide.unwrap_or(m > DECODE.bm);
@@ -749,7 +791,7 @@ impl Tiling {
 
     fn regime(self) -> Regime {
         match self {
-            Tiling::Decode { .. } => Regime::Decode,
+            Tiling::Decode { .. } | Tiling::DecodeDirect => Regime::Decode,
             Tiling::Prefill => Regime::Prefill,
             Tiling::Simt => Regime::Simt,
         }
@@ -774,6 +816,7 @@ impl Tiling {
                 wide: true,
                 deep: true,
             } => Some(&DECODE_WIDE_DEEP),
+            Tiling::DecodeDirect => Some(&DECODE_DIRECT),
             Tiling::Prefill => Some(&PREFILL),
             Tiling::Simt => None,
         }
@@ -798,11 +841,28 @@ impl Tiling {
         }
     }
 
-    /// The entry point for these tiles and type (one [`Tiling::pick`] accepted).
+    /// An error where these tiles need 16-byte loads and the operands
+    /// can't take them (`aligned`: `k` a multiple of 8, x, w and a 16-byte
+    /// aligned).
+    fn check_aligned(self, aligned: bool) -> Result<()> {
+        if self == Tiling::DecodeDirect && !aligned {
+            return Err(invalid(
+                "direct_loads",
+                true,
+                "direct loads take k a multiple of 8 and x, w and a 16-byte aligned",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The entry point for these tiles and type (one [`Tiling::pick`]
+    /// accepted, and [`Tiling::check_aligned`] for `aligned`).
     fn kernel(self, dtype: DType, aligned: bool) -> &'static Kernel<MultiAdapterParams> {
         let bf16 = dtype == DType::BF16;
         match (self, bf16, aligned) {
             (Tiling::Simt, _, _) => &SIMT_F32,
+            (Tiling::DecodeDirect, false, _) => &DECODE_DIRECT_F16_ALIGNED,
+            (Tiling::DecodeDirect, true, _) => &DECODE_DIRECT_BF16_ALIGNED,
             (Tiling::Decode { wide, deep }, _, _) => match (wide, deep, bf16, aligned) {
                 (false, false, false, true) => &DECODE_F16_ALIGNED,
                 (false, false, false, false) => &DECODE_F16_ANY,

@@ -42,6 +42,16 @@ pub(crate) const DECODE_WIDE_DEEP: MmaTiles = MmaTiles {
     ..DECODE_WIDE
 };
 
+/// 16-row decode tiles whose blocks load `w` straight into the MMAs'
+/// registers (`DecodeDirectTiles` in kernels/include/lk_direct_decode.cuh):
+/// 2 warps across the columns times 4 k slices. The loop takes no shared
+/// memory; the 3 stages size what the k slices' sums and the expand reuse.
+pub(crate) const DECODE_DIRECT: MmaTiles = MmaTiles {
+    threads: 256,
+    stages: 3,
+    ..DECODE
+};
+
 /// The fused forward's decode tiles for `m` rows: 16-row tiles up to 16,
 /// with the deeper pipeline if `deep`.
 pub(crate) fn fused_decode_tiles(m: usize, deep: bool) -> &'static MmaTiles {
