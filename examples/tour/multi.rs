@@ -26,7 +26,7 @@ pub fn table(
         "\n   multi-adapter forward, bf16: ours (one launch) vs cuBLAS base-only and a per-adapter cuBLAS loop"
     );
     println!(
-        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>11} {:>10}",
+        "   {:>5} {:>5} {:>6} {:>8} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>11} {:>10} {:>11}",
         "n",
         "k",
         "tokens",
@@ -41,7 +41,8 @@ pub fn table(
         "% floor",
         "unsplit/ours",
         "16-row/ours",
-        "wgmma/ours"
+        "wgmma/ours",
+        "direct/ours"
     );
     let mut rows = Vec::new();
     // n = 1024: a GQA model's k / v projection, whose few column tiles
@@ -153,7 +154,8 @@ fn measure(
     // says what the split gains; past 16 tokens they take 64-row tiles (w
     // read once per column tile, each warp expanding its own rows), and
     // 16-row tiles (w read once per 16 rows, a block expanding them) say
-    // what those gain.
+    // what those gain. Up to 16 tokens, direct loads (w straight into
+    // registers, no shared-memory pipeline) say what they would gain.
     let regime = regime_for(DType::BF16, m);
     let mut time_form = |form: LaunchForm| -> Res<f64> {
         let launch = (regime, form, &pool, &routing);
@@ -170,6 +172,13 @@ fn measure(
     let narrow = match m > 16 && decode {
         true => Some(time_form(LaunchForm {
             wide_tiles: Some(false),
+            ..LaunchForm::default()
+        })?),
+        false => None,
+    };
+    let direct = match m <= 16 && decode {
+        true => Some(time_form(LaunchForm {
+            direct_loads: true,
             ..LaunchForm::default()
         })?),
         false => None,
@@ -218,9 +227,10 @@ fn measure(
     let gain = |other: Option<f64>| {
         other.map_or("-".to_string(), |u| format!("{:.2}", u / ours.median_us))
     };
-    let (split_gain, wide_gain, wgmma_gain) = (gain(unsplit), gain(narrow), gain(wgmma));
+    let (split_gain, wide_gain) = (gain(unsplit), gain(narrow));
+    let (wgmma_gain, direct_gain) = (gain(wgmma), gain(direct));
     println!(
-        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}% {split_gain:>12} {wide_gain:>11} {wgmma_gain:>10}",
+        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {rank_label:>5} {:>10.1} {:>10.1} {:>10.1} {floor_us:>9.1} {:>9.2} {:>9.1} {:>7.0}% {split_gain:>12} {wide_gain:>11} {wgmma_gain:>10} {direct_gain:>11}",
         ours.median_us,
         base.median_us,
         looped.median_us,
@@ -230,7 +240,7 @@ fn measure(
     );
     Ok(json!({
         "n": n, "k": k, "tokens": m, "adapters": distinct, "rank": rank_label,
-        "regime": format!("{regime:?}"), "unsplit_us": unsplit, "rows16_us": narrow, "wgmma_us": wgmma,
+        "regime": format!("{regime:?}"), "unsplit_us": unsplit, "rows16_us": narrow, "wgmma_us": wgmma, "direct_us": direct,
         "ours_us": ours.median_us, "cublas_base_us": base.median_us, "cublas_per_adapter_loop_us": looped.median_us,
         "floor_us": floor_us, "ours_over_base": ours.median_us / base.median_us,
         "loop_over_ours": looped.median_us / ours.median_us, "pct_of_floor": 100.0 * floor_us / ours.median_us,

@@ -23,7 +23,8 @@ pub fn section(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
 
 /// The fused forward's forms: at decode, the fused kernel (`t` in every
 /// column tile) at either depth and each split count, and the shared shrink
-/// (the multi-adapter kernel); at prefill, 1, 2 and 4 column tiles a block,
+/// (the multi-adapter kernel), with its shared-memory pipeline or with `w`
+/// loaded straight into registers at each split count; at prefill, 1, 2 and 4 column tiles a block,
 /// the shared shrink, and the wgmma kernel at 1, 2 and 4 column tiles.
 fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
     let own_t = LaunchForm {
@@ -45,6 +46,18 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
             };
             decode.push((label, form));
         }
+    }
+    for splits in [None, Some(1), Some(2), Some(4)] {
+        let label = format!(
+            "direct split {}",
+            splits.map_or("auto".to_string(), |s| s.to_string())
+        );
+        let form = LaunchForm {
+            direct_decode: true,
+            k_splits: splits,
+            ..LaunchForm::default()
+        };
+        decode.push((label, form));
     }
     let mut prefill = vec![("default".to_string(), LaunchForm::default())];
     for col_tiles in [1, 2, 4] {
@@ -70,7 +83,8 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
 }
 
 /// The multi-adapter forward's forms: with and without shrink blocks; at
-/// decode, 16- or 64-row tiles and each split count; at prefill, the wgmma
+/// decode, 16- or 64-row tiles and each split count, and the 16-row tiles
+/// with `w` loaded straight into registers (up to 16 tokens); at prefill, the wgmma
 /// tile blocks. Rank 16, tokens on adapters in contiguous groups.
 fn multi_sweep(dev: &Device) -> Res<serde_json::Value> {
     println!(
@@ -149,6 +163,18 @@ fn multi_forms(regime: Regime) -> Vec<(String, multi_op::LaunchForm)> {
                 };
                 forms.push((label, form));
             }
+        }
+        for splits in [None, Some(1), Some(2), Some(4)] {
+            let label = format!(
+                "{blocks}, direct, split {}",
+                splits.map_or("auto".to_string(), |s| s.to_string())
+            );
+            let form = multi_op::LaunchForm {
+                direct_loads: true,
+                k_splits: splits,
+                ..plain
+            };
+            forms.push((label, form));
         }
     }
     forms

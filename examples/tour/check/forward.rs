@@ -33,6 +33,14 @@ pub(super) fn fused_forward_rows(dev: &Device) -> Res<Vec<Row>> {
     }
     let dims = Dims::new(M_SMALL, N, K_SPLIT_F16);
     rows.extend(fused::<f16>(dev, Regime::Decode, dims, 16, plain)?);
+    // The decode with w loaded straight into registers (LaunchForm::
+    // direct_decode): split-K and a chunk's tail at k = 1000, one chunk
+    // round at 72.
+    let direct = Forward::Direct;
+    let dims = Dims::new(M_SMALL, N, K_SPLIT);
+    rows.extend(fused::<bf16>(dev, Regime::Decode, dims, 16, direct)?);
+    let dims = Dims::new(M_SMALL, N, K_ALIGNED);
+    rows.extend(fused::<f16>(dev, Regime::Decode, dims, 16, direct)?);
     // beta != 0: the kernels read the old y (with beta 0 they never do).
     let beta = Forward::Beta(0.5);
     rows.extend(fused::<f32>(
@@ -109,6 +117,9 @@ enum Forward {
     SavingT,
     /// The wgmma prefill kernel (fused_forward_tuned, beta 0, also writes t).
     Wgmma,
+    /// The shared-shrink decode with w loaded straight into registers
+    /// (fused_forward_tuned, beta 0, also writes t).
+    Direct,
 }
 
 /// One fused-forward launch in `regime` (fused_forward_saving_t picks that
@@ -127,7 +138,7 @@ fn fused<T: KernelElement>(
     let (beta, save_t) = match call {
         Forward::Beta(beta) => (beta, false),
         Forward::Plain => (0.0, false),
-        Forward::SavingT | Forward::Wgmma => (0.0, true),
+        Forward::SavingT | Forward::Wgmma | Forward::Direct => (0.0, true),
     };
     // The old y: read only with beta != 0; otherwise NaN, so that an element
     // the kernel does not write (or reads) fails. t also starts as NaN.
@@ -142,10 +153,11 @@ fn fused<T: KernelElement>(
     let adapter = DeviceAdapter::new(&ad, &bd, rank, scale);
     let mut yd = dev.upload(&y_old)?;
     let mut td = dev.upload(&nans::<f32>(m * rank))?;
-    if call == Forward::Wgmma {
+    if matches!(call, Forward::Wgmma | Forward::Direct) {
         let form = LaunchForm {
-            wgmma: true,
+            wgmma: call == Forward::Wgmma,
             col_tiles: 2,
+            direct_decode: call == Forward::Direct,
             ..LaunchForm::default()
         };
         let (xs, ys) = (
@@ -190,6 +202,7 @@ fn fused<T: KernelElement>(
                 .split::<T>(rank as f64 * max_abs(&b64)),
             match call {
                 Forward::Wgmma => format!("{regime:?}, wgmma + TMA"),
+                Forward::Direct => format!("{regime:?}, direct loads"),
                 _ => format!("{regime:?}, {}", loads(k % 8 == 0)),
             },
         ),
@@ -198,7 +211,7 @@ fn fused<T: KernelElement>(
         Forward::Plain => ("fused_forward", path.clone()),
         Forward::Beta(beta) => ("fused_forward", format!("{path}, beta {beta}")),
         Forward::SavingT => ("fused_forward_saving_t", format!("{path}: y")),
-        Forward::Wgmma => ("fused_forward", format!("{path}: y")),
+        Forward::Wgmma | Forward::Direct => ("fused_forward", format!("{path}: y")),
     };
     let mut rows = vec![judged(
         label::<T>(op, y_path, shape(dims, rank)),

@@ -142,10 +142,25 @@ pub(super) fn multi_rows(dev: &Device) -> Res<Vec<Row>> {
     // The prefill's tile blocks on Hopper's wgmma and TMA (LaunchForm::wgmma),
     // where they run: the host runtime and GPUs of compute capability 9.0.
     if dev.compute_capability().is_none_or(|cc| cc == (9, 0)) {
+        let wgmma = MultiLaunchForm {
+            wgmma: true,
+            ..MultiLaunchForm::default()
+        };
         let dims = Dims::new(M_PREFILL, N, K_ALIGNED);
-        rows.push(multi_in::<bf16>(dev, Regime::Prefill, dims, false, true)?);
-        rows.push(multi_in::<f16>(dev, Regime::Prefill, dims, true, true)?);
+        rows.push(multi_in::<bf16>(dev, Regime::Prefill, dims, false, wgmma)?);
+        rows.push(multi_in::<f16>(dev, Regime::Prefill, dims, true, wgmma)?);
     }
+    // Decode with w loaded straight into registers (LaunchForm::
+    // direct_loads): split-K and a chunk's tail at k = 1000, one round of
+    // chunks at 72; both routings.
+    let direct = MultiLaunchForm {
+        direct_loads: true,
+        ..MultiLaunchForm::default()
+    };
+    let dims = Dims::new(M_SMALL, N, K_SPLIT);
+    rows.push(multi_in::<bf16>(dev, Regime::Decode, dims, false, direct)?);
+    let dims = Dims::new(M_SMALL, N, K_ALIGNED);
+    rows.push(multi_in::<f16>(dev, Regime::Decode, dims, true, direct)?);
     Ok(rows)
 }
 
@@ -170,16 +185,17 @@ pub(super) fn multi_f32_rows(dev: &Device) -> Res<Vec<Row>> {
 
 /// One multi-adapter launch over the pool, routed by ids or by segments.
 fn multi<T: KernelElement>(dev: &Device, regime: Regime, dims: Dims, segmented: bool) -> Res<Row> {
-    multi_in::<T>(dev, regime, dims, segmented, false)
+    multi_in::<T>(dev, regime, dims, segmented, MultiLaunchForm::default())
 }
 
-/// [`multi`], its tile blocks on wgmma and TMA when `wgmma`.
+/// [`multi`] in a launch form other than the default (its tile blocks on
+/// wgmma and TMA, or loading w straight into registers).
 fn multi_in<T: KernelElement>(
     dev: &Device,
     regime: Regime,
     dims: Dims,
     segmented: bool,
-    wgmma: bool,
+    form: MultiLaunchForm,
 ) -> Res<Row> {
     let Dims { m, n, k } = dims;
     let (x, w) = (data::<T>(m * k, 11), data::<T>(n * k, 12));
@@ -188,11 +204,7 @@ fn multi_in<T: KernelElement>(
     let (xd, wd) = (dev.upload(&x)?, dev.upload(&w)?);
     let mut yd = dev.upload(&nans::<T>(m * n))?;
     let mut launch = |routing: &Routing<'_>| -> Res<()> {
-        if wgmma {
-            let form = MultiLaunchForm {
-                wgmma: true,
-                ..MultiLaunchForm::default()
-            };
+        if form != MultiLaunchForm::default() {
             let (operands, outputs) = (((&xd).into(), (&wd).into()), ((&mut yd).into(), None));
             multi_adapter_forward_tuned(regime, form, &pool, m, operands, routing, 0.0, outputs)?;
         } else {
@@ -237,8 +249,10 @@ fn multi_in<T: KernelElement>(
         .mma(dev)
         .split::<T>(POOL_MAX_RANK as f64 * pool_data.max_abs_b());
     let routing = if segmented { "segments" } else { "token ids" };
-    let path = if wgmma {
+    let path = if form.wgmma {
         format!("{regime:?}, {routing}, wgmma + TMA")
+    } else if form.direct_loads {
+        format!("{regime:?}, {routing}, direct loads")
     } else {
         format!("{regime:?}, {routing}, {}", loads(k % 8 == 0))
     };
