@@ -974,11 +974,12 @@ fn direct(shared_shrink: Option<bool>) -> LaunchForm {
 
 /// The shared-shrink decode with direct loads (`LaunchForm::direct_decode`):
 /// `y` and the saved `t` within their bounds and the same bits on a second
-/// run, for 1 to 16 tokens, n off the 32-column tile, k a multiple of 8 but
-/// not of 32 (and shorter than a round of chunks: 24), ranks 1 to 64, on
-/// the host runtime and a GPU; a reference with the scale off by 1% (bf16)
-/// or 0.3% (f16) fails. Asking for it where the launch is not a
-/// shared-shrink decode (17 tokens, the fused kernel's own shrink, prefill,
+/// run, for 1 to 64 tokens (one to four 16-row tiles), n off the 32-column
+/// tile, k a multiple of 8 but not of 32 (and shorter than a round of
+/// chunks: 24), ranks 1 to 64, on the host runtime and a GPU; a reference
+/// with the scale off by 1% (bf16) or 0.3% (f16) fails. Asking for it where
+/// the launch is not a shared-shrink decode (65 tokens, the fused kernel's
+/// own shrink, prefill,
 /// the wgmma prefill, rank 65) or where 16-byte loads can't serve (k = 45)
 /// is an error naming `direct_decode` that changes nothing.
 #[test]
@@ -997,6 +998,8 @@ fn direct_decode_matches_reference_and_refuses_other_launches() {
         (16, 96, 1000, 1),
         (5, 40, 2056, 64),
         (3, 33, 24, 3),
+        (17, 70, 840, 16),
+        (64, 40, 1000, 64),
     ];
     every_shape_and_type(&shapes, check::<bf16>, check::<f16>);
     for dev in devices() {
@@ -1007,7 +1010,7 @@ fn direct_decode_matches_reference_and_refuses_other_launches() {
     }
 
     let refused = [
-        (Regime::Decode, (17, 64, 16), direct(None)),
+        (Regime::Decode, (65, 64, 16), direct(None)),
         (Regime::Decode, (4, 64, 16), direct(Some(false))),
         (Regime::Decode, (4, 64, 65), direct(None)),
         (Regime::Prefill, (130, 64, 16), direct(None)),

@@ -178,15 +178,15 @@ pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_jso
 /// and split-K where the tiles are fewer than the SMs: n = 1024), and the
 /// default launch (up to 64 tokens at ranks up to 64: `t` computed once, on
 /// the multi-adapter kernel), and the default launch with `w` loaded
-/// straight into registers (`direct`: up to 16 tokens; at 64 its row says
-/// why not), timed beside cuBLAS base-only.
+/// straight into registers (`direct`: 16-row tiles, each re-reading `w`
+/// past 16 tokens), timed beside cuBLAS base-only.
 pub fn decode_launch_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
     println!(
         "\n   fused decode: the fused kernel's pipeline depth (base: 5 stages of w in flight, deep: 11; \
          64 rows: 4 / 8), no split-K; own t: the fused kernel, deep + split-K where the tiles leave SMs \
          idle, t in every column tile; default: m <= 64, r <= 64 compute t once (shared shrink); \
          direct: the default with w loaded straight into registers, no shared-memory pipeline \
-         (m <= 16); bf16"
+         (16-row tiles); bf16"
     );
     let own_t = LaunchForm {
         shared_shrink: Some(false),

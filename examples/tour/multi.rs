@@ -154,8 +154,8 @@ fn measure(
     // says what the split gains; past 16 tokens they take 64-row tiles (w
     // read once per column tile, each warp expanding its own rows), and
     // 16-row tiles (w read once per 16 rows, a block expanding them) say
-    // what those gain. Up to 16 tokens, direct loads (w straight into
-    // registers, no shared-memory pipeline) say what they would gain.
+    // what those gain. At decode, direct loads (w straight into registers,
+    // no shared-memory pipeline, 16-row tiles) say what they would gain.
     let regime = regime_for(DType::BF16, m);
     let mut time_form = |form: LaunchForm| -> Res<f64> {
         let launch = (regime, form, &pool, &routing);
@@ -176,7 +176,7 @@ fn measure(
         })?),
         false => None,
     };
-    let direct = match m <= 16 && decode {
+    let direct = match decode {
         true => Some(time_form(LaunchForm {
             direct_loads: true,
             ..LaunchForm::default()

@@ -84,7 +84,7 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
 
 /// The multi-adapter forward's forms: with and without shrink blocks; at
 /// decode, 16- or 64-row tiles and each split count, and the 16-row tiles
-/// with `w` loaded straight into registers (up to 16 tokens); at prefill, the wgmma
+/// with `w` loaded straight into registers; at prefill, the wgmma
 /// tile blocks. Rank 16, tokens on adapters in contiguous groups.
 fn multi_sweep(dev: &Device) -> Res<serde_json::Value> {
     println!(

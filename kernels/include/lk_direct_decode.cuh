@@ -1,7 +1,7 @@
 // The decode's base product with w loaded straight from global memory into
 // the MMAs' registers: no shared-memory pipeline, no barrier in the k-loop.
 //
-// Why: at decode (m <= 16) the base product is a stream of w that the SMs
+// Why: at decode the base product is a stream of w that the SMs
 // must keep in flight. The shared-memory pipeline (lk::mainloop) spends
 // about 116 instructions per warp and 64-wide k-tile on copies, waits and
 // barriers; with one 4-warp block per SM, each warp issuing every 4.7 cycles

@@ -207,8 +207,8 @@ pub struct LaunchForm {
     /// captured before it has a large enough workspace runs the fused kernel,
     /// as does a prefill whose unsaved `t` would pass 2^24 values.
     pub shared_shrink: Option<bool>,
-    /// The shared-shrink decode of up to 16 tokens with `w` loaded straight
-    /// into the MMAs' registers (the multi-adapter kernel's
+    /// The shared-shrink decode (up to 64 tokens) on 16-row tiles with `w`
+    /// loaded straight into the MMAs' registers (the multi-adapter kernel's
     /// [`direct_loads`](crate::ops::multi_adapter_forward::LaunchForm::direct_loads)):
     /// `k` a multiple of 8 and x, w, a 16-byte aligned; an error for a launch
     /// that does not take the shared shrink at decode, before `y` changes.
@@ -334,7 +334,7 @@ fn launch<T: KernelElement>(
     let shared = shared_shrink(regime, form, dims, adapter.rank, pt != 0)?;
     // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
     let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
-    if form.direct_decode && (!shared || dims.m > DECODE.bm) {
+    if form.direct_decode && !shared {
         return Err(direct_decode_error(regime, dims, adapter.rank));
     }
     if form.direct_decode && !aligned {
@@ -418,7 +418,7 @@ fn direct_decode_error(regime: Regime, dims: Dims, rank: usize) -> crate::error:
         format!(
             "direct loads serve the shared-shrink decode (up to {} tokens at ranks up to \
              {RANK_CHUNK}, not on the wgmma kernel), not {regime:?} with m = {} at rank {rank}",
-            DECODE.bm, dims.m
+            DECODE_WIDE.bm, dims.m
         ),
     )
 }

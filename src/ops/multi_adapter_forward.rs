@@ -203,12 +203,13 @@ pub struct LaunchForm {
     /// and 16-row tiles up to 16, `Some(wide)` forces one (an error outside
     /// decode).
     pub wide_tiles: Option<bool>,
-    /// A decode launch of up to 16 tokens whose tile blocks load `w`
-    /// straight into the MMAs' registers (`DecodeDirectTiles` in
+    /// A decode launch whose 16-row tile blocks load `w` straight into the
+    /// MMAs' registers (`DecodeDirectTiles` in
     /// kernels/include/lk_direct_decode.cuh: no shared-memory pipeline, 8
-    /// warps a block): f16/bf16, `k` a multiple of 8 and x, w and the
-    /// pool's a 16-byte aligned, else an error before `y` changes; an error
-    /// with `wide_tiles: Some(true)`. Not yet the default: the tuning sweep
+    /// warps a block; past 16 tokens each row tile reads `w` again, mostly
+    /// from L2): f16/bf16, `k` a multiple of 8 and x, w and the pool's a
+    /// 16-byte aligned, else an error before `y` changes; an error with
+    /// `wide_tiles: Some(true)`. Not yet the default: the tuning sweep
     /// (`tour --tune`) decides the dispatch (docs/DESIGN.md section 8).
     pub direct_loads: bool,
     /// A prefill launch whose tile blocks run on Hopper's wgmma and TMA
@@ -718,8 +719,8 @@ impl Tiling {
     /// The tiles for `m` tokens of `dtype` in `regime` (`wide` and `direct`:
     /// the [`LaunchForm`]'s choices), on a device whose blocks may take
     /// `max_smem` bytes of shared memory; an error for a regime and type
-    /// with no kernel, or a tile choice outside decode (direct loads: of up
-    /// to 16 tokens, not on 64-row tiles).
+    /// with no kernel, or a tile choice outside decode (direct loads: not
+    /// on 64-row tiles).
     ///
     /// The deep pipelines: at decode the blocks are about one per SM (n /
     /// 32 of them), so a block's stages are all the bytes of `w` its SM has
@@ -735,14 +736,13 @@ impl Tiling {
     ) -> Result<Tiling> {
         let tensor_cores = matches!(dtype, DType::F16 | DType::BF16);
         if direct {
-            if regime != Regime::Decode || !tensor_cores || m > DECODE.bm || wide == Some(true) {
+            if regime != Regime::Decode || !tensor_cores || wide == Some(true) {
                 return Err(invalid(
                     "direct_loads",
                     true,
                     format!(
-                        "direct loads serve f16/bf16 decode launches of up to {} tokens on 16-row \
-                         tiles, not {regime:?} {dtype:?} with m = {m} (wide tiles: {wide:?})",
-                        DECODE.bm
+                        "direct loads serve f16/bf16 decode launches on 16-row tiles, not \
+                         {regime:?} {dtype:?} with m = {m} (wide tiles: {wide:?})"
                     ),
                 ));
             }
