@@ -1694,7 +1694,8 @@ fn direct_form(
 /// several 16-row tiles (40 and 64 tokens), n off
 /// the 32-column tile (a w row past n is read as the last one), k a multiple
 /// of 8 but not of 32 (the lanes of a chunk's tail load zeros) and shorter
-/// than one round of chunks (24, 72), every split count, with and without
+/// than one round of chunks (24, 72), every split count (up to 2 blocks per
+/// SM), with and without
 /// shrink blocks, ranks 1 to 64, an empty slot, -1s and an out-of-range id
 /// counted once per launch, beta 0, 0.5 and -1; on the host runtime with its
 /// warps in turn and interleaved, and on a GPU. A second launch gives the
@@ -1715,7 +1716,10 @@ fn decode_direct_loads_match_reference_for_every_split_count() {
         let pool = fx.pool(dev);
         let off_fx = fx.with_scales_times(1.0 + off);
         let ktiles = k.div_ceil(64);
-        let mut splits = vec![None, Some(1), Some(2.min(ktiles)), Some(ktiles.min(8))];
+        // Up to 16 splits: at 64 tokens 12 tiles x 16 = 192 blocks, past one
+        // a SM (132 on the host runtime), within the two direct-load blocks
+        // an SM takes.
+        let mut splits = vec![None, Some(1), Some(2.min(ktiles)), Some(ktiles.min(16))];
         splits.dedup();
         for k_splits in splits {
             for shrink_blocks in [true, false] {
@@ -1798,7 +1802,8 @@ fn decode_direct_loads_with_nan_inf_and_a_huge_scale_match_reference() {
 
 /// What the direct-load decode can't take is an error naming
 /// `direct_loads`, with `y` unchanged: 64-row tiles, the prefill regime, an
-/// f32 pool, k not a multiple of 8.
+/// f32 pool, k not a multiple of 8; and a split count past 2 blocks per SM
+/// is one naming `k_splits`.
 #[test]
 fn decode_direct_loads_refuse_what_they_cannot_take_and_change_nothing() {
     use lora_kernels::ops::multi_adapter_forward::LaunchForm;
@@ -1835,4 +1840,32 @@ fn decode_direct_loads_refuse_what_they_cannot_take_and_change_nothing() {
     refused::<f32>(Regime::Simt, 4, 64, None);
     refused::<f16>(Regime::Decode, 4, 60, None);
     refused::<bf16>(Regime::Decode, 1, 4, None);
+
+    // 12 tiles x 23 splits: 276 blocks, past 2 x 132.
+    let fx = Fixture::<bf16>::new(70, 2000, 16, &[16], 5);
+    let (x, y0): (Vec<bf16>, Vec<bf16>) =
+        (random(&mut rng(6), 64 * 2000), random(&mut rng(7), 64 * 70));
+    let pool = fx.pool(&Device::host().unwrap());
+    let (done, y) = run_form(
+        &pool,
+        Regime::Decode,
+        direct_form(Some(23), true),
+        &x,
+        &fx.w,
+        &[0; 64],
+        0.5,
+        &y0,
+    );
+    let err = done.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidArgument {
+                name: "k_splits",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(same_bits(&y, &y0), "{err}: y changed");
 }

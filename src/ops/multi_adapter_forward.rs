@@ -459,7 +459,8 @@ fn launch<T: KernelElement>(
         // pool's scratch sizes (AdapterPool::new), and their counters are 0
         // between launches; the grid is shrink_blocks + the tiles covering m x n, times
         // `splits` blocks each (within CUDA's limit, checked above; split-K:
-        // decode only, splits <= k-tiles and tiles x splits <= sm_count, with
+        // decode only, splits <= k-tiles and tiles x splits <= sm_count, or
+        // DIRECT_BLOCKS_PER_SM x sm_count for direct-load tiles, with
         // a workspace of split_k_scratch_len(sm_count) values, partial sums
         // first, then the counters, zero between launches, at
         // split_k_counters_at), with the block size and dynamic shared
@@ -474,6 +475,13 @@ fn launch<T: KernelElement>(
     drop(scratch);
     launched
 }
+
+/// Blocks of the direct-load decode tiles split-K aims for per SM (two fit:
+/// 128 registers a thread, 20 KiB of shared memory). Their partial sums
+/// are a quarter of the 64-row tiles' the workspace holds one per SM of
+/// (split_k_counters_at), and their tiles then number fewer than the SMs,
+/// as the counters need.
+pub(crate) const DIRECT_BLOCKS_PER_SM: usize = 2;
 
 /// A launch's shape, from the batch and the adapters' rank capacity alone
 /// (never from the ids): the pool's launches and the one-adapter decode.
@@ -529,13 +537,21 @@ impl Plan {
             0
         };
         let tiles = dims.m.div_ceil(shape.bm) * dims.n.div_ceil(shape.bn);
+        // Split-K fills the SMs with blocks: one each, or two of the
+        // direct-load tiles (two fit an SM, and their loops keep bytes in
+        // flight only in registers: the blocks are what add more).
+        let blocks_per_sm = if tiling == Tiling::DecodeDirect {
+            DIRECT_BLOCKS_PER_SM
+        } else {
+            1
+        };
         let splits = split_k::k_splits(
             regime == Regime::Decode,
             format_args!("decode launches"),
             k_splits,
             tiles,
             dims.k.div_ceil(DECODE.bk),
-            sm_count,
+            sm_count * blocks_per_sm,
         )?;
         Ok(Plan {
             tiling,
@@ -688,7 +704,8 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     // chunked_shrink_units(sm_count) (shrink_chunks; none at prefill); the
     // grid is the shrink blocks + the tiles of this regime covering m x n,
     // `splits` blocks each (split-K: decode only, splits <= k-tiles and
-    // tiles x splits <= sm_count, Plan::new, the partial sums and their
+    // tiles x splits <= sm_count (direct-load tiles: DIRECT_BLOCKS_PER_SM x
+    // sm_count), Plan::new, the partial sums and their
     // counters in the same workspace), with fewer than 2^31 shrink items
     // (Plan::new); the block size and shared memory are the selected
     // kernel's; 16-byte loads only when k and the bases allow (the

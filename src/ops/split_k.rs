@@ -206,6 +206,19 @@ mod tests {
         );
     }
 
+    /// Two direct-load decode blocks per SM leave partial sums within what
+    /// the workspace holds for one 64-row block per SM.
+    #[test]
+    fn direct_load_blocks_fit_the_workspace() {
+        use super::super::multi_adapter_forward::DIRECT_BLOCKS_PER_SM;
+        use super::super::tiles::DECODE_DIRECT;
+        let sm_count = 132;
+        let most_blocks = DIRECT_BLOCKS_PER_SM * sm_count;
+        assert!(most_blocks * split_k_values(&DECODE_DIRECT) <= split_k_counters_at(sm_count));
+        // Split tiles (2 blocks or more each) number at most sm_count: a counter each.
+        assert!(most_blocks / 2 <= sm_count);
+    }
+
     /// The workspace holds the partial sums of up to one block per SM of the
     /// largest decode tile, then a counter per tile, then the one-adapter
     /// forward's shrink state, each part after the last.
