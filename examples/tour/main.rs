@@ -24,6 +24,7 @@ mod check;
 #[path = "../common/mod.rs"]
 mod common;
 mod fused;
+mod lora_cost;
 mod model;
 mod multi;
 mod sass;
@@ -101,6 +102,7 @@ fn main() -> Res<()> {
     let depth_rows = fused::decode_launch_table(&dev, &blas)?;
     let multi_rows = multi::table(&dev, &blas, ceilings)?;
     let wgmma_base = multi::wgmma_base_table(&dev, &blas)?;
+    let lora_cost = lora_cost::table(&dev, &blas)?;
     let backward_rows = training::backward_table(&dev, &blas, ceilings)?;
     let optimizer = training::optimizer_table(&dev, ceilings)?;
     // The model steps hold the tour's largest allocations (about 15 GB): a
@@ -120,6 +122,7 @@ fn main() -> Res<()> {
         "fused_decode_launch": depth_rows,
         "multi_adapter_forward": multi_rows,
         "wgmma_base_gemm": wgmma_base,
+        "prefill_lora_cost": lora_cost,
         "backward": backward_rows,
         "optimizer": optimizer,
         "model_steps": model_steps,
