@@ -60,11 +60,12 @@ struct loads_direct : std::false_type {};
 template <int BN, int WN, int KSPLIT, int UNROLL>
 struct loads_direct<DirectTiles<BN, WN, KSPLIT, UNROLL>> : std::true_type {};
 
-// 2 warps across 32 columns (n = 4096 gives 128 tiles: about one block per
-// SM) and 4 k slices: 8 warps, each with 6 chunks (6 KB of w) in flight,
-// 48 KB per SM, past the ~29 KB that cover DRAM latency (docs/DESIGN.md
-// section 8). 256 threads; two blocks fit an SM (registers, 20 KB of
-// shared memory), so 4096 -> 14336's 448 tiles overlap their waves.
+// 2 warps across 32 columns and 4 k slices: 8 warps, each with 5 chunks
+// (5 KB of w) in flight, 40 KB per block, past the ~29 KB per SM that cover
+// DRAM latency (docs/DESIGN.md section 8). 256 threads at 128 registers (6
+// chunks spilled); two blocks fit an SM (registers, 20 KB of shared
+// memory), and split-K aims for two per SM: n = 4096 (128 tiles) takes 2
+// splits, 80 KB in flight per SM.
 using DecodeDirectTiles = DirectTiles<32, 2, 4, 5>;
 
 // As lk::mainloop for x [m, k] and w [n, k] with k % 8 == 0 and 16-byte
