@@ -9,7 +9,9 @@
 //! It exits with an error when a check fails. With `--tune` (GPU only), the
 //! checks are followed by the tuning sweep alone (tune.rs: every launch form
 //! on the tables' shapes, the best per shape), written as JSON to
-//! `$LORA_KERNELS_TUNE_JSON` (default target/tune.json). On a GPU it measures the copy
+//! `$LORA_KERNELS_TUNE_JSON` (default target/tune.json). With `--profile CASE`
+//! (GPU only) it launches one case a few times and nothing else, for Nsight
+//! Compute (profile.rs; `--profile` alone lists the cases). On a GPU it measures the copy
 //! bandwidth and a large cuBLAS bf16 GEMM first (the ceilings), then times the
 //! fused forward (fused.rs: beside cuBLAS base-only and unfused LoRA) and the
 //! multi-adapter forward (multi.rs: beside cuBLAS base-only and a per-adapter
@@ -27,6 +29,7 @@ mod fused;
 mod lora_cost;
 mod model;
 mod multi;
+mod profile;
 mod sass;
 mod traffic;
 mod training;
@@ -64,7 +67,13 @@ impl Ceilings {
 
 fn main() -> Res<()> {
     println!("lora-kernels tour: y = x w^T + s (x a^T) b^T\n");
-    let tune = std::env::args().any(|a| a == "--tune");
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--profile") {
+        let name = args.get(at + 1).map(String::as_str);
+        let gpu = if name.is_some() { open_gpu() } else { None };
+        return profile::section(gpu.as_ref(), name);
+    }
+    let tune = args.iter().any(|a| a == "--tune");
     let gpu = open_gpu();
     let checks_passed = check::section(gpu.as_ref())?;
     let Some(dev) = gpu else {
