@@ -438,6 +438,92 @@ __device__ void wait_for_shrink(const MultiAdapterParams& p, int row0, int* row_
     Team::sync();
 }
 
+// A step's expand tiles staged 16 bytes at a time (expand_rows). A load
+// whose value is used in the same loop iteration costs the thread an L2 round
+// trip per element (the element-by-element loops below: 16 round trips a
+// thread per 64-rank step of a 32-column decode tile, 64 for a warp that
+// expands its own 16 rows); here each thread issues STAGE_BATCH 16-byte
+// loads before it uses any. Needs rows of b and t whose 16-rank groups start
+// on 16-byte boundaries (vector_staging). The same values and flags as the
+// element loops, so the same bits.
+constexpr int STAGE_BATCH = 4;
+
+__device__ __forceinline__ bool vector_staging(const MultiAdapterParams& p) {
+    return p.max_rank % 8 == 0 && p.b_pool % 16 == 0 && p.t % 16 == 0;
+}
+
+// v = scale * t of each row's adapter, 4 ranks a load, split into the
+// expand tiles (store_split); rows of other adapters and ranks past an
+// adapter's are 0 (t holds no values there).
+template <class T, class E>
+__device__ void stage_values_16B(const MultiAdapterParams& p, const lk::ExpandTiles<T, E>& e,
+                                 const lk::ExpandGuard<E>& guard, const lk::PackedSteps<typename E::Team>& steps,
+                                 const int* row_slot, int row0, int groups) {
+    using Team = typename E::Team;
+    const int per_row = 4 * groups, items = E::BM * per_row;  // item: 4 ranks of one row
+    for (int first = Team::tid(); first < items; first += E::THREADS * STAGE_BATCH) {
+        uint4 raw[STAGE_BATCH];
+#pragma unroll
+        for (int u = 0; u < STAGE_BATCH; ++u) {
+            const int i = first + u * E::THREADS, row = i / per_row, col = i % per_row * 4;
+            int s, j;
+            raw[u] = uint4{0u, 0u, 0u, 0u};
+            if (i < items && steps.at(col, s, j) && row_slot[row] == s)
+                raw[u] = lk::load_cg(reinterpret_cast<const uint4*>(p.t) + ((size_t)(row0 + row) * p.max_rank + j) / 4);
+        }
+#pragma unroll
+        for (int u = 0; u < STAGE_BATCH; ++u) {
+            const int i = first + u * E::THREADS, row = i / per_row, col = i % per_row * 4;
+            if (i >= items) continue;
+            int s, j;
+            const bool mine = steps.at(col, s, j) && row_slot[row] == s;
+            const float scale = mine ? scale_of(p, s) : 0.f;
+            const int live = mine ? steps.rank_at(col) - j : 0;  // ranks of the 4 that are the adapter's
+            const uint32_t bits[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                lk::store_split(e, guard, row, col + c, c < live ? scale * __uint_as_float(bits[c]) : 0.f);
+        }
+    }
+}
+
+// b[s][col0 + row, j] of the adapter of each rank column, 8 ranks a load,
+// into the weight tile (finite_weight); rows past n and ranks past an
+// adapter's are 0.
+template <class T, class E>
+__device__ void stage_weights_16B(const MultiAdapterParams& p, const lk::ExpandTiles<T, E>& e,
+                                  const lk::ExpandGuard<E>& guard, const lk::PackedSteps<typename E::Team>& steps,
+                                  int col0, int groups) {
+    using Team = typename E::Team;
+    const int per_row = 2 * groups, items = E::BN * per_row;  // item: 8 ranks of one column of y
+    for (int first = Team::tid(); first < items; first += E::THREADS * STAGE_BATCH) {
+        uint4 raw[STAGE_BATCH];
+#pragma unroll
+        for (int u = 0; u < STAGE_BATCH; ++u) {
+            const int i = first + u * E::THREADS, row = i / per_row, col = i % per_row * 8;
+            int s, j;
+            raw[u] = uint4{0u, 0u, 0u, 0u};
+            if (i < items && steps.at(col, s, j) && col0 + row < p.n)
+                raw[u] = *(reinterpret_cast<const uint4*>(p.b_pool) +
+                           (((size_t)s * p.n + col0 + row) * p.max_rank + j) * sizeof(T) / 16);
+        }
+#pragma unroll
+        for (int u = 0; u < STAGE_BATCH; ++u) {
+            const int i = first + u * E::THREADS, row = i / per_row, col = i % per_row * 8;
+            if (i >= items) continue;
+            int s, j;
+            const int live = steps.at(col, s, j) ? steps.rank_at(col) - j : 0;  // of the 8
+            T w[8];
+            memcpy(w, &raw[u], sizeof(w));
+#pragma unroll
+            for (int c = 0; c < 8; ++c) w[c] = c < live ? lk::finite_weight(w[c], guard) : lk::from_f32<T>(0.f);
+            uint32_t packed[4];
+            memcpy(packed, w, sizeof(packed));
+            lk::store16(e.ws + row * E::LDT + col, packed);
+        }
+    }
+}
+
 // The expand of E's team (the block, or one warp of a 64-row tile): rows
 // row0 .. row0 + E::BM - 1 of y (row_slot[E::BM]: their slots, after
 // wait_for_shrink) by column tile col0, its adapters packed into steps of
@@ -477,13 +563,18 @@ __device__ void expand_rows(const MultiAdapterParams& p, T* smem, const int* row
                 ? lk::to_f32(b_pool[((size_t)s * p.n + col0 + col) * p.max_rank + j]) : 0.f;
         };
         guard.next();
-        values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
-        for (int i = Team::tid(); i < E::BN * rp; i += E::THREADS) {
-            const int row = i / rp, col = i % rp, gn = col0 + row;
-            int s, j;
-            const bool live = steps.at(col, s, j) && gn < p.n;
-            const T v = live ? b_pool[((size_t)s * p.n + gn) * p.max_rank + j] : lk::from_f32<T>(0.f);
-            e.ws[row * E::LDT + col] = lk::finite_weight(v, guard);
+        if (vector_staging(p)) {
+            stage_values_16B<T, E>(p, e, guard, steps, row_slot, row0, groups);
+            stage_weights_16B<T, E>(p, e, guard, steps, col0, groups);
+        } else {
+            values([&](int row, int col, float v) { lk::store_split(e, guard, row, col, v); });
+            for (int i = Team::tid(); i < E::BN * rp; i += E::THREADS) {
+                const int row = i / rp, col = i % rp, gn = col0 + row;
+                int s, j;
+                const bool live = steps.at(col, s, j) && gn < p.n;
+                const T v = live ? b_pool[((size_t)s * p.n + gn) * p.max_rank + j] : lk::from_f32<T>(0.f);
+                e.ws[row * E::LDT + col] = lk::finite_weight(v, guard);
+            }
         }
         lk::expand(e, guard, rp, rp, values, weight, r);
     }

@@ -243,6 +243,15 @@ __device__ void prefetch_span(const T* first, int span) {
     prefetch_l2(bytes + size - 1);  // the last line, when the span starts mid-line
 }
 
+// 16 bytes to a 16-byte aligned address (shared or global), from registers.
+__device__ __forceinline__ void store16(void* dst, const uint32_t (&v)[4]) {
+#ifdef LK_HOST
+    std::memcpy(dst, v, 16);
+#else
+    *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
+#endif
+}
+
 // A k-loop's hook that does nothing (see mainloop's `early`).
 struct NoHook {
     __device__ void operator()() const {}
@@ -327,6 +336,8 @@ struct PackedSteps {
         j = s[GROUPS + g] + col % 16;
         return j < s[2 * GROUPS + g];
     }
+    // The rank of the adapter whose ranks rank column `col` holds.
+    __device__ __forceinline__ int rank_at(int col) const { return s[2 * GROUPS + col / 16]; }
     // Fills the next step with the chunks of distinct[1..distinct[0]] that
     // fit, in order; returns its groups (0: every chunk is done). Call from
     // every thread once the previous step's readers are done (lk::expand

@@ -108,14 +108,6 @@ __device__ __forceinline__ void split_f32_pair(float v0, float v1, uint32_t (&pa
     parts[2] = pack_bf16_bits(r0 - m0, r1 - m1);  // at most 8 significant bits: exact
 }
 
-__device__ __forceinline__ void store16(void* dst, const uint32_t (&v)[4]) {
-#ifdef LK_HOST
-    std::memcpy(dst, v, 16);
-#else
-    *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
-#endif
-}
-
 // Row `row` (a rank within the chunk) and column `col` of the block's tile
 // that accumulator element acc[i][j][q] of this thread holds.
 __device__ __forceinline__ int acc_row(int i, int q) { return i * 16 + threadIdx.x % 32 / 4 + 8 * (q >> 1); }
