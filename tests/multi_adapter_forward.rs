@@ -848,6 +848,53 @@ fn run_form<T: KernelElement>(
     (done, dev.download(&y).unwrap())
 }
 
+/// Runs each of `forms` at decode on a pool of ranks 1 to 64 and an empty
+/// slot, with tokens on every slot, -1 and an out-of-range id (99): `y`
+/// within its per-element bound, the same bits on a second launch, the bad
+/// id counted once per launch; with `off`, a reference whose scales are off
+/// by that factor fails.
+fn check_decode_forms<T: KernelElement>(
+    dev: &Device,
+    (m, n, k): (usize, usize, usize),
+    beta: f32,
+    forms: &[lora_kernels::ops::multi_adapter_forward::LaunchForm],
+    off: Option<f32>,
+) {
+    let ranks = [16, 1, 0, 64, 3];
+    let fx = Fixture::<T>::new(n, k, 64, &ranks, (m * n + k) as u64);
+    let x: Vec<T> = random(&mut rng(k as u64), m * k);
+    let ids: Vec<i32> = (0..m).map(|i| [3, 0, -1, 99, 1, 4, 3, 2][i % 8]).collect();
+    let bad = ids.iter().filter(|&&id| id == 99).count() as u32;
+    let y0: Vec<T> = match beta {
+        0.0 => vec![T::from_f64(f64::NAN); m * n],
+        _ => random(&mut rng(3), m * n),
+    };
+    let pool = fx.pool(dev);
+    for &form in forms {
+        let what = format!(
+            "{:?} m={m} n={n} k={k} beta={beta} {form:?} on {}",
+            T::DTYPE,
+            dev.name()
+        );
+        let run = || run_form(&pool, Regime::Decode, form, &x, &fx.w, &ids, beta, &y0);
+        let (done, got) = run();
+        done.unwrap_or_else(|e| panic!("{what}: {e}"));
+        fx.compare(&what, &got, &x, &ids, beta, &y0).unwrap();
+        if let Some(off) = off {
+            let off_fx = fx.with_scales_times(1.0 + off);
+            assert!(
+                off_fx.compare(&what, &got, &x, &ids, beta, &y0).is_err(),
+                "{what}: a reference with scales off by {off} must fail"
+            );
+        }
+        let (again_done, again) = run();
+        again_done.unwrap();
+        assert!(same_bits(&got, &again), "{what}: a second launch differs");
+        assert_eq!(pool.bad_id_count().unwrap(), 2 * bad, "{what}");
+        pool.reset_bad_id_count().unwrap();
+    }
+}
+
 /// Split-K at decode: the tile blocks of a tile each sum their range of k,
 /// and the last to finish adds the ranges up in split order, then alone
 /// waits for the shrink and expands. Every split count, with and without
@@ -864,21 +911,9 @@ fn run_form<T: KernelElement>(
 fn decode_split_k_matches_reference_for_every_split_count() {
     use lora_kernels::ops::multi_adapter_forward::LaunchForm;
     fn check<T: KernelElement>(dev: &Device, (m, n, k): (usize, usize, usize), beta: f32) {
-        let ranks = [16, 1, 0, 64, 3];
-        let fx = Fixture::<T>::new(n, k, 64, &ranks, (m * n + k) as u64);
-        let x: Vec<T> = random(&mut rng(k as u64), m * k);
-        let ids: Vec<i32> = (0..m as i32)
-            .map(|i| [3, 0, -1, 99, 1, 4, 3, 2][i as usize % 8])
-            .collect();
-        let bad = ids.iter().filter(|&&id| id == 99).count() as u32;
-        let y0: Vec<T> = match beta {
-            0.0 => vec![T::from_f64(f64::NAN); m * n],
-            _ => random(&mut rng(3), m * n),
-        };
-        let pool = fx.pool(dev);
         let ktiles = k.div_ceil(64);
         let other_tiles = Some(m <= 16);
-        let forms = [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))]
+        let forms: Vec<LaunchForm> = [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))]
             .into_iter()
             .flat_map(|k_splits| {
                 [(true, None), (false, None), (true, other_tiles)].map(
@@ -889,23 +924,9 @@ fn decode_split_k_matches_reference_for_every_split_count() {
                         ..LaunchForm::default()
                     },
                 )
-            });
-        for form in forms {
-            let what = format!(
-                "{:?} m={m} n={n} k={k} beta={beta} {form:?} on {}",
-                T::DTYPE,
-                dev.name()
-            );
-            let run = || run_form(&pool, Regime::Decode, form, &x, &fx.w, &ids, beta, &y0);
-            let (done, got) = run();
-            done.unwrap();
-            fx.compare(&what, &got, &x, &ids, beta, &y0).unwrap();
-            let again = run().1;
-            let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&again), bits(&got), "{what}: a second run");
-            assert_eq!(pool.bad_id_count().unwrap(), 2 * bad, "{what}");
-            pool.reset_bad_id_count().unwrap();
-        }
+            })
+            .collect();
+        check_decode_forms::<T>(dev, (m, n, k), beta, &forms, None);
     }
     for dev in devices() {
         for (shape, beta) in [
@@ -939,22 +960,18 @@ fn decode_split_k_matches_reference_for_every_split_count() {
             ..LaunchForm::default()
         };
         let (done, y) = run_form(&pool, regime, form, &x, &fx.w, &vec![0; m], 0.5, &y0);
-        let err = done.unwrap_err();
-        assert!(
-            y.iter().zip(&y0).all(|(p, q)| p.to_bits() == q.to_bits()),
-            "{err}: y changed"
-        );
-        assert!(
-            matches!(
-                err,
-                Error::InvalidArgument {
-                    name: "k_splits",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_refused(done, &y, &y0, "k_splits");
     }
+}
+
+/// A call refused with an error naming `name`, and `y` as it was.
+fn assert_refused<T: KernelElement>(done: lora_kernels::Result<()>, y: &[T], y0: &[T], name: &str) {
+    let err = done.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument { name: got, .. } if *got == name),
+        "{err}: not about {name}"
+    );
+    assert!(same_bits(y, y0), "{err}: y changed");
 }
 
 /// Decode tiles of 16 rows and of 64 (the default past 16 tokens: one block
@@ -1704,48 +1721,21 @@ fn direct_form(
 #[test]
 fn decode_direct_loads_match_reference_for_every_split_count() {
     fn case<T: KernelElement>(dev: &Device, (m, n, k): (usize, usize, usize), beta: f32, off: f32) {
-        let ranks = [16, 1, 0, 64, 3];
-        let fx = Fixture::<T>::new(n, k, 64, &ranks, (m * n + k) as u64 + 11);
-        let x: Vec<T> = random(&mut rng(k as u64 + 12), m * k);
-        let ids: Vec<i32> = (0..m).map(|i| [3, 0, -1, 99, 1, 4, 3, 2][i % 8]).collect();
-        let bad = ids.iter().filter(|&&id| id == 99).count() as u32;
-        let y0: Vec<T> = match beta {
-            0.0 => vec![T::from_f64(f64::NAN); m * n],
-            _ => random(&mut rng(13), m * n),
-        };
-        let pool = fx.pool(dev);
-        let off_fx = fx.with_scales_times(1.0 + off);
-        let ktiles = k.div_ceil(64);
         // Up to 16 splits: at 64 tokens 12 tiles x 16 = 192 blocks, past one
         // a SM (132 on the host runtime), within the two direct-load blocks
         // an SM takes.
+        let ktiles = k.div_ceil(64);
         let mut splits = vec![None, Some(1), Some(2.min(ktiles)), Some(ktiles.min(16))];
         splits.dedup();
-        for k_splits in splits {
-            for shrink_blocks in [true, false] {
-                let form = direct_form(k_splits, shrink_blocks);
-                let what = format!(
-                    "{:?} direct m={m} n={n} k={k} beta={beta} {form:?} on {}",
-                    T::DTYPE,
-                    dev.name()
-                );
-                let run = || run_form(&pool, Regime::Decode, form, &x, &fx.w, &ids, beta, &y0);
-                let (done, got) = run();
-                done.unwrap_or_else(|e| panic!("{what}: {e}"));
-                fx.compare(&what, &got, &x, &ids, beta, &y0).unwrap();
-                if m * n >= 64 {
-                    assert!(
-                        off_fx.compare(&what, &got, &x, &ids, beta, &y0).is_err(),
-                        "{what}: a reference with scales off by {off} must fail"
-                    );
-                }
-                let (again_done, again) = run();
-                again_done.unwrap();
-                assert!(same_bits(&got, &again), "{what}: a second launch differs");
-                assert_eq!(pool.bad_id_count().unwrap(), 2 * bad, "{what}");
-                pool.reset_bad_id_count().unwrap();
-            }
-        }
+        let forms: Vec<_> = splits
+            .into_iter()
+            .flat_map(|k_splits| {
+                [true, false].map(|shrink_blocks| direct_form(k_splits, shrink_blocks))
+            })
+            .collect();
+        // Too few elements to see a 1% scale error: no control there.
+        let control = (m * n >= 64).then_some(off);
+        check_decode_forms::<T>(dev, (m, n, k), beta, &forms, control);
     }
     for dev in devices_and_interleaved() {
         for (shape, beta) in [
@@ -1819,19 +1809,7 @@ fn decode_direct_loads_refuse_what_they_cannot_take_and_change_nothing() {
         for dev in devices() {
             let pool = fx.pool(&dev);
             let (done, got) = run_form(&pool, regime, form, &x, &fx.w, &ids, 0.5, &y0);
-            let err = done.unwrap_err();
-            let what = format!("{:?} {regime:?} m={m} k={k} {form:?}: {err}", T::DTYPE);
-            assert!(
-                matches!(
-                    err,
-                    Error::InvalidArgument {
-                        name: "direct_loads",
-                        ..
-                    }
-                ),
-                "{what}"
-            );
-            assert!(same_bits(&got, &y0), "{what}: y changed");
+            assert_refused(done, &got, &y0, "direct_loads");
         }
     }
     refused::<bf16>(Regime::Decode, 17, 64, Some(true));
@@ -1856,16 +1834,5 @@ fn decode_direct_loads_refuse_what_they_cannot_take_and_change_nothing() {
         0.5,
         &y0,
     );
-    let err = done.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidArgument {
-                name: "k_splits",
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(same_bits(&y, &y0), "{err}: y changed");
+    assert_refused(done, &y, &y0, "k_splits");
 }

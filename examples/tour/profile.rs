@@ -27,8 +27,11 @@ enum Launch {
     Multi(Regime, multi_op::LaunchForm, usize),
 }
 
-/// The cases: name, m, n, k, launch.
-fn cases() -> Vec<(&'static str, usize, usize, usize, Launch)> {
+/// Every case's k: Llama-3-8B's hidden size.
+const K: usize = 4096;
+
+/// The cases: name, m, n, launch (k = K).
+fn cases() -> Vec<(&'static str, usize, usize, Launch)> {
     let fused = LaunchForm::default();
     let direct = LaunchForm {
         direct_decode: true,
@@ -50,41 +53,26 @@ fn cases() -> Vec<(&'static str, usize, usize, usize, Launch)> {
     };
     let (d, p) = (Regime::Decode, Regime::Prefill);
     vec![
-        ("decode-m1", 1, 4096, 4096, Launch::Fused(d, fused)),
-        ("decode-m1-direct", 1, 4096, 4096, Launch::Fused(d, direct)),
-        (
-            "decode-m16-direct",
-            16,
-            4096,
-            4096,
-            Launch::Fused(d, direct),
-        ),
-        (
-            "decode-m1-14336-direct",
-            1,
-            14336,
-            4096,
-            Launch::Fused(d, direct),
-        ),
-        ("multi-64x64", 64, 4096, 4096, Launch::Multi(d, multi, 64)),
+        ("decode-m1", 1, 4096, Launch::Fused(d, fused)),
+        ("decode-m1-direct", 1, 4096, Launch::Fused(d, direct)),
+        ("decode-m16-direct", 16, 4096, Launch::Fused(d, direct)),
+        ("decode-m1-14336-direct", 1, 14336, Launch::Fused(d, direct)),
+        ("multi-64x64", 64, 4096, Launch::Multi(d, multi, 64)),
         (
             "multi-64x64-direct",
             64,
             4096,
-            4096,
             Launch::Multi(d, multi_direct, 64),
         ),
-        ("multi-256x64", 256, 4096, 4096, Launch::Multi(p, multi, 64)),
+        ("multi-256x64", 256, 4096, Launch::Multi(p, multi, 64)),
         (
             "multi-256x64-wgmma",
             256,
-            4096,
             4096,
             Launch::Multi(p, multi_wgmma, 64),
         ),
         (
             "prefill-m4096-wgmma",
-            4096,
             4096,
             4096,
             Launch::Fused(p, fused_wgmma),
@@ -101,28 +89,42 @@ pub fn section(dev: Option<&Device>, name: Option<&str>) -> Res<()> {
         }
         return Ok(());
     };
-    let Some((_, m, n, k, launch)) = cases().into_iter().find(|c| c.0 == name) else {
+    let Some((_, m, n, launch)) = cases().into_iter().find(|c| c.0 == name) else {
         return Err(format!("--profile: no case {name} (--profile alone lists them)").into());
     };
     let Some(dev) = dev else {
         return Err("--profile launches on a GPU, and there is none here".into());
     };
-    let dims = Dims::new(m, n, k);
+    let (k, dims) = (K, Dims::new(m, n, K));
     let mut inputs = Inputs::<bf16>::new(dev, n, k, m)?;
-    let (x, w, y) = (&inputs.x, &inputs.ws[0], &mut inputs.y);
+    // The op, launched RUNS times, then waited for.
+    let launches = |launch: &mut dyn FnMut() -> lora_kernels::Result<()>| -> Res<()> {
+        for _ in 0..RUNS {
+            launch()?;
+        }
+        Ok(dev.synchronize()?)
+    };
+    let (x, w) = (&inputs.x, &inputs.ws[0]);
+    let y = &mut inputs.y;
     match launch {
         Launch::Fused(regime, form) => {
             let stream = dev.cuda_stream().expect("a CUDA device");
             let a = stream.clone_htod(&data::<bf16>(16 * k, 3))?;
             let b = stream.clone_htod(&data::<bf16>(n * 16, 4))?;
             let adapter = DeviceAdapter::new(&a, &b, 16, 0.5);
-            for _ in 0..RUNS {
-                let (operands, outputs) = (
+            launches(&mut || {
+                let outputs = (y.slice_mut(..m * n).into(), None);
+                fused_forward_tuned(
+                    regime,
+                    form,
+                    dev,
+                    dims,
                     (x.slice(..m * k).into(), w.into()),
-                    (y.slice_mut(..m * n).into(), None),
-                );
-                fused_forward_tuned(regime, form, dev, dims, operands, &adapter, 0.0, outputs)?;
-            }
+                    &adapter,
+                    0.0,
+                    outputs,
+                )
+            })?;
         }
         Launch::Multi(regime, form, distinct) => {
             let pool = loaded_pool(dev, n, k, distinct, Some(16))?;
@@ -130,18 +132,17 @@ pub fn section(dev: Option<&Device>, name: Option<&str>) -> Res<()> {
             let ids: Vec<i32> = (0..m).map(|i| (i * distinct / m) as i32).collect();
             let ids = dev.upload(&ids)?;
             let routing = Routing::Tokens((&ids).into());
-            for _ in 0..RUNS {
+            launches(&mut || {
                 let (operands, outputs) = (
                     (x.slice(..m * k).into(), w.into()),
                     (y.slice_mut(..m * n).into(), None),
                 );
                 multi_adapter_forward_tuned(
                     regime, form, &pool, m, operands, &routing, 0.0, outputs,
-                )?;
-            }
+                )
+            })?;
         }
     }
-    dev.synchronize()?;
     println!("--profile {name}: {RUNS} launches of m {m}, n {n}, k {k}");
     Ok(())
 }

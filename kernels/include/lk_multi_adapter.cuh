@@ -452,6 +452,25 @@ __device__ __forceinline__ bool vector_staging(const MultiAdapterParams& p) {
     return p.max_rank % 8 == 0 && p.b_pool % 16 == 0 && p.t % 16 == 0;
 }
 
+// Item i of `items`, this thread's share (every THREADS-th from tid): all
+// of a batch's load(i) are issued before any store(i, raw) uses one.
+template <class Team, int THREADS, class Load, class Store>
+__device__ __forceinline__ void staged(int items, Load load, Store store) {
+    for (int first = Team::tid(); first < items; first += THREADS * STAGE_BATCH) {
+        uint4 raw[STAGE_BATCH];
+#pragma unroll
+        for (int u = 0; u < STAGE_BATCH; ++u) {
+            const int i = first + u * THREADS;
+            raw[u] = i < items ? load(i) : uint4{0u, 0u, 0u, 0u};
+        }
+#pragma unroll
+        for (int u = 0; u < STAGE_BATCH; ++u) {
+            const int i = first + u * THREADS;
+            if (i < items) store(i, raw[u]);
+        }
+    }
+}
+
 // v = scale * t of each row's adapter, 4 ranks a load, split into the
 // expand tiles (store_split); rows of other adapters and ranks past an
 // adapter's are 0 (t holds no values there).
@@ -459,32 +478,28 @@ template <class T, class E>
 __device__ void stage_values_16B(const MultiAdapterParams& p, const lk::ExpandTiles<T, E>& e,
                                  const lk::ExpandGuard<E>& guard, const lk::PackedSteps<typename E::Team>& steps,
                                  const int* row_slot, int row0, int groups) {
-    using Team = typename E::Team;
-    const int per_row = 4 * groups, items = E::BM * per_row;  // item: 4 ranks of one row
-    for (int first = Team::tid(); first < items; first += E::THREADS * STAGE_BATCH) {
-        uint4 raw[STAGE_BATCH];
+    const int per_row = 4 * groups;  // an item: 4 ranks of one row
+    // Whether item i's ranks are its row's adapter's (s, from rank j).
+    auto mine = [&](int i, int& s, int& j) {
+        return steps.at(i % per_row * 4, s, j) && row_slot[i / per_row] == s;
+    };
+    auto load = [&](int i) {
+        int s, j;
+        if (!mine(i, s, j)) return uint4{0u, 0u, 0u, 0u};
+        return lk::load_cg(reinterpret_cast<const uint4*>(p.t) + ((size_t)(row0 + i / per_row) * p.max_rank + j) / 4);
+    };
+    auto store = [&](int i, const uint4& raw) {
+        const int row = i / per_row, col = i % per_row * 4;
+        int s, j;
+        const bool own = mine(i, s, j);
+        const float scale = own ? scale_of(p, s) : 0.f;
+        const int live = own ? steps.rank_at(col) - j : 0;  // of the 4
+        const uint32_t bits[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-        for (int u = 0; u < STAGE_BATCH; ++u) {
-            const int i = first + u * E::THREADS, row = i / per_row, col = i % per_row * 4;
-            int s, j;
-            raw[u] = uint4{0u, 0u, 0u, 0u};
-            if (i < items && steps.at(col, s, j) && row_slot[row] == s)
-                raw[u] = lk::load_cg(reinterpret_cast<const uint4*>(p.t) + ((size_t)(row0 + row) * p.max_rank + j) / 4);
-        }
-#pragma unroll
-        for (int u = 0; u < STAGE_BATCH; ++u) {
-            const int i = first + u * E::THREADS, row = i / per_row, col = i % per_row * 4;
-            if (i >= items) continue;
-            int s, j;
-            const bool mine = steps.at(col, s, j) && row_slot[row] == s;
-            const float scale = mine ? scale_of(p, s) : 0.f;
-            const int live = mine ? steps.rank_at(col) - j : 0;  // ranks of the 4 that are the adapter's
-            const uint32_t bits[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-#pragma unroll
-            for (int c = 0; c < 4; ++c)
-                lk::store_split(e, guard, row, col + c, c < live ? scale * __uint_as_float(bits[c]) : 0.f);
-        }
-    }
+        for (int c = 0; c < 4; ++c)
+            lk::store_split(e, guard, row, col + c, c < live ? scale * __uint_as_float(bits[c]) : 0.f);
+    };
+    staged<typename E::Team, E::THREADS>(E::BM * per_row, load, store);
 }
 
 // b[s][col0 + row, j] of the adapter of each rank column, 8 ranks a load,
@@ -494,34 +509,26 @@ template <class T, class E>
 __device__ void stage_weights_16B(const MultiAdapterParams& p, const lk::ExpandTiles<T, E>& e,
                                   const lk::ExpandGuard<E>& guard, const lk::PackedSteps<typename E::Team>& steps,
                                   int col0, int groups) {
-    using Team = typename E::Team;
-    const int per_row = 2 * groups, items = E::BN * per_row;  // item: 8 ranks of one column of y
-    for (int first = Team::tid(); first < items; first += E::THREADS * STAGE_BATCH) {
-        uint4 raw[STAGE_BATCH];
+    const int per_row = 2 * groups;  // an item: 8 ranks of one column of y
+    auto load = [&](int i) {
+        const int row = i / per_row;
+        int s, j;
+        if (!steps.at(i % per_row * 8, s, j) || col0 + row >= p.n) return uint4{0u, 0u, 0u, 0u};
+        return *(reinterpret_cast<const uint4*>(p.b_pool) + (((size_t)s * p.n + col0 + row) * p.max_rank + j) * sizeof(T) / 16);
+    };
+    auto store = [&](int i, const uint4& raw) {
+        const int row = i / per_row, col = i % per_row * 8;
+        int s, j;
+        const int live = steps.at(col, s, j) ? steps.rank_at(col) - j : 0;  // of the 8
+        T w[8];
+        memcpy(w, &raw, sizeof(w));
 #pragma unroll
-        for (int u = 0; u < STAGE_BATCH; ++u) {
-            const int i = first + u * E::THREADS, row = i / per_row, col = i % per_row * 8;
-            int s, j;
-            raw[u] = uint4{0u, 0u, 0u, 0u};
-            if (i < items && steps.at(col, s, j) && col0 + row < p.n)
-                raw[u] = *(reinterpret_cast<const uint4*>(p.b_pool) +
-                           (((size_t)s * p.n + col0 + row) * p.max_rank + j) * sizeof(T) / 16);
-        }
-#pragma unroll
-        for (int u = 0; u < STAGE_BATCH; ++u) {
-            const int i = first + u * E::THREADS, row = i / per_row, col = i % per_row * 8;
-            if (i >= items) continue;
-            int s, j;
-            const int live = steps.at(col, s, j) ? steps.rank_at(col) - j : 0;  // of the 8
-            T w[8];
-            memcpy(w, &raw[u], sizeof(w));
-#pragma unroll
-            for (int c = 0; c < 8; ++c) w[c] = c < live ? lk::finite_weight(w[c], guard) : lk::from_f32<T>(0.f);
-            uint32_t packed[4];
-            memcpy(packed, w, sizeof(packed));
-            lk::store16(e.ws + row * E::LDT + col, packed);
-        }
-    }
+        for (int c = 0; c < 8; ++c) w[c] = c < live ? lk::finite_weight(w[c], guard) : lk::from_f32<T>(0.f);
+        uint32_t packed[4];
+        memcpy(packed, w, sizeof(packed));
+        lk::store16(e.ws + row * E::LDT + col, packed);
+    };
+    staged<typename E::Team, E::THREADS>(E::BN * per_row, load, store);
 }
 
 // The expand of E's team (the block, or one warp of a 64-row tile): rows
