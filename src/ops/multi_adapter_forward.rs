@@ -30,8 +30,8 @@ use super::fused_forward::{Regime, regime_for};
 use super::multi_adapter_forward_wgmma as wgmma;
 use super::split_k::{self, SharedShrink};
 use super::tiles::{
-    DECODE, DECODE_DEEP, DECODE_DIRECT, DECODE_WIDE, DECODE_WIDE_DEEP, MmaTiles, PREFILL, SIMT,
-    STATIC_SMEM_MARGIN,
+    DECODE, DECODE_DEEP, DECODE_DIRECT, DECODE_WIDE, DECODE_WIDE_DEEP, DIRECT_BLOCKS_PER_SM,
+    MmaTiles, PREFILL, SIMT, STATIC_SMEM_MARGIN,
 };
 use super::{KernelElement, check_operand, check_output, check_wgmma, grid, in_ptr, out_ptr};
 use crate::adapter_pool::AdapterPool;
@@ -475,13 +475,6 @@ fn launch<T: KernelElement>(
     drop(scratch);
     launched
 }
-
-/// Blocks of the direct-load decode tiles split-K aims for per SM (two fit:
-/// 128 registers a thread, 20 KiB of shared memory). Their partial sums
-/// are a quarter of the 64-row tiles' the workspace holds one per SM of
-/// (split_k_counters_at), and their tiles then number fewer than the SMs,
-/// as the counters need.
-pub(crate) const DIRECT_BLOCKS_PER_SM: usize = 2;
 
 /// A launch's shape, from the batch and the adapters' rank capacity alone
 /// (never from the ids): the pool's launches and the one-adapter decode.

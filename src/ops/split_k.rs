@@ -210,8 +210,7 @@ mod tests {
     /// the workspace holds for one 64-row block per SM.
     #[test]
     fn direct_load_blocks_fit_the_workspace() {
-        use super::super::multi_adapter_forward::DIRECT_BLOCKS_PER_SM;
-        use super::super::tiles::DECODE_DIRECT;
+        use super::super::tiles::{DECODE_DIRECT, DIRECT_BLOCKS_PER_SM};
         let sm_count = 132;
         let most_blocks = DIRECT_BLOCKS_PER_SM * sm_count;
         assert!(most_blocks * split_k_values(&DECODE_DIRECT) <= split_k_counters_at(sm_count));

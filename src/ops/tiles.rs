@@ -52,6 +52,13 @@ pub(crate) const DECODE_DIRECT: MmaTiles = MmaTiles {
     ..DECODE
 };
 
+/// Blocks of the direct-load decode tiles split-K aims for per SM (two fit:
+/// 128 registers a thread, 20 KiB of shared memory). Their partial sums
+/// are a quarter of the 64-row tiles' the workspace holds one per SM of
+/// (split_k_counters_at), and their tiles then number fewer than the SMs,
+/// as the counters need.
+pub(crate) const DIRECT_BLOCKS_PER_SM: usize = 2;
+
 /// The fused forward's decode tiles for `m` rows: 16-row tiles up to 16,
 /// with the deeper pipeline if `deep`.
 pub(crate) fn fused_decode_tiles(m: usize, deep: bool) -> &'static MmaTiles {
