@@ -94,15 +94,15 @@ pub struct MultiAdapterParams {
     pub beta: f32,
     #[doc = " decode: tile blocks per tile, each over its range of k (split-K; 1: none)"]
     pub k_splits: i32,
-    #[doc = " SIMT shrink units: pieces of k each unit is cut into (1: none)"]
+    #[doc = " items per shrink unit: a SIMT unit's chunks of k, a tensor-core unit's shares of its passes"]
     pub shrink_chunks: i32,
     #[doc = " split-K only, as in FusedForwardParams: f32 partial sums and a u32 counter per tile"]
     pub partials: u64,
     #[doc = " split-K only, as in FusedForwardParams: f32 partial sums and a u32 counter per tile"]
     pub split_counters: u64,
-    #[doc = " shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a u32 counter\n per unit, 0 between launches (the unit's last chunk resets it)"]
+    #[doc = " SIMT units with shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a\n u32 counter per unit, 0 between launches (the unit's last chunk resets it)"]
     pub unit_partials: u64,
-    #[doc = " shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a u32 counter\n per unit, 0 between launches (the unit's last chunk resets it)"]
+    #[doc = " SIMT units with shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a\n u32 counter per unit, 0 between launches (the unit's last chunk resets it)"]
     pub unit_counters: u64,
     #[doc = " slot_rank == 0 only"]
     pub uniform_rank: i32,

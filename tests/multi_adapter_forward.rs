@@ -816,6 +816,115 @@ fn prefill_shrink_serves_each_adapter_of_a_16_token_unit() {
     }
 }
 
+/// A prefill shrink unit's passes (one per distinct adapter among its 16
+/// tokens) cut into shares, an item each (`LaunchForm::shrink_shares`):
+/// every count from 1 to 16 gives `t` and `y` the same bits as one share,
+/// with and without shrink blocks (the tile blocks then take every share in
+/// their lean forms), `y` within its bound and a reference with scales off
+/// by 1% (bf16) or 0.3% (f16) failing, and the launch's out-of-range ids
+/// counted once each, not once per share. 40 tokens: a unit of 16 distinct
+/// adapters, one of repeats, -1 and 99, and a last unit of 8; ranks 1 to
+/// 70 (up to three units of 32 ranks); k on the 16-byte path and off it.
+/// A count outside 1..=16, or at decode, is an error naming
+/// `shrink_shares` that changes nothing.
+#[test]
+fn prefill_shrink_shares_give_the_same_bits_as_one() {
+    use lora_kernels::ops::multi_adapter_forward::{LaunchForm, multi_adapter_forward_tuned};
+    fn check<T: KernelElement>(dev: &Device, k: usize, off: f32) {
+        let ranks: Vec<usize> = (0..18).map(|s| [16, 1, 70, 8, 33, 0][s % 6]).collect();
+        let fx = Fixture::<T>::new(45, k, 70, &ranks, k as u64);
+        let pool = fx.pool(dev);
+        let (m, n) = (40, 45);
+        let ids: Vec<i32> = (0..m as i32)
+            .map(|i| match i {
+                0..=15 => (i * 7) % 17, // 16 distinct, slot 5 empty
+                16..=31 => [2, -1, 2, 99, 4, 4, 2, 9][i as usize % 8], // repeats
+                _ => [13, 1, 13, 16, -1, 2, 14, 1][i as usize % 8],
+            })
+            .collect();
+        let bad = ids.iter().filter(|&&id| id == 99).count() as u32;
+        let x: Vec<T> = random(&mut rng(k as u64 + 1), m * k);
+        let y0: Vec<T> = random(&mut rng(2), m * n);
+        let (xd, wd, idd) = (
+            dev.upload(&x).unwrap(),
+            dev.upload(&fx.w).unwrap(),
+            dev.upload(&ids).unwrap(),
+        );
+        let routing = Routing::Tokens((&idd).into());
+        let launch = |form: LaunchForm| {
+            let mut y = dev.upload(&y0).unwrap();
+            let mut t = dev.upload(&vec![f32::NAN; m * 70]).unwrap();
+            let (operands, outputs) = (
+                ((&xd).into(), (&wd).into()),
+                ((&mut y).into(), Some((&mut t).into())),
+            );
+            let done = multi_adapter_forward_tuned(
+                Regime::Prefill,
+                form,
+                &pool,
+                m,
+                operands,
+                &routing,
+                0.5,
+                outputs,
+            );
+            (done, dev.download(&y).unwrap(), dev.download(&t).unwrap())
+        };
+        let form = |shrink_shares, shrink_blocks| LaunchForm {
+            shrink_shares,
+            shrink_blocks,
+            ..LaunchForm::default()
+        };
+        let (done, y1, t1) = launch(form(Some(1), true));
+        done.unwrap();
+        let what = format!("{:?} k={k} one share on {}", T::DTYPE, dev.name());
+        fx.compare(&what, &y1, &x, &ids, 0.5, &y0).unwrap();
+        let off_fx = fx.with_scales_times(1.0 + off);
+        assert!(
+            off_fx.compare(&what, &y1, &x, &ids, 0.5, &y0).is_err(),
+            "{what}: the control must fail"
+        );
+        assert_eq!(pool.bad_id_count().unwrap(), bad, "{what}");
+        pool.reset_bad_id_count().unwrap();
+        let counts = [None, Some(2), Some(3), Some(5), Some(15), Some(16)];
+        for (shares, shrink_blocks) in counts.into_iter().flat_map(|s| [(s, true), (s, false)]) {
+            let what = format!(
+                "{:?} k={k} shares {shares:?} shrink blocks {shrink_blocks} on {}",
+                T::DTYPE,
+                dev.name()
+            );
+            let (done, y, t) = launch(form(shares, shrink_blocks));
+            done.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(same_bits(&y, &y1), "{what}: y differs from one share's");
+            assert!(same_bits(&t, &t1), "{what}: t differs from one share's");
+            assert_eq!(pool.bad_id_count().unwrap(), bad, "{what}");
+            pool.reset_bad_id_count().unwrap();
+        }
+        for shares in [0, 17] {
+            let (done, y, _) = launch(form(Some(shares), true));
+            assert_refused(done, &y, &y0, "shrink_shares");
+        }
+        let decode = form(Some(2), true);
+        let (done, y) = run_form(
+            &pool,
+            Regime::Decode,
+            decode,
+            &x[..4 * k],
+            &fx.w,
+            &ids[..4],
+            0.5,
+            &y0[..4 * n],
+        );
+        assert_refused(done, &y, &y0[..4 * n], "shrink_shares");
+    }
+    for dev in devices() {
+        for k in [200, 45] {
+            check::<bf16>(&dev, k, 0.01);
+            check::<f16>(&dev, k, 0.003);
+        }
+    }
+}
+
 /// The op in a launch form: what it returned, and `y` (from `y0`) after it.
 #[allow(clippy::too_many_arguments)] // a fixture's launch, spelled out
 fn run_form<T: KernelElement>(

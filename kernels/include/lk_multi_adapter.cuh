@@ -259,12 +259,24 @@ __device__ __forceinline__ void load_k8(uint32_t (&w)[4], const T* row, int k, i
 // steps, not per step (more would take the kernel's registers past 136).
 constexpr int MMA_DEPTH = 3;
 
+// `bits` without its `count` lowest set bits.
+__device__ __forceinline__ unsigned without_lowest(unsigned bits, int count) {
+    for (int d = 0; d < count && bits != 0; ++d) bits &= bits - 1;
+    return bits;
+}
+
 // Tensor-core unit u: tokens i0 = (u / row_groups) * 16 .. i0 + 15 and
 // rank rows j0 = (u % row_groups) * 32 .. j0 + 31, by a whole warp with
 // mma.m16n8k16 (f32 accumulators: t rows x 4 n-tiles of 8 ranks). One pass
-// per distinct adapter s among the 16 tokens: rows of other adapters (and
-// past m) load zeros and are not stored, so one token's values never reach
-// another's t, and a token's x row is loaded in its adapter's pass only.
+// over k per distinct adapter s among the 16 tokens: rows of other adapters
+// (and past m) load zeros and are not stored, so one token's values never
+// reach another's t, and a token's x row is loaded in its adapter's pass only.
+// The unit's passes are shared out over p.shrink_chunks items (its shares):
+// share c takes the distinct adapters c, c + shares, .. in the order of their
+// first token. A batch of many adapters thus gets a warp per adapter and
+// unit (256 tokens of 64 adapters: 16 units of up to 16 passes each), not a
+// warp per unit; each pass is the same whichever share runs it, so t's bits
+// do not depend on the share count.
 // The fragments come straight from global memory, with no shared memory or
 // barrier: for each 32 values of k, lane (group g, quad q) loads values
 // 8q .. 8q + 7 of x rows g and g + 8 and of a's rank rows g, 8 + g, ..
@@ -274,7 +286,7 @@ constexpr int MMA_DEPTH = 3;
 // does not see. LEAN (the tile blocks' share): one n-tile of 8 ranks per
 // sweep over k, re-reading x per sweep, with a quarter of the registers.
 template <class T, bool ALIGNED, bool LEAN>
-__device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int lane) {
+__device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int share, int lane) {
     constexpr int NT = MmaShrink::RANKS / 8;  // n-tiles of 8 ranks
     constexpr int NP = LEAN ? 1 : NT;         // n-tiles per sweep over k
     constexpr int MD = LEAN || !ALIGNED ? 1 : MMA_DEPTH;  // k-steps of 32 whose loads go together
@@ -286,16 +298,19 @@ __device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int l
     const int g = lane / 4, q = lane % 4;
     // Lane l < 16 holds token i0 + l's slot (-1: none, or past m).
     const bool token = lane < MmaShrink::TOKENS && i0 + lane < p.m;
-    if (j0 == 0 && token && out_of_range(p, raw_slot(p, i0 + lane)))
+    if (j0 == 0 && share == 0 && token && out_of_range(p, raw_slot(p, i0 + lane)))  // once per token
         atomicAdd(reinterpret_cast<unsigned*>(p.counters) + BAD_IDS, 1u);
     const int mine = token ? token_slot(p, i0 + lane) : -1;
-    bool pending = mine >= 0;
-    for (;;) {
-        // The adapter of the first token not served yet, for the whole warp.
-        const unsigned waiting = __ballot_sync(0xFFFFFFFFu, pending);
-        if (waiting == 0) return;
-        const int s = __shfl_sync(0xFFFFFFFFu, mine, __ffs((int)waiting) - 1);
-        pending = pending && mine != s;
+    // The lanes whose token is the first of its adapter: one per pass.
+    bool first = mine >= 0;
+    for (int l = 0; l < MmaShrink::TOKENS; ++l) {
+        const int theirs = __shfl_sync(0xFFFFFFFFu, mine, l);
+        if (l < lane && theirs == mine) first = false;
+    }
+    // Lowest set bit: this share's next pass.
+    for (unsigned passes = without_lowest(__ballot_sync(0xFFFFFFFFu, first), share); passes != 0;
+         passes = without_lowest(passes, p.shrink_chunks)) {
+        const int s = __shfl_sync(0xFFFFFFFFu, mine, __ffs((int)passes) - 1);
         const bool lo = __shfl_sync(0xFFFFFFFFu, mine, g) == s;      // row g is s's
         const bool hi = __shfl_sync(0xFFFFFFFFu, mine, g + 8) == s;  // row g + 8 is s's
         const int rank = rank_of(p, s);
@@ -342,11 +357,12 @@ __device__ void shrink_unit_mma(const MultiAdapterParams& p, int64_t unit, int l
     }
 }
 
-// Pieces of shrink work: SIMT units times their chunks of k (chunk e /
-// units of unit e % units), or tensor-core units (whole k).
+// Pieces of shrink work: units times p.shrink_chunks (piece e: chunk or
+// share e / units of unit e % units): SIMT units' chunks of k, tensor-core
+// units' shares of their passes.
 template <class S>
 __device__ __forceinline__ int64_t shrink_pieces(const MultiAdapterParams& p) {
-    return shrink_units<S>(p) * (S::MMA ? 1 : p.shrink_chunks);
+    return shrink_units<S>(p) * p.shrink_chunks;
 }
 
 // Items of shrink work: item e is piece e (if e < pieces) and the check of
@@ -364,12 +380,13 @@ __device__ __forceinline__ unsigned shrink_items(const MultiAdapterParams& p) {
 // wait (LEAN: the units' lean forms, which keep the tile kernel's registers at
 // what its base product needs: its accumulators are live). When it returns,
 // every item is claimed: what a tile block then waits for is held by running
-// warps. Items are claimed 4 at a time (fewer atomics on one counter when
-// there are many), one at a time when k is cut into chunks: there are few
-// then, and each should have a warp of its own.
+// warps. Whole SIMT units are claimed 4 at a time (light items: fewer
+// atomics on one counter when there are many); chunks of k and tensor-core
+// pieces (a pass over all of k each) one at a time: each should have a warp
+// of its own.
 template <class T, class S, bool ALIGNED, bool LEAN>
 __device__ void shrink_work(const MultiAdapterParams& p) {
-    const unsigned claim = S::MMA || p.shrink_chunks == 1 ? 4u : 1u;
+    const unsigned claim = !S::MMA && p.shrink_chunks == 1 ? 4u : 1u;
     unsigned* counters = reinterpret_cast<unsigned*>(p.counters);
     const int lane = threadIdx.x % 32;
     const unsigned items = shrink_items<S>(p);
@@ -383,7 +400,7 @@ __device__ void shrink_work(const MultiAdapterParams& p) {
         for (unsigned e = first; e < last; ++e) {
             if (lane == 0) check_segment_entry(p, e);
             if (e >= pieces) continue;
-            if constexpr (S::MMA) shrink_unit_mma<T, ALIGNED, LEAN>(p, e, lane);
+            if constexpr (S::MMA) shrink_unit_mma<T, ALIGNED, LEAN>(p, e % units, (int)(e / units), lane);
             else shrink_unit<T, ALIGNED && !LEAN, LEAN>(p, e % units, (int)(e / units), lane);
         }
         __threadfence();

@@ -50,11 +50,11 @@ typedef struct MultiAdapterParams {
     int32_t shrink_blocks; /* the first shrink_blocks blocks work on t */
     float beta;
     int32_t k_splits; /* decode: tile blocks per tile, each over its range of k (split-K; 1: none) */
-    int32_t shrink_chunks; /* SIMT shrink units: pieces of k each unit is cut into (1: none) */
+    int32_t shrink_chunks; /* items per shrink unit: a SIMT unit's chunks of k, a tensor-core unit's shares of its passes */
     /* split-K only, as in FusedForwardParams: f32 partial sums and a u32 counter per tile */
     uint64_t partials, split_counters;
-    /* shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a u32 counter
-     * per unit, 0 between launches (the unit's last chunk resets it) */
+    /* SIMT units with shrink_chunks > 1 only: [units][shrink_chunks][4] f32 sums and a
+     * u32 counter per unit, 0 between launches (the unit's last chunk resets it) */
     uint64_t unit_partials, unit_counters;
     int32_t uniform_rank; /* slot_rank == 0 only */
     float uniform_scale;

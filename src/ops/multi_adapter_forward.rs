@@ -85,24 +85,41 @@ const SHRINK_KCHUNK: usize = 1024;
 /// SIMT shrink pieces (units times chunks) per SM that cutting `k` aims for.
 const SHRINK_PIECES_PER_SM: usize = 4;
 
-/// Chunks of `k` each SIMT shrink unit (decode, f32) is cut into, an item
-/// each: a unit's warp waits a memory round trip per step it can't overlap,
-/// and a few tokens make few units (one token at rank 16: 4 warps for the
-/// whole GPU), so `k` is cut until the pieces give each of `sm_count` SMs
-/// about 4 warps, at most one chunk per 1024 values. 1 at prefill (units of
-/// 16 tokens on tensor cores) and where the units alone are that many.
-pub(crate) fn shrink_chunks(regime: Regime, units: usize, k: usize, sm_count: usize) -> usize {
-    match regime {
-        Regime::Prefill => 1,
-        Regime::Decode | Regime::Simt => {
-            (SHRINK_PIECES_PER_SM * sm_count / units.max(1)).clamp(1, k.div_ceil(SHRINK_KCHUNK))
-        }
-    }
+/// Most shares a tensor-core shrink unit's passes are cut into: one per
+/// token of the unit, so one per distinct adapter at most.
+pub(crate) const MAX_SHRINK_SHARES: usize = 16;
+
+/// Items each shrink unit is cut into (the kernel's `shrink_chunks`): a
+/// unit's warp waits a memory round trip per step it can't overlap, and a
+/// few units leave most SMs idle, so they are cut until the pieces give
+/// each of `sm_count` SMs about 4 warps, and no further than helps:
+/// - SIMT units (decode, f32): chunks of `k`, at most one per 1024 values
+///   (one token at rank 16 is 4 units: 4 warps for the whole GPU);
+/// - tensor-core units (prefill): shares of their passes over `k`, one per
+///   distinct adapter among the unit's 16 tokens, so at most
+///   `min(16, adapters)`, where `adapters` is how many a launch can name
+///   (1: the fused forward's one adapter, whose unit has one pass). 256
+///   tokens of 64 adapters are 16 units of up to 16 passes each.
+///
+/// 1 where the units alone are that many.
+pub(crate) fn shrink_chunks(
+    regime: Regime,
+    units: usize,
+    k: usize,
+    adapters: usize,
+    sm_count: usize,
+) -> usize {
+    let most = match regime {
+        Regime::Prefill => adapters.clamp(1, MAX_SHRINK_SHARES),
+        Regime::Decode | Regime::Simt => k.div_ceil(SHRINK_KCHUNK),
+    };
+    (SHRINK_PIECES_PER_SM * sm_count / units.max(1)).clamp(1, most.max(1))
 }
 
-/// Shrink units cut into chunks at most (several chunks each, so fewer than
-/// the pieces [`shrink_chunks`] aims for), and their f32 sums at most (4 rank
-/// rows per piece): the pool's scratch for them.
+/// SIMT shrink units cut into chunks at most (several chunks each, so fewer
+/// than the pieces [`shrink_chunks`] aims for), and their f32 sums at most (4
+/// rank rows per piece): the pool's scratch for them. Tensor-core shares
+/// need none: each pass writes its own rows of `t`.
 pub(crate) fn chunked_shrink_units(sm_count: usize) -> usize {
     SHRINK_PIECES_PER_SM * sm_count
 }
@@ -219,6 +236,12 @@ pub struct LaunchForm {
     /// Not yet the default: the tuning sweep (`tour --tune`) decides the
     /// dispatch (docs/DESIGN.md section 8).
     pub wgmma: bool,
+    /// Prefill: the shares each tensor-core shrink unit's passes (one per
+    /// distinct adapter among its 16 tokens) are cut into, an item each:
+    /// `None` as [`shrink_chunks`] picks, `Some(s)` for `s` in 1..=16 (an
+    /// error otherwise, and outside prefill). The bits of `y` and `t` are
+    /// the same for every count.
+    pub shrink_shares: Option<usize>,
 }
 
 impl Default for LaunchForm {
@@ -230,6 +253,7 @@ impl Default for LaunchForm {
             wide_tiles: None,
             direct_loads: false,
             wgmma: false,
+            shrink_shares: None,
         }
     }
 }
@@ -345,9 +369,9 @@ fn launch<T: KernelElement>(
     }
     let plan = Plan::new(
         (tiling, shape),
-        (form.shrink_blocks, form.k_splits),
+        (form.shrink_blocks, form.k_splits, form.shrink_shares),
         dims,
-        cfg.max_rank,
+        (cfg.max_rank, cfg.slots),
         segments,
         dev.sm_count(),
     )?;
@@ -453,7 +477,7 @@ fn launch<T: KernelElement>(
         // m * max_rank f32 (reserve_tokens above) and the five counters are 0
         // between launches (zeroed at creation, reset by each launch), with
         // fewer than 2^31 shrink items for their 32-bit claim counter (checked
-        // above); shrink units cut into chunks > 1 of k (at most one per
+        // above); SIMT shrink units cut into chunks > 1 of k (at most one per
         // 1024 values) are fewer than chunked_shrink_units(sm_count), their
         // pieces fewer than chunked_shrink_partials / 4 (shrink_chunks), the
         // pool's scratch sizes (AdapterPool::new), and their counters are 0
@@ -481,7 +505,8 @@ fn launch<T: KernelElement>(
 struct Plan {
     tiling: Tiling,
     shape: TileShape,
-    /// Chunks of `k` per SIMT shrink unit ([`shrink_chunks`]).
+    /// Items per shrink unit ([`shrink_chunks`]): chunks of `k` (SIMT) or
+    /// shares of the passes (tensor cores).
     chunks: usize,
     shrink_blocks: usize,
     /// Output tiles, and the blocks each wants (split-K) if it gets a workspace.
@@ -490,25 +515,40 @@ struct Plan {
 }
 
 impl Plan {
-    /// `form`: whether the grid has shrink blocks, and a forced split count
-    /// ([`LaunchForm`]); `segments`: the table's length (0: ids per token).
-    /// An error for a forced split the launch can't take, and for a batch
-    /// whose shrink items pass a 32-bit claim counter.
+    /// `form`: whether the grid has shrink blocks, a forced split count and
+    /// a forced share count ([`LaunchForm`]); the adapters' rank capacity and
+    /// how many a launch can name (slots); `segments`: the table's length (0:
+    /// ids per token). An error for a forced split or share count the launch
+    /// can't take, and for a batch whose shrink items pass a 32-bit claim
+    /// counter.
     fn new(
         (tiling, shape): (Tiling, TileShape),
-        (with_shrink_blocks, k_splits): (bool, Option<usize>),
+        (with_shrink_blocks, k_splits, shares): (bool, Option<usize>, Option<usize>),
         dims: Dims,
-        max_rank: usize,
+        (max_rank, adapters): (usize, usize),
         segments: usize,
         sm_count: usize,
     ) -> Result<Plan> {
         let regime = tiling.regime();
-        // Shrink units: groups of tokens x groups of rank rows, a warp each,
-        // claimed by the warps from a 32-bit counter together with the table
-        // entries.
+        // Shrink units: groups of tokens x groups of rank rows, cut into
+        // pieces, a warp each, claimed by the warps from a 32-bit counter
+        // together with the table entries.
         let (unit_tokens, unit_ranks) = shrink_unit(regime);
         let shrink_units = dims.m.div_ceil(unit_tokens) * max_rank.div_ceil(unit_ranks);
-        let chunks = shrink_chunks(regime, shrink_units, dims.k, sm_count);
+        let chunks = match shares {
+            None => shrink_chunks(regime, shrink_units, dims.k, adapters, sm_count),
+            Some(s) if regime == Regime::Prefill && (1..=MAX_SHRINK_SHARES).contains(&s) => s,
+            Some(s) => {
+                return Err(invalid(
+                    "shrink_shares",
+                    s,
+                    format!(
+                        "prefill launches cut a shrink unit's passes into 1..={MAX_SHRINK_SHARES} \
+                         shares; this one runs in {regime:?}"
+                    ),
+                ));
+            }
+        };
         let pieces = shrink_units * chunks;
         let shrink_items = pieces.max(if segments == 0 { 0 } else { segments + 1 });
         if shrink_items > i32::MAX as usize {
@@ -517,7 +557,8 @@ impl Plan {
                 dims.m,
                 format!(
                     "the shrink has {shrink_items} work items (ceil(m / {unit_tokens}) x \
-                     ceil(max_rank / {unit_ranks}), or segments + 1), more than {}: split the batch",
+                     ceil(max_rank / {unit_ranks}) x {chunks} pieces, or segments + 1), more \
+                     than {}: split the batch",
                     i32::MAX
                 ),
             ));
@@ -629,9 +670,9 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     tiling.check_aligned(aligned)?;
     let plan = Plan::new(
         (tiling, tiling.shape()),
-        (true, k_splits),
+        (true, k_splits, None),
         dims,
-        ops.rank,
+        (ops.rank, 1),
         0,
         dev.sm_count(),
     )?;
@@ -693,8 +734,9 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     // t (the caller's, or the workspace's, at least m x rank values after
     // the rest: SharedShrink::scratch_len), the kernel's counters, the chunk
     // sums and unit counters lie in the decode workspace (SharedShrink),
-    // zero between launches, with shrink units cut into chunks > 1 fewer than
-    // chunked_shrink_units(sm_count) (shrink_chunks; none at prefill); the
+    // zero between launches, with SIMT shrink units cut into chunks > 1 fewer
+    // than chunked_shrink_units(sm_count) (shrink_chunks; prefill's shares
+    // use no scratch); the
     // grid is the shrink blocks + the tiles of this regime covering m x n,
     // `splits` blocks each (split-K: decode only, splits <= k-tiles and
     // tiles x splits <= sm_count (direct-load tiles: DIRECT_BLOCKS_PER_SM x
@@ -925,21 +967,28 @@ mod tests {
     use super::*;
 
     /// A few tokens' SIMT units are cut into chunks of k until the pieces
-    /// give each SM about 4 warps, at most one per 1024 values; prefill and
-    /// many units take none. The pieces of cut units always fit the pool's
-    /// scratch for them.
+    /// give each SM about 4 warps, at most one per 1024 values; a few
+    /// prefill units into shares of their passes, at most one per adapter
+    /// the launch can name and 16; many units take none. The pieces of cut
+    /// SIMT units always fit the pool's scratch for them.
     #[test]
-    fn few_shrink_units_cut_k_into_chunks() {
-        assert_eq!(shrink_chunks(Regime::Decode, 4, 4096, 132), 4); // one token, rank 16
-        assert_eq!(shrink_chunks(Regime::Decode, 16, 14336, 132), 14);
-        assert_eq!(shrink_chunks(Regime::Decode, 256, 4096, 132), 2);
-        assert_eq!(shrink_chunks(Regime::Decode, 1024, 4096, 132), 1); // 64 tokens, rank 64
-        assert_eq!(shrink_chunks(Regime::Decode, 4, 1000, 132), 1); // one piece
-        assert_eq!(shrink_chunks(Regime::Simt, 3, 2050, 132), 3);
-        assert_eq!(shrink_chunks(Regime::Prefill, 4, 4096, 132), 1);
+    fn few_shrink_units_are_cut_into_pieces() {
+        let chunks = |regime, units, k, adapters| shrink_chunks(regime, units, k, adapters, 132);
+        assert_eq!(chunks(Regime::Decode, 4, 4096, 1), 4); // one token, rank 16
+        assert_eq!(chunks(Regime::Decode, 16, 14336, 64), 14);
+        assert_eq!(chunks(Regime::Decode, 256, 4096, 64), 2);
+        assert_eq!(chunks(Regime::Decode, 1024, 4096, 64), 1); // 64 tokens, rank 64
+        assert_eq!(chunks(Regime::Decode, 4, 1000, 64), 1); // one piece
+        assert_eq!(chunks(Regime::Simt, 3, 2050, 64), 3);
+        assert_eq!(chunks(Regime::Prefill, 16, 4096, 64), 16); // 256 tokens, rank 16
+        assert_eq!(chunks(Regime::Prefill, 16, 4096, 5), 5);
+        assert_eq!(chunks(Regime::Prefill, 16, 4096, 1), 1); // the fused forward's one adapter
+        assert_eq!(chunks(Regime::Prefill, 64, 4096, 64), 8); // 1024 tokens
+        assert_eq!(chunks(Regime::Prefill, 256, 4096, 64), 2); // 4096 tokens
+        assert_eq!(chunks(Regime::Prefill, 1024, 4096, 64), 1);
         for sm_count in [1, 16, 132] {
             for units in 1..2000 {
-                let chunks = shrink_chunks(Regime::Decode, units, 1 << 20, sm_count);
+                let chunks = shrink_chunks(Regime::Decode, units, 1 << 20, 64, sm_count);
                 if chunks > 1 {
                     assert!(units < chunked_shrink_units(sm_count));
                     assert!(4 * units * chunks <= chunked_shrink_partials(sm_count));

@@ -184,11 +184,15 @@ pub fn multi_adapter_forward(
         })
         .map(|(own, r)| e * (own * r.div_ceil(ranks as u64) * k + r * k) + 4 * own * r)
         .sum();
-    // Units cut into chunks of k (few tokens): each chunk writes its sums of
-    // the unit's rows and the unit's last chunk reads them all back.
+    // SIMT units cut into chunks of k (few tokens): each chunk writes its
+    // sums of the unit's rows and the unit's last chunk reads them all back.
+    // (Prefill units cut into shares move nothing more: each pass is whole.)
     let max_rank = slot_ranks.iter().copied().max().unwrap_or(0);
     let units = dims.m.div_ceil(tokens) * max_rank.div_ceil(ranks);
-    let chunks = shrink_chunks(regime, units, dims.k, SPLIT_K_MODEL_SMS) as u64;
+    let chunks = match regime {
+        Regime::Prefill => 1,
+        _ => shrink_chunks(regime, units, dims.k, slot_ranks.len(), SPLIT_K_MODEL_SMS) as u64,
+    };
     let chunk_sums = match chunks {
         1 => 0,
         _ => 2 * 4 * chunks * ids.iter().map(|&id| rank_of(id)).sum::<u64>(),
