@@ -24,10 +24,10 @@
 //   f32 SIMT tiles take them one by one). At decode of 17 to 64 tokens a
 //   tile has 64 rows, and each of its 4 warps packs and expands its own 16
 //   (lk::WarpTiles): 4 short sequences of steps that overlap, not one long
-//   one. The b tiles are prefetched into L2
-//   while the base product runs. At decode
-//   a tile may be split along k over p.k_splits blocks (split-K, where the
-//   tiles alone would leave SMs idle: a small n); its last block expands.
+//   one. The b tiles are prefetched into L2 while the base product runs.
+//   A tile may be split along k over p.k_splits blocks (split-K, where the
+//   tiles alone would leave SMs idle: a small n at decode, a few hundred
+//   tokens at prefill); its last block expands.
 // Shrink work is claimed, not assigned: warps take items from a counter
 // (counters[0]) and count the items they finish (counters[1]), and a tile
 // block takes what is left unclaimed before it waits. CUDA does not promise that
@@ -62,7 +62,8 @@ namespace {
 
 using namespace lk::multi_adapter;
 
-// SPLITK: whether p.k_splits is read (decode). Split-K: the k_splits blocks
+// SPLITK: whether p.k_splits is read (decode, and the mma.sync prefill:
+// a batch of a few hundred tokens has fewer 128 x 128 tiles than SMs). Split-K: the k_splits blocks
 // of a tile (adjacent block indices) each run the base product over their
 // range of k-tiles, and the tile's last block to finish adds their sums up
 // (lk::gather_k_splits) and alone waits for the shrink, expands and stores;
@@ -212,7 +213,8 @@ __device__ void multi_adapter_forward_simt(const MultiAdapterParams& p) {
 }  // namespace
 
 // Entry points as in fused_forward_mma.cu: <regime>_<type>_<aligned|any>.
-// Decode tiles may be split along k (split-K: a small n leaves SMs idle).
+// Decode and prefill tiles may be split along k (split-K: a small n, or a
+// prefill of a few hundred tokens, leaves SMs idle).
 #define LK_MULTI(regime, Cfg, Shrink, splitk, tname, T)                                                         \
     LK_KERNEL(lk_multi_adapter_##regime##_##tname##_aligned, MultiAdapterParams,                               \
               (multi_adapter_forward<T, Cfg, Shrink, true, splitk>))                                            \
@@ -240,6 +242,6 @@ LK_MULTI(decode_wide, lk::DecodeWideTiles, SimtShrink, true, f16, __half)
 LK_MULTI(decode_wide, lk::DecodeWideTiles, SimtShrink, true, bf16, __nv_bfloat16)
 LK_MULTI(decode_wide_deep, lk::DecodeWideDeepTiles, SimtShrink, true, f16, __half)
 LK_MULTI(decode_wide_deep, lk::DecodeWideDeepTiles, SimtShrink, true, bf16, __nv_bfloat16)
-LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, false, f16, __half)
-LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, false, bf16, __nv_bfloat16)
+LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, true, f16, __half)
+LK_MULTI(prefill, lk::PrefillTiles, MmaShrink, true, bf16, __nv_bfloat16)
 LK_KERNEL(lk_multi_adapter_simt_f32, MultiAdapterParams, multi_adapter_forward_simt<float>)

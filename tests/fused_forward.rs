@@ -790,16 +790,17 @@ fn decode_split_k_matches_reference_for_every_split_count() {
     let reverse = Device::host_with_schedule(HostSchedule::Reverse).unwrap();
     check::<bf16>(&reverse, (1, 70, 840, 16), 0.0);
 
-    // Counts past the k-tiles, a split of a rank above 64 or of a prefill
-    // launch, and 0: errors naming k_splits, y unchanged.
-    for (m, k, r, splits, regime) in [
-        (1, 840, 16, 15, Regime::Decode),
-        (1, 840, 65, 2, Regime::Decode),
-        (1, 840, 16, 0, Regime::Decode),
-        (100, 840, 16, 2, Regime::Prefill),
+    // Counts past the k-tiles, a split of a rank above 64 or of the fused
+    // kernel's own prefill, and 0: errors naming k_splits, y unchanged.
+    for (m, k, r, splits, regime, shared_shrink) in [
+        (1, 840, 16, 15, Regime::Decode, None),
+        (1, 840, 65, 2, Regime::Decode, None),
+        (1, 840, 16, 0, Regime::Decode, None),
+        (100, 840, 16, 2, Regime::Prefill, Some(false)),
     ] {
         let form = LaunchForm {
             k_splits: Some(splits),
+            shared_shrink,
             ..LaunchForm::default()
         };
         Case::<bf16>::new(Dims::new(m, 70, k), r, 0.5, 5).rejects(regime, form, "k_splits");
@@ -895,8 +896,9 @@ fn one_adapter_decode_matches_reference() {
 /// of every block, and a reference with the scale off fails its `y`. Shapes:
 /// rows off the 128-row tile, several column tiles (300: 3 of the shared
 /// shrink's 128, 2 of the fused kernel's 256), k off the 16-byte
-/// path and on it (200: groups of 3 k-steps and a cut one), ranks 1, 16, 64,
-/// 80 (two chunks of ranks) and 256; both thread schedules.
+/// path and on it (200: groups of 3 k-steps and a cut one; 840: one tile
+/// whose k-loop the shared shrink's launch splits over 6 blocks), ranks 1,
+/// 16, 64, 80 (two chunks of ranks) and 256; both thread schedules.
 #[test]
 fn one_adapter_prefill_matches_reference() {
     fn check<T: KernelElement>(dev: &Device, shape: Shape, beta: f32) {
@@ -904,6 +906,7 @@ fn one_adapter_prefill_matches_reference() {
     }
     let shapes = [
         (70, 300, 72, 16),
+        (100, 70, 840, 16),
         (150, 130, 45, 1),
         (129, 96, 40, 64),
         (130, 70, 200, 80),

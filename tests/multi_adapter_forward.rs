@@ -957,13 +957,14 @@ fn run_form<T: KernelElement>(
     (done, dev.download(&y).unwrap())
 }
 
-/// Runs each of `forms` at decode on a pool of ranks 1 to 64 and an empty
+/// Runs each of `forms` in `regime` on a pool of ranks 1 to 64 and an empty
 /// slot, with tokens on every slot, -1 and an out-of-range id (99): `y`
 /// within its per-element bound, the same bits on a second launch, the bad
 /// id counted once per launch; with `off`, a reference whose scales are off
 /// by that factor fails.
-fn check_decode_forms<T: KernelElement>(
+fn check_forms<T: KernelElement>(
     dev: &Device,
+    regime: Regime,
     (m, n, k): (usize, usize, usize),
     beta: f32,
     forms: &[lora_kernels::ops::multi_adapter_forward::LaunchForm],
@@ -985,7 +986,7 @@ fn check_decode_forms<T: KernelElement>(
             T::DTYPE,
             dev.name()
         );
-        let run = || run_form(&pool, Regime::Decode, form, &x, &fx.w, &ids, beta, &y0);
+        let run = || run_form(&pool, regime, form, &x, &fx.w, &ids, beta, &y0);
         let (done, got) = run();
         done.unwrap_or_else(|e| panic!("{what}: {e}"));
         fx.compare(&what, &got, &x, &ids, beta, &y0).unwrap();
@@ -1035,7 +1036,7 @@ fn decode_split_k_matches_reference_for_every_split_count() {
                 )
             })
             .collect();
-        check_decode_forms::<T>(dev, (m, n, k), beta, &forms, None);
+        check_forms::<T>(dev, Regime::Decode, (m, n, k), beta, &forms, None);
     }
     for dev in devices() {
         for (shape, beta) in [
@@ -1050,26 +1051,69 @@ fn decode_split_k_matches_reference_for_every_split_count() {
     }
 
     // Counts past the k-tiles (14) or one block per SM (64 tokens on 16-row
-    // tiles: 12 tiles), a split at prefill, and 0: errors naming k_splits, y
-    // unchanged.
+    // tiles: 12 tiles), a split of the wgmma prefill, and 0: errors naming
+    // k_splits, y unchanged.
     let host = Device::host().unwrap();
     let fx = Fixture::<bf16>::new(70, 840, 16, &[16], 5);
     let pool = fx.pool(&host);
-    for (m, splits, regime, wide_tiles) in [
-        (1, 15, Regime::Decode, None),
-        (1, 0, Regime::Decode, None),
-        (64, 12, Regime::Decode, Some(false)),
-        (100, 2, Regime::Prefill, None),
+    for (m, splits, regime, wide_tiles, wgmma) in [
+        (1, 15, Regime::Decode, None, false),
+        (1, 0, Regime::Decode, None, false),
+        (64, 12, Regime::Decode, Some(false), false),
+        (100, 2, Regime::Prefill, None, true),
     ] {
         let x: Vec<bf16> = random(&mut rng(6), m * 840);
         let y0: Vec<bf16> = random(&mut rng(7), m * 70);
         let form = LaunchForm {
             k_splits: Some(splits),
             wide_tiles,
+            wgmma,
             ..LaunchForm::default()
         };
         let (done, y) = run_form(&pool, regime, form, &x, &fx.w, &vec![0; m], 0.5, &y0);
         assert_refused(done, &y, &y0, "k_splits");
+    }
+}
+
+/// Split-K at prefill (the mma.sync tiles of 128 x 128): a batch of a few
+/// hundred tokens has fewer tiles than SMs, so each tile's k-loop is split
+/// as at decode. Every split count, with and without shrink blocks, gives
+/// `y` within its per-element bound and the same bits on a second run, and
+/// the launch's bad id counted once; a reference with scales off by 1%
+/// (bf16) or 0.3% (f16) fails. Shapes: one tile and several (two row tiles,
+/// the second partial; n off the tile), k on and off the 16-byte path and
+/// off the 32-wide k-tile, ranges of unequal length, beta 0 and 0.5.
+#[test]
+fn prefill_split_k_matches_reference_for_every_split_count() {
+    use lora_kernels::ops::multi_adapter_forward::LaunchForm;
+    fn check<T: KernelElement>(
+        dev: &Device,
+        (m, n, k): (usize, usize, usize),
+        beta: f32,
+        off: f32,
+    ) {
+        let ktiles = k.div_ceil(32);
+        let forms: Vec<LaunchForm> = [None, Some(1), Some(2), Some(3), Some(ktiles.min(8))]
+            .into_iter()
+            .flat_map(|k_splits| {
+                [true, false].map(|shrink_blocks| LaunchForm {
+                    shrink_blocks,
+                    k_splits,
+                    ..LaunchForm::default()
+                })
+            })
+            .collect();
+        check_forms::<T>(dev, Regime::Prefill, (m, n, k), beta, &forms, Some(off));
+    }
+    for dev in devices() {
+        for (shape, beta) in [
+            ((70, 45, 840), 0.0),
+            ((150, 200, 1000), 0.5),
+            ((65, 130, 101), 0.5),
+        ] {
+            check::<bf16>(&dev, shape, beta, 0.01);
+            check::<f16>(&dev, shape, beta, 0.003);
+        }
     }
 }
 
@@ -1844,7 +1888,7 @@ fn decode_direct_loads_match_reference_for_every_split_count() {
             .collect();
         // Too few elements to see a 1% scale error: no control there.
         let control = (m * n >= 64).then_some(off);
-        check_decode_forms::<T>(dev, (m, n, k), beta, &forms, control);
+        check_forms::<T>(dev, Regime::Decode, (m, n, k), beta, &forms, control);
     }
     for dev in devices_and_interleaved() {
         for (shape, beta) in [

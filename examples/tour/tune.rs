@@ -25,7 +25,8 @@ pub fn section(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
 /// column tile) at either depth and each split count, and the shared shrink
 /// (the multi-adapter kernel), with its shared-memory pipeline or with `w`
 /// loaded straight into registers at each split count; at prefill, 1, 2 and 4 column tiles a block,
-/// the shared shrink, and the wgmma kernel at 1, 2 and 4 column tiles.
+/// the shared shrink split along k where it splits (256 tokens) and unsplit, and the wgmma
+/// kernel at 1, 2 and 4 column tiles.
 fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
     let own_t = LaunchForm {
         shared_shrink: Some(false),
@@ -59,7 +60,14 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
         };
         decode.push((label, form));
     }
-    let mut prefill = vec![("default".to_string(), LaunchForm::default())];
+    let unsplit = LaunchForm {
+        k_splits: Some(1),
+        ..LaunchForm::default()
+    };
+    let mut prefill = vec![
+        ("default".to_string(), LaunchForm::default()),
+        ("split 1".to_string(), unsplit),
+    ];
     for col_tiles in [1, 2, 4] {
         let own = LaunchForm { col_tiles, ..own_t };
         let wgmma = LaunchForm {
@@ -73,7 +81,7 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
     let mut rows = Vec::new();
     for (regime, ms, forms) in [
         (Regime::Decode, &[1usize, 4, 16, 64][..], &decode),
-        (Regime::Prefill, &[512, 4096][..], &prefill),
+        (Regime::Prefill, &[256, 512, 4096][..], &prefill),
     ] {
         let forms: Vec<(&str, LaunchForm)> = forms.iter().map(|(l, f)| (l.as_str(), *f)).collect();
         rows.extend(forms_table(dev, blas, regime, ms, &forms, "form")?);
@@ -85,7 +93,9 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
 /// The multi-adapter forward's forms: with and without shrink blocks; at
 /// decode, 16- or 64-row tiles and each split count, and the 16-row tiles
 /// with `w` loaded straight into registers; at prefill, the wgmma
-/// tile blocks. Rank 16, tokens on adapters in contiguous groups.
+/// tile blocks, each shrink unit's passes on one warp (one share), and the
+/// mma.sync tiles unsplit.
+/// Rank 16, tokens on adapters in contiguous groups.
 fn multi_sweep(dev: &Device) -> Res<serde_json::Value> {
     println!(
         "   {:>5} {:>5} {:>6} {:>8} {:>24} {:>10}",
@@ -147,6 +157,22 @@ fn multi_forms(regime: Regime) -> Vec<(String, multi_op::LaunchForm)> {
                 ..plain
             };
             forms.push((format!("{blocks}, wgmma"), wgmma));
+            if shrink_blocks {
+                // A shrink unit's passes on one warp, as before they were
+                // shared out, and the mma.sync tiles unsplit: what the
+                // shares and split-K are worth.
+                let one_share = |form| multi_op::LaunchForm {
+                    shrink_shares: Some(1),
+                    ..form
+                };
+                forms.push((format!("{blocks}, 1 share"), one_share(plain)));
+                forms.push((format!("{blocks}, wgmma, 1 share"), one_share(wgmma)));
+                let unsplit = multi_op::LaunchForm {
+                    k_splits: Some(1),
+                    ..plain
+                };
+                forms.push((format!("{blocks}, split 1"), unsplit));
+            }
             continue;
         }
         for wide in [false, true] {

@@ -191,12 +191,14 @@ pub struct LaunchForm {
     /// a block have its shared memory, `Some(deep)` forces a choice (an
     /// error where the deep one does not fit).
     pub deep_decode: Option<bool>,
-    /// Decode blocks per output tile, each over its range of `k` (split-K):
-    /// `None` splits where the tiles are fewer than the SMs (docs/DESIGN.md
-    /// section 11), `Some(1)` never, `Some(s)` in `s` (an error past one
-    /// split per k-tile or one block per SM). Ranks above 64 and the other
-    /// regimes take no split; a launch that can't have a workspace (a stream
-    /// being captured before its first split-K launch) runs unsplit.
+    /// Decode blocks per output tile, each over its range of `k` (split-K),
+    /// and prefill ones where the shared shrink runs it on the multi-adapter
+    /// kernel's mma.sync tiles: `None` splits where the tiles are fewer than
+    /// the SMs (docs/DESIGN.md section 11), `Some(1)` never, `Some(s)` in `s`
+    /// (an error past one split per k-tile or one block per SM). Decode ranks
+    /// above 64, the fused kernel's own prefill, the wgmma prefill and SIMT
+    /// take no split; a launch that can't have a workspace (a stream being
+    /// captured before its first split-K launch) runs unsplit.
     pub k_splits: Option<usize>,
     /// Where a prefill launch, or a decode launch of up to 64 tokens at
     /// ranks up to 64, computes `t = x a^T`: `None` or `Some(true)` once for

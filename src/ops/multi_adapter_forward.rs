@@ -208,12 +208,12 @@ pub struct LaunchForm {
     /// every shrink item, in the lean forms they use for what they find
     /// unclaimed (on a GPU, tile blocks that start before the shrink blocks do).
     pub shrink_blocks: bool,
-    /// Decode tile blocks per output tile, each over its range of `k`
-    /// (split-K): `None` splits where the tiles are fewer than the SMs,
-    /// `Some(1)` never, `Some(s)` in `s` (an error past one split per k-tile
-    /// or one tile block per SM). Prefill and SIMT launches take no split; a
-    /// launch that can't have a workspace (a stream being captured before
-    /// its first split-K launch) runs unsplit.
+    /// Tile blocks per output tile, each over its range of `k` (split-K;
+    /// decode, and the mma.sync prefill): `None` splits where the tiles are
+    /// fewer than the SMs, `Some(1)` never, `Some(s)` in `s` (an error past
+    /// one split per k-tile or one tile block per SM). The wgmma prefill and
+    /// SIMT launches take no split; a launch that can't have a workspace (a
+    /// stream being captured before its first split-K launch) runs unsplit.
     pub k_splits: Option<usize>,
     /// Decode tiles: `None` takes 64-row tiles for more than 16 tokens
     /// (`w` read once per column tile, each warp expanding its own 16 rows)
@@ -368,7 +368,7 @@ fn launch<T: KernelElement>(
         return Ok(());
     }
     let plan = Plan::new(
-        (tiling, shape),
+        (tiling, shape, form.wgmma),
         (form.shrink_blocks, form.k_splits, form.shrink_shares),
         dims,
         (cfg.max_rank, cfg.slots),
@@ -483,11 +483,13 @@ fn launch<T: KernelElement>(
         // pool's scratch sizes (AdapterPool::new), and their counters are 0
         // between launches; the grid is shrink_blocks + the tiles covering m x n, times
         // `splits` blocks each (within CUDA's limit, checked above; split-K:
-        // decode only, splits <= k-tiles and tiles x splits <= sm_count, or
+        // decode and mma.sync prefill tiles only, splits <= k-tiles and
+        // tiles x splits <= sm_count, or
         // DIRECT_BLOCKS_PER_SM x sm_count for direct-load tiles, with
         // a workspace of split_k_scratch_len(sm_count) values, partial sums
-        // first, then the counters, zero between launches, at
-        // split_k_counters_at), with the block size and dynamic shared
+        // first (one slot per block: split_k_counters_at holds sm_count of
+        // the largest splittable tile's), then the counters, zero between
+        // launches, at split_k_counters_at), with the block size and dynamic shared
         // memory of the kernel of these tiles and type (Tiling::pick above:
         // tensor-core tiles for f16/bf16, within the device's shared memory
         // per block; SIMT tiles with static shared memory only for f32);
@@ -515,14 +517,15 @@ struct Plan {
 }
 
 impl Plan {
-    /// `form`: whether the grid has shrink blocks, a forced split count and
+    /// The tiles (`shape`: the wgmma kernel's where `wgmma`); `form`:
+    /// whether the grid has shrink blocks, a forced split count and
     /// a forced share count ([`LaunchForm`]); the adapters' rank capacity and
     /// how many a launch can name (slots); `segments`: the table's length (0:
     /// ids per token). An error for a forced split or share count the launch
     /// can't take, and for a batch whose shrink items pass a 32-bit claim
     /// counter.
     fn new(
-        (tiling, shape): (Tiling, TileShape),
+        (tiling, shape, wgmma): (Tiling, TileShape, bool),
         (with_shrink_blocks, k_splits, shares): (bool, Option<usize>, Option<usize>),
         dims: Dims,
         (max_rank, adapters): (usize, usize),
@@ -573,18 +576,27 @@ impl Plan {
         let tiles = dims.m.div_ceil(shape.bm) * dims.n.div_ceil(shape.bn);
         // Split-K fills the SMs with blocks: one each, or two of the
         // direct-load tiles (two fit an SM, and their loops keep bytes in
-        // flight only in registers: the blocks are what add more).
+        // flight only in registers: the blocks are what add more). Decode
+        // tiles and the mma.sync prefill's split (a few hundred tokens are
+        // fewer 128 x 128 tiles than SMs: 64 at 256 tokens, n = 4096); the
+        // wgmma kernel's tiles (a shape of their own) and SIMT tiles don't.
         let blocks_per_sm = if tiling == Tiling::DecodeDirect {
             DIRECT_BLOCKS_PER_SM
         } else {
             1
         };
+        let splittable = match tiling {
+            Tiling::Decode { .. } | Tiling::DecodeDirect => true,
+            Tiling::Prefill => !wgmma,
+            Tiling::Simt => false,
+        };
+        let bk = tiling.mma().map_or(DECODE.bk, |t| t.bk);
         let splits = split_k::k_splits(
-            regime == Regime::Decode,
-            format_args!("decode launches"),
+            splittable,
+            format_args!("decode and mma.sync prefill launches"),
             k_splits,
             tiles,
-            dims.k.div_ceil(DECODE.bk),
+            dims.k.div_ceil(bk),
             sm_count * blocks_per_sm,
         )?;
         Ok(Plan {
@@ -669,7 +681,7 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
         dims.k.is_multiple_of(8) && [ops.x, ops.w, ops.a].iter().all(|p| p.is_multiple_of(16));
     tiling.check_aligned(aligned)?;
     let plan = Plan::new(
-        (tiling, tiling.shape()),
+        (tiling, tiling.shape(), false),
         (true, k_splits, None),
         dims,
         (ops.rank, 1),
@@ -738,7 +750,8 @@ pub(crate) unsafe fn one_adapter_forward<T: KernelElement>(
     // than chunked_shrink_units(sm_count) (shrink_chunks; prefill's shares
     // use no scratch); the
     // grid is the shrink blocks + the tiles of this regime covering m x n,
-    // `splits` blocks each (split-K: decode only, splits <= k-tiles and
+    // `splits` blocks each (split-K: decode and mma.sync prefill tiles,
+    // splits <= k-tiles and
     // tiles x splits <= sm_count (direct-load tiles: DIRECT_BLOCKS_PER_SM x
     // sm_count), Plan::new, the partial sums and their
     // counters in the same workspace), with fewer than 2^31 shrink items
@@ -965,6 +978,50 @@ pub fn check_segments<T: KernelElement>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The mma.sync prefill splits a batch whose 128 x 128 tiles leave SMs
+    /// idle, as decode does; a batch that fills them, the wgmma kernel's
+    /// tiles and SIMT tiles don't, and a forced split of those is an error.
+    #[test]
+    fn prefill_splits_where_its_tiles_leave_sms_idle() {
+        let plan = |m, n, (tiling, wgmma), k_splits| {
+            let shape = tiling_shape(tiling, wgmma);
+            let form = (true, k_splits, None);
+            Plan::new(
+                (tiling, shape, wgmma),
+                form,
+                Dims::new(m, n, 4096),
+                (16, 64),
+                0,
+                132,
+            )
+            .map(|p| p.splits)
+        };
+        let mma = (Tiling::Prefill, false);
+        assert_eq!(plan(256, 4096, mma, None).unwrap(), 2); // 64 tiles
+        assert_eq!(plan(128, 4096, mma, None).unwrap(), 4);
+        assert_eq!(plan(65, 1024, mma, None).unwrap(), 8); // 8 tiles: 8 splits at most
+        assert_eq!(plan(512, 4096, mma, None).unwrap(), 1); // 128 tiles
+        assert_eq!(plan(4096, 4096, mma, None).unwrap(), 1);
+        assert_eq!(plan(256, 4096, mma, Some(1)).unwrap(), 1);
+        assert!(plan(256, 4096, mma, Some(3)).is_err()); // 192 blocks on 132 SMs
+        let wgmma = (Tiling::Prefill, true);
+        assert_eq!(plan(256, 4096, wgmma, None).unwrap(), 1);
+        assert!(plan(256, 4096, wgmma, Some(2)).is_err());
+        assert_eq!(plan(256, 4096, (Tiling::Simt, false), None).unwrap(), 1);
+    }
+
+    fn tiling_shape(tiling: Tiling, wgmma: bool) -> TileShape {
+        match wgmma {
+            true => TileShape {
+                bm: wgmma::BM,
+                bn: wgmma::BN,
+                threads: wgmma::THREADS,
+                smem_bytes: 0,
+            },
+            false => tiling.shape(),
+        }
+    }
 
     /// A few tokens' SIMT units are cut into chunks of k until the pieces
     /// give each SM about 4 warps, at most one per 1024 values; a few

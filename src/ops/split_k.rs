@@ -1,6 +1,8 @@
-//! Split-K at decode. A decode launch has about one tile block per 32
-//! columns of `y`: where a small `n` (a GQA model's k and v projections)
-//! leaves SMs idle, each tile's k-loop is split across several blocks, each
+//! Split-K at decode, and at the multi-adapter kernel's mma.sync prefill. A
+//! decode launch has about one tile block per 32 columns of `y`, a prefill
+//! one per 128 x 128 tile: where a small `n` (a GQA model's k and v
+//! projections) or a batch of a few hundred tokens leaves SMs idle, each
+//! tile's k-loop is split across several blocks, each
 //! over its own range of k-tiles, and the tile's last block to finish adds
 //! their partial sums up in split order (`lk::gather_k_splits` in
 //! kernels/include/lk_tile_gemm.cuh): the same bits whichever block is last.
@@ -13,7 +15,7 @@ use cudarc::driver::SyncOnDrop;
 
 use super::multi_adapter_forward::{chunked_shrink_partials, chunked_shrink_units};
 use super::scratch_ptr;
-use super::tiles::{DECODE, DECODE_WIDE, MmaTiles, RANK_CHUNK};
+use super::tiles::{DECODE, DECODE_WIDE, MmaTiles, PREFILL, RANK_CHUNK};
 use crate::device::{Device, SplitScratch};
 use crate::error::Result;
 use crate::shape::invalid;
@@ -103,9 +105,14 @@ impl SharedShrink {
     }
 }
 
-/// Where the counters start in the split-K workspace (f32 values).
+/// Where the counters start in the split-K workspace (f32 values): after
+/// the partial sums of one block per SM of the largest tile that splits
+/// (the multi-adapter kernel's mma.sync prefill tile, 128 x 128: 13 MB on
+/// 132 SMs; the 16- and 64-row decode tiles take less, and two direct-load
+/// blocks per SM a quarter of it).
 pub(crate) fn split_k_counters_at(sm_count: usize) -> usize {
-    sm_count * split_k_values(&DECODE_WIDE).max(split_k_values(&DECODE))
+    let largest = [&DECODE, &DECODE_WIDE, &PREFILL].map(split_k_values);
+    sm_count * largest.into_iter().max().unwrap_or(0)
 }
 
 /// Blocks per tile for a launch of `tiles` tiles over `ktiles` k-tiles on
@@ -219,12 +226,13 @@ mod tests {
     }
 
     /// The workspace holds the partial sums of up to one block per SM of the
-    /// largest decode tile, then a counter per tile, then the one-adapter
-    /// forward's shrink state, each part after the last.
+    /// largest tile that splits (the prefill's 128 x 128), then a counter
+    /// per tile, then the one-adapter forward's shrink state, each part
+    /// after the last.
     #[test]
     fn workspace_fits_a_block_per_sm() {
-        assert_eq!(split_k_counters_at(132), 132 * 64 * (32 + 64));
-        let shrink_at = 132 * 64 * 96 + 132;
+        assert_eq!(split_k_counters_at(132), 132 * 128 * (128 + 64));
+        let shrink_at = 132 * 128 * 192 + 132;
         let chunk_sums = 4 * 4 * 132;
         let t_at = shrink_at + 8 + chunk_sums + 4 * 132;
         // Room for t of 64 tokens at 64 ranks (one row of decode tiles).

@@ -54,7 +54,7 @@ pub(crate) const DECODE_DIRECT: MmaTiles = MmaTiles {
 
 /// Blocks of the direct-load decode tiles split-K aims for per SM (two fit:
 /// 128 registers a thread, 20 KiB of shared memory). Their partial sums
-/// are a quarter of the 64-row tiles' the workspace holds one per SM of
+/// are less than the largest tile's the workspace holds one per SM of
 /// (split_k_counters_at), and their tiles then number fewer than the SMs,
 /// as the counters need.
 pub(crate) const DIRECT_BLOCKS_PER_SM: usize = 2;

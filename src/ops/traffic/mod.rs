@@ -18,7 +18,8 @@ use super::fused_forward::{Regime, regime_for};
 use super::multi_adapter_forward::{one_adapter_fits, shrink_chunks, shrink_unit};
 use super::split_k::decode_k_splits;
 use super::tiles::{
-    DECODE, FUSED_PREFILL, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT, fused_decode_tiles,
+    DECODE, FUSED_PREFILL, MmaTiles, PREFILL, PREFILL_COL_TILES, RANK_CHUNK, SIMT,
+    fused_decode_tiles,
 };
 use crate::element::DType;
 use crate::shape::Dims;
@@ -108,7 +109,7 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
     let partials = split_partials(
         splittable,
         dims,
-        tiles_m * tiles_n,
+        (tiles_m * tiles_n, &DECODE),
         bn + r.div_ceil(16) * 16,
     );
     Traffic {
@@ -121,18 +122,23 @@ pub fn fused_forward(dtype: DType, dims: Dims, r: usize, beta: bool) -> Traffic 
 /// as many as the host runtime counts.
 pub const SPLIT_K_MODEL_SMS: usize = crate::device::HOST_SM_COUNT;
 
-/// Bytes of split-K's partial sums in a launch of `tiles` decode tiles
-/// (split where `splittable`): every block of a split tile writes
+/// Bytes of split-K's partial sums in a launch of `tiles` tiles of a
+/// shape (split where `splittable`): every block of a split tile writes
 /// `per_row` f32 values for each of its rows that exist (all of them
 /// together: `m` per column of tiles) and the tile's last block reads them
 /// all back.
-fn split_partials(splittable: bool, dims: Dims, tiles: u64, per_row: u64) -> u64 {
+fn split_partials(
+    splittable: bool,
+    dims: Dims,
+    (tiles, shape): (u64, &MmaTiles),
+    per_row: u64,
+) -> u64 {
     if !splittable {
         return 0;
     }
-    let ktiles = dims.k.div_ceil(DECODE.bk);
+    let ktiles = dims.k.div_ceil(shape.bk);
     let splits = decode_k_splits(tiles as usize, ktiles, SPLIT_K_MODEL_SMS) as u64;
-    let columns = dims.n.div_ceil(DECODE.bn) as u64;
+    let columns = dims.n.div_ceil(shape.bn) as u64;
     match splits {
         1 => 0,
         _ => 2 * 4 * columns * splits * dims.m as u64 * per_row,
@@ -149,7 +155,7 @@ fn split_partials(splittable: bool, dims: Dims, tiles: u64, per_row: u64) -> u64
 /// also write and read back each chunk's sums). Every tile block reads its rows of `x`, its
 /// columns of `w`, and per distinct adapter among its rows those rows' `t`
 /// and its rows of `b` (at decode per 16 rows: a 64-row tile's warps each
-/// expand their own). A decode launch split across blocks (split-K) also
+/// expand their own). A launch split across blocks (split-K) also
 /// writes and reads back each block's f32 sums of its existing rows. The
 /// floor reads `x`, `w` and each distinct adapter once.
 pub fn multi_adapter_forward(
@@ -217,7 +223,13 @@ pub fn multi_adapter_forward(
         .iter()
         .map(|&id| rank_of(id) * (k + n))
         .sum();
-    let splits = split_partials(regime == Regime::Decode, dims, tiles_m * tiles_n, bn);
+    // Split-K: decode and prefill tiles (the model has no wgmma form).
+    let shape = if regime == Regime::Prefill {
+        &PREFILL
+    } else {
+        &DECODE
+    };
+    let splits = split_partials(regime != Regime::Simt, dims, (tiles_m * tiles_n, shape), bn);
     Traffic {
         requested: e * (tiles_n * m * k + tiles_m * n * k)
             + shrink
