@@ -62,13 +62,13 @@ namespace {
 
 using namespace lk::multi_adapter;
 
-// SPLITK: whether p.k_splits is read (decode, and the mma.sync prefill:
-// a batch of a few hundred tokens has fewer 128 x 128 tiles than SMs). Split-K: the k_splits blocks
-// of a tile (adjacent block indices) each run the base product over their
-// range of k-tiles, and the tile's last block to finish adds their sums up
-// (lk::gather_k_splits) and alone waits for the shrink, expands and stores;
-// the others are done once their sums are in. A tile's wait thus never
-// depends on a block that has not started either.
+// SPLITK: whether p.k_splits is read (decode, and the mma.sync prefill: a
+// batch of a few hundred tokens has fewer 128 x 128 tiles than SMs).
+// Split-K: the k_splits blocks of a tile (adjacent block indices) each run
+// the base product over their range of k-tiles, and the tile's last block
+// to finish adds their sums up (lk::gather_k_splits) and alone waits for the
+// shrink, expands and stores; the others are done once their sums are in. A
+// tile's wait thus never depends on a block that has not started either.
 template <class T, class C, class S, bool ALIGNED, bool SPLITK>
 __device__ void base_block(const MultiAdapterParams& p) {
     const T* b_pool = reinterpret_cast<const T*>(p.b_pool);

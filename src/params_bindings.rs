@@ -92,7 +92,7 @@ pub struct MultiAdapterParams {
     #[doc = " the first shrink_blocks blocks work on t"]
     pub shrink_blocks: i32,
     pub beta: f32,
-    #[doc = " decode: tile blocks per tile, each over its range of k (split-K; 1: none)"]
+    #[doc = " decode and mma.sync prefill: tile blocks per tile, each over its range of k (split-K; 1: none)"]
     pub k_splits: i32,
     #[doc = " items per shrink unit: a SIMT unit's chunks of k, a tensor-core unit's shares of its passes"]
     pub shrink_chunks: i32,

@@ -49,7 +49,7 @@ typedef struct MultiAdapterParams {
     int32_t m, n, k, max_rank, slots, segments;
     int32_t shrink_blocks; /* the first shrink_blocks blocks work on t */
     float beta;
-    int32_t k_splits; /* decode: tile blocks per tile, each over its range of k (split-K; 1: none) */
+    int32_t k_splits; /* decode and mma.sync prefill: tile blocks per tile, each over its range of k (split-K; 1: none) */
     int32_t shrink_chunks; /* items per shrink unit: a SIMT unit's chunks of k, a tensor-core unit's shares of its passes */
     /* split-K only, as in FusedForwardParams: f32 partial sums and a u32 counter per tile */
     uint64_t partials, split_counters;
