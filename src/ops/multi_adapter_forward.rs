@@ -355,12 +355,7 @@ fn launch<T: KernelElement>(
             ));
         }
         check_wgmma(dev, T::DTYPE, "the wgmma kernel")?;
-        TileShape {
-            bm: wgmma::BM,
-            bn: wgmma::BN,
-            threads: wgmma::THREADS,
-            smem_bytes: wgmma::smem_bytes(T::DTYPE.size()) as u32,
-        }
+        TileShape::wgmma(T::DTYPE)
     } else {
         tiling.shape()
     };
@@ -963,6 +958,18 @@ struct TileShape {
     smem_bytes: u32,
 }
 
+impl TileShape {
+    /// The wgmma prefill kernel's, for `dtype`.
+    fn wgmma(dtype: DType) -> TileShape {
+        TileShape {
+            bm: wgmma::BM,
+            bn: wgmma::BN,
+            threads: wgmma::THREADS,
+            smem_bytes: wgmma::smem_bytes(dtype.size()) as u32,
+        }
+    }
+}
+
 /// Checks a segment table given from the host (see [`Routing::Segments`])
 /// against the pool: well formed, covering `m` tokens, every slot -1 or occupied.
 pub fn check_segments<T: KernelElement>(
@@ -984,8 +991,12 @@ mod tests {
     /// tiles and SIMT tiles don't, and a forced split of those is an error.
     #[test]
     fn prefill_splits_where_its_tiles_leave_sms_idle() {
-        let plan = |m, n, (tiling, wgmma), k_splits| {
-            let shape = tiling_shape(tiling, wgmma);
+        let plan = |m, n, (tiling, wgmma): (Tiling, bool), k_splits| {
+            let shape = if wgmma {
+                TileShape::wgmma(DType::BF16)
+            } else {
+                tiling.shape()
+            };
             let form = (true, k_splits, None);
             Plan::new(
                 (tiling, shape, wgmma),
@@ -1009,18 +1020,6 @@ mod tests {
         assert_eq!(plan(256, 4096, wgmma, None).unwrap(), 1);
         assert!(plan(256, 4096, wgmma, Some(2)).is_err());
         assert_eq!(plan(256, 4096, (Tiling::Simt, false), None).unwrap(), 1);
-    }
-
-    fn tiling_shape(tiling: Tiling, wgmma: bool) -> TileShape {
-        match wgmma {
-            true => TileShape {
-                bm: wgmma::BM,
-                bn: wgmma::BN,
-                threads: wgmma::THREADS,
-                smem_bytes: 0,
-            },
-            false => tiling.shape(),
-        }
     }
 
     /// A few tokens' SIMT units are cut into chunks of k until the pieces
