@@ -116,8 +116,8 @@ pub(crate) fn split_k_counters_at(sm_count: usize) -> usize {
 }
 
 /// Blocks per tile for a launch of `tiles` tiles over `ktiles` k-tiles on
-/// `sm_count` SMs: `forced` (checked: at most one split per k-tile and one
-/// block per SM), else [`decode_k_splits`] where the launch is
+/// `sm_count` SMs: `forced` (checked: 1, the unsplit launch, always; more
+/// at most one split per k-tile and one block per SM), else [`decode_k_splits`] where the launch is
 /// `splittable`, else 1. `rule` says which launches split, for the error
 /// (formatted only then: launches pay no allocation for it).
 pub(crate) fn k_splits(
@@ -135,8 +135,10 @@ pub(crate) fn k_splits(
             1
         });
     };
+    // A launch of more tiles than SMs (or of one k-tile) can't split, but
+    // runs unsplit when asked to.
     let most = if splittable {
-        ktiles.min(sm_count / tiles.max(1))
+        ktiles.min(sm_count / tiles.max(1)).max(1)
     } else {
         1
     };
@@ -200,6 +202,11 @@ mod tests {
         assert!(forced(65, 2).is_err()); // past one split per k-tile
         assert!(forced(5, 32).is_err()); // 160 blocks
         assert!(forced(0, 32).is_err());
+        // More tiles than SMs: unsplit only, and never an error for it.
+        assert_eq!(forced(1, 528).unwrap(), 1);
+        assert!(forced(2, 528).is_err());
+        let one_ktile = k_splits(true, format_args!("decode"), Some(1), 8, 1, 132);
+        assert_eq!(one_ktile.unwrap(), 1);
         let err =
             k_splits(false, format_args!("decode launches"), Some(2), 32, 64, 132).unwrap_err();
         assert!(
