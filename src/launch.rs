@@ -28,6 +28,34 @@ pub fn kernels_built() -> bool {
     images::KERNELS_BUILT
 }
 
+/// How many of a thread's launches [`take_recent_launches`] keeps.
+const RECENT_LAUNCHES: usize = 32;
+
+thread_local! {
+    /// This thread's last launches, oldest first.
+    static RECENT: std::cell::RefCell<std::collections::VecDeque<&'static str>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// The kernels (entry-point names) this thread launched since its last
+/// call, oldest first, the last 32 at most: for tests and the tour, to see
+/// which kernel a dispatch chose. A launch counts once it is queued on a
+/// GPU's stream, or has run on the host runtime.
+#[doc(hidden)]
+pub fn take_recent_launches() -> Vec<&'static str> {
+    RECENT.with(|r| r.borrow_mut().drain(..).collect())
+}
+
+fn record_launch(name: &'static str) {
+    RECENT.with(|r| {
+        let mut recent = r.borrow_mut();
+        if recent.len() == RECENT_LAUNCHES {
+            recent.pop_front();
+        }
+        recent.push_back(name);
+    });
+}
+
 pub(crate) fn image(file: &str) -> Option<&'static KernelImage> {
     images::KERNEL_IMAGES.iter().find(|i| i.file == file)
 }
@@ -111,10 +139,11 @@ impl<P: DeviceRepr + Copy> Kernel<P> {
                 builder.arg(params);
                 // SAFETY: the caller guarantees params and dims are valid for this kernel.
                 unsafe { builder.launch(cfg) }?;
-                Ok(())
             }
-            Device::Host(schedule) => self.launch_host(*schedule, dims, params),
+            Device::Host(schedule) => self.launch_host(*schedule, dims, params)?,
         }
+        record_launch(self.name);
+        Ok(())
     }
 
     #[cfg(feature = "host")]

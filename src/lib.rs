@@ -81,7 +81,7 @@ pub use buffer::{BufMut, BufRef, Buffer};
 pub use device::{Device, HostSchedule};
 pub use element::{DType, Element};
 pub use error::{Error, Result};
-pub use launch::kernels_built;
+pub use launch::{kernels_built, take_recent_launches};
 pub use ops::merge::MergeOp;
 pub use ops::{DeviceAdapter, KernelElement};
 pub use pool_grads::PoolGrads;

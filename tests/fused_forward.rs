@@ -932,7 +932,7 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
     fn check<T: KernelElement>(dev: &Device, (m, n, k, r): Shape, beta: f32) {
         let case = Case::<T>::new(Dims::new(m, n, k), r, beta, (m + n + k + r) as u64);
         let tiles = |col_tiles| LaunchForm {
-            col_tiles,
+            col_tiles: Some(col_tiles),
             shared_shrink: Some(false),
             ..LaunchForm::default()
         };
@@ -955,7 +955,7 @@ fn prefill_blocks_of_several_column_tiles_reuse_t_bit_for_bit() {
 
     // No tiles per block is an error, and the failed call writes nothing.
     let form = LaunchForm {
-        col_tiles: 0,
+        col_tiles: Some(0),
         ..LaunchForm::default()
     };
     Case::<bf16>::new(Dims::new(70, 300, 72), 4, 0.5, 3).rejects(
@@ -1021,7 +1021,7 @@ fn direct_decode_matches_reference_and_refuses_other_launches() {
             Regime::Prefill,
             (130, 64, 16),
             LaunchForm {
-                wgmma: true,
+                wgmma: Some(true),
                 ..direct(None)
             },
         ),
@@ -1036,8 +1036,8 @@ fn direct_decode_matches_reference_and_refuses_other_launches() {
 
 fn wgmma(col_tiles: usize) -> LaunchForm {
     LaunchForm {
-        wgmma: true,
-        col_tiles,
+        wgmma: Some(true),
+        col_tiles: Some(col_tiles),
         ..LaunchForm::default()
     }
 }
@@ -1161,4 +1161,54 @@ fn wgmma_prefill_refuses_what_it_cannot_run() {
     );
     Case::<bf16>::new(Dims::new(130, 64, 60), 8, 0.0, 2).rejects(Regime::Prefill, wgmma(1), "k");
     Case::<f16>::new(Dims::new(30, 64, 64), 8, 0.0, 3).rejects(Regime::Decode, wgmma(1), "regime");
+}
+
+// ---- The default's choice between the mma.sync and wgmma prefills ----
+
+/// `fused_forward` takes the wgmma prefill where its 128 x 128 tiles fill
+/// every SM 4 times (528 tiles on the host runtime's 132 SMs), and the
+/// shared shrink on the mma.sync tiles below: one row past 527 row tiles
+/// tips it. `y` is within its bound either way. Past the limit, what the
+/// wgmma kernel can't run (k not a multiple of 8, rank 65) runs on the
+/// mma.sync tiles instead of failing, as does a form that forces a split
+/// count; `wgmma: Some(false)` keeps it off.
+#[test]
+fn default_prefill_takes_wgmma_from_four_waves_of_tiles() {
+    let host = Device::host().unwrap();
+    let limit = 4 * 132 * 128;
+    let (wgmma, aligned, any) = (
+        "lk_fused_forward_wgmma_bf16",
+        "lk_multi_adapter_prefill_bf16_aligned",
+        "lk_multi_adapter_prefill_bf16_any",
+    );
+    let (off, unsplit) = (
+        LaunchForm {
+            wgmma: Some(false),
+            ..LaunchForm::default()
+        },
+        LaunchForm {
+            k_splits: Some(1),
+            ..LaunchForm::default()
+        },
+    );
+    for (m, k, r, form, kernel) in [
+        (limit - 128, 64, 8, None, aligned),
+        (limit - 127, 64, 8, None, wgmma),
+        (limit - 127, 60, 8, None, any),
+        (limit - 127, 64, 65, None, aligned),
+        (limit - 127, 64, 8, Some(off), aligned),
+        (limit - 127, 64, 8, Some(unsplit), aligned),
+    ] {
+        let case = Case::<bf16>::new(Dims::new(m, 8, k), r, 0.0, (m + k + r) as u64);
+        let what = format!("m={m} k={k} r={r} {form:?}");
+        lora_kernels::take_recent_launches();
+        let y = match form {
+            None => case.run(&host, None).unwrap(),
+            Some(form) => case.run_tuned(&host, Regime::Prefill, form).unwrap().0,
+        };
+        let launched = lora_kernels::take_recent_launches();
+        assert_eq!(launched, [kernel], "{what}");
+        let want = case.expected();
+        compare_within(&what, &y, &want, &case.bound(&want)).unwrap();
+    }
 }

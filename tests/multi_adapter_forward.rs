@@ -1067,7 +1067,7 @@ fn decode_split_k_matches_reference_for_every_split_count() {
         let form = LaunchForm {
             k_splits: Some(splits),
             wide_tiles,
-            wgmma,
+            wgmma: Some(wgmma),
             ..LaunchForm::default()
         };
         let (done, y) = run_form(&pool, regime, form, &x, &fx.w, &vec![0; m], 0.5, &y0);
@@ -1624,7 +1624,7 @@ fn segments_checked_on_the_device() {
 fn wgmma_form(shrink_blocks: bool) -> lora_kernels::ops::multi_adapter_forward::LaunchForm {
     lora_kernels::ops::multi_adapter_forward::LaunchForm {
         shrink_blocks,
-        wgmma: true,
+        wgmma: Some(true),
         ..Default::default()
     }
 }
@@ -1988,4 +1988,60 @@ fn decode_direct_loads_refuse_what_they_cannot_take_and_change_nothing() {
         &y0,
     );
     assert_refused(done, &y, &y0, "k_splits");
+}
+
+// ---- The default's choice between the mma.sync and wgmma prefills ----
+
+/// `multi_adapter_forward` takes the wgmma tile blocks where their 128 x 128
+/// tiles fill every SM 4 times (528 tiles on the host runtime's 132 SMs),
+/// and the mma.sync tiles below: one row past 527 row tiles tips it. `y` is
+/// within its bound either way (mixed adapters, ranks 1 to 16, tokens on
+/// none). Past the limit, k not a multiple of 8 (no TMA rows) runs on the
+/// mma.sync tiles instead of failing, as does a form that forces a split
+/// count; `wgmma: Some(false)` keeps it off.
+#[test]
+fn default_prefill_takes_wgmma_from_four_waves_of_tiles() {
+    use lora_kernels::ops::multi_adapter_forward::LaunchForm;
+    let host = Device::host().unwrap();
+    let limit = 4 * 132 * 128;
+    let (wgmma, aligned, any) = (
+        "lk_multi_adapter_wgmma_bf16",
+        "lk_multi_adapter_prefill_bf16_aligned",
+        "lk_multi_adapter_prefill_bf16_any",
+    );
+    let (off, unsplit) = (
+        LaunchForm {
+            wgmma: Some(false),
+            ..LaunchForm::default()
+        },
+        LaunchForm {
+            k_splits: Some(1),
+            ..LaunchForm::default()
+        },
+    );
+    for (m, k, form, kernel) in [
+        (limit - 128, 64, None, aligned),
+        (limit - 127, 64, None, wgmma),
+        (limit - 127, 60, None, any),
+        (limit - 127, 64, Some(off), aligned),
+        (limit - 127, 64, Some(unsplit), aligned),
+    ] {
+        let fx = Fixture::<bf16>::new(8, k, 16, &[1, 16, 5], 40 + k as u64);
+        let pool = fx.pool(&host);
+        let x: Vec<bf16> = random(&mut rng(41), m * k);
+        let ids: Vec<i32> = (0..m).map(|i| [0, 1, 2, -1][(i / 7) % 4]).collect();
+        let y0 = vec![bf16::NAN; m * 8];
+        let what = format!("m={m} k={k} {form:?}");
+        lora_kernels::take_recent_launches();
+        let y = match form {
+            None => run(&pool, None, &x, &fx.w, &ids, 0.0, &y0).unwrap(),
+            Some(form) => {
+                let (done, y) = run_form(&pool, Regime::Prefill, form, &x, &fx.w, &ids, 0.0, &y0);
+                done.map(|()| y).unwrap()
+            }
+        };
+        let launched = lora_kernels::take_recent_launches();
+        assert_eq!(launched, [kernel], "{what}");
+        fx.compare(&what, &y, &x, &ids, 0.0, &y0).unwrap();
+    }
 }

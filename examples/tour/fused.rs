@@ -143,32 +143,41 @@ where
 
 /// The fused prefill kernel's blocks of 1, 2 and 4 column tiles (`t`
 /// computed once per block, in its main loop): the count
-/// `PREFILL_COL_TILES` should take; and the default launch (`t` computed once
-/// per 16 tokens, on the multi-adapter kernel), timed beside cuBLAS base-only.
+/// `PREFILL_COL_TILES` should take; the shared shrink (`t` computed once per
+/// 16 tokens, on the multi-adapter kernel's mma.sync tiles); the wgmma
+/// kernel's units of 1 and 4 column tiles; and the default launch (on a
+/// Hopper GPU at m = 4096, the wgmma kernel's 4), timed beside cuBLAS
+/// base-only.
 pub fn col_tiles_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
     println!(
         "\n   fused prefill: the fused kernel's column tiles per block (t computed once per block, \
-         in its main loop); default: t once per 16 tokens (shared shrink); wgmma: the Hopper \
-         kernel (wgmma + TMA, warp-specialized), column tiles per block; bf16"
+         in its main loop); shared: t once per 16 tokens (shared shrink, mma.sync); wgmma: the \
+         Hopper kernel (wgmma + TMA, warp-specialized), column tiles per unit; default: what \
+         fused_forward launches (wgmma 4 on Hopper here); bf16"
     );
     let tiles = |col_tiles| LaunchForm {
-        col_tiles,
+        col_tiles: Some(col_tiles),
         shared_shrink: Some(false),
         ..LaunchForm::default()
     };
     // The wgmma kernel (Hopper only: elsewhere its rows say why not).
     let wgmma = |col_tiles| LaunchForm {
-        col_tiles,
-        wgmma: true,
+        col_tiles: Some(col_tiles),
+        wgmma: Some(true),
+        ..LaunchForm::default()
+    };
+    let shared = LaunchForm {
+        wgmma: Some(false),
         ..LaunchForm::default()
     };
     let forms = [
         ("1", tiles(1)),
         ("2", tiles(2)),
         ("4", tiles(4)),
-        ("default", LaunchForm::default()),
+        ("shared", shared),
         ("wgmma 1", wgmma(1)),
         ("wgmma 4", wgmma(4)),
+        ("default", LaunchForm::default()),
     ];
     forms_table(dev, blas, Regime::Prefill, &[4096], &forms, "col_tiles")
 }

@@ -17,17 +17,21 @@ use crate::{Inputs, Res};
 pub fn table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde_json::Value>> {
     println!(
         "\n   prefill, LoRA's own cost: every token on one adapter (rank r) over the same kernel with \
-         every token on none (r 0); mma.sync (the default) and wgmma (Hopper); bf16, m 4096"
+         every token on none (r 0); mma.sync and wgmma (Hopper, the default there at m 4096); bf16, m 4096"
     );
     println!(
         "   {:>5} {:>5} {:>3} {:>9} {:>10} {:>10} {:>9} {:>10}",
         "n", "k", "r", "kernel", "ours us", "r 0 us", "ours/r0", "base us"
     );
     let wgmma = LaunchForm {
-        wgmma: true,
+        wgmma: Some(true),
         ..LaunchForm::default()
     };
-    let mut forms = vec![("mma.sync", LaunchForm::default())];
+    let mma_sync = LaunchForm {
+        wgmma: Some(false),
+        ..LaunchForm::default()
+    };
+    let mut forms = vec![("mma.sync", mma_sync)];
     if dev.compute_capability() == Some((9, 0)) {
         forms.push(("wgmma", wgmma));
     }

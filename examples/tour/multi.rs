@@ -186,7 +186,7 @@ fn measure(
     // Prefill on Hopper: the tile blocks on wgmma and TMA.
     let wgmma = match regime == Regime::Prefill && dev.compute_capability() == Some((9, 0)) {
         true => Some(time_form(LaunchForm {
-            wgmma: true,
+            wgmma: Some(true),
             ..LaunchForm::default()
         })?),
         false => None,
@@ -278,7 +278,7 @@ pub fn wgmma_base_table(dev: &Device, blas: &CublasBaseline) -> Res<Option<serde
     let routing = Routing::Tokens((&ids).into());
     pool.reserve_tokens(m)?;
     let form = LaunchForm {
-        wgmma: true,
+        wgmma: Some(true),
         ..LaunchForm::default()
     };
     let mut i = 0;

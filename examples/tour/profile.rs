@@ -43,12 +43,12 @@ fn cases() -> Vec<(&'static str, usize, usize, Launch)> {
         ..multi
     };
     let multi_wgmma = multi_op::LaunchForm {
-        wgmma: true,
+        wgmma: Some(true),
         ..multi
     };
     let fused_wgmma = LaunchForm {
-        wgmma: true,
-        col_tiles: 4,
+        wgmma: Some(true),
+        col_tiles: Some(4),
         ..fused
     };
     let (d, p) = (Regime::Decode, Regime::Prefill);

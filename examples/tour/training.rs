@@ -21,8 +21,9 @@ pub fn backward_table(
     ceilings: Ceilings,
 ) -> Res<Vec<serde_json::Value>> {
     println!(
-        "\n   adapter backward, bf16 (dx, da, db): ours (fast / deterministic / fast with the wgmma dx, \
-         Hopper only) vs cuBLAS unfused (5 GEMMs) and cuBLAS's g w alone (the GEMM a backward can't avoid)"
+        "\n   adapter backward, bf16 (dx, da, db): ours (the mma.sync dx: fast / deterministic; fast with \
+         the wgmma dx, Hopper only, the default there from 512 tokens) vs cuBLAS unfused (5 GEMMs) and \
+         cuBLAS's g w alone (the GEMM a backward can't avoid)"
     );
     println!(
         "   {:>5} {:>5} {:>6} {:>3} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8}",
@@ -83,7 +84,7 @@ pub fn backward_table(
                         let opts = BackwardOptions {
                             accumulate: false,
                             deterministic,
-                            wgmma,
+                            wgmma: Some(wgmma),
                         };
                         lora_backward(
                             dev,

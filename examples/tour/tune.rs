@@ -25,8 +25,8 @@ pub fn section(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
 /// column tile) at either depth and each split count, and the shared shrink
 /// (the multi-adapter kernel), with its shared-memory pipeline or with `w`
 /// loaded straight into registers at each split count; at prefill, 1, 2 and 4 column tiles a block,
-/// the shared shrink split along k where it splits (256 tokens) and unsplit, and the wgmma
-/// kernel at 1, 2 and 4 column tiles.
+/// the shared shrink (mma.sync) split along k where it splits (256 tokens) and unsplit, and the
+/// wgmma kernel at 1, 2 and 4 column tiles; the default beside them.
 fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
     let own_t = LaunchForm {
         shared_shrink: Some(false),
@@ -64,15 +64,24 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
         k_splits: Some(1),
         ..LaunchForm::default()
     };
+    // The shared shrink on the mma.sync tiles, whatever the dispatch picks.
+    let shared = LaunchForm {
+        wgmma: Some(false),
+        ..LaunchForm::default()
+    };
     let mut prefill = vec![
         ("default".to_string(), LaunchForm::default()),
+        ("shared".to_string(), shared),
         ("split 1".to_string(), unsplit),
     ];
     for col_tiles in [1, 2, 4] {
-        let own = LaunchForm { col_tiles, ..own_t };
+        let own = LaunchForm {
+            col_tiles: Some(col_tiles),
+            ..own_t
+        };
         let wgmma = LaunchForm {
-            col_tiles,
-            wgmma: true,
+            col_tiles: Some(col_tiles),
+            wgmma: Some(true),
             ..LaunchForm::default()
         };
         prefill.push((format!("own t {col_tiles}"), own));
@@ -151,9 +160,14 @@ fn multi_forms(regime: Regime) -> Vec<(String, multi_op::LaunchForm)> {
             ..multi_op::LaunchForm::default()
         };
         if regime == Regime::Prefill {
+            // The mma.sync tiles, whatever the dispatch picks.
+            let plain = multi_op::LaunchForm {
+                wgmma: Some(false),
+                ..plain
+            };
             forms.push((blocks.to_string(), plain));
             let wgmma = multi_op::LaunchForm {
-                wgmma: true,
+                wgmma: Some(true),
                 ..plain
             };
             forms.push((format!("{blocks}, wgmma"), wgmma));

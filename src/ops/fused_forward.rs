@@ -8,10 +8,13 @@
 //! computes `t = x a^T` once for the launch where the fused kernel computes
 //! it in every column tile (at prefill, once per block of `col_tiles`).
 //! Reference: `reference::fused_forward`.
-use super::fused_forward_wgmma::fused_forward_wgmma;
+use super::fused_forward_wgmma::{self, fused_forward_wgmma};
 use super::multi_adapter_forward::{OneAdapter, one_adapter_fits, one_adapter_forward};
 use super::split_k::{self, workspace, workspace_ptrs};
-use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
+use super::{
+    DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr,
+    wgmma_dispatch,
+};
 use crate::buffer::{BufMut, BufRef};
 use crate::device::Device;
 use crate::element::DType;
@@ -185,8 +188,10 @@ pub fn fused_forward_saving_t<'a, T: KernelElement>(
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LaunchForm {
-    /// Column tiles per prefill block (decode and SIMT blocks take one): 1 or more.
-    pub col_tiles: usize,
+    /// Column tiles per prefill block (decode and SIMT blocks take one), 1
+    /// or more: `None` takes the kernel's own count (the fused mma.sync
+    /// kernel 1, the wgmma kernel 4 a work unit).
+    pub col_tiles: Option<usize>,
     /// The decode pipeline: `None` takes the deep one where the device lets
     /// a block have its shared memory, `Some(deep)` forces a choice (an
     /// error where the deep one does not fit).
@@ -219,24 +224,27 @@ pub struct LaunchForm {
     pub direct_decode: bool,
     /// A prefill launch on Hopper's wgmma and TMA
     /// (`kernels/fused_forward_wgmma.cu`: GPUs of compute capability 9.0
-    /// and the host runtime), `col_tiles` column tiles a work unit: ranks up
-    /// to 64, `k` a multiple of 8 and x, w, a 16-byte aligned, else an error.
-    /// `shared_shrink`, `deep_decode` and `k_splits` do not apply. Not yet
-    /// the default: the tuning sweep (`tour --tune`) decides the dispatch
-    /// (docs/DESIGN.md section 8).
-    pub wgmma: bool,
+    /// and the host runtime), `col_tiles` column tiles a work unit.
+    /// `Some(true)` forces it: ranks up to 64, `k` a multiple of 8 and x, w,
+    /// a 16-byte aligned, else an error; `shared_shrink`, `deep_decode` and
+    /// `k_splits` do not apply. `Some(false)` never takes it. `None` takes it
+    /// for a prefill it can run whose 128 x 128 tiles fill every SM 4 times
+    /// (m = 4096 at n = 4096 on 132 SMs), unless `shared_shrink` or
+    /// `k_splits` is forced: the dispatch the first GPU report chose
+    /// (`ops::wgmma_dispatch`, docs/DESIGN.md section 8).
+    pub wgmma: Option<bool>,
 }
 
 impl Default for LaunchForm {
     /// What [`fused_forward`] launches.
     fn default() -> Self {
         LaunchForm {
-            col_tiles: PREFILL_COL_TILES,
+            col_tiles: None,
             deep_decode: None,
             k_splits: None,
             shared_shrink: None,
             direct_decode: false,
-            wgmma: false,
+            wgmma: None,
         }
     }
 }
@@ -280,11 +288,10 @@ fn launch<T: KernelElement>(
     if let Some(t) = &t_out {
         check_output(dev, "t", t, dims.m, adapter.rank)?;
     }
-    let col_tiles = form.col_tiles;
-    if col_tiles == 0 || col_tiles > i32::MAX as usize {
+    if let Some(c) = form.col_tiles.filter(|&c| c == 0 || c > i32::MAX as usize) {
         return Err(invalid(
             "col_tiles",
-            col_tiles,
+            c,
             "column tiles per block: 1 ..= i32::MAX",
         ));
     }
@@ -314,10 +321,15 @@ fn launch<T: KernelElement>(
         rank: adapter.rank,
         scale: adapter.scale,
     };
-    if form.direct_decode && (form.wgmma || regime != Regime::Decode) {
+    if form.direct_decode && (form.wgmma == Some(true) || regime != Regime::Decode) {
         return Err(direct_decode_error(regime, dims, adapter.rank));
     }
-    if form.wgmma {
+    // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
+    let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
+    if form
+        .wgmma
+        .unwrap_or_else(|| takes_wgmma::<T>(regime, form, dev, dims, &ops, aligned))
+    {
         if regime != Regime::Prefill {
             return Err(invalid(
                 "regime",
@@ -329,13 +341,12 @@ fn launch<T: KernelElement>(
         // with the element counts the kernel indexes (x m*k, w n*k, a r*k, b
         // n*r, y m*n, t m*r when saved), dims are valid with m >= 1, the rank
         // is >= 1 (adapter.validate), the type is f16/bf16 (tensor-core
-        // regimes, above), col_tiles >= 1, and the pointer guards (_g*) live
-        // until after the launch is queued.
+        // regimes, above), col_tiles >= 1 (checked above), and the pointer
+        // guards (_g*) live until after the launch is queued.
+        let col_tiles = form.col_tiles.unwrap_or(wgmma_dispatch::FUSED_COL_TILES);
         return unsafe { fused_forward_wgmma::<T>(dev, dims, ops, beta, col_tiles) };
     }
     let shared = shared_shrink(regime, form, dims, adapter.rank, pt != 0)?;
-    // 16-byte loads need rows of whole 16-byte chunks and aligned bases.
-    let aligned = dims.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
     if form.direct_decode && !shared {
         return Err(direct_decode_error(regime, dims, adapter.rank));
     }
@@ -389,7 +400,7 @@ fn launch<T: KernelElement>(
         r: adapter.rank as i32,
         scale: adapter.scale,
         beta,
-        col_tiles: col_tiles as i32,
+        col_tiles: form.col_tiles.unwrap_or(PREFILL_COL_TILES) as i32,
         k_splits: splits as i32,
         partials,
         counters,
@@ -409,6 +420,28 @@ fn launch<T: KernelElement>(
     // first and the counters, zero between launches, at split_k_counters_at;
     // the pointer guards (_g*) live until after the launch is queued.
     unsafe { kernel.launch(dev, launch, &params) }
+}
+
+/// Whether a launch that leaves the kernel to the dispatch
+/// ([`LaunchForm::wgmma`] `None`) takes the wgmma prefill: a prefill the
+/// kernel can run (`aligned`: k a multiple of 8, x, w and a 16-byte aligned;
+/// ranks up to 64) whose tiles fill the SMs (`wgmma_dispatch`), on a
+/// device that runs it, where the form forces nothing of the other kernels.
+fn takes_wgmma<T: KernelElement>(
+    regime: Regime,
+    form: LaunchForm,
+    dev: &Device,
+    dims: Dims,
+    ops: &OneAdapter,
+    aligned: bool,
+) -> bool {
+    regime == Regime::Prefill
+        && aligned
+        && ops.rank <= fused_forward_wgmma::MAX_RANK
+        && form.shared_shrink.is_none()
+        && form.k_splits.is_none()
+        && wgmma_dispatch::prefill_fills(dims.m, dims.n, dev.sm_count())
+        && wgmma_dispatch::runs(dev, T::DTYPE, fused_forward_wgmma::kernel(T::DTYPE))
 }
 
 /// [`LaunchForm::direct_decode`] asked of a launch that is not a
@@ -554,7 +587,11 @@ fn select(
                 (true, true) => &PREFILL_BF16_ALIGNED,
                 (true, false) => &PREFILL_BF16_ANY,
             };
-            (kernel, &FUSED_PREFILL, form.col_tiles)
+            (
+                kernel,
+                &FUSED_PREFILL,
+                form.col_tiles.unwrap_or(PREFILL_COL_TILES),
+            )
         }
     };
     let launch = LaunchDims {

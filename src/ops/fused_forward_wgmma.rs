@@ -1,10 +1,11 @@
 //! The fused forward's prefill on Hopper's wgmma and TMA
 //! (`kernels/fused_forward_wgmma.cu`, sm_90a): a producer warpgroup streams
 //! x, w and a through TMA, two consumer warpgroups multiply with wgmma, and
-//! the expand runs as in the mma.sync kernel. Chosen by
-//! `LaunchForm::wgmma` (not by default: no GPU has run it yet); it runs on
-//! GPUs of compute capability 9.0 and on the host runtime, which emulates
-//! the instructions (docs/DESIGN.md section 6).
+//! the expand runs as in the mma.sync kernel. `fused_forward` takes it for
+//! a prefill whose tiles fill every SM 4 times (`wgmma_dispatch`), and
+//! `LaunchForm::wgmma` forces it; it runs on GPUs of compute capability 9.0
+//! and on the host runtime, which emulates the instructions
+//! (docs/DESIGN.md section 6).
 use super::multi_adapter_forward::OneAdapter;
 use super::{KernelElement, check_wgmma, grid};
 use crate::device::Device;
@@ -17,6 +18,14 @@ use crate::tensor_map::{TileMap2d, tensor_map_2d};
 
 kernel!(WGMMA_F16 = lk_fused_forward_wgmma_f16 in "fused_forward_wgmma": FusedWgmmaParams;);
 kernel!(WGMMA_BF16 = lk_fused_forward_wgmma_bf16 in "fused_forward_wgmma": FusedWgmmaParams;);
+
+/// The kernel for `dtype` (f16 or bf16; the caller checked which).
+pub(crate) fn kernel(dtype: DType) -> &'static Kernel<FusedWgmmaParams> {
+    match dtype {
+        DType::BF16 => &WGMMA_BF16,
+        _ => &WGMMA_F16,
+    }
+}
 
 /// The kernel's tile (rows of x, columns of y), k-tile, stages and ranks
 /// (`WgmmaTiles` and `lk::RC` in the kernel).
@@ -101,10 +110,7 @@ pub(crate) unsafe fn fused_forward_wgmma<T: KernelElement>(
         col_tiles: col_tiles as i32,
         pad: 0,
     };
-    let kernel: &Kernel<FusedWgmmaParams> = match T::DTYPE {
-        DType::BF16 => &WGMMA_BF16,
-        _ => &WGMMA_F16,
-    };
+    let kernel = kernel(T::DTYPE);
     // Persistent: at most one block per SM (its shared memory allows no
     // more), each taking work units (a row tile by col_tiles column tiles)
     // until none are left.

@@ -13,7 +13,10 @@ use super::tiles::{
     DECODE, DECODE_DEEP, DECODE_WIDE, DECODE_WIDE_DEEP, GATHER_GEMM, MmaTiles, PREFILL,
     STATIC_SMEM_MARGIN, TOKEN_GEMM,
 };
-use super::{DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr};
+use super::{
+    DeviceAdapter, KernelElement, check_operand, check_output, grid, in_ptr, out_ptr,
+    wgmma_dispatch,
+};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef, Buffer, Home, check_home};
 use crate::device::Device;
@@ -88,10 +91,12 @@ pub struct BackwardOptions {
     pub deterministic: bool,
     /// dx on Hopper's wgmma and TMA (`kernels/lora_backward_wgmma.cu`): GPUs
     /// of compute capability 9.0 and the host runtime, f16/bf16, `n` and `k`
-    /// multiples of 8, g and w 16-byte aligned; anything else is an error
-    /// before any gradient changes. Not the default until a GPU has
-    /// measured it. Bit-identical run to run, like every dx.
-    pub wgmma: bool,
+    /// multiples of 8, g and w 16-byte aligned. `Some(true)` forces it
+    /// (anything else is then an error before any gradient changes),
+    /// `Some(false)` never takes it, `None` (the default) takes it from 512
+    /// tokens where it can run: the dispatch the first GPU report chose
+    /// (`ops::wgmma_dispatch`). Bit-identical run to run, like every dx.
+    pub wgmma: Option<bool>,
 }
 
 /// The gradients to compute; None skips one. Single adapter: `dx` `[m, k]`,
@@ -429,11 +434,18 @@ fn run<T: KernelElement>(
     // g's and w's addresses, for the launches and for the wgmma dx's check.
     let (pg, _g1) = in_ptr(dev, &g);
     let (pw, _g3) = in_ptr(dev, &w);
+    let mut dx_on_wgmma = false;
     if let Some(dx) = &grads.dx {
         check_output(dev, "dx", dx, m, k)?;
-        if opts.wgmma {
-            wgmma::check(dev, T::DTYPE, dims, pg, pw)?;
-        }
+        dx_on_wgmma = match opts.wgmma {
+            Some(true) => wgmma::check(dev, T::DTYPE, dims, pg, pw).map(|()| true)?,
+            Some(false) => false,
+            None => {
+                m >= wgmma_dispatch::DX_MIN_M
+                    && wgmma::check(dev, T::DTYPE, dims, pg, pw).is_ok()
+                    && wgmma_dispatch::runs(dev, T::DTYPE, wgmma::kernel(T::DTYPE))
+            }
+        };
     }
     if let Some(da) = &grads.da {
         check_output(dev, "da", da, slots * max_rank, k)?;
@@ -624,7 +636,7 @@ fn run<T: KernelElement>(
             }
             _ => U_F32.launch(dev, simt(grids.u), &params)?,
         }
-        if pdx != 0 && opts.wgmma {
+        if pdx != 0 && dx_on_wgmma {
             // Checked above (wgmma::check); u is computed.
             backward_dx_wgmma(dev, T::DTYPE, dims, &params)?;
         } else if pdx != 0 {

@@ -2,10 +2,11 @@
 //! (`kernels/lora_backward_wgmma.cu`, sm_90a): a producer warpgroup streams
 //! g and w through TMA, two consumer warpgroups multiply with wgmma (w read
 //! MN-major as it lies in memory), and the `u a` expand runs as in the
-//! mma.sync kernel, for one adapter or a pool. Chosen by
-//! `BackwardOptions::wgmma` (not by default: no GPU has run it yet); it runs
-//! on GPUs of compute capability 9.0 and on the host runtime, which emulates
-//! the instructions (docs/DESIGN.md section 6).
+//! mma.sync kernel, for one adapter or a pool. The backward takes it from
+//! 512 tokens where it can run (`wgmma_dispatch`), and
+//! `BackwardOptions::wgmma` forces it or keeps it off; it runs on GPUs of
+//! compute capability 9.0 and on the host runtime, which emulates the
+//! instructions (docs/DESIGN.md section 6).
 use super::check_wgmma;
 use crate::device::Device;
 use crate::element::DType;
@@ -17,6 +18,14 @@ use crate::tensor_map::{TileMap2d, tensor_map_2d};
 
 kernel!(DX_WGMMA_F16 = lk_backward_dx_wgmma_f16 in "lora_backward_wgmma": BackwardWgmmaParams;);
 kernel!(DX_WGMMA_BF16 = lk_backward_dx_wgmma_bf16 in "lora_backward_wgmma": BackwardWgmmaParams;);
+
+/// The kernel for `dtype` (f16 or bf16; the caller checked which).
+pub(crate) fn kernel(dtype: DType) -> &'static Kernel<BackwardWgmmaParams> {
+    match dtype {
+        DType::BF16 => &DX_WGMMA_BF16,
+        _ => &DX_WGMMA_F16,
+    }
+}
 
 /// The kernel's tile of dx (rows, columns), its tiles of the reduction over
 /// n, its stages (`lk::wgmma_tiles::Tiles<4>`), and the expand's rank chunk
@@ -95,10 +104,7 @@ pub(crate) unsafe fn backward_dx_wgmma(
         w_map: map(params.w, n, k, BK, W_BOX_COLS)?,
         p: *params,
     };
-    let kernel: &Kernel<BackwardWgmmaParams> = match dtype {
-        DType::BF16 => &DX_WGMMA_BF16,
-        _ => &DX_WGMMA_F16,
-    };
+    let kernel = kernel(dtype);
     let launch = LaunchDims {
         grid: super::grid("m", m, [k.div_ceil(BN), m.div_ceil(BM), 1])?,
         block: [THREADS, 1, 1],

@@ -12,6 +12,7 @@ pub(crate) mod pool_load;
 mod split_k;
 mod tiles;
 pub mod traffic;
+mod wgmma_dispatch;
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
 

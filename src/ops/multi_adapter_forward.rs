@@ -33,7 +33,9 @@ use super::tiles::{
     DECODE, DECODE_DEEP, DECODE_DIRECT, DECODE_WIDE, DECODE_WIDE_DEEP, DIRECT_BLOCKS_PER_SM,
     MmaTiles, PREFILL, SIMT, STATIC_SMEM_MARGIN,
 };
-use super::{KernelElement, check_operand, check_output, check_wgmma, grid, in_ptr, out_ptr};
+use super::{
+    KernelElement, check_operand, check_output, check_wgmma, grid, in_ptr, out_ptr, wgmma_dispatch,
+};
 use crate::adapter_pool::AdapterPool;
 use crate::buffer::{BufMut, BufRef};
 use crate::device::Device;
@@ -231,11 +233,14 @@ pub struct LaunchForm {
     pub direct_loads: bool,
     /// A prefill launch whose tile blocks run on Hopper's wgmma and TMA
     /// (`kernels/multi_adapter_forward_wgmma.cu`: GPUs of compute capability
-    /// 9.0 and the host runtime): f16/bf16, `k` a multiple of 8 and x, w
-    /// and the pool's a 16-byte aligned, else an error before `y` changes.
-    /// Not yet the default: the tuning sweep (`tour --tune`) decides the
-    /// dispatch (docs/DESIGN.md section 8).
-    pub wgmma: bool,
+    /// 9.0 and the host runtime). `Some(true)` forces it: f16/bf16, `k` a
+    /// multiple of 8 and x, w and the pool's a 16-byte aligned, else an
+    /// error before `y` changes. `Some(false)` never takes it. `None` takes
+    /// it for a prefill it can run whose 128 x 128 tiles fill every SM 4
+    /// times (m = 4096 at n = 4096 on 132 SMs), unless `k_splits` is forced:
+    /// the dispatch the first GPU report chose (`ops::wgmma_dispatch`,
+    /// docs/DESIGN.md section 8).
+    pub wgmma: Option<bool>,
     /// Prefill: the shares each tensor-core shrink unit's passes (one per
     /// distinct adapter among its 16 tokens) are cut into, an item each:
     /// `None` as [`shrink_chunks`] picks, `Some(s)` for `s` in 1..=16 (an
@@ -252,7 +257,7 @@ impl Default for LaunchForm {
             k_splits: None,
             wide_tiles: None,
             direct_loads: false,
-            wgmma: false,
+            wgmma: None,
             shrink_shares: None,
         }
     }
@@ -345,8 +350,21 @@ fn launch<T: KernelElement>(
             slots.len()
         }
     };
+    let (px, _gx) = in_ptr(dev, &x);
+    let (pw, _gw) = in_ptr(dev, &w);
+    let a_pool = BufRef::from(&pool.a);
+    let (pa, _ga) = in_ptr(dev, &a_pool);
+    // 16-byte loads (and TMA) need rows of whole 16-byte chunks and aligned bases.
+    let aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
+    let wgmma = form.wgmma.unwrap_or_else(|| {
+        tiling == Tiling::Prefill
+            && aligned
+            && form.k_splits.is_none()
+            && wgmma_dispatch::prefill_fills(m, cfg.n, dev.sm_count())
+            && wgmma_dispatch::runs(dev, T::DTYPE, wgmma::kernel(T::DTYPE))
+    });
     // The wgmma kernel's tile blocks, or the tiling's own.
-    let shape = if form.wgmma {
+    let shape = if wgmma {
         if tiling != Tiling::Prefill {
             return Err(invalid(
                 "regime",
@@ -363,7 +381,7 @@ fn launch<T: KernelElement>(
         return Ok(());
     }
     let plan = Plan::new(
-        (tiling, shape, form.wgmma),
+        (tiling, shape, wgmma),
         (form.shrink_blocks, form.k_splits, form.shrink_shares),
         dims,
         (cfg.max_rank, cfg.slots),
@@ -376,15 +394,10 @@ fn launch<T: KernelElement>(
     let blocks = grid("m", m, [shrink_blocks + tiles * splits, 1, 1])?;
     pool.reserve_tokens(m)?;
     let mut scratch = pool.scratch();
-    let aligned;
     let launched = {
-        let (px, _gx) = in_ptr(dev, &x);
-        let (pw, _gw) = in_ptr(dev, &w);
-        let a_pool = BufRef::from(&pool.a);
         let b_pool = BufRef::from(&pool.b);
         let ranks = BufRef::from(&pool.ranks);
         let scales = BufRef::from(&pool.scales);
-        let (pa, _ga) = in_ptr(dev, &a_pool);
         let (pb, _gb) = in_ptr(dev, &b_pool);
         let (pr, _gr) = in_ptr(dev, &ranks);
         let (ps, _gs) = in_ptr(dev, &scales);
@@ -416,7 +429,6 @@ fn launch<T: KernelElement>(
         let (puc, _guc) = out_ptr(dev, &mut unit_counters);
         let (partials, split_counters, _gsplit) = split_k::workspace_ptrs(dev, &mut split_scratch);
         let (py, _gy) = out_ptr(dev, &mut y);
-        aligned = cfg.k.is_multiple_of(8) && [px, pw, pa].iter().all(|p| p.is_multiple_of(16));
         plan.tiling.check_aligned(aligned)?;
         let params = MultiAdapterParams {
             x: px,
@@ -455,7 +467,7 @@ fn launch<T: KernelElement>(
             block: [shape.threads, 1, 1],
             dynamic_smem_bytes: shape.smem_bytes,
         };
-        if form.wgmma {
+        if wgmma {
             wgmma::check(cfg.k, px, pw, pa)?;
             // SAFETY: as below, with `check` passed and the grid of the
             // shrink blocks and the wgmma kernel's tiles (the plan's shape).

@@ -2,9 +2,10 @@
 //! (`kernels/multi_adapter_forward_wgmma.cu`, sm_90a): shrink blocks as in
 //! the mma.sync kernel, then tile blocks whose producer warpgroup streams x
 //! and w through TMA and whose two consumer warpgroups multiply with wgmma,
-//! wait for the shrink and expand the tile's adapters. Chosen by
-//! `LaunchForm::wgmma` (not by default: no GPU has run it yet); it runs on
-//! GPUs of compute capability 9.0 and on the host runtime, which emulates the
+//! wait for the shrink and expand the tile's adapters. The multi-adapter
+//! forward takes it for a prefill whose tiles fill every SM 4 times
+//! (`wgmma_dispatch`), and `LaunchForm::wgmma` forces it; it runs on GPUs
+//! of compute capability 9.0 and on the host runtime, which emulates the
 //! instructions (docs/DESIGN.md section 6).
 use crate::device::Device;
 use crate::element::DType;
@@ -16,6 +17,14 @@ use crate::tensor_map::{TileMap2d, tensor_map_2d};
 
 kernel!(WGMMA_F16 = lk_multi_adapter_wgmma_f16 in "multi_adapter_forward_wgmma": MultiAdapterWgmmaParams;);
 kernel!(WGMMA_BF16 = lk_multi_adapter_wgmma_bf16 in "multi_adapter_forward_wgmma": MultiAdapterWgmmaParams;);
+
+/// The kernel for `dtype` (f16 or bf16; the caller checked which).
+pub(crate) fn kernel(dtype: DType) -> &'static Kernel<MultiAdapterWgmmaParams> {
+    match dtype {
+        DType::BF16 => &WGMMA_BF16,
+        _ => &WGMMA_F16,
+    }
+}
 
 /// A tile block's tile of y (rows, columns), its k-tile and stages
 /// (`lk::wgmma_tiles::Tiles<4>`), and the expand's rank chunk (`lk::RC`).
@@ -84,10 +93,7 @@ pub(crate) unsafe fn launch(
         w_map: map(params.w, n)?,
         p: *params,
     };
-    let kernel: &Kernel<MultiAdapterWgmmaParams> = match dtype {
-        DType::BF16 => &WGMMA_BF16,
-        _ => &WGMMA_F16,
-    };
+    let kernel = kernel(dtype);
     let dims = LaunchDims {
         grid,
         block: [THREADS, 1, 1],

@@ -29,7 +29,7 @@ pub(super) fn backward_rows(dev: &Device) -> Res<Vec<Row>> {
     // the host runtime and GPUs of compute capability 9.0.
     if dev.compute_capability().is_none_or(|cc| cc == (9, 0)) {
         let wgmma = |deterministic| BackwardOptions {
-            wgmma: true,
+            wgmma: Some(true),
             ..opts(deterministic, false)
         };
         rows.extend(backward::<bf16>(dev, prefill, 16, wgmma(true))?);
@@ -127,7 +127,7 @@ fn gradient_labels<T: Element>(
     let Dims { m, n, k } = dims;
     let dx = if T::DTYPE == DType::F32 {
         "dx, Simt".to_string()
-    } else if opts.wgmma {
+    } else if opts.wgmma == Some(true) {
         "dx, wgmma + TMA".to_string()
     } else {
         let tiles = if m <= 64 { "Decode" } else { "Prefill" };

@@ -155,8 +155,8 @@ fn fused<T: KernelElement>(
     let mut td = dev.upload(&nans::<f32>(m * rank))?;
     if matches!(call, Forward::Wgmma | Forward::Direct) {
         let form = LaunchForm {
-            wgmma: call == Forward::Wgmma,
-            col_tiles: 2,
+            wgmma: Some(call == Forward::Wgmma),
+            col_tiles: Some(2),
             direct_decode: call == Forward::Direct,
             ..LaunchForm::default()
         };

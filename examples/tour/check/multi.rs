@@ -143,7 +143,7 @@ pub(super) fn multi_rows(dev: &Device) -> Res<Vec<Row>> {
     // where they run: the host runtime and GPUs of compute capability 9.0.
     if dev.compute_capability().is_none_or(|cc| cc == (9, 0)) {
         let wgmma = MultiLaunchForm {
-            wgmma: true,
+            wgmma: Some(true),
             ..MultiLaunchForm::default()
         };
         let dims = Dims::new(M_PREFILL, N, K_ALIGNED);
@@ -249,7 +249,7 @@ fn multi_in<T: KernelElement>(
         .mma(dev)
         .split::<T>(POOL_MAX_RANK as f64 * pool_data.max_abs_b());
     let routing = if segmented { "segments" } else { "token ids" };
-    let path = if form.wgmma {
+    let path = if form.wgmma == Some(true) {
         format!("{regime:?}, {routing}, wgmma + TMA")
     } else if form.direct_loads {
         format!("{regime:?}, {routing}, direct loads")

@@ -210,7 +210,7 @@ mod tests {
     const DET: BackwardOptions = BackwardOptions {
         accumulate: false,
         deterministic: true,
-        wgmma: false,
+        wgmma: Some(false),
     };
 
     fn single(dims: Dims, r: usize, opts: BackwardOptions) -> BackwardTraffic {

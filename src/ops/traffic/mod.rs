@@ -9,7 +9,10 @@
 //! Every operation has its model: the forwards here, the backward in
 //! `backward.rs`, the optimizer step and merge at the end. Where an op
 //! decides its launch shape at run time (token ranges, column ranges), the
-//! model calls the same function.
+//! model calls the same function. The Hopper (wgmma) launches have no model
+//! of their own: where the default takes them (large prefills, the
+//! backward's dx from 512 tokens: `ops::wgmma_dispatch`), the model counts
+//! the mma.sync launch, a tiling of the same 128 x 128 output tiles.
 mod backward;
 
 pub use backward::{BackwardTraffic, lora_backward};
