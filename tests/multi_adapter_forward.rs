@@ -2004,41 +2004,36 @@ fn default_prefill_takes_wgmma_from_four_waves_of_tiles() {
     use lora_kernels::ops::multi_adapter_forward::LaunchForm;
     let host = Device::host().unwrap();
     let limit = 4 * 132 * 128;
-    let (wgmma, aligned, any) = (
-        "lk_multi_adapter_wgmma_bf16",
+    let wgmma = "lk_multi_adapter_wgmma_bf16";
+    let (aligned, any) = (
         "lk_multi_adapter_prefill_bf16_aligned",
         "lk_multi_adapter_prefill_bf16_any",
     );
-    let (off, unsplit) = (
-        LaunchForm {
-            wgmma: Some(false),
-            ..LaunchForm::default()
-        },
-        LaunchForm {
-            k_splits: Some(1),
-            ..LaunchForm::default()
-        },
-    );
-    for (m, k, form, kernel) in [
-        (limit - 128, 64, None, aligned),
-        (limit - 127, 64, None, wgmma),
-        (limit - 127, 60, None, any),
-        (limit - 127, 64, Some(off), aligned),
-        (limit - 127, 64, Some(unsplit), aligned),
+    // (tokens, k, the form's wgmma and k_splits, the kernel that runs)
+    for (m, k, forced, kernel) in [
+        (limit - 128, 64, (None, None), aligned),
+        (limit - 127, 64, (None, None), wgmma),
+        (limit - 127, 60, (None, None), any),
+        (limit - 127, 64, (Some(false), None), aligned),
+        (limit - 127, 64, (None, Some(1)), aligned),
     ] {
         let fx = Fixture::<bf16>::new(8, k, 16, &[1, 16, 5], 40 + k as u64);
         let pool = fx.pool(&host);
         let x: Vec<bf16> = random(&mut rng(41), m * k);
         let ids: Vec<i32> = (0..m).map(|i| [0, 1, 2, -1][(i / 7) % 4]).collect();
         let y0 = vec![bf16::NAN; m * 8];
-        let what = format!("m={m} k={k} {form:?}");
+        let what = format!("m={m} k={k} (wgmma, k_splits) = {forced:?}");
         lora_kernels::take_recent_launches();
-        let y = match form {
-            None => run(&pool, None, &x, &fx.w, &ids, 0.0, &y0).unwrap(),
-            Some(form) => {
-                let (done, y) = run_form(&pool, Regime::Prefill, form, &x, &fx.w, &ids, 0.0, &y0);
-                done.map(|()| y).unwrap()
-            }
+        let y = if forced == (None, None) {
+            run(&pool, None, &x, &fx.w, &ids, 0.0, &y0).unwrap()
+        } else {
+            let form = LaunchForm {
+                wgmma: forced.0,
+                k_splits: forced.1,
+                ..LaunchForm::default()
+            };
+            let (done, y) = run_form(&pool, Regime::Prefill, form, &x, &fx.w, &ids, 0.0, &y0);
+            done.map(|()| y).unwrap()
         };
         let launched = lora_kernels::take_recent_launches();
         assert_eq!(launched, [kernel], "{what}");
