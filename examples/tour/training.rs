@@ -47,7 +47,9 @@ pub fn backward_table(
     for (n, k) in [(4096usize, 4096usize), (14336, 4096)] {
         let inputs = Inputs::<bf16>::new(dev, n, k, 4096)?;
         let g_all = stream.clone_htod(&data::<bf16>(4096 * n, 20))?;
-        for m in [16usize, 512, 4096] {
+        // 64 to 512 tokens: where the wgmma dx overtakes the mma.sync one
+        // (the default takes it from 512, ops::wgmma_dispatch).
+        for m in [16usize, 64, 128, 256, 512, 4096] {
             for r in [16usize, 64] {
                 let dims = Dims::new(m, n, k);
                 let (a, b) = (

@@ -90,7 +90,10 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
     let mut rows = Vec::new();
     for (regime, ms, forms) in [
         (Regime::Decode, &[1usize, 4, 16, 64][..], &decode),
-        (Regime::Prefill, &[256, 512, 4096][..], &prefill),
+        // 1024 and 2048 tokens: the wgmma limit (528 tiles on 132 SMs,
+        // ops::wgmma_dispatch) lies between them at n = 4096 and below them
+        // at n = 14336.
+        (Regime::Prefill, &[256, 512, 1024, 2048, 4096][..], &prefill),
     ] {
         let forms: Vec<(&str, LaunchForm)> = forms.iter().map(|(l, f)| (l.as_str(), *f)).collect();
         rows.extend(forms_table(dev, blas, regime, ms, &forms, "form")?);
@@ -112,8 +115,19 @@ fn multi_sweep(dev: &Device) -> Res<serde_json::Value> {
     );
     let mut rows = Vec::new();
     for (n, k) in [(4096usize, 4096usize), (14336, 4096), (1024, 4096)] {
-        let mut inputs = Inputs::<bf16>::new(dev, n, k, 256)?;
-        for (m, distinct) in [(16usize, 8usize), (16, 16), (64, 8), (64, 64), (256, 64)] {
+        let mut inputs = Inputs::<bf16>::new(dev, n, k, 4096)?;
+        // 1024 and 4096 tokens: either side of the wgmma tile blocks' limit
+        // (528 tiles on 132 SMs, ops::wgmma_dispatch) at n = 4096 and 14336.
+        let shapes = [
+            (16usize, 8usize),
+            (16, 16),
+            (64, 8),
+            (64, 64),
+            (256, 64),
+            (1024, 64),
+            (4096, 64),
+        ];
+        for (m, distinct) in shapes {
             let regime = regime_for(DType::BF16, m);
             let pool = loaded_pool(dev, n, k, distinct, Some(16))?;
             pool.reserve_tokens(m)?;
