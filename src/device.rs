@@ -217,9 +217,10 @@ impl Device {
         }
     }
 
-    /// Streaming multiprocessors: the GPU's, or [`HOST_SM_COUNT`] on the host
-    /// runtime. Launches size their split-K by it.
-    pub(crate) fn sm_count(&self) -> usize {
+    /// Streaming multiprocessors: the GPU's, or on the host runtime 132 (an
+    /// H100 / H200 SXM's). Launches size their split-K by it, and the
+    /// dispatch its choice of the wgmma prefill (`ops::wgmma_dispatch`).
+    pub fn sm_count(&self) -> usize {
         match self {
             Device::Cuda(d) => d.kernels.sm_count,
             Device::Host(_) => HOST_SM_COUNT,

@@ -1166,18 +1166,16 @@ fn wgmma_prefill_refuses_what_it_cannot_run() {
 // ---- The default's choice between the mma.sync and wgmma prefills ----
 
 /// `fused_forward` takes the wgmma prefill where its 128 x 128 tiles fill
-/// every SM 4 times (528 tiles on the host runtime's 132 SMs), and the
-/// shared shrink on the mma.sync tiles below: one row past 527 row tiles
+/// every SM 4 times (528 tiles on the host runtime's 132 SMs) on a device
+/// that runs it (the host runtime, compute capability 9.0), and the shared
+/// shrink on the mma.sync tiles below: one row past 4 x SMs - 1 row tiles
 /// tips it. `y` is within its bound either way. Past the limit, what the
 /// wgmma kernel can't run (k not a multiple of 8, rank 65) runs on the
 /// mma.sync tiles instead of failing, as does a form that forces a split
 /// count; `wgmma: Some(false)` keeps it off.
 #[test]
 fn default_prefill_takes_wgmma_from_four_waves_of_tiles() {
-    let host = Device::host().unwrap();
-    let limit = 4 * 132 * 128;
-    let (wgmma, aligned, any) = (
-        "lk_fused_forward_wgmma_bf16",
+    let (aligned, any) = (
         "lk_multi_adapter_prefill_bf16_aligned",
         "lk_multi_adapter_prefill_bf16_any",
     );
@@ -1191,24 +1189,32 @@ fn default_prefill_takes_wgmma_from_four_waves_of_tiles() {
             ..LaunchForm::default()
         },
     );
-    for (m, k, r, form, kernel) in [
-        (limit - 128, 64, 8, None, aligned),
-        (limit - 127, 64, 8, None, wgmma),
-        (limit - 127, 60, 8, None, any),
-        (limit - 127, 64, 65, None, aligned),
-        (limit - 127, 64, 8, Some(off), aligned),
-        (limit - 127, 64, 8, Some(unsplit), aligned),
-    ] {
-        let case = Case::<bf16>::new(Dims::new(m, 8, k), r, 0.0, (m + k + r) as u64);
-        let what = format!("m={m} k={k} r={r} {form:?}");
-        lora_kernels::take_recent_launches();
-        let y = match form {
-            None => case.run(&host, None).unwrap(),
-            Some(form) => case.run_tuned(&host, Regime::Prefill, form).unwrap().0,
+    for dev in devices() {
+        let wgmma = if runs_wgmma(&dev) {
+            "lk_fused_forward_wgmma_bf16"
+        } else {
+            aligned
         };
-        let launched = lora_kernels::take_recent_launches();
-        assert_eq!(launched, [kernel], "{what}");
-        let want = case.expected();
-        compare_within(&what, &y, &want, &case.bound(&want)).unwrap();
+        let limit = wgmma_prefill_rows(&dev);
+        for (m, k, r, form, kernel) in [
+            (limit - 1, 64, 8, None, aligned),
+            (limit, 64, 8, None, wgmma),
+            (limit, 60, 8, None, any),
+            (limit, 64, 65, None, aligned),
+            (limit, 64, 8, Some(off), aligned),
+            (limit, 64, 8, Some(unsplit), aligned),
+        ] {
+            let case = Case::<bf16>::new(Dims::new(m, 8, k), r, 0.0, (m + k + r) as u64);
+            let what = format!("m={m} k={k} r={r} {form:?} on {}", dev.name());
+            lora_kernels::take_recent_launches();
+            let y = match form {
+                None => case.run(&dev, None).unwrap(),
+                Some(form) => case.run_tuned(&dev, Regime::Prefill, form).unwrap().0,
+            };
+            let launched = lora_kernels::take_recent_launches();
+            assert_eq!(launched, [kernel], "{what}");
+            let want = case.expected();
+            compare_within(&what, &y, &want, &case.bound(&want)).unwrap();
+        }
     }
 }

@@ -1167,41 +1167,44 @@ fn wgmma_dx_refuses_what_it_cannot_load_and_changes_nothing() {
 
 // ---- The default's choice between the mma.sync and wgmma dx ----
 
-/// `lora_backward` takes the wgmma dx from 512 tokens where it can run, and
-/// the mma.sync dx below; n or k not a multiple of 8 (no TMA rows) keeps the
-/// mma.sync dx instead of failing, as does `wgmma: Some(false)`. One dx
-/// kernel runs, and dx, da and db are within their bounds either way.
+/// `lora_backward` takes the wgmma dx from 512 tokens where it can run (the
+/// host runtime, compute capability 9.0), and the mma.sync dx below; n or k
+/// not a multiple of 8 (no TMA rows) keeps the mma.sync dx instead of
+/// failing, as does `wgmma: Some(false)`. One dx kernel runs, and dx, da
+/// and db are within their bounds either way.
 #[test]
 fn default_dx_takes_wgmma_from_512_tokens() {
-    let host = Device::host().unwrap();
-    for (m, n, k, wgmma, on_wgmma) in [
-        (511, 40, 72, None, false),
-        (512, 40, 72, None, true),
-        (700, 42, 72, None, false),
-        (700, 40, 70, None, false),
-        (700, 40, 72, Some(false), false),
-    ] {
-        let case = Case::<bf16>::new(Dims::new(m, n, k), 16, (m + n + k) as u64);
-        let what = format!("m={m} n={n} k={k} {wgmma:?}");
-        let prior = case.prior(3);
-        let want = case.expected(false, &prior);
-        let (bdx, bda, bdb) = case.bounds(false, &prior, &want);
-        let opts = BackwardOptions {
-            wgmma,
-            ..Default::default()
-        };
-        lora_kernels::take_recent_launches();
-        let (dx, da, db) = case.run(&host, [true, true, true], opts, &prior);
-        let launched = lora_kernels::take_recent_launches();
-        let dx_kernels: Vec<_> = launched
-            .iter()
-            .filter(|k| k.starts_with("lk_backward_dx_"))
-            .collect();
-        assert_eq!(dx_kernels.len(), 1, "{what}: {launched:?}");
-        let on = *dx_kernels[0] == "lk_backward_dx_wgmma_bf16";
-        assert_eq!(on, on_wgmma, "{what}: {launched:?}");
-        compare_within(&format!("{what}: dx"), &dx, &want.0, &bdx).unwrap();
-        compare_within(&format!("{what}: da"), &da, &want.1, &bda).unwrap();
-        compare_within(&format!("{what}: db"), &db, &want.2, &bdb).unwrap();
+    for dev in devices() {
+        let hopper = runs_wgmma(&dev);
+        for (m, n, k, wgmma, on_wgmma) in [
+            (511, 40, 72, None, false),
+            (512, 40, 72, None, hopper),
+            (700, 42, 72, None, false),
+            (700, 40, 70, None, false),
+            (700, 40, 72, Some(false), false),
+        ] {
+            let case = Case::<bf16>::new(Dims::new(m, n, k), 16, (m + n + k) as u64);
+            let what = format!("m={m} n={n} k={k} {wgmma:?} on {}", dev.name());
+            let prior = case.prior(3);
+            let want = case.expected(false, &prior);
+            let (bdx, bda, bdb) = case.bounds(false, &prior, &want);
+            let opts = BackwardOptions {
+                wgmma,
+                ..Default::default()
+            };
+            lora_kernels::take_recent_launches();
+            let (dx, da, db) = case.run(&dev, [true, true, true], opts, &prior);
+            let launched = lora_kernels::take_recent_launches();
+            let dx_kernels: Vec<_> = launched
+                .iter()
+                .filter(|k| k.starts_with("lk_backward_dx_"))
+                .collect();
+            assert_eq!(dx_kernels.len(), 1, "{what}: {launched:?}");
+            let on = *dx_kernels[0] == "lk_backward_dx_wgmma_bf16";
+            assert_eq!(on, on_wgmma, "{what}: {launched:?}");
+            compare_within(&format!("{what}: dx"), &dx, &want.0, &bdx).unwrap();
+            compare_within(&format!("{what}: da"), &da, &want.1, &bda).unwrap();
+            compare_within(&format!("{what}: db"), &db, &want.2, &bdb).unwrap();
+        }
     }
 }

@@ -1993,50 +1993,59 @@ fn decode_direct_loads_refuse_what_they_cannot_take_and_change_nothing() {
 // ---- The default's choice between the mma.sync and wgmma prefills ----
 
 /// `multi_adapter_forward` takes the wgmma tile blocks where their 128 x 128
-/// tiles fill every SM 4 times (528 tiles on the host runtime's 132 SMs),
-/// and the mma.sync tiles below: one row past 527 row tiles tips it. `y` is
-/// within its bound either way (mixed adapters, ranks 1 to 16, tokens on
-/// none). Past the limit, k not a multiple of 8 (no TMA rows) runs on the
-/// mma.sync tiles instead of failing, as does a form that forces a split
-/// count; `wgmma: Some(false)` keeps it off.
+/// tiles fill every SM 4 times (528 tiles on the host runtime's 132 SMs) on
+/// a device that runs them (the host runtime, compute capability 9.0), and
+/// the mma.sync tiles below: one row past 4 x SMs - 1 row tiles tips it.
+/// `y` is within its bound either way (mixed adapters, ranks 1 to 16,
+/// tokens on none). Past the limit, k not a multiple of 8 (no TMA rows)
+/// runs on the mma.sync tiles instead of failing, as does a form that
+/// forces a split count; `wgmma: Some(false)` keeps it off.
 #[test]
 fn default_prefill_takes_wgmma_from_four_waves_of_tiles() {
     use lora_kernels::ops::multi_adapter_forward::LaunchForm;
-    let host = Device::host().unwrap();
-    let limit = 4 * 132 * 128;
-    let wgmma = "lk_multi_adapter_wgmma_bf16";
     let (aligned, any) = (
         "lk_multi_adapter_prefill_bf16_aligned",
         "lk_multi_adapter_prefill_bf16_any",
     );
-    // (tokens, k, the form's wgmma and k_splits, the kernel that runs)
-    for (m, k, forced, kernel) in [
-        (limit - 128, 64, (None, None), aligned),
-        (limit - 127, 64, (None, None), wgmma),
-        (limit - 127, 60, (None, None), any),
-        (limit - 127, 64, (Some(false), None), aligned),
-        (limit - 127, 64, (None, Some(1)), aligned),
-    ] {
-        let fx = Fixture::<bf16>::new(8, k, 16, &[1, 16, 5], 40 + k as u64);
-        let pool = fx.pool(&host);
-        let x: Vec<bf16> = random(&mut rng(41), m * k);
-        let ids: Vec<i32> = (0..m).map(|i| [0, 1, 2, -1][(i / 7) % 4]).collect();
-        let y0 = vec![bf16::NAN; m * 8];
-        let what = format!("m={m} k={k} (wgmma, k_splits) = {forced:?}");
-        lora_kernels::take_recent_launches();
-        let y = if forced == (None, None) {
-            run(&pool, None, &x, &fx.w, &ids, 0.0, &y0).unwrap()
+    for dev in devices() {
+        let wgmma = if runs_wgmma(&dev) {
+            "lk_multi_adapter_wgmma_bf16"
         } else {
-            let form = LaunchForm {
-                wgmma: forced.0,
-                k_splits: forced.1,
-                ..LaunchForm::default()
-            };
-            let (done, y) = run_form(&pool, Regime::Prefill, form, &x, &fx.w, &ids, 0.0, &y0);
-            done.map(|()| y).unwrap()
+            aligned
         };
-        let launched = lora_kernels::take_recent_launches();
-        assert_eq!(launched, [kernel], "{what}");
-        fx.compare(&what, &y, &x, &ids, 0.0, &y0).unwrap();
+        let limit = wgmma_prefill_rows(&dev);
+        // (tokens, k, the form's wgmma and k_splits, the kernel that runs)
+        for (m, k, forced, kernel) in [
+            (limit - 1, 64, (None, None), aligned),
+            (limit, 64, (None, None), wgmma),
+            (limit, 60, (None, None), any),
+            (limit, 64, (Some(false), None), aligned),
+            (limit, 64, (None, Some(1)), aligned),
+        ] {
+            let fx = Fixture::<bf16>::new(8, k, 16, &[1, 16, 5], 40 + k as u64);
+            let pool = fx.pool(&dev);
+            let x: Vec<bf16> = random(&mut rng(41), m * k);
+            let ids: Vec<i32> = (0..m).map(|i| [0, 1, 2, -1][(i / 7) % 4]).collect();
+            let y0 = vec![bf16::NAN; m * 8];
+            let what = format!(
+                "m={m} k={k} (wgmma, k_splits) = {forced:?} on {}",
+                dev.name()
+            );
+            lora_kernels::take_recent_launches();
+            let y = if forced == (None, None) {
+                run(&pool, None, &x, &fx.w, &ids, 0.0, &y0).unwrap()
+            } else {
+                let form = LaunchForm {
+                    wgmma: forced.0,
+                    k_splits: forced.1,
+                    ..LaunchForm::default()
+                };
+                let (done, y) = run_form(&pool, Regime::Prefill, form, &x, &fx.w, &ids, 0.0, &y0);
+                done.map(|()| y).unwrap()
+            };
+            let launched = lora_kernels::take_recent_launches();
+            assert_eq!(launched, [kernel], "{what}");
+            fx.compare(&what, &y, &x, &ids, 0.0, &y0).unwrap();
+        }
     }
 }

@@ -99,12 +99,22 @@ pub fn wgmma_devices() -> Vec<Device> {
         Device::host_with_schedule(HostSchedule::Reverse).unwrap(),
         Device::host_with_schedule(HostSchedule::Interleaved).unwrap(),
     ];
-    devs.extend(
-        devices()
-            .into_iter()
-            .filter(|d| d.compute_capability().is_none_or(|cc| cc == (9, 0))),
-    );
+    devs.extend(devices().into_iter().filter(runs_wgmma));
     devs
+}
+
+/// Whether `dev` runs the wgmma kernels: the host runtime, or a GPU of
+/// compute capability 9.0 (the tests' builds hold sm_90a for it).
+pub fn runs_wgmma(dev: &Device) -> bool {
+    dev.compute_capability().is_none_or(|cc| cc == (9, 0))
+}
+
+/// The fewest tokens (`n` up to 128) whose 128 x 128 prefill tiles fill
+/// every SM of `dev` 4 times: from here a default prefill takes the wgmma
+/// kernel where `dev` runs it (src/ops/wgmma_dispatch.rs).
+#[allow(dead_code)] // the forward tests' only
+pub fn wgmma_prefill_rows(dev: &Device) -> usize {
+    (4 * dev.sm_count() - 1) * 128 + 1
 }
 
 fn usable_gpu() -> Option<Device> {
