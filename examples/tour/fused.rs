@@ -223,9 +223,11 @@ pub fn decode_launch_table(dev: &Device, blas: &CublasBaseline) -> Res<Vec<serde
 }
 
 /// The fused forward in `regime` at each of `ms` tokens, in each launch form
-/// of `forms` (labelled under `key` in the JSON), at n = k = 4096 and
-/// 4096 -> 14336 (and n = 1024 at decode: few column tiles), ranks 16 and
-/// 64, beside cuBLAS base-only. A form the device can't launch prints why.
+/// of `forms` (labelled under `key` in the JSON), at n = k = 4096,
+/// 4096 -> 14336 and 4096 -> 1024 (a GQA k or v projection: few column
+/// tiles, so split-K at decode, and at prefill a quarter of n = 4096's
+/// tiles, below the wgmma limit at m = 4096), ranks 16 and 64, beside cuBLAS
+/// base-only. A form the device can't launch prints why.
 pub fn forms_table(
     dev: &Device,
     blas: &CublasBaseline,
@@ -238,10 +240,7 @@ pub fn forms_table(
         "   {:>5} {:>5} {:>5} {:>3} {:>8} {:>10} {:>10} {:>9} {:>9}",
         "m", "n", "k", "r", key, "ours us", "base us", "ours/base", "vs first"
     );
-    let mut shapes = vec![(4096usize, 4096usize), (14336, 4096)];
-    if regime == Regime::Decode {
-        shapes.push((1024, 4096));
-    }
+    let shapes = [(4096usize, 4096usize), (14336, 4096), (1024, 4096)];
     let max_m = ms.iter().copied().max().unwrap_or(1);
     let mut rows = Vec::new();
     for (n, k) in shapes {
