@@ -297,14 +297,6 @@ impl<T: KernelElement> Case<T> {
     }
 }
 
-/// Whether two outputs are the same bits, element by element.
-fn same_bits<T: KernelElement>(p: &[T], q: &[T]) -> bool {
-    p.len() == q.len()
-        && p.iter()
-            .zip(q)
-            .all(|(u, v)| u.to_f64().to_bits() == v.to_f64().to_bits())
-}
-
 /// Asserts that a run's `y` and saved `t` are the same bits as another's.
 fn assert_same_run<T: KernelElement>(
     what: &str,

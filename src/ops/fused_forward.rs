@@ -6,8 +6,10 @@
 //! up to 64, run on the multi-adapter kernel instead
 //! (kernels/multi_adapter_forward.cu, every token on the one adapter), which
 //! computes `t = x a^T` once for the launch where the fused kernel computes
-//! it in every column tile (at prefill, once per block of `col_tiles`).
-//! Reference: `reference::fused_forward`.
+//! it in every column tile (at prefill, once per block of `col_tiles`). On a
+//! GPU of compute capability 9.0 (and the host runtime) a prefill whose
+//! 128 x 128 tiles fill every SM 4 times runs on kernels/fused_forward_wgmma.cu
+//! (`wgmma_dispatch`). Reference: `reference::fused_forward`.
 use super::fused_forward_wgmma::{self, fused_forward_wgmma};
 use super::multi_adapter_forward::{OneAdapter, one_adapter_fits, one_adapter_forward};
 use super::split_k::{self, workspace, workspace_ptrs};

@@ -2,7 +2,9 @@
 //! `db = s g^T t`, `da = u^T x`, each output optional, with an accumulate mode
 //! and a deterministic mode (bit-identical results run to run: f32 partials
 //! per token range, summed in a fixed order, no float atomics). The base
-//! weight stays frozen. Kernels: kernels/lora_backward.cu. Reference:
+//! weight stays frozen. Kernels: kernels/lora_backward.cu, and for `dx` of
+//! 512 tokens or more on a GPU of compute capability 9.0 (and the host
+//! runtime) kernels/lora_backward_wgmma.cu (`wgmma_dispatch`). Reference:
 //! `reference::backward`.
 //!
 //! [`lora_backward`] trains one adapter; [`multi_adapter_backward`] trains

@@ -1,7 +1,10 @@
 //! Multi-adapter forward: every token of a batch uses its own adapter from an
 //! [`AdapterPool`] (or none), fused with the base product in one launch.
-//! Kernel: kernels/multi_adapter_forward.cu. Reference:
-//! `reference::multi_adapter_forward` (and `_segments`).
+//! Kernel: kernels/multi_adapter_forward.cu; on a GPU of compute capability
+//! 9.0 (and the host runtime) a prefill whose 128 x 128 tiles fill every SM
+//! 4 times takes kernels/multi_adapter_forward_wgmma.cu instead
+//! (`wgmma_dispatch`). Reference: `reference::multi_adapter_forward` (and
+//! `_segments`).
 //!
 //! Slot ids live on the device, so the launch never depends on their values
 //! (CUDA-graph capture stays valid). Ids given from the host should be checked
