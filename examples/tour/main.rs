@@ -15,7 +15,9 @@
 //! bandwidth and a large cuBLAS bf16 GEMM first (the ceilings), then times the
 //! fused forward (fused.rs: beside cuBLAS base-only and unfused LoRA) and the
 //! multi-adapter forward (multi.rs: beside cuBLAS base-only and a per-adapter
-//! cuBLAS loop), the backward (training.rs: beside cuBLAS's unfused backward)
+//! cuBLAS loop), LoRA's own cost (lora_cost.rs: the kernel over itself with
+//! every token on no adapter, at decode and prefill), the backward
+//! (training.rs: beside cuBLAS's unfused backward)
 //! and the optimizer step: each row gives the floor and the ratios (docs/DESIGN.md
 //! section 4); then whole steps over Llama-3-8B's projections (model.rs: decode,
 //! prefill, learning while serving), all printed and written as JSON to `$LORA_KERNELS_BENCH_JSON`
@@ -111,7 +113,12 @@ fn main() -> Res<()> {
     let depth_rows = fused::decode_launch_table(&dev, &blas)?;
     let multi_rows = multi::table(&dev, &blas, ceilings)?;
     let wgmma_base = multi::wgmma_base_table(&dev, &blas)?;
-    let lora_cost = lora_cost::table(&dev, &blas)?;
+    // A failure in the decode's split is reported; the tables after it run.
+    let decode_cost = lora_cost::decode_table(&dev, &blas).unwrap_or_else(|e| {
+        println!("   decode, where the time goes: failed: {e}");
+        vec![json!({ "error": e.to_string() })]
+    });
+    let lora_cost = lora_cost::prefill_table(&dev, &blas)?;
     let backward_rows = training::backward_table(&dev, &blas, ceilings)?;
     let optimizer = training::optimizer_table(&dev, ceilings)?;
     // The model steps hold the tour's largest allocations (about 15 GB): a
@@ -132,6 +139,7 @@ fn main() -> Res<()> {
         "multi_adapter_forward": multi_rows,
         "wgmma_base_gemm": wgmma_base,
         "prefill_lora_cost": lora_cost,
+        "decode_lora_cost": decode_cost,
         "backward": backward_rows,
         "optimizer": optimizer,
         "model_steps": model_steps,
