@@ -108,49 +108,76 @@ fn main() -> Res<()> {
         "   every time: median of {RUNS} runs after {WARMUP} warm-ups, CUDA events, w rotated across copies (> L2); \
          floor = max(bytes / copy bandwidth, flops / GEMM rate)"
     );
-    let fused_rows = fused::table(&dev, &blas, ceilings)?;
-    let col_tiles_rows = fused::col_tiles_table(&dev, &blas)?;
-    let depth_rows = fused::decode_launch_table(&dev, &blas)?;
-    let multi_rows = multi::table(&dev, &blas, ceilings)?;
-    let wgmma_base = multi::wgmma_base_table(&dev, &blas)?;
-    // A failure in the decode's split is reported; the tables after it run.
-    let decode_cost = lora_cost::decode_table(&dev, &blas).unwrap_or_else(|e| {
-        println!("   decode, where the time goes: failed: {e}");
-        vec![json!({ "error": e.to_string() })]
-    });
-    let lora_cost = lora_cost::prefill_table(&dev, &blas)?;
-    let backward_rows = training::backward_table(&dev, &blas, ceilings)?;
-    let optimizer = training::optimizer_table(&dev, ceilings)?;
-    // The model steps hold the tour's largest allocations (about 15 GB): a
-    // failure there is reported, and the tables above are still written.
-    let model_steps = model::table(&dev, &blas).unwrap_or_else(|e| {
-        println!("   model steps: failed: {e}");
-        json!({ "error": e.to_string() })
-    });
-    let report = json!({
-        "gpu": dev.name(),
-        "copy_bandwidth_bytes_per_s": ceilings.copy_bw,
-        "cublas_bf16_gemm_flops_per_s": ceilings.gemm_rate,
-        "warmup": WARMUP,
-        "runs": RUNS,
-        "fused_forward": fused_rows,
-        "fused_prefill_col_tiles": col_tiles_rows,
-        "fused_decode_launch": depth_rows,
-        "multi_adapter_forward": multi_rows,
-        "wgmma_base_gemm": wgmma_base,
-        "prefill_lora_cost": lora_cost,
-        "decode_lora_cost": decode_cost,
-        "backward": backward_rows,
-        "optimizer": optimizer,
-        "model_steps": model_steps,
-    });
     let path = std::env::var("LORA_KERNELS_BENCH_JSON")
         .unwrap_or_else(|_| "target/bench-tour.json".into());
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("\n   written: {path}");
+    let head = [
+        ("gpu", json!(dev.name())),
+        ("copy_bandwidth_bytes_per_s", json!(ceilings.copy_bw)),
+        ("cublas_bf16_gemm_flops_per_s", json!(ceilings.gemm_rate)),
+        ("warmup", json!(WARMUP)),
+        ("runs", json!(RUNS)),
+    ];
+    let mut report = Report::new(path, &head)?;
+    report.add("fused_forward", fused::table(&dev, &blas, ceilings))?;
+    report.add(
+        "fused_prefill_col_tiles",
+        fused::col_tiles_table(&dev, &blas),
+    )?;
+    report.add(
+        "fused_decode_launch",
+        fused::decode_launch_table(&dev, &blas),
+    )?;
+    report.add("multi_adapter_forward", multi::table(&dev, &blas, ceilings))?;
+    report.add("wgmma_base_gemm", multi::wgmma_base_table(&dev, &blas))?;
+    report.add("decode_lora_cost", lora_cost::decode_table(&dev, &blas))?;
+    report.add("prefill_lora_cost", lora_cost::prefill_table(&dev, &blas))?;
+    report.add("backward", training::backward_table(&dev, &blas, ceilings))?;
+    report.add("optimizer", training::optimizer_table(&dev, ceilings))?;
+    // The model steps hold the tour's largest allocations (about 15 GB).
+    report.add("model_steps", model::table(&dev, &blas))?;
+    println!("\n   written: {}", report.path);
     sass::section(3);
     traffic::section(4);
     finish(checks_passed)
+}
+
+/// The timing tables' JSON, written again after each table: a run cut
+/// short (a time limit on a GPU machine) keeps every table it finished. A
+/// table that fails is printed and recorded as `{"error": ...}`, and the
+/// tables after it still run.
+struct Report {
+    path: String,
+    tables: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Report {
+    /// A report that starts with `head`'s entries (the run's GPU and ceilings).
+    fn new(path: String, head: &[(&str, serde_json::Value)]) -> Res<Self> {
+        let tables = head
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let report = Report { path, tables };
+        report.write()?;
+        Ok(report)
+    }
+
+    fn add<T: Into<serde_json::Value>>(&mut self, key: &str, table: Res<T>) -> Res<()> {
+        let value = match table {
+            Ok(rows) => rows.into(),
+            Err(e) => {
+                println!("   {key}: failed: {e}");
+                json!({ "error": e.to_string() })
+            }
+        };
+        self.tables.insert(key.to_string(), value);
+        self.write()
+    }
+
+    fn write(&self) -> Res<()> {
+        std::fs::write(&self.path, serde_json::to_string_pretty(&self.tables)?)?;
+        Ok(())
+    }
 }
 
 /// A failed check fails the run (after the rest has been printed).
