@@ -138,16 +138,24 @@ fn main() -> Res<()> {
     println!("\n   written: {}", report.path);
     sass::section(3);
     traffic::section(4);
+    if !report.failed.is_empty() {
+        eprintln!(
+            "\ntour: some timing tables failed: {}",
+            report.failed.join(", ")
+        );
+        std::process::exit(1);
+    }
     finish(checks_passed)
 }
 
 /// The timing tables' JSON, written again after each table: a run cut
 /// short (a time limit on a GPU machine) keeps every table it finished. A
-/// table that fails is printed and recorded as `{"error": ...}`, and the
-/// tables after it still run.
+/// table that fails is printed and recorded as `{"error": ...}`, the tables
+/// after it still run, and the tour fails at the end.
 struct Report {
     path: String,
     tables: serde_json::Map<String, serde_json::Value>,
+    failed: Vec<String>,
 }
 
 impl Report {
@@ -157,7 +165,11 @@ impl Report {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-        let report = Report { path, tables };
+        let report = Report {
+            path,
+            tables,
+            failed: Vec::new(),
+        };
         report.write()?;
         Ok(report)
     }
@@ -167,6 +179,7 @@ impl Report {
             Ok(rows) => rows.into(),
             Err(e) => {
                 println!("   {key}: failed: {e}");
+                self.failed.push(key.to_string());
                 json!({ "error": e.to_string() })
             }
         };
