@@ -9,7 +9,10 @@
 //! It exits with an error when a check fails. With `--tune` (GPU only), the
 //! checks are followed by the tuning sweep alone (tune.rs: every launch form
 //! on the tables' shapes, the best per shape), written as JSON to
-//! `$LORA_KERNELS_TUNE_JSON` (default target/tune.json). With `--profile CASE`
+//! `$LORA_KERNELS_TUNE_JSON` (default target/tune.json). `--tables a,b` (GPU
+//! only) runs only the named timing tables of the tour or of the sweep
+//! (report.rs: each table's JSON is written as it ends, with its seconds, so
+//! a run cut short says what it did not reach). With `--profile CASE`
 //! (GPU only) it launches one case a few times and nothing else, for Nsight
 //! Compute (profile.rs; `--profile` alone lists the cases). On a GPU it measures the copy
 //! bandwidth and a large cuBLAS bf16 GEMM first (the ceilings), then times the
@@ -32,6 +35,7 @@ mod lora_cost;
 mod model;
 mod multi;
 mod profile;
+mod report;
 mod sass;
 mod traffic;
 mod training;
@@ -43,6 +47,8 @@ use lora_kernels::cublas_baseline::CublasBaseline;
 use lora_kernels::timing::time_on_stream;
 use lora_kernels::{Buffer, Device, Dims, Element};
 use serde_json::json;
+
+use report::{Report, table};
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -76,11 +82,14 @@ fn main() -> Res<()> {
         return profile::section(gpu.as_ref(), name);
     }
     let tune = args.iter().any(|a| a == "--tune");
+    let only = report::selection(&args)?;
     let gpu = open_gpu();
     let checks_passed = check::section(gpu.as_ref())?;
     let Some(dev) = gpu else {
-        if tune {
-            println!("\n--tune: the sweep times launches on a GPU, and there is none here");
+        if tune || only.is_some() {
+            println!(
+                "\n--tune and --tables: the tables time launches on a GPU, and there is none here"
+            );
         }
         check::no_timings();
         sass::section(3);
@@ -89,12 +98,18 @@ fn main() -> Res<()> {
     };
     let blas = CublasBaseline::new(&dev)?;
     if tune {
-        let sweep = tune::section(&dev, &blas)?;
-        let report = json!({ "gpu": dev.name(), "warmup": WARMUP, "runs": RUNS, "tune": sweep });
+        println!(
+            "\n   tuning sweep, bf16: every launch form, the best per shape beside the default"
+        );
         let path =
             std::env::var("LORA_KERNELS_TUNE_JSON").unwrap_or_else(|_| "target/tune.json".into());
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-        println!("\n   written: {path}");
+        let head = [
+            ("gpu", json!(dev.name())),
+            ("warmup", json!(WARMUP)),
+            ("runs", json!(RUNS)),
+        ];
+        let report = Report::run(path, &head, tune::tables(&dev, &blas), only.as_deref())?;
+        report.exit_if_failed();
         return finish(checks_passed);
     }
     let ceilings = ceilings(&dev, &blas)?;
@@ -117,80 +132,41 @@ fn main() -> Res<()> {
         ("warmup", json!(WARMUP)),
         ("runs", json!(RUNS)),
     ];
-    let mut report = Report::new(path, &head)?;
-    report.add("fused_forward", fused::table(&dev, &blas, ceilings))?;
-    report.add(
-        "fused_prefill_col_tiles",
-        fused::col_tiles_table(&dev, &blas),
-    )?;
-    report.add(
-        "fused_decode_launch",
-        fused::decode_launch_table(&dev, &blas),
-    )?;
-    report.add("multi_adapter_forward", multi::table(&dev, &blas, ceilings))?;
-    report.add("wgmma_base_gemm", multi::wgmma_base_table(&dev, &blas))?;
-    report.add("decode_lora_cost", lora_cost::decode_table(&dev, &blas))?;
-    report.add("prefill_lora_cost", lora_cost::prefill_table(&dev, &blas))?;
-    report.add("backward", training::backward_table(&dev, &blas, ceilings))?;
-    report.add("optimizer", training::optimizer_table(&dev, ceilings))?;
-    // The model steps hold the tour's largest allocations (about 15 GB).
-    report.add("model_steps", model::table(&dev, &blas))?;
-    println!("\n   written: {}", report.path);
+    let (dev, blas) = (&dev, &blas);
+    let tables = vec![
+        table("fused_forward", move || fused::table(dev, blas, ceilings)),
+        table("fused_prefill_col_tiles", move || {
+            fused::col_tiles_table(dev, blas)
+        }),
+        table("fused_decode_launch", move || {
+            fused::decode_launch_table(dev, blas)
+        }),
+        table("multi_adapter_forward", move || {
+            multi::table(dev, blas, ceilings)
+        }),
+        table("wgmma_base_gemm", move || {
+            multi::wgmma_base_table(dev, blas)
+        }),
+        table("decode_lora_cost", move || {
+            lora_cost::decode_table(dev, blas)
+        }),
+        table("prefill_lora_cost", move || {
+            lora_cost::prefill_table(dev, blas)
+        }),
+        table("backward", move || {
+            training::backward_table(dev, blas, ceilings)
+        }),
+        table("optimizer", move || {
+            training::optimizer_table(dev, ceilings)
+        }),
+        // The model steps hold the tour's largest allocations (about 15 GB).
+        table("model_steps", move || model::table(dev, blas)),
+    ];
+    let report = Report::run(path, &head, tables, only.as_deref())?;
     sass::section(3);
     traffic::section(4);
-    if !report.failed.is_empty() {
-        eprintln!(
-            "\ntour: some timing tables failed: {}",
-            report.failed.join(", ")
-        );
-        std::process::exit(1);
-    }
+    report.exit_if_failed();
     finish(checks_passed)
-}
-
-/// The timing tables' JSON, written again after each table: a run cut
-/// short (a time limit on a GPU machine) keeps every table it finished. A
-/// table that fails is printed and recorded as `{"error": ...}`, the tables
-/// after it still run, and the tour fails at the end.
-struct Report {
-    path: String,
-    tables: serde_json::Map<String, serde_json::Value>,
-    failed: Vec<String>,
-}
-
-impl Report {
-    /// A report that starts with `head`'s entries (the run's GPU and ceilings).
-    fn new(path: String, head: &[(&str, serde_json::Value)]) -> Res<Self> {
-        let tables = head
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        let report = Report {
-            path,
-            tables,
-            failed: Vec::new(),
-        };
-        report.write()?;
-        Ok(report)
-    }
-
-    fn add<T: Into<serde_json::Value>>(&mut self, key: &str, table: Res<T>) -> Res<()> {
-        let value = match table {
-            Ok(rows) => rows.into(),
-            Err(e) => {
-                println!("   {key}: failed: {e}");
-                self.failed.push(key.to_string());
-                json!({ "error": e.to_string() })
-            }
-        };
-        self.tables.insert(key.to_string(), value);
-        self.write()
-    }
-
-    fn write(&self) -> Res<()> {
-        std::fs::write(&self.path, serde_json::to_string_pretty(&self.tables)?)?;
-        Ok(())
-    }
 }
 
 /// A failed check fails the run (after the rest has been printed).

@@ -12,68 +12,92 @@ use serde_json::json;
 
 use crate::fused::forms_table;
 use crate::multi::{loaded_pool, time_tuned};
+use crate::report::{Table, table};
 use crate::{Inputs, Res};
 
-pub fn section(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
-    println!("\n   tuning sweep, bf16: every launch form, the best per shape beside the default");
-    let fused = fused_sweep(dev, blas)?;
-    let multi = multi_sweep(dev)?;
-    Ok(json!({ "fused_forward": fused, "multi_adapter_forward": multi }))
+/// The sweep's tables (report.rs), each written as it ends: the fused
+/// forward at decode and at prefill, then the multi-adapter forward at each
+/// n (k = 4096).
+pub fn tables<'a>(dev: &'a Device, blas: &'a CublasBaseline) -> Vec<Table<'a>> {
+    let mut tables = vec![
+        table("fused_decode", move || {
+            fused_sweep(dev, blas, Regime::Decode)
+        }),
+        table("fused_prefill", move || {
+            fused_sweep(dev, blas, Regime::Prefill)
+        }),
+    ];
+    for n in [4096, 14336, 1024] {
+        tables.push(table(&format!("multi_n{n}"), move || {
+            multi_sweep(dev, n, 4096)
+        }));
+    }
+    tables
 }
 
-/// The fused forward's forms: at decode, the fused kernel (`t` in every
-/// column tile) at either depth and each split count, and the shared shrink
-/// (the multi-adapter kernel), with its shared-memory pipeline or with `w`
-/// loaded straight into registers at each split count; at prefill, 1, 2 and 4 column tiles a block,
-/// the shared shrink (mma.sync) split along k where it splits (256 tokens) and unsplit, and the
-/// wgmma kernel at 1, 2 and 4 column tiles; the default beside them.
-fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
+/// The fused forward in `regime` at the tables' token counts, in every form
+/// of [`fused_forms`]: each timed, then the best per shape.
+fn fused_sweep(dev: &Device, blas: &CublasBaseline, regime: Regime) -> Res<serde_json::Value> {
+    let ms = match regime {
+        Regime::Decode => &[1usize, 4, 16, 64][..],
+        // 1024 and 2048 tokens: the wgmma limit (528 tiles on 132 SMs,
+        // ops::wgmma_dispatch) lies between them at n = 4096 and below them
+        // at n = 14336.
+        _ => &[256, 512, 1024, 2048, 4096][..],
+    };
+    let forms = fused_forms(regime);
+    let forms: Vec<(&str, LaunchForm)> = forms.iter().map(|(l, f)| (l.as_str(), *f)).collect();
+    let rows = forms_table(dev, blas, regime, ms, &forms, "form")?;
+    let best = best_per_shape(&rows, &["n", "k", "m", "r"], "form");
+    Ok(json!({ "rows": rows, "best": best }))
+}
+
+/// The fused forward's forms, the default first: at decode, the fused kernel
+/// (`t` in every column tile) at either depth and each split count, and the
+/// shared shrink (the multi-adapter kernel) with `w` loaded straight into
+/// registers at each split count; at prefill, 1, 2 and 4 column tiles a
+/// block, the shared shrink (mma.sync) split along k where it splits (256
+/// tokens) and unsplit, and the wgmma kernel at 1, 2 and 4 column tiles.
+fn fused_forms(regime: Regime) -> Vec<(String, LaunchForm)> {
     let own_t = LaunchForm {
         shared_shrink: Some(false),
         ..LaunchForm::default()
     };
-    let mut decode = vec![("default".to_string(), LaunchForm::default())];
-    for deep in [false, true] {
-        for splits in [None, Some(1), Some(2), Some(4), Some(8)] {
-            let label = format!(
-                "{} split {}",
-                if deep { "deep" } else { "base" },
-                splits.map_or("auto".to_string(), |s| s.to_string())
-            );
-            let form = LaunchForm {
-                deep_decode: Some(deep),
-                k_splits: splits,
-                ..own_t
-            };
-            decode.push((label, form));
+    let mut forms = vec![("default".to_string(), LaunchForm::default())];
+    let splits_label = |s: Option<usize>| s.map_or("auto".to_string(), |s| s.to_string());
+    if regime == Regime::Decode {
+        for deep in [false, true] {
+            for splits in [None, Some(1), Some(2), Some(4), Some(8)] {
+                let depth = if deep { "deep" } else { "base" };
+                let form = LaunchForm {
+                    deep_decode: Some(deep),
+                    k_splits: splits,
+                    ..own_t
+                };
+                forms.push((format!("{depth} split {}", splits_label(splits)), form));
+            }
         }
+        for splits in [None, Some(1), Some(2), Some(4)] {
+            let form = LaunchForm {
+                direct_decode: true,
+                k_splits: splits,
+                ..LaunchForm::default()
+            };
+            forms.push((format!("direct split {}", splits_label(splits)), form));
+        }
+        return forms;
     }
-    for splits in [None, Some(1), Some(2), Some(4)] {
-        let label = format!(
-            "direct split {}",
-            splits.map_or("auto".to_string(), |s| s.to_string())
-        );
-        let form = LaunchForm {
-            direct_decode: true,
-            k_splits: splits,
-            ..LaunchForm::default()
-        };
-        decode.push((label, form));
-    }
-    let unsplit = LaunchForm {
-        k_splits: Some(1),
-        ..LaunchForm::default()
-    };
     // The shared shrink on the mma.sync tiles, whatever the dispatch picks.
     let shared = LaunchForm {
         wgmma: Some(false),
         ..LaunchForm::default()
     };
-    let mut prefill = vec![
-        ("default".to_string(), LaunchForm::default()),
-        ("shared".to_string(), shared),
-        ("split 1".to_string(), unsplit),
-    ];
+    let unsplit = LaunchForm {
+        k_splits: Some(1),
+        ..LaunchForm::default()
+    };
+    forms.push(("shared".to_string(), shared));
+    forms.push(("split 1".to_string(), unsplit));
     for col_tiles in [1, 2, 4] {
         let own = LaunchForm {
             col_tiles: Some(col_tiles),
@@ -84,22 +108,10 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
             wgmma: Some(true),
             ..LaunchForm::default()
         };
-        prefill.push((format!("own t {col_tiles}"), own));
-        prefill.push((format!("wgmma {col_tiles}"), wgmma));
+        forms.push((format!("own t {col_tiles}"), own));
+        forms.push((format!("wgmma {col_tiles}"), wgmma));
     }
-    let mut rows = Vec::new();
-    for (regime, ms, forms) in [
-        (Regime::Decode, &[1usize, 4, 16, 64][..], &decode),
-        // 1024 and 2048 tokens: the wgmma limit (528 tiles on 132 SMs,
-        // ops::wgmma_dispatch) lies between them at n = 4096 and below them
-        // at n = 14336.
-        (Regime::Prefill, &[256, 512, 1024, 2048, 4096][..], &prefill),
-    ] {
-        let forms: Vec<(&str, LaunchForm)> = forms.iter().map(|(l, f)| (l.as_str(), *f)).collect();
-        rows.extend(forms_table(dev, blas, regime, ms, &forms, "form")?);
-    }
-    let best = best_per_shape(&rows, &["n", "k", "m", "r"], "form");
-    Ok(json!({ "rows": rows, "best": best }))
+    forms
 }
 
 /// The multi-adapter forward's forms: with and without shrink blocks; at
@@ -107,51 +119,49 @@ fn fused_sweep(dev: &Device, blas: &CublasBaseline) -> Res<serde_json::Value> {
 /// with `w` loaded straight into registers; at prefill, the wgmma
 /// tile blocks, each shrink unit's passes on one warp (one share), and the
 /// mma.sync tiles unsplit.
-/// Rank 16, tokens on adapters in contiguous groups.
-fn multi_sweep(dev: &Device) -> Res<serde_json::Value> {
+/// At n x k, rank 16, tokens on adapters in contiguous groups.
+fn multi_sweep(dev: &Device, n: usize, k: usize) -> Res<serde_json::Value> {
     println!(
         "   {:>5} {:>5} {:>6} {:>8} {:>24} {:>10}",
         "n", "k", "tokens", "adapters", "form", "ours us"
     );
     let mut rows = Vec::new();
-    for (n, k) in [(4096usize, 4096usize), (14336, 4096), (1024, 4096)] {
-        let mut inputs = Inputs::<bf16>::new(dev, n, k, 4096)?;
-        // 1024 and 4096 tokens: either side of the wgmma tile blocks' limit
-        // (528 tiles on 132 SMs, ops::wgmma_dispatch) at n = 4096 and 14336.
-        let shapes = [
-            (16usize, 8usize),
-            (16, 16),
-            (64, 8),
-            (64, 64),
-            (256, 64),
-            (1024, 64),
-            (4096, 64),
-        ];
-        for (m, distinct) in shapes {
-            let regime = regime_for(DType::BF16, m);
-            let pool = loaded_pool(dev, n, k, distinct, Some(16))?;
-            pool.reserve_tokens(m)?;
-            let ids: Vec<i32> = (0..m).map(|i| (i * distinct / m) as i32).collect();
-            let ids = dev.upload(&ids)?;
-            let routing = Routing::Tokens((&ids).into());
-            let mut i = 0;
-            for (label, form) in multi_forms(regime) {
-                let dims = Dims::new(m, n, k);
-                let launch = (regime, form, &pool, &routing);
-                match time_tuned(dev, &mut inputs, dims, launch, &mut i) {
-                    Ok(t) => {
-                        println!(
-                            "   {n:>5} {k:>5} {m:>6} {distinct:>8} {label:>24} {:>10.1}",
-                            t.median_us
-                        );
-                        rows.push(json!({
-                            "n": n, "k": k, "tokens": m, "adapters": distinct, "rank": 16,
-                            "form": label, "ours_us": t.median_us,
-                        }));
-                    }
-                    Err(e) => println!(
-                        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {label:>24} not launched: {e}"
-                    ),
+    let mut inputs = Inputs::<bf16>::new(dev, n, k, 4096)?;
+    // 1024 and 4096 tokens: either side of the wgmma tile blocks' limit
+    // (528 tiles on 132 SMs, ops::wgmma_dispatch) at n = 4096 and 14336.
+    let shapes = [
+        (16usize, 8usize),
+        (16, 16),
+        (64, 8),
+        (64, 64),
+        (256, 64),
+        (1024, 64),
+        (4096, 64),
+    ];
+    for (m, distinct) in shapes {
+        let regime = regime_for(DType::BF16, m);
+        let pool = loaded_pool(dev, n, k, distinct, Some(16))?;
+        pool.reserve_tokens(m)?;
+        let ids: Vec<i32> = (0..m).map(|i| (i * distinct / m) as i32).collect();
+        let ids = dev.upload(&ids)?;
+        let routing = Routing::Tokens((&ids).into());
+        let mut i = 0;
+        for (label, form) in multi_forms(regime) {
+            let dims = Dims::new(m, n, k);
+            let launch = (regime, form, &pool, &routing);
+            match time_tuned(dev, &mut inputs, dims, launch, &mut i) {
+                Ok(t) => {
+                    println!(
+                        "   {n:>5} {k:>5} {m:>6} {distinct:>8} {label:>24} {:>10.1}",
+                        t.median_us
+                    );
+                    rows.push(json!({
+                        "n": n, "k": k, "tokens": m, "adapters": distinct, "rank": 16,
+                        "form": label, "ours_us": t.median_us,
+                    }));
+                }
+                Err(e) => {
+                    println!("   {n:>5} {k:>5} {m:>6} {distinct:>8} {label:>24} not launched: {e}")
                 }
             }
         }
