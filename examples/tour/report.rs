@@ -36,7 +36,6 @@ pub fn selection(args: &[String]) -> Res<Option<Vec<String>>> {
 pub struct Report {
     pub path: String,
     entries: serde_json::Map<String, Value>,
-    seconds: serde_json::Map<String, Value>,
     failed: Vec<String>,
 }
 
@@ -68,10 +67,10 @@ impl Report {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         entries.insert("tables_planned".into(), json!(planned));
+        entries.insert("table_seconds".into(), json!({}));
         let mut report = Report {
             path,
             entries,
-            seconds: serde_json::Map::new(),
             failed: Vec::new(),
         };
         report.write()?;
@@ -96,10 +95,8 @@ impl Report {
         };
         let seconds = start.elapsed().as_secs_f64();
         println!("   ({name}: {seconds:.1} s)");
-        self.seconds.insert(name.to_string(), json!(seconds));
+        self.entries["table_seconds"][name] = json!(seconds);
         self.entries.insert(name.to_string(), value);
-        self.entries
-            .insert("table_seconds".into(), Value::Object(self.seconds.clone()));
         self.write()
     }
 
