@@ -13,9 +13,10 @@
 //! cargo warnings; `LORA_KERNELS_LINEINFO=1` adds source line info (for ncu);
 //! `LORA_KERNELS_EMBED_PTX=0` leaves the PTX out (cubins only: smaller
 //! binaries for a known GPU, as scripts/gpu-check builds them);
-//! `LORA_KERNELS_BUILD_CACHE=DIR` keeps the compiled kernels in DIR, keyed by
-//! the kernel sources, nvcc and the options, so another build of the same
-//! kernels (other features or profile, the packaged crate) skips nvcc.
+//! `LORA_KERNELS_BUILD_CACHE=DIR` keeps the compiled kernels and the host
+//! runtime's library in DIR, keyed by the kernel sources, the compiler and the
+//! options, so another build of the same kernels (other features or profile,
+//! the packaged crate) skips nvcc and the host compiler.
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -79,7 +80,7 @@ fn main() {
     write_image_table(&out_dir, images.as_deref());
 
     if env::var_os("CARGO_FEATURE_HOST").is_some() {
-        compile_host(&sources);
+        compile_host(&sources, &out_dir);
     }
 }
 
@@ -167,21 +168,11 @@ fn compile_device_cached(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Ve
             .iter()
             .flat_map(|(_, ptx, cubins)| ptx.iter().chain(cubins.iter().map(|(_, c)| c)))
     };
-    let name = |path: &Path| path.file_name().unwrap().to_owned();
-    // A hit: every file of the entry copied into OUT_DIR.
-    if files().all(|f| fs::copy(entry.join(name(f)), f).is_ok()) {
+    if restore_entry(&entry, files().map(PathBuf::as_path)) {
         return images;
     }
     let compiled = compile_device(nvcc, sources, out_dir);
-    // Store (best effort): a complete folder renamed into place, so a build
-    // never sees half an entry.
-    let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
-    let stored = fs::create_dir_all(&tmp).is_ok()
-        && files().all(|f| fs::copy(f, tmp.join(name(f))).is_ok())
-        && fs::rename(&tmp, &entry).is_ok();
-    if !stored {
-        let _ = fs::remove_dir_all(&tmp);
-    }
+    store_entry(&entry, files().map(PathBuf::as_path));
     compiled
 }
 
@@ -192,25 +183,58 @@ fn device_key(nvcc: &Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     "lora-kernels device v2".hash(&mut h);
     nvcc.hash(&mut h);
-    let version = Command::new(nvcc)
-        .arg("--version")
-        .output()
-        .map(|o| o.stdout);
-    version.unwrap_or_default().hash(&mut h);
+    tool_version(nvcc).hash(&mut h);
     cuda_archs().hash(&mut h);
     env::var("LORA_KERNELS_LINEINFO").ok().hash(&mut h);
-    // The kernel files and every header they may include (the host
-    // runtime's too: the same tree).
+    hash_kernel_tree(&mut h);
+    h.finish()
+}
+
+/// What `TOOL --version` prints (empty when it can't run): an upgraded
+/// compiler at the same path makes a new cache key.
+fn tool_version(tool: &Path) -> Vec<u8> {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default()
+}
+
+/// Hashes the kernel files and every header they may include (the host
+/// runtime's too: the same tree), names and contents.
+fn hash_kernel_tree(h: &mut impl std::hash::Hasher) {
+    use std::hash::Hash;
     let kernels = Path::new("kernels");
     let mut files = list_files(kernels, "cu");
     files.extend(list_files(&kernels.join("include"), ""));
     files.extend(list_files(&kernels.join("host"), ""));
     files.sort();
     for file in files {
-        file.hash(&mut h);
-        fs::read(&file).unwrap_or_default().hash(&mut h);
+        file.hash(h);
+        fs::read(&file).unwrap_or_default().hash(h);
     }
-    h.finish()
+}
+
+/// A cache hit: every one of `files` copied from the entry `entry` (by file
+/// name) to its place; false when the entry lacks one.
+fn restore_entry<'a>(entry: &Path, files: impl IntoIterator<Item = &'a Path>) -> bool {
+    files
+        .into_iter()
+        .all(|f| fs::copy(entry.join(f.file_name().unwrap()), f).is_ok())
+}
+
+/// Stores `files` (best effort) as the cache entry `entry`: a complete folder
+/// renamed into place, so a build never sees half an entry.
+fn store_entry<'a>(entry: &Path, files: impl IntoIterator<Item = &'a Path>) {
+    let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
+    let stored = fs::create_dir_all(&tmp).is_ok()
+        && files
+            .into_iter()
+            .all(|f| fs::copy(f, tmp.join(f.file_name().unwrap())).is_ok())
+        && fs::rename(&tmp, entry).is_ok();
+    if !stored {
+        let _ = fs::remove_dir_all(&tmp);
+    }
 }
 
 /// Where compile_file writes a source's compiled forms in `out_dir`.
@@ -328,7 +352,45 @@ fn write_image_table(out_dir: &Path, images: Option<&[Image]>) {
     fs::write(out_dir.join("kernel_images.rs"), rs).unwrap();
 }
 
-fn compile_host(sources: &[PathBuf]) {
+/// The host runtime's static library, through the build cache when
+/// `LORA_KERNELS_BUILD_CACHE` names one. Its flags don't depend on the
+/// profile's optimization level (always -O2), so the builds of one CI run
+/// (check, test, other features, the packaged crate) share one compile.
+fn compile_host(sources: &[PathBuf], out_dir: &Path) {
+    const LIB: &str = "lora_kernels_host";
+    let build = host_build(sources);
+    let Some(cache) = env::var_os("LORA_KERNELS_BUILD_CACHE") else {
+        build.compile(LIB);
+        return;
+    };
+    let entry = Path::new(&cache).join(format!("host-{:016x}", host_key(&build)));
+    let archive = out_dir.join(format!("lib{LIB}.a"));
+    if restore_entry(&entry, [archive.as_path()]) {
+        // What `compile` prints after archiving: link it and the C++ library.
+        cc::emit_link_directives(&build, &archive);
+        return;
+    }
+    build.compile(LIB);
+    store_entry(&entry, [archive.as_path()]);
+}
+
+/// The build cache's key for the host runtime: the compiler (path, version
+/// and every argument cc gives it: target, debug info, flags from the
+/// environment), the target and the sources.
+fn host_key(build: &cc::Build) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    "lora-kernels host v1".hash(&mut h);
+    let compiler = build.get_compiler();
+    compiler.path().hash(&mut h);
+    tool_version(compiler.path()).hash(&mut h);
+    compiler.args().hash(&mut h);
+    env::var("TARGET").ok().hash(&mut h);
+    hash_kernel_tree(&mut h);
+    h.finish()
+}
+
+fn host_build(sources: &[PathBuf]) -> cc::Build {
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -347,5 +409,5 @@ fn compile_host(sources: &[PathBuf]) {
         .file("kernels/host/lk_host_hopper.cpp")
         .file("kernels/host/lk_params_layout.cpp")
         .files(sources);
-    build.compile("lora_kernels_host");
+    build
 }
