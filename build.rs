@@ -4,7 +4,9 @@
 //!   each target in `LORA_KERNELS_CUDA_ARCHS` (default `80,90`), embedded from
 //!   OUT_DIR into `$OUT_DIR/kernel_images.rs`. A file whose first line is
 //!   `// lk-targets: sm_90a` (Hopper's own instructions) becomes one sm_90a
-//!   cubin, when the targets include 90, and no PTX;
+//!   cubin, when the targets include 90, and no PTX. The sm_80 cubin is
+//!   ptxas on the compute_80 PTX (nvcc's own second half for -arch=sm_80,
+//!   byte for byte), so the C++ front end runs once per target family;
 //! - with the `host` feature, also with the host C++ compiler against
 //!   `kernels/host` (the host runtime, docs/DESIGN.md section 6).
 //!
@@ -13,10 +15,11 @@
 //! cargo warnings; `LORA_KERNELS_LINEINFO=1` adds source line info (for ncu);
 //! `LORA_KERNELS_EMBED_PTX=0` leaves the PTX out (cubins only: smaller
 //! binaries for a known GPU, as scripts/gpu-check builds them);
-//! `LORA_KERNELS_BUILD_CACHE=DIR` keeps the compiled kernels and the host
-//! runtime's library in DIR, keyed by the kernel sources, the compiler and the
-//! options, so another build of the same kernels (other features or profile,
-//! the packaged crate) skips nvcc and the host compiler.
+//! `LORA_KERNELS_BUILD_CACHE=DIR` keeps the compiled kernels (one file per
+//! output and target) and the host runtime's library in DIR, keyed by the
+//! kernel sources, the compiler and the options, so another build of the same
+//! kernels (other features, profile or targets, the packaged crate) skips nvcc
+//! and the host compiler.
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -58,7 +61,7 @@ fn main() {
         Some(nvcc) => {
             // A reinstalled or upgraded nvcc rebuilds the kernels.
             println!("cargo:rerun-if-changed={}", nvcc.display());
-            Some(compile_device_cached(&nvcc, &sources, &out_dir))
+            Some(compile_device(&nvcc, &sources, &out_dir))
         }
         None => {
             if env::var("LORA_KERNELS_REQUIRE_NVCC").as_deref() == Ok("1") {
@@ -150,44 +153,23 @@ fn file_archs(src: &Path, archs: &[String]) -> Vec<String> {
     }
 }
 
-/// compile_device, through the build cache when `LORA_KERNELS_BUILD_CACHE`
-/// names one (a verbose build always compiles: it prints ptxas's report).
-fn compile_device_cached(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image> {
-    let verbose = env::var("LORA_KERNELS_PTXAS_VERBOSE").as_deref() == Ok("1");
-    let Some(cache) = env::var_os("LORA_KERNELS_BUILD_CACHE").filter(|_| !verbose) else {
-        return compile_device(nvcc, sources, out_dir);
-    };
-    let entry = Path::new(&cache).join(format!("kernels-{:016x}", device_key(nvcc)));
-    let archs = cuda_archs();
-    let images: Vec<Image> = sources
-        .iter()
-        .map(|src| image_paths(src, out_dir, &archs))
-        .collect();
-    let files = || {
-        images
-            .iter()
-            .flat_map(|(_, ptx, cubins)| ptx.iter().chain(cubins.iter().map(|(_, c)| c)))
-    };
-    if restore_entry(&entry, files().map(PathBuf::as_path)) {
-        return images;
-    }
-    let compiled = compile_device(nvcc, sources, out_dir);
-    store_entry(&entry, files().map(PathBuf::as_path));
-    compiled
-}
-
-/// The build cache's key for the device kernels: everything nvcc's output
-/// depends on (the kernel sources, nvcc itself, the archs and options).
-fn device_key(nvcc: &Path) -> u64 {
+/// The build cache's entry for the device kernels, when
+/// `LORA_KERNELS_BUILD_CACHE` names a cache (a verbose build always
+/// compiles: it prints ptxas's report). Its key is everything nvcc's output
+/// depends on but the targets (the kernel sources, nvcc itself, the
+/// options): each output is its own file in the entry, named by its target,
+/// so a build for sm_90 alone reuses the sm_90 cubins of a build for 80,90.
+fn device_cache_entry(nvcc: &Path) -> Option<PathBuf> {
     use std::hash::{Hash, Hasher};
+    let verbose = env::var("LORA_KERNELS_PTXAS_VERBOSE").as_deref() == Ok("1");
+    let cache = env::var_os("LORA_KERNELS_BUILD_CACHE").filter(|_| !verbose)?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    "lora-kernels device v2".hash(&mut h);
+    "lora-kernels device v3".hash(&mut h);
     nvcc.hash(&mut h);
     tool_version(nvcc).hash(&mut h);
-    cuda_archs().hash(&mut h);
     env::var("LORA_KERNELS_LINEINFO").ok().hash(&mut h);
     hash_kernel_tree(&mut h);
-    h.finish()
+    Some(Path::new(&cache).join(format!("kernels-{:016x}", h.finish())))
 }
 
 /// What `TOOL --version` prints (empty when it can't run): an upgraded
@@ -215,25 +197,26 @@ fn hash_kernel_tree(h: &mut impl std::hash::Hasher) {
     }
 }
 
-/// A cache hit: every one of `files` copied from the entry `entry` (by file
-/// name) to its place; false when the entry lacks one.
-fn restore_entry<'a>(entry: &Path, files: impl IntoIterator<Item = &'a Path>) -> bool {
-    files
-        .into_iter()
-        .all(|f| fs::copy(entry.join(f.file_name().unwrap()), f).is_ok())
+/// A cache hit: `file` copied from the entry `entry` (by file name) to its
+/// place; false when the entry lacks it.
+fn restore_from_cache(entry: &Path, file: &Path) -> bool {
+    fs::copy(entry.join(file.file_name().unwrap()), file).is_ok()
 }
 
-/// Stores `files` (best effort) as the cache entry `entry`: a complete folder
-/// renamed into place, so a build never sees half an entry.
-fn store_entry<'a>(entry: &Path, files: impl IntoIterator<Item = &'a Path>) {
-    let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
-    let stored = fs::create_dir_all(&tmp).is_ok()
-        && files
-            .into_iter()
-            .all(|f| fs::copy(f, tmp.join(f.file_name().unwrap())).is_ok())
-        && fs::rename(&tmp, entry).is_ok();
+/// Stores `file` in the entry `entry` (best effort): written beside its
+/// final name and renamed into place, so a build never reads half a file.
+fn store_in_cache(entry: &Path, file: &Path) {
+    let name = file.file_name().unwrap();
+    let tmp = entry.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let stored = fs::create_dir_all(entry).is_ok()
+        && fs::copy(file, &tmp).is_ok()
+        && fs::rename(&tmp, entry.join(name)).is_ok();
     if !stored {
-        let _ = fs::remove_dir_all(&tmp);
+        let _ = fs::remove_file(&tmp);
     }
 }
 
@@ -263,11 +246,15 @@ fn arch_sm(arch: &str) -> u32 {
 fn compile_device(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image> {
     let verbose = env::var("LORA_KERNELS_PTXAS_VERBOSE").as_deref() == Ok("1");
     let archs = cuda_archs();
+    let cache = device_cache_entry(nvcc);
     // One thread per kernel file: nvcc is single-threaded and the files are independent.
     std::thread::scope(|scope| {
         let jobs: Vec<_> = sources
             .iter()
-            .map(|src| scope.spawn(|| compile_file(nvcc, src, out_dir, &archs, verbose)))
+            .map(|src| {
+                let (archs, cache) = (&archs, cache.as_deref());
+                scope.spawn(move || compile_file(nvcc, src, out_dir, archs, verbose, cache))
+            })
             .collect();
         jobs.into_iter()
             .map(|j| j.join().expect("nvcc thread panicked"))
@@ -275,30 +262,63 @@ fn compile_device(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<Image
     })
 }
 
-fn compile_file(nvcc: &Path, src: &Path, out_dir: &Path, archs: &[String], verbose: bool) -> Image {
+/// One kernel file's PTX and cubins, each from the cache entry `cache` when
+/// it holds it, else compiled (and stored there).
+fn compile_file(
+    nvcc: &Path,
+    src: &Path,
+    out_dir: &Path,
+    archs: &[String],
+    verbose: bool,
+    cache: Option<&Path>,
+) -> Image {
     let image = image_paths(src, out_dir, archs);
+    let build = |out: &Path, compile: &dyn Fn()| {
+        if cache.is_some_and(|entry| restore_from_cache(entry, out)) {
+            return;
+        }
+        compile();
+        if let Some(entry) = cache {
+            store_in_cache(entry, out);
+        }
+    };
+    let source_mode = |mode: &[&str]| {
+        let mut args: Vec<String> = mode.iter().map(|m| m.to_string()).collect();
+        args.extend(["-std=c++17".into(), "-Ikernels/include".into()]);
+        args
+    };
     if let Some(ptx) = &image.1 {
-        run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], ptx, false);
+        build(ptx, &|| {
+            let mode = source_mode(&["-ptx", "-arch=compute_80"]);
+            run_nvcc(nvcc, src, &mode, ptx, false)
+        });
     }
     for (arch, (_, cubin)) in file_archs(src, archs).iter().zip(&image.2) {
-        run_nvcc(
-            nvcc,
-            src,
-            &["-cubin", &format!("-arch=sm_{arch}")],
-            cubin,
-            verbose,
-        );
+        build(cubin, &|| match &image.1 {
+            // sm_80's cubin is ptxas on the compute_80 PTX above, which is
+            // what nvcc does for -arch=sm_80 after its front end (the same
+            // bytes), without running the C++ front end a second time.
+            Some(ptx) if arch == "80" => run_nvcc(
+                nvcc,
+                ptx,
+                &["-cubin".into(), "-arch=sm_80".into()],
+                cubin,
+                verbose,
+            ),
+            _ => {
+                let mode = source_mode(&["-cubin", &format!("-arch=sm_{arch}")]);
+                run_nvcc(nvcc, src, &mode, cubin, verbose)
+            }
+        });
     }
     image
 }
 
-fn run_nvcc(nvcc: &Path, src: &Path, mode: &[&str], out: &Path, verbose: bool) {
+/// nvcc with `mode` (what to make from `src`: a .cu file or PTX) and the
+/// options every output shares.
+fn run_nvcc(nvcc: &Path, src: &Path, mode: &[String], out: &Path, verbose: bool) {
     let mut cmd = Command::new(nvcc);
-    cmd.args(mode)
-        .args(["-std=c++17", "-O3", "-Ikernels/include"])
-        .arg(src)
-        .arg("-o")
-        .arg(out);
+    cmd.args(mode).arg("-O3").arg(src).arg("-o").arg(out);
     if verbose {
         cmd.arg("-Xptxas=-v");
     }
@@ -365,13 +385,13 @@ fn compile_host(sources: &[PathBuf], out_dir: &Path) {
     };
     let entry = Path::new(&cache).join(format!("host-{:016x}", host_key(&build)));
     let archive = out_dir.join(format!("lib{LIB}.a"));
-    if restore_entry(&entry, [archive.as_path()]) {
+    if restore_from_cache(&entry, &archive) {
         // What `compile` prints after archiving: link it and the C++ library.
         cc::emit_link_directives(&build, &archive);
         return;
     }
     build.compile(LIB);
-    store_entry(&entry, [archive.as_path()]);
+    store_in_cache(&entry, &archive);
 }
 
 /// The build cache's key for the host runtime: the compiler (path, version
