@@ -282,15 +282,9 @@ fn compile_file(
             store_in_cache(entry, out);
         }
     };
-    let source_mode = |mode: &[&str]| {
-        let mut args: Vec<String> = mode.iter().map(|m| m.to_string()).collect();
-        args.extend(["-std=c++17".into(), "-Ikernels/include".into()]);
-        args
-    };
     if let Some(ptx) = &image.1 {
         build(ptx, &|| {
-            let mode = source_mode(&["-ptx", "-arch=compute_80"]);
-            run_nvcc(nvcc, src, &mode, ptx, false)
+            run_nvcc(nvcc, src, &["-ptx", "-arch=compute_80"], ptx, false)
         });
     }
     for (arch, (_, cubin)) in file_archs(src, archs).iter().zip(&image.2) {
@@ -298,27 +292,27 @@ fn compile_file(
             // sm_80's cubin is ptxas on the compute_80 PTX above, which is
             // what nvcc does for -arch=sm_80 after its front end (the same
             // bytes), without running the C++ front end a second time.
-            Some(ptx) if arch == "80" => run_nvcc(
-                nvcc,
-                ptx,
-                &["-cubin".into(), "-arch=sm_80".into()],
-                cubin,
-                verbose,
-            ),
+            Some(ptx) if arch == "80" => {
+                run_nvcc(nvcc, ptx, &["-cubin", "-arch=sm_80"], cubin, verbose)
+            }
             _ => {
-                let mode = source_mode(&["-cubin", &format!("-arch=sm_{arch}")]);
-                run_nvcc(nvcc, src, &mode, cubin, verbose)
+                let target = format!("-arch=sm_{arch}");
+                run_nvcc(nvcc, src, &["-cubin", &target], cubin, verbose)
             }
         });
     }
     image
 }
 
-/// nvcc with `mode` (what to make from `src`: a .cu file or PTX) and the
-/// options every output shares.
-fn run_nvcc(nvcc: &Path, src: &Path, mode: &[String], out: &Path, verbose: bool) {
+/// nvcc with `mode` (what to make) on `src`: a kernel file, compiled as
+/// C++17 against kernels/include, or PTX, which goes to ptxas alone.
+fn run_nvcc(nvcc: &Path, src: &Path, mode: &[&str], out: &Path, verbose: bool) {
     let mut cmd = Command::new(nvcc);
-    cmd.args(mode).arg("-O3").arg(src).arg("-o").arg(out);
+    cmd.args(mode).arg("-O3");
+    if src.extension().is_some_and(|e| e == "cu") {
+        cmd.args(["-std=c++17", "-Ikernels/include"]);
+    }
+    cmd.arg(src).arg("-o").arg(out);
     if verbose {
         cmd.arg("-Xptxas=-v");
     }
